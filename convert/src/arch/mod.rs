@@ -1,0 +1,151 @@
+//! Per-architecture knowledge: how a Hugging Face checkpoint's tensors and config fields map onto
+//! llama.cpp's GGUF names and keys. Everything that differs between architectures is in the
+//! files of this module; `plan.rs` handles what they share.
+
+mod granitemoe;
+mod mixtral;
+mod olmoe;
+mod qwen2_moe;
+mod qwen3_moe;
+
+use moe_runtime::gguf::Value;
+use moe_runtime::model::Arch;
+
+use crate::hf::{Checkpoint, Config};
+use crate::ConvertError;
+
+/// Where a layer's feed-forward weights come from.
+pub enum FfnSource {
+    /// A plain SwiGLU MLP (HF `[out, in]` matrices).
+    Dense {
+        gate: String,
+        up: String,
+        down: String,
+    },
+    Moe {
+        router: String,
+        experts: ExpertSource,
+        shared: Option<SharedSource>,
+    },
+}
+
+pub enum ExpertSource {
+    /// One tensor per expert and projection (the Hub layout of Mixtral, Qwen and OLMoE).
+    PerExpert {
+        gate: Vec<String>,
+        up: Vec<String>,
+        down: Vec<String>,
+    },
+    /// 3-D tensors for all experts: `gate_up` is `[n_expert, 2 * ff, d]` with the gate rows
+    /// first, `down` is `[n_expert, d, ff]` (GraniteMoE, and transformers v5's fused layout).
+    Fused { gate_up: String, down: String },
+}
+
+pub struct SharedSource {
+    pub mlp: ExpertMlp,
+    /// HF `[1, d]` sigmoid gate (Qwen2-MoE).
+    pub gate: Option<String>,
+}
+
+/// A single MLP given either as three matrices or as a fused gate/up matrix.
+pub enum ExpertMlp {
+    Separate {
+        gate: String,
+        up: String,
+        down: String,
+    },
+    Fused {
+        gate_up: String,
+        down: String,
+    },
+}
+
+/// What a converter needs to know about one architecture.
+pub trait ArchConverter {
+    fn arch(&self) -> Arch;
+
+    /// Hugging Face's q/k projections use rotate-half rope; llama.cpp's llama-family graphs use
+    /// interleaved rope, so those converters permute q/k rows.
+    fn permute_qk(&self) -> bool {
+        false
+    }
+
+    /// Metadata keys beyond the ones every architecture shares, without the `{arch}.` prefix.
+    fn metadata(&self, cfg: &Config) -> Result<Vec<(String, Value)>, ConvertError>;
+
+    /// The width llama.cpp reads from `{arch}.feed_forward_length`.
+    fn feed_forward_length(&self, cfg: &Config) -> Result<usize, ConvertError>;
+
+    /// Feed-forward source of layer `l`.
+    fn ffn(&self, cfg: &Config, ckpt: &Checkpoint, l: usize) -> Result<FfnSource, ConvertError>;
+
+    /// Whether llama.cpp requires `output.weight` even when the embeddings are tied.
+    fn requires_output_tensor(&self) -> bool {
+        false
+    }
+
+    /// Whether top-k router weights are renormalised (written as `{arch}.expert_weights_norm`).
+    fn norm_topk(&self, cfg: &Config) -> Result<bool, ConvertError>;
+
+    fn rms_eps(&self, cfg: &Config) -> Result<f64, ConvertError> {
+        cfg.f64("rms_norm_eps")
+    }
+}
+
+pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> {
+    let model_type = cfg.model_type()?;
+    Ok(match model_type {
+        "mixtral" => Box::new(mixtral::Mixtral),
+        "qwen2_moe" => Box::new(qwen2_moe::Qwen2Moe),
+        "qwen3_moe" => Box::new(qwen3_moe::Qwen3Moe),
+        "olmoe" => Box::new(olmoe::Olmoe),
+        "granitemoe" => Box::new(granitemoe::GraniteMoe),
+        other => {
+            return Err(ConvertError::Config {
+                field: "model_type".into(),
+                why: format!(
+                    "is `{other}`, which moe-convert does not support (supported: mixtral, \
+                     qwen2_moe, qwen3_moe, olmoe, granitemoe)"
+                ),
+            })
+        }
+    })
+}
+
+/// The routed expert count: `num_experts` (transformers 4 Qwen/OLMoE configs) or
+/// `num_local_experts` (Mixtral, Granite, and transformers 5 configs).
+pub fn expert_count(cfg: &Config) -> Result<usize, ConvertError> {
+    cfg.opt_usize("num_local_experts")?
+        .or(cfg.opt_usize("num_experts")?)
+        .ok_or_else(|| ConvertError::Config {
+            field: "num_experts".into(),
+            why: "is missing (neither num_experts nor num_local_experts is set)".into(),
+        })
+}
+
+/// Experts of layer `l` under `prefix` (e.g. `model.layers.3.mlp.experts`), in whichever of the
+/// per-expert or fused layouts the checkpoint uses.
+pub(crate) fn experts_at(
+    ckpt: &Checkpoint,
+    prefix: &str,
+    n_expert: usize,
+    names: [&str; 3],
+) -> Result<ExpertSource, ConvertError> {
+    let fused_gate_up = format!("{prefix}.gate_up_proj");
+    if ckpt.has(&fused_gate_up) {
+        return Ok(ExpertSource::Fused {
+            gate_up: fused_gate_up,
+            down: format!("{prefix}.down_proj"),
+        });
+    }
+    let list = |p: &str| {
+        (0..n_expert)
+            .map(|e| format!("{prefix}.{e}.{p}.weight"))
+            .collect()
+    };
+    Ok(ExpertSource::PerExpert {
+        gate: list(names[0]),
+        up: list(names[1]),
+        down: list(names[2]),
+    })
+}

@@ -1,0 +1,88 @@
+//! Qwen2-MoE (Qwen1.5-MoE): a sigmoid-gated shared expert, qkv biases, optional dense layers.
+
+use moe_runtime::gguf::Value;
+use moe_runtime::model::Arch;
+
+use super::{expert_count, experts_at, ArchConverter, ExpertMlp, FfnSource, SharedSource};
+use crate::hf::{Checkpoint, Config};
+use crate::ConvertError;
+
+pub struct Qwen2Moe;
+
+/// transformers: a layer is sparse when it is not in `mlp_only_layers` and
+/// `(layer + 1) % decoder_sparse_step == 0`.
+pub(super) fn is_sparse(cfg: &Config, l: usize) -> Result<bool, ConvertError> {
+    let n_expert = expert_count(cfg).unwrap_or(0);
+    let step = cfg.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
+    let dense_only = cfg.usize_list("mlp_only_layers")?;
+    Ok(!dense_only.contains(&l) && n_expert > 0 && (l + 1) % step == 0)
+}
+
+pub(super) fn dense_mlp(l: usize) -> FfnSource {
+    let p = format!("model.layers.{l}.mlp");
+    FfnSource::Dense {
+        gate: format!("{p}.gate_proj.weight"),
+        up: format!("{p}.up_proj.weight"),
+        down: format!("{p}.down_proj.weight"),
+    }
+}
+
+impl ArchConverter for Qwen2Moe {
+    fn arch(&self) -> Arch {
+        Arch::Qwen2Moe
+    }
+
+    fn metadata(&self, cfg: &Config) -> Result<Vec<(String, Value)>, ConvertError> {
+        let mut m = vec![(
+            "expert_feed_forward_length".into(),
+            Value::U32(cfg.usize("moe_intermediate_size")? as u32),
+        )];
+        if let Some(s) = cfg.opt_usize("shared_expert_intermediate_size")? {
+            m.push((
+                "expert_shared_feed_forward_length".into(),
+                Value::U32(s as u32),
+            ));
+        }
+        Ok(m)
+    }
+
+    fn feed_forward_length(&self, cfg: &Config) -> Result<usize, ConvertError> {
+        cfg.usize("intermediate_size")
+    }
+
+    fn ffn(&self, cfg: &Config, ckpt: &Checkpoint, l: usize) -> Result<FfnSource, ConvertError> {
+        if !is_sparse(cfg, l)? {
+            return Ok(dense_mlp(l));
+        }
+        let p = format!("model.layers.{l}.mlp");
+        let shared_size = cfg
+            .opt_usize("shared_expert_intermediate_size")?
+            .unwrap_or(0);
+        let shared = (shared_size > 0).then(|| SharedSource {
+            mlp: ExpertMlp::Separate {
+                gate: format!("{p}.shared_expert.gate_proj.weight"),
+                up: format!("{p}.shared_expert.up_proj.weight"),
+                down: format!("{p}.shared_expert.down_proj.weight"),
+            },
+            gate: Some(format!("{p}.shared_expert_gate.weight")),
+        });
+        Ok(FfnSource::Moe {
+            router: format!("{p}.gate.weight"),
+            experts: experts_at(
+                ckpt,
+                &format!("{p}.experts"),
+                expert_count(cfg)?,
+                ["gate_proj", "up_proj", "down_proj"],
+            )?,
+            shared,
+        })
+    }
+
+    fn requires_output_tensor(&self) -> bool {
+        true
+    }
+
+    fn norm_topk(&self, cfg: &Config) -> Result<bool, ConvertError> {
+        Ok(cfg.opt_bool("norm_topk_prob")?.unwrap_or(false))
+    }
+}

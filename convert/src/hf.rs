@@ -1,0 +1,329 @@
+//! A Hugging Face checkpoint folder: `config.json` and safetensors shards, memory-mapped so that
+//! converting never holds more than one tensor in RAM.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value as Json;
+
+use crate::ConvertError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SourceDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+#[derive(Clone, Debug)]
+pub struct SourceTensor {
+    pub file: usize,
+    pub dtype: SourceDtype,
+    /// PyTorch order: outermost first.
+    pub shape: Vec<usize>,
+    pub range: Range<usize>,
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Config,
+    shards: Vec<(PathBuf, memmap2::Mmap)>,
+    tensors: HashMap<String, SourceTensor>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, ConvertError> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(ConvertError::Input(format!(
+                "{} is not a directory: give the Hugging Face checkpoint folder",
+                dir.display()
+            )));
+        }
+        let config = Config::load(&dir.join("config.json"))?;
+        let files = shard_files(&dir)?;
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = HashMap::new();
+        for (fi, path) in files.into_iter().enumerate() {
+            let file = File::open(&path).map_err(|e| ConvertError::io(&path, e))?;
+            // SAFETY: read-only map of a file we do not modify.
+            let map =
+                unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ConvertError::io(&path, e))?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| {
+                ConvertError::Input(format!("{}: invalid safetensors file: {e}", path.display()))
+            })?;
+            for (name, view) in st.tensors() {
+                let dtype = match view.dtype() {
+                    Dtype::F32 => SourceDtype::F32,
+                    Dtype::F16 => SourceDtype::F16,
+                    Dtype::BF16 => SourceDtype::BF16,
+                    other => {
+                        return Err(ConvertError::Input(format!(
+                            "{}: tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 \
+                             checkpoints can be converted",
+                            path.display()
+                        )))
+                    }
+                };
+                let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
+                let range = start..start + view.data().len();
+                if tensors
+                    .insert(
+                        name.clone(),
+                        SourceTensor {
+                            file: fi,
+                            dtype,
+                            shape: view.shape().to_vec(),
+                            range,
+                        },
+                    )
+                    .is_some()
+                {
+                    return Err(ConvertError::Input(format!(
+                        "tensor `{name}` appears in more than one shard"
+                    )));
+                }
+            }
+            shards.push((path, map));
+        }
+        Ok(Self {
+            dir,
+            config,
+            shards,
+            tensors,
+        })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn info(&self, name: &str) -> Result<&SourceTensor, ConvertError> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| ConvertError::MissingTensor(name.to_string()))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Checks a tensor's PyTorch shape.
+    pub fn expect_shape(&self, name: &str, shape: &[usize]) -> Result<(), ConvertError> {
+        let info = self.info(name)?;
+        if info.shape != shape {
+            return Err(ConvertError::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends the tensor's values as f32 to `out`.
+    pub fn read_f32_into(&self, name: &str, out: &mut Vec<f32>) -> Result<(), ConvertError> {
+        let info = self.info(name)?;
+        let bytes = &self.shards[info.file].1[info.range.clone()];
+        match info.dtype {
+            SourceDtype::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+            SourceDtype::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+            SourceDtype::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+        }
+        Ok(())
+    }
+
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, ConvertError> {
+        let mut v = Vec::new();
+        self.read_f32_into(name, &mut v)?;
+        Ok(v)
+    }
+
+    /// The most common dtype among the tensors (reported in the summary).
+    pub fn dominant_dtype(&self) -> Option<SourceDtype> {
+        let mut counts: HashMap<SourceDtype, usize> = HashMap::new();
+        for t in self.tensors.values() {
+            *counts.entry(t.dtype).or_default() += t.range.len();
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+    }
+
+    pub fn read_text(&self, file: &str) -> Result<Option<String>, ConvertError> {
+        let path = self.dir.join(file);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ConvertError::io(&path, e)),
+        }
+    }
+
+    pub fn read_json(&self, file: &str) -> Result<Option<Json>, ConvertError> {
+        match self.read_text(file)? {
+            None => Ok(None),
+            Some(s) => serde_json::from_str(&s)
+                .map(Some)
+                .map_err(|e| ConvertError::Input(format!("{file}: invalid JSON: {e}"))),
+        }
+    }
+}
+
+/// The shard list: from `model.safetensors.index.json` when present, else every `*.safetensors`.
+fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, ConvertError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ConvertError::io(&index, e))?;
+        let json: Json = serde_json::from_str(&text)
+            .map_err(|e| ConvertError::Input(format!("{}: invalid JSON: {e}", index.display())))?;
+        let map = json
+            .get("weight_map")
+            .and_then(Json::as_object)
+            .ok_or_else(|| {
+                ConvertError::Input(format!("{}: no `weight_map` object", index.display()))
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        if let Some(missing) = paths.iter().find(|p| !p.exists()) {
+            return Err(ConvertError::Input(format!(
+                "{} lists {}, which does not exist",
+                index.display(),
+                missing.display()
+            )));
+        }
+        return Ok(paths);
+    }
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ConvertError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(ConvertError::Input(format!(
+            "{} has no *.safetensors files (PyTorch .bin checkpoints are not supported)",
+            dir.display()
+        )));
+    }
+    Ok(paths)
+}
+
+/// `config.json`, with accessors whose errors name the missing field.
+pub struct Config {
+    pub json: Json,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConvertError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConvertError::io(path, e))?;
+        let json: Json = serde_json::from_str(&text)
+            .map_err(|e| ConvertError::Input(format!("{}: invalid JSON: {e}", path.display())))?;
+        if !json.is_object() {
+            return Err(ConvertError::Input(format!(
+                "{}: expected a JSON object",
+                path.display()
+            )));
+        }
+        Ok(Self { json })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Json> {
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn model_type(&self) -> Result<&str, ConvertError> {
+        self.get("model_type")
+            .and_then(Json::as_str)
+            .ok_or_else(|| ConvertError::Config {
+                field: "model_type".into(),
+                why: "is missing".into(),
+            })
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize, ConvertError> {
+        self.opt_usize(key)?.ok_or_else(|| ConvertError::Config {
+            field: key.into(),
+            why: "is missing".into(),
+        })
+    }
+
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConvertError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| ConvertError::Config {
+                    field: key.into(),
+                    why: format!("must be a non-negative integer, found {v}"),
+                }),
+        }
+    }
+
+    pub fn f64(&self, key: &str) -> Result<f64, ConvertError> {
+        self.opt_f64(key)?.ok_or_else(|| ConvertError::Config {
+            field: key.into(),
+            why: "is missing".into(),
+        })
+    }
+
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>, ConvertError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| ConvertError::Config {
+                field: key.into(),
+                why: format!("must be a number, found {v}"),
+            }),
+        }
+    }
+
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>, ConvertError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| ConvertError::Config {
+                field: key.into(),
+                why: format!("must be true or false, found {v}"),
+            }),
+        }
+    }
+
+    pub fn usize_list(&self, key: &str) -> Result<Vec<usize>, ConvertError> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Json::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .map(|x| x as usize)
+                        .ok_or_else(|| ConvertError::Config {
+                            field: key.into(),
+                            why: format!("must list integers, found {v}"),
+                        })
+                })
+                .collect(),
+            Some(v) => Err(ConvertError::Config {
+                field: key.into(),
+                why: format!("must be a list, found {v}"),
+            }),
+        }
+    }
+}

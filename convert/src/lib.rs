@@ -1,0 +1,174 @@
+//! moe-convert: Hugging Face MoE checkpoint folder -> one page-aligned GGUF file that llama.cpp
+//! can also load.
+
+pub mod arch;
+pub mod hf;
+pub mod plan;
+pub mod tokenizer;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use moe_runtime::gguf::{GgmlType, GgufError, GgufWriter, PAGE_ALIGNMENT};
+use rayon::prelude::*;
+
+pub use plan::Options;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{0}")]
+    Input(String),
+    #[error("config.json: `{field}` {why}")]
+    Config { field: String, why: String },
+    #[error("the checkpoint has no tensor `{0}` (is the folder complete, and is config.json's model_type right?)")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?} from config.json")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+}
+
+impl ConvertError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What a conversion wrote.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub arch: String,
+    pub n_tensors: usize,
+    /// Bytes of tensor data per type.
+    pub bytes_by_type: BTreeMap<String, u64>,
+    pub file_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Called after each tensor with (bytes done, bytes total, tensor name).
+pub type Progress<'a> = &'a (dyn Fn(u64, u64, &str) + Sync);
+
+/// Converts the checkpoint in `src_dir` to `out`. The file appears only when complete: data goes
+/// to a temporary file in the same folder, renamed at the end and removed on failure.
+pub fn convert(
+    src_dir: &Path,
+    out: &Path,
+    opts: Options,
+    progress: Progress,
+) -> Result<Summary, ConvertError> {
+    let t0 = Instant::now();
+    let ckpt = hf::Checkpoint::open(src_dir)?;
+    let conv = arch::for_config(&ckpt.config)?;
+    let mut plan = plan::build(&ckpt, conv.as_ref(), opts)?;
+    let n_vocab = ckpt.config.usize("vocab_size")?;
+    plan.metadata.extend(tokenizer::metadata(&ckpt, n_vocab)?);
+
+    let decls: Vec<_> = plan.tensors.iter().map(|t| t.decl.clone()).collect();
+    let total: u64 = decls
+        .iter()
+        .map(|d| d.byte_size().map(|s| s as u64))
+        .sum::<Result<u64, _>>()?;
+    for d in &decls {
+        if d.name.len() >= 64 {
+            return Err(ConvertError::Input(format!(
+                "tensor name `{}` is too long for GGUF (63 bytes at most)",
+                d.name
+            )));
+        }
+    }
+
+    let tmp = temp_path(out);
+    let result = (|| -> Result<Summary, ConvertError> {
+        let file = File::create(&tmp).map_err(|e| ConvertError::io(&tmp, e))?;
+        let mut writer = GgufWriter::begin(
+            BufWriter::with_capacity(1 << 20, file),
+            &plan.metadata,
+            decls,
+            PAGE_ALIGNMENT,
+        )?;
+        let mut summary = Summary {
+            arch: plan.arch_name.to_string(),
+            n_tensors: plan.tensors.len(),
+            ..Default::default()
+        };
+        let mut done = 0u64;
+        for t in &plan.tensors {
+            let values = plan::load_values(&ckpt, &t.source)?;
+            let expected: usize = t.decl.dims.iter().product();
+            if values.len() != expected {
+                return Err(ConvertError::Shape {
+                    name: t.decl.name.clone(),
+                    expected: t.decl.dims.clone(),
+                    found: vec![values.len()],
+                });
+            }
+            let bytes = quantize_rows(t.decl.ty, &values, t.decl.dims[0]);
+            writer.write_tensor_data(&bytes)?;
+            done += bytes.len() as u64;
+            *summary
+                .bytes_by_type
+                .entry(t.decl.ty.name().to_string())
+                .or_default() += bytes.len() as u64;
+            progress(done, total, &t.decl.name);
+        }
+        let buf = writer.finish()?;
+        let file = buf
+            .into_inner()
+            .map_err(|e| ConvertError::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| ConvertError::io(&tmp, e))?;
+        summary.file_bytes = file
+            .metadata()
+            .map_err(|e| ConvertError::io(&tmp, e))?
+            .len();
+        Ok(summary)
+    })();
+    match result {
+        Ok(mut summary) => {
+            std::fs::rename(&tmp, out).map_err(|e| ConvertError::io(out, e))?;
+            summary.elapsed = t0.elapsed();
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn temp_path(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out.gguf".into());
+    out.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Encodes rows of `row_len` values in parallel.
+fn quantize_rows(ty: GgmlType, values: &[f32], row_len: usize) -> Vec<u8> {
+    let row_bytes = ty
+        .row_bytes(row_len)
+        .expect("plan chose a type that fits the rows");
+    let n_rows = values.len() / row_len;
+    let mut out = vec![0u8; n_rows * row_bytes];
+    out.par_chunks_mut(row_bytes)
+        .zip(values.par_chunks(row_len))
+        .for_each(|(dst, src)| dst.copy_from_slice(&moe_runtime::tensor::quant::quantize(ty, src)));
+    out
+}

@@ -1,0 +1,459 @@
+//! The conversion plan: every output tensor with its GGUF name, shape, type and source, plus the
+//! metadata. Built and checked completely before anything is written.
+
+use moe_runtime::gguf::{GgmlType, TensorDecl, Value};
+
+use crate::arch::{ArchConverter, ExpertMlp, ExpertSource, FfnSource};
+use crate::hf::{Checkpoint, Config};
+use crate::ConvertError;
+
+/// How the f32 values of one output tensor are produced from the checkpoint.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// One HF tensor as is.
+    Tensor(String),
+    /// One HF q or k projection with its rows permuted for interleaved rope.
+    PermutedQk { name: String, n_head: usize },
+    /// HF tensors concatenated in order (per-expert matrices into one stacked tensor).
+    Stack(Vec<String>),
+    /// From a `[n_expert, 2 * ff, d]` fused tensor: the first (`part` 0) or second half of each
+    /// expert's rows.
+    FusedHalf {
+        name: String,
+        n_expert: usize,
+        part: usize,
+    },
+    /// From a 2-D fused `[2 * ff, d]` matrix: the first (`part` 0) or second half of the rows.
+    MatrixHalf { name: String, part: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct PlannedTensor {
+    pub decl: TensorDecl,
+    pub source: Source,
+}
+
+pub struct Plan {
+    pub arch_name: &'static str,
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<PlannedTensor>,
+}
+
+/// What the user asked for.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub ty: GgmlType,
+}
+
+/// llama.cpp's `general.file_type` (enum llama_ftype) for the main weight type.
+fn file_type(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q4K => 15,
+        GgmlType::Q6K => 18,
+        GgmlType::BF16 => 32,
+    }
+}
+
+/// The type a tensor gets: norms, biases and routers stay f32 (as llama.cpp's converter keeps
+/// them); rows that are not whole blocks fall back to f16; under q4_0 the output projection is
+/// kept at q8_0 because logits are the most sensitive (llama.cpp uses q6_K there).
+fn choose_type(name: &str, dims: &[usize], requested: GgmlType, tied_output: bool) -> GgmlType {
+    let is_router = name.contains("ffn_gate_inp");
+    if dims.len() == 1 || is_router || !name.ends_with(".weight") {
+        return GgmlType::F32;
+    }
+    let mut ty = requested;
+    let is_output = name == "output.weight" || (tied_output && name == "token_embd.weight");
+    if requested == GgmlType::Q4_0 && is_output {
+        ty = GgmlType::Q8_0;
+    }
+    if ty.row_bytes(dims[0]).is_none() {
+        ty = GgmlType::F16;
+    }
+    ty
+}
+
+pub fn build(
+    ckpt: &Checkpoint,
+    conv: &dyn ArchConverter,
+    opts: Options,
+) -> Result<Plan, ConvertError> {
+    let cfg = &ckpt.config;
+    let arch = conv.arch();
+    let arch_name = arch.gguf_name();
+    let d = cfg.usize("hidden_size")?;
+    let n_layer = cfg.usize("num_hidden_layers")?;
+    let n_head = cfg.usize("num_attention_heads")?;
+    let n_head_kv = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_head);
+    let head_dim = cfg.opt_usize("head_dim")?.unwrap_or(d / n_head);
+    let n_vocab = cfg.usize("vocab_size")?;
+    let n_expert = crate::arch::expert_count(cfg)?;
+    let n_used = cfg.usize("num_experts_per_tok")?;
+    if n_used == 0 || n_used > n_expert || n_used > moe_runtime::moe::router::MAX_EXPERTS_USED {
+        return Err(ConvertError::Config {
+            field: "num_experts_per_tok".into(),
+            why: format!("{n_used} is not between 1 and the expert count {n_expert}"),
+        });
+    }
+    check_rope_scaling(cfg)?;
+
+    // Metadata shared by all architectures, in llama.cpp's key names and value types.
+    let mut meta: Vec<(String, Value)> = vec![
+        (
+            "general.architecture".into(),
+            Value::String(arch_name.into()),
+        ),
+        ("general.type".into(), Value::String("model".into())),
+        (
+            "general.name".into(),
+            Value::String(
+                ckpt.dir
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into()),
+            ),
+        ),
+        ("general.file_type".into(), Value::U32(file_type(opts.ty))),
+        ("general.quantization_version".into(), Value::U32(2)),
+    ];
+    let mut put = |k: &str, v: Value| meta.push((format!("{arch_name}.{k}"), v));
+    put(
+        "context_length",
+        Value::U32(cfg.opt_usize("max_position_embeddings")?.unwrap_or(4096) as u32),
+    );
+    put("embedding_length", Value::U32(d as u32));
+    put("block_count", Value::U32(n_layer as u32));
+    put(
+        "feed_forward_length",
+        Value::U32(conv.feed_forward_length(cfg)? as u32),
+    );
+    put("attention.head_count", Value::U32(n_head as u32));
+    put("attention.head_count_kv", Value::U32(n_head_kv as u32));
+    put("rope.freq_base", Value::F32(rope_theta(cfg)? as f32));
+    put(
+        "attention.layer_norm_rms_epsilon",
+        Value::F32(conv.rms_eps(cfg)? as f32),
+    );
+    put("expert_count", Value::U32(n_expert as u32));
+    put("expert_used_count", Value::U32(n_used as u32));
+    // llama.cpp hard-codes this per architecture; moe-edge reads it so that checkpoints whose
+    // config differs from the usual value still run correctly.
+    put("expert_weights_norm", Value::Bool(conv.norm_topk(cfg)?));
+    if cfg.opt_usize("head_dim")?.is_some() {
+        put("attention.key_length", Value::U32(head_dim as u32));
+        put("attention.value_length", Value::U32(head_dim as u32));
+    }
+    if let Some(w) = cfg.opt_usize("sliding_window")? {
+        if cfg.opt_bool("use_sliding_window")?.unwrap_or(true) {
+            put("attention.sliding_window", Value::U32(w as u32));
+        }
+    }
+    for (k, v) in conv.metadata(cfg)? {
+        put(&k, v);
+    }
+
+    // Tensors.
+    let tied = !ckpt.has("lm_head.weight");
+    let mut tensors = Vec::new();
+    let mut add = |name: String, dims: Vec<usize>, source: Source| {
+        let ty = choose_type(&name, &dims, opts.ty, tied);
+        tensors.push(PlannedTensor {
+            decl: TensorDecl { name, dims, ty },
+            source,
+        });
+    };
+    let t = |s: &str| Source::Tensor(s.to_string());
+
+    ckpt.expect_shape("model.embed_tokens.weight", &[n_vocab, d])?;
+    add(
+        "token_embd.weight".into(),
+        vec![d, n_vocab],
+        t("model.embed_tokens.weight"),
+    );
+    for l in 0..n_layer {
+        let hf = |s: &str| format!("model.layers.{l}.{s}");
+        let gg = |s: &str| format!("blk.{l}.{s}");
+        ckpt.expect_shape(&hf("input_layernorm.weight"), &[d])?;
+        add(
+            gg("attn_norm.weight"),
+            vec![d],
+            t(&hf("input_layernorm.weight")),
+        );
+
+        let q_dim = n_head * head_dim;
+        let kv_dim = n_head_kv * head_dim;
+        for (proj, rows, heads) in [
+            ("q", q_dim, n_head),
+            ("k", kv_dim, n_head_kv),
+            ("v", kv_dim, 0),
+        ] {
+            let w = hf(&format!("self_attn.{proj}_proj.weight"));
+            ckpt.expect_shape(&w, &[rows, d])?;
+            let permute = conv.permute_qk() && heads > 0;
+            let src = |name: String| {
+                if permute {
+                    Source::PermutedQk {
+                        name,
+                        n_head: heads,
+                    }
+                } else {
+                    Source::Tensor(name)
+                }
+            };
+            add(gg(&format!("attn_{proj}.weight")), vec![d, rows], src(w));
+            let b = hf(&format!("self_attn.{proj}_proj.bias"));
+            if ckpt.has(&b) {
+                ckpt.expect_shape(&b, &[rows])?;
+                add(gg(&format!("attn_{proj}.bias")), vec![rows], src(b));
+            }
+        }
+        let o = hf("self_attn.o_proj.weight");
+        ckpt.expect_shape(&o, &[d, q_dim])?;
+        add(gg("attn_output.weight"), vec![q_dim, d], t(&o));
+        for (which, full) in [("q", q_dim), ("k", kv_dim)] {
+            let w = hf(&format!("self_attn.{which}_norm.weight"));
+            if ckpt.has(&w) {
+                let len = ckpt.info(&w)?.shape.iter().product::<usize>();
+                if len != head_dim && len != full {
+                    let found = ckpt.info(&w)?.shape.clone();
+                    return Err(ConvertError::Shape {
+                        name: w,
+                        expected: vec![full],
+                        found,
+                    });
+                }
+                add(gg(&format!("attn_{which}_norm.weight")), vec![len], t(&w));
+            }
+        }
+        ckpt.expect_shape(&hf("post_attention_layernorm.weight"), &[d])?;
+        add(
+            gg("ffn_norm.weight"),
+            vec![d],
+            t(&hf("post_attention_layernorm.weight")),
+        );
+
+        match conv.ffn(cfg, ckpt, l)? {
+            FfnSource::Dense { gate, up, down } => {
+                let ff = ckpt.info(&gate)?.shape.first().copied().unwrap_or(0);
+                ckpt.expect_shape(&gate, &[ff, d])?;
+                ckpt.expect_shape(&up, &[ff, d])?;
+                ckpt.expect_shape(&down, &[d, ff])?;
+                add(gg("ffn_gate.weight"), vec![d, ff], t(&gate));
+                add(gg("ffn_up.weight"), vec![d, ff], t(&up));
+                add(gg("ffn_down.weight"), vec![ff, d], t(&down));
+            }
+            FfnSource::Moe {
+                router,
+                experts,
+                shared,
+            } => {
+                ckpt.expect_shape(&router, &[n_expert, d])?;
+                add(gg("ffn_gate_inp.weight"), vec![d, n_expert], t(&router));
+                match experts {
+                    ExpertSource::PerExpert { gate, up, down } => {
+                        let ff = ckpt.info(&gate[0])?.shape.first().copied().unwrap_or(0);
+                        for e in 0..n_expert {
+                            ckpt.expect_shape(&gate[e], &[ff, d])?;
+                            ckpt.expect_shape(&up[e], &[ff, d])?;
+                            ckpt.expect_shape(&down[e], &[d, ff])?;
+                        }
+                        add(
+                            gg("ffn_gate_exps.weight"),
+                            vec![d, ff, n_expert],
+                            Source::Stack(gate),
+                        );
+                        add(
+                            gg("ffn_up_exps.weight"),
+                            vec![d, ff, n_expert],
+                            Source::Stack(up),
+                        );
+                        add(
+                            gg("ffn_down_exps.weight"),
+                            vec![ff, d, n_expert],
+                            Source::Stack(down),
+                        );
+                    }
+                    ExpertSource::Fused { gate_up, down } => {
+                        let ff2 = ckpt.info(&gate_up)?.shape.get(1).copied().unwrap_or(0);
+                        let ff = ff2 / 2;
+                        ckpt.expect_shape(&gate_up, &[n_expert, 2 * ff, d])?;
+                        ckpt.expect_shape(&down, &[n_expert, d, ff])?;
+                        for (part, name) in [(0, "ffn_gate_exps.weight"), (1, "ffn_up_exps.weight")]
+                        {
+                            add(
+                                gg(name),
+                                vec![d, ff, n_expert],
+                                Source::FusedHalf {
+                                    name: gate_up.clone(),
+                                    n_expert,
+                                    part,
+                                },
+                            );
+                        }
+                        add(gg("ffn_down_exps.weight"), vec![ff, d, n_expert], t(&down));
+                    }
+                }
+                if let Some(sh) = shared {
+                    let (gate_src, up_src, down_name, sff) = match sh.mlp {
+                        ExpertMlp::Separate { gate, up, down } => {
+                            let sff = ckpt.info(&gate)?.shape.first().copied().unwrap_or(0);
+                            ckpt.expect_shape(&gate, &[sff, d])?;
+                            ckpt.expect_shape(&up, &[sff, d])?;
+                            (t(&gate), t(&up), down, sff)
+                        }
+                        ExpertMlp::Fused { gate_up, down } => {
+                            let sff = ckpt.info(&gate_up)?.shape.first().copied().unwrap_or(0) / 2;
+                            ckpt.expect_shape(&gate_up, &[2 * sff, d])?;
+                            (
+                                Source::MatrixHalf {
+                                    name: gate_up.clone(),
+                                    part: 0,
+                                },
+                                Source::MatrixHalf {
+                                    name: gate_up,
+                                    part: 1,
+                                },
+                                down,
+                                sff,
+                            )
+                        }
+                    };
+                    ckpt.expect_shape(&down_name, &[d, sff])?;
+                    add(gg("ffn_gate_shexp.weight"), vec![d, sff], gate_src);
+                    add(gg("ffn_up_shexp.weight"), vec![d, sff], up_src);
+                    add(gg("ffn_down_shexp.weight"), vec![sff, d], t(&down_name));
+                    if let Some(g) = sh.gate {
+                        ckpt.expect_shape(&g, &[1, d])?;
+                        add(gg("ffn_gate_inp_shexp.weight"), vec![d], t(&g));
+                    }
+                }
+            }
+        }
+    }
+    ckpt.expect_shape("model.norm.weight", &[d])?;
+    add("output_norm.weight".into(), vec![d], t("model.norm.weight"));
+    if !tied {
+        ckpt.expect_shape("lm_head.weight", &[n_vocab, d])?;
+        add(
+            "output.weight".into(),
+            vec![d, n_vocab],
+            t("lm_head.weight"),
+        );
+    } else if conv.requires_output_tensor() {
+        // llama.cpp has no tied-embedding fallback for this architecture.
+        add(
+            "output.weight".into(),
+            vec![d, n_vocab],
+            t("model.embed_tokens.weight"),
+        );
+    }
+
+    Ok(Plan {
+        arch_name,
+        metadata: meta,
+        tensors,
+    })
+}
+
+/// `rope_theta` at the top level (transformers 4) or in `rope_parameters` (transformers 5).
+fn rope_theta(cfg: &Config) -> Result<f64, ConvertError> {
+    if let Some(t) = cfg.opt_f64("rope_theta")? {
+        return Ok(t);
+    }
+    if let Some(t) = cfg
+        .get("rope_parameters")
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(|v| v.as_f64())
+    {
+        return Ok(t);
+    }
+    Ok(10000.0)
+}
+
+fn check_rope_scaling(cfg: &Config) -> Result<(), ConvertError> {
+    for key in ["rope_scaling", "rope_parameters"] {
+        if let Some(p) = cfg.get(key) {
+            let kind = p
+                .get("rope_type")
+                .or_else(|| p.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(ConvertError::Config {
+                    field: key.into(),
+                    why: format!("rope scaling `{kind}` is not supported yet"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Produces the f32 values of a planned tensor (row-major in ggml order).
+pub fn load_values(ckpt: &Checkpoint, source: &Source) -> Result<Vec<f32>, ConvertError> {
+    Ok(match source {
+        Source::Tensor(name) => ckpt.read_f32(name)?,
+        Source::PermutedQk { name, n_head } => {
+            let info = ckpt.info(name)?;
+            let rows = info.shape[0];
+            let cols: usize = info.shape[1..].iter().product();
+            permute_qk(&ckpt.read_f32(name)?, rows, cols, *n_head)
+        }
+        Source::Stack(names) => {
+            let mut out = Vec::new();
+            for n in names {
+                ckpt.read_f32_into(n, &mut out)?;
+            }
+            out
+        }
+        Source::FusedHalf {
+            name,
+            n_expert,
+            part,
+        } => {
+            let all = ckpt.read_f32(name)?;
+            let per_expert = all.len() / n_expert;
+            let half = per_expert / 2;
+            all.chunks_exact(per_expert)
+                .flat_map(|e| e[part * half..(part + 1) * half].iter().copied())
+                .collect()
+        }
+        Source::MatrixHalf { name, part } => {
+            let all = ckpt.read_f32(name)?;
+            let half = all.len() / 2;
+            all[part * half..(part + 1) * half].to_vec()
+        }
+    })
+}
+
+/// llama.cpp's `LlamaModel.permute`: within each head, rows of the rotate-half layout
+/// `[h, 2, d/2]` are reordered to interleaved pairs `[h, d/2, 2]`.
+pub fn permute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                let dst = h * hd + 2 * i + j;
+                let src = h * hd + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn permute_matches_llama_cpp_formula() {
+        // One head of 4 rows (d=4, half=2), 1 column: rows [a0 a1 b0 b1] -> [a0 b0 a1 b1].
+        let w = [0.0, 1.0, 2.0, 3.0];
+        assert_eq!(super::permute_qk(&w, 4, 1, 1), vec![0.0, 2.0, 1.0, 3.0]);
+    }
+}

@@ -1,0 +1,86 @@
+//! The GGUF file format: a zero-copy reader over a memory map and a streaming writer.
+//!
+//! Why not gguf-rs-lib (the crate the project card names): its reader copies tensor data into
+//! `Vec`s instead of borrowing it from the map, it rejects metadata keys containing hyphens (so
+//! `gpt-oss` files fail), and its writer takes tensors in memory. The runtime must borrow tensors
+//! from the map and the converter must stream a model larger than RAM, so this module implements
+//! the small, fully validated subset of GGUF v3 both need.
+
+mod reader;
+mod types;
+mod writer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+pub use reader::{align_up, GgufHeader, TensorInfo, DEFAULT_ALIGNMENT};
+pub use types::{GgmlType, Value, ValueType};
+pub use writer::{GgufWriter, TensorDecl};
+
+/// "GGUF" read as a little-endian u32.
+pub const GGUF_MAGIC: u32 = 0x4655_4747;
+
+/// The alignment moe-convert writes: one page, so each tensor (and each expert slab whose size is
+/// a multiple of 4096) can be read from flash with page-aligned I/O.
+pub const PAGE_ALIGNMENT: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("not a GGUF file: magic bytes are {0:?}, expected \"GGUF\"")]
+    BadMagic([u8; 4]),
+    #[error("GGUF version {0} is not supported (versions 2 and 3 are)")]
+    UnsupportedVersion(u32),
+    #[error("GGUF file is truncated: {what} at byte {at} runs past the end")]
+    Truncated { what: String, at: usize },
+    #[error("tensor `{name}` {why}")]
+    Tensor { name: String, why: String },
+    #[error("invalid GGUF: {0}")]
+    Invalid(String),
+    #[error("cannot read {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A memory-mapped GGUF file with its validated header.
+pub struct GgufFile {
+    map: memmap2::Mmap,
+    header: GgufHeader,
+    path: PathBuf,
+}
+
+impl GgufFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
+        let path = path.as_ref().to_path_buf();
+        let open_err = |source| GgufError::Open {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(open_err)?;
+        // SAFETY: the map is read-only; like every mmap-based loader we rely on the file not being
+        // truncated underneath us while it is mapped.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(open_err)?;
+        let header = GgufHeader::parse(&map)?;
+        Ok(Self { map, header, path })
+    }
+
+    pub fn header(&self) -> &GgufHeader {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The raw bytes of a tensor, borrowed from the map (bounds were checked when parsing).
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.map[info.range.clone()]
+    }
+}

@@ -1,0 +1,119 @@
+//! What differs between the supported architectures, in one place. The forward pass reads these
+//! traits; it never tests the architecture name.
+
+use crate::gguf::GgufHeader;
+
+use super::ModelError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// llama.cpp's `llama` with experts: Mixtral.
+    Llama,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
+    GraniteMoe,
+}
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// ggml's "normal" rope: pairs (2i, 2i+1). llama-family converters permute the q/k rows of
+    /// Hugging Face checkpoints so that this equals HF's rotate_half rope.
+    Interleaved,
+    /// ggml's NeoX rope (HF rotate_half): pairs (i, i + d/2).
+    Neox,
+}
+
+/// RMSNorm applied to queries and keys before rope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// One weight vector of `head_dim`, applied to each head (Qwen3-MoE).
+    PerHead,
+    /// One weight vector over the whole projection (OLMoE).
+    WholeProjection,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ArchTraits {
+    pub rope: RopeStyle,
+    pub qk_norm: QkNorm,
+    /// Whether the top-k router weights are renormalised to sum to one when the file does not
+    /// say (`{arch}.expert_weights_norm`); matches what llama.cpp does for the architecture.
+    pub default_norm_topk: bool,
+    /// Granite's multipliers are stored under their own keys.
+    pub has_granite_scales: bool,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 5] = [
+        Arch::Llama,
+        Arch::Qwen2Moe,
+        Arch::Qwen3Moe,
+        Arch::Olmoe,
+        Arch::GraniteMoe,
+    ];
+
+    /// The `general.architecture` string llama.cpp uses.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
+            Arch::Olmoe => "olmoe",
+            Arch::GraniteMoe => "granitemoe",
+        }
+    }
+
+    pub fn from_gguf_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.gguf_name() == name)
+    }
+
+    pub fn traits(self) -> ArchTraits {
+        match self {
+            Arch::Llama => ArchTraits {
+                rope: RopeStyle::Interleaved,
+                qk_norm: QkNorm::None,
+                default_norm_topk: true,
+                has_granite_scales: false,
+            },
+            Arch::Qwen2Moe => ArchTraits {
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::None,
+                default_norm_topk: false,
+                has_granite_scales: false,
+            },
+            Arch::Qwen3Moe => ArchTraits {
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::PerHead,
+                default_norm_topk: true,
+                has_granite_scales: false,
+            },
+            Arch::Olmoe => ArchTraits {
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::WholeProjection,
+                default_norm_topk: false,
+                has_granite_scales: false,
+            },
+            Arch::GraniteMoe => ArchTraits {
+                rope: RopeStyle::Interleaved,
+                qk_norm: QkNorm::None,
+                // Granite takes the softmax over the top-k logits, which is the same thing.
+                default_norm_topk: true,
+                has_granite_scales: true,
+            },
+        }
+    }
+
+    pub fn from_header(h: &GgufHeader) -> Result<Self, ModelError> {
+        let name = h
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| ModelError::Metadata {
+                key: "general.architecture".into(),
+                why: "is missing or not a string".into(),
+            })?;
+        Self::from_gguf_name(name).ok_or_else(|| ModelError::UnsupportedArch(name.to_string()))
+    }
+}

@@ -1,0 +1,440 @@
+//! The forward pass: one [`Session`] holds a KV cache and runs batches of tokens through the model.
+//!
+//! Shapes: `n` tokens in a batch, `d = n_embd`, `hq/hkv` query/KV heads of `dk/dv` dims.
+
+use rayon::prelude::*;
+
+use crate::moe::router::{route, Route};
+use crate::tensor::{matmul, Kernels, MatmulScratch};
+
+use super::arch::{QkNorm, RopeStyle};
+use super::kv_cache::KvCache;
+use super::weights::{Attention, Ffn, Mlp, Model, MoeBlock};
+use super::ModelError;
+
+/// Buffers reused across calls, grown to the largest batch seen.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    ffn_out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    expert_in: Vec<f32>,
+    expert_out: Vec<f32>,
+    router_logits: Vec<f32>,
+    routes: Vec<Route>,
+    logits: Vec<f32>,
+    mm: MatmulScratch,
+}
+
+/// Decoding state for one sequence.
+pub struct Session<'m, 'a> {
+    model: &'m Model<'a>,
+    kernels: &'static Kernels,
+    kv: KvCache,
+    /// cos/sin of every (position, frequency) pair: `[n_ctx, rope_dim / 2]`.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+    pos: usize,
+    s: Scratch,
+}
+
+impl<'m, 'a> Session<'m, 'a> {
+    pub fn new(model: &'m Model<'a>, n_ctx: usize) -> Self {
+        let hp = &model.hp;
+        let half = hp.rope_dim / 2;
+        // Same arithmetic as transformers' default rope: f32 inverse frequencies and angles.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / hp.rope_base.powf((2 * i) as f32 / hp.rope_dim as f32))
+            .collect();
+        let mut rope_cos = Vec::with_capacity(n_ctx * half);
+        let mut rope_sin = Vec::with_capacity(n_ctx * half);
+        for p in 0..n_ctx {
+            for &f in &inv_freq {
+                let a = p as f32 * f;
+                rope_cos.push(a.cos());
+                rope_sin.push(a.sin());
+            }
+        }
+        Self {
+            model,
+            kernels: crate::tensor::kernels::best(),
+            kv: KvCache::new(hp, n_ctx),
+            rope_cos,
+            rope_sin,
+            pos: 0,
+            s: Scratch::default(),
+        }
+    }
+
+    pub fn model(&self) -> &'m Model<'a> {
+        self.model
+    }
+
+    /// Tokens already in the cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx()
+    }
+
+    /// Forgets the sequence (the cache is kept allocated).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Runs `tokens` at the next positions. Returns the logits of every token (`[n, n_vocab]`)
+    /// when `all_logits`, else of the last token only.
+    pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<&[f32], ModelError> {
+        let model = self.model;
+        let hp = &model.hp;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ModelError::Input("no tokens to evaluate".into()));
+        }
+        if self.pos + n > self.kv.n_ctx() {
+            return Err(ModelError::ContextFull {
+                n_ctx: self.kv.n_ctx(),
+                needed: self.pos + n,
+            });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                hp.n_vocab
+            )));
+        }
+        let d = hp.n_embd;
+        let k = self.kernels;
+        {
+            let s = &mut self.s;
+            s.x.resize(n * d, 0.0);
+            s.xn.resize(n * d, 0.0);
+            // x = embedding * embedding_scale                                  [n, d]
+            for (t, &tok) in tokens.iter().enumerate() {
+                let row = &mut s.x[t * d..(t + 1) * d];
+                model.tok_embd.dequantize_row(tok as usize, row);
+                if hp.embedding_scale != 1.0 {
+                    row.iter_mut().for_each(|v| *v *= hp.embedding_scale);
+                }
+            }
+        }
+
+        for (li, layer) in model.layers.iter().enumerate() {
+            // Attention block: x += attn(norm(x)) * residual_scale
+            rms_norm_rows(&self.s.x, &layer.attn_norm, hp.norm_eps, &mut self.s.xn, k);
+            self.attention(li, &layer.attn, n);
+            let s = &mut self.s;
+            add_scaled(&mut s.x, &s.proj, hp.residual_scale);
+
+            // Feed-forward block: x += ffn(norm(x)) * residual_scale
+            rms_norm_rows(&s.x, &layer.ffn_norm, hp.norm_eps, &mut s.xn, k);
+            s.ffn_out.clear();
+            s.ffn_out.resize(n * d, 0.0);
+            match &layer.ffn {
+                Ffn::Dense(mlp) => {
+                    let (xn, mut out) = (std::mem::take(&mut s.xn), std::mem::take(&mut s.ffn_out));
+                    run_mlp(k, mlp, &xn, n, &mut out, s);
+                    s.xn = xn;
+                    s.ffn_out = out;
+                }
+                Ffn::Moe(moe) => moe_block(k, hp, moe, n, s),
+            }
+            add_scaled(&mut s.x, &s.ffn_out, hp.residual_scale);
+        }
+
+        // Final norm and output projection, only for the rows the caller wants.
+        let s = &mut self.s;
+        let first = if all_logits { 0 } else { n - 1 };
+        let m = n - first;
+        rms_norm_rows(
+            &s.x[first * d..],
+            &model.output_norm,
+            hp.norm_eps,
+            &mut s.xn[..m * d],
+            self.kernels,
+        );
+        s.logits.resize(m * hp.n_vocab, 0.0);
+        matmul(
+            self.kernels,
+            &model.output,
+            &s.xn[..m * d],
+            m,
+            &mut s.logits,
+            &mut s.mm,
+        );
+        if hp.logit_divisor != 1.0 {
+            let inv = hp.logit_divisor;
+            s.logits.iter_mut().for_each(|v| *v /= inv);
+        }
+        self.pos += n;
+        Ok(&self.s.logits)
+    }
+
+    /// Self-attention of the batch in `s.xn`; leaves the projected output in `s.proj`.
+    fn attention(&mut self, li: usize, a: &Attention, n: usize) {
+        let hp = &self.model.hp;
+        let k = self.kernels;
+        let s = &mut self.s;
+        let (hq, hkv, dk, dv) = (hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v);
+        s.q.resize(n * hq * dk, 0.0);
+        s.k.resize(n * hkv * dk, 0.0);
+        s.v.resize(n * hkv * dv, 0.0);
+        matmul(k, &a.wq, &s.xn, n, &mut s.q, &mut s.mm);
+        matmul(k, &a.wk, &s.xn, n, &mut s.k, &mut s.mm);
+        matmul(k, &a.wv, &s.xn, n, &mut s.v, &mut s.mm);
+        add_bias_rows(&mut s.q, a.bq.as_deref());
+        add_bias_rows(&mut s.k, a.bk.as_deref());
+        add_bias_rows(&mut s.v, a.bv.as_deref());
+
+        match hp.traits.qk_norm {
+            QkNorm::None => {}
+            QkNorm::PerHead => {
+                norm_in_place(&mut s.q, a.q_norm.as_deref(), dk, hp.norm_eps, k);
+                norm_in_place(&mut s.k, a.k_norm.as_deref(), dk, hp.norm_eps, k);
+            }
+            QkNorm::WholeProjection => {
+                norm_in_place(&mut s.q, a.q_norm.as_deref(), hq * dk, hp.norm_eps, k);
+                norm_in_place(&mut s.k, a.k_norm.as_deref(), hkv * dk, hp.norm_eps, k);
+            }
+        }
+        if let Some(c) = hp.clamp_qkv {
+            for buf in [&mut s.q, &mut s.k, &mut s.v] {
+                buf.iter_mut().for_each(|v| *v = v.clamp(-c, c));
+            }
+        }
+
+        let half = hp.rope_dim / 2;
+        for t in 0..n {
+            let p = self.pos + t;
+            let cos = &self.rope_cos[p * half..(p + 1) * half];
+            let sin = &self.rope_sin[p * half..(p + 1) * half];
+            for head in s.q[t * hq * dk..(t + 1) * hq * dk].chunks_exact_mut(dk) {
+                rope(head, cos, sin, hp.traits.rope, hp.rope_dim);
+            }
+            for head in s.k[t * hkv * dk..(t + 1) * hkv * dk].chunks_exact_mut(dk) {
+                rope(head, cos, sin, hp.traits.rope, hp.rope_dim);
+            }
+        }
+        self.kv.store(li, self.pos, &s.k, &s.v, n);
+
+        // attn[t, h, :] = softmax(q . K^T * scale) V over positions 0..=pos+t (within the window)
+        s.attn.resize(n * hq * dv, 0.0);
+        let (keys, values) = self.kv.layer(li);
+        let group = hq / hkv;
+        let pos0 = self.pos;
+        let q = &s.q;
+        let window = hp.sliding_window;
+        let scale = hp.attention_scale;
+        let dot = k.dot_f32;
+        s.attn.par_chunks_mut(dv).enumerate().for_each_init(
+            Vec::new,
+            |scores: &mut Vec<f32>, (i, out)| {
+                let (t, h) = (i / hq, i % hq);
+                let kvh = h / group;
+                let qh = &q[(t * hq + h) * dk..(t * hq + h + 1) * dk];
+                let end = pos0 + t + 1;
+                let start = window.map_or(0, |w| end.saturating_sub(w));
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in start..end {
+                    let kj = &keys[(j * hkv + kvh) * dk..(j * hkv + kvh + 1) * dk];
+                    let sc = dot(qh, kj) * scale;
+                    max = max.max(sc);
+                    scores.push(sc);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let inv = 1.0 / sum;
+                out.fill(0.0);
+                for (sc, j) in scores.iter().zip(start..end) {
+                    let w = sc * inv;
+                    let vj = &values[(j * hkv + kvh) * dv..(j * hkv + kvh + 1) * dv];
+                    for (o, &vv) in out.iter_mut().zip(vj) {
+                        *o += w * vv;
+                    }
+                }
+            },
+        );
+
+        s.proj.resize(n * hp.n_embd, 0.0);
+        matmul(k, &a.wo, &s.attn, n, &mut s.proj, &mut s.mm);
+    }
+}
+
+/// The MoE feed-forward of the batch in `s.xn`, accumulated into `s.ffn_out`.
+///
+/// Tokens are grouped by expert so each selected expert's weights are read once per batch.
+fn moe_block(k: &Kernels, hp: &super::HParams, moe: &MoeBlock, n: usize, s: &mut Scratch) {
+    let d = hp.n_embd;
+    let n_expert = hp.n_expert;
+    s.router_logits.resize(n * n_expert, 0.0);
+    matmul(k, &moe.router, &s.xn, n, &mut s.router_logits, &mut s.mm);
+    s.routes.clear();
+    for t in 0..n {
+        s.routes.push(route(
+            &s.router_logits[t * n_expert..(t + 1) * n_expert],
+            hp.n_expert_used,
+            hp.norm_topk,
+        ));
+    }
+
+    let xn = std::mem::take(&mut s.xn);
+    let mut out = std::mem::take(&mut s.ffn_out);
+    // Experts in index order, each over the tokens that chose it (fixed summation order).
+    for e in 0..n_expert {
+        s.expert_in.clear();
+        let mut count = 0;
+        for (t, r) in s.routes.iter().enumerate() {
+            if r.weight_of(e).is_some() {
+                s.expert_in.extend_from_slice(&xn[t * d..(t + 1) * d]);
+                count += 1;
+            }
+        }
+        if count == 0 {
+            continue;
+        }
+        let mlp = Mlp {
+            gate: moe.experts.gate.expert(e),
+            up: moe.experts.up.expert(e),
+            down: moe.experts.down.expert(e),
+        };
+        let input = std::mem::take(&mut s.expert_in);
+        let mut y = std::mem::take(&mut s.expert_out);
+        y.clear();
+        y.resize(count * d, 0.0);
+        run_mlp(k, &mlp, &input, count, &mut y, s);
+        let mut i = 0;
+        for (t, r) in s.routes.iter().enumerate() {
+            if let Some(w) = r.weight_of(e) {
+                for (o, &v) in out[t * d..(t + 1) * d]
+                    .iter_mut()
+                    .zip(&y[i * d..(i + 1) * d])
+                {
+                    *o += w * v;
+                }
+                i += 1;
+            }
+        }
+        s.expert_in = input;
+        s.expert_out = y;
+    }
+
+    if let Some(shared) = &moe.shared {
+        let mut y = std::mem::take(&mut s.expert_out);
+        y.clear();
+        y.resize(n * d, 0.0);
+        run_mlp(k, &shared.mlp, &xn, n, &mut y, s);
+        for t in 0..n {
+            let scale = match &shared.gate {
+                Some(g) => sigmoid((k.dot_f32)(g, &xn[t * d..(t + 1) * d])),
+                None => 1.0,
+            };
+            for (o, &v) in out[t * d..(t + 1) * d]
+                .iter_mut()
+                .zip(&y[t * d..(t + 1) * d])
+            {
+                *o += scale * v;
+            }
+        }
+        s.expert_out = y;
+    }
+    s.xn = xn;
+    s.ffn_out = out;
+}
+
+/// `out = down(silu(gate x) * up x)` for `n` rows of `x`.
+fn run_mlp(k: &Kernels, mlp: &Mlp, x: &[f32], n: usize, out: &mut [f32], s: &mut Scratch) {
+    let ff = mlp.gate.rows;
+    s.gate.resize(n * ff, 0.0);
+    s.up.resize(n * ff, 0.0);
+    matmul(k, &mlp.gate, x, n, &mut s.gate, &mut s.mm);
+    matmul(k, &mlp.up, x, n, &mut s.up, &mut s.mm);
+    for (g, u) in s.gate.iter_mut().zip(&s.up) {
+        *g = silu(*g) * u;
+    }
+    matmul(k, &mlp.down, &s.gate, n, out, &mut s.mm);
+}
+
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// RMSNorm of each row: `x / sqrt(mean(x^2) + eps) * w`.
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], k: &Kernels) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ms = (k.dot_f32)(xr, xr) / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &wi) in or.iter_mut().zip(xr).zip(w) {
+            *o = wi * (v * inv);
+        }
+    }
+}
+
+/// RMSNorm over consecutive groups of `width` values (a head, or a whole projection).
+fn norm_in_place(x: &mut [f32], w: Option<&[f32]>, width: usize, eps: f32, k: &Kernels) {
+    let w = w.expect("norm weights are loaded for this architecture");
+    for g in x.chunks_exact_mut(width) {
+        let ms = (k.dot_f32)(g, g) / width as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, &wi) in g.iter_mut().zip(w) {
+            *v = wi * (*v * inv);
+        }
+    }
+}
+
+fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle, rope_dim: usize) {
+    let half = rope_dim / 2;
+    match style {
+        RopeStyle::Neox => {
+            for i in 0..half {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos[i] - b * sin[i];
+                head[i + half] = b * cos[i] + a * sin[i];
+            }
+        }
+        RopeStyle::Interleaved => {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos[i] - b * sin[i];
+                head[2 * i + 1] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+}
+
+fn add_bias_rows(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            for (v, bi) in row.iter_mut().zip(b) {
+                *v += bi;
+            }
+        }
+    }
+}
+
+fn add_scaled(x: &mut [f32], y: &[f32], scale: f32) {
+    if scale == 1.0 {
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+    } else {
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += b * scale);
+    }
+}

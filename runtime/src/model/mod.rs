@@ -1,0 +1,37 @@
+//! Model definition: architecture traits, hyper-parameters, weights and the forward pass.
+
+pub mod arch;
+mod forward;
+mod hparams;
+mod kv_cache;
+mod weights;
+
+pub use arch::{Arch, ArchTraits, QkNorm, RopeStyle};
+pub use forward::Session;
+pub use hparams::HParams;
+pub use kv_cache::KvCache;
+pub use weights::{
+    Attention, Experts, Ffn, Layer, Mlp, Model, MoeBlock, SharedExpert, StackedExperts,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("the model file has no tensor `{0}`; it was not written for this architecture or is incomplete (re-convert it with moe-convert)")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has ggml shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("metadata `{key}` {why}")]
+    Metadata { key: String, why: String },
+    #[error("architecture `{0}` is not supported (supported: llama with experts, qwen2moe, qwen3moe, olmoe, granitemoe)")]
+    UnsupportedArch(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("context is full: {needed} positions needed, the session holds {n_ctx} (raise --ctx)")]
+    ContextFull { n_ctx: usize, needed: usize },
+    #[error("bad input: {0}")]
+    Input(String),
+}

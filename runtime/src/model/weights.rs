@@ -1,0 +1,286 @@
+//! The model's tensors, looked up by their llama.cpp names and checked against the
+//! hyper-parameters before anything runs.
+
+use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+use crate::tensor::QMatrix;
+
+use super::arch::QkNorm;
+use super::hparams::HParams;
+use super::ModelError;
+
+/// `n_expert` matrices of `rows x cols` stacked in one tensor (ggml dims `[cols, rows, n_expert]`):
+/// expert `e` is one contiguous slab.
+#[derive(Clone, Copy, Debug)]
+pub struct StackedExperts<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub n_expert: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> StackedExperts<'a> {
+    pub fn slab_bytes(&self) -> usize {
+        self.data.len() / self.n_expert
+    }
+
+    pub fn expert(&self, e: usize) -> QMatrix<'a> {
+        let sb = self.slab_bytes();
+        QMatrix {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.data[e * sb..(e + 1) * sb],
+        }
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+pub struct Mlp<'a> {
+    pub gate: QMatrix<'a>,
+    pub up: QMatrix<'a>,
+    pub down: QMatrix<'a>,
+}
+
+pub struct Experts<'a> {
+    pub gate: StackedExperts<'a>,
+    pub up: StackedExperts<'a>,
+    pub down: StackedExperts<'a>,
+}
+
+pub struct SharedExpert<'a> {
+    pub mlp: Mlp<'a>,
+    /// Qwen2-MoE scales the shared expert by sigmoid(gate . x).
+    pub gate: Option<Vec<f32>>,
+}
+
+pub struct MoeBlock<'a> {
+    /// `[n_expert, n_embd]` router.
+    pub router: QMatrix<'a>,
+    pub experts: Experts<'a>,
+    pub shared: Option<SharedExpert<'a>>,
+}
+
+pub enum Ffn<'a> {
+    Dense(Mlp<'a>),
+    Moe(MoeBlock<'a>),
+}
+
+pub struct Attention<'a> {
+    pub wq: QMatrix<'a>,
+    pub wk: QMatrix<'a>,
+    pub wv: QMatrix<'a>,
+    pub wo: QMatrix<'a>,
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+}
+
+pub struct Layer<'a> {
+    pub attn_norm: Vec<f32>,
+    pub attn: Attention<'a>,
+    pub ffn_norm: Vec<f32>,
+    pub ffn: Ffn<'a>,
+}
+
+pub struct Model<'a> {
+    pub hp: HParams,
+    pub file: &'a GgufFile,
+    /// `[n_vocab, n_embd]`.
+    pub tok_embd: QMatrix<'a>,
+    pub layers: Vec<Layer<'a>>,
+    pub output_norm: Vec<f32>,
+    /// `[n_vocab, n_embd]`; the embedding itself when the model ties them.
+    pub output: QMatrix<'a>,
+}
+
+struct Lookup<'a> {
+    file: &'a GgufFile,
+}
+
+impl<'a> Lookup<'a> {
+    fn info(&self, name: &str) -> Option<&'a TensorInfo> {
+        self.file.header().tensor(name)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.info(name).is_some()
+    }
+
+    fn require(&self, name: &str) -> Result<&'a TensorInfo, ModelError> {
+        self.info(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    fn check_dims(info: &TensorInfo, want: &[usize]) -> Result<(), ModelError> {
+        // Trailing 1s are equivalent (a [n, 1] tensor is a vector).
+        let trim = |d: &[usize]| {
+            let mut v = d.to_vec();
+            while v.len() > 1 && v.last() == Some(&1) {
+                v.pop();
+            }
+            v
+        };
+        if trim(&info.dims) != trim(want) {
+            return Err(ModelError::Shape {
+                name: info.name.clone(),
+                expected: want.to_vec(),
+                found: info.dims.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix<'a>, ModelError> {
+        let info = self.require(name)?;
+        Self::check_dims(info, &[cols, rows])?;
+        Ok(QMatrix {
+            ty: info.ty,
+            rows,
+            cols,
+            data: self.file.tensor_bytes(info),
+        })
+    }
+
+    fn stacked(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        n_expert: usize,
+    ) -> Result<StackedExperts<'a>, ModelError> {
+        let info = self.require(name)?;
+        Self::check_dims(info, &[cols, rows, n_expert])?;
+        Ok(StackedExperts {
+            ty: info.ty,
+            rows,
+            cols,
+            n_expert,
+            data: self.file.tensor_bytes(info),
+        })
+    }
+
+    /// Small vectors (norm weights, biases) are decoded to f32 once at load.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let info = self.require(name)?;
+        Self::check_dims(info, &[len])?;
+        let mut out = vec![0f32; len];
+        crate::tensor::quant::dequantize(info.ty, self.file.tensor_bytes(info), &mut out);
+        Ok(out)
+    }
+
+    fn opt_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        if self.has(name) {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl<'a> Model<'a> {
+    pub fn load(file: &'a GgufFile) -> Result<Self, ModelError> {
+        let lk = Lookup { file };
+        let embd_info = lk.require("token_embd.weight")?;
+        let n_vocab = *embd_info.dims.get(1).ok_or_else(|| ModelError::Shape {
+            name: "token_embd.weight".into(),
+            expected: vec![0, 0],
+            found: embd_info.dims.clone(),
+        })?;
+        let hp = HParams::from_header(file.header(), n_vocab)?;
+        let d = hp.n_embd;
+        let tok_embd = lk.matrix("token_embd.weight", n_vocab, d)?;
+        let output = if lk.has("output.weight") {
+            lk.matrix("output.weight", n_vocab, d)?
+        } else {
+            tok_embd
+        };
+        let q_dim = hp.n_head * hp.head_dim_k;
+        let k_dim = hp.n_head_kv * hp.head_dim_k;
+        let v_dim = hp.n_head_kv * hp.head_dim_v;
+        let o_dim = hp.n_head * hp.head_dim_v;
+
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let (q_norm, k_norm) = match hp.traits.qk_norm {
+                QkNorm::None => (None, None),
+                QkNorm::PerHead => (
+                    Some(lk.vector(&n("attn_q_norm.weight"), hp.head_dim_k)?),
+                    Some(lk.vector(&n("attn_k_norm.weight"), hp.head_dim_k)?),
+                ),
+                QkNorm::WholeProjection => (
+                    Some(lk.vector(&n("attn_q_norm.weight"), q_dim)?),
+                    Some(lk.vector(&n("attn_k_norm.weight"), k_dim)?),
+                ),
+            };
+            let attn = Attention {
+                wq: lk.matrix(&n("attn_q.weight"), q_dim, d)?,
+                wk: lk.matrix(&n("attn_k.weight"), k_dim, d)?,
+                wv: lk.matrix(&n("attn_v.weight"), v_dim, d)?,
+                wo: lk.matrix(&n("attn_output.weight"), d, o_dim)?,
+                bq: lk.opt_vector(&n("attn_q.bias"), q_dim)?,
+                bk: lk.opt_vector(&n("attn_k.bias"), k_dim)?,
+                bv: lk.opt_vector(&n("attn_v.bias"), v_dim)?,
+                q_norm,
+                k_norm,
+            };
+            let ffn = if lk.has(&n("ffn_gate_inp.weight")) {
+                let e = hp.n_expert;
+                let gate_info = lk.require(&n("ffn_gate_exps.weight"))?;
+                let ff = *gate_info.dims.get(1).unwrap_or(&0);
+                let shared = if lk.has(&n("ffn_gate_shexp.weight")) {
+                    let sff = lk
+                        .require(&n("ffn_gate_shexp.weight"))?
+                        .dims
+                        .get(1)
+                        .copied();
+                    let sff = sff.unwrap_or(0);
+                    Some(SharedExpert {
+                        mlp: Mlp {
+                            gate: lk.matrix(&n("ffn_gate_shexp.weight"), sff, d)?,
+                            up: lk.matrix(&n("ffn_up_shexp.weight"), sff, d)?,
+                            down: lk.matrix(&n("ffn_down_shexp.weight"), d, sff)?,
+                        },
+                        gate: lk.opt_vector(&n("ffn_gate_inp_shexp.weight"), d)?,
+                    })
+                } else {
+                    None
+                };
+                Ffn::Moe(MoeBlock {
+                    router: lk.matrix(&n("ffn_gate_inp.weight"), e, d)?,
+                    experts: Experts {
+                        gate: lk.stacked(&n("ffn_gate_exps.weight"), ff, d, e)?,
+                        up: lk.stacked(&n("ffn_up_exps.weight"), ff, d, e)?,
+                        down: lk.stacked(&n("ffn_down_exps.weight"), d, ff, e)?,
+                    },
+                    shared,
+                })
+            } else {
+                let ff = lk.require(&n("ffn_gate.weight"))?.dims.get(1).copied();
+                let ff = ff.unwrap_or(0);
+                Ffn::Dense(Mlp {
+                    gate: lk.matrix(&n("ffn_gate.weight"), ff, d)?,
+                    up: lk.matrix(&n("ffn_up.weight"), ff, d)?,
+                    down: lk.matrix(&n("ffn_down.weight"), d, ff)?,
+                })
+            };
+            layers.push(Layer {
+                attn_norm: lk.vector(&n("attn_norm.weight"), d)?,
+                attn,
+                ffn_norm: lk.vector(&n("ffn_norm.weight"), d)?,
+                ffn,
+            });
+        }
+        Ok(Self {
+            hp,
+            file,
+            tok_embd,
+            layers,
+            output_norm: lk.vector("output_norm.weight", d)?,
+            output,
+        })
+    }
+}

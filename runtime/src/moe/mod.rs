@@ -1,0 +1,3 @@
+//! Mixture-of-experts routing.
+
+pub mod router;
