@@ -1,6 +1,7 @@
 //! moe-convert HF_DIR -o OUT.gguf --type q8_0
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -37,8 +38,17 @@ fn parse_type(s: &str) -> Result<GgmlType, String> {
     }
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {

@@ -36,10 +36,10 @@ pub enum GgufError {
     Tensor { name: String, why: String },
     #[error("invalid GGUF: {0}")]
     Invalid(String),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -55,9 +55,9 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let open_err = |source| GgufError::Open {
+        let open_err = |cause| GgufError::Open {
             path: path.clone(),
-            source,
+            cause,
         };
         let file = File::open(&path).map_err(open_err)?;
         // SAFETY: the map is read-only; like every mmap-based loader we rely on the file not being

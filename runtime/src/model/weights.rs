@@ -63,7 +63,7 @@ pub struct MoeBlock<'a> {
 
 pub enum Ffn<'a> {
     Dense(Mlp<'a>),
-    Moe(MoeBlock<'a>),
+    Moe(Box<MoeBlock<'a>>),
 }
 
 pub struct Attention<'a> {
@@ -249,7 +249,7 @@ impl<'a> Model<'a> {
                 } else {
                     None
                 };
-                Ffn::Moe(MoeBlock {
+                Ffn::Moe(Box::new(MoeBlock {
                     router: lk.matrix(&n("ffn_gate_inp.weight"), e, d)?,
                     experts: Experts {
                         gate: lk.stacked(&n("ffn_gate_exps.weight"), ff, d, e)?,
@@ -257,7 +257,7 @@ impl<'a> Model<'a> {
                         down: lk.stacked(&n("ffn_down_exps.weight"), d, ff, e)?,
                     },
                     shared,
-                })
+                }))
             } else {
                 let ff = lk.require(&n("ffn_gate.weight"))?.dims.get(1).copied();
                 let ff = ff.unwrap_or(0);

@@ -160,3 +160,50 @@ fn rows_per_task(rows: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     (rows / (threads * 8)).clamp(4, 256)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::kernels::tests::random_vec;
+    use crate::tensor::quant::quantize;
+
+    /// A batch gives exactly the rows of one-token products, whatever the batch size: results
+    /// must not depend on how work is split.
+    #[test]
+    fn batched_equals_single_token_bit_for_bit() {
+        let k = crate::tensor::kernels::best();
+        let (rows, cols, n) = (37, 96, 5);
+        for ty in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+        ] {
+            let w = random_vec(rows * cols, 7, 1.0);
+            let data = quantize(ty, &w);
+            let m = QMatrix {
+                ty,
+                rows,
+                cols,
+                data: &data,
+            };
+            let x = random_vec(n * cols, 9, 2.0);
+            let mut batch = vec![0f32; n * rows];
+            let mut scratch = MatmulScratch::default();
+            matmul(k, &m, &x, n, &mut batch, &mut scratch);
+            for t in 0..n {
+                let mut one = vec![0f32; rows];
+                matmul(
+                    k,
+                    &m,
+                    &x[t * cols..(t + 1) * cols],
+                    1,
+                    &mut one,
+                    &mut scratch,
+                );
+                assert_eq!(&batch[t * rows..(t + 1) * rows], &one[..], "{ty} token {t}");
+            }
+        }
+    }
+}

@@ -161,7 +161,7 @@ mod tests {
         quantize_row_q4_0(&x, &mut q);
         assert_eq!(f16_at(&q, 0), 0.5);
         // x[0] = -4 -> -4*2+8.5 = 0.5 -> 0 ; x[16] = 2 -> 12.5 -> 12
-        assert_eq!(q[2], 0 | (12 << 4));
+        assert_eq!(q[2], 12 << 4);
         assert_eq!(q[3] & 0x0f, 10);
         let mut y = [0f32; 32];
         dequantize_row_q4_0(&q, &mut y);

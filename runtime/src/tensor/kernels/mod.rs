@@ -35,3 +35,92 @@ pub fn best() -> &'static Kernels {
     static BEST: OnceLock<&'static Kernels> = OnceLock::new();
     BEST.get_or_init(|| &SCALAR)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::gguf::GgmlType;
+    use crate::tensor::quant::{dequantize, quantize};
+
+    /// Deterministic pseudo-random values in [-scale, scale].
+    pub fn random_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
+            })
+            .collect()
+    }
+
+    fn exact_dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    /// Every kernel of `k` equals the dot product of the dequantized operands, for lengths with
+    /// tails and several magnitudes.
+    pub fn check_table(k: &Kernels) {
+        for (i, &n) in [32usize, 64, 96, 256, 1024, 4096, 33 * 32]
+            .iter()
+            .enumerate()
+        {
+            let w = random_vec(n, 1 + i as u64, 1.0 + i as f32);
+            let x = random_vec(n, 100 + i as u64, 3.0);
+            let xq = quantize(GgmlType::Q8_0, &x);
+            let mut xd = vec![0f32; n];
+            dequantize(GgmlType::Q8_0, &xq, &mut xd);
+            for ty in [
+                GgmlType::Q8_0,
+                GgmlType::Q4_0,
+                GgmlType::F16,
+                GgmlType::BF16,
+            ] {
+                let wq = quantize(ty, &w);
+                let mut wd = vec![0f32; n];
+                dequantize(ty, &wq, &mut wd);
+                let (got, want) = match ty {
+                    GgmlType::Q8_0 => ((k.dot_q8_0_q8_0)(&wq, &xq), exact_dot(&wd, &xd)),
+                    GgmlType::Q4_0 => ((k.dot_q4_0_q8_0)(&wq, &xq), exact_dot(&wd, &xd)),
+                    GgmlType::F16 => ((k.dot_f16)(&wq, &x), exact_dot(&wd, &x)),
+                    _ => ((k.dot_bf16)(&wq, &x), exact_dot(&wd, &x)),
+                };
+                let scale = exact_dot(
+                    &wd.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                    &x.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                );
+                assert!(
+                    ((got as f64) - want).abs() <= 1e-5 * scale + 1e-6,
+                    "{} {ty} n={n}: {got} vs {want}",
+                    k.name
+                );
+            }
+            // f32 kernel, including lengths that are not multiples of 8.
+            for m in [n, n - 3] {
+                let got = (k.dot_f32)(&w[..m], &x[..m]) as f64;
+                let want = exact_dot(&w[..m], &x[..m]);
+                assert!(
+                    (got - want).abs() <= 1e-5 * m as f64,
+                    "{} f32 n={m}",
+                    k.name
+                );
+            }
+            // Activation quantization is bit-identical to the reference.
+            let mut q = vec![0u8; xq.len()];
+            (k.quantize_q8_0)(&x, &mut q);
+            assert_eq!(q, xq, "{} quantize_q8_0 n={n}", k.name);
+        }
+    }
+
+    #[test]
+    fn scalar_kernels_match_dequantized_reference() {
+        check_table(&SCALAR);
+    }
+
+    #[test]
+    fn best_kernels_match_scalar_reference() {
+        println!("kernel path: {}", best().name);
+        check_table(best());
+    }
+}

@@ -1,0 +1,190 @@
+//! The `moe-run` command line: one-shot generation and logits dumps. Lives in the library so
+//! the end-to-end tests can drive it in-process.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::generate::generate;
+use crate::gguf::GgufFile;
+use crate::model::{Model, Session};
+use crate::sampling::{Sampler, SamplerConfig};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "moe-run",
+    version,
+    about = "Run a Mixture-of-Experts GGUF model on the CPU"
+)]
+pub struct Args {
+    /// Model file (GGUF, as written by moe-convert)
+    #[arg(short = 'm', long)]
+    model: PathBuf,
+    /// Prompt text
+    #[arg(short = 'p', long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// Prompt as token ids instead of text, e.g. 1,2,3
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// Number of tokens to generate
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    n_predict: usize,
+    /// Sampling temperature; 0 is greedy
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    /// Keep the k most likely tokens (0 = off)
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off)
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than min_p times the best one (0 = off)
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty for repeating recent tokens (1 = off)
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty considers
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Random seed (default: from the clock)
+    #[arg(short = 's', long)]
+    seed: Option<u64>,
+    /// Worker threads (default: all cores)
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Context length (default: the smaller of the model's and 4096)
+    #[arg(short = 'c', long)]
+    ctx: Option<usize>,
+    /// Print the generated token ids as one JSON array line at the end
+    #[arg(long)]
+    ids: bool,
+    /// Write the logits of every prompt position to this .npy file (float32, [n_prompt, vocab])
+    #[arg(long)]
+    dump_logits: Option<PathBuf>,
+    /// Do not stop at end-of-generation tokens
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+/// Runs `moe-run` with command-line `argv` (program name first), writing generated text to `out`
+/// and diagnostics to `err`.
+pub fn run(
+    argv: impl IntoIterator<Item = OsString>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<()> {
+    let args = Args::try_parse_from(argv)?;
+    if let Some(t) = args.threads {
+        // The global pool can only be set once per process; later calls keep the first.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global();
+    }
+    let file = GgufFile::open(&args.model)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = Model::load(&file).with_context(|| format!("loading {}", args.model.display()))?;
+    let tokenizer = Tokenizer::from_gguf(file.header());
+
+    let prompt: Vec<u32> = match (&args.tokens, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => tokenizer
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .encode(text, true)?,
+        (None, None) => match tokenizer.as_ref().ok().and_then(|t| t.bos()) {
+            Some(bos) => vec![bos],
+            None => bail!("give a prompt with -p TEXT or --tokens IDS"),
+        },
+    };
+    if prompt.is_empty() {
+        bail!("the prompt encodes to no tokens; give a longer prompt or --tokens");
+    }
+    let n_ctx = args
+        .ctx
+        .unwrap_or_else(|| model.hp.n_ctx_train.min(4096))
+        .max(prompt.len() + args.n_predict);
+    let mut session = Session::new(&model, n_ctx);
+
+    if let Some(path) = &args.dump_logits {
+        let logits = session.forward(&prompt, true)?;
+        let f =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        crate::npy::write_f32_2d(
+            std::io::BufWriter::new(f),
+            logits,
+            prompt.len(),
+            model.hp.n_vocab,
+        )?;
+        writeln!(
+            err,
+            "wrote logits [{}, {}] to {}",
+            prompt.len(),
+            model.hp.n_vocab,
+            path.display()
+        )?;
+        session.reset();
+    }
+    if args.n_predict == 0 {
+        return Ok(());
+    }
+
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: args.temp,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        repeat_last_n: args.repeat_last_n,
+        seed,
+    });
+
+    let mut stream = tokenizer.as_ref().ok().map(|t| t.stream(false));
+    if let Some(text) = &args.prompt {
+        write!(out, "{text}")?;
+        out.flush()?;
+    }
+    let mut generated = Vec::new();
+    let tok_ref = tokenizer.as_ref().ok();
+    let stats = generate(
+        &mut session,
+        &mut sampler,
+        &prompt,
+        args.n_predict,
+        |id| !args.ignore_eos && tok_ref.is_some_and(|t| t.is_end_of_generation(id)),
+        |id| {
+            generated.push(id);
+            if let Some(s) = stream.as_mut() {
+                if let Ok(text) = s.push(id) {
+                    let _ = write!(out, "{text}");
+                    let _ = out.flush();
+                }
+            }
+            true
+        },
+    )?;
+    writeln!(out)?;
+    if args.ids {
+        writeln!(out, "{}", serde_json::to_string(&generated)?)?;
+    }
+    let secs = |d: std::time::Duration| d.as_secs_f64().max(1e-9);
+    writeln!(
+        err,
+        "prompt: {} tokens, {:.1} t/s | generation: {} tokens, {:.1} t/s | kernels: {}",
+        stats.prompt_tokens,
+        stats.prompt_tokens as f64 / secs(stats.prompt_time),
+        stats.generated_tokens,
+        stats.generated_tokens as f64 / secs(stats.generation_time),
+        crate::tensor::kernels::best().name
+    )?;
+    Ok(())
+}

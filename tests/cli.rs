@@ -1,0 +1,131 @@
+//! The moe-run command line, driven in-process.
+
+use std::ffi::OsString;
+
+use moe_e2e::{max_rel_diff, Fixture};
+use moe_runtime::gguf::GgmlType;
+
+fn run(args: &[&str]) -> Result<(String, String), String> {
+    let argv: Vec<OsString> = std::iter::once("moe-run")
+        .chain(args.iter().copied())
+        .map(OsString::from)
+        .collect();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    match moe_runtime::cli::run(argv, &mut out, &mut err) {
+        Ok(()) => Ok((
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        )),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn dump_logits_writes_every_prompt_position() {
+    let fx = Fixture::load("olmoe");
+    let conv = fx.convert(GgmlType::F32);
+    let dir = tempfile::tempdir().unwrap();
+    let npy = dir.path().join("logits.npy");
+    let case = &fx.expected.prompts[1];
+    run(&[
+        "-m",
+        conv.path.to_str().unwrap(),
+        "--tokens",
+        &ids_arg(&case.ids),
+        "-n",
+        "0",
+        "--dump-logits",
+        npy.to_str().unwrap(),
+    ])
+    .unwrap();
+    let (got, rows, vocab) =
+        moe_runtime::npy::read_f32_2d(std::fs::File::open(&npy).unwrap()).unwrap();
+    let (want, n, v) = fx.logits(1);
+    assert_eq!((rows, vocab), (n, v));
+    assert!(max_rel_diff(&got, &want, vocab) < 1e-4);
+}
+
+#[test]
+fn greedy_ids_and_text() {
+    let fx = Fixture::load("qwen2_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let model = conv.path.to_str().unwrap();
+    let case = &fx.expected.prompts[2];
+    let (out, err) = run(&[
+        "-m",
+        model,
+        "--tokens",
+        &ids_arg(&case.ids),
+        "-n",
+        "16",
+        "--temp",
+        "0",
+        "--ids",
+        "--ignore-eos",
+    ])
+    .unwrap();
+    let last = out.lines().last().unwrap();
+    let ids: Vec<u32> = serde_json::from_str(last).unwrap();
+    assert_eq!(ids, case.greedy_ids);
+    assert!(err.contains("generation: 16 tokens"), "{err}");
+
+    // Text in, text out: the prompt is echoed and followed by the continuation.
+    let (out, _) = run(&["-m", model, "-p", &case.text, "-n", "4", "--temp", "0"]).unwrap();
+    assert!(out.starts_with(&case.text), "{out}");
+    assert!(out.len() > case.text.len());
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let fx = Fixture::load("qwen3_moe");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let model = conv.path.to_str().unwrap();
+    let sample = |seed: &str| {
+        let (out, _) = run(&[
+            "-m",
+            model,
+            "-p",
+            "The",
+            "-n",
+            "24",
+            "--temp",
+            "1.5",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--min-p",
+            "0",
+            "--seed",
+            seed,
+            "--ids",
+            "--ignore-eos",
+        ])
+        .unwrap();
+        out.lines().last().unwrap().to_string()
+    };
+    assert_eq!(sample("42"), sample("42"));
+    assert_ne!(sample("42"), sample("43"));
+}
+
+#[test]
+fn bad_invocations_are_explained() {
+    let e = run(&["-m", "/nonexistent/model.gguf", "-p", "hi"]).unwrap_err();
+    assert!(e.contains("/nonexistent/model.gguf"), "{e}");
+    let fx = Fixture::load("qwen3_moe");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let e = run(&[
+        "-m",
+        conv.path.to_str().unwrap(),
+        "--tokens",
+        "99999",
+        "-n",
+        "1",
+    ])
+    .unwrap_err();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+}

@@ -1,0 +1,117 @@
+//! Unquantized conversions reproduce transformers: logits at every prompt position within 1e-4
+//! of the largest logit, and the 16-token greedy continuation exactly.
+
+use moe_e2e::{greedy, max_rel_diff, prompt_logits, stepwise_logits, Fixture, FIXTURES};
+use moe_runtime::gguf::GgmlType;
+use moe_runtime::tokenizer::Tokenizer;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn check_parity(name: &str, ty: GgmlType) {
+    let fx = Fixture::load(name);
+    let conv = fx.convert(ty);
+    let file = conv.open();
+    for (i, case) in fx.expected.prompts.iter().enumerate() {
+        let (want, n, vocab) = fx.logits(i);
+        assert_eq!(n, case.ids.len());
+        let got = prompt_logits(&file, &case.ids);
+        let diff = max_rel_diff(&got, &want, vocab);
+        println!("{name} {ty} prompt {i} ({n} tokens): max |diff| / max |logit| = {diff:.2e}");
+        assert!(
+            diff < TOLERANCE,
+            "{name} {ty} prompt {i}: logits differ by {diff:e}"
+        );
+        let cont = greedy(&file, &case.ids, case.greedy_ids.len());
+        assert_eq!(
+            cont, case.greedy_ids,
+            "{name} {ty} prompt {i}: greedy continuation"
+        );
+    }
+}
+
+#[test]
+fn mixtral_f32() {
+    check_parity("mixtral", GgmlType::F32);
+}
+
+#[test]
+fn mixtral_f16_source_sharded() {
+    // f16 weights upcast exactly, so f32 and f16 outputs both reproduce the reference.
+    check_parity("mixtral_f16_sharded", GgmlType::F32);
+    check_parity("mixtral_f16_sharded", GgmlType::F16);
+}
+
+#[test]
+fn qwen2_moe_shared_expert_and_dense_layer() {
+    check_parity("qwen2_moe", GgmlType::F32);
+}
+
+#[test]
+fn qwen3_moe_f32() {
+    check_parity("qwen3_moe", GgmlType::F32);
+}
+
+#[test]
+fn qwen3_moe_bf16_source() {
+    check_parity("qwen3_moe_bf16", GgmlType::F32);
+    check_parity("qwen3_moe_bf16", GgmlType::BF16);
+}
+
+#[test]
+fn olmoe_f32() {
+    check_parity("olmoe", GgmlType::F32);
+}
+
+#[test]
+fn granitemoe_f32() {
+    check_parity("granitemoe", GgmlType::F32);
+}
+
+/// Decoding one token at a time through the KV cache gives the same logits as one prefill.
+#[test]
+fn kv_cache_decode_matches_prefill() {
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(GgmlType::F32);
+        let file = conv.open();
+        let case = fx.expected.prompts.last().unwrap();
+        let (want, _, vocab) = fx.logits(fx.expected.prompts.len() - 1);
+        let got = stepwise_logits(&file, &case.ids);
+        let diff = max_rel_diff(&got, &want, vocab);
+        assert!(
+            diff < TOLERANCE,
+            "{name}: step-by-step logits differ by {diff:e}"
+        );
+    }
+}
+
+/// The tokenizer embedded in the GGUF encodes the prompts exactly as transformers did
+/// (including Mixtral's BOS).
+#[test]
+fn embedded_tokenizer_matches_transformers() {
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(GgmlType::F32);
+        let file = conv.open();
+        let tok = Tokenizer::from_gguf(file.header()).expect("tokenizer");
+        for case in &fx.expected.prompts {
+            assert_eq!(
+                tok.encode(&case.text, true).unwrap(),
+                case.ids,
+                "{name}: {:?}",
+                case.text
+            );
+        }
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fx.dir.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            file.header()
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str()),
+            cfg["chat_template"].as_str(),
+            "{name}: chat template is embedded verbatim"
+        );
+    }
+}

@@ -1,0 +1,59 @@
+//! Quantized conversions are judged against the unquantized run: Q8_0 keeps the top-1 token at
+//! >= 99% of positions, Q4_0 keeps the cosine similarity of logits above 0.99 at every position.
+
+use moe_e2e::{cosine, prompt_logits, Fixture, FIXTURES};
+use moe_runtime::gguf::GgmlType;
+use moe_runtime::sampling::argmax_logits;
+
+/// Prompt plus its greedy continuation: more positions, and the ones generation depends on.
+fn positions(fx: &Fixture) -> Vec<Vec<u32>> {
+    fx.expected
+        .prompts
+        .iter()
+        .map(|c| {
+            let mut ids = c.ids.clone();
+            ids.extend_from_slice(&c.greedy_ids[..c.greedy_ids.len() - 1]);
+            ids
+        })
+        .collect()
+}
+
+/// (agreeing positions, total positions, worst cosine) of `ty` against f32, over all fixtures.
+fn compare(ty: GgmlType) -> (usize, usize, f32) {
+    let (mut agree, mut total, mut worst) = (0, 0, 1f32);
+    for name in FIXTURES {
+        let (a0, t0) = (agree, total);
+        let fx = Fixture::load(name);
+        let reference = fx.convert(GgmlType::F32);
+        let quant = fx.convert(ty);
+        let (rf, qf) = (reference.open(), quant.open());
+        let vocab = rf.header().tensor("token_embd.weight").unwrap().dims[1];
+        for ids in positions(&fx) {
+            let a = prompt_logits(&rf, &ids);
+            let b = prompt_logits(&qf, &ids);
+            for (ra, rb) in a.chunks(vocab).zip(b.chunks(vocab)) {
+                total += 1;
+                agree += (argmax_logits(ra) == argmax_logits(rb)) as usize;
+                worst = worst.min(cosine(ra, rb));
+            }
+        }
+        println!("  {name}: {}/{}", agree - a0, total - t0);
+    }
+    println!("{ty}: top-1 agreement {agree}/{total}, worst cosine {worst:.5}");
+    (agree, total, worst)
+}
+
+#[test]
+fn q8_0_top1_agreement_at_least_99_percent() {
+    let (agree, total, _) = compare(GgmlType::Q8_0);
+    assert!(
+        agree * 100 >= total * 99,
+        "q8_0 agrees at {agree}/{total} positions"
+    );
+}
+
+#[test]
+fn q4_0_cosine_above_0_99() {
+    let (_, _, worst) = compare(GgmlType::Q4_0);
+    assert!(worst > 0.99, "q4_0 worst cosine {worst}");
+}

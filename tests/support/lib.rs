@@ -1,0 +1,138 @@
+//! Helpers shared by the end-to-end tests: fixtures recorded from transformers, conversion into
+//! temporary files, and running the runtime on token ids.
+
+use std::path::{Path, PathBuf};
+
+use moe_convert::{convert, Options};
+use moe_runtime::gguf::{GgmlType, GgufFile};
+use moe_runtime::model::{Model, Session};
+use serde::Deserialize;
+
+/// Every fixture, one per architecture plus dtype/sharding variants.
+pub const FIXTURES: &[&str] = &[
+    "mixtral",
+    "mixtral_f16_sharded",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_moe_bf16",
+    "olmoe",
+    "granitemoe",
+];
+
+#[derive(Debug, Deserialize)]
+pub struct PromptCase {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub logits_file: String,
+    pub greedy_ids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Expected {
+    pub prompts: Vec<PromptCase>,
+}
+
+pub struct Fixture {
+    pub name: String,
+    pub dir: PathBuf,
+    pub expected: Expected,
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+impl Fixture {
+    pub fn load(name: &str) -> Fixture {
+        let dir = fixtures_dir().join(name);
+        let text = std::fs::read_to_string(dir.join("expected.json"))
+            .unwrap_or_else(|e| panic!("{name}: expected.json: {e}"));
+        Fixture {
+            name: name.to_string(),
+            expected: serde_json::from_str(&text).expect("expected.json parses"),
+            dir,
+        }
+    }
+
+    /// transformers' logits for prompt `i`: `(values, n_tokens, vocab)`.
+    pub fn logits(&self, i: usize) -> (Vec<f32>, usize, usize) {
+        let path = self.dir.join(&self.expected.prompts[i].logits_file);
+        let f = std::fs::File::open(&path).expect("logits file");
+        moe_runtime::npy::read_f32_2d(std::io::BufReader::new(f)).expect("valid .npy")
+    }
+
+    /// Converts the fixture to `ty` in a fresh temporary folder.
+    pub fn convert(&self, ty: GgmlType) -> Converted {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(format!("{}-{}.gguf", self.name, ty.name()));
+        convert(&self.dir, &path, Options { ty }, &|_, _, _| {})
+            .unwrap_or_else(|e| panic!("converting {}: {e}", self.name));
+        Converted { _dir: dir, path }
+    }
+}
+
+/// A converted file; its temporary folder lives as long as this value.
+pub struct Converted {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl Converted {
+    pub fn open(&self) -> GgufFile {
+        GgufFile::open(&self.path).expect("converted file opens")
+    }
+}
+
+/// Logits of every position of `ids` (`[n, vocab]`) from one prefill.
+pub fn prompt_logits(file: &GgufFile, ids: &[u32]) -> Vec<f32> {
+    let model = Model::load(file).expect("model loads");
+    let mut s = Session::new(&model, 256);
+    s.forward(ids, true).expect("forward").to_vec()
+}
+
+/// Logits of every position computed one token at a time through the KV cache.
+pub fn stepwise_logits(file: &GgufFile, ids: &[u32]) -> Vec<f32> {
+    let model = Model::load(file).expect("model loads");
+    let mut s = Session::new(&model, 256);
+    let mut out = Vec::new();
+    for &id in ids {
+        out.extend_from_slice(s.forward(&[id], false).expect("forward"));
+    }
+    out
+}
+
+/// `n` greedy tokens after `ids`, without stopping at end-of-generation tokens.
+pub fn greedy(file: &GgufFile, ids: &[u32], n: usize) -> Vec<u32> {
+    let model = Model::load(file).expect("model loads");
+    let mut s = Session::new(&model, 256);
+    let mut logits = s.forward(ids, false).expect("forward").to_vec();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = moe_runtime::sampling::argmax_logits(&logits);
+        out.push(next);
+        logits = s.forward(&[next], false).expect("forward").to_vec();
+    }
+    out
+}
+
+/// Largest |a - b| over the largest |b|, per row of `vocab` values; returns the worst row.
+pub fn max_rel_diff(a: &[f32], b: &[f32], vocab: usize) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.chunks(vocab)
+        .zip(b.chunks(vocab))
+        .map(|(ra, rb)| {
+            let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            ra.iter()
+                .zip(rb)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+                / scale
+        })
+        .fold(0f32, f32::max)
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    (dot / (na * nb)) as f32
+}
