@@ -115,3 +115,26 @@ fn embedded_tokenizer_matches_transformers() {
         );
     }
 }
+
+/// Files without the embedded tokenizer.json (as llama.cpp's converter writes them) get a
+/// tokenizer rebuilt from `tokenizer.ggml.*` that encodes the same ids.
+#[test]
+fn tokenizer_rebuilt_from_ggml_vocab_matches() {
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(GgmlType::Q8_0);
+        let stripped = conv.path.with_extension("stripped.gguf");
+        moe_e2e::rewrite_gguf(&conv.path, &stripped, |k| k != "tokenizer.huggingface.json");
+        let file = moe_runtime::gguf::GgufFile::open(&stripped).unwrap();
+        assert!(file.header().get("tokenizer.huggingface.json").is_none());
+        let tok = Tokenizer::from_gguf(file.header()).expect("rebuilt tokenizer");
+        for case in &fx.expected.prompts {
+            let ids = tok.encode(&case.text, true).unwrap();
+            assert_eq!(ids, case.ids, "{name}: {:?}", case.text);
+            assert_eq!(
+                tok.decode(&ids, true).unwrap().trim_start(),
+                case.text.trim_start()
+            );
+        }
+    }
+}

@@ -136,3 +136,31 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     (dot / (na * nb)) as f32
 }
+
+/// Copies a GGUF file, keeping only the metadata `keep` accepts (tensors unchanged).
+pub fn rewrite_gguf(src: &Path, dst: &Path, keep: impl Fn(&str) -> bool) {
+    use moe_runtime::gguf::{GgufWriter, TensorDecl};
+    let file = GgufFile::open(src).expect("source opens");
+    let h = file.header();
+    let meta: Vec<_> = h
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k != "general.alignment" && keep(k))
+        .cloned()
+        .collect();
+    let decls = h
+        .tensors()
+        .iter()
+        .map(|t| TensorDecl {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+        })
+        .collect();
+    let out = std::fs::File::create(dst).expect("create");
+    let mut w = GgufWriter::begin(out, &meta, decls, h.alignment as u32).expect("header");
+    for t in h.tensors() {
+        w.write_tensor_data(file.tensor_bytes(t)).expect("data");
+    }
+    w.finish().expect("finish");
+}

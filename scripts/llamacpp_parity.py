@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Check that GGUF files written by moe-convert load and run correctly in llama.cpp.
+
+For every prompt in tests/fixtures/<fixture>/expected.json the GGUF is run in
+llama.cpp (through the llama-cpp-python bindings) and compared with the
+transformers reference:
+
+  rel      max |llama.cpp logit - transformers logit| / max |transformers logit|
+  top1     fraction of prompt positions whose argmax agrees
+  greedy   llama.cpp's 16-token greedy continuation (argmax, no EOS stop) == greedy_ids
+
+Usage:
+  python scripts/llamacpp_parity.py /tmp/out                 # folder of <fixture>.gguf
+  python scripts/llamacpp_parity.py a.gguf qwen3_moe_q8_0.gguf  # explicit files
+
+A file maps to the fixture whose name is its stem, or the longest fixture name
+that prefixes the stem followed by "_" (qwen3_moe_q8_0.gguf -> qwen3_moe).
+Files with float tensors only (f32/f16/bf16) must pass (rel <= --tol, or
+--half-tol for f16/bf16 files; top1 = 100%; greedy equal) or the script exits 1.
+Quantized files are reported only. Fixtures listed in KNOWN_UNSUPPORTED may
+fail to load without failing the run; their llama.cpp error is still printed.
+
+The bindings load libllama from LLAMA_CPP_LIB_PATH when set, so a llama.cpp
+built elsewhere can be used with a pure-Python install of llama-cpp-python:
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install llama-cpp-python
+  LLAMA_CPP_LIB_PATH=/path/to/llama.cpp/build/bin python scripts/llamacpp_parity.py ...
+"""
+import argparse
+import ctypes
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+
+# Fixtures whose model shape llama.cpp cannot represent (not converter bugs).
+KNOWN_UNSUPPORTED = {
+    "qwen2_moe": "dense MLP layer (mlp_only_layers / decoder_sparse_step): qwen2moe loader wants experts in every layer",
+    "olmoe": "GQA k_norm (llama.cpp's olmoe wants n_head_kv == n_head) and clip_qkv is ignored by llama.cpp's olmoe graph",
+}
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+GGML_TYPE_F32 = 0
+WARN, ERROR, CONT = 3, 4, 5  # ggml_log_level (ggml.h)
+
+
+def tensor_types(path):
+    from gguf import GGUFReader
+    return {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def fixture_for(path, names):
+    stem = path.stem
+    if stem in names:
+        return stem
+    prefixes = [n for n in names if stem.startswith(n + "_")]
+    return max(prefixes, key=len) if prefixes else None
+
+
+def run_file(llama_cpp, path, exp, fixture_dir, log):
+    """Returns a list of per-prompt result dicts, or raises RuntimeError with llama.cpp's error."""
+    log.clear()
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, n_batch=256,
+                              type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
+    except Exception as e:  # llama.cpp's reason is in its log, the exception only says "Failed to load"
+        errors = [m.strip() for lvl, m in log if lvl == ERROR] or [str(e)]
+        raise RuntimeError(" | ".join(errors)) from None
+    warnings = [m.strip() for lvl, m in log if lvl == WARN]
+    results = []
+    for p in exp["prompts"]:
+        ids = p["ids"]
+        ref = np.load(fixture_dir / p["logits_file"]).astype(np.float32)
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        greedy = []
+        for _ in range(len(p["greedy_ids"])):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            greedy.append(tok)
+            llm.eval([tok])
+        results.append({
+            "rel": float(np.abs(got - ref).max() / np.abs(ref).max()),
+            "top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+            "greedy": greedy == p["greedy_ids"],
+            "n": len(ids),
+        })
+    llm.close()
+    return results, warnings
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", type=Path, help="folder with <fixture>.gguf files, or .gguf paths")
+    ap.add_argument("--fixtures", type=Path, default=FIXTURES)
+    ap.add_argument("--tol", type=float, default=1e-4, help="max rel diff for f32 files")
+    ap.add_argument("--half-tol", type=float, default=2e-2, help="max rel diff for files with f16/bf16 tensors")
+    args = ap.parse_args()
+
+    try:
+        import llama_cpp
+    except (ImportError, OSError, FileNotFoundError) as e:  # no package, or no libllama found
+        print(f"skipped: llama_cpp not installed ({type(e).__name__}: {e})")
+        return 0
+
+    log = []  # (ggml log level, message) of the current file, filled by llama.cpp
+
+    @llama_cpp.llama_log_callback
+    def on_log(level, text, _user):
+        msg = text.decode("utf-8", "replace")
+        if level == CONT and log:
+            log[-1] = (log[-1][0], log[-1][1] + msg)
+        else:
+            log.append((level, msg))
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+
+    files = []
+    for p in args.paths:
+        files += sorted(p.glob("*.gguf")) if p.is_dir() else [p]
+    names = sorted(d.name for d in args.fixtures.iterdir() if (d / "expected.json").is_file())
+
+    failed = []
+    print(f"{'file':<26} {'fixture':<20} {'types':<10} {'prompt':>6} {'rel diff':>10} {'top1':>6} {'greedy':>6}  verdict")
+    for path in files:
+        fx = fixture_for(path, names)
+        if fx is None:
+            print(f"{path.name:<26} no matching fixture, skipped")
+            continue
+        types = tensor_types(path)
+        quantized = not types <= FLOAT_TYPES
+        tol = args.tol if types <= {"F32"} else args.half_tol
+        kind = "quant" if quantized else "/".join(sorted(t.lower() for t in types))
+        exp = json.loads((args.fixtures / fx / "expected.json").read_text())
+        try:
+            results, warnings = run_file(llama_cpp, path, exp, args.fixtures / fx, log)
+        except RuntimeError as e:
+            known = KNOWN_UNSUPPORTED.get(fx)
+            verdict = f"LOAD FAILED (known: {known})" if known else "LOAD FAILED"
+            print(f"{path.name:<26} {fx:<20} {kind:<10} {'-':>6} {'-':>10} {'-':>6} {'-':>6}  {verdict}\n    llama.cpp: {e}")
+            if not known:
+                failed.append(path.name)
+            continue
+        for i, r in enumerate(results):
+            ok = r["rel"] <= tol and r["top1"] == 1.0 and r["greedy"]
+            verdict = "ok" if ok else ("differs (quantized, informational)" if quantized else "MISMATCH")
+            if not ok and not quantized and path.name not in failed:
+                failed.append(path.name)
+            print(f"{path.name:<26} {fx:<20} {kind:<10} {i:>6} {r['rel']:>10.2e} {r['top1']:>6.0%} "
+                  f"{'yes' if r['greedy'] else 'no':>6}  {verdict}")
+        for w in warnings:
+            print(f"    llama.cpp warning: {w}")
+
+    print(f"\n{len(files) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
