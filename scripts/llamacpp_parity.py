@@ -14,7 +14,8 @@ Usage:
   python scripts/llamacpp_parity.py a.gguf qwen3_moe_q8_0.gguf  # explicit files
 
 A file maps to the fixture whose name is its stem, or the longest fixture name
-that prefixes the stem followed by "_" (qwen3_moe_q8_0.gguf -> qwen3_moe).
+that prefixes the stem followed by "_", "-" or "." (qwen3_moe_q8_0.gguf ->
+qwen3_moe; name a bf16 conversion qwen3_moe.bf16.gguf, since qwen3_moe_bf16 is a fixture).
 Files with float tensors only (f32/f16/bf16) must pass (rel <= --tol, or
 --half-tol for f16/bf16 files; top1 = 100%; greedy equal) or the script exits 1.
 Quantized files are reported only. Fixtures listed in KNOWN_UNSUPPORTED may
@@ -54,7 +55,7 @@ def fixture_for(path, names):
     stem = path.stem
     if stem in names:
         return stem
-    prefixes = [n for n in names if stem.startswith(n + "_")]
+    prefixes = [n for n in names if any(stem.startswith(n + sep) for sep in "_-.")]
     return max(prefixes, key=len) if prefixes else None
 
 

@@ -128,7 +128,8 @@ impl Checkpoint {
     /// Appends the tensor's values as f32 to `out`.
     pub fn read_f32_into(&self, name: &str, out: &mut Vec<f32>) -> Result<(), ConvertError> {
         let info = self.info(name)?;
-        let bytes = &self.shards[info.file].1[info.range.clone()];
+        let map = &self.shards[info.file].1;
+        let bytes = &map[info.range.clone()];
         match info.dtype {
             SourceDtype::F32 => out.extend(
                 bytes
@@ -146,6 +147,7 @@ impl Checkpoint {
                     .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             ),
         }
+        release_pages(map, info.range.clone());
         Ok(())
     }
 
@@ -180,6 +182,23 @@ impl Checkpoint {
                 .map(Some)
                 .map_err(|e| ConvertError::Input(format!("{file}: invalid JSON: {e}"))),
         }
+    }
+}
+
+/// Drops the whole pages of `range` from this process's resident set once a tensor has been
+/// read, so converting a checkpoint larger than RAM keeps a small footprint (the pages stay in
+/// the kernel's page cache and are re-read if touched again).
+fn release_pages(map: &memmap2::Mmap, range: Range<usize>) {
+    const PAGE: usize = 4096;
+    let start = range.start.div_ceil(PAGE) * PAGE;
+    let end = range.end / PAGE * PAGE;
+    if end > start {
+        // SAFETY: the map is a read-only, shared file mapping; MADV_DONTNEED only discards this
+        // process's page table entries, and later reads fault the same file data back in.
+        // No reference into the range is held across this call.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
     }
 }
 

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Writes a benchmark-sized random-weight Qwen3-MoE checkpoint as a real Hugging Face folder.
+
+Shape (the project's benchmark model): hidden 1024, 24 layers, 16 heads / 4 KV heads of dim 64,
+64 experts with top-8, expert FFN 384, vocab 32000. Weights are random (seeded), so routing is
+unrealistic: use it for speed in the resident case, not for caching studies. bf16 on disk by
+default (about 3.9 GB), written layer by layer into shards so memory stays small.
+
+    python3 scripts/make_bench_checkpoint.py OUT_DIR [--dtype bf16|f32] [--layers 24]
+"""
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+from safetensors.numpy import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURE_TOKENIZER = os.path.join(HERE, "..", "tests", "fixtures", "qwen3_moe")
+
+
+def bf16_bits(a):
+    """float32 -> bfloat16 bit patterns (round to nearest even), as uint16."""
+    u = a.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    d, n_head, n_kv, hd, n_exp, top_k, ff, vocab = 1024, 16, 4, 64, 64, 8, 384, 32000
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_size": d,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": hd,
+        "num_experts": n_exp,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": ff,
+        "intermediate_size": 3072,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16" if args.dtype == "bf16" else "float32",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+    def tensor(shape, std):
+        a = rng.standard_normal(shape, dtype=np.float32) * std
+        return bf16_bits(a) if args.dtype == "bf16" else a
+
+    weight_map = {}
+    shard_names = []
+
+    def write(name, tensors):
+        # safetensors.numpy has no bfloat16 dtype: store the bits as uint16 and patch the header.
+        path = os.path.join(args.out, name)
+        save_file(tensors, path)
+        if args.dtype == "bf16":
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = f.read(n).decode().replace('"U16"', '"BF16"').encode()
+                data = f.read()
+            header += b" " * (-len(header) % 8)
+            with open(path, "wb") as f:
+                f.write(len(header).to_bytes(8, "little") + header + data)
+        shard_names.append(name)
+        for k in tensors:
+            weight_map[k] = name
+
+    def ones(n):
+        a = np.ones(n, np.float32)
+        return bf16_bits(a) if args.dtype == "bf16" else a
+
+    std = 0.02
+    write("model-embed.safetensors", {
+        "model.embed_tokens.weight": tensor((vocab, d), std),
+        "model.norm.weight": ones(d),
+        "lm_head.weight": tensor((vocab, d), std),
+    })
+    for l in range(args.layers):
+        p = f"model.layers.{l}"
+        t = {
+            f"{p}.input_layernorm.weight": ones(d),
+            f"{p}.post_attention_layernorm.weight": ones(d),
+            f"{p}.self_attn.q_proj.weight": tensor((n_head * hd, d), std),
+            f"{p}.self_attn.k_proj.weight": tensor((n_kv * hd, d), std),
+            f"{p}.self_attn.v_proj.weight": tensor((n_kv * hd, d), std),
+            f"{p}.self_attn.o_proj.weight": tensor((d, n_head * hd), std),
+            f"{p}.self_attn.q_norm.weight": ones(hd),
+            f"{p}.self_attn.k_norm.weight": ones(hd),
+            f"{p}.mlp.gate.weight": tensor((n_exp, d), std),
+        }
+        for e in range(n_exp):
+            t[f"{p}.mlp.experts.{e}.gate_proj.weight"] = tensor((ff, d), std)
+            t[f"{p}.mlp.experts.{e}.up_proj.weight"] = tensor((ff, d), std)
+            t[f"{p}.mlp.experts.{e}.down_proj.weight"] = tensor((d, ff), std)
+        write(f"model-layer-{l:03d}.safetensors", t)
+        print(f"layer {l + 1}/{args.layers}", flush=True)
+    with open(os.path.join(args.out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
+        shutil.copy(os.path.join(FIXTURE_TOKENIZER, name), os.path.join(args.out, name))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
