@@ -4,12 +4,14 @@
 
 use rayon::prelude::*;
 
+use crate::moe::experts::{run_experts, ExpertJob, ExpertScratch};
 use crate::moe::router::{route, Route};
+use crate::tensor::matrix::{multi_matmul, Activations};
 use crate::tensor::{matmul, Kernels, MatmulScratch};
 
 use super::arch::{QkNorm, RopeStyle};
 use super::kv_cache::KvCache;
-use super::weights::{Attention, Ffn, Mlp, Model, MoeBlock};
+use super::weights::{Attention, Ffn, Mlp, Model};
 use super::ModelError;
 
 /// Buffers reused across calls, grown to the largest batch seen.
@@ -23,12 +25,13 @@ struct Scratch {
     attn: Vec<f32>,
     proj: Vec<f32>,
     ffn_out: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    expert_in: Vec<f32>,
-    expert_out: Vec<f32>,
+    /// The normalised FFN input, prepared once for every expert.
+    ffn_in: Activations,
     router_logits: Vec<f32>,
     routes: Vec<Route>,
+    /// Per expert (and one more for a shared expert or dense MLP): (token, weight) pairs.
+    assigned: Vec<Vec<(u32, f32)>>,
+    experts: ExpertScratch,
     logits: Vec<f32>,
     mm: MatmulScratch,
 }
@@ -139,15 +142,8 @@ impl<'m, 'a> Session<'m, 'a> {
             rms_norm_rows(&s.x, &layer.ffn_norm, hp.norm_eps, &mut s.xn, k);
             s.ffn_out.clear();
             s.ffn_out.resize(n * d, 0.0);
-            match &layer.ffn {
-                Ffn::Dense(mlp) => {
-                    let (xn, mut out) = (std::mem::take(&mut s.xn), std::mem::take(&mut s.ffn_out));
-                    run_mlp(k, mlp, &xn, n, &mut out, s);
-                    s.xn = xn;
-                    s.ffn_out = out;
-                }
-                Ffn::Moe(moe) => moe_block(k, hp, moe, n, s),
-            }
+            s.ffn_in.prepare(k, &s.xn, n, d);
+            feed_forward(k, hp, &layer.ffn, n, s);
             add_scaled(&mut s.x, &s.ffn_out, hp.residual_scale);
         }
 
@@ -188,9 +184,14 @@ impl<'m, 'a> Session<'m, 'a> {
         s.q.resize(n * hq * dk, 0.0);
         s.k.resize(n * hkv * dk, 0.0);
         s.v.resize(n * hkv * dv, 0.0);
-        matmul(k, &a.wq, &s.xn, n, &mut s.q, &mut s.mm);
-        matmul(k, &a.wk, &s.xn, n, &mut s.k, &mut s.mm);
-        matmul(k, &a.wv, &s.xn, n, &mut s.v, &mut s.mm);
+        multi_matmul(
+            k,
+            &[a.wq, a.wk, a.wv],
+            &s.xn,
+            n,
+            &mut [&mut s.q, &mut s.k, &mut s.v],
+            &mut s.mm,
+        );
         add_bias_rows(&mut s.q, a.bq.as_deref());
         add_bias_rows(&mut s.k, a.bk.as_deref());
         add_bias_rows(&mut s.v, a.bv.as_deref());
@@ -273,103 +274,75 @@ impl<'m, 'a> Session<'m, 'a> {
     }
 }
 
-/// The MoE feed-forward of the batch in `s.xn`, accumulated into `s.ffn_out`.
-///
-/// Tokens are grouped by expert so each selected expert's weights are read once per batch.
-fn moe_block(k: &Kernels, hp: &super::HParams, moe: &MoeBlock, n: usize, s: &mut Scratch) {
-    let d = hp.n_embd;
+/// The feed-forward block of the batch in `s.ffn_in`, accumulated into `s.ffn_out`: a dense
+/// MLP, or routed experts plus an optional shared expert.
+fn feed_forward(k: &Kernels, hp: &super::HParams, ffn: &Ffn, n: usize, s: &mut Scratch) {
     let n_expert = hp.n_expert;
-    s.router_logits.resize(n * n_expert, 0.0);
-    matmul(k, &moe.router, &s.xn, n, &mut s.router_logits, &mut s.mm);
-    s.routes.clear();
-    for t in 0..n {
-        s.routes.push(route(
-            &s.router_logits[t * n_expert..(t + 1) * n_expert],
-            hp.n_expert_used,
-            hp.norm_topk,
-        ));
-    }
-
-    let xn = std::mem::take(&mut s.xn);
-    let mut out = std::mem::take(&mut s.ffn_out);
-    // Experts in index order, each over the tokens that chose it (fixed summation order).
-    for e in 0..n_expert {
-        s.expert_in.clear();
-        let mut count = 0;
-        for (t, r) in s.routes.iter().enumerate() {
-            if r.weight_of(e).is_some() {
-                s.expert_in.extend_from_slice(&xn[t * d..(t + 1) * d]);
-                count += 1;
-            }
+    s.assigned.resize_with(n_expert + 1, Vec::new);
+    s.assigned.iter_mut().for_each(Vec::clear);
+    let mut jobs = Vec::new();
+    match ffn {
+        Ffn::Dense(mlp) => {
+            s.assigned[n_expert].extend((0..n as u32).map(|t| (t, 1.0)));
+            jobs.push(ExpertJob {
+                mlp: *mlp,
+                tokens: &s.assigned[n_expert],
+            });
         }
-        if count == 0 {
-            continue;
-        }
-        let mlp = Mlp {
-            gate: moe.experts.gate.expert(e),
-            up: moe.experts.up.expert(e),
-            down: moe.experts.down.expert(e),
-        };
-        let input = std::mem::take(&mut s.expert_in);
-        let mut y = std::mem::take(&mut s.expert_out);
-        y.clear();
-        y.resize(count * d, 0.0);
-        run_mlp(k, &mlp, &input, count, &mut y, s);
-        let mut i = 0;
-        for (t, r) in s.routes.iter().enumerate() {
-            if let Some(w) = r.weight_of(e) {
-                for (o, &v) in out[t * d..(t + 1) * d]
-                    .iter_mut()
-                    .zip(&y[i * d..(i + 1) * d])
-                {
-                    *o += w * v;
+        Ffn::Moe(moe) => {
+            s.router_logits.resize(n * n_expert, 0.0);
+            matmul(
+                k,
+                &moe.router,
+                &s.ffn_in.x,
+                n,
+                &mut s.router_logits,
+                &mut s.mm,
+            );
+            s.routes.clear();
+            for t in 0..n {
+                let r = route(
+                    &s.router_logits[t * n_expert..(t + 1) * n_expert],
+                    hp.n_expert_used,
+                    hp.norm_topk,
+                );
+                for (&e, &w) in r.experts.iter().zip(&r.weights) {
+                    s.assigned[e as usize].push((t as u32, w));
                 }
-                i += 1;
+                s.routes.push(r);
+            }
+            if let Some(shared) = &moe.shared {
+                for t in 0..n {
+                    let scale = match &shared.gate {
+                        // Qwen2-MoE: sigmoid(gate . x) scales the shared expert.
+                        Some(g) => sigmoid((k.dot_f32)(g, s.ffn_in.row(t).0)),
+                        None => 1.0,
+                    };
+                    s.assigned[n_expert].push((t as u32, scale));
+                }
+            }
+            // Routed experts in index order, then the shared expert: a fixed summation order.
+            for (e, tokens) in s.assigned[..n_expert].iter().enumerate() {
+                if !tokens.is_empty() {
+                    jobs.push(ExpertJob {
+                        mlp: Mlp {
+                            gate: moe.experts.gate.expert(e),
+                            up: moe.experts.up.expert(e),
+                            down: moe.experts.down.expert(e),
+                        },
+                        tokens,
+                    });
+                }
+            }
+            if let Some(shared) = &moe.shared {
+                jobs.push(ExpertJob {
+                    mlp: shared.mlp,
+                    tokens: &s.assigned[n_expert],
+                });
             }
         }
-        s.expert_in = input;
-        s.expert_out = y;
     }
-
-    if let Some(shared) = &moe.shared {
-        let mut y = std::mem::take(&mut s.expert_out);
-        y.clear();
-        y.resize(n * d, 0.0);
-        run_mlp(k, &shared.mlp, &xn, n, &mut y, s);
-        for t in 0..n {
-            let scale = match &shared.gate {
-                Some(g) => sigmoid((k.dot_f32)(g, &xn[t * d..(t + 1) * d])),
-                None => 1.0,
-            };
-            for (o, &v) in out[t * d..(t + 1) * d]
-                .iter_mut()
-                .zip(&y[t * d..(t + 1) * d])
-            {
-                *o += scale * v;
-            }
-        }
-        s.expert_out = y;
-    }
-    s.xn = xn;
-    s.ffn_out = out;
-}
-
-/// `out = down(silu(gate x) * up x)` for `n` rows of `x`.
-fn run_mlp(k: &Kernels, mlp: &Mlp, x: &[f32], n: usize, out: &mut [f32], s: &mut Scratch) {
-    let ff = mlp.gate.rows;
-    s.gate.resize(n * ff, 0.0);
-    s.up.resize(n * ff, 0.0);
-    matmul(k, &mlp.gate, x, n, &mut s.gate, &mut s.mm);
-    matmul(k, &mlp.up, x, n, &mut s.up, &mut s.mm);
-    for (g, u) in s.gate.iter_mut().zip(&s.up) {
-        *g = silu(*g) * u;
-    }
-    matmul(k, &mlp.down, &s.gate, n, out, &mut s.mm);
-}
-
-#[inline]
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out, &mut s.experts);
 }
 
 #[inline]

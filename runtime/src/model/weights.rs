@@ -36,6 +36,7 @@ impl<'a> StackedExperts<'a> {
 }
 
 /// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+#[derive(Clone, Copy)]
 pub struct Mlp<'a> {
     pub gate: QMatrix<'a>,
     pub up: QMatrix<'a>,

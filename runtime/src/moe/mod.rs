@@ -1,3 +1,4 @@
-//! Mixture-of-experts routing.
+//! Mixture-of-experts routing and expert execution.
 
+pub mod experts;
 pub mod router;

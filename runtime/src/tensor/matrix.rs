@@ -1,4 +1,4 @@
-//! Weight matrices borrowed from the model file, and the matrix product the model runs on them.
+//! Weight matrices borrowed from the model file, and the matrix products the model runs on them.
 
 use rayon::prelude::*;
 
@@ -32,25 +32,97 @@ impl<'a> QMatrix<'a> {
     }
 }
 
+/// Activation rows prepared for every weight type: the f32 values and, when the row length is a
+/// whole number of blocks, their Q8_0 encoding (what Q8_0/Q4_0 weights are dotted with).
+#[derive(Default)]
+pub struct Activations {
+    pub n: usize,
+    pub cols: usize,
+    pub x: Vec<f32>,
+    pub q8: Vec<u8>,
+}
+
+impl Activations {
+    /// Copies `x` (`[n, cols]`) and quantizes each row.
+    pub fn prepare(&mut self, k: &Kernels, x: &[f32], n: usize, cols: usize) {
+        assert_eq!(x.len(), n * cols, "activation shape");
+        self.n = n;
+        self.cols = cols;
+        self.x.clear();
+        self.x.extend_from_slice(x);
+        self.quantize(k);
+    }
+
+    /// Re-quantizes after `x` was filled in place.
+    pub fn quantize(&mut self, k: &Kernels) {
+        if self.cols % QK == 0 {
+            let rb = self.cols / QK * Q8_0_BYTES;
+            self.q8.resize(self.n * rb, 0);
+            for (xr, qr) in self
+                .x
+                .chunks_exact(self.cols)
+                .zip(self.q8.chunks_exact_mut(rb))
+            {
+                (k.quantize_q8_0)(xr, qr);
+            }
+        } else {
+            self.q8.clear();
+        }
+    }
+
+    pub fn row(&self, t: usize) -> (&[f32], &[u8]) {
+        let x = &self.x[t * self.cols..(t + 1) * self.cols];
+        if self.q8.is_empty() {
+            return (x, &[]);
+        }
+        let rb = self.cols / QK * Q8_0_BYTES;
+        (x, &self.q8[t * rb..(t + 1) * rb])
+    }
+}
+
+/// Dot product of weight row `r` with one activation row (`x` as f32, `xq` as Q8_0).
+/// `buf` is scratch for types without an integer kernel yet.
+#[inline]
+pub fn dot_row(
+    k: &Kernels,
+    w: &QMatrix,
+    r: usize,
+    x: &[f32],
+    xq: &[u8],
+    buf: &mut Vec<f32>,
+) -> f32 {
+    let wr = w.row(r);
+    match w.ty {
+        GgmlType::F32 => match bytemuck::try_cast_slice::<u8, f32>(wr) {
+            // Tensors start on aligned offsets, so the cast succeeds; decode if it ever doesn't.
+            Ok(wf) => (k.dot_f32)(wf, x),
+            Err(_) => {
+                buf.resize(w.cols, 0.0);
+                dequantize(GgmlType::F32, wr, buf);
+                (k.dot_f32)(buf, x)
+            }
+        },
+        GgmlType::F16 => (k.dot_f16)(wr, x),
+        GgmlType::BF16 => (k.dot_bf16)(wr, x),
+        GgmlType::Q8_0 => (k.dot_q8_0_q8_0)(wr, xq),
+        GgmlType::Q4_0 => (k.dot_q4_0_q8_0)(wr, xq),
+        GgmlType::Q4K | GgmlType::Q6K => {
+            buf.resize(w.cols, 0.0);
+            dequantize(w.ty, wr, buf);
+            (k.dot_f32)(buf, x)
+        }
+    }
+}
+
 /// Reusable buffers for [`matmul`], so steady-state decoding allocates nothing.
 #[derive(Default)]
 pub struct MatmulScratch {
-    /// Activations quantized to Q8_0, `n` rows.
-    q8: Vec<u8>,
+    acts: Activations,
     /// Results in `[rows, n]` order while threads fill disjoint row ranges.
     transposed: Vec<f32>,
 }
 
-/// How activations are presented to a weight type's dot product.
-fn wants_q8_activations(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0)
-}
-
 /// `out[t, r] = sum_c w[r, c] * x[t, c]` for `n` tokens: `x` is `[n, cols]`, `out` is `[n, rows]`.
-///
-/// Threads split the weight rows, and each weight row is dotted with all `n` activations while it
-/// is hot in cache, so a batch reads the weights once. Each output value is computed by one thread
-/// in a fixed order, so results do not depend on the thread count.
 pub fn matmul(
     k: &Kernels,
     w: &QMatrix,
@@ -59,104 +131,79 @@ pub fn matmul(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) {
-    let (rows, cols) = (w.rows, w.cols);
-    assert_eq!(x.len(), n * cols, "activation shape");
-    assert_eq!(out.len(), n * rows, "output shape");
-    if n == 0 {
+    multi_matmul(k, &[*w], x, n, &mut [out], scratch);
+}
+
+/// Several products of the same activations (`x` is `[n, cols]`), e.g. the q, k and v
+/// projections, in one parallel pass: `outs[i]` is `[n, mats[i].rows]`.
+///
+/// Threads split the weight rows, and each weight row is dotted with all `n` activations while it
+/// is hot in cache, so a batch reads the weights once. Each output value is computed by one thread
+/// in a fixed order, so results do not depend on the thread count.
+pub fn multi_matmul(
+    k: &Kernels,
+    mats: &[QMatrix],
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+    scratch: &mut MatmulScratch,
+) {
+    assert_eq!(mats.len(), outs.len());
+    if n == 0 || mats.is_empty() {
         return;
     }
-    let q8_row = cols / QK * Q8_0_BYTES;
-    if wants_q8_activations(w.ty) {
-        scratch.q8.resize(n * q8_row, 0);
-        for (xr, qr) in x
-            .chunks_exact(cols)
-            .zip(scratch.q8.chunks_exact_mut(q8_row))
-        {
-            (k.quantize_q8_0)(xr, qr);
-        }
+    let cols = mats[0].cols;
+    for (m, o) in mats.iter().zip(outs.iter()) {
+        assert_eq!(m.cols, cols, "all matrices share the activation width");
+        assert_eq!(o.len(), n * m.rows, "output shape");
     }
-    let q8 = &scratch.q8[..];
-
-    let dot_row = |r: usize, dst: &mut [f32], row_buf: &mut Vec<f32>| {
-        let wr = w.row(r);
-        match w.ty {
-            GgmlType::F32 => {
-                // Tensors start on aligned offsets, so the cast succeeds; decode if it ever doesn't.
-                let wf: &[f32] = match bytemuck::try_cast_slice(wr) {
-                    Ok(wf) => wf,
-                    Err(_) => {
-                        row_buf.resize(cols, 0.0);
-                        dequantize(GgmlType::F32, wr, row_buf);
-                        row_buf
-                    }
-                };
-                for (t, d) in dst.iter_mut().enumerate() {
-                    *d = (k.dot_f32)(wf, &x[t * cols..(t + 1) * cols]);
-                }
+    scratch.acts.prepare(k, x, n, cols);
+    let acts = &scratch.acts;
+    let total_rows: usize = mats.iter().map(|m| m.rows).sum();
+    scratch.transposed.resize(total_rows * n, 0.0);
+    let chunk = rows_per_task(total_rows);
+    // Global row g belongs to the matrix whose row range contains it.
+    let locate = |g: usize| {
+        let mut start = 0;
+        for (i, m) in mats.iter().enumerate() {
+            if g < start + m.rows {
+                return (i, g - start);
             }
-            GgmlType::F16 => {
-                for (t, d) in dst.iter_mut().enumerate() {
-                    *d = (k.dot_f16)(wr, &x[t * cols..(t + 1) * cols]);
-                }
-            }
-            GgmlType::BF16 => {
-                for (t, d) in dst.iter_mut().enumerate() {
-                    *d = (k.dot_bf16)(wr, &x[t * cols..(t + 1) * cols]);
-                }
-            }
-            GgmlType::Q8_0 => {
-                for (t, d) in dst.iter_mut().enumerate() {
-                    *d = (k.dot_q8_0_q8_0)(wr, &q8[t * q8_row..(t + 1) * q8_row]);
-                }
-            }
-            GgmlType::Q4_0 => {
-                for (t, d) in dst.iter_mut().enumerate() {
-                    *d = (k.dot_q4_0_q8_0)(wr, &q8[t * q8_row..(t + 1) * q8_row]);
-                }
-            }
-            GgmlType::Q4K | GgmlType::Q6K => {
-                row_buf.resize(cols, 0.0);
-                dequantize(w.ty, wr, row_buf);
-                for (t, d) in dst.iter_mut().enumerate() {
-                    *d = (k.dot_f32)(row_buf, &x[t * cols..(t + 1) * cols]);
-                }
-            }
+            start += m.rows;
         }
+        unreachable!("row {g} beyond {total_rows}")
     };
-
-    if n == 1 {
-        // Decode: results are already in output order.
-        let chunk = rows_per_task(rows);
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each_init(Vec::new, |buf, (ci, dst)| {
-                for (i, d) in dst.chunks_exact_mut(1).enumerate() {
-                    dot_row(ci * chunk + i, d, buf);
-                }
-            });
-        return;
-    }
-
-    scratch.transposed.resize(rows * n, 0.0);
-    let chunk = rows_per_task(rows);
     scratch
         .transposed
         .par_chunks_mut(chunk * n)
         .enumerate()
         .for_each_init(Vec::new, |buf, (ci, dst)| {
             for (i, d) in dst.chunks_exact_mut(n).enumerate() {
-                dot_row(ci * chunk + i, d, buf);
+                let (mi, r) = locate(ci * chunk + i);
+                for (t, v) in d.iter_mut().enumerate() {
+                    let (xr, xq) = acts.row(t);
+                    *v = dot_row(k, &mats[mi], r, xr, xq, buf);
+                }
             }
         });
-    for (r, vals) in scratch.transposed.chunks_exact(n).enumerate() {
-        for (t, &v) in vals.iter().enumerate() {
-            out[t * rows + r] = v;
+    let mut start = 0;
+    for (m, o) in mats.iter().zip(outs.iter_mut()) {
+        let block = &scratch.transposed[start * n..(start + m.rows) * n];
+        if n == 1 {
+            o.copy_from_slice(block);
+        } else {
+            for (r, vals) in block.chunks_exact(n).enumerate() {
+                for (t, &v) in vals.iter().enumerate() {
+                    o[t * m.rows + r] = v;
+                }
+            }
         }
+        start += m.rows;
     }
 }
 
 /// Rows per rayon task: enough tasks to balance threads, few enough to keep overhead low.
-fn rows_per_task(rows: usize) -> usize {
+pub fn rows_per_task(rows: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     (rows / (threads * 8)).clamp(4, 256)
 }
@@ -204,6 +251,44 @@ mod tests {
                 );
                 assert_eq!(&batch[t * rows..(t + 1) * rows], &one[..], "{ty} token {t}");
             }
+        }
+    }
+
+    #[test]
+    fn multi_matmul_equals_separate_products() {
+        let k = crate::tensor::kernels::best();
+        let (cols, n) = (64, 3);
+        let shapes = [
+            (16, GgmlType::Q8_0),
+            (8, GgmlType::F32),
+            (8, GgmlType::Q4_0),
+        ];
+        let datas: Vec<Vec<u8>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(rows, ty))| quantize(ty, &random_vec(rows * cols, 20 + i as u64, 1.0)))
+            .collect();
+        let mats: Vec<QMatrix> = shapes
+            .iter()
+            .zip(&datas)
+            .map(|(&(rows, ty), d)| QMatrix {
+                ty,
+                rows,
+                cols,
+                data: d,
+            })
+            .collect();
+        let x = random_vec(n * cols, 3, 1.0);
+        let mut scratch = MatmulScratch::default();
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0.0; n * m.rows]).collect();
+        {
+            let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            multi_matmul(k, &mats, &x, n, &mut refs, &mut scratch);
+        }
+        for (m, o) in mats.iter().zip(&outs) {
+            let mut single = vec![0.0; n * m.rows];
+            matmul(k, m, &x, n, &mut single, &mut scratch);
+            assert_eq!(&single, o);
         }
     }
 }

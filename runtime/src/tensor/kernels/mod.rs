@@ -1,6 +1,8 @@
 //! Dot-product kernels behind one function table. `scalar` is the reference; SIMD tables are
 //! chosen at run time from the CPU's features and tested against it.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod scalar;
 
 use std::sync::OnceLock;
@@ -30,10 +32,20 @@ pub static SCALAR: Kernels = Kernels {
     quantize_q8_0: quantize_row_q8_0,
 };
 
-/// The fastest table this CPU supports, detected once.
+/// The fastest table this CPU supports, detected once. `MOE_EDGE_SCALAR=1` forces the scalar
+/// reference (for comparisons).
 pub fn best() -> &'static Kernels {
     static BEST: OnceLock<&'static Kernels> = OnceLock::new();
-    BEST.get_or_init(|| &SCALAR)
+    BEST.get_or_init(|| {
+        if std::env::var_os("MOE_EDGE_SCALAR").is_some() {
+            return &SCALAR;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = avx2::table() {
+            return t;
+        }
+        &SCALAR
+    })
 }
 
 #[cfg(test)]
@@ -122,5 +134,22 @@ pub(crate) mod tests {
     fn best_kernels_match_scalar_reference() {
         println!("kernel path: {}", best().name);
         check_table(best());
+    }
+
+    /// Every SIMD table this machine can run agrees with the scalar one on random data.
+    #[test]
+    fn simd_tables_agree_with_scalar() {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = avx2::table() {
+            println!("testing {}", t.name);
+            check_table(t);
+            for n in [32usize, 64, 1024] {
+                let w = random_vec(n, 5, 1.0);
+                let x = random_vec(n, 6, 1.0);
+                let a = (t.dot_f32)(&w, &x);
+                let b = (SCALAR.dot_f32)(&w, &x);
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()));
+            }
+        }
     }
 }

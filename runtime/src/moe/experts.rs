@@ -1,0 +1,126 @@
+//! Running experts over a batch: every expert (or dense MLP) that some token selected runs once
+//! over all of its tokens, so its weights are read once per batch, not once per token.
+//!
+//! Two parallel passes: gate/up for all jobs (threads split the jobs' rows), then down (threads
+//! split the output rows, each output value summing its tokens' experts in job order). Every
+//! value is computed by one thread in a fixed order: results do not depend on the thread count.
+
+use rayon::prelude::*;
+
+use crate::model::Mlp;
+use crate::tensor::matrix::{dot_row, rows_per_task, Activations};
+use crate::tensor::Kernels;
+
+/// One expert's share of a batch: its matrices and the (token, weight) pairs that chose it.
+pub struct ExpertJob<'w, 'j> {
+    pub mlp: Mlp<'w>,
+    pub tokens: &'j [(u32, f32)],
+}
+
+#[derive(Default)]
+pub struct ExpertScratch {
+    /// Per job, `[ff, m]`: silu(gate x) * up x for its m tokens, row by row.
+    hidden_t: Vec<f32>,
+    /// Per job, the hidden rows token by token, prepared for the down projection.
+    hidden: Vec<Activations>,
+    /// `[d, n]` accumulated down-projection outputs.
+    out_t: Vec<f32>,
+}
+
+/// `out[t] += sum over jobs j containing t of w_tj * down_j(silu(gate_j x_t) * up_j x_t)`.
+/// `x` holds the batch's `n` input rows; `out` is `[n, d]`.
+pub fn run_experts(
+    k: &Kernels,
+    jobs: &[ExpertJob],
+    x: &Activations,
+    out: &mut [f32],
+    s: &mut ExpertScratch,
+) {
+    let n = x.n;
+    let d = out.len() / n.max(1);
+    if jobs.is_empty() || n == 0 {
+        return;
+    }
+
+    // Pass 1: gate/up. Split the hidden buffer into per-job blocks, then into row chunks.
+    let sizes: Vec<usize> = jobs
+        .iter()
+        .map(|j| j.mlp.gate.rows * j.tokens.len())
+        .collect();
+    s.hidden_t.resize(sizes.iter().sum(), 0.0);
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    let mut rest: &mut [f32] = &mut s.hidden_t;
+    for (ji, job) in jobs.iter().enumerate() {
+        let (block, tail) = rest.split_at_mut(sizes[ji]);
+        rest = tail;
+        let m = job.tokens.len();
+        if m == 0 {
+            continue;
+        }
+        let chunk = rows_per_task(job.mlp.gate.rows * jobs.len()).min(job.mlp.gate.rows);
+        for (ci, c) in block.chunks_mut(chunk * m).enumerate() {
+            tasks.push((ji, ci * chunk, c));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf, (ji, row0, dst)| {
+            let job = &jobs[ji];
+            let m = job.tokens.len();
+            for (i, row) in dst.chunks_exact_mut(m).enumerate() {
+                let r = row0 + i;
+                for (v, &(t, _)) in row.iter_mut().zip(job.tokens) {
+                    let (xr, xq) = x.row(t as usize);
+                    let g = dot_row(k, &job.mlp.gate, r, xr, xq, buf);
+                    let u = dot_row(k, &job.mlp.up, r, xr, xq, buf);
+                    *v = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+        });
+
+    // Hidden rows token-major, quantized for the down projections.
+    if s.hidden.len() < jobs.len() {
+        s.hidden.resize_with(jobs.len(), Activations::default);
+    }
+    let mut start = 0;
+    for (ji, job) in jobs.iter().enumerate() {
+        let (ff, m) = (job.mlp.gate.rows, job.tokens.len());
+        let block = &s.hidden_t[start..start + sizes[ji]];
+        start += sizes[ji];
+        let h = &mut s.hidden[ji];
+        h.n = m;
+        h.cols = ff;
+        h.x.resize(m * ff, 0.0);
+        for (r, vals) in block.chunks_exact(m.max(1)).enumerate() {
+            for (slot, &v) in vals.iter().enumerate() {
+                h.x[slot * ff + r] = v;
+            }
+        }
+        h.quantize(k);
+    }
+
+    // Pass 2: down projections, threads splitting the output rows.
+    s.out_t.clear();
+    s.out_t.resize(d * n, 0.0);
+    let hidden = &s.hidden;
+    let chunk = rows_per_task(d);
+    s.out_t
+        .par_chunks_mut(chunk * n)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (ci, dst)| {
+            for (ji, job) in jobs.iter().enumerate() {
+                for (i, row) in dst.chunks_exact_mut(n).enumerate() {
+                    let r = ci * chunk + i;
+                    for (slot, &(t, w)) in job.tokens.iter().enumerate() {
+                        let (hr, hq) = hidden[ji].row(slot);
+                        row[t as usize] += w * dot_row(k, &job.mlp.down, r, hr, hq, buf);
+                    }
+                }
+            }
+        });
+    for (r, vals) in s.out_t.chunks_exact(n).enumerate() {
+        for (t, &v) in vals.iter().enumerate() {
+            out[t * d + r] += v;
+        }
+    }
+}
