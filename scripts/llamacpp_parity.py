@@ -7,6 +7,7 @@ transformers reference:
 
   rel      max |llama.cpp logit - transformers logit| / max |transformers logit|
   top1     fraction of prompt positions whose argmax agrees
+  cos      worst per-position cosine similarity of the two logit vectors
   greedy   llama.cpp's 16-token greedy continuation (argmax, no EOS stop) == greedy_ids
 
 Usage:
@@ -88,6 +89,7 @@ def run_file(llama_cpp, path, exp, fixture_dir, log):
         results.append({
             "rel": float(np.abs(got - ref).max() / np.abs(ref).max()),
             "top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+            "cos": float(((got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)).min()),
             "greedy": greedy == p["greedy_ids"],
         })
     llm.close()
@@ -126,7 +128,7 @@ def main():
     names = sorted(d.name for d in args.fixtures.iterdir() if (d / "expected.json").is_file())
 
     passed, failed, skipped = [], [], []
-    print(f"{'file':<26} {'fixture':<20} {'types':<10} {'prompt':>6} {'rel diff':>10} {'top1':>6} {'greedy':>6}  verdict")
+    print(f"{'file':<26} {'fixture':<20} {'types':<10} {'prompt':>6} {'rel diff':>10} {'top1':>6} {'cos':>8} {'greedy':>6}  verdict")
     for path in files:
         fx = fixture_for(path, names)
         if fx is None:
@@ -146,7 +148,7 @@ def main():
         except RuntimeError as e:
             needle, reason = KNOWN_UNSUPPORTED.get(fx, (None, None))
             known = needle is not None and needle in str(e)
-            print(f"{path.name:<26} {fx:<20} {kind:<10} {'-':>6} {'-':>10} {'-':>6} {'-':>6}  "
+            print(f"{path.name:<26} {fx:<20} {kind:<10} {'-':>6} {'-':>10} {'-':>6} {'-':>8} {'-':>6}  "
                   + (f"LOAD FAILED, known llama.cpp limitation: {reason}" if known else "LOAD FAILED"))
             print(f"    llama.cpp: {e}")
             (skipped if known else failed).append(path.name)
@@ -156,7 +158,7 @@ def main():
             ok = r["rel"] <= tol and r["top1"] == 1.0 and r["greedy"]
             file_ok &= ok or quantized
             verdict = "ok" if ok else ("differs (quantized: informational)" if quantized else "MISMATCH")
-            print(f"{path.name:<26} {fx:<20} {kind:<10} {i:>6} {r['rel']:>10.2e} {r['top1']:>6.0%} "
+            print(f"{path.name:<26} {fx:<20} {kind:<10} {i:>6} {r['rel']:>10.2e} {r['top1']:>6.0%} {r['cos']:>8.5f} "
                   f"{'yes' if r['greedy'] else 'no':>6}  {verdict}")
         for w in warnings:
             print(f"    llama.cpp warning: {w}")

@@ -79,6 +79,8 @@ MIN_ROUTER_GAP = 1e-3  # softmax prob of k-th minus (k+1)-th expert, every posit
 QSIM_MIN_Q8_AGREEMENT = 1.0  # fraction of positions whose Q8_0 top-1 equals the f32 top-1
 QSIM_MIN_Q8_MARGIN = 0.2  # Q8_0 logit of the f32 top-1 token minus the best other Q8_0 logit
 QSIM_MIN_Q4_COSINE = 0.995  # worst per-position cosine similarity of Q4_0 vs f32 logits
+# The greedy continuations of the prompts must all differ (except GraniteMoE, see make_fixture).
+REQUIRE_DISTINCT_CONTINUATIONS = True
 
 # Weight initialisation (see reinit_weights). Every tensor is drawn from a uniform distribution
 # (PyTorch's default nn.Linear init family) rather than a Gaussian: for the same std, a uniform
@@ -1001,6 +1003,12 @@ def make_fixture(fx: dict, base_tok_json: str, versions: dict, out_root: Path) -
         ok = ev["min_top1_margin"] >= MIN_TOP1_MARGIN and ev["min_router_gap"] >= MIN_ROUTER_GAP
         msg = (f"  [{name}] seed {seed}: min top1 margin {ev['min_top1_margin']:.3f}, "
                f"min router gap {ev['min_router_gap']:.2e}")
+        if ok and REQUIRE_DISTINCT_CONTINUATIONS and fx["arch"] != "granitemoe":
+            # Prompts 1 and 2 both end in "." : the continuation must depend on more than the last token.
+            # (GraniteMoE is exempt: with tied embeddings its top-1 is the current token.)
+            conts = [tuple(p["greedy_ids"]) for p in ev["prompts"]]
+            ok = len(set(conts)) == len(conts)
+            msg += "" if ok else ", identical greedy continuations"
         if ok:
             qs = quant_sim(model, [p["ids"] + p["greedy_ids"][:-1] for p in ev["prompts"]])
             ok = quant_sim_ok(qs)

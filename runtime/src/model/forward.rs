@@ -32,6 +32,9 @@ struct Scratch {
     /// Per expert (and one more for a shared expert or dense MLP): (token, weight) pairs.
     assigned: Vec<Vec<(u32, f32)>>,
     experts: ExpertScratch,
+    /// Bytes of routed-expert weights the batches used (each selected expert counted once per
+    /// batch), since the session started.
+    expert_bytes: u64,
     logits: Vec<f32>,
     mm: MatmulScratch,
 }
@@ -87,6 +90,16 @@ impl<'m, 'a> Session<'m, 'a> {
 
     pub fn n_ctx(&self) -> usize {
         self.kv.n_ctx()
+    }
+
+    /// Bytes of routed-expert weights used since the session started.
+    pub fn expert_bytes_used(&self) -> u64 {
+        self.s.expert_bytes
+    }
+
+    /// Bytes held by the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
     }
 
     /// Forgets the sequence (the cache is kept allocated).
@@ -322,8 +335,12 @@ fn feed_forward(k: &Kernels, hp: &super::HParams, ffn: &Ffn, n: usize, s: &mut S
                 }
             }
             // Routed experts in index order, then the shared expert: a fixed summation order.
+            let slab = moe.experts.gate.slab_bytes()
+                + moe.experts.up.slab_bytes()
+                + moe.experts.down.slab_bytes();
             for (e, tokens) in s.assigned[..n_expert].iter().enumerate() {
                 if !tokens.is_empty() {
+                    s.expert_bytes += slab as u64;
                     jobs.push(ExpertJob {
                         mlp: Mlp {
                             gate: moe.experts.gate.expert(e),

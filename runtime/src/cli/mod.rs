@@ -11,18 +11,36 @@ use crate::model::{Model, Session};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+mod bench;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "moe-run",
     version,
-    about = "Run a Mixture-of-Experts GGUF model on the CPU"
+    about = "Run a Mixture-of-Experts GGUF model on the CPU",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
-pub struct Args {
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    generate: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Measure prompt processing and generation speed (like llama-bench)
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct Args {
     /// Model file (GGUF, as written by moe-convert)
-    #[arg(short = 'm', long)]
-    model: PathBuf,
+    #[arg(short = 'm', long, required = true)]
+    model: Option<PathBuf>,
     /// Prompt text
     #[arg(short = 'p', long, conflicts_with = "tokens")]
     prompt: Option<String>,
@@ -77,16 +95,28 @@ pub fn run(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<()> {
-    let args = Args::try_parse_from(argv)?;
-    if let Some(t) = args.threads {
-        // The global pool can only be set once per process; later calls keep the first.
+    let cli = Cli::try_parse_from(argv)?;
+    match cli.command {
+        Some(Command::Bench(b)) => bench::run(b, out, err),
+        None => generate_text(cli.generate, out, err),
+    }
+}
+
+/// Sets the worker count once per process (later calls keep the first setting).
+fn set_threads(threads: Option<usize>) {
+    if let Some(t) = threads {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
             .build_global();
     }
-    let file = GgufFile::open(&args.model)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
-    let model = Model::load(&file).with_context(|| format!("loading {}", args.model.display()))?;
+}
+
+fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
+    set_threads(args.threads);
+    let model_path = args.model.clone().context("-m MODEL is required")?;
+    let file = GgufFile::open(&model_path)
+        .with_context(|| format!("loading model {}", model_path.display()))?;
+    let model = Model::load(&file).with_context(|| format!("loading {}", model_path.display()))?;
     let tokenizer = Tokenizer::from_gguf(file.header());
 
     let prompt: Vec<u32> = match (&args.tokens, &args.prompt) {

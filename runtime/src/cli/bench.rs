@@ -1,0 +1,186 @@
+//! `moe-run bench`: prompt-processing and generation speed with llama-bench's definitions.
+//!
+//! pp N: N tokens evaluated as one batch from an empty cache; tg N: N tokens decoded one at a
+//! time from an empty cache. Each test runs once to warm up, then `--repetitions` times; the
+//! figures are the mean and standard deviation of the per-run tokens per second.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::gguf::GgufFile;
+use crate::model::{Model, Session};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Model file (GGUF)
+    #[arg(short = 'm', long)]
+    model: PathBuf,
+    /// Prompt tokens for the prompt-processing test (0 skips it)
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
+    n_prompt: usize,
+    /// Tokens for the generation test (0 skips it)
+    #[arg(short = 'n', long = "n-gen", default_value_t = 64)]
+    n_gen: usize,
+    /// Measured repetitions of each test
+    #[arg(short = 'r', long, default_value_t = 5)]
+    repetitions: usize,
+    /// Worker threads (default: all cores)
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct TestResult {
+    test: String,
+    n_tokens: usize,
+    tokens_per_second_mean: f64,
+    tokens_per_second_stddev: f64,
+    samples: Vec<f64>,
+    /// Routed-expert weight bytes used per token (each selected expert once per batch).
+    expert_bytes_per_token: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    file_bytes: u64,
+    architecture: String,
+    threads: usize,
+    kernels: &'static str,
+    kv_cache_bytes: usize,
+    peak_rss_bytes: Option<u64>,
+    tests: Vec<TestResult>,
+}
+
+pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<()> {
+    super::set_threads(args.threads);
+    let file = GgufFile::open(&args.model)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = Model::load(&file)?;
+    let n_ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);
+    let mut session = Session::new(&model, n_ctx);
+    let vocab = model.hp.n_vocab as u32;
+    // Deterministic pseudo-random token ids, like llama-bench's random prompt.
+    let tokens: Vec<u32> = (0..args.n_prompt.max(args.n_gen) as u64)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % vocab as u64) as u32)
+        .collect();
+
+    let mut tests = Vec::new();
+    if args.n_prompt > 0 {
+        tests.push(measure(
+            "pp",
+            args.n_prompt,
+            args.repetitions,
+            &mut session,
+            |s| s.forward(&tokens[..args.n_prompt], false).map(|_| ()),
+        )?);
+    }
+    if args.n_gen > 0 {
+        tests.push(measure(
+            "tg",
+            args.n_gen,
+            args.repetitions,
+            &mut session,
+            |s| {
+                for &t in &tokens[..args.n_gen] {
+                    s.forward(&[t], false)?;
+                }
+                Ok(())
+            },
+        )?);
+    }
+    let report = Report {
+        model: args.model.display().to_string(),
+        file_bytes: file.bytes().len() as u64,
+        architecture: model.hp.arch.gguf_name().to_string(),
+        threads: rayon::current_num_threads(),
+        kernels: crate::tensor::kernels::best().name,
+        kv_cache_bytes: session.kv_bytes(),
+        peak_rss_bytes: peak_rss_bytes(),
+        tests,
+    };
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "model: {} ({:.1} MiB, {}), threads: {}, kernels: {}",
+        report.model,
+        report.file_bytes as f64 / (1u64 << 20) as f64,
+        report.architecture,
+        report.threads,
+        report.kernels
+    )?;
+    writeln!(out, "| test  |            t/s | expert MiB/token |")?;
+    writeln!(out, "| ----- | -------------- | ---------------- |")?;
+    for t in &report.tests {
+        writeln!(
+            out,
+            "| {:<5} | {:>7.2} ± {:<5.2} | {:>16.2} |",
+            format!("{}{}", t.test, t.n_tokens),
+            t.tokens_per_second_mean,
+            t.tokens_per_second_stddev,
+            t.expert_bytes_per_token / (1u64 << 20) as f64
+        )?;
+    }
+    if let Some(rss) = report.peak_rss_bytes {
+        writeln!(
+            out,
+            "peak RSS: {:.1} MiB (file {:.1} MiB, KV cache {:.1} MiB)",
+            rss as f64 / (1u64 << 20) as f64,
+            report.file_bytes as f64 / (1u64 << 20) as f64,
+            report.kv_cache_bytes as f64 / (1u64 << 20) as f64
+        )?;
+    }
+    Ok(())
+}
+
+fn measure(
+    name: &str,
+    n: usize,
+    reps: usize,
+    session: &mut Session,
+    mut body: impl FnMut(&mut Session) -> Result<(), crate::model::ModelError>,
+) -> Result<TestResult> {
+    let mut samples = Vec::with_capacity(reps);
+    let mut expert_bytes = 0u64;
+    for rep in 0..=reps {
+        session.reset();
+        let bytes0 = session.expert_bytes_used();
+        let t0 = Instant::now();
+        body(session)?;
+        let secs = t0.elapsed().as_secs_f64();
+        // Run 0 warms caches and is not counted.
+        if rep > 0 {
+            samples.push(n as f64 / secs);
+            expert_bytes += session.expert_bytes_used() - bytes0;
+        }
+    }
+    let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
+    let var = samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>()
+        / (samples.len().saturating_sub(1)).max(1) as f64;
+    Ok(TestResult {
+        test: name.to_string(),
+        n_tokens: n,
+        tokens_per_second_mean: mean,
+        tokens_per_second_stddev: var.sqrt(),
+        samples,
+        expert_bytes_per_token: expert_bytes as f64 / (reps.max(1) * n) as f64,
+    })
+}
+
+/// The process's peak resident set (VmHWM), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
