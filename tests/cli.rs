@@ -40,6 +40,8 @@ fn dump_logits_writes_every_prompt_position() {
         "0",
         "--dump-logits",
         npy.to_str().unwrap(),
+        "--kv-type",
+        "f32",
     ])
     .unwrap();
     let (got, rows, vocab) =
@@ -66,6 +68,8 @@ fn greedy_ids_and_text() {
         "0",
         "--ids",
         "--ignore-eos",
+        "--kv-type",
+        "f32",
     ])
     .unwrap();
     let last = out.lines().last().unwrap();

@@ -138,3 +138,26 @@ fn tokenizer_rebuilt_from_ggml_vocab_matches() {
         }
     }
 }
+
+/// The default f16 KV cache stays close to the f32 reference (its error is the rounding of
+/// keys and values to f16).
+#[test]
+fn f16_kv_cache_stays_close() {
+    use moe_runtime::model::{KvType, Model, Session};
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(GgmlType::F32);
+        let file = conv.open();
+        let model = Model::load(&file).unwrap();
+        for (i, case) in fx.expected.prompts.iter().enumerate() {
+            let (want, _, vocab) = fx.logits(i);
+            let mut s = Session::with_kv_type(&model, 256, KvType::F16);
+            let got = s.forward(&case.ids, true).unwrap().to_vec();
+            let diff = max_rel_diff(&got, &want, vocab);
+            assert!(
+                diff < 1e-2,
+                "{name} prompt {i}: f16 KV cache differs by {diff:e}"
+            );
+        }
+    }
+}

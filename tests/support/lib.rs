@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use moe_convert::{convert, Options};
 use moe_runtime::gguf::{GgmlType, GgufFile};
-use moe_runtime::model::{Model, Session};
+use moe_runtime::model::{KvType, Model, Session};
 use serde::Deserialize;
 
 /// Every fixture, one per architecture plus dtype/sharding variants.
@@ -86,14 +86,14 @@ impl Converted {
 /// Logits of every position of `ids` (`[n, vocab]`) from one prefill.
 pub fn prompt_logits(file: &GgufFile, ids: &[u32]) -> Vec<f32> {
     let model = Model::load(file).expect("model loads");
-    let mut s = Session::new(&model, 256);
+    let mut s = Session::with_kv_type(&model, 256, KvType::F32);
     s.forward(ids, true).expect("forward").to_vec()
 }
 
 /// Logits of every position computed one token at a time through the KV cache.
 pub fn stepwise_logits(file: &GgufFile, ids: &[u32]) -> Vec<f32> {
     let model = Model::load(file).expect("model loads");
-    let mut s = Session::new(&model, 256);
+    let mut s = Session::with_kv_type(&model, 256, KvType::F32);
     let mut out = Vec::new();
     for &id in ids {
         out.extend_from_slice(s.forward(&[id], false).expect("forward"));
@@ -104,7 +104,7 @@ pub fn stepwise_logits(file: &GgufFile, ids: &[u32]) -> Vec<f32> {
 /// `n` greedy tokens after `ids`, without stopping at end-of-generation tokens.
 pub fn greedy(file: &GgufFile, ids: &[u32], n: usize) -> Vec<u32> {
     let model = Model::load(file).expect("model loads");
-    let mut s = Session::new(&model, 256);
+    let mut s = Session::with_kv_type(&model, 256, KvType::F32);
     let mut logits = s.forward(ids, false).expect("forward").to_vec();
     let mut out = Vec::new();
     for _ in 0..n {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::generate::generate;
 use crate::gguf::GgufFile;
-use crate::model::{Model, Session};
+use crate::model::{KvType, Model, Session};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
@@ -86,6 +86,9 @@ struct Args {
     /// Do not stop at end-of-generation tokens
     #[arg(long)]
     ignore_eos: bool,
+    /// KV cache type: f16 (half the memory) or f32
+    #[arg(long, default_value = "f16", value_parser = parse_kv_type)]
+    kv_type: KvType,
 }
 
 /// Runs `moe-run` with command-line `argv` (program name first), writing generated text to `out`
@@ -100,6 +103,10 @@ pub fn run(
         Some(Command::Bench(b)) => bench::run(b, out, err),
         None => generate_text(cli.generate, out, err),
     }
+}
+
+fn parse_kv_type(s: &str) -> Result<KvType, String> {
+    KvType::from_name(s).ok_or_else(|| format!("`{s}` is not f16 or f32"))
 }
 
 /// Sets the worker count once per process (later calls keep the first setting).
@@ -137,7 +144,7 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
         .ctx
         .unwrap_or_else(|| model.hp.n_ctx_train.min(4096))
         .max(prompt.len() + args.n_predict);
-    let mut session = Session::new(&model, n_ctx);
+    let mut session = Session::with_kv_type(&model, n_ctx, args.kv_type);
 
     if let Some(path) = &args.dump_logits {
         let logits = session.forward(&prompt, true)?;

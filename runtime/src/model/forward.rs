@@ -10,9 +10,13 @@ use crate::tensor::matrix::{multi_matmul, Activations};
 use crate::tensor::{matmul, Kernels, MatmulScratch};
 
 use super::arch::{QkNorm, RopeStyle};
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvType};
 use super::weights::{Attention, Ffn, Mlp, Model};
 use super::ModelError;
+
+thread_local! {
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Buffers reused across calls, grown to the largest batch seen.
 #[derive(Default)]
@@ -52,7 +56,12 @@ pub struct Session<'m, 'a> {
 }
 
 impl<'m, 'a> Session<'m, 'a> {
+    /// A session with an f16 KV cache (llama.cpp's default).
     pub fn new(model: &'m Model<'a>, n_ctx: usize) -> Self {
+        Self::with_kv_type(model, n_ctx, KvType::F16)
+    }
+
+    pub fn with_kv_type(model: &'m Model<'a>, n_ctx: usize, kv_type: KvType) -> Self {
         let hp = &model.hp;
         let half = hp.rope_dim / 2;
         // Same arithmetic as transformers' default rope: f32 inverse frequencies and angles.
@@ -71,7 +80,7 @@ impl<'m, 'a> Session<'m, 'a> {
         Self {
             model,
             kernels: crate::tensor::kernels::best(),
-            kv: KvCache::new(hp, n_ctx),
+            kv: KvCache::new(hp, n_ctx, kv_type),
             rope_cos,
             rope_sin,
             pos: 0,
@@ -242,16 +251,15 @@ impl<'m, 'a> Session<'m, 'a> {
 
         // attn[t, h, :] = softmax(q . K^T * scale) V over positions 0..=pos+t (within the window)
         s.attn.resize(n * hq * dv, 0.0);
-        let (keys, values) = self.kv.layer(li);
+        let kv = self.kv.layer(li);
         let group = hq / hkv;
         let pos0 = self.pos;
         let q = &s.q;
         let window = hp.sliding_window;
         let scale = hp.attention_scale;
-        let dot = k.dot_f32;
-        s.attn.par_chunks_mut(dv).enumerate().for_each_init(
-            Vec::new,
-            |scores: &mut Vec<f32>, (i, out)| {
+        s.attn.par_chunks_mut(dv).enumerate().for_each(|(i, out)| {
+            // Per-thread score buffer: grows to the context once, then decoding allocates nothing.
+            SCORES.with_borrow_mut(|scores| {
                 let (t, h) = (i / hq, i % hq);
                 let kvh = h / group;
                 let qh = &q[(t * hq + h) * dk..(t * hq + h + 1) * dk];
@@ -260,8 +268,7 @@ impl<'m, 'a> Session<'m, 'a> {
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
                 for j in start..end {
-                    let kj = &keys[(j * hkv + kvh) * dk..(j * hkv + kvh + 1) * dk];
-                    let sc = dot(qh, kj) * scale;
+                    let sc = kv.key_dot(k, j, kvh, qh) * scale;
                     max = max.max(sc);
                     scores.push(sc);
                 }
@@ -273,14 +280,10 @@ impl<'m, 'a> Session<'m, 'a> {
                 let inv = 1.0 / sum;
                 out.fill(0.0);
                 for (sc, j) in scores.iter().zip(start..end) {
-                    let w = sc * inv;
-                    let vj = &values[(j * hkv + kvh) * dv..(j * hkv + kvh + 1) * dv];
-                    for (o, &vv) in out.iter_mut().zip(vj) {
-                        *o += w * vv;
-                    }
+                    kv.add_value(j, kvh, sc * inv, out);
                 }
-            },
-        );
+            })
+        });
 
         s.proj.resize(n * hp.n_embd, 0.0);
         matmul(k, &a.wo, &s.attn, n, &mut s.proj, &mut s.mm);

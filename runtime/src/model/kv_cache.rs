@@ -1,31 +1,72 @@
-//! Key/value cache, allocated once for the whole context.
+//! Key/value cache, allocated once for the whole context: f16 by default (half the memory, like
+//! llama.cpp), f32 on request (bit-exact comparisons against references).
+
+use half::f16;
 
 use super::HParams;
+use crate::tensor::Kernels;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvType {
+    F16,
+    F32,
+}
+
+impl KvType {
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "f16" => Some(Self::F16),
+            "f32" => Some(Self::F32),
+            _ => None,
+        }
+    }
+}
+
+enum Store {
+    /// Per layer: `[n_ctx, width]`.
+    F32 {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    },
+    /// Per layer: `[n_ctx, width]` as f16 bits.
+    F16 {
+        keys: Vec<Vec<u16>>,
+        values: Vec<Vec<u16>>,
+    },
+}
 
 pub struct KvCache {
     n_ctx: usize,
+    /// Width of one position's keys (`n_head_kv * head_dim_k`) and values.
     k_width: usize,
     v_width: usize,
-    /// Per layer: `[n_ctx, n_head_kv * head_dim_k]`.
-    keys: Vec<Vec<f32>>,
-    /// Per layer: `[n_ctx, n_head_kv * head_dim_v]`.
-    values: Vec<Vec<f32>>,
+    head_dim_k: usize,
+    head_dim_v: usize,
+    store: Store,
 }
 
 impl KvCache {
-    pub fn new(hp: &HParams, n_ctx: usize) -> Self {
+    pub fn new(hp: &HParams, n_ctx: usize, ty: KvType) -> Self {
         let k_width = hp.n_head_kv * hp.head_dim_k;
         let v_width = hp.n_head_kv * hp.head_dim_v;
+        let layers = hp.n_layer;
+        let store = match ty {
+            KvType::F32 => Store::F32 {
+                keys: (0..layers).map(|_| vec![0.0; n_ctx * k_width]).collect(),
+                values: (0..layers).map(|_| vec![0.0; n_ctx * v_width]).collect(),
+            },
+            KvType::F16 => Store::F16 {
+                keys: (0..layers).map(|_| vec![0; n_ctx * k_width]).collect(),
+                values: (0..layers).map(|_| vec![0; n_ctx * v_width]).collect(),
+            },
+        };
         Self {
             n_ctx,
             k_width,
             v_width,
-            keys: (0..hp.n_layer)
-                .map(|_| vec![0.0; n_ctx * k_width])
-                .collect(),
-            values: (0..hp.n_layer)
-                .map(|_| vec![0.0; n_ctx * v_width])
-                .collect(),
+            head_dim_k: hp.head_dim_k,
+            head_dim_v: hp.head_dim_v,
+            store,
         }
     }
 
@@ -33,20 +74,97 @@ impl KvCache {
         self.n_ctx
     }
 
+    pub fn kv_type(&self) -> KvType {
+        match self.store {
+            Store::F32 { .. } => KvType::F32,
+            Store::F16 { .. } => KvType::F16,
+        }
+    }
+
     /// Bytes held, for reporting.
     pub fn bytes(&self) -> usize {
-        self.keys.len() * self.n_ctx * (self.k_width + self.v_width) * 4
+        let per_value = match self.store {
+            Store::F32 { .. } => 4,
+            Store::F16 { .. } => 2,
+        };
+        let layers = match &self.store {
+            Store::F32 { keys, .. } => keys.len(),
+            Store::F16 { keys, .. } => keys.len(),
+        };
+        layers * self.n_ctx * (self.k_width + self.v_width) * per_value
     }
 
     /// Writes `n` positions starting at `pos` (caller checked the bounds).
     pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32], n: usize) {
-        self.keys[layer][pos * self.k_width..(pos + n) * self.k_width]
-            .copy_from_slice(&k[..n * self.k_width]);
-        self.values[layer][pos * self.v_width..(pos + n) * self.v_width]
-            .copy_from_slice(&v[..n * self.v_width]);
+        let (kr, vr) = (
+            pos * self.k_width..(pos + n) * self.k_width,
+            pos * self.v_width..(pos + n) * self.v_width,
+        );
+        match &mut self.store {
+            Store::F32 { keys, values } => {
+                keys[layer][kr].copy_from_slice(&k[..n * self.k_width]);
+                values[layer][vr].copy_from_slice(&v[..n * self.v_width]);
+            }
+            Store::F16 { keys, values } => {
+                for (d, s) in keys[layer][kr].iter_mut().zip(k) {
+                    *d = f16::from_f32(*s).to_bits();
+                }
+                for (d, s) in values[layer][vr].iter_mut().zip(v) {
+                    *d = f16::from_f32(*s).to_bits();
+                }
+            }
+        }
     }
 
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+    /// A read-only view of one layer for attention.
+    pub fn layer(&self, layer: usize) -> LayerKv<'_> {
+        LayerKv { cache: self, layer }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct LayerKv<'c> {
+    cache: &'c KvCache,
+    layer: usize,
+}
+
+impl LayerKv<'_> {
+    /// `q . key[pos, kv_head]`.
+    #[inline]
+    pub fn key_dot(&self, k: &Kernels, pos: usize, kv_head: usize, q: &[f32]) -> f32 {
+        let c = self.cache;
+        let at = pos * c.k_width + kv_head * c.head_dim_k;
+        match &c.store {
+            Store::F32 { keys, .. } => (k.dot_f32)(q, &keys[self.layer][at..at + c.head_dim_k]),
+            Store::F16 { keys, .. } => (k.dot_f16)(
+                bytemuck::cast_slice(&keys[self.layer][at..at + c.head_dim_k]),
+                q,
+            ),
+        }
+    }
+
+    /// `out += w * value[pos, kv_head]`.
+    #[inline]
+    pub fn add_value(&self, pos: usize, kv_head: usize, w: f32, out: &mut [f32]) {
+        let c = self.cache;
+        let at = pos * c.v_width + kv_head * c.head_dim_v;
+        match &c.store {
+            Store::F32 { values, .. } => {
+                for (o, &v) in out
+                    .iter_mut()
+                    .zip(&values[self.layer][at..at + c.head_dim_v])
+                {
+                    *o += w * v;
+                }
+            }
+            Store::F16 { values, .. } => {
+                for (o, &v) in out
+                    .iter_mut()
+                    .zip(&values[self.layer][at..at + c.head_dim_v])
+                {
+                    *o += w * f16::from_bits(v).to_f32();
+                }
+            }
+        }
     }
 }

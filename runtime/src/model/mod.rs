@@ -9,7 +9,7 @@ mod weights;
 pub use arch::{Arch, ArchTraits, QkNorm, RopeStyle};
 pub use forward::Session;
 pub use hparams::HParams;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvType};
 pub use weights::{
     Attention, Experts, Ffn, Layer, Mlp, Model, MoeBlock, SharedExpert, StackedExperts,
 };

@@ -1,0 +1,360 @@
+//! aarch64 NEON kernels, in two tables because one binary must serve both kinds of board: with
+//! the dot-product extension (Pi 5's Cortex-A76) the integer kernels use `sdot`; without it
+//! (Pi 4's Cortex-A72, Pi Zero 2 W's Cortex-A53) they widen with `smull` and add pairwise. The
+//! integer kernels follow ggml's `ggml_vec_dot_q8_0_q8_0` / `ggml_vec_dot_q4_0_q8_0` for NEON.
+//!
+//! NEON itself is part of the aarch64 Linux baseline, so the float kernels need no detection.
+//! Two instructions are written as `asm!`: `sdot`, because `vdotq_s32` is not stable, and the
+//! f16 -> f32 conversions `fcvt`/`fcvtl`, because the f16 vector intrinsics were stabilised only
+//! in Rust 1.94 and the workspace supports 1.85. Both conversions are base ARMv8 (not FEAT_FP16),
+//! so every aarch64 CPU has them.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::Kernels;
+use crate::tensor::quant::{f16_at, quantize_row_q8_0, Q4_0_BYTES, Q8_0_BYTES};
+
+static DOTPROD: Kernels = Kernels {
+    name: "aarch64 neon+dotprod",
+    dot_f32,
+    dot_f16,
+    dot_bf16,
+    dot_q8_0_q8_0: dot_q8_0_q8_0_sdot,
+    dot_q4_0_q8_0: dot_q4_0_q8_0_sdot,
+    // Activation quantization is cheap next to the products and stays bit-identical to ggml's
+    // reference this way.
+    quantize_q8_0: quantize_row_q8_0,
+};
+
+static NEON: Kernels = Kernels {
+    name: "aarch64 neon",
+    dot_f32,
+    dot_f16,
+    dot_bf16,
+    dot_q8_0_q8_0: dot_q8_0_q8_0_mull,
+    dot_q4_0_q8_0: dot_q4_0_q8_0_mull,
+    quantize_q8_0: quantize_row_q8_0,
+};
+
+/// Every NEON table this CPU can run, fastest first (the tests run them all).
+pub fn tables() -> impl Iterator<Item = &'static Kernels> {
+    let dotprod = std::arch::is_aarch64_feature_detected!("dotprod");
+    dotprod
+        .then_some(&DOTPROD)
+        .into_iter()
+        .chain(std::iter::once(&NEON))
+}
+
+/// The fastest NEON table this CPU can run; always `Some`, since NEON is baseline on aarch64.
+pub fn table() -> Option<&'static Kernels> {
+    tables().next()
+}
+
+// The safe wrappers check the lengths the `unsafe` loops rely on. The `sdot` ones are reachable
+// only through `DOTPROD`, which `tables()` hands out only after detecting the feature.
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // SAFETY: NEON is baseline on aarch64; lengths checked above.
+    unsafe { dot_f32_impl(a, b) }
+}
+
+fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+    assert!(w.len() >= 2 * x.len());
+    // SAFETY: as above.
+    unsafe { dot_f16_impl(w, x) }
+}
+
+fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
+    assert!(w.len() >= 2 * x.len());
+    // SAFETY: as above.
+    unsafe { dot_bf16_impl(w, x) }
+}
+
+fn check_q8_0(w: &[u8], x: &[u8]) {
+    assert_eq!(w.len(), x.len());
+    assert_eq!(w.len() % Q8_0_BYTES, 0);
+}
+
+fn check_q4_0(w: &[u8], x: &[u8]) {
+    assert_eq!(w.len() / Q4_0_BYTES, x.len() / Q8_0_BYTES);
+    assert_eq!(w.len() % Q4_0_BYTES, 0);
+}
+
+fn dot_q8_0_q8_0_sdot(w: &[u8], x: &[u8]) -> f32 {
+    check_q8_0(w, x);
+    // SAFETY: dotprod detected before this table was chosen; lengths checked above.
+    unsafe { dot_q8_0_q8_0_impl_sdot(w, x) }
+}
+
+fn dot_q4_0_q8_0_sdot(w: &[u8], x: &[u8]) -> f32 {
+    check_q4_0(w, x);
+    // SAFETY: as above.
+    unsafe { dot_q4_0_q8_0_impl_sdot(w, x) }
+}
+
+fn dot_q8_0_q8_0_mull(w: &[u8], x: &[u8]) -> f32 {
+    check_q8_0(w, x);
+    // SAFETY: NEON is baseline on aarch64; lengths checked above.
+    unsafe { dot_q8_0_q8_0_impl_mull(w, x) }
+}
+
+fn dot_q4_0_q8_0_mull(w: &[u8], x: &[u8]) -> f32 {
+    check_q4_0(w, x);
+    // SAFETY: as above.
+    unsafe { dot_q4_0_q8_0_impl_mull(w, x) }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // Four accumulators keep the FMA pipes busy despite each FMA's latency.
+    let mut acc = [vdupq_n_f32(0.0); 4];
+    let mut i = 0;
+    while i + 16 <= n {
+        for (k, acc_k) in acc.iter_mut().enumerate() {
+            let va = vld1q_f32(pa.add(i + 4 * k));
+            let vb = vld1q_f32(pb.add(i + 4 * k));
+            *acc_k = vfmaq_f32(*acc_k, va, vb);
+        }
+        i += 16;
+    }
+    while i + 4 <= n {
+        acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+        i += 4;
+    }
+    let v = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+    let mut sum = vaddvq_f32(v);
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
+}
+
+/// Eight f16 values (as bits) widened to f32, low four and high four.
+#[inline(always)]
+unsafe fn f16x8_to_f32(v: uint16x8_t) -> (float32x4_t, float32x4_t) {
+    let lo: float32x4_t;
+    let hi: float32x4_t;
+    asm!(
+        "fcvtl {lo:v}.4s, {v:v}.4h",
+        "fcvtl2 {hi:v}.4s, {v:v}.8h",
+        lo = out(vreg) lo,
+        hi = lateout(vreg) hi,
+        v = in(vreg) v,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    (lo, hi)
+}
+
+/// The little-endian f16 at `p` (unaligned), converted in a register instead of a call out to
+/// the `half` crate, which would dominate the per-block work.
+#[inline(always)]
+unsafe fn f16_scale(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]) as i16;
+    let out: f32;
+    asm!(
+        "fcvt {out:s}, {bits:h}",
+        out = lateout(vreg) out,
+        bits = in(vreg) bits,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    out
+}
+
+/// Eight 16-bit values from unaligned bytes: loading bytes and reinterpreting avoids assuming the
+/// row is 2-byte aligned.
+#[inline(always)]
+unsafe fn load_u16x8(p: *const u8) -> uint16x8_t {
+    vreinterpretq_u16_u8(vld1q_u8(p))
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_f16_impl(w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [vdupq_n_f32(0.0); 4];
+    let mut i = 0;
+    while i + 16 <= n {
+        let (w0, w1) = f16x8_to_f32(load_u16x8(pw.add(2 * i)));
+        let (w2, w3) = f16x8_to_f32(load_u16x8(pw.add(2 * i + 16)));
+        acc[0] = vfmaq_f32(acc[0], w0, vld1q_f32(px.add(i)));
+        acc[1] = vfmaq_f32(acc[1], w1, vld1q_f32(px.add(i + 4)));
+        acc[2] = vfmaq_f32(acc[2], w2, vld1q_f32(px.add(i + 8)));
+        acc[3] = vfmaq_f32(acc[3], w3, vld1q_f32(px.add(i + 12)));
+        i += 16;
+    }
+    if i + 8 <= n {
+        let (w0, w1) = f16x8_to_f32(load_u16x8(pw.add(2 * i)));
+        acc[0] = vfmaq_f32(acc[0], w0, vld1q_f32(px.add(i)));
+        acc[1] = vfmaq_f32(acc[1], w1, vld1q_f32(px.add(i + 4)));
+        i += 8;
+    }
+    let v = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+    let mut sum = vaddvq_f32(v);
+    while i < n {
+        sum += f16_at(w, 2 * i) * x[i];
+        i += 1;
+    }
+    sum
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_bf16_impl(w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc0 = vdupq_n_f32(0.0);
+    let mut acc1 = vdupq_n_f32(0.0);
+    let mut i = 0;
+    while i + 8 <= n {
+        // bf16 is the top half of an f32: widen and shift into place in one instruction.
+        let bits = load_u16x8(pw.add(2 * i));
+        let w0 = vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(bits)));
+        let w1 = vreinterpretq_f32_u32(vshll_high_n_u16::<16>(bits));
+        acc0 = vfmaq_f32(acc0, w0, vld1q_f32(px.add(i)));
+        acc1 = vfmaq_f32(acc1, w1, vld1q_f32(px.add(i + 4)));
+        i += 8;
+    }
+    let mut sum = vaddvq_f32(vaddq_f32(acc0, acc1));
+    while i < n {
+        let b = u16::from_le_bytes([w[2 * i], w[2 * i + 1]]);
+        sum += half::bf16::from_bits(b).to_f32() * x[i];
+        i += 1;
+    }
+    sum
+}
+
+#[inline(always)]
+unsafe fn load_i8x16(p: *const u8) -> int8x16_t {
+    vld1q_s8(p as *const i8)
+}
+
+/// `acc` plus the sums of each group of four adjacent byte products.
+#[inline]
+#[target_feature(enable = "dotprod")]
+unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    asm!(
+        "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+        acc = inout(vreg) acc,
+        a = in(vreg) a,
+        b = in(vreg) b,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    acc
+}
+
+/// Sums of byte products in four i32 lanes, without `sdot`. Each i16 product is exact (at most
+/// (-128)^2 = 16384), but two of them may not fit an i16, so they are widened before any addition.
+#[inline(always)]
+unsafe fn mull_sum(a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+    let hi = vmull_high_s8(a, b);
+    vpadalq_s16(vpaddlq_s16(lo), hi)
+}
+
+/// How 32 byte products are summed: the one difference between the two tables.
+trait I8Dot {
+    /// Sum over both halves of `w[h][i] * x[h][i]`, spread over four i32 lanes.
+    unsafe fn dot32(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t;
+}
+
+struct Sdot;
+
+impl I8Dot for Sdot {
+    #[inline(always)]
+    unsafe fn dot32(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t {
+        sdot(sdot(vdupq_n_s32(0), w[0], x[0]), w[1], x[1])
+    }
+}
+
+struct Mull;
+
+impl I8Dot for Mull {
+    #[inline(always)]
+    unsafe fn dot32(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t {
+        vaddq_s32(mull_sum(w[0], x[0]), mull_sum(w[1], x[1]))
+    }
+}
+
+/// The 32 signed values of the Q8_0 block at `p`.
+#[inline(always)]
+unsafe fn q8_0_values(p: *const u8) -> [int8x16_t; 2] {
+    [load_i8x16(p.add(2)), load_i8x16(p.add(18))]
+}
+
+/// The 32 values of the Q4_0 block at `p`, as signed bytes: values 0..16 from the low nibbles,
+/// 16..32 from the high ones, which is the order of the Q8_0 block they are dotted with.
+#[inline(always)]
+unsafe fn q4_0_values(p: *const u8) -> [int8x16_t; 2] {
+    let packed = vld1q_u8(p.add(2));
+    let eight = vdupq_n_s8(8);
+    let lo = vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0f)));
+    let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed));
+    [vsubq_s8(lo, eight), vsubq_s8(hi, eight)]
+}
+
+/// `acc` plus block `b` of `w` (Q4_0 if `Q4`, else Q8_0) dotted with block `b` of the Q8_0 `x`,
+/// scaled by both block scales.
+#[inline(always)]
+unsafe fn block_step<D: I8Dot, const Q4: bool>(
+    acc: float32x4_t,
+    pw: *const u8,
+    px: *const u8,
+    b: usize,
+) -> float32x4_t {
+    let xb = px.add(b * Q8_0_BYTES);
+    let (wb, qw) = if Q4 {
+        let wb = pw.add(b * Q4_0_BYTES);
+        (wb, q4_0_values(wb))
+    } else {
+        let wb = pw.add(b * Q8_0_BYTES);
+        (wb, q8_0_values(wb))
+    };
+    let d = f16_scale(wb) * f16_scale(xb);
+    vfmaq_n_f32(acc, vcvtq_f32_s32(D::dot32(qw, q8_0_values(xb))), d)
+}
+
+/// Whole blocks of `w` against the Q8_0 blocks of `x`. Two blocks per step into two
+/// accumulators, as ggml does, so consecutive blocks' multiply-adds do not wait on each other.
+/// Always inlined, so the body is compiled under the caller's target features.
+#[inline(always)]
+unsafe fn dot_blocks<D: I8Dot, const Q4: bool>(w: &[u8], x: &[u8]) -> f32 {
+    let nb = w.len() / if Q4 { Q4_0_BYTES } else { Q8_0_BYTES };
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc0 = vdupq_n_f32(0.0);
+    let mut acc1 = vdupq_n_f32(0.0);
+    let mut b = 0;
+    while b + 2 <= nb {
+        acc0 = block_step::<D, Q4>(acc0, pw, px, b);
+        acc1 = block_step::<D, Q4>(acc1, pw, px, b + 1);
+        b += 2;
+    }
+    if b < nb {
+        acc0 = block_step::<D, Q4>(acc0, pw, px, b);
+    }
+    vaddvq_f32(vaddq_f32(acc0, acc1))
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn dot_q8_0_q8_0_impl_sdot(w: &[u8], x: &[u8]) -> f32 {
+    dot_blocks::<Sdot, false>(w, x)
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn dot_q4_0_q8_0_impl_sdot(w: &[u8], x: &[u8]) -> f32 {
+    dot_blocks::<Sdot, true>(w, x)
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_q8_0_q8_0_impl_mull(w: &[u8], x: &[u8]) -> f32 {
+    dot_blocks::<Mull, false>(w, x)
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_q4_0_q8_0_impl_mull(w: &[u8], x: &[u8]) -> f32 {
+    dot_blocks::<Mull, true>(w, x)
+}
