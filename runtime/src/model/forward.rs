@@ -331,7 +331,7 @@ fn feed_forward(k: &Kernels, hp: &super::HParams, ffn: &Ffn, n: usize, s: &mut S
                 for t in 0..n {
                     let scale = match &shared.gate {
                         // Qwen2-MoE: sigmoid(gate . x) scales the shared expert.
-                        Some(g) => sigmoid((k.dot_f32)(g, s.ffn_in.row(t).0)),
+                        Some(g) => sigmoid((k.dot_f32)(g, s.ffn_in.row(t).x)),
                         None => 1.0,
                     };
                     s.assigned[n_expert].push((t as u32, scale));

@@ -70,9 +70,9 @@ pub fn run_experts(
             for (i, row) in dst.chunks_exact_mut(m).enumerate() {
                 let r = row0 + i;
                 for (v, &(t, _)) in row.iter_mut().zip(job.tokens) {
-                    let (xr, xq) = x.row(t as usize);
-                    let g = dot_row(k, &job.mlp.gate, r, xr, xq, buf);
-                    let u = dot_row(k, &job.mlp.up, r, xr, xq, buf);
+                    let a = x.row(t as usize);
+                    let g = dot_row(k, &job.mlp.gate, r, a, buf);
+                    let u = dot_row(k, &job.mlp.up, r, a, buf);
                     *v = g / (1.0 + (-g).exp()) * u;
                 }
             }
@@ -112,8 +112,8 @@ pub fn run_experts(
                 for (i, row) in dst.chunks_exact_mut(n).enumerate() {
                     let r = ci * chunk + i;
                     for (slot, &(t, w)) in job.tokens.iter().enumerate() {
-                        let (hr, hq) = hidden[ji].row(slot);
-                        row[t as usize] += w * dot_row(k, &job.mlp.down, r, hr, hq, buf);
+                        let h = hidden[ji].row(slot);
+                        row[t as usize] += w * dot_row(k, &job.mlp.down, r, h, buf);
                     }
                 }
             }

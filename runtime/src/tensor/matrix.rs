@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::kernels::Kernels;
+use super::kquant::{self, Q8_K_BYTES, QK_K};
 use super::quant::{dequantize, Q8_0_BYTES, QK};
 use crate::gguf::GgmlType;
 
@@ -33,13 +34,23 @@ impl<'a> QMatrix<'a> {
 }
 
 /// Activation rows prepared for every weight type: the f32 values and, when the row length is a
-/// whole number of blocks, their Q8_0 encoding (what Q8_0/Q4_0 weights are dotted with).
+/// whole number of blocks, their Q8_0 encoding (what Q8_0/Q4_0 weights are dotted with) and
+/// Q8_K encoding (for Q4_K/Q6_K weights).
 #[derive(Default)]
 pub struct Activations {
     pub n: usize,
     pub cols: usize,
     pub x: Vec<f32>,
     pub q8: Vec<u8>,
+    pub q8k: Vec<u8>,
+}
+
+/// One activation row in every encoding a weight type may need.
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub x: &'a [f32],
+    pub q8: &'a [u8],
+    pub q8k: &'a [u8],
 }
 
 impl Activations {
@@ -68,30 +79,46 @@ impl Activations {
         } else {
             self.q8.clear();
         }
+        if self.cols % QK_K == 0 {
+            let rb = self.cols / QK_K * Q8_K_BYTES;
+            self.q8k.resize(self.n * rb, 0);
+            for (xr, qr) in self
+                .x
+                .chunks_exact(self.cols)
+                .zip(self.q8k.chunks_exact_mut(rb))
+            {
+                kquant::quantize_row_q8_k(xr, qr);
+            }
+        } else {
+            self.q8k.clear();
+        }
     }
 
-    pub fn row(&self, t: usize) -> (&[f32], &[u8]) {
+    pub fn row(&self, t: usize) -> ActRow<'_> {
         let x = &self.x[t * self.cols..(t + 1) * self.cols];
-        if self.q8.is_empty() {
-            return (x, &[]);
+        ActRow {
+            x,
+            q8: row_of(&self.q8, self.cols / QK * Q8_0_BYTES, t),
+            q8k: row_of(&self.q8k, self.cols / QK_K * Q8_K_BYTES, t),
         }
-        let rb = self.cols / QK * Q8_0_BYTES;
-        (x, &self.q8[t * rb..(t + 1) * rb])
     }
 }
 
-/// Dot product of weight row `r` with one activation row (`x` as f32, `xq` as Q8_0).
-/// `buf` is scratch for types without an integer kernel yet.
+/// Row `t` of a buffer of `row_bytes`-sized rows, or nothing when the encoding was not made.
+fn row_of(buf: &[u8], row_bytes: usize, t: usize) -> &[u8] {
+    if buf.is_empty() {
+        &[]
+    } else {
+        &buf[t * row_bytes..(t + 1) * row_bytes]
+    }
+}
+
+/// Dot product of weight row `r` with one activation row. `buf` is scratch for the rare
+/// unaligned f32 tensor.
 #[inline]
-pub fn dot_row(
-    k: &Kernels,
-    w: &QMatrix,
-    r: usize,
-    x: &[f32],
-    xq: &[u8],
-    buf: &mut Vec<f32>,
-) -> f32 {
+pub fn dot_row(k: &Kernels, w: &QMatrix, r: usize, a: ActRow, buf: &mut Vec<f32>) -> f32 {
     let wr = w.row(r);
+    let x = a.x;
     match w.ty {
         GgmlType::F32 => match bytemuck::try_cast_slice::<u8, f32>(wr) {
             // Tensors start on aligned offsets, so the cast succeeds; decode if it ever doesn't.
@@ -104,13 +131,10 @@ pub fn dot_row(
         },
         GgmlType::F16 => (k.dot_f16)(wr, x),
         GgmlType::BF16 => (k.dot_bf16)(wr, x),
-        GgmlType::Q8_0 => (k.dot_q8_0_q8_0)(wr, xq),
-        GgmlType::Q4_0 => (k.dot_q4_0_q8_0)(wr, xq),
-        GgmlType::Q4K | GgmlType::Q6K => {
-            buf.resize(w.cols, 0.0);
-            dequantize(w.ty, wr, buf);
-            (k.dot_f32)(buf, x)
-        }
+        GgmlType::Q8_0 => (k.dot_q8_0_q8_0)(wr, a.q8),
+        GgmlType::Q4_0 => (k.dot_q4_0_q8_0)(wr, a.q8),
+        GgmlType::Q4K => kquant::dot_q4_k_q8_k(wr, a.q8k),
+        GgmlType::Q6K => kquant::dot_q6_k_q8_k(wr, a.q8k),
     }
 }
 
@@ -181,8 +205,7 @@ pub fn multi_matmul(
             for (i, d) in dst.chunks_exact_mut(n).enumerate() {
                 let (mi, r) = locate(ci * chunk + i);
                 for (t, v) in d.iter_mut().enumerate() {
-                    let (xr, xq) = acts.row(t);
-                    *v = dot_row(k, &mats[mi], r, xr, xq, buf);
+                    *v = dot_row(k, &mats[mi], r, acts.row(t), buf);
                 }
             }
         });
@@ -250,6 +273,48 @@ mod tests {
                     &mut scratch,
                 );
                 assert_eq!(&batch[t * rows..(t + 1) * rows], &one[..], "{ty} token {t}");
+            }
+        }
+    }
+
+    /// Q4_K/Q6_K rows (as Hub files carry them) dot with Q8_K activations to the product of the
+    /// dequantized weights, up to the activations' 8-bit rounding.
+    #[test]
+    fn k_quant_products_match_dequantized_weights() {
+        use crate::tensor::kquant::{Q4_K_BYTES, Q6_K_BYTES};
+        let k = crate::tensor::kernels::best();
+        let (rows, cols) = (6, 512);
+        for (ty, bytes, scale_at) in [
+            (GgmlType::Q4K, Q4_K_BYTES, &[0usize, 2][..]),
+            (GgmlType::Q6K, Q6_K_BYTES, &[208usize][..]),
+        ] {
+            let n_blocks = rows * cols / QK_K;
+            let noise = random_vec(n_blocks * bytes, 77, 1.0);
+            let mut data: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.5) as u8).collect();
+            for b in 0..n_blocks {
+                for &at in scale_at {
+                    let d = half::f16::from_f32(0.02).to_bits().to_le_bytes();
+                    data[b * bytes + at..b * bytes + at + 2].copy_from_slice(&d);
+                }
+            }
+            let m = QMatrix {
+                ty,
+                rows,
+                cols,
+                data: &data,
+            };
+            let x = random_vec(cols, 8, 1.0);
+            let mut got = vec![0f32; rows];
+            matmul(k, &m, &x, 1, &mut got, &mut MatmulScratch::default());
+            for (r, g) in got.iter().enumerate() {
+                let mut wd = vec![0f32; cols];
+                m.dequantize_row(r, &mut wd);
+                let want: f32 = wd.iter().zip(&x).map(|(a, b)| a * b).sum();
+                let scale: f32 = wd.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                assert!(
+                    (g - want).abs() <= 0.01 * scale,
+                    "{ty} row {r}: {g} vs {want}"
+                );
             }
         }
     }
