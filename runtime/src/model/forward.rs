@@ -4,7 +4,10 @@
 
 use rayon::prelude::*;
 
-use crate::moe::experts::{run_experts, ExpertJob, ExpertScratch};
+use std::sync::Arc;
+
+use crate::moe::cache::ExpertCache;
+use crate::moe::experts::{add_transposed, run_experts, ExpertJob, ExpertScratch};
 use crate::moe::router::{route, Route};
 use crate::tensor::matrix::{multi_matmul, Activations};
 use crate::tensor::{matmul, Kernels, MatmulScratch};
@@ -36,6 +39,13 @@ struct Scratch {
     /// Per expert (and one more for a shared expert or dense MLP): (token, weight) pairs.
     assigned: Vec<Vec<(u32, f32)>>,
     experts: ExpertScratch,
+    /// `[d, n]` expert outputs accumulated in a fixed order.
+    ffn_out_t: Vec<f32>,
+    active: Vec<u32>,
+    /// Lookahead predictions waiting for their layer: (layer, depth, experts).
+    pending: Vec<(usize, usize, Vec<u32>)>,
+    predict_norm: Vec<f32>,
+    predict_logits: Vec<f32>,
     /// Bytes of routed-expert weights the batches used (each selected expert counted once per
     /// batch), since the session started.
     expert_bytes: u64,
@@ -44,10 +54,42 @@ struct Scratch {
 }
 
 /// Decoding state for one sequence.
+/// Precision/recall counts of lookahead predictions at one depth.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PredictionStats {
+    pub depth: usize,
+    /// Predicted experts that the layer then used.
+    pub correct: u64,
+    pub predicted: u64,
+    pub actual: u64,
+}
+
+impl PredictionStats {
+    pub fn precision(&self) -> f64 {
+        self.correct as f64 / self.predicted.max(1) as f64
+    }
+
+    pub fn recall(&self) -> f64 {
+        self.correct as f64 / self.actual.max(1) as f64
+    }
+}
+
+/// Where routed experts come from, and how far ahead to predict them.
+#[derive(Clone, Default)]
+pub struct ExpertStreaming {
+    /// None: read experts straight from the memory map (everything resident).
+    pub cache: Option<Arc<ExpertCache>>,
+    /// Apply the routers of this many following layers to each layer's post-attention state
+    /// and prefetch what they pick (0 = no prediction).
+    pub lookahead: usize,
+}
+
 pub struct Session<'m, 'a> {
     model: &'m Model<'a>,
     kernels: &'static Kernels,
     kv: KvCache,
+    streaming: ExpertStreaming,
+    predictions: Vec<PredictionStats>,
     /// cos/sin of every (position, frequency) pair: `[n_ctx, rope_dim / 2]`.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
@@ -81,6 +123,8 @@ impl<'m, 'a> Session<'m, 'a> {
             model,
             kernels: crate::tensor::kernels::best(),
             kv: KvCache::new(hp, n_ctx, kv_type),
+            streaming: ExpertStreaming::default(),
+            predictions: Vec::new(),
             rope_cos,
             rope_sin,
             pos: 0,
@@ -99,6 +143,26 @@ impl<'m, 'a> Session<'m, 'a> {
 
     pub fn n_ctx(&self) -> usize {
         self.kv.n_ctx()
+    }
+
+    /// Streams routed experts through `streaming.cache` instead of the memory map.
+    pub fn set_streaming(&mut self, streaming: ExpertStreaming) {
+        self.predictions = (1..=streaming.lookahead)
+            .map(|depth| PredictionStats {
+                depth,
+                ..Default::default()
+            })
+            .collect();
+        self.streaming = streaming;
+    }
+
+    pub fn expert_cache(&self) -> Option<&ExpertCache> {
+        self.streaming.cache.as_deref()
+    }
+
+    /// Lookahead prediction quality per depth.
+    pub fn prediction_stats(&self) -> &[PredictionStats] {
+        &self.predictions
     }
 
     /// Bytes of routed-expert weights used since the session started.
@@ -153,19 +217,36 @@ impl<'m, 'a> Session<'m, 'a> {
             }
         }
 
+        let last_pos = self.pos + n - 1;
         for (li, layer) in model.layers.iter().enumerate() {
+            if let Some(cache) = &self.streaming.cache {
+                cache.set_position(last_pos, li);
+            }
             // Attention block: x += attn(norm(x)) * residual_scale
             rms_norm_rows(&self.s.x, &layer.attn_norm, hp.norm_eps, &mut self.s.xn, k);
             self.attention(li, &layer.attn, n);
             let s = &mut self.s;
             add_scaled(&mut s.x, &s.proj, hp.residual_scale);
+            if self.streaming.lookahead > 0 {
+                self.predict_ahead(li, n, last_pos);
+            }
+            let s = &mut self.s;
 
             // Feed-forward block: x += ffn(norm(x)) * residual_scale
             rms_norm_rows(&s.x, &layer.ffn_norm, hp.norm_eps, &mut s.xn, k);
             s.ffn_out.clear();
             s.ffn_out.resize(n * d, 0.0);
             s.ffn_in.prepare(k, &s.xn, n, d);
-            feed_forward(k, hp, &layer.ffn, n, s);
+            feed_forward(
+                k,
+                hp,
+                li,
+                &layer.ffn,
+                n,
+                s,
+                &self.streaming,
+                &mut self.predictions,
+            )?;
             add_scaled(&mut s.x, &s.ffn_out, hp.residual_scale);
         }
 
@@ -195,6 +276,58 @@ impl<'m, 'a> Session<'m, 'a> {
         }
         self.pos += n;
         Ok(&self.s.logits)
+    }
+
+    /// Lookahead gate: applies the routers of the next `lookahead` layers to the current
+    /// post-attention state (normalised as each of those layers would) and prefetches the
+    /// experts they pick. The model's own routers still decide; this only moves reads earlier.
+    fn predict_ahead(&mut self, li: usize, n: usize, last_pos: usize) {
+        let Some(cache) = self.streaming.cache.clone() else {
+            return;
+        };
+        let model = self.model;
+        let hp = &model.hp;
+        let d = hp.n_embd;
+        let k = self.kernels;
+        let s = &mut self.s;
+        for depth in 1..=self.streaming.lookahead {
+            let l2 = li + depth;
+            let Some(layer) = model.layers.get(l2) else {
+                break;
+            };
+            let Ffn::Moe(moe) = &layer.ffn else {
+                continue;
+            };
+            let mut union: Vec<u32> = Vec::new();
+            for t in 0..n {
+                s.predict_norm.resize(d, 0.0);
+                rms_norm_rows(
+                    &s.x[t * d..(t + 1) * d],
+                    &layer.ffn_norm,
+                    hp.norm_eps,
+                    &mut s.predict_norm,
+                    k,
+                );
+                s.predict_logits.resize(hp.n_expert, 0.0);
+                matmul(
+                    k,
+                    &moe.router,
+                    &s.predict_norm,
+                    1,
+                    &mut s.predict_logits,
+                    &mut s.mm,
+                );
+                let r = route(&s.predict_logits, hp.n_expert_used, false);
+                for &e in &r.experts {
+                    if !union.contains(&e) {
+                        union.push(e);
+                    }
+                }
+            }
+            union.sort_unstable();
+            cache.prefetch(l2, &union, cache.step_of(last_pos, l2));
+            s.pending.push((l2, depth, union));
+        }
     }
 
     /// Self-attention of the batch in `s.xn`; leaves the projected output in `s.proj`.
@@ -291,19 +424,34 @@ impl<'m, 'a> Session<'m, 'a> {
 }
 
 /// The feed-forward block of the batch in `s.ffn_in`, accumulated into `s.ffn_out`: a dense
-/// MLP, or routed experts plus an optional shared expert.
-fn feed_forward(k: &Kernels, hp: &super::HParams, ffn: &Ffn, n: usize, s: &mut Scratch) {
+/// MLP, or routed experts plus an optional shared expert. Routed experts come from the memory
+/// map, or from the expert cache in groups that fit its slots; either way every output sums its
+/// experts in the same order, so streamed and resident runs are bit-identical.
+#[allow(clippy::too_many_arguments)]
+fn feed_forward(
+    k: &Kernels,
+    hp: &super::HParams,
+    layer: usize,
+    ffn: &Ffn,
+    n: usize,
+    s: &mut Scratch,
+    streaming: &ExpertStreaming,
+    predictions: &mut [PredictionStats],
+) -> Result<(), ModelError> {
     let n_expert = hp.n_expert;
+    let d = hp.n_embd;
     s.assigned.resize_with(n_expert + 1, Vec::new);
     s.assigned.iter_mut().for_each(Vec::clear);
-    let mut jobs = Vec::new();
+    s.ffn_out_t.clear();
+    s.ffn_out_t.resize(d * n, 0.0);
     match ffn {
         Ffn::Dense(mlp) => {
             s.assigned[n_expert].extend((0..n as u32).map(|t| (t, 1.0)));
-            jobs.push(ExpertJob {
+            let jobs = [ExpertJob {
                 mlp: *mlp,
                 tokens: &s.assigned[n_expert],
-            });
+            }];
+            run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
         }
         Ffn::Moe(moe) => {
             s.router_logits.resize(n * n_expert, 0.0);
@@ -337,32 +485,80 @@ fn feed_forward(k: &Kernels, hp: &super::HParams, ffn: &Ffn, n: usize, s: &mut S
                     s.assigned[n_expert].push((t as u32, scale));
                 }
             }
+            s.active.clear();
+            s.active
+                .extend((0..n_expert as u32).filter(|&e| !s.assigned[e as usize].is_empty()));
+            s.expert_bytes += (s.active.len()
+                * (moe.experts.gate.slab_bytes()
+                    + moe.experts.up.slab_bytes()
+                    + moe.experts.down.slab_bytes())) as u64;
+            score_predictions(layer, &s.active, &mut s.pending, predictions);
+
             // Routed experts in index order, then the shared expert: a fixed summation order.
-            let slab = moe.experts.gate.slab_bytes()
-                + moe.experts.up.slab_bytes()
-                + moe.experts.down.slab_bytes();
-            for (e, tokens) in s.assigned[..n_expert].iter().enumerate() {
-                if !tokens.is_empty() {
-                    s.expert_bytes += slab as u64;
-                    jobs.push(ExpertJob {
-                        mlp: Mlp {
-                            gate: moe.experts.gate.expert(e),
-                            up: moe.experts.up.expert(e),
-                            down: moe.experts.down.expert(e),
-                        },
-                        tokens,
-                    });
+            match &streaming.cache {
+                None => {
+                    let jobs: Vec<ExpertJob> = s
+                        .active
+                        .iter()
+                        .map(|&e| ExpertJob {
+                            mlp: Mlp {
+                                gate: moe.experts.gate.expert(e as usize),
+                                up: moe.experts.up.expert(e as usize),
+                                down: moe.experts.down.expert(e as usize),
+                            },
+                            tokens: &s.assigned[e as usize],
+                        })
+                        .collect();
+                    run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
+                }
+                Some(cache) => {
+                    for group in s.active.chunks(cache.slots()) {
+                        let guards = cache
+                            .acquire(layer, group)
+                            .map_err(|e| ModelError::Io(e.to_string()))?;
+                        let jobs: Vec<ExpertJob> = guards
+                            .iter()
+                            .zip(group)
+                            .map(|(g, &e)| ExpertJob {
+                                mlp: g.mlp(),
+                                tokens: &s.assigned[e as usize],
+                            })
+                            .collect();
+                        run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
+                    }
                 }
             }
             if let Some(shared) = &moe.shared {
-                jobs.push(ExpertJob {
+                let jobs = [ExpertJob {
                     mlp: shared.mlp,
                     tokens: &s.assigned[n_expert],
-                });
+                }];
+                run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
             }
         }
     }
-    run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out, &mut s.experts);
+    add_transposed(&s.ffn_out_t, n, &mut s.ffn_out);
+    Ok(())
+}
+
+/// Compares the predictions made for `layer` with the experts it used.
+fn score_predictions(
+    layer: usize,
+    actual: &[u32],
+    pending: &mut Vec<(usize, usize, Vec<u32>)>,
+    stats: &mut [PredictionStats],
+) {
+    pending.retain(|(l, depth, predicted)| {
+        if *l != layer {
+            return true;
+        }
+        if let Some(st) = stats.get_mut(depth - 1) {
+            st.correct += predicted.iter().filter(|e| actual.contains(e)).count() as u64;
+            st.predicted += predicted.len() as u64;
+            st.actual += actual.len() as u64;
+        }
+        false
+    });
 }
 
 #[inline]

@@ -7,7 +7,7 @@ mod kv_cache;
 mod weights;
 
 pub use arch::{Arch, ArchTraits, QkNorm, RopeStyle};
-pub use forward::Session;
+pub use forward::{ExpertStreaming, PredictionStats, Session};
 pub use hparams::HParams;
 pub use kv_cache::{KvCache, KvType};
 pub use weights::{
@@ -34,4 +34,6 @@ pub enum ModelError {
     ContextFull { n_ctx: usize, needed: usize },
     #[error("bad input: {0}")]
     Input(String),
+    #[error("{0}")]
+    Io(String),
 }

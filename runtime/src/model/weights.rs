@@ -17,6 +17,8 @@ pub struct StackedExperts<'a> {
     pub cols: usize,
     pub n_expert: usize,
     pub data: &'a [u8],
+    /// Where `data` starts in the file (for reading experts with pread instead of the map).
+    pub file_offset: usize,
 }
 
 impl<'a> StackedExperts<'a> {
@@ -160,6 +162,7 @@ impl<'a> Lookup<'a> {
             cols,
             n_expert,
             data: self.file.tensor_bytes(info),
+            file_offset: info.range.start,
         })
     }
 

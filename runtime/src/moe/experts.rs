@@ -23,24 +23,24 @@ pub struct ExpertScratch {
     hidden_t: Vec<f32>,
     /// Per job, the hidden rows token by token, prepared for the down projection.
     hidden: Vec<Activations>,
-    /// `[d, n]` accumulated down-projection outputs.
-    out_t: Vec<f32>,
 }
 
-/// `out[t] += sum over jobs j containing t of w_tj * down_j(silu(gate_j x_t) * up_j x_t)`.
-/// `x` holds the batch's `n` input rows; `out` is `[n, d]`.
+/// Accumulates `out_t[r, t] += w_tj * down_j(silu(gate_j x_t) * up_j x_t)[r]` over the jobs, in
+/// job order. `x` holds the batch's `n` input rows; `out_t` is `[d, n]` (transposed), so that
+/// calling this once with all jobs or several times with consecutive groups of them gives
+/// bit-identical sums (the expert cache runs a layer's experts in groups that fit its slots).
 pub fn run_experts(
     k: &Kernels,
     jobs: &[ExpertJob],
     x: &Activations,
-    out: &mut [f32],
+    out_t: &mut [f32],
     s: &mut ExpertScratch,
 ) {
     let n = x.n;
-    let d = out.len() / n.max(1);
     if jobs.is_empty() || n == 0 {
         return;
     }
+    let d = out_t.len() / n;
 
     // Pass 1: gate/up. Split the hidden buffer into per-job blocks, then into row chunks.
     let sizes: Vec<usize> = jobs
@@ -100,11 +100,9 @@ pub fn run_experts(
     }
 
     // Pass 2: down projections, threads splitting the output rows.
-    s.out_t.clear();
-    s.out_t.resize(d * n, 0.0);
     let hidden = &s.hidden;
     let chunk = rows_per_task(d);
-    s.out_t
+    out_t
         .par_chunks_mut(chunk * n)
         .enumerate()
         .for_each_init(Vec::new, |buf, (ci, dst)| {
@@ -118,7 +116,12 @@ pub fn run_experts(
                 }
             }
         });
-    for (r, vals) in s.out_t.chunks_exact(n).enumerate() {
+}
+
+/// `out[t, r] += out_t[r, t]` for `[d, n]` accumulations.
+pub fn add_transposed(out_t: &[f32], n: usize, out: &mut [f32]) {
+    let d = out_t.len() / n.max(1);
+    for (r, vals) in out_t.chunks_exact(n).enumerate() {
         for (t, &v) in vals.iter().enumerate() {
             out[t * d + r] += v;
         }

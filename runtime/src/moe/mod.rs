@@ -1,4 +1,7 @@
-//! Mixture-of-experts routing and expert execution.
+//! Mixture-of-experts: routing, running experts over a batch, and the bounded expert cache that
+//! streams experts from flash.
 
+pub mod cache;
 pub mod experts;
+pub mod flash;
 pub mod router;

@@ -1,0 +1,847 @@
+//! A bounded RAM cache of routed experts, filled from the model file by I/O threads.
+//!
+//! Each slot holds one expert of one layer (its gate, up and down slabs, each read with one
+//! page-aligned read). The compute thread asks for the experts a layer actually routed to; a
+//! missing one is read at once, ahead of any speculative read (a "stall", counted and timed).
+//! Predictors ask for experts they expect soon; such a speculative read only takes a slot whose
+//! expert is predicted later (or not at all) and is not more frequently used, and the bytes of
+//! speculative reads in flight are capped, so prefetching never displaces what is about to be
+//! used nor delays a demand read for long.
+//!
+//! Slot memory is written only while its slot is `loading` (by exactly one reader) and read only
+//! while it is ready and pinned by a guard; the state mutex orders the two.
+
+use std::alloc::Layout;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::flash::{Extent, FlashProfile, FlashReader, PAGE};
+use crate::gguf::GgmlType;
+use crate::model::{Ffn, Mlp, Model};
+use crate::tensor::QMatrix;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExpertKey {
+    pub layer: u32,
+    pub expert: u32,
+}
+
+/// How a full cache chooses what to drop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// Least recently used.
+    Lru,
+    /// Least frequently used (exponential moving average of uses).
+    Lfu,
+    /// Belady: the expert whose next predicted use is farthest (unpredicted ones first),
+    /// least recently used among equals.
+    Belady,
+}
+
+impl Eviction {
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "lru" => Some(Self::Lru),
+            "lfu" => Some(Self::Lfu),
+            "belady" => Some(Self::Belady),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub slots: usize,
+    pub eviction: Eviction,
+    /// Bypass the page cache (O_DIRECT).
+    pub direct_io: bool,
+    /// Emulated storage speed (measurement only).
+    pub flash: Option<FlashProfile>,
+    pub io_threads: usize,
+    /// Cap on bytes of speculative reads queued or in flight.
+    pub max_speculative_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("expert cache: cannot open {path}: {cause}")]
+    Open { path: String, cause: std::io::Error },
+    #[error("reading expert {expert} of layer {layer} from the model file failed: {cause}")]
+    Read {
+        layer: u32,
+        expert: u32,
+        cause: String,
+    },
+    #[error("{0}")]
+    Budget(String),
+}
+
+/// Where one layer's stacked expert tensors are in the file.
+#[derive(Clone, Copy, Debug)]
+struct SlabSpec {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    file_offset: u64,
+    slab_bytes: usize,
+}
+
+/// The file location of every routed expert, taken from the model.
+pub struct ExpertLayout {
+    /// Per layer: gate, up, down (None for dense layers).
+    layers: Vec<Option<[SlabSpec; 3]>>,
+    n_expert: usize,
+}
+
+impl ExpertLayout {
+    pub fn from_model(model: &Model) -> Self {
+        let layers = model
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                Ffn::Moe(moe) => {
+                    let spec = |s: &crate::model::StackedExperts| SlabSpec {
+                        ty: s.ty,
+                        rows: s.rows,
+                        cols: s.cols,
+                        file_offset: s.file_offset as u64,
+                        slab_bytes: s.slab_bytes(),
+                    };
+                    Some([
+                        spec(&moe.experts.gate),
+                        spec(&moe.experts.up),
+                        spec(&moe.experts.down),
+                    ])
+                }
+                Ffn::Dense(_) => None,
+            })
+            .collect();
+        Self {
+            layers,
+            n_expert: model.hp.n_expert,
+        }
+    }
+
+    fn extents(&self, key: ExpertKey) -> [Extent; 3] {
+        let specs = self.layers[key.layer as usize].expect("routed experts only in MoE layers");
+        specs.map(|s| Extent {
+            offset: s.file_offset + (key.expert as usize * s.slab_bytes) as u64,
+            len: s.slab_bytes,
+        })
+    }
+
+    /// Bytes of one expert (three slabs) as stored in the file.
+    pub fn expert_bytes(&self, layer: usize) -> usize {
+        self.layers[layer].map_or(0, |s| s.iter().map(|x| x.slab_bytes).sum())
+    }
+
+    /// Room one slot needs: the largest expert of any layer, each slab page-aligned.
+    fn slot_span(&self) -> (usize, [usize; 3]) {
+        let mut spans = [0usize; 3];
+        for specs in self.layers.iter().flatten() {
+            for (i, s) in specs.iter().enumerate() {
+                // Worst-case misalignment of a slab start within a page.
+                let worst = if s.slab_bytes % PAGE == 0 && s.file_offset % PAGE as u64 == 0 {
+                    s.slab_bytes
+                } else {
+                    s.slab_bytes + PAGE
+                };
+                spans[i] = spans[i].max(worst.div_ceil(PAGE) * PAGE);
+            }
+        }
+        (spans.iter().sum(), spans)
+    }
+
+    /// Total bytes of routed experts in the file.
+    pub fn total_expert_bytes(&self) -> usize {
+        (0..self.layers.len())
+            .map(|l| self.expert_bytes(l) * self.n_expert)
+            .sum()
+    }
+
+    pub fn n_expert(&self) -> usize {
+        self.n_expert
+    }
+
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(Option::is_some)
+    }
+}
+
+/// Counters for one run, readable while it goes on.
+#[derive(Default, Debug)]
+struct Counters {
+    demand_hits: AtomicU64,
+    demand_misses: AtomicU64,
+    /// Demand requests that found their expert being prefetched and waited for it.
+    late_prefetches: AtomicU64,
+    prefetches_issued: AtomicU64,
+    /// Prefetched experts that were used before being evicted.
+    prefetches_used: AtomicU64,
+    prefetches_skipped: AtomicU64,
+    evictions: AtomicU64,
+    bytes_read: AtomicU64,
+    demand_bytes_read: AtomicU64,
+    stall_nanos: AtomicU64,
+}
+
+/// A snapshot of the cache's counters.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CacheStats {
+    pub slots: usize,
+    pub slot_bytes: usize,
+    pub demand_hits: u64,
+    pub demand_misses: u64,
+    pub late_prefetches: u64,
+    pub prefetches_issued: u64,
+    pub prefetches_used: u64,
+    pub prefetches_skipped: u64,
+    pub evictions: u64,
+    pub bytes_read: u64,
+    pub demand_bytes_read: u64,
+    pub stall_seconds: f64,
+}
+
+impl CacheStats {
+    pub fn hit_rate(&self) -> f64 {
+        let total = self.demand_hits + self.demand_misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.demand_hits as f64 / total as f64
+        }
+    }
+
+    /// Fraction of speculative reads that were used.
+    pub fn prefetch_precision(&self) -> f64 {
+        if self.prefetches_issued == 0 {
+            0.0
+        } else {
+            self.prefetches_used as f64 / self.prefetches_issued as f64
+        }
+    }
+}
+
+const NEVER: u64 = u64::MAX;
+
+#[derive(Clone, Debug)]
+struct Slot {
+    key: Option<ExpertKey>,
+    loading: bool,
+    pins: u32,
+    last_use: u64,
+    /// Step of the next predicted use (NEVER when none is predicted).
+    next_use: u64,
+    /// Filled by a speculative read and not used yet.
+    speculative: bool,
+    /// Offset of each slab's bytes within its span.
+    leads: [usize; 3],
+}
+
+struct State {
+    slots: Vec<Slot>,
+    index: HashMap<ExpertKey, usize>,
+    /// Moving average of use per (layer, expert), for LFU and admission.
+    frequency: Vec<f32>,
+    /// Current position in the computation (token * layers + layer), the clock of LRU/Belady.
+    step: u64,
+    speculative_bytes: usize,
+    queue: VecDeque<(ExpertKey, usize)>,
+    failure: Option<String>,
+    shutdown: bool,
+}
+
+struct Memory {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+// SAFETY: slot memory is only written by the single loader of a `loading` slot and only read
+// through pinned, ready slots; the state mutex orders the transitions (see the module docs).
+unsafe impl Send for Memory {}
+unsafe impl Sync for Memory {}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `ExpertCache::new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+struct Inner {
+    layout: ExpertLayout,
+    reader: FlashReader,
+    cfg: CacheConfig,
+    slot_span: usize,
+    span_offsets: [usize; 3],
+    memory: Memory,
+    state: Mutex<State>,
+    changed: Condvar,
+    counters: Counters,
+    n_layers: usize,
+}
+
+pub struct ExpertCache {
+    inner: Arc<Inner>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// A pinned, ready expert; its slot cannot be evicted while the guard lives.
+pub struct ExpertGuard<'c> {
+    inner: &'c Inner,
+    slot: usize,
+    key: ExpertKey,
+    leads: [usize; 3],
+}
+
+impl ExpertCache {
+    pub fn new(
+        model: &Model,
+        path: &std::path::Path,
+        cfg: CacheConfig,
+    ) -> Result<Self, CacheError> {
+        let layout = ExpertLayout::from_model(model);
+        let (slot_span, spans) = layout.slot_span();
+        if cfg.slots < model.hp.n_expert_used {
+            return Err(CacheError::Budget(format!(
+                "the expert cache needs at least {} slots (the experts one token uses), got {}",
+                model.hp.n_expert_used, cfg.slots
+            )));
+        }
+        let reader = FlashReader::open(path, cfg.direct_io, cfg.flash).map_err(|cause| {
+            CacheError::Open {
+                path: path.display().to_string(),
+                cause,
+            }
+        })?;
+        let size = (cfg.slots * slot_span).max(PAGE);
+        let mem_layout = Layout::from_size_align(size, PAGE)
+            .map_err(|e| CacheError::Budget(format!("cache of {size} bytes: {e}")))?;
+        // SAFETY: non-zero size. Zeroed pages are mapped lazily, so RSS grows as slots fill.
+        let ptr = unsafe { std::alloc::alloc_zeroed(mem_layout) };
+        if ptr.is_null() {
+            return Err(CacheError::Budget(format!(
+                "cannot allocate {size} bytes for the expert cache"
+            )));
+        }
+        let empty = Slot {
+            key: None,
+            loading: false,
+            pins: 0,
+            last_use: 0,
+            next_use: NEVER,
+            speculative: false,
+            leads: [0; 3],
+        };
+        let n_layers = layout.layers.len();
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                slots: vec![empty; cfg.slots],
+                index: HashMap::with_capacity(cfg.slots),
+                frequency: vec![0.0; n_layers * layout.n_expert],
+                step: 0,
+                speculative_bytes: 0,
+                queue: VecDeque::new(),
+                failure: None,
+                shutdown: false,
+            }),
+            span_offsets: [0, spans[0], spans[0] + spans[1]],
+            layout,
+            reader,
+            slot_span,
+            memory: Memory {
+                ptr,
+                layout: mem_layout,
+            },
+            changed: Condvar::new(),
+            counters: Counters::default(),
+            n_layers,
+            cfg,
+        });
+        let workers = (0..inner.cfg.io_threads.max(1))
+            .map(|i| {
+                let inner = Arc::clone(&inner);
+                std::thread::Builder::new()
+                    .name(format!("moe-io-{i}"))
+                    .spawn(move || inner.io_worker())
+                    .expect("spawning an I/O thread")
+            })
+            .collect();
+        Ok(Self { inner, workers })
+    }
+
+    /// Bytes one slot takes.
+    pub fn slot_bytes(&self) -> usize {
+        self.inner.slot_span
+    }
+
+    pub fn slots(&self) -> usize {
+        self.inner.cfg.slots
+    }
+
+    pub fn layout(&self) -> &ExpertLayout {
+        &self.inner.layout
+    }
+
+    /// Bytes the cache holds (its own accounting; the budget check uses this).
+    pub fn memory_bytes(&self) -> usize {
+        self.inner.memory.layout.size()
+    }
+
+    /// Moves the cache's clock: the computation is at `layer` of token `token`.
+    pub fn set_position(&self, token: usize, layer: usize) {
+        let mut st = self.inner.lock();
+        st.step = (token * self.inner.n_layers + layer) as u64;
+    }
+
+    /// The step number of `layer` of `token` (for predictions).
+    pub fn step_of(&self, token: usize, layer: usize) -> u64 {
+        (token * self.inner.n_layers + layer) as u64
+    }
+
+    /// Pins the experts a layer routed to, reading the missing ones (all at once, ahead of any
+    /// speculative read) and waiting for them.
+    pub fn acquire(
+        &self,
+        layer: usize,
+        experts: &[u32],
+    ) -> Result<Vec<ExpertGuard<'_>>, CacheError> {
+        self.inner.acquire(layer, experts)
+    }
+
+    /// Asks for experts predicted to be used at `step` (speculative, may be skipped).
+    pub fn prefetch(&self, layer: usize, experts: &[u32], step: u64) {
+        self.inner.prefetch(layer, experts, step)
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            slots: self.inner.cfg.slots,
+            slot_bytes: self.inner.slot_span,
+            demand_hits: get(&c.demand_hits),
+            demand_misses: get(&c.demand_misses),
+            late_prefetches: get(&c.late_prefetches),
+            prefetches_issued: get(&c.prefetches_issued),
+            prefetches_used: get(&c.prefetches_used),
+            prefetches_skipped: get(&c.prefetches_skipped),
+            evictions: get(&c.evictions),
+            bytes_read: get(&c.bytes_read),
+            demand_bytes_read: get(&c.demand_bytes_read),
+            stall_seconds: get(&c.stall_nanos) as f64 * 1e-9,
+        }
+    }
+}
+
+impl Drop for ExpertCache {
+    fn drop(&mut self) {
+        self.inner.lock().shutdown = true;
+        self.inner.changed.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl ExpertGuard<'_> {
+    pub fn key(&self) -> ExpertKey {
+        self.key
+    }
+
+    /// The expert's three matrices, borrowed from its slot.
+    pub fn mlp(&self) -> Mlp<'_> {
+        let specs = self.inner.layout.layers[self.key.layer as usize].expect("MoE layer");
+        let base = self.slot * self.inner.slot_span;
+        let m = |i: usize| {
+            let s = specs[i];
+            let start = base + self.inner.span_offsets[i] + self.leads[i];
+            // SAFETY: the slot is ready and pinned by this guard, so nothing writes it; the range
+            // lies inside the slot's span (checked by `slot_span`).
+            let data = unsafe {
+                std::slice::from_raw_parts(self.inner.memory.ptr.add(start), s.slab_bytes)
+            };
+            QMatrix {
+                ty: s.ty,
+                rows: s.rows,
+                cols: s.cols,
+                data,
+            }
+        };
+        Mlp {
+            gate: m(0),
+            up: m(1),
+            down: m(2),
+        }
+    }
+}
+
+impl Drop for ExpertGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        st.slots[self.slot].pins -= 1;
+        drop(st);
+        self.inner.changed.notify_all();
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn freq_index(&self, key: ExpertKey) -> usize {
+        key.layer as usize * self.layout.n_expert + key.expert as usize
+    }
+
+    /// A slot to overwrite: unpinned, not loading, chosen by the eviction policy. For a
+    /// speculative read (`for_step` = Some), only experts predicted later than `for_step` (or not
+    /// at all) and not more frequent than the newcomer qualify.
+    fn victim(&self, st: &State, for_step: Option<(u64, f32)>) -> Option<usize> {
+        let mut best: Option<(usize, (u64, u64, u64))> = None;
+        for (i, s) in st.slots.iter().enumerate() {
+            if s.pins > 0 || s.loading {
+                continue;
+            }
+            let Some(key) = s.key else {
+                return Some(i); // an empty slot is always the best choice
+            };
+            let freq = st.frequency[self.freq_index(key)];
+            if let Some((step, new_freq)) = for_step {
+                if s.next_use <= step || freq > new_freq {
+                    continue;
+                }
+            }
+            // Larger rank = better victim.
+            let rank = match self.cfg.eviction {
+                Eviction::Lru => (u64::MAX - s.last_use, 0, 0),
+                Eviction::Lfu => ((f32::MAX - freq).to_bits() as u64, u64::MAX - s.last_use, 0),
+                Eviction::Belady => (s.next_use, u64::MAX - s.last_use, 0),
+            };
+            if best.is_none_or(|(_, r)| rank > r) {
+                best = Some((i, rank));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    fn evict_into(&self, st: &mut State, slot: usize, key: ExpertKey) {
+        if let Some(old) = st.slots[slot].key.take() {
+            st.index.remove(&old);
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        let s = &mut st.slots[slot];
+        s.key = Some(key);
+        s.loading = true;
+        s.next_use = NEVER;
+        s.speculative = false;
+        st.index.insert(key, slot);
+    }
+
+    fn acquire(&self, layer: usize, experts: &[u32]) -> Result<Vec<ExpertGuard<'_>>, CacheError> {
+        let t0 = Instant::now();
+        let mut stalled = false;
+        let mut st = self.lock();
+        if let Some(f) = &st.failure {
+            return Err(CacheError::Read {
+                layer: layer as u32,
+                expert: u32::MAX,
+                cause: f.clone(),
+            });
+        }
+        let now = st.step;
+        // Update frequencies once per request (EMA over requests of this layer).
+        for e in 0..self.layout.n_expert {
+            let i = layer * self.layout.n_expert + e;
+            let used = experts.contains(&(e as u32)) as u32 as f32;
+            st.frequency[i] = 0.95 * st.frequency[i] + 0.05 * used;
+        }
+        // Pin what is present; queue demand reads (front of the queue) for what is not.
+        let mut slots = Vec::with_capacity(experts.len());
+        for &e in experts {
+            let key = ExpertKey {
+                layer: layer as u32,
+                expert: e,
+            };
+            loop {
+                if let Some(&i) = st.index.get(&key) {
+                    let s = &mut st.slots[i];
+                    s.pins += 1;
+                    s.last_use = now;
+                    s.next_use = NEVER;
+                    if s.loading {
+                        stalled = true;
+                        self.counters
+                            .late_prefetches
+                            .fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.counters.demand_hits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if s.speculative {
+                        s.speculative = false;
+                        self.counters
+                            .prefetches_used
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    slots.push(i);
+                    break;
+                }
+                match self.victim(&st, None) {
+                    Some(i) => {
+                        self.evict_into(&mut st, i, key);
+                        st.slots[i].pins = 1;
+                        st.slots[i].last_use = now;
+                        st.queue.push_front((key, i));
+                        stalled = true;
+                        self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
+                        let bytes = self.layout.expert_bytes(layer) as u64;
+                        self.counters
+                            .demand_bytes_read
+                            .fetch_add(bytes, Ordering::Relaxed);
+                        self.changed.notify_all();
+                        slots.push(i);
+                        break;
+                    }
+                    // Every slot is pinned or loading: wait for one to free up.
+                    None => {
+                        stalled = true;
+                        st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+            }
+        }
+        // Wait until all are loaded.
+        loop {
+            if let Some(f) = &st.failure {
+                let cause = f.clone();
+                for &i in &slots {
+                    st.slots[i].pins -= 1;
+                }
+                drop(st);
+                self.changed.notify_all();
+                return Err(CacheError::Read {
+                    layer: layer as u32,
+                    expert: u32::MAX,
+                    cause,
+                });
+            }
+            if slots.iter().all(|&i| !st.slots[i].loading) {
+                break;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let guards = slots
+            .iter()
+            .zip(experts)
+            .map(|(&i, &e)| ExpertGuard {
+                inner: self,
+                slot: i,
+                key: ExpertKey {
+                    layer: layer as u32,
+                    expert: e,
+                },
+                leads: st.slots[i].leads,
+            })
+            .collect();
+        drop(st);
+        if stalled {
+            self.counters
+                .stall_nanos
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        Ok(guards)
+    }
+
+    fn prefetch(&self, layer: usize, experts: &[u32], step: u64) {
+        if !self.layout.is_moe_layer(layer) {
+            return;
+        }
+        let bytes = self.layout.expert_bytes(layer);
+        let mut st = self.lock();
+        let mut queued = false;
+        for &e in experts {
+            let key = ExpertKey {
+                layer: layer as u32,
+                expert: e,
+            };
+            if let Some(&i) = st.index.get(&key) {
+                let s = &mut st.slots[i];
+                s.next_use = s.next_use.min(step);
+                continue;
+            }
+            if st.speculative_bytes + bytes > self.cfg.max_speculative_bytes {
+                self.counters
+                    .prefetches_skipped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let freq = st.frequency[self.freq_index(key)];
+            let Some(i) = self.victim(&st, Some((step, freq))) else {
+                self.counters
+                    .prefetches_skipped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            self.evict_into(&mut st, i, key);
+            let s = &mut st.slots[i];
+            s.next_use = step;
+            s.speculative = true;
+            s.last_use = step.saturating_sub(1);
+            st.speculative_bytes += bytes;
+            st.queue.push_back((key, i));
+            self.counters
+                .prefetches_issued
+                .fetch_add(1, Ordering::Relaxed);
+            queued = true;
+        }
+        drop(st);
+        if queued {
+            self.changed.notify_all();
+        }
+    }
+
+    fn io_worker(&self) {
+        let mut st = self.lock();
+        loop {
+            if st.shutdown {
+                return;
+            }
+            let Some((key, slot)) = st.queue.pop_front() else {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            let speculative = st.slots[slot].speculative;
+            drop(st);
+            let result = self.load(key, slot);
+            st = self.lock();
+            if speculative {
+                st.speculative_bytes -= self.layout.expert_bytes(key.layer as usize);
+            }
+            match result {
+                Ok(leads) => {
+                    let s = &mut st.slots[slot];
+                    s.leads = leads;
+                    s.loading = false;
+                    self.counters.bytes_read.fetch_add(
+                        self.layout.expert_bytes(key.layer as usize) as u64,
+                        Ordering::Relaxed,
+                    );
+                }
+                Err(e) => {
+                    st.index.remove(&key);
+                    let s = &mut st.slots[slot];
+                    s.key = None;
+                    s.loading = false;
+                    s.speculative = false;
+                    st.failure = Some(e);
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// Reads the three slabs of `key` into `slot`.
+    fn load(&self, key: ExpertKey, slot: usize) -> Result<[usize; 3], String> {
+        let extents = self.layout.extents(key);
+        let mut leads = [0usize; 3];
+        for (i, e) in extents.iter().enumerate() {
+            let start = slot * self.slot_span + self.span_offsets[i];
+            let span = FlashReader::aligned_span(*e);
+            // SAFETY: this thread is the slot's only loader while it is `loading`, and no guard
+            // reads a loading slot; the span lies inside the slot.
+            let buf = unsafe { std::slice::from_raw_parts_mut(self.memory.ptr.add(start), span) };
+            leads[i] = self
+                .reader
+                .read(*e, buf)
+                .map_err(|err| format!("expert {} of layer {}: {err}", key.expert, key.layer))?;
+        }
+        Ok(leads)
+    }
+}
+
+/// Cache slots that fit a memory budget after the resident part of the model.
+pub struct BudgetPlan {
+    pub slots: usize,
+    pub resident_bytes: usize,
+    pub overhead_bytes: usize,
+}
+
+/// Fixed overhead reserved from a budget for code, thread stacks and scratch buffers.
+pub const RUNTIME_OVERHEAD: usize = 48 << 20;
+
+/// Splits `budget` bytes: the model's non-expert tensors and the KV cache stay resident, the
+/// rest becomes expert slots of `slot_bytes` each.
+pub fn plan_budget(
+    model: &Model,
+    slot_bytes: usize,
+    kv_bytes: usize,
+    budget: usize,
+) -> Result<BudgetPlan, CacheError> {
+    let layout = ExpertLayout::from_model(model);
+    let file_tensors: usize = model
+        .file
+        .header()
+        .tensors()
+        .iter()
+        .map(|t| t.range.len())
+        .sum();
+    let resident = file_tensors - layout.total_expert_bytes() + kv_bytes;
+    let need_min = resident + RUNTIME_OVERHEAD + model.hp.n_expert_used * slot_bytes;
+    if budget < need_min {
+        return Err(CacheError::Budget(format!(
+            "a memory budget of {} MiB is too small: the resident part (non-expert weights and \
+             KV cache) takes {} MiB, the runtime {} MiB, and one token's experts {} MiB; give at \
+             least {} MiB",
+            budget >> 20,
+            resident >> 20,
+            RUNTIME_OVERHEAD >> 20,
+            (model.hp.n_expert_used * slot_bytes) >> 20,
+            need_min.div_ceil(1 << 20)
+        )));
+    }
+    Ok(BudgetPlan {
+        slots: (budget - resident - RUNTIME_OVERHEAD) / slot_bytes,
+        resident_bytes: resident,
+        overhead_bytes: RUNTIME_OVERHEAD,
+    })
+}
+
+/// Parses sizes like `3G`, `512M`, `1.5GiB`, or a plain byte count.
+pub fn parse_size(s: &str) -> Option<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((v * mult) as usize)
+}
+
+/// How long a demand stall took, for tests.
+pub fn duration_of(stats: &CacheStats) -> Duration {
+    Duration::from_secs_f64(stats.stall_seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("3G"), Some(3 << 30));
+        assert_eq!(super::parse_size("512M"), Some(512 << 20));
+        assert_eq!(super::parse_size("1.5GiB"), Some(3 << 29));
+        assert_eq!(super::parse_size("4096"), Some(4096));
+        assert_eq!(super::parse_size("3X"), None);
+    }
+}

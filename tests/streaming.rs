@@ -1,0 +1,191 @@
+//! Expert streaming: runs whose routed experts come through a small expert cache (read from the
+//! file with pread) give bit-identical logits and tokens to fully resident runs, whatever the
+//! eviction policy, prediction depth or emulated flash speed.
+
+use std::sync::Arc;
+
+use moe_e2e::{Fixture, FIXTURES};
+use moe_runtime::gguf::{GgmlType, GgufFile};
+use moe_runtime::model::{ExpertStreaming, KvType, Model, Session};
+use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
+use moe_runtime::moe::flash::FlashProfile;
+use moe_runtime::sampling::argmax_logits;
+
+/// Logits of every position of `ids` plus 8 greedy tokens.
+fn run(model: &Model, ids: &[u32], streaming: Option<ExpertStreaming>) -> (Vec<f32>, Vec<u32>) {
+    let mut s = Session::with_kv_type(model, 256, KvType::F32);
+    if let Some(st) = streaming {
+        s.set_streaming(st);
+    }
+    let mut logits = s.forward(ids, true).unwrap().to_vec();
+    let vocab = model.hp.n_vocab;
+    let mut next = argmax_logits(&logits[logits.len() - vocab..]);
+    let mut out = vec![next];
+    for _ in 0..7 {
+        let l = s.forward(&[next], false).unwrap().to_vec();
+        next = argmax_logits(&l);
+        logits.extend_from_slice(&l);
+        out.push(next);
+    }
+    (logits, out)
+}
+
+fn cache(
+    model: &Model,
+    path: &std::path::Path,
+    slots: usize,
+    eviction: Eviction,
+) -> Arc<ExpertCache> {
+    Arc::new(
+        ExpertCache::new(
+            model,
+            path,
+            CacheConfig {
+                slots,
+                eviction,
+                direct_io: false,
+                flash: None,
+                io_threads: 2,
+                max_speculative_bytes: 1 << 20,
+            },
+        )
+        .unwrap(),
+    )
+}
+
+#[test]
+fn streamed_equals_resident_for_every_architecture() {
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        for ty in [GgmlType::F32, GgmlType::Q8_0] {
+            let conv = fx.convert(ty);
+            let file = conv.open();
+            let model = Model::load(&file).unwrap();
+            let ids = &fx.expected.prompts[2].ids;
+            let resident = run(&model, ids, None);
+            let n_used = model.hp.n_expert_used;
+            for (slots, eviction, lookahead) in [
+                (n_used, Eviction::Lru, 0),
+                (n_used + 1, Eviction::Lfu, 1),
+                (n_used + 2, Eviction::Belady, 2),
+                (3 * n_used, Eviction::Belady, 1),
+            ] {
+                let c = cache(&model, &conv.path, slots, eviction);
+                let streamed = run(
+                    &model,
+                    ids,
+                    Some(ExpertStreaming {
+                        cache: Some(c.clone()),
+                        lookahead,
+                    }),
+                );
+                assert!(
+                    streamed.0 == resident.0 && streamed.1 == resident.1,
+                    "{name} {ty} slots={slots} {eviction:?} lookahead={lookahead}: streamed run differs"
+                );
+                let st = c.stats();
+                assert!(st.demand_misses > 0, "{name}: a small cache must miss");
+                // The cache's own accounting: exactly its slots, nothing more.
+                assert_eq!(c.memory_bytes(), (slots * c.slot_bytes()).max(4096));
+                if lookahead > 0 {
+                    assert!(st.prefetches_issued + st.prefetches_skipped > 0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_slow_flash_changes_time_not_results() {
+    let fx = Fixture::load("qwen3_moe");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let ids = &fx.expected.prompts[1].ids;
+    let resident = run(&model, ids, None);
+    let slow = FlashProfile {
+        name: "test",
+        bytes_per_second: 20e6,
+        latency: std::time::Duration::from_millis(1),
+    };
+    let c = Arc::new(
+        ExpertCache::new(
+            &model,
+            &conv.path,
+            CacheConfig {
+                slots: 3,
+                eviction: Eviction::Belady,
+                direct_io: false,
+                flash: Some(slow),
+                io_threads: 1,
+                max_speculative_bytes: 1 << 20,
+            },
+        )
+        .unwrap(),
+    );
+    let streamed = run(
+        &model,
+        ids,
+        Some(ExpertStreaming {
+            cache: Some(c.clone()),
+            lookahead: 1,
+        }),
+    );
+    assert!(streamed == resident);
+    let st = c.stats();
+    // Every demand miss paid at least the emulated latency.
+    assert!(
+        st.stall_seconds >= st.demand_misses as f64 * 1e-3 * 0.9,
+        "{st:?}"
+    );
+}
+
+#[test]
+fn short_read_is_an_error_not_wrong_output() {
+    let fx = Fixture::load("olmoe");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    // The cache reads from a copy cut in the middle of the expert data.
+    let first_experts = file
+        .header()
+        .tensors()
+        .iter()
+        .find(|t| t.name.ends_with("ffn_gate_exps.weight"))
+        .unwrap()
+        .range
+        .clone();
+    let cut = conv.path.with_extension("cut.gguf");
+    let bytes = std::fs::read(&conv.path).unwrap();
+    std::fs::write(&cut, &bytes[..first_experts.start + 100]).unwrap();
+    let c = cache(&model, &cut, 2, Eviction::Lru);
+    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
+    s.set_streaming(ExpertStreaming {
+        cache: Some(c),
+        lookahead: 0,
+    });
+    let err = s
+        .forward(&fx.expected.prompts[1].ids, true)
+        .expect_err("must fail");
+    assert!(err.to_string().contains("past the end"), "{err}");
+}
+
+#[test]
+fn lookahead_predictions_are_scored() {
+    let fx = Fixture::load("mixtral");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let file = GgufFile::open(&conv.path).unwrap();
+    let model = Model::load(&file).unwrap();
+    let c = cache(&model, &conv.path, 4, Eviction::Belady);
+    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
+    s.set_streaming(ExpertStreaming {
+        cache: Some(c),
+        lookahead: 2,
+    });
+    s.forward(&fx.expected.prompts[2].ids, false).unwrap();
+    let p = s.prediction_stats();
+    assert_eq!(p.len(), 2);
+    // 3 layers: depth 1 predicts layers 1 and 2, depth 2 predicts layer 2.
+    assert!(p[0].predicted > 0 && p[0].actual > 0 && p[1].predicted > 0);
+    assert!(p[0].precision() <= 1.0 && p[0].recall() <= 1.0);
+}
