@@ -34,6 +34,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    streaming: super::streaming::StreamingArgs,
 }
 
 #[derive(Serialize)]
@@ -45,6 +47,19 @@ struct TestResult {
     samples: Vec<f64>,
     /// Routed-expert weight bytes used per token (each selected expert once per batch).
     expert_bytes_per_token: f64,
+    /// With an expert cache: its counters over the measured runs.
+    cache: Option<CacheDelta>,
+}
+
+/// Expert-cache figures over the measured repetitions, per token.
+#[derive(Serialize)]
+struct CacheDelta {
+    hit_rate: f64,
+    bytes_read_per_token: f64,
+    demand_bytes_read_per_token: f64,
+    stall_seconds_per_token: f64,
+    prefetch_precision: f64,
+    evictions_per_token: f64,
 }
 
 #[derive(Serialize)]
@@ -66,6 +81,10 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
     let model = Model::load(&file)?;
     let n_ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);
     let mut session = Session::new(&model, n_ctx);
+    session.set_streaming(
+        args.streaming
+            .build(&model, &args.model, session.kv_bytes())?,
+    );
     let vocab = model.hp.n_vocab as u32;
     // Deterministic pseudo-random token ids, like llama-bench's random prompt.
     let tokens: Vec<u32> = (0..args.n_prompt.max(args.n_gen) as u64)
@@ -131,6 +150,21 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
             t.expert_bytes_per_token / (1u64 << 20) as f64
         )?;
     }
+    for t in &report.tests {
+        if let Some(c) = &t.cache {
+            writeln!(
+                out,
+                "{}{} expert cache: hit rate {:.1}%, read {:.2} MiB/token (demand {:.2}), stall {:.1} ms/token, prefetch precision {:.1}%",
+                t.test,
+                t.n_tokens,
+                100.0 * c.hit_rate,
+                c.bytes_read_per_token / (1u64 << 20) as f64,
+                c.demand_bytes_read_per_token / (1u64 << 20) as f64,
+                1e3 * c.stall_seconds_per_token,
+                100.0 * c.prefetch_precision
+            )?;
+        }
+    }
     if let Some(rss) = report.peak_rss_bytes {
         writeln!(
             out,
@@ -152,7 +186,11 @@ fn measure(
 ) -> Result<TestResult> {
     let mut samples = Vec::with_capacity(reps);
     let mut expert_bytes = 0u64;
+    let mut before = None;
     for rep in 0..=reps {
+        if rep == 1 {
+            before = session.expert_cache().map(|c| c.stats());
+        }
         session.reset();
         let bytes0 = session.expert_bytes_used();
         let t0 = Instant::now();
@@ -167,7 +205,27 @@ fn measure(
     let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
     let var = samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>()
         / (samples.len().saturating_sub(1)).max(1) as f64;
+    let tokens = (reps.max(1) * n) as f64;
+    let cache = match (session.expert_cache().map(|c| c.stats()), before) {
+        (Some(a), Some(b)) => {
+            let hits = (a.demand_hits - b.demand_hits) as f64;
+            let misses = (a.demand_misses - b.demand_misses) as f64;
+            let issued = (a.prefetches_issued - b.prefetches_issued) as f64;
+            Some(CacheDelta {
+                hit_rate: hits / (hits + misses).max(1.0),
+                bytes_read_per_token: (a.bytes_read - b.bytes_read) as f64 / tokens,
+                demand_bytes_read_per_token: (a.demand_bytes_read - b.demand_bytes_read) as f64
+                    / tokens,
+                stall_seconds_per_token: (a.stall_seconds - b.stall_seconds) / tokens,
+                prefetch_precision: (a.prefetches_used - b.prefetches_used) as f64
+                    / issued.max(1.0),
+                evictions_per_token: (a.evictions - b.evictions) as f64 / tokens,
+            })
+        }
+        _ => None,
+    };
     Ok(TestResult {
+        cache,
         test: name.to_string(),
         n_tokens: n,
         tokens_per_second_mean: mean,

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod streaming;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,6 +87,11 @@ struct Args {
     /// Do not stop at end-of-generation tokens
     #[arg(long)]
     ignore_eos: bool,
+    /// Print run statistics (expert cache, predictions) as one JSON line on stderr at the end
+    #[arg(long)]
+    stats: bool,
+    #[command(flatten)]
+    streaming: streaming::StreamingArgs,
     /// KV cache type: f16 (half the memory) or f32
     #[arg(long, default_value = "f16", value_parser = parse_kv_type)]
     kv_type: KvType,
@@ -145,6 +151,10 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
         .unwrap_or_else(|| model.hp.n_ctx_train.min(4096))
         .max(prompt.len() + args.n_predict);
     let mut session = Session::with_kv_type(&model, n_ctx, args.kv_type);
+    session.set_streaming(
+        args.streaming
+            .build(&model, &model_path, session.kv_bytes())?,
+    );
 
     if let Some(path) = &args.dump_logits {
         let logits = session.forward(&prompt, true)?;
@@ -223,5 +233,18 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
         stats.generated_tokens as f64 / secs(stats.generation_time),
         crate::tensor::kernels::best().name
     )?;
+    if args.stats {
+        let report = serde_json::json!({
+            "prompt_tokens": stats.prompt_tokens,
+            "generated_tokens": stats.generated_tokens,
+            "prompt_seconds": stats.prompt_time.as_secs_f64(),
+            "generation_seconds": stats.generation_time.as_secs_f64(),
+            "expert_bytes_used": session.expert_bytes_used(),
+            "expert_cache": session.expert_cache().map(|c| c.stats()),
+            "predictions": session.prediction_stats(),
+            "peak_rss_bytes": bench::peak_rss_bytes(),
+        });
+        writeln!(err, "{report}")?;
+    }
     Ok(())
 }

@@ -157,6 +157,11 @@ impl ExpertLayout {
         (spans.iter().sum(), spans)
     }
 
+    /// Bytes one cache slot takes for this model.
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_span().0
+    }
+
     /// Total bytes of routed experts in the file.
     pub fn total_expert_bytes(&self) -> usize {
         (0..self.layers.len())
