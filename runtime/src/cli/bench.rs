@@ -62,8 +62,28 @@ struct CacheDelta {
     evictions_per_token: f64,
 }
 
+/// Over the whole run (warm-up included): reads against Belady's offline optimum for the same
+/// number of slots, i.e. the misses no policy could avoid.
+#[derive(Serialize)]
+struct OptimumReport {
+    requests: usize,
+    actual_misses: u64,
+    optimal_misses: usize,
+    bytes_read: u64,
+    optimal_bytes: u64,
+}
+
+fn first_moe_layer(model: &Model) -> usize {
+    model
+        .layers
+        .iter()
+        .position(|l| matches!(l.ffn, crate::model::Ffn::Moe(_)))
+        .unwrap_or(0)
+}
+
 #[derive(Serialize)]
 struct Report {
+    optimum: Option<OptimumReport>,
     model: String,
     file_bytes: u64,
     architecture: String,
@@ -91,6 +111,9 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % vocab as u64) as u32)
         .collect();
 
+    if let Some(c) = session.expert_cache() {
+        c.record_trace();
+    }
     let mut tests = Vec::new();
     if args.n_prompt > 0 {
         tests.push(measure(
@@ -115,7 +138,20 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
             },
         )?);
     }
+    let optimum = session.expert_cache().map(|c| {
+        let trace = c.trace();
+        let stats = c.stats();
+        OptimumReport {
+            requests: trace.len(),
+            actual_misses: stats.demand_misses + stats.late_prefetches,
+            optimal_misses: crate::moe::cache::optimal_misses(&trace, c.slots()),
+            bytes_read: stats.bytes_read,
+            optimal_bytes: crate::moe::cache::optimal_misses(&trace, c.slots()) as u64
+                * c.layout().expert_bytes(first_moe_layer(&model)) as u64,
+        }
+    });
     let report = Report {
+        optimum,
         model: args.model.display().to_string(),
         file_bytes: file.bytes().len() as u64,
         architecture: model.hp.arch.gguf_name().to_string(),
@@ -164,6 +200,17 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
                 100.0 * c.prefetch_precision
             )?;
         }
+    }
+    if let Some(o) = &report.optimum {
+        writeln!(
+            out,
+            "whole run: {} expert requests, {} misses (optimal offline policy: {}), read {:.1} MiB (optimum {:.1} MiB)",
+            o.requests,
+            o.actual_misses,
+            o.optimal_misses,
+            o.bytes_read as f64 / (1u64 << 20) as f64,
+            o.optimal_bytes as f64 / (1u64 << 20) as f64
+        )?;
     }
     if let Some(rss) = report.peak_rss_bytes {
         writeln!(

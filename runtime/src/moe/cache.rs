@@ -25,7 +25,7 @@ use crate::gguf::GgmlType;
 use crate::model::{Ffn, Mlp, Model};
 use crate::tensor::QMatrix;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExpertKey {
     pub layer: u32,
     pub expert: u32,
@@ -289,6 +289,8 @@ struct Inner {
     changed: Condvar,
     counters: Counters,
     n_layers: usize,
+    /// Every demand request in order, when recording (benchmarks compare with the optimum).
+    trace: Mutex<Option<Vec<ExpertKey>>>,
 }
 
 pub struct ExpertCache {
@@ -366,6 +368,7 @@ impl ExpertCache {
             changed: Condvar::new(),
             counters: Counters::default(),
             n_layers,
+            trace: Mutex::new(None),
             cfg,
         });
         let workers = (0..inner.cfg.io_threads.max(1))
@@ -422,6 +425,21 @@ impl ExpertCache {
     /// Asks for experts predicted to be used at `step` (speculative, may be skipped).
     pub fn prefetch(&self, layer: usize, experts: &[u32], step: u64) {
         self.inner.prefetch(layer, experts, step)
+    }
+
+    /// Starts (or restarts) recording demand requests.
+    pub fn record_trace(&self) {
+        *self.inner.trace.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    }
+
+    /// The demand requests recorded so far.
+    pub fn trace(&self) -> Vec<ExpertKey> {
+        self.inner
+            .trace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -550,6 +568,17 @@ impl Inner {
 
     fn acquire(&self, layer: usize, experts: &[u32]) -> Result<Vec<ExpertGuard<'_>>, CacheError> {
         let t0 = Instant::now();
+        if let Some(trace) = self
+            .trace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            trace.extend(experts.iter().map(|&e| ExpertKey {
+                layer: layer as u32,
+                expert: e,
+            }));
+        }
         let mut stalled = false;
         let mut st = self.lock();
         if let Some(f) = &st.failure {
@@ -769,6 +798,37 @@ impl Inner {
     }
 }
 
+/// Misses of the optimal offline policy (Belady's MIN, which knows the whole future) on a
+/// request sequence with `slots` slots, starting empty: the reads no policy could avoid.
+pub fn optimal_misses(trace: &[ExpertKey], slots: usize) -> usize {
+    // next[i]: index of the next request of the same key after i.
+    let mut next = vec![usize::MAX; trace.len()];
+    let mut last_seen: HashMap<ExpertKey, usize> = HashMap::new();
+    for (i, k) in trace.iter().enumerate().rev() {
+        next[i] = last_seen.get(k).copied().unwrap_or(usize::MAX);
+        last_seen.insert(*k, i);
+    }
+    // Cached keys ordered by their next use; evict the farthest.
+    let mut by_next: std::collections::BTreeSet<(usize, ExpertKey)> = Default::default();
+    let mut next_of: HashMap<ExpertKey, usize> = HashMap::new();
+    let mut misses = 0;
+    for (i, k) in trace.iter().enumerate() {
+        if let Some(n) = next_of.get(k).copied() {
+            by_next.remove(&(n, *k));
+        } else {
+            misses += 1;
+            if next_of.len() == slots {
+                let far = *by_next.iter().next_back().expect("full cache");
+                by_next.remove(&far);
+                next_of.remove(&far.1);
+            }
+        }
+        next_of.insert(*k, next[i]);
+        by_next.insert((next[i], *k));
+    }
+    misses
+}
+
 /// Cache slots that fit a memory budget after the resident part of the model.
 pub struct BudgetPlan {
     pub slots: usize,
@@ -841,6 +901,22 @@ pub fn duration_of(stats: &CacheStats) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn optimal_misses_is_beladys_min() {
+        let k = |e| ExpertKey {
+            layer: 0,
+            expert: e,
+        };
+        // a b c a b d a b with 3 slots: misses a b c (cold), d (evict c, never used again).
+        let t: Vec<_> = [0, 1, 2, 0, 1, 3, 0, 1].into_iter().map(k).collect();
+        assert_eq!(optimal_misses(&t, 3), 4);
+        // with 2 slots: a b | c(evict b? next a=3, b=4 -> evict b) a | b(miss, evict c) d(miss) a b
+        assert_eq!(optimal_misses(&t, 2), 6);
+        assert_eq!(optimal_misses(&t, 8), 4);
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(super::parse_size("3G"), Some(3 << 30));
