@@ -71,6 +71,8 @@ def main():
     llama = os.environ.get("LLAMA_BENCH")
 
     print("| flash | cache | policy | lookahead | tg t/s | hit % | MiB read/tok | min MiB/tok | stall ms/tok | prefetch prec % | peak RSS MiB |")
+    # MiB read/tok and min MiB/tok are over the whole run (warm-up included), the rest over the
+    # measured repetitions.
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for profile in args.profiles.split(","):
         for budget in args.budgets.split(","):
@@ -84,7 +86,7 @@ def main():
                 toks = (args.reps + 1) * args.n
                 peak = max(peak, rep["peak_rss_bytes"] or 0)
                 print(f"| {profile} | {budget}% | {eviction} | {lookahead} | {tg['tokens_per_second_mean']:.2f} "
-                      f"| {100 * c.get('hit_rate', 0):.1f} | {c.get('bytes_read_per_token', 0) / 2**20:.1f} "
+                      f"| {100 * c.get('hit_rate', 0):.1f} | {o['bytes_read'] / toks / 2**20:.1f} "
                       f"| {o['optimal_bytes'] / toks / 2**20:.1f} | {1e3 * c.get('stall_seconds_per_token', 0):.1f} "
                       f"| {100 * c.get('prefetch_precision', 0):.0f} | {(rep['peak_rss_bytes'] or 0) / 2**20:.0f} |", flush=True)
             if llama and profile == args.profiles.split(",")[0]:

@@ -124,6 +124,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
             |s| s.forward(&tokens[..args.n_prompt], false).map(|_| ()),
         )?);
     }
+    let rep_counter = std::cell::Cell::new(0usize);
     if args.n_gen > 0 {
         tests.push(measure(
             "tg",
@@ -131,8 +132,14 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
             args.repetitions,
             &mut session,
             |s| {
-                for &t in &tokens[..args.n_gen] {
-                    s.forward(&[t], false)?;
+                // Each repetition starts from another token and then feeds back the model's own
+                // greedy choice, as generation does (so routing, and caching, follow real text
+                // rather than repeating one fixed sequence).
+                let start = tokens[rep_counter.get() % tokens.len()];
+                rep_counter.set(rep_counter.get() + 7);
+                let mut t = start;
+                for _ in 0..args.n_gen {
+                    t = crate::sampling::argmax_logits(s.forward(&[t], false)?);
                 }
                 Ok(())
             },

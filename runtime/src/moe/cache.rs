@@ -522,11 +522,31 @@ impl Inner {
         key.layer as usize * self.layout.n_expert + key.expert as usize
     }
 
+    /// When an expert is next expected: its predicted step if a predictor named one; otherwise
+    /// the next visit of its layer plus the visits it typically skips (from its frequency of
+    /// use). Layers are visited in a cycle, one token after another, so without this estimate
+    /// LRU evicts exactly what the next token needs once the working set exceeds the cache.
+    fn expected_use(&self, st: &State, s: &Slot, key: ExpertKey) -> u64 {
+        if s.next_use != NEVER {
+            return s.next_use;
+        }
+        let n_layers = self.n_layers as u64;
+        let (token, layer) = (st.step / n_layers, st.step % n_layers);
+        let l = key.layer as u64;
+        let next_visit = if l > layer {
+            token * n_layers + l
+        } else {
+            (token + 1) * n_layers + l
+        };
+        let freq = st.frequency[self.freq_index(key)].max(1.0 / 64.0);
+        next_visit + (n_layers as f32 * (1.0 / freq - 1.0)) as u64
+    }
+
     /// A slot to overwrite: unpinned, not loading, chosen by the eviction policy. For a
-    /// speculative read (`for_step` = Some), only experts predicted later than `for_step` (or not
-    /// at all) and not more frequent than the newcomer qualify.
+    /// speculative read (`for_step` = Some), only experts expected later than `for_step` and not
+    /// more frequent than the newcomer qualify.
     fn victim(&self, st: &State, for_step: Option<(u64, f32)>) -> Option<usize> {
-        let mut best: Option<(usize, (u64, u64, u64))> = None;
+        let mut best: Option<(usize, (u64, u64))> = None;
         for (i, s) in st.slots.iter().enumerate() {
             if s.pins > 0 || s.loading {
                 continue;
@@ -535,16 +555,17 @@ impl Inner {
                 return Some(i); // an empty slot is always the best choice
             };
             let freq = st.frequency[self.freq_index(key)];
+            let expected = self.expected_use(st, s, key);
             if let Some((step, new_freq)) = for_step {
-                if s.next_use <= step || freq > new_freq {
+                if expected <= step || freq > new_freq {
                     continue;
                 }
             }
             // Larger rank = better victim.
             let rank = match self.cfg.eviction {
-                Eviction::Lru => (u64::MAX - s.last_use, 0, 0),
-                Eviction::Lfu => ((f32::MAX - freq).to_bits() as u64, u64::MAX - s.last_use, 0),
-                Eviction::Belady => (s.next_use, u64::MAX - s.last_use, 0),
+                Eviction::Lru => (u64::MAX - s.last_use, 0),
+                Eviction::Lfu => ((f32::MAX - freq).to_bits() as u64, u64::MAX - s.last_use),
+                Eviction::Belady => (expected, u64::MAX - s.last_use),
             };
             if best.is_none_or(|(_, r)| rank > r) {
                 best = Some((i, rank));
