@@ -211,11 +211,12 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
     if let Some(o) = &report.optimum {
         writeln!(
             out,
-            "whole run: {} expert requests, {} misses (optimal offline policy: {}), read {:.1} MiB (optimum {:.1} MiB)",
+            "whole run: {} expert requests, {} waited for a read; read {} experts, {:.1} MiB (Belady's offline optimum: {} experts, {:.1} MiB)",
             o.requests,
             o.actual_misses,
-            o.optimal_misses,
+            o.bytes_read / o.optimal_bytes.checked_div(o.optimal_misses as u64).unwrap_or(1).max(1),
             o.bytes_read as f64 / (1u64 << 20) as f64,
+            o.optimal_misses,
             o.optimal_bytes as f64 / (1u64 << 20) as f64
         )?;
     }
