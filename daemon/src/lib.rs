@@ -1,0 +1,50 @@
+//! moed: the on-device daemon. The model is loaded once and kept warm (weights mapped, KV cache
+//! allocated) by one worker thread; local programs talk to it over a UNIX socket in HTTP/1.1 with
+//! OpenAI's API (the dialect the llama.cpp server and Ollama speak).
+//!
+//! Modules by concern: [`config`] (flags), [`socket`] (the socket file and systemd readiness),
+//! [`server`] (accept loop, connections, timeouts, shutdown), [`http`] (routing, handlers,
+//! server-sent events), [`api`] (OpenAI request/response shapes and validation), [`chat`] (chat
+//! templates), [`worker`] (the generation thread and its queue), [`metrics`] (Prometheus).
+
+pub mod api;
+pub mod chat;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod socket;
+pub mod worker;
+
+use anyhow::{Context, Result};
+
+pub use config::Config;
+
+/// Runs the daemon with parsed flags until SIGTERM/SIGINT.
+pub fn run(cfg: Config) -> Result<()> {
+    cfg.validate()?;
+    if let Some(t) = cfg.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("setting up the worker threads")?;
+    }
+    let group = cfg
+        .socket_group
+        .as_deref()
+        .map(socket::resolve_group)
+        .transpose()?;
+    // Bound before the model loads, so clients see 503 "loading" rather than no socket.
+    let bound = socket::bind(&cfg.socket, cfg.socket_mode, group)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("moed-io")
+        // Tokenizing and chat templating run here; two at a time is plenty on a small board
+        // and keeps the thread (and allocator arena) count flat under load.
+        .max_blocking_threads(2)
+        .build()
+        .context("starting the I/O runtime")?;
+    let result = rt.block_on(server::run(cfg, bound));
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}

@@ -1,0 +1,391 @@
+//! The accept loop, per-connection handling (hyper's HTTP/1.1 with our own request-head timeout
+//! that answers 408, and a connection limit that answers 503), and the shutdown sequence.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::UnixStream;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::http::{self, App};
+use crate::metrics::Metrics;
+use crate::socket::{sd_notify, BoundSocket};
+use crate::worker::{self, Control, WorkerConfig};
+
+/// Largest request head hyper buffers (431 beyond).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Where a connection is: waiting for a request head since `since`, or inside a request.
+struct Phase {
+    in_request: bool,
+    since: Instant,
+    /// Bytes read when the wait began (to tell an idle keep-alive from a slow client).
+    bytes_at: u64,
+    served: u64,
+}
+
+/// Per-connection state shared by the request handlers and the head-timeout watcher.
+pub struct ConnState {
+    phase: Mutex<Phase>,
+    changed: Notify,
+    bytes_read: AtomicU64,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            phase: Mutex::new(Phase {
+                in_request: false,
+                since: Instant::now(),
+                bytes_at: 0,
+                served: 0,
+            }),
+            changed: Notify::new(),
+            bytes_read: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn begin_request(&self) {
+        self.lock().in_request = true;
+        self.changed.notify_waiters();
+    }
+
+    pub fn end_request(&self) {
+        {
+            let mut p = self.lock();
+            p.in_request = false;
+            p.since = Instant::now();
+            p.bytes_at = self.bytes_read.load(Relaxed);
+            p.served += 1;
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves when a request head has been awaited for `timeout`: true if the client owes
+    /// us one (it sent part of a request, or none at all on a fresh connection) and should get
+    /// 408, false for a keep-alive connection that simply went idle.
+    async fn head_timeout(&self, timeout: Duration) -> bool {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (in_request, since) = {
+                let p = self.lock();
+                (p.in_request, p.since)
+            };
+            if in_request {
+                notified.await;
+                continue;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(since + timeout) => {
+                    let p = self.lock();
+                    if p.in_request || p.since != since {
+                        continue;
+                    }
+                    return p.served == 0 || self.bytes_read.load(Relaxed) > p.bytes_at;
+                }
+                _ = &mut notified => {}
+            }
+        }
+    }
+}
+
+/// The socket, counting the bytes read from it.
+struct CountingIo {
+    inner: UnixStream,
+    state: Arc<ConnState>,
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.state.bytes_read.fetch_add(n as u64, Relaxed);
+        res
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A complete response written by hand, for the two cases where hyper is not (or no longer) in
+/// charge of the connection: the head timeout and the connection limit.
+async fn write_raw_error(
+    stream: &mut UnixStream,
+    status: u16,
+    reason: &str,
+    e: &crate::api::ApiError,
+) {
+    let body = e.body().to_string();
+    let retry = e
+        .retry_after
+        .map(|s| format!("retry-after: {s}\r\n"))
+        .unwrap_or_default();
+    let msg = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(msg.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Reads (and drops) a request head: until its blank line, 16 KiB, or half a second.
+async fn read_head_briefly(stream: &mut UnixStream) {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while seen.len() < 16 * 1024 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+async fn connection(
+    stream: UnixStream,
+    app: Arc<App>,
+    header_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let state = Arc::new(ConnState::new());
+    let io = TokioIo::new(CountingIo {
+        inner: stream,
+        state: state.clone(),
+    });
+    let svc = {
+        let (app, state) = (app.clone(), state.clone());
+        service_fn(move |req| http::serve(req, app.clone(), state.clone()))
+    };
+    let mut conn = http1::Builder::new()
+        // The head timeout is ours (below): hyper's closes without answering.
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(io, svc);
+    let timeout = state.head_timeout(header_timeout);
+    tokio::pin!(timeout);
+    let mut draining = false;
+    enum Step {
+        Closed(Result<(), hyper::Error>),
+        Drain,
+        HeadTimeout(bool),
+    }
+    loop {
+        let step = tokio::select! {
+            r = &mut conn => Step::Closed(r),
+            _ = shutdown.wait_for(|s| *s), if !draining => Step::Drain,
+            owed = &mut timeout => Step::HeadTimeout(owed),
+        };
+        match step {
+            Step::Closed(Ok(())) => break,
+            Step::Closed(Err(e)) => {
+                debug!("connection ended: {e}");
+                break;
+            }
+            Step::Drain => {
+                draining = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+            Step::HeadTimeout(owed) => {
+                if owed {
+                    let secs = header_timeout.as_secs_f64();
+                    let e = crate::api::ApiError::status(
+                        hyper::StatusCode::REQUEST_TIMEOUT,
+                        format!("the request headers did not arrive within {secs} s"),
+                    )
+                    .with_code("timeout");
+                    let mut stream = conn.into_parts().io.into_inner().inner;
+                    write_raw_error(&mut stream, 408, "Request Timeout", &e).await;
+                    app.metrics.request("other", 408, header_timeout);
+                    info!(status = 408, timeout_s = secs, "request head timed out");
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (Ok) or a fatal error such as a model that fails to
+/// load (Err).
+pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    bound.listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(bound.listener.try_clone()?)?;
+
+    let metrics = Arc::new(Metrics::new(cfg.max_queue));
+    let control = Arc::new(Control::default());
+    let (job_tx, job_rx) = mpsc::channel(cfg.max_queue as usize);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (loaded_tx, mut loaded_rx) = oneshot::channel();
+    let (exited_tx, exited_rx) = oneshot::channel::<()>();
+    let app = Arc::new(App::new(
+        cfg.model_id(),
+        cfg.max_body,
+        cfg.header_timeout,
+        metrics.clone(),
+        job_tx,
+        shutdown_rx.clone(),
+    ));
+    let wcfg = WorkerConfig {
+        model: cfg.model.clone(),
+        model_id: cfg.model_id(),
+        ctx: cfg.ctx,
+        kv_type: cfg.kv_type,
+        warmup: !cfg.no_warmup,
+        token_delay: Duration::from_millis(cfg.test_token_delay_ms),
+        load_delay: Duration::from_millis(cfg.test_load_delay_ms),
+    };
+    let (m, c) = (metrics.clone(), control.clone());
+    worker::spawn(wcfg, job_rx, m, c, loaded_tx, exited_tx)?;
+
+    let mut tasks = JoinSet::new();
+    let mut loading = true;
+    let max_conns = cfg.max_connections as usize;
+    loop {
+        tokio::select! {
+            biased;
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            res = &mut loaded_rx, if loading => {
+                loading = false;
+                match res {
+                    Ok(Ok(l)) => {
+                        let _ = app.ready.set(l);
+                        sd_notify("READY=1");
+                        info!("ready");
+                    }
+                    Ok(Err(e)) => return Err(anyhow!(e)),
+                    Err(_) => return Err(anyhow!("the worker thread died while loading the model")),
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            acc = listener.accept() => match acc {
+                Ok((mut stream, _)) => {
+                    if tasks.len() >= max_conns {
+                        let e = crate::api::ApiError::unavailable(
+                            format!("too many open connections ({max_conns}, --max-connections)"),
+                            "too_many_connections",
+                            1,
+                        );
+                        metrics.request("other", 503, Duration::ZERO);
+                        tokio::spawn(async move {
+                            // Take the request head first, so the client is not cut off
+                            // mid-write and gets to read the answer.
+                            read_head_briefly(&mut stream).await;
+                            write_raw_error(&mut stream, 503, "Service Unavailable", &e).await;
+                        });
+                        continue;
+                    }
+                    let (app, shutdown) = (app.clone(), shutdown_rx.clone());
+                    let m = metrics.clone();
+                    let timeout = cfg.header_timeout;
+                    tasks.spawn(async move {
+                        m.connections.fetch_add(1, Relaxed);
+                        connection(stream, app, timeout, shutdown).await;
+                        m.connections.fetch_sub(1, Relaxed);
+                    });
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+
+    // Shutdown: no new connections, the socket file goes, idle connections close, waiting
+    // requests get 503, the running generation has --shutdown-timeout to finish before it is
+    // cut (a stream then ends with an error event and [DONE]).
+    sd_notify("STOPPING=1");
+    drop(listener);
+    drop(bound);
+    app.draining.store(true, Relaxed);
+    let _ = shutdown_tx.send(true);
+    let cut_at = Instant::now() + cfg.shutdown_timeout;
+    let mut cut = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = sigterm.recv() => { warn!("second signal: stopping now"); break; }
+            _ = sigint.recv() => { warn!("second signal: stopping now"); break; }
+            r = tasks.join_next() => if r.is_none() { break },
+            _ = tokio::time::sleep_until(cut_at), if !cut => {
+                cut = true;
+                warn!("shutdown timeout: cutting the running generation");
+                control.cut.store(true, Relaxed);
+            }
+            _ = tokio::time::sleep_until(cut_at + Duration::from_secs(2)), if cut => {
+                warn!(connections = tasks.len(), "closing connections that did not finish");
+                break;
+            }
+        }
+    }
+    tasks.abort_all();
+    control.cut.store(true, Relaxed);
+    drop(app); // the job queue's last sender: the worker's loop ends
+    if tokio::time::timeout(Duration::from_secs(3), exited_rx)
+        .await
+        .is_err()
+    {
+        error!("the worker did not stop in time");
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,579 @@
+//! The generation worker: one thread that loads the model, keeps it (and its KV cache) for the
+//! daemon's lifetime, and runs queued jobs one at a time. The model's `Session` borrows the
+//! mapped file, so it never leaves this thread; HTTP tasks talk to it through bounded channels:
+//! jobs in (`--max-queue`), events out (one per token at most, sized to the job).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moe_runtime::gguf::GgufFile;
+use moe_runtime::model::{KvType, Model, Session};
+use moe_runtime::sampling::{Sampler, SamplerConfig};
+use moe_runtime::tokenizer::Tokenizer;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::api::{ApiError, Endpoint, Timings, Usage};
+use crate::chat::ChatTemplate;
+use crate::metrics::{GenerationFigures, Metrics, ModelInfo, ProcessStats};
+
+/// What the worker needs to know to load the model.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub model: PathBuf,
+    pub model_id: String,
+    pub ctx: Option<usize>,
+    pub kv_type: KvType,
+    pub warmup: bool,
+    pub token_delay: Duration,
+    pub load_delay: Duration,
+}
+
+/// Handed to the HTTP side once the model is ready.
+pub struct Loaded {
+    pub tokenizer: Arc<Tokenizer>,
+    /// The compiled chat template, or why there is none.
+    pub chat: Result<ChatTemplate, String>,
+    pub n_ctx: usize,
+    pub n_vocab: usize,
+    pub arch: String,
+}
+
+/// Flags the HTTP side raises for the worker.
+#[derive(Default)]
+pub struct Control {
+    /// Shutdown grace is over: stop the running generation at the next token.
+    pub cut: AtomicBool,
+}
+
+/// A generation to run.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+pub struct Job {
+    pub id: String,
+    pub endpoint: Endpoint,
+    pub req: GenRequest,
+    pub events: mpsc::Sender<Event>,
+    pub enqueued: Instant,
+    /// Set by the HTTP side when it answered the request itself (shutdown while queued), so
+    /// the worker neither runs nor logs it.
+    pub abandoned: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// The job left the queue and the prompt is being evaluated.
+    Started,
+    /// Text that became final (stop sequences already removed).
+    Text(String),
+    Done(Finish),
+    Failed(ApiError),
+}
+
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// OpenAI's `finish_reason`: `stop` or `length`.
+    pub reason: &'static str,
+    pub usage: Usage,
+    pub timings: Timings,
+}
+
+/// Capacity of a job's event channel: one event per token plus the fixed ones, so the worker
+/// never waits on a slow reader.
+pub fn event_capacity(max_tokens: usize) -> usize {
+    max_tokens + 4
+}
+
+/// Starts the worker thread. It reports the loaded model (or the load error) on `loaded`, then
+/// serves `jobs` until every sender is gone; `exited` closes when the thread ends.
+pub fn spawn(
+    cfg: WorkerConfig,
+    jobs: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+    control: Arc<Control>,
+    loaded: oneshot::Sender<Result<Loaded, String>>,
+    exited: oneshot::Sender<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("moed-worker".into())
+        .spawn(move || {
+            // Dropped when this thread ends, which tells the server the worker has stopped.
+            let _exited = exited;
+            let t0 = Instant::now();
+            std::thread::sleep(cfg.load_delay);
+            let file = match GgufFile::open(&cfg.model) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = loaded.send(Err(format!("loading {}: {e}", cfg.model.display())));
+                    return;
+                }
+            };
+            let model = match Model::load(&file) {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = loaded.send(Err(format!("loading {}: {e}", cfg.model.display())));
+                    return;
+                }
+            };
+            let tokenizer = match Tokenizer::from_gguf(file.header()) {
+                Ok(t) => Arc::new(t),
+                Err(e) => {
+                    let _ = loaded.send(Err(format!(
+                        "{}: {e}; moed serves text and needs the model's tokenizer",
+                        cfg.model.display()
+                    )));
+                    return;
+                }
+            };
+            let hp = &model.hp;
+            let n_ctx = cfg.ctx.unwrap_or_else(|| hp.n_ctx_train.clamp(8, 4096));
+            if n_ctx > hp.n_ctx_train {
+                warn!(
+                    n_ctx,
+                    n_ctx_train = hp.n_ctx_train,
+                    "--ctx is larger than the model's training context; quality may suffer"
+                );
+            }
+            let mut session = Session::with_kv_type(&model, n_ctx, cfg.kv_type);
+            if cfg.warmup {
+                // One forward pass maps the dense weights and some experts, and sizes the
+                // session's scratch buffers, before the first client waits on them.
+                let tok = tokenizer.bos().unwrap_or(0);
+                if let Err(e) = session.forward(&[tok], false) {
+                    warn!("warm-up forward pass failed: {e}");
+                }
+                session.reset();
+            }
+            let token_text = |id: Option<u32>| {
+                id.and_then(|id| tokenizer.inner().id_to_token(id))
+                    .unwrap_or_default()
+            };
+            let chat = match file
+                .header()
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+            {
+                Some(src) => ChatTemplate::new(
+                    src,
+                    token_text(tokenizer.bos()),
+                    token_text(tokenizer.eos()),
+                )
+                .map_err(|e| format!("the model's chat template does not compile: {e:#}")),
+                None => {
+                    Err("the model file has no tokenizer.chat_template; use /v1/completions".into())
+                }
+            };
+            if let Err(e) = &chat {
+                warn!("chat completions unavailable: {e}");
+            }
+            let info = ModelInfo {
+                id: cfg.model_id.clone(),
+                n_ctx,
+                file_bytes: file.bytes().len() as u64,
+                kv_bytes: session.kv_bytes(),
+                load_seconds: t0.elapsed().as_secs_f64(),
+            };
+            info!(
+                model = %cfg.model.display(),
+                id = %info.id,
+                arch = ?hp.arch,
+                n_ctx,
+                n_expert = hp.n_expert,
+                n_expert_used = hp.n_expert_used,
+                kv_mib = info.kv_bytes as f64 / (1 << 20) as f64,
+                load_s = info.load_seconds,
+                "model loaded"
+            );
+            let _ = metrics.model.set(info);
+            let ready = Loaded {
+                tokenizer: tokenizer.clone(),
+                chat,
+                n_ctx,
+                n_vocab: hp.n_vocab,
+                arch: format!("{:?}", hp.arch),
+            };
+            if loaded.send(Ok(ready)).is_err() {
+                return;
+            }
+            let mut w = Worker {
+                session,
+                tokenizer: &tokenizer,
+                metrics: &metrics,
+                control: &control,
+                token_delay: cfg.token_delay,
+                logits: Vec::new(),
+            };
+            let mut jobs = jobs;
+            while let Some(job) = jobs.blocking_recv() {
+                metrics.queue_depth.fetch_sub(1, Relaxed);
+                w.run(job);
+            }
+        })
+}
+
+struct Worker<'s, 'm, 'a> {
+    session: Session<'m, 'a>,
+    tokenizer: &'s Tokenizer,
+    metrics: &'s Metrics,
+    control: &'s Control,
+    token_delay: Duration,
+    logits: Vec<f32>,
+}
+
+/// How a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Length,
+    /// End-of-generation token or stop sequence.
+    Stop,
+    /// The client went away.
+    Cancelled,
+    /// Cut by shutdown.
+    Cut,
+}
+
+impl Worker<'_, '_, '_> {
+    fn run(&mut self, job: Job) {
+        let queue_wait = job.enqueued.elapsed();
+        if job.abandoned.load(Relaxed) {
+            return;
+        }
+        if job.events.is_closed() {
+            self.metrics.cancelled.fetch_add(1, Relaxed);
+            info!(id = %job.id, endpoint = job.endpoint.name(), status = "cancelled",
+                  queue_ms = ms(queue_wait), "client left before its turn");
+            return;
+        }
+        if self.control.cut.load(Relaxed) {
+            let _ = job.events.try_send(Event::Failed(draining()));
+            return;
+        }
+        let _ = job.events.try_send(Event::Started);
+        self.metrics.generating.store(1, Relaxed);
+        // Process-wide, but only this thread touches the weights.
+        let io0 = ProcessStats::read();
+        let result = self.generate(&job);
+        let io1 = ProcessStats::read();
+        self.metrics.generating.store(0, Relaxed);
+        let delta = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+        let read_kib = delta(io0.storage_read_bytes, io1.storage_read_bytes).map(|b| b / 1024);
+        let major_faults = delta(io0.major_faults, io1.major_faults);
+        let (end, g) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(id = %job.id, endpoint = job.endpoint.name(), status = 500, "generation failed: {e}");
+                let _ = job.events.try_send(Event::Failed(ApiError::status(
+                    hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("generation failed: {e}"),
+                )));
+                return;
+            }
+        };
+        self.metrics.generation(&g);
+        let status = match end {
+            End::Cancelled => {
+                self.metrics.cancelled.fetch_add(1, Relaxed);
+                "cancelled"
+            }
+            End::Cut => {
+                let _ = job.events.try_send(Event::Failed(shutting_down()));
+                "cut"
+            }
+            End::Stop | End::Length => {
+                let reason = if end == End::Stop { "stop" } else { "length" };
+                let _ = job.events.try_send(Event::Done(Finish {
+                    reason,
+                    usage: Usage {
+                        prompt_tokens: g.prompt_tokens,
+                        completion_tokens: g.generated_tokens,
+                    },
+                    timings: Timings {
+                        prompt_ms: ms(g.prompt_time),
+                        predicted_ms: ms(g.generation_time),
+                    },
+                }));
+                reason
+            }
+        };
+        let tps = if g.generation_time.is_zero() {
+            0.0
+        } else {
+            g.generated_tokens as f64 / g.generation_time.as_secs_f64()
+        };
+        info!(
+            id = %job.id,
+            endpoint = job.endpoint.name(),
+            status,
+            prompt_tokens = g.prompt_tokens,
+            completion_tokens = g.generated_tokens,
+            queue_ms = ms(queue_wait),
+            prompt_ms = ms(g.prompt_time),
+            gen_ms = ms(g.generation_time),
+            tok_per_s = (tps * 10.0).round() / 10.0,
+            expert_kib_per_tok = g.expert_bytes_per_token.map(|b| (b / 102.4).round() / 10.0),
+            storage_read_kib = read_kib,
+            major_faults,
+            "generation"
+        );
+    }
+
+    /// The same loop as `moe_runtime::generate::generate` (same sampling order, so the same
+    /// seed gives the same tokens as moe-run), with cancellation checked after every token and
+    /// the expert bytes of the prompt and of decoding told apart.
+    fn generate(
+        &mut self,
+        job: &Job,
+    ) -> Result<(End, GenerationFigures), moe_runtime::model::ModelError> {
+        let req = &job.req;
+        let tok = self.tokenizer;
+        let session = &mut self.session;
+        session.reset();
+        let mut sampler = Sampler::new(req.sampler.clone());
+        let mut detok = Detokenizer::new(tok);
+        let mut stops = StopMatcher::new(&req.stop);
+        let mut history = req.prompt.clone();
+        let mut g = GenerationFigures {
+            prompt_tokens: req.prompt.len(),
+            ..Default::default()
+        };
+        let send = |text: String| text.is_empty() || job.events.try_send(Event::Text(text)).is_ok();
+
+        let bytes0 = session.expert_bytes_used();
+        let t0 = Instant::now();
+        self.logits.clear();
+        self.logits
+            .extend_from_slice(session.forward(&req.prompt, false)?);
+        g.prompt_time = t0.elapsed();
+        let bytes_prompt = session.expert_bytes_used();
+        let t1 = Instant::now();
+        let mut end = End::Length;
+        let mut decoded = 0usize;
+        while g.generated_tokens < req.max_tokens {
+            let next = sampler.sample(&self.logits, &history);
+            if !req.ignore_eos && tok.is_end_of_generation(next) {
+                end = End::Stop;
+                break;
+            }
+            history.push(next);
+            g.generated_tokens += 1;
+            if !self.token_delay.is_zero() {
+                std::thread::sleep(self.token_delay);
+            }
+            let (text, stopped) = stops.push(&detok.push(next));
+            if !send(text) {
+                end = End::Cancelled;
+                break;
+            }
+            if stopped {
+                end = End::Stop;
+                break;
+            }
+            if job.events.is_closed() {
+                end = End::Cancelled;
+                break;
+            }
+            if self.control.cut.load(Relaxed) {
+                end = End::Cut;
+                break;
+            }
+            if g.generated_tokens == req.max_tokens {
+                break;
+            }
+            self.logits.clear();
+            self.logits
+                .extend_from_slice(session.forward(&[next], false)?);
+            decoded += 1;
+        }
+        if matches!(end, End::Length | End::Stop) && !stops.stopped {
+            let rest = stops.finish(&detok.finish());
+            if !send(rest) {
+                end = End::Cancelled;
+            }
+        }
+        g.generation_time = t1.elapsed();
+        let bytes_end = session.expert_bytes_used();
+        g.expert_bytes = bytes_end - bytes0;
+        if decoded > 0 && matches!(end, End::Length | End::Stop) {
+            g.expert_bytes_per_token = Some((bytes_end - bytes_prompt) as f64 / decoded as f64);
+        }
+        Ok((end, g))
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// A generation cut short by shutdown.
+pub fn shutting_down() -> ApiError {
+    ApiError::unavailable(
+        "the server is shutting down; the generation was interrupted",
+        "shutting_down",
+        5,
+    )
+}
+
+/// A request refused (or dropped from the queue) because the server is shutting down.
+pub fn draining() -> ApiError {
+    ApiError::unavailable("the server is shutting down", "shutting_down", 5)
+}
+
+/// Incremental detokenizer (the scheme of Hugging Face's text-generation-inference): decodes a
+/// window of recent ids so the cost per token stays flat, and holds back text ending in an
+/// incomplete UTF-8 character.
+pub struct Detokenizer<'t> {
+    tok: &'t Tokenizer,
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl<'t> Detokenizer<'t> {
+    pub fn new(tok: &'t Tokenizer) -> Self {
+        Self {
+            tok,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.tok.decode(ids, true).unwrap_or_default()
+    }
+
+    /// Adds one id; returns the text that became complete.
+    pub fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        self.emit(false)
+    }
+
+    /// Whatever is still held back (an incomplete character comes out as U+FFFD).
+    pub fn finish(&mut self) -> String {
+        self.emit(true)
+    }
+
+    fn emit(&mut self, last: bool) -> String {
+        if self.read == self.ids.len() {
+            return String::new();
+        }
+        let before = self.decode(&self.ids[self.prefix..self.read]);
+        let now = self.decode(&self.ids[self.prefix..]);
+        if now.len() > before.len() && (last || !now.ends_with('\u{FFFD}')) {
+            if let Some(new) = now.get(before.len()..) {
+                let new = new.to_string();
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                return new;
+            }
+        }
+        String::new()
+    }
+}
+
+/// Finds stop sequences in generated text, holding back any tail that could begin one.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+    pub stopped: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.to_vec(),
+            pending: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Adds `text`; returns what can be emitted and whether a stop sequence was reached (the
+    /// sequence and anything after it are dropped).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        if self.stops.is_empty() {
+            return (text.to_string(), false);
+        }
+        self.pending.push_str(text);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            self.pending.truncate(at);
+            self.stopped = true;
+            return (std::mem::take(&mut self.pending), true);
+        }
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let len = self.pending.len();
+        let keep = (1..longest.min(len + 1))
+            .rev()
+            .find(|&k| {
+                self.pending.is_char_boundary(len - k)
+                    && self
+                        .stops
+                        .iter()
+                        .any(|s| s.starts_with(&self.pending[len - k..]))
+            })
+            .unwrap_or(0);
+        let rest = self.pending.split_off(len - keep);
+        (std::mem::replace(&mut self.pending, rest), false)
+    }
+
+    /// Adds the final `text` and releases everything held back.
+    pub fn finish(&mut self, text: &str) -> String {
+        let (mut out, stopped) = self.push(text);
+        if !stopped {
+            out.push_str(&std::mem::take(&mut self.pending));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut m = StopMatcher::new(&stops);
+        let mut out = String::new();
+        for p in pieces {
+            let (t, stop) = m.push(p);
+            out += &t;
+            if stop {
+                return (out, true);
+            }
+        }
+        out += &m.finish("");
+        (out, false)
+    }
+
+    #[test]
+    fn stop_sequences_across_pieces() {
+        assert_eq!(run(&[], &["ab", "c"]), ("abc".into(), false));
+        assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), true));
+        assert_eq!(run(&["END"], &["xE", "N", "D", "y"]), ("x".into(), true));
+        // A held-back partial match that does not complete is released.
+        assert_eq!(run(&["END"], &["xE", "Nq"]), ("xENq".into(), false));
+        assert_eq!(run(&["END"], &["xEN"]), ("xEN".into(), false));
+        // The earliest of several sequences wins.
+        assert_eq!(run(&["b", "a"], &["xab"]), ("x".into(), true));
+        // Multi-byte text is cut on character boundaries.
+        assert_eq!(run(&["é!"], &["aé", "é", "!"]), ("aé".into(), true));
+        let stops = vec!["zz".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        let (t, _) = m.push("héz");
+        assert_eq!(t, "hé");
+        assert_eq!(m.finish("é"), "zé");
+    }
+}
