@@ -11,17 +11,18 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-ckpt=${1:-tests/fixtures/qwen3_moe}
-prompt=${2:-"The license"}
+ckpt=${1:-models/small-moe/hf}
+prompt=${2:-"It is a truth universally acknowledged, that"}
 out=target/demo
 mkdir -p "$out"
 
 echo "== building release binaries"
 cargo build --release --quiet -p moe-runtime -p moe-convert
 
-name=$(basename "$ckpt")
+name=$(basename "$(cd "$ckpt" && pwd)")
+[ "$name" = hf ] && name=$(basename "$(dirname "$(cd "$ckpt" && pwd)")")
 echo "== converting $ckpt to $out/$name-q8_0.gguf"
 target/release/moe-convert "$ckpt" -o "$out/$name-q8_0.gguf" --type q8_0
 
 echo "== generating"
-target/release/moe-run -m "$out/$name-q8_0.gguf" -p "$prompt" -n 48 --temp 0.7 --seed 1
+target/release/moe-run -m "$out/$name-q8_0.gguf" -p "$prompt" -n 64 --temp 0.8 --seed 7

@@ -30,9 +30,16 @@ pub struct Config {
     /// Group (name or numeric id) given to the socket file and a directory the daemon creates
     #[arg(long, env = "MOED_SOCKET_GROUP")]
     pub socket_group: Option<String>,
-    /// Memory budget for expert streaming (e.g. 512M); not supported yet
+    /// Total memory budget (e.g. 3G, 512M): non-expert weights and the KV cache stay resident,
+    /// routed experts stream from the model file through a cache filling the rest
     #[arg(long, env = "MOED_MEM_BUDGET")]
     pub mem_budget: Option<String>,
+    /// Read streamed experts with O_DIRECT (bypass the page cache)
+    #[arg(long, env = "MOED_DIRECT_IO")]
+    pub direct_io: bool,
+    /// Layers ahead whose experts are predicted and prefetched when streaming
+    #[arg(long, env = "MOED_LOOKAHEAD", default_value_t = 1)]
+    pub lookahead: usize,
     /// Worker threads for the forward pass (default: all cores)
     #[arg(short = 't', long, env = "MOED_THREADS")]
     pub threads: Option<usize>,
@@ -77,12 +84,9 @@ impl Config {
     /// Checks what clap cannot: flags that are accepted but not implemented yet.
     pub fn validate(&self) -> Result<()> {
         if let Some(budget) = &self.mem_budget {
-            bail!(
-                "--mem-budget {budget}: not supported yet. The budget bounds expert streaming \
-                 from flash, which the runtime does not have yet (today the whole model is \
-                 memory-mapped and the kernel's page cache decides what stays resident); \
-                 remove the flag"
-            );
+            if moe_runtime::moe::cache::parse_size(budget).is_none() {
+                bail!("--mem-budget {budget}: not a size like 512M or 3G");
+            }
         }
         if let Some(ctx) = self.ctx {
             if ctx < 8 {
@@ -172,12 +176,14 @@ mod tests {
     }
 
     #[test]
-    fn mem_budget_is_refused_not_ignored() {
+    fn mem_budget_is_parsed() {
         let cfg = Config::try_parse_from(["moed", "-m", "x.gguf", "--mem-budget", "1G"]).unwrap();
-        let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("not supported yet"), "{err}");
-        let cfg = Config::try_parse_from(["moed", "-m", "dir/x.gguf"]).unwrap();
-        cfg.validate().unwrap();
-        assert_eq!(cfg.model_id(), "x");
+        assert!(cfg.validate().is_ok());
+        let cfg = Config::try_parse_from(["moed", "-m", "x.gguf", "--mem-budget", "lots"]).unwrap();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a size"));
     }
 }

@@ -61,6 +61,8 @@ pub struct Metrics {
     expert_bytes: AtomicU64,
     last_expert_bytes_per_token: F64,
     pub model: OnceLock<ModelInfo>,
+    /// The expert cache when experts are streamed (--mem-budget).
+    pub expert_cache: OnceLock<std::sync::Arc<moe_runtime::moe::cache::ExpertCache>>,
 }
 
 /// What one generation did, for the counters.
@@ -258,6 +260,45 @@ impl Metrics {
             "Routed-expert weight bytes per generated token in the last request.",
             &one(self.last_expert_bytes_per_token.get().to_string()),
         );
+        if let Some(c) = self.expert_cache.get() {
+            let st = c.stats();
+            metric(
+                "moed_expert_cache_hit_rate",
+                "gauge",
+                "Share of routed experts found in the expert cache when needed.",
+                &one(st.hit_rate().to_string()),
+            );
+            metric(
+                "moed_expert_cache_slots",
+                "gauge",
+                "Experts the cache holds.",
+                &one(st.slots.to_string()),
+            );
+            metric(
+                "moed_flash_bytes_read_total",
+                "counter",
+                "Bytes of experts read from the model file into the cache.",
+                &one(st.bytes_read.to_string()),
+            );
+            metric(
+                "moed_expert_stall_seconds_total",
+                "counter",
+                "Time the forward pass waited for expert reads.",
+                &one(st.stall_seconds.to_string()),
+            );
+            metric(
+                "moed_expert_prefetch_precision",
+                "gauge",
+                "Share of speculative expert reads that were used.",
+                &one(st.prefetch_precision().to_string()),
+            );
+            metric(
+                "moed_expert_evictions_total",
+                "counter",
+                "Experts evicted from the cache.",
+                &one(st.evictions.to_string()),
+            );
+        }
         if let Some(m) = self.model.get() {
             metric(
                 "moed_model_info",

@@ -288,6 +288,18 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
         model_id: cfg.model_id(),
         ctx: cfg.ctx,
         kv_type: cfg.kv_type,
+        streaming: moe_runtime::cli::streaming::StreamingArgs {
+            mem_budget: cfg
+                .mem_budget
+                .as_deref()
+                .and_then(moe_runtime::moe::cache::parse_size),
+            expert_cache: None,
+            eviction: moe_runtime::moe::cache::Eviction::Belady,
+            lookahead: cfg.lookahead,
+            direct_io: cfg.direct_io,
+            flash_profile: None,
+            io_threads: 2,
+        },
         warmup: !cfg.no_warmup,
         token_delay: Duration::from_millis(cfg.test_token_delay_ms),
         load_delay: Duration::from_millis(cfg.test_load_delay_ms),

@@ -26,6 +26,7 @@ pub struct WorkerConfig {
     pub model_id: String,
     pub ctx: Option<usize>,
     pub kv_type: KvType,
+    pub streaming: moe_runtime::cli::streaming::StreamingArgs,
     pub warmup: bool,
     pub token_delay: Duration,
     pub load_delay: Duration,
@@ -144,6 +145,18 @@ pub fn spawn(
                 );
             }
             let mut session = Session::with_kv_type(&model, n_ctx, cfg.kv_type);
+            match cfg.streaming.build(&model, &cfg.model, session.kv_bytes()) {
+                Ok(streaming) => {
+                    if let Some(cache) = &streaming.cache {
+                        let _ = metrics.expert_cache.set(cache.clone());
+                    }
+                    session.set_streaming(streaming);
+                }
+                Err(e) => {
+                    let _ = loaded.send(Err(format!("{}: {e:#}", cfg.model.display())));
+                    return;
+                }
+            }
             if cfg.warmup {
                 // One forward pass maps the dense weights and some experts, and sizes the
                 // session's scratch buffers, before the first client waits on them.

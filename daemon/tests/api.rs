@@ -556,3 +556,27 @@ fn official_openai_python_client() {
         "{stdout}"
     );
 }
+
+/// With a memory budget the daemon streams experts through a cache: the same request gives the
+/// same text as the resident daemon, and /metrics shows the cache at work.
+#[test]
+fn mem_budget_streams_experts_with_identical_output() {
+    let body = json!({
+        "model": model_id(), "prompt": "Once upon a time", "max_tokens": 16,
+        "temperature": 0.0, "seed": 1,
+    });
+    let resident = Daemon::start(&[]);
+    let (status, want) = resident.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{want}");
+    drop(resident);
+
+    let streamed = Daemon::start(&["--mem-budget", "52M", "--lookahead", "1"]);
+    let (status, got) = streamed.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
+    let m = streamed.metrics();
+    assert!(metric(&m, "moed_expert_cache_slots") >= 2.0, "{m}");
+    assert!(metric(&m, "moed_flash_bytes_read_total") > 0.0, "{m}");
+    let hit = metric(&m, "moed_expert_cache_hit_rate");
+    assert!((0.0..=1.0).contains(&hit));
+}

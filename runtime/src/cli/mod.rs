@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod streaming;
+pub mod streaming;
 
 #[derive(Parser, Debug)]
 #[command(
