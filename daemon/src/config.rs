@@ -38,7 +38,7 @@ pub struct Config {
     #[arg(long, env = "MOED_DIRECT_IO")]
     pub direct_io: bool,
     /// Layers ahead whose experts are predicted and prefetched when streaming
-    #[arg(long, env = "MOED_LOOKAHEAD", default_value_t = 1)]
+    #[arg(long, env = "MOED_LOOKAHEAD", default_value_t = 0)]
     pub lookahead: usize,
     /// Worker threads for the forward pass (default: all cores)
     #[arg(short = 't', long, env = "MOED_THREADS")]

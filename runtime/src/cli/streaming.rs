@@ -23,8 +23,9 @@ pub struct StreamingArgs {
     /// Eviction policy of the expert cache: lru, lfu or belady
     #[arg(long, default_value = "belady", value_parser = parse_eviction)]
     pub eviction: Eviction,
-    /// Predict the experts of this many following layers and prefetch them (0 = off)
-    #[arg(long, default_value_t = 1)]
+    /// Predict the experts of this many following layers and prefetch them (0 = off, the
+    /// default: on the trained benchmark model, speculative reads cost more than they hid)
+    #[arg(long, default_value_t = 0)]
     pub lookahead: usize,
     /// Read experts with O_DIRECT (bypass the page cache)
     #[arg(long)]
@@ -83,7 +84,12 @@ impl StreamingArgs {
             }
             (None, None) => unreachable!("enabled() checked"),
         };
-        let cache = ExpertCache::new(model, path, self.config(slots))?;
+        // Speculative reads in flight: two experts' worth, so a demand read never queues behind
+        // more than that on the device (on weak flash, guesses must not delay certainties).
+        let expert = (0..model.hp.n_layer).map(|l| layout.expert_bytes(l)).max().unwrap_or(0);
+        let mut cfg = self.config(slots);
+        cfg.max_speculative_bytes = 2 * expert;
+        let cache = ExpertCache::new(model, path, cfg)?;
         Ok(ExpertStreaming {
             cache: Some(Arc::new(cache)),
             lookahead: self.lookahead,
