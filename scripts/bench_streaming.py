@@ -49,7 +49,7 @@ def llama_limited(binary, model, limit_bytes, n, threads):
         return f"no cgroup ({e})"
     drop_caches()
     cmd = ["sh", "-c", f"echo $$ > {cg}/cgroup.procs && exec {binary} -m {model} -p 0 -n {n} "
-           f"-t {threads} -r 1 --no-repack -o json"]
+           f"-t {threads} -r 1 --repack 0 -lm mmap -o json"]
     p = subprocess.run(cmd, text=True, capture_output=True)
     if p.returncode != 0:
         return f"failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"
@@ -91,7 +91,7 @@ def main():
                       f"| {100 * c.get('prefetch_precision', 0):.0f} | {(rep['peak_rss_bytes'] or 0) / 2**20:.0f} |", flush=True)
             if llama and profile == args.profiles.split(",")[0]:
                 r = llama_limited(llama, args.model, peak, args.n, args.threads)
-                print(f"| (llama.cpp, mmap, no repack, cgroup limit {peak / 2**20:.0f} MiB, real disk) | {budget}% | - | - | {r if isinstance(r, str) else f'{r:.2f}'} | | | | | | |", flush=True)
+                print(f"| (llama.cpp, --repack 0 -lm mmap, cgroup limit {peak / 2**20:.0f} MiB, real disk) | {budget}% | - | - | {r if isinstance(r, str) else f'{r:.2f}'} | | | | | | |", flush=True)
 
 
 if __name__ == "__main__":

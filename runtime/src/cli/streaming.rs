@@ -86,7 +86,10 @@ impl StreamingArgs {
         };
         // Speculative reads in flight: two experts' worth, so a demand read never queues behind
         // more than that on the device (on weak flash, guesses must not delay certainties).
-        let expert = (0..model.hp.n_layer).map(|l| layout.expert_bytes(l)).max().unwrap_or(0);
+        let expert = (0..model.hp.n_layer)
+            .map(|l| layout.expert_bytes(l))
+            .max()
+            .unwrap_or(0);
         let mut cfg = self.config(slots);
         cfg.max_speculative_bytes = 2 * expert;
         let cache = ExpertCache::new(model, path, cfg)?;
