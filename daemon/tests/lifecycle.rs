@@ -249,7 +249,7 @@ fn socket_mode_stale_files_and_live_daemons() {
 }
 
 #[test]
-fn refused_flags_and_unloadable_models_fail_clearly() {
+fn bad_budgets_and_unloadable_models_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_moed"))
@@ -260,9 +260,17 @@ fn refused_flags_and_unloadable_models_fail_clearly() {
             .unwrap()
     };
     let model = common::model_path().to_str().unwrap();
-    let out = run(&["-m", model, "--mem-budget", "512M"]);
+    let out = run(&["-m", model, "--mem-budget", "lots"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a size"));
+    // A budget too small for one token's experts is refused with the figures.
+    let out = run(&["-m", model, "--mem-budget", "1M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too small"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A file that is not a model: the daemon exits non-zero and removes its socket.
     let junk = dir.path().join("junk.gguf");
     std::fs::write(&junk, b"not a gguf file at all").unwrap();

@@ -3,6 +3,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod scalar;
 
 use std::sync::OnceLock;
@@ -42,6 +44,10 @@ pub fn best() -> &'static Kernels {
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(t) = avx2::table() {
+            return t;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(t) = neon::table() {
             return t;
         }
         &SCALAR
@@ -150,6 +156,114 @@ pub(crate) mod tests {
                 let b = (SCALAR.dot_f32)(&w, &x);
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()));
             }
+        }
+        // Both NEON tables when the CPU has dotprod (run under QEMU with `-cpu cortex-a76` and
+        // `-cpu cortex-a72` to cover each alone).
+        #[cfg(target_arch = "aarch64")]
+        for t in neon::tables() {
+            println!("testing {}", t.name);
+            check_table(t);
+            neon_agrees_with_scalar(t);
+        }
+    }
+
+    /// Compares `t` with the scalar table where the answers must be equal: the integer kernels on
+    /// arbitrary block bytes (including -128, which the quantizer never writes) with power-of-two
+    /// scales, where every partial sum is exact in f32; the f16/bf16 kernels against one-hot
+    /// activations, which return each converted weight itself (subnormals included); and the
+    /// float kernels on lengths around every loop's step.
+    #[cfg(target_arch = "aarch64")]
+    fn neon_agrees_with_scalar(t: &Kernels) {
+        use crate::tensor::quant::{Q4_0_BYTES, Q8_0_BYTES};
+
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        // Scales of ±1 and ±0.5 make every term a multiple of 1/4 of at most 32 * 128^2 = 2^19:
+        // six blocks stay below 2^24 quarters, so any summation order is exact.
+        let scales = [0x3c00u16, 0xbc00, 0x3800, 0xb800];
+        for nb in 1..=6 {
+            let mut blocks = |bytes: usize| -> Vec<u8> {
+                let mut v: Vec<u8> = (0..nb * bytes).map(|_| next() as u8).collect();
+                for b in v.chunks_exact_mut(bytes) {
+                    let d = scales[next() as usize % scales.len()];
+                    b[..2].copy_from_slice(&d.to_le_bytes());
+                }
+                v
+            };
+            let (w8, w4, x) = (blocks(Q8_0_BYTES), blocks(Q4_0_BYTES), blocks(Q8_0_BYTES));
+            let extreme: Vec<u8> = x
+                .chunks_exact(Q8_0_BYTES)
+                .flat_map(|b| b[..2].iter().copied().chain([0x80u8; 32]))
+                .collect();
+            for xs in [&x, &extreme] {
+                assert_eq!(
+                    (t.dot_q8_0_q8_0)(&w8, xs),
+                    (SCALAR.dot_q8_0_q8_0)(&w8, xs),
+                    "{} q8_0 nb={nb}",
+                    t.name
+                );
+                assert_eq!(
+                    (t.dot_q4_0_q8_0)(&w4, xs),
+                    (SCALAR.dot_q4_0_q8_0)(&w4, xs),
+                    "{} q4_0 nb={nb}",
+                    t.name
+                );
+            }
+            assert_eq!(
+                (t.dot_q8_0_q8_0)(&extreme, &extreme),
+                (SCALAR.dot_q8_0_q8_0)(&extreme, &extreme),
+                "{} q8_0 all -128 nb={nb}",
+                t.name
+            );
+        }
+
+        for n in [1usize, 7, 8, 9, 15, 16, 17, 24, 31, 33, 40] {
+            // Finite bit patterns only: an all-ones exponent (inf/NaN) would make 0 * w NaN. (Values
+            // are compared with `==`, so a zero weight may come back as either signed zero.)
+            let mut weights = |exponent: u16| -> Vec<u8> {
+                (0..n)
+                    .flat_map(|_| {
+                        let b = next() as u16;
+                        let b = if b & exponent == exponent {
+                            b ^ 0x4000
+                        } else {
+                            b
+                        };
+                        b.to_le_bytes()
+                    })
+                    .collect()
+            };
+            let (w16, wb16) = (weights(0x7c00), weights(0x7f80));
+            for i in 0..n {
+                let mut e = vec![0f32; n];
+                e[i] = 1.0;
+                assert_eq!(
+                    (t.dot_f16)(&w16, &e),
+                    (SCALAR.dot_f16)(&w16, &e),
+                    "{} f16 n={n} i={i}",
+                    t.name
+                );
+                assert_eq!(
+                    (t.dot_bf16)(&wb16, &e),
+                    (SCALAR.dot_bf16)(&wb16, &e),
+                    "{} bf16 n={n} i={i}",
+                    t.name
+                );
+            }
+            let a = random_vec(n, 7 + n as u64, 2.0);
+            let b = random_vec(n, 8 + n as u64, 2.0);
+            let want = exact_dot(&a, &b);
+            let got = (t.dot_f32)(&a, &b) as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * n as f64,
+                "{} f32 n={n}",
+                t.name
+            );
         }
     }
 }
