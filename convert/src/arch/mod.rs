@@ -123,6 +123,27 @@ pub fn expert_count(cfg: &Config) -> Result<usize, ConvertError> {
         })
 }
 
+/// The Qwen/OLMoE layout: router `model.layers.{l}.mlp.gate`, experts
+/// `model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj` (or their fused form).
+pub(crate) fn mlp_experts(
+    cfg: &Config,
+    ckpt: &Checkpoint,
+    l: usize,
+    shared: Option<SharedSource>,
+) -> Result<FfnSource, ConvertError> {
+    let p = format!("model.layers.{l}.mlp");
+    Ok(FfnSource::Moe {
+        router: format!("{p}.gate.weight"),
+        experts: experts_at(
+            ckpt,
+            &format!("{p}.experts"),
+            expert_count(cfg)?,
+            ["gate_proj", "up_proj", "down_proj"],
+        )?,
+        shared,
+    })
+}
+
 /// Experts of layer `l` under `prefix` (e.g. `model.layers.3.mlp.experts`), in whichever of the
 /// per-expert or fused layouts the checkpoint uses.
 pub(crate) fn experts_at(

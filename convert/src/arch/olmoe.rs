@@ -3,7 +3,7 @@
 use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
 
-use super::{expert_count, experts_at, ArchConverter, FfnSource};
+use super::{mlp_experts, ArchConverter, FfnSource};
 use crate::hf::{Checkpoint, Config};
 use crate::ConvertError;
 
@@ -27,17 +27,7 @@ impl ArchConverter for Olmoe {
     }
 
     fn ffn(&self, cfg: &Config, ckpt: &Checkpoint, l: usize) -> Result<FfnSource, ConvertError> {
-        let p = format!("model.layers.{l}.mlp");
-        Ok(FfnSource::Moe {
-            router: format!("{p}.gate.weight"),
-            experts: experts_at(
-                ckpt,
-                &format!("{p}.experts"),
-                expert_count(cfg)?,
-                ["gate_proj", "up_proj", "down_proj"],
-            )?,
-            shared: None,
-        })
+        mlp_experts(cfg, ckpt, l, None)
     }
 
     fn requires_output_tensor(&self) -> bool {

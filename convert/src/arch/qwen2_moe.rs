@@ -3,7 +3,7 @@
 use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
 
-use super::{expert_count, experts_at, ArchConverter, ExpertMlp, FfnSource, SharedSource};
+use super::{expert_count, mlp_experts, ArchConverter, ExpertMlp, FfnSource, SharedSource};
 use crate::hf::{Checkpoint, Config};
 use crate::ConvertError;
 
@@ -66,16 +66,7 @@ impl ArchConverter for Qwen2Moe {
             },
             gate: Some(format!("{p}.shared_expert_gate.weight")),
         });
-        Ok(FfnSource::Moe {
-            router: format!("{p}.gate.weight"),
-            experts: experts_at(
-                ckpt,
-                &format!("{p}.experts"),
-                expert_count(cfg)?,
-                ["gate_proj", "up_proj", "down_proj"],
-            )?,
-            shared,
-        })
+        mlp_experts(cfg, ckpt, l, shared)
     }
 
     fn requires_output_tensor(&self) -> bool {

@@ -4,7 +4,7 @@ use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
 
 use super::qwen2_moe::{dense_mlp, is_sparse};
-use super::{expert_count, experts_at, ArchConverter, FfnSource};
+use super::{mlp_experts, ArchConverter, FfnSource};
 use crate::hf::{Checkpoint, Config};
 use crate::ConvertError;
 
@@ -30,17 +30,7 @@ impl ArchConverter for Qwen3Moe {
         if !is_sparse(cfg, l)? {
             return Ok(dense_mlp(l));
         }
-        let p = format!("model.layers.{l}.mlp");
-        Ok(FfnSource::Moe {
-            router: format!("{p}.gate.weight"),
-            experts: experts_at(
-                ckpt,
-                &format!("{p}.experts"),
-                expert_count(cfg)?,
-                ["gate_proj", "up_proj", "down_proj"],
-            )?,
-            shared: None,
-        })
+        mlp_experts(cfg, ckpt, l, None)
     }
 
     fn norm_topk(&self, cfg: &Config) -> Result<bool, ConvertError> {
