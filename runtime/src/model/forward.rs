@@ -512,6 +512,7 @@ fn feed_forward(
                     run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
                 }
                 Some(cache) => {
+                    cache.record_use(layer, &s.active);
                     for group in s.active.chunks(cache.slots()) {
                         let guards = cache
                             .acquire(layer, group)

@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -412,6 +412,19 @@ impl ExpertCache {
         (token * self.inner.n_layers + layer) as u64
     }
 
+    /// Records which experts a visit of `layer` used (all of them, once per visit, even when
+    /// they are then acquired in several groups): the moving averages behind LFU, Belady's
+    /// next-use estimate and speculative admission.
+    pub fn record_use(&self, layer: usize, experts: &[u32]) {
+        let n = self.inner.layout.n_expert;
+        let mut st = self.inner.lock();
+        for e in 0..n {
+            let used = experts.contains(&(e as u32)) as u32 as f32;
+            let f = &mut st.frequency[layer * n + e];
+            *f = 0.95 * *f + 0.05 * used;
+        }
+    }
+
     /// Pins the experts a layer routed to, reading the missing ones (all at once, ahead of any
     /// speculative read) and waiting for them.
     pub fn acquire(
@@ -610,12 +623,6 @@ impl Inner {
             });
         }
         let now = st.step;
-        // Update frequencies once per request (EMA over requests of this layer).
-        for e in 0..self.layout.n_expert {
-            let i = layer * self.layout.n_expert + e;
-            let used = experts.contains(&(e as u32)) as u32 as f32;
-            st.frequency[i] = 0.95 * st.frequency[i] + 0.05 * used;
-        }
         // Pin what is present; queue demand reads (front of the queue) for what is not.
         let mut slots = Vec::with_capacity(experts.len());
         for &e in experts {
@@ -913,11 +920,6 @@ pub fn parse_size(s: &str) -> Option<usize> {
         _ => return None,
     };
     Some((v * mult) as usize)
-}
-
-/// How long a demand stall took, for tests.
-pub fn duration_of(stats: &CacheStats) -> Duration {
-    Duration::from_secs_f64(stats.stall_seconds)
 }
 
 #[cfg(test)]
