@@ -53,7 +53,6 @@ struct Scratch {
     mm: MatmulScratch,
 }
 
-/// Decoding state for one sequence.
 /// Precision/recall counts of lookahead predictions at one depth.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PredictionStats {
@@ -84,6 +83,20 @@ pub struct ExpertStreaming {
     pub lookahead: usize,
 }
 
+/// The routing decisions of one MoE layer for one batch, recorded when tracing is on
+/// (calibration statistics and router distillation read these).
+#[derive(Clone, Debug)]
+pub struct LayerRouting {
+    pub layer: usize,
+    /// Position of the batch's first token.
+    pub first_pos: usize,
+    /// Raw router logits, `[n, n_expert]`.
+    pub logits: Vec<f32>,
+    /// The experts each token used and their weights.
+    pub routes: Vec<Route>,
+}
+
+/// Decoding state for one sequence.
 pub struct Session<'m, 'a> {
     model: &'m Model<'a>,
     kernels: &'static Kernels,
@@ -94,6 +107,8 @@ pub struct Session<'m, 'a> {
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     pos: usize,
+    /// Routing decisions recorded since tracing was switched on.
+    trace: Option<Vec<LayerRouting>>,
     s: Scratch,
 }
 
@@ -128,6 +143,7 @@ impl<'m, 'a> Session<'m, 'a> {
             rope_cos,
             rope_sin,
             pos: 0,
+            trace: None,
             s: Scratch::default(),
         }
     }
@@ -173,6 +189,16 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
         self.kv.bytes()
+    }
+
+    /// Starts (or stops) recording every MoE layer's routing decisions.
+    pub fn set_route_tracing(&mut self, on: bool) {
+        self.trace = on.then(Vec::new);
+    }
+
+    /// The routing decisions recorded so far, in execution order; tracing stays on.
+    pub fn take_route_trace(&mut self) -> Vec<LayerRouting> {
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Forgets the sequence (the cache is kept allocated).
@@ -247,6 +273,14 @@ impl<'m, 'a> Session<'m, 'a> {
                 &self.streaming,
                 &mut self.predictions,
             )?;
+            if let (Some(trace), Ffn::Moe(_)) = (&mut self.trace, &layer.ffn) {
+                trace.push(LayerRouting {
+                    layer: li,
+                    first_pos: self.pos,
+                    logits: s.router_logits[..n * hp.n_expert].to_vec(),
+                    routes: s.routes.clone(),
+                });
+            }
             add_scaled(&mut s.x, &s.ffn_out, hp.residual_scale);
         }
 

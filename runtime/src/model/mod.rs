@@ -7,7 +7,7 @@ mod kv_cache;
 mod weights;
 
 pub use arch::{Arch, ArchTraits, QkNorm, RopeStyle};
-pub use forward::{ExpertStreaming, PredictionStats, Session};
+pub use forward::{ExpertStreaming, LayerRouting, PredictionStats, Session};
 pub use hparams::HParams;
 pub use kv_cache::{KvCache, KvType};
 pub use weights::{
