@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use crate::model::Mlp;
-use crate::tensor::matrix::{dot_row, rows_per_task, Activations};
+use crate::tensor::matrix::{rows_per_task, rows_times_acts, Activations};
 use crate::tensor::Kernels;
 
 /// One expert's share of a batch: its matrices and the (token, weight) pairs that chose it.
@@ -19,6 +19,8 @@ pub struct ExpertJob<'w, 'j> {
 
 #[derive(Default)]
 pub struct ExpertScratch {
+    /// Per job, its tokens' input rows gathered contiguously.
+    inputs: Vec<Activations>,
     /// Per job, `[ff, m]`: silu(gate x) * up x for its m tokens, row by row.
     hidden_t: Vec<f32>,
     /// Per job, the hidden rows token by token, prepared for the down projection.
@@ -42,6 +44,14 @@ pub fn run_experts(
     }
     let d = out_t.len() / n;
 
+    // Each job's tokens, contiguous for the tiled products.
+    if s.inputs.len() < jobs.len() {
+        s.inputs.resize_with(jobs.len(), Activations::default);
+    }
+    for (input, job) in s.inputs.iter_mut().zip(jobs) {
+        input.gather(x, job.tokens.iter().map(|&(t, _)| t as usize));
+    }
+
     // Pass 1: gate/up. Split the hidden buffer into per-job blocks, then into row chunks.
     let sizes: Vec<usize> = jobs
         .iter()
@@ -62,21 +72,21 @@ pub fn run_experts(
             tasks.push((ji, ci * chunk, c));
         }
     }
-    tasks
-        .into_par_iter()
-        .for_each_init(Vec::new, |buf, (ji, row0, dst)| {
+    let inputs = &s.inputs;
+    tasks.into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(gate, up, buf), (ji, row0, dst)| {
             let job = &jobs[ji];
-            let m = job.tokens.len();
-            for (i, row) in dst.chunks_exact_mut(m).enumerate() {
-                let r = row0 + i;
-                for (v, &(t, _)) in row.iter_mut().zip(job.tokens) {
-                    let a = x.row(t as usize);
-                    let g = dot_row(k, &job.mlp.gate, r, a, buf);
-                    let u = dot_row(k, &job.mlp.up, r, a, buf);
-                    *v = g / (1.0 + (-g).exp()) * u;
-                }
+            let len = dst.len() / job.tokens.len();
+            gate.resize(dst.len(), 0.0);
+            up.resize(dst.len(), 0.0);
+            rows_times_acts(k, &job.mlp.gate, row0, len, &inputs[ji], gate, buf);
+            rows_times_acts(k, &job.mlp.up, row0, len, &inputs[ji], up, buf);
+            for ((v, &g), &u) in dst.iter_mut().zip(gate.iter()).zip(up.iter()) {
+                *v = g / (1.0 + (-g).exp()) * u;
             }
-        });
+        },
+    );
 
     // Hidden rows token-major, quantized for the down projections.
     if s.hidden.len() < jobs.len() {
@@ -102,20 +112,22 @@ pub fn run_experts(
     // Pass 2: down projections, threads splitting the output rows.
     let hidden = &s.hidden;
     let chunk = rows_per_task(d);
-    out_t
-        .par_chunks_mut(chunk * n)
-        .enumerate()
-        .for_each_init(Vec::new, |buf, (ci, dst)| {
+    out_t.par_chunks_mut(chunk * n).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(dots, buf), (ci, dst)| {
+            let len = dst.len() / n;
             for (ji, job) in jobs.iter().enumerate() {
-                for (i, row) in dst.chunks_exact_mut(n).enumerate() {
-                    let r = ci * chunk + i;
-                    for (slot, &(t, w)) in job.tokens.iter().enumerate() {
-                        let h = hidden[ji].row(slot);
-                        row[t as usize] += w * dot_row(k, &job.mlp.down, r, h, buf);
+                let m = job.tokens.len();
+                dots.resize(len * m, 0.0);
+                rows_times_acts(k, &job.mlp.down, ci * chunk, len, &hidden[ji], dots, buf);
+                for (row, d) in dst.chunks_exact_mut(n).zip(dots.chunks_exact(m.max(1))) {
+                    for (&(t, w), &v) in job.tokens.iter().zip(d) {
+                        row[t as usize] += w * v;
                     }
                 }
             }
-        });
+        },
+    );
 }
 
 /// `out[t, r] += out_t[r, t]` for `[d, n]` accumulations.

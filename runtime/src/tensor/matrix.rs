@@ -94,6 +94,23 @@ impl Activations {
         }
     }
 
+    /// Copies rows `tokens` of `src` (every encoding), so that one expert's tokens are contiguous
+    /// for the tiled products.
+    pub fn gather(&mut self, src: &Activations, tokens: impl Iterator<Item = usize>) {
+        self.cols = src.cols;
+        self.n = 0;
+        self.x.clear();
+        self.q8.clear();
+        self.q8k.clear();
+        for t in tokens {
+            let r = src.row(t);
+            self.x.extend_from_slice(r.x);
+            self.q8.extend_from_slice(r.q8);
+            self.q8k.extend_from_slice(r.q8k);
+            self.n += 1;
+        }
+    }
+
     pub fn row(&self, t: usize) -> ActRow<'_> {
         let x = &self.x[t * self.cols..(t + 1) * self.cols];
         ActRow {
@@ -135,6 +152,46 @@ pub fn dot_row(k: &Kernels, w: &QMatrix, r: usize, a: ActRow, buf: &mut Vec<f32>
         GgmlType::Q4_0 => (k.dot_q4_0_q8_0)(wr, a.q8),
         GgmlType::Q4K => kquant::dot_q4_k_q8_k(wr, a.q8k),
         GgmlType::Q6K => kquant::dot_q6_k_q8_k(wr, a.q8k),
+    }
+}
+
+/// `out[i * n + t] = w_(row0 + i) . x_t` for `len` consecutive rows of `w` and all `n` rows of
+/// `acts`. Q8_0/Q4_0 weights go through the table's tiled products (each weight block loaded
+/// once for several tokens); other types pair by pair. Either way each value equals
+/// [`dot_row`] of its pair.
+pub fn rows_times_acts(
+    k: &Kernels,
+    w: &QMatrix,
+    row0: usize,
+    len: usize,
+    acts: &Activations,
+    out: &mut [f32],
+    buf: &mut Vec<f32>,
+) {
+    let n = acts.n;
+    let gemm = match w.ty {
+        GgmlType::Q8_0 if !acts.q8.is_empty() => Some(k.gemm_q8_0),
+        GgmlType::Q4_0 if !acts.q8.is_empty() => Some(k.gemm_q4_0),
+        _ => None,
+    };
+    match gemm {
+        Some(gemm) if len > 0 && n > 0 => {
+            let rb = w.row_bytes();
+            gemm(
+                &w.data[row0 * rb..(row0 + len) * rb],
+                len,
+                &acts.q8,
+                n,
+                &mut out[..len * n],
+            );
+        }
+        _ => {
+            for (i, o) in out[..len * n].chunks_exact_mut(n.max(1)).enumerate() {
+                for (t, v) in o.iter_mut().enumerate() {
+                    *v = dot_row(k, w, row0 + i, acts.row(t), buf);
+                }
+            }
+        }
     }
 }
 
@@ -186,27 +243,25 @@ pub fn multi_matmul(
     let total_rows: usize = mats.iter().map(|m| m.rows).sum();
     scratch.transposed.resize(total_rows * n, 0.0);
     let chunk = rows_per_task(total_rows);
-    // Global row g belongs to the matrix whose row range contains it.
-    let locate = |g: usize| {
-        let mut start = 0;
-        for (i, m) in mats.iter().enumerate() {
-            if g < start + m.rows {
-                return (i, g - start);
-            }
-            start += m.rows;
-        }
-        unreachable!("row {g} beyond {total_rows}")
-    };
     scratch
         .transposed
         .par_chunks_mut(chunk * n)
         .enumerate()
         .for_each_init(Vec::new, |buf, (ci, dst)| {
-            for (i, d) in dst.chunks_exact_mut(n).enumerate() {
-                let (mi, r) = locate(ci * chunk + i);
-                for (t, v) in d.iter_mut().enumerate() {
-                    *v = dot_row(k, &mats[mi], r, acts.row(t), buf);
+            // The chunk's global rows, split at matrix boundaries.
+            let (mut g, end) = (ci * chunk, ci * chunk + dst.len() / n);
+            let mut dst = dst;
+            let mut mat_start = 0;
+            for m in mats {
+                let mat_end = mat_start + m.rows;
+                if g < mat_end && g < end {
+                    let len = end.min(mat_end) - g;
+                    let (here, rest) = dst.split_at_mut(len * n);
+                    rows_times_acts(k, m, g - mat_start, len, acts, here, buf);
+                    dst = rest;
+                    g += len;
                 }
+                mat_start = mat_end;
             }
         });
     let mut start = 0;

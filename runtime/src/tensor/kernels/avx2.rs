@@ -1,5 +1,11 @@
-//! x86_64 AVX2 + FMA + F16C kernels. Selected only when the CPU reports all three features; the
-//! integer dot products follow ggml's `mul_sum_i8_pairs` scheme (sign trick, maddubs, madd).
+//! x86_64 kernels: AVX2 + FMA + F16C, and the same with AVX-512 VNNI (`vpdpbusd` on 256-bit
+//! registers) where the CPU has it. Selected at run time from the CPU's features.
+//!
+//! The quantized products are tiles of up to 4 weight rows x 4 tokens: each weight block is
+//! loaded and prepared once for all tokens of the tile, each activation block once for all rows,
+//! and the 16 independent accumulators hide the FMA latency that bounds a one-pair loop. Both
+//! tables compute every block product as eight exact i32 lane sums (bytes 4i..4i+3) and then the
+//! same float steps, so they agree bit for bit with each other and with their own dot kernels.
 
 use std::arch::x86_64::*;
 
@@ -13,17 +19,45 @@ static AVX2: Kernels = Kernels {
     dot_bf16,
     dot_q8_0_q8_0,
     dot_q4_0_q8_0,
+    gemm_q8_0,
+    gemm_q4_0,
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
 };
 
-/// The AVX2 table, if this CPU can run it.
-pub fn table() -> Option<&'static Kernels> {
-    let ok = is_x86_feature_detected!("avx2")
+static VNNI: Kernels = Kernels {
+    name: "x86_64 avx2+fma+f16c+avx512vnni",
+    dot_f32,
+    dot_f16,
+    dot_bf16,
+    dot_q8_0_q8_0: dot_q8_0_q8_0_vnni,
+    dot_q4_0_q8_0: dot_q4_0_q8_0_vnni,
+    gemm_q8_0: gemm_q8_0_vnni,
+    gemm_q4_0: gemm_q4_0_vnni,
+    quantize_q8_0: quantize_row_q8_0,
+};
+
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c");
-    ok.then_some(&AVX2)
+        && is_x86_feature_detected!("f16c")
+}
+
+fn has_vnni() -> bool {
+    has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+/// Every x86 table this CPU can run, fastest first (the tests run them all).
+pub fn tables() -> impl Iterator<Item = &'static Kernels> {
+    let vnni = has_vnni().then_some(&VNNI);
+    let avx2 = has_avx2().then_some(&AVX2);
+    vnni.into_iter().chain(avx2)
+}
+
+/// The fastest x86 table this CPU can run.
+pub fn table() -> Option<&'static Kernels> {
+    tables().next()
 }
 
 // The safe wrappers below are reachable only through `table()`, which checked the features.
@@ -47,17 +81,68 @@ fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
 }
 
 fn dot_q8_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    assert_eq!(w.len(), x.len());
-    assert_eq!(w.len() % Q8_0_BYTES, 0);
-    // SAFETY: as above.
-    unsafe { dot_q8_0_q8_0_impl(w, x) }
+    let mut out = [0f32];
+    gemm_q8_0(w, 1, x, 1, &mut out);
+    out[0]
 }
 
 fn dot_q4_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    assert_eq!(w.len() / Q4_0_BYTES, x.len() / Q8_0_BYTES);
-    assert_eq!(w.len() % Q4_0_BYTES, 0);
+    let mut out = [0f32];
+    gemm_q4_0(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+fn dot_q8_0_q8_0_vnni(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_q8_0_vnni(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+fn dot_q4_0_q8_0_vnni(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_q4_0_vnni(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+/// Checks the shapes the tile loops rely on: whole rows of whole blocks, the same block count
+/// for weights and activations, room for the output.
+fn check_gemm(w: &[u8], w_block: usize, rows: usize, x: &[u8], n: usize, out: &[f32]) {
+    assert!(rows > 0 && n > 0 && out.len() >= rows * n, "gemm shape");
+    assert_eq!(w.len() % (rows * w_block), 0, "whole weight blocks per row");
+    assert_eq!(
+        x.len() % (n * Q8_0_BYTES),
+        0,
+        "whole activation blocks per row"
+    );
+    assert_eq!(
+        w.len() / rows / w_block,
+        x.len() / n / Q8_0_BYTES,
+        "block counts differ"
+    );
+}
+
+fn gemm_q8_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, Q8_0_BYTES, rows, x, n, out);
+    // SAFETY: features checked in `tables()`; shapes checked above.
+    unsafe { gemm_avx2::<Q8Signed>(w, rows, x, n, out) }
+}
+
+fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, Q4_0_BYTES, rows, x, n, out);
     // SAFETY: as above.
-    unsafe { dot_q4_0_q8_0_impl(w, x) }
+    unsafe { gemm_avx2::<Q4Signed>(w, rows, x, n, out) }
+}
+
+fn gemm_q8_0_vnni(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, Q8_0_BYTES, rows, x, n, out);
+    // SAFETY: as above (VNNI checked in `tables()`).
+    unsafe { gemm_vnni::<Q8Vnni>(w, rows, x, n, out) }
+}
+
+fn gemm_q4_0_vnni(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, Q4_0_BYTES, rows, x, n, out);
+    // SAFETY: as above.
+    unsafe { gemm_vnni::<Q4Vnni>(w, rows, x, n, out) }
 }
 
 #[inline]
@@ -145,57 +230,217 @@ unsafe fn dot_bf16_impl(w: &[u8], x: &[f32]) -> f32 {
     sum
 }
 
-/// The f16 at `p` (unaligned), converted with F16C inside the kernel instead of a call out.
+/// The f16 at `p` (unaligned), converted with F16C and broadcast to 8 lanes. Broadcasting
+/// before the conversion writes the whole register: converting a single inserted lane let LLVM
+/// merge into a live register (the accumulator), a false dependency that serialised every
+/// block on the previous one's FMA (measured: 3x slower).
 #[inline]
-#[target_feature(enable = "f16c")]
-unsafe fn f16_scale(p: *const u8) -> f32 {
-    let bits = u16::from_le_bytes([*p, *p.add(1)]) as i32;
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_splat(p: *const u8) -> __m256 {
+    let bits = i16::from_le_bytes([*p, *p.add(1)]);
+    _mm256_cvtph_ps(_mm_set1_epi16(bits))
 }
 
-/// Sum of products of 32 signed bytes, as 8 i32 lanes converted to f32.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn mul_sum_i8(a: __m256i, b: __m256i) -> __m256 {
-    // maddubs needs an unsigned left operand: |a| and b carrying a's sign.
-    let ax = _mm256_sign_epi8(a, a);
-    let sy = _mm256_sign_epi8(b, a);
-    let dot16 = _mm256_maddubs_epi16(ax, sy);
-    let dot32 = _mm256_madd_epi16(dot16, _mm256_set1_epi16(1));
-    _mm256_cvtepi32_ps(dot32)
+/// How one CPU level multiplies a weight block by an activation block. A weight block is
+/// prepared once per tile row (`row`), an activation block once per tile token (`token`), and
+/// `pair` returns the eight exact lane sums of their integer product.
+trait BlockProduct {
+    /// Bytes of one weight block.
+    const W_BYTES: usize;
+    /// Prepares the weight block at `p`: two vectors and its scale.
+    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256);
+    /// Prepares the Q8_0 activation block at `p`: two vectors and its scale.
+    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256);
+    unsafe fn pair(row: (__m256i, __m256i), token: (__m256i, __m256i)) -> __m256i;
+}
+
+/// Lane sums of u8 x i8 products without VNNI: maddubs to i16 pairs, madd to i32.
+#[inline(always)]
+unsafe fn maddubs_sum(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+/// The 32 nibbles of a Q4_0 block as bytes 0..=15: value j in byte j (low nibbles first).
+#[inline(always)]
+unsafe fn q4_nibbles(p: *const u8) -> __m256i {
+    let packed = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+}
+
+/// AVX2 Q8_0: maddubs needs an unsigned left operand, so |w| times x carrying w's sign.
+struct Q8Signed;
+impl BlockProduct for Q8Signed {
+    const W_BYTES: usize = Q8_0_BYTES;
+    #[inline(always)]
+    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256) {
+        let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
+        (_mm256_sign_epi8(w, w), w, f16_splat(p))
+    }
+    #[inline(always)]
+    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256) {
+        let x = _mm256_loadu_si256(p.add(2) as *const __m256i);
+        (x, x, f16_splat(p))
+    }
+    #[inline(always)]
+    unsafe fn pair((abs_w, w): (__m256i, __m256i), (x, _): (__m256i, __m256i)) -> __m256i {
+        maddubs_sum(abs_w, _mm256_sign_epi8(x, w))
+    }
+}
+
+/// AVX2 Q4_0: the nibbles minus 8, then as Q8_0.
+struct Q4Signed;
+impl BlockProduct for Q4Signed {
+    const W_BYTES: usize = Q4_0_BYTES;
+    #[inline(always)]
+    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256) {
+        let w = _mm256_sub_epi8(q4_nibbles(p.add(2)), _mm256_set1_epi8(8));
+        (_mm256_sign_epi8(w, w), w, f16_splat(p))
+    }
+    #[inline(always)]
+    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256) {
+        Q8Signed::token(p)
+    }
+    #[inline(always)]
+    unsafe fn pair(row: (__m256i, __m256i), token: (__m256i, __m256i)) -> __m256i {
+        Q8Signed::pair(row, token)
+    }
+}
+
+/// VNNI Q8_0: `vpdpbusd` multiplies unsigned by signed bytes, so the activations are offset to
+/// x + 128 (a bit flip) and the accumulator starts at -128 * (lane sums of w), prepared once
+/// per weight block: the lane sums come out exact, with no per-pair sign fix-up.
+struct Q8Vnni;
+impl BlockProduct for Q8Vnni {
+    const W_BYTES: usize = Q8_0_BYTES;
+    #[inline(always)]
+    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256) {
+        let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
+        let sum128 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w);
+        (
+            w,
+            _mm256_sub_epi32(_mm256_setzero_si256(), sum128),
+            f16_splat(p),
+        )
+    }
+    #[inline(always)]
+    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256) {
+        let x = _mm256_loadu_si256(p.add(2) as *const __m256i);
+        let offset = _mm256_xor_si256(x, _mm256_set1_epi8(-128));
+        (offset, offset, f16_splat(p))
+    }
+    #[inline(always)]
+    unsafe fn pair((w, start): (__m256i, __m256i), (x128, _): (__m256i, __m256i)) -> __m256i {
+        _mm256_dpbusd_epi32(start, x128, w)
+    }
+}
+
+/// VNNI Q4_0: the nibbles are already unsigned; the accumulator starts at -8 * (lane sums of
+/// x), prepared once per activation block.
+struct Q4Vnni;
+impl BlockProduct for Q4Vnni {
+    const W_BYTES: usize = Q4_0_BYTES;
+    #[inline(always)]
+    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256) {
+        let q = q4_nibbles(p.add(2));
+        (q, q, f16_splat(p))
+    }
+    #[inline(always)]
+    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256) {
+        let x = _mm256_loadu_si256(p.add(2) as *const __m256i);
+        let sum8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), x);
+        (
+            x,
+            _mm256_sub_epi32(_mm256_setzero_si256(), sum8),
+            f16_splat(p),
+        )
+    }
+    #[inline(always)]
+    unsafe fn pair((q, _): (__m256i, __m256i), (x, start): (__m256i, __m256i)) -> __m256i {
+        _mm256_dpbusd_epi32(start, q, x)
+    }
+}
+
+/// One tile: `R` weight rows (`wb` bytes apart) times `T` activation rows (`xb` bytes apart),
+/// `nb` blocks each; writes `out[r * n + t]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
+    w: *const u8,
+    wb: usize,
+    x: *const u8,
+    xb: usize,
+    nb: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let zero = _mm256_setzero_si256();
+    let mut rows = [(zero, zero); R];
+    let mut row_d = [_mm256_setzero_ps(); R];
+    let mut toks = [(zero, zero); T];
+    let mut tok_d = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        for t in 0..T {
+            let (u, v, d) = P::token(x.add(t * xb + b * Q8_0_BYTES));
+            toks[t] = (u, v);
+            tok_d[t] = d;
+        }
+        for r in 0..R {
+            let (u, v, d) = P::row(w.add(r * wb + b * P::W_BYTES));
+            rows[r] = (u, v);
+            row_d[r] = d;
+        }
+        for r in 0..R {
+            for t in 0..T {
+                let d = _mm256_mul_ps(row_d[r], tok_d[t]);
+                let sums = _mm256_cvtepi32_ps(P::pair(rows[r], toks[t]));
+                acc[r][t] = _mm256_fmadd_ps(d, sums, acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            *out.add(r * n + t) = hsum(acc[r][t]);
+        }
+    }
+}
+
+/// Covers `rows x n` with tiles of 4 rows (then single rows) by up to 4 tokens.
+#[inline(always)]
+unsafe fn gemm_tiles<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    let (wb, xb) = (w.len() / rows, x.len() / n);
+    let nb = xb / Q8_0_BYTES;
+    let (pw, px, po) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+    let mut r = 0;
+    while r < rows {
+        let tall = rows - r >= 4;
+        let mut t = 0;
+        while t < n {
+            let wide = (n - t).min(4);
+            let (wr, xt, o) = (pw.add(r * wb), px.add(t * xb), po.add(r * n + t));
+            match (tall, wide) {
+                (true, 4) => tile::<P, 4, 4>(wr, wb, xt, xb, nb, o, n),
+                (true, 3) => tile::<P, 4, 3>(wr, wb, xt, xb, nb, o, n),
+                (true, 2) => tile::<P, 4, 2>(wr, wb, xt, xb, nb, o, n),
+                (true, _) => tile::<P, 4, 1>(wr, wb, xt, xb, nb, o, n),
+                (false, 4) => tile::<P, 1, 4>(wr, wb, xt, xb, nb, o, n),
+                (false, 3) => tile::<P, 1, 3>(wr, wb, xt, xb, nb, o, n),
+                (false, 2) => tile::<P, 1, 2>(wr, wb, xt, xb, nb, o, n),
+                (false, _) => tile::<P, 1, 1>(wr, wb, xt, xb, nb, o, n),
+            }
+            t += wide;
+        }
+        r += if tall { 4 } else { 1 };
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0_q8_0_impl(w: &[u8], x: &[u8]) -> f32 {
-    let nb = w.len() / Q8_0_BYTES;
-    let (pw, px) = (w.as_ptr(), x.as_ptr());
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..nb {
-        let o = b * Q8_0_BYTES;
-        let d = _mm256_set1_ps(f16_scale(pw.add(o)) * f16_scale(px.add(o)));
-        let qw = _mm256_loadu_si256(pw.add(o + 2) as *const __m256i);
-        let qx = _mm256_loadu_si256(px.add(o + 2) as *const __m256i);
-        acc = _mm256_fmadd_ps(d, mul_sum_i8(qw, qx), acc);
-    }
-    hsum(acc)
+unsafe fn gemm_avx2<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    gemm_tiles::<P>(w, rows, x, n, out)
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_0_q8_0_impl(w: &[u8], x: &[u8]) -> f32 {
-    let nb = w.len() / Q4_0_BYTES;
-    let (pw, px) = (w.as_ptr(), x.as_ptr());
-    let mut acc = _mm256_setzero_ps();
-    let low = _mm256_set1_epi8(0x0f);
-    let eight = _mm256_set1_epi8(8);
-    for b in 0..nb {
-        let (ow, ox) = (b * Q4_0_BYTES, b * Q8_0_BYTES);
-        let d = _mm256_set1_ps(f16_scale(pw.add(ow)) * f16_scale(px.add(ox)));
-        // Values j (low nibbles) in the first 16 bytes, values j + 16 (high nibbles) after.
-        let packed = _mm_loadu_si128(pw.add(ow + 2) as *const __m128i);
-        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-        let qw = _mm256_sub_epi8(_mm256_and_si256(both, low), eight);
-        let qx = _mm256_loadu_si256(px.add(ox + 2) as *const __m256i);
-        acc = _mm256_fmadd_ps(d, mul_sum_i8(qw, qx), acc);
-    }
-    hsum(acc)
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn gemm_vnni<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    gemm_tiles::<P>(w, rows, x, n, out)
 }

@@ -21,7 +21,39 @@ pub struct Kernels {
     pub dot_bf16: fn(&[u8], &[f32]) -> f32,
     pub dot_q8_0_q8_0: fn(&[u8], &[u8]) -> f32,
     pub dot_q4_0_q8_0: fn(&[u8], &[u8]) -> f32,
+    /// `out[r * n + t] = w_r . x_t` for `rows` Q8_0 weight rows (`w`, rows back to back) and `n`
+    /// Q8_0 activation rows (`x`): a matrix product tiled so that each loaded weight block serves
+    /// several tokens and each activation block several rows. Every output value equals the
+    /// table's `dot_q8_0_q8_0` of its pair bit for bit, whatever the tile shape.
+    pub gemm_q8_0: Gemm,
+    /// The same for Q4_0 weight rows.
+    pub gemm_q4_0: Gemm,
     pub quantize_q8_0: fn(&[f32], &mut [u8]),
+}
+
+/// `(w, rows, x, n, out)`: see [`Kernels::gemm_q8_0`].
+pub type Gemm = fn(&[u8], usize, &[u8], usize, &mut [f32]);
+
+/// A product of every pair by a dot kernel: the reference the tiled kernels are tested against,
+/// and what a table without tiled kernels uses.
+pub fn gemm_by_pairs(
+    dot: fn(&[u8], &[u8]) -> f32,
+    w: &[u8],
+    rows: usize,
+    x: &[u8],
+    n: usize,
+    out: &mut [f32],
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let (wb, xb) = (w.len() / rows, x.len() / n);
+    for (r, out_r) in out[..rows * n].chunks_exact_mut(n).enumerate() {
+        let wr = &w[r * wb..(r + 1) * wb];
+        for (t, o) in out_r.iter_mut().enumerate() {
+            *o = dot(wr, &x[t * xb..(t + 1) * xb]);
+        }
+    }
 }
 
 pub static SCALAR: Kernels = Kernels {
@@ -31,6 +63,8 @@ pub static SCALAR: Kernels = Kernels {
     dot_bf16: scalar::dot_bf16,
     dot_q8_0_q8_0: scalar::dot_q8_0_q8_0,
     dot_q4_0_q8_0: scalar::dot_q4_0_q8_0,
+    gemm_q8_0: scalar::gemm_q8_0,
+    gemm_q4_0: scalar::gemm_q4_0,
     quantize_q8_0: quantize_row_q8_0,
 };
 
@@ -124,10 +158,52 @@ pub(crate) mod tests {
                     k.name
                 );
             }
+            check_gemm(k, n, i as u64);
             // Activation quantization is bit-identical to the reference.
             let mut q = vec![0u8; xq.len()];
             (k.quantize_q8_0)(&x, &mut q);
             assert_eq!(q, xq, "{} quantize_q8_0 n={n}", k.name);
+        }
+    }
+
+    /// The tiled products equal the table's own dot kernel pair by pair, bit for bit, for every
+    /// tile remainder (rows and tokens 1..=9), and the scalar reference within rounding.
+    fn check_gemm(k: &Kernels, cols: usize, seed: u64) {
+        if cols > 1024 {
+            return;
+        }
+        for (ty, gemm, dot, scalar_dot) in [
+            (
+                GgmlType::Q8_0,
+                k.gemm_q8_0,
+                k.dot_q8_0_q8_0,
+                SCALAR.dot_q8_0_q8_0,
+            ),
+            (
+                GgmlType::Q4_0,
+                k.gemm_q4_0,
+                k.dot_q4_0_q8_0,
+                SCALAR.dot_q4_0_q8_0,
+            ),
+        ] {
+            for (rows, n) in [(1, 1), (4, 4), (9, 7), (5, 1), (8, 9), (3, 2), (1, 6)] {
+                let w = quantize(ty, &random_vec(rows * cols, seed + 11, 2.0));
+                let x = quantize(GgmlType::Q8_0, &random_vec(n * cols, seed + 12, 3.0));
+                let mut got = vec![0f32; rows * n];
+                gemm(&w, rows, &x, n, &mut got);
+                let mut want = vec![0f32; rows * n];
+                gemm_by_pairs(dot, &w, rows, &x, n, &mut want);
+                assert_eq!(got, want, "{} {ty} gemm {rows}x{n} cols={cols}", k.name);
+                let mut reference = vec![0f32; rows * n];
+                gemm_by_pairs(scalar_dot, &w, rows, &x, n, &mut reference);
+                for (g, r) in got.iter().zip(&reference) {
+                    assert!(
+                        (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                        "{} {ty} gemm vs scalar: {g} vs {r}",
+                        k.name
+                    );
+                }
+            }
         }
     }
 
@@ -146,7 +222,7 @@ pub(crate) mod tests {
     #[test]
     fn simd_tables_agree_with_scalar() {
         #[cfg(target_arch = "x86_64")]
-        if let Some(t) = avx2::table() {
+        for t in avx2::tables() {
             println!("testing {}", t.name);
             check_table(t);
             for n in [32usize, 64, 1024] {
@@ -155,6 +231,27 @@ pub(crate) mod tests {
                 let a = (t.dot_f32)(&w, &x);
                 let b = (SCALAR.dot_f32)(&w, &x);
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()));
+            }
+        }
+        // The x86 tables compute the same lane sums and float steps: equal bit for bit.
+        #[cfg(target_arch = "x86_64")]
+        for t in avx2::tables().skip(1) {
+            let first = avx2::table().expect("a table");
+            for (rows, n, cols) in [(9, 7, 256), (4, 1, 1024), (1, 3, 64)] {
+                for q4 in [false, true] {
+                    let ty = if q4 { GgmlType::Q4_0 } else { GgmlType::Q8_0 };
+                    let w = quantize(ty, &random_vec(rows * cols, 31, 1.5));
+                    let x = quantize(GgmlType::Q8_0, &random_vec(n * cols, 32, 2.5));
+                    let (mut a, mut b) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+                    let (ga, gb) = if q4 {
+                        (first.gemm_q4_0, t.gemm_q4_0)
+                    } else {
+                        (first.gemm_q8_0, t.gemm_q8_0)
+                    };
+                    ga(&w, rows, &x, n, &mut a);
+                    gb(&w, rows, &x, n, &mut b);
+                    assert_eq!(a, b, "{} vs {} {ty}", first.name, t.name);
+                }
             }
         }
         // Both NEON tables when the CPU has dotprod (run under QEMU with `-cpu cortex-a76` and

@@ -22,6 +22,8 @@ static DOTPROD: Kernels = Kernels {
     dot_bf16,
     dot_q8_0_q8_0: dot_q8_0_q8_0_sdot,
     dot_q4_0_q8_0: dot_q4_0_q8_0_sdot,
+    gemm_q8_0: gemm_q8_0_sdot,
+    gemm_q4_0: gemm_q4_0_sdot,
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
@@ -34,6 +36,8 @@ static NEON: Kernels = Kernels {
     dot_bf16,
     dot_q8_0_q8_0: dot_q8_0_q8_0_mull,
     dot_q4_0_q8_0: dot_q4_0_q8_0_mull,
+    gemm_q8_0: gemm_q8_0_mull,
+    gemm_q4_0: gemm_q4_0_mull,
     quantize_q8_0: quantize_row_q8_0,
 };
 
@@ -49,6 +53,23 @@ pub fn tables() -> impl Iterator<Item = &'static Kernels> {
 /// The fastest NEON table this CPU can run; always `Some`, since NEON is baseline on aarch64.
 pub fn table() -> Option<&'static Kernels> {
     tables().next()
+}
+
+// Matrix products pair by pair with each table's own dot kernels (bit-identical to them).
+fn gemm_q8_0_sdot(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q8_0_q8_0_sdot, w, rows, x, n, out);
+}
+
+fn gemm_q4_0_sdot(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q4_0_q8_0_sdot, w, rows, x, n, out);
+}
+
+fn gemm_q8_0_mull(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q8_0_q8_0_mull, w, rows, x, n, out);
+}
+
+fn gemm_q4_0_mull(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q4_0_q8_0_mull, w, rows, x, n, out);
 }
 
 // The safe wrappers check the lengths the `unsafe` loops rely on. The `sdot` ones are reachable

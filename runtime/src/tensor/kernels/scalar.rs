@@ -83,3 +83,11 @@ pub fn dot_q4_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
     }
     sum
 }
+
+pub fn gemm_q8_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q8_0_q8_0, w, rows, x, n, out);
+}
+
+pub fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q4_0_q8_0, w, rows, x, n, out);
+}
