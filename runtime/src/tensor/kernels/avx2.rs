@@ -254,6 +254,23 @@ trait BlockProduct {
     unsafe fn pair(row: (__m256i, __m256i), token: (__m256i, __m256i)) -> __m256i;
 }
 
+/// `acc + ` lane sums of u8 x i8 products with `vpdpbusd` (AVX-512 VNNI on 256-bit registers).
+/// Written as `asm!` because the intrinsic and the `avx512vnni` target feature need Rust 1.89
+/// and the workspace supports 1.85; reached only after run-time detection of AVX-512 VNNI+VL.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn dpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    let mut acc = acc;
+    std::arch::asm!(
+        "vpdpbusd {acc}, {u}, {s}",
+        acc = inout(ymm_reg) acc,
+        u = in(ymm_reg) u,
+        s = in(ymm_reg) s,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
+}
+
 /// Lane sums of u8 x i8 products without VNNI: maddubs to i16 pairs, madd to i32.
 #[inline(always)]
 unsafe fn maddubs_sum(u: __m256i, s: __m256i) -> __m256i {
@@ -316,7 +333,7 @@ impl BlockProduct for Q8Vnni {
     #[inline(always)]
     unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256) {
         let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
-        let sum128 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w);
+        let sum128 = dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w);
         (
             w,
             _mm256_sub_epi32(_mm256_setzero_si256(), sum128),
@@ -331,7 +348,7 @@ impl BlockProduct for Q8Vnni {
     }
     #[inline(always)]
     unsafe fn pair((w, start): (__m256i, __m256i), (x128, _): (__m256i, __m256i)) -> __m256i {
-        _mm256_dpbusd_epi32(start, x128, w)
+        dpbusd(start, x128, w)
     }
 }
 
@@ -348,7 +365,7 @@ impl BlockProduct for Q4Vnni {
     #[inline(always)]
     unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256) {
         let x = _mm256_loadu_si256(p.add(2) as *const __m256i);
-        let sum8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), x);
+        let sum8 = dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(8), x);
         (
             x,
             _mm256_sub_epi32(_mm256_setzero_si256(), sum8),
@@ -357,7 +374,7 @@ impl BlockProduct for Q4Vnni {
     }
     #[inline(always)]
     unsafe fn pair((q, _): (__m256i, __m256i), (x, start): (__m256i, __m256i)) -> __m256i {
-        _mm256_dpbusd_epi32(start, q, x)
+        dpbusd(start, q, x)
     }
 }
 
@@ -399,9 +416,9 @@ unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
             }
         }
     }
-    for r in 0..R {
-        for t in 0..T {
-            *out.add(r * n + t) = hsum(acc[r][t]);
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (t, &a) in acc_r.iter().enumerate() {
+            *out.add(r * n + t) = hsum(a);
         }
     }
 }
@@ -440,7 +457,8 @@ unsafe fn gemm_avx2<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, 
     gemm_tiles::<P>(w, rows, x, n, out)
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+/// Compiled for AVX2; `dpbusd` emits the VNNI instruction itself.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm_vnni<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     gemm_tiles::<P>(w, rows, x, n, out)
 }
