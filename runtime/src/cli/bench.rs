@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
+    /// Time the phases of the forward pass (attention, routing, experts, ...) and print where
+    /// the time goes
+    #[arg(long)]
+    profile: bool,
     #[command(flatten)]
     streaming: super::streaming::StreamingArgs,
 }
@@ -49,6 +53,15 @@ struct TestResult {
     expert_bytes_per_token: f64,
     /// With an expert cache: its counters over the measured runs.
     cache: Option<CacheDelta>,
+    /// With --profile: milliseconds per token in each phase over the measured runs.
+    profile: Option<Vec<PhaseTime>>,
+}
+
+#[derive(Serialize)]
+struct PhaseTime {
+    phase: &'static str,
+    ms_per_token: f64,
+    share: f64,
 }
 
 /// Expert-cache figures over the measured repetitions, per token.
@@ -101,6 +114,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
     let model = Model::load(&file)?;
     let n_ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);
     let mut session = Session::new(&model, n_ctx);
+    session.set_profiling(args.profile);
     session.set_streaming(
         args.streaming
             .build(&model, &args.model, session.kv_bytes())?,
@@ -208,6 +222,15 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
             )?;
         }
     }
+    for t in &report.tests {
+        if let Some(phases) = &t.profile {
+            let parts: Vec<String> = phases
+                .iter()
+                .map(|p| format!("{} {:.1}%", p.phase, 100.0 * p.share))
+                .collect();
+            writeln!(out, "{}{} time: {}", t.test, t.n_tokens, parts.join(", "))?;
+        }
+    }
     if let Some(o) = &report.optimum {
         writeln!(
             out,
@@ -245,6 +268,7 @@ fn measure(
     for rep in 0..=reps {
         if rep == 1 {
             before = session.expert_cache().map(|c| c.stats());
+            session.reset_profile();
         }
         session.reset();
         let bytes0 = session.expert_bytes_used();
@@ -279,7 +303,19 @@ fn measure(
         }
         _ => None,
     };
+    let profile = session.profile().map(|phases| {
+        let total: f64 = phases.iter().map(|(_, secs)| secs).sum();
+        phases
+            .into_iter()
+            .map(|(phase, secs)| PhaseTime {
+                phase: phase.name(),
+                ms_per_token: 1e3 * secs / tokens,
+                share: secs / total.max(1e-12),
+            })
+            .collect()
+    });
     Ok(TestResult {
+        profile,
         cache,
         test: name.to_string(),
         n_tokens: n,

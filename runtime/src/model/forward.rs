@@ -14,6 +14,7 @@ use crate::tensor::{matmul, Kernels, MatmulScratch};
 
 use super::arch::{QkNorm, RopeStyle};
 use super::kv_cache::{KvCache, KvType};
+use super::profile::{Phase, Profiler};
 use super::weights::{Attention, Ffn, Mlp, Model};
 use super::ModelError;
 
@@ -109,6 +110,7 @@ pub struct Session<'m, 'a> {
     pos: usize,
     /// Routing decisions recorded since tracing was switched on.
     trace: Option<Vec<LayerRouting>>,
+    prof: Profiler,
     s: Scratch,
 }
 
@@ -144,6 +146,7 @@ impl<'m, 'a> Session<'m, 'a> {
             rope_sin,
             pos: 0,
             trace: None,
+            prof: Profiler::default(),
             s: Scratch::default(),
         }
     }
@@ -201,6 +204,20 @@ impl<'m, 'a> Session<'m, 'a> {
         self.trace.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
+    /// Starts (or stops) timing the phases of every forward pass.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.prof.enable(on);
+    }
+
+    /// Time per phase since profiling started (or the last `reset_profile`).
+    pub fn profile(&self) -> Option<Vec<(Phase, f64)>> {
+        self.prof.report()
+    }
+
+    pub fn reset_profile(&mut self) {
+        self.prof.reset();
+    }
+
     /// Forgets the sequence (the cache is kept allocated).
     pub fn reset(&mut self) {
         self.pos = 0;
@@ -229,6 +246,7 @@ impl<'m, 'a> Session<'m, 'a> {
         }
         let d = hp.n_embd;
         let k = self.kernels;
+        self.prof.start();
         {
             let s = &mut self.s;
             s.x.resize(n * d, 0.0);
@@ -250,6 +268,7 @@ impl<'m, 'a> Session<'m, 'a> {
             }
             // Attention block: x += attn(norm(x)) * residual_scale
             rms_norm_rows(&self.s.x, &layer.attn_norm, hp.norm_eps, &mut self.s.xn, k);
+            self.prof.lap(Phase::Other);
             self.attention(li, &layer.attn, n);
             let s = &mut self.s;
             add_scaled(&mut s.x, &s.proj, hp.residual_scale);
@@ -263,6 +282,7 @@ impl<'m, 'a> Session<'m, 'a> {
             s.ffn_out.clear();
             s.ffn_out.resize(n * d, 0.0);
             s.ffn_in.prepare(k, &s.xn, n, d);
+            self.prof.lap(Phase::Other);
             feed_forward(
                 k,
                 hp,
@@ -272,6 +292,7 @@ impl<'m, 'a> Session<'m, 'a> {
                 s,
                 &self.streaming,
                 &mut self.predictions,
+                &mut self.prof,
             )?;
             if let (Some(trace), Ffn::Moe(_)) = (&mut self.trace, &layer.ffn) {
                 trace.push(LayerRouting {
@@ -285,6 +306,7 @@ impl<'m, 'a> Session<'m, 'a> {
         }
 
         // Final norm and output projection, only for the rows the caller wants.
+        self.prof.lap(Phase::Other);
         let s = &mut self.s;
         let first = if all_logits { 0 } else { n - 1 };
         let m = n - first;
@@ -308,6 +330,7 @@ impl<'m, 'a> Session<'m, 'a> {
             let inv = hp.logit_divisor;
             s.logits.iter_mut().for_each(|v| *v /= inv);
         }
+        self.prof.lap(Phase::Output);
         self.pos += n;
         Ok(&self.s.logits)
     }
@@ -381,6 +404,7 @@ impl<'m, 'a> Session<'m, 'a> {
             &mut [&mut s.q, &mut s.k, &mut s.v],
             &mut s.mm,
         );
+        self.prof.lap(Phase::AttnProjections);
         add_bias_rows(&mut s.q, a.bq.as_deref());
         add_bias_rows(&mut s.k, a.bk.as_deref());
         add_bias_rows(&mut s.v, a.bv.as_deref());
@@ -452,8 +476,10 @@ impl<'m, 'a> Session<'m, 'a> {
             })
         });
 
+        self.prof.lap(Phase::AttnCore);
         s.proj.resize(n * hp.n_embd, 0.0);
         matmul(k, &a.wo, &s.attn, n, &mut s.proj, &mut s.mm);
+        self.prof.lap(Phase::AttnProjections);
     }
 }
 
@@ -471,6 +497,7 @@ fn feed_forward(
     s: &mut Scratch,
     streaming: &ExpertStreaming,
     predictions: &mut [PredictionStats],
+    prof: &mut Profiler,
 ) -> Result<(), ModelError> {
     let n_expert = hp.n_expert;
     let d = hp.n_embd;
@@ -527,6 +554,7 @@ fn feed_forward(
                     + moe.experts.up.slab_bytes()
                     + moe.experts.down.slab_bytes())) as u64;
             score_predictions(layer, &s.active, &mut s.pending, predictions);
+            prof.lap(Phase::Routing);
 
             // Routed experts in index order, then the shared expert: a fixed summation order.
             match &streaming.cache {
@@ -548,9 +576,11 @@ fn feed_forward(
                 Some(cache) => {
                     cache.record_use(layer, &s.active);
                     for group in s.active.chunks(cache.slots()) {
+                        prof.lap(Phase::Experts);
                         let guards = cache
                             .acquire(layer, group)
                             .map_err(|e| ModelError::Io(e.to_string()))?;
+                        prof.lap(Phase::ExpertIo);
                         let jobs: Vec<ExpertJob> = guards
                             .iter()
                             .zip(group)
@@ -573,6 +603,7 @@ fn feed_forward(
         }
     }
     add_transposed(&s.ffn_out_t, n, &mut s.ffn_out);
+    prof.lap(Phase::Experts);
     Ok(())
 }
 

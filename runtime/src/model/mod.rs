@@ -4,6 +4,7 @@ pub mod arch;
 mod forward;
 mod hparams;
 mod kv_cache;
+pub mod profile;
 mod weights;
 
 pub use arch::{Arch, ArchTraits, QkNorm, RopeStyle};
