@@ -471,7 +471,7 @@ impl<'m, 'a> Session<'m, 'a> {
                 let inv = 1.0 / sum;
                 out.fill(0.0);
                 for (sc, j) in scores.iter().zip(start..end) {
-                    kv.add_value(j, kvh, sc * inv, out);
+                    kv.add_value(k, j, kvh, sc * inv, out);
                 }
             })
         });

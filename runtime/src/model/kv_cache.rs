@@ -145,7 +145,7 @@ impl LayerKv<'_> {
 
     /// `out += w * value[pos, kv_head]`.
     #[inline]
-    pub fn add_value(&self, pos: usize, kv_head: usize, w: f32, out: &mut [f32]) {
+    pub fn add_value(&self, k: &Kernels, pos: usize, kv_head: usize, w: f32, out: &mut [f32]) {
         let c = self.cache;
         let at = pos * c.v_width + kv_head * c.head_dim_v;
         match &c.store {
@@ -157,14 +157,11 @@ impl LayerKv<'_> {
                     *o += w * v;
                 }
             }
-            Store::F16 { values, .. } => {
-                for (o, &v) in out
-                    .iter_mut()
-                    .zip(&values[self.layer][at..at + c.head_dim_v])
-                {
-                    *o += w * f16::from_bits(v).to_f32();
-                }
-            }
+            Store::F16 { values, .. } => (k.axpy_f16)(
+                w,
+                bytemuck::cast_slice(&values[self.layer][at..at + c.head_dim_v]),
+                out,
+            ),
         }
     }
 }

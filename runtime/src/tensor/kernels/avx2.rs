@@ -17,6 +17,7 @@ static AVX2: Kernels = Kernels {
     dot_f32,
     dot_f16,
     dot_bf16,
+    axpy_f16,
     dot_q8_0_q8_0,
     dot_q4_0_q8_0,
     gemm_q8_0,
@@ -31,6 +32,7 @@ static VNNI: Kernels = Kernels {
     dot_f32,
     dot_f16,
     dot_bf16,
+    axpy_f16,
     dot_q8_0_q8_0: dot_q8_0_q8_0_vnni,
     dot_q4_0_q8_0: dot_q4_0_q8_0_vnni,
     gemm_q8_0: gemm_q8_0_vnni,
@@ -78,6 +80,12 @@ fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
     assert!(w.len() >= 2 * x.len());
     // SAFETY: as above.
     unsafe { dot_bf16_impl(w, x) }
+}
+
+fn axpy_f16(a: f32, v: &[u8], out: &mut [f32]) {
+    assert!(v.len() >= 2 * out.len());
+    // SAFETY: features checked in `tables()`; lengths checked above.
+    unsafe { axpy_f16_impl(a, v, out) }
 }
 
 fn dot_q8_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
@@ -207,6 +215,26 @@ unsafe fn dot_f16_impl(w: &[u8], x: &[f32]) -> f32 {
         i += 1;
     }
     sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f16_impl(a: f32, v: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let (pv, po) = (v.as_ptr(), out.as_mut_ptr());
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(2 * i) as *const __m128i));
+        _mm256_storeu_ps(
+            po.add(i),
+            _mm256_fmadd_ps(va, x, _mm256_loadu_ps(po.add(i))),
+        );
+        i += 8;
+    }
+    while i < n {
+        out[i] += a * f16_at(v, 2 * i);
+        i += 1;
+    }
 }
 
 #[target_feature(enable = "avx2,fma")]

@@ -19,6 +19,8 @@ pub struct Kernels {
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     pub dot_f16: fn(&[u8], &[f32]) -> f32,
     pub dot_bf16: fn(&[u8], &[f32]) -> f32,
+    /// `out += a * v` for a row `v` of f16 values (attention's weighted sum over an f16 KV cache).
+    pub axpy_f16: fn(f32, &[u8], &mut [f32]),
     pub dot_q8_0_q8_0: fn(&[u8], &[u8]) -> f32,
     pub dot_q4_0_q8_0: fn(&[u8], &[u8]) -> f32,
     /// `out[r * n + t] = w_r . x_t` for `rows` Q8_0 weight rows (`w`, rows back to back) and `n`
@@ -61,6 +63,7 @@ pub static SCALAR: Kernels = Kernels {
     dot_f32: scalar::dot_f32,
     dot_f16: scalar::dot_f16,
     dot_bf16: scalar::dot_bf16,
+    axpy_f16: scalar::axpy_f16,
     dot_q8_0_q8_0: scalar::dot_q8_0_q8_0,
     dot_q4_0_q8_0: scalar::dot_q4_0_q8_0,
     gemm_q8_0: scalar::gemm_q8_0,
@@ -159,6 +162,22 @@ pub(crate) mod tests {
                 );
             }
             check_gemm(k, n, i as u64);
+            // axpy over f16 rows, including lengths with tails.
+            for m in [n, n - 3] {
+                let v = quantize(GgmlType::F16, &w[..m]);
+                let mut vd = vec![0f32; m];
+                dequantize(GgmlType::F16, &v, &mut vd);
+                let mut got = x[..m].to_vec();
+                (k.axpy_f16)(0.75, &v, &mut got);
+                for ((g, &x0), &vv) in got.iter().zip(&x[..m]).zip(&vd) {
+                    let want = x0 + 0.75 * vv;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{} axpy_f16",
+                        k.name
+                    );
+                }
+            }
             // Activation quantization is bit-identical to the reference.
             let mut q = vec![0u8; xq.len()];
             (k.quantize_q8_0)(&x, &mut q);

@@ -20,6 +20,7 @@ static DOTPROD: Kernels = Kernels {
     dot_f32,
     dot_f16,
     dot_bf16,
+    axpy_f16,
     dot_q8_0_q8_0: dot_q8_0_q8_0_sdot,
     dot_q4_0_q8_0: dot_q4_0_q8_0_sdot,
     gemm_q8_0: gemm_q8_0_sdot,
@@ -34,6 +35,7 @@ static NEON: Kernels = Kernels {
     dot_f32,
     dot_f16,
     dot_bf16,
+    axpy_f16,
     dot_q8_0_q8_0: dot_q8_0_q8_0_mull,
     dot_q4_0_q8_0: dot_q4_0_q8_0_mull,
     gemm_q8_0: gemm_q8_0_mull,
@@ -221,6 +223,29 @@ unsafe fn dot_f16_impl(w: &[u8], x: &[f32]) -> f32 {
         i += 1;
     }
     sum
+}
+
+fn axpy_f16(a: f32, v: &[u8], out: &mut [f32]) {
+    assert!(v.len() >= 2 * out.len());
+    // SAFETY: NEON is baseline on aarch64; lengths checked above.
+    unsafe { axpy_f16_impl(a, v, out) }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn axpy_f16_impl(a: f32, v: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let (pv, po) = (v.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        let (x0, x1) = f16x8_to_f32(load_u16x8(pv.add(2 * i)));
+        vst1q_f32(po.add(i), vfmaq_n_f32(vld1q_f32(po.add(i)), x0, a));
+        vst1q_f32(po.add(i + 4), vfmaq_n_f32(vld1q_f32(po.add(i + 4)), x1, a));
+        i += 8;
+    }
+    while i < n {
+        out[i] += a * f16_at(v, 2 * i);
+        i += 1;
+    }
 }
 
 #[target_feature(enable = "neon")]

@@ -91,3 +91,9 @@ pub fn gemm_q8_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
 pub fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     super::gemm_by_pairs(dot_q4_0_q8_0, w, rows, x, n, out);
 }
+
+pub fn axpy_f16(a: f32, v: &[u8], out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o += a * f16_at(v, 2 * i);
+    }
+}
