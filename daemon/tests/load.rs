@@ -56,7 +56,12 @@ fn text_of(v: &Value, chat: bool) -> String {
 /// One request of the mix: every other one streamed; one in ten hangs up early (half of them
 /// while streaming, half while waiting for a whole response).
 fn nth(socket: &std::path::Path, case: &Case, i: usize) -> Outcome {
-    one(socket, case, i % 2 == 0, i % 20 == 3 || i % 20 == 6)
+    one(
+        socket,
+        case,
+        i.is_multiple_of(2),
+        i % 20 == 3 || i % 20 == 6,
+    )
 }
 
 fn one(socket: &std::path::Path, case: &Case, stream: bool, hang_up: bool) -> Outcome {

@@ -15,7 +15,7 @@ pub(super) fn is_sparse(cfg: &Config, l: usize) -> Result<bool, ConvertError> {
     let n_expert = expert_count(cfg).unwrap_or(0);
     let step = cfg.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
     let dense_only = cfg.usize_list("mlp_only_layers")?;
-    Ok(!dense_only.contains(&l) && n_expert > 0 && (l + 1) % step == 0)
+    Ok(!dense_only.contains(&l) && n_expert > 0 && (l + 1).is_multiple_of(step))
 }
 
 pub(super) fn dense_mlp(l: usize) -> FfnSource {

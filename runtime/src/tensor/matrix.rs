@@ -66,7 +66,7 @@ impl Activations {
 
     /// Re-quantizes after `x` was filled in place.
     pub fn quantize(&mut self, k: &Kernels) {
-        if self.cols % QK == 0 {
+        if self.cols.is_multiple_of(QK) {
             let rb = self.cols / QK * Q8_0_BYTES;
             self.q8.resize(self.n * rb, 0);
             for (xr, qr) in self
@@ -79,7 +79,7 @@ impl Activations {
         } else {
             self.q8.clear();
         }
-        if self.cols % QK_K == 0 {
+        if self.cols.is_multiple_of(QK_K) {
             let rb = self.cols / QK_K * Q8_K_BYTES;
             self.q8k.resize(self.n * rb, 0);
             for (xr, qr) in self

@@ -258,45 +258,78 @@ unsafe fn dot_bf16_impl(w: &[u8], x: &[f32]) -> f32 {
     sum
 }
 
-/// The f16 at `p` (unaligned), converted with F16C and broadcast to 8 lanes. Broadcasting
-/// before the conversion writes the whole register: converting a single inserted lane let LLVM
-/// merge into a live register (the accumulator), a false dependency that serialised every
-/// block on the previous one's FMA (measured: 3x slower).
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn f16_splat(p: *const u8) -> __m256 {
-    let bits = i16::from_le_bytes([*p, *p.add(1)]);
-    _mm256_cvtph_ps(_mm_set1_epi16(bits))
+/// Two consecutive blocks (b, b + 1) rearranged for 256-bit products: `lo` holds values 0..16
+/// of block b then of block b + 1, `hi` values 16..32 of each, so the eight i32 lanes of a
+/// product are four lanes of block b and four of block b + 1, and one float multiply-add per
+/// pair serves two blocks. `d` holds the matching scales; `aux` what the product needs besides
+/// (absolute values, or an accumulator start). A lone last block leaves the b + 1 half zero.
+#[derive(Clone, Copy)]
+struct BlockPair {
+    lo: __m256i,
+    hi: __m256i,
+    aux_lo: __m256i,
+    aux_hi: __m256i,
+    d: __m256,
 }
 
-/// How one CPU level multiplies a weight block by an activation block. A weight block is
-/// prepared once per tile row (`row`), an activation block once per tile token (`token`), and
-/// `pair` returns the eight exact lane sums of their integer product.
+/// How one CPU level multiplies weight blocks by Q8_0 activation blocks: weight blocks are
+/// prepared once per tile row, activation blocks once per tile token, and `pair` returns the
+/// exact i32 lane sums of their products.
 trait BlockProduct {
     /// Bytes of one weight block.
     const W_BYTES: usize;
-    /// Prepares the weight block at `p`: two vectors and its scale.
-    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256);
-    /// Prepares the Q8_0 activation block at `p`: two vectors and its scale.
-    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256);
-    unsafe fn pair(row: (__m256i, __m256i), token: (__m256i, __m256i)) -> __m256i;
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair;
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair;
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i;
 }
 
-/// `acc + ` lane sums of u8 x i8 products with `vpdpbusd` (AVX-512 VNNI on 256-bit registers).
-/// Written as `asm!` because the intrinsic and the `avx512vnni` target feature need Rust 1.89
-/// and the workspace supports 1.85; reached only after run-time detection of AVX-512 VNNI+VL.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn dpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
-    let mut acc = acc;
-    std::arch::asm!(
-        "vpdpbusd {acc}, {u}, {s}",
-        acc = inout(ymm_reg) acc,
-        u = in(ymm_reg) u,
-        s = in(ymm_reg) s,
-        options(pure, nomem, nostack, preserves_flags)
-    );
-    acc
+/// 16 bytes at `p` and, when `both`, 16 bytes at `p + stride` into the upper half.
+#[inline(always)]
+unsafe fn load_halves(p: *const u8, stride: usize, both: bool) -> __m256i {
+    let lo = _mm_loadu_si128(p as *const __m128i);
+    let hi = if both {
+        _mm_loadu_si128(p.add(stride) as *const __m128i)
+    } else {
+        _mm_setzero_si128()
+    };
+    _mm256_set_m128i(hi, lo)
+}
+
+/// The f16 scales at `p` and `p + stride` as four lanes each (zero for a lone block). The
+/// splat before converting writes whole registers (a single inserted lane let LLVM merge into
+/// a live register: a false dependency that once serialised the block loop).
+#[inline(always)]
+unsafe fn scales(p: *const u8, stride: usize, both: bool) -> __m256 {
+    let f16 = |q: *const u8| _mm_set1_epi16(i16::from_le_bytes([*q, *q.add(1)]));
+    let lo = _mm_cvtph_ps(f16(p));
+    let hi = if both {
+        _mm_cvtph_ps(f16(p.add(stride)))
+    } else {
+        _mm_setzero_ps()
+    };
+    _mm256_set_m128(hi, lo)
+}
+
+/// Q8_0 quants of blocks b and b + 1 (block at `p`, `stride` bytes apart).
+#[inline(always)]
+unsafe fn q8_pair(p: *const u8, stride: usize, both: bool) -> (__m256i, __m256i, __m256) {
+    (
+        load_halves(p.add(2), stride, both),
+        load_halves(p.add(18), stride, both),
+        scales(p, stride, both),
+    )
+}
+
+/// Q4_0 nibbles of blocks b and b + 1 as bytes 0..=15: low nibbles are values 0..16.
+#[inline(always)]
+unsafe fn q4_pair(p: *const u8, both: bool) -> (__m256i, __m256i, __m256) {
+    let packed = load_halves(p.add(2), Q4_0_BYTES, both);
+    let low = _mm256_set1_epi8(0x0f);
+    (
+        _mm256_and_si256(packed, low),
+        _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+        scales(p, Q4_0_BYTES, both),
+    )
 }
 
 /// Lane sums of u8 x i8 products without VNNI: maddubs to i16 pairs, madd to i32.
@@ -305,31 +338,55 @@ unsafe fn maddubs_sum(u: __m256i, s: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 }
 
-/// The 32 nibbles of a Q4_0 block as bytes 0..=15: value j in byte j (low nibbles first).
+/// Signed weights for AVX2: maddubs needs an unsigned left operand, so |w| times x carrying
+/// w's sign.
 #[inline(always)]
-unsafe fn q4_nibbles(p: *const u8) -> __m256i {
-    let packed = _mm_loadu_si128(p as *const __m128i);
-    let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+unsafe fn signed_weights(lo: __m256i, hi: __m256i, d: __m256) -> BlockPair {
+    BlockPair {
+        lo,
+        hi,
+        aux_lo: _mm256_sign_epi8(lo, lo),
+        aux_hi: _mm256_sign_epi8(hi, hi),
+        d,
+    }
 }
 
-/// AVX2 Q8_0: maddubs needs an unsigned left operand, so |w| times x carrying w's sign.
+#[inline(always)]
+unsafe fn plain(lo: __m256i, hi: __m256i, d: __m256) -> BlockPair {
+    BlockPair {
+        lo,
+        hi,
+        aux_lo: lo,
+        aux_hi: hi,
+        d,
+    }
+}
+
+#[inline(always)]
+unsafe fn signed_pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+    _mm256_add_epi32(
+        maddubs_sum(w.aux_lo, _mm256_sign_epi8(x.lo, w.lo)),
+        maddubs_sum(w.aux_hi, _mm256_sign_epi8(x.hi, w.hi)),
+    )
+}
+
+/// AVX2 Q8_0.
 struct Q8Signed;
 impl BlockProduct for Q8Signed {
     const W_BYTES: usize = Q8_0_BYTES;
     #[inline(always)]
-    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256) {
-        let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
-        (_mm256_sign_epi8(w, w), w, f16_splat(p))
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        signed_weights(lo, hi, d)
     }
     #[inline(always)]
-    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256) {
-        let x = _mm256_loadu_si256(p.add(2) as *const __m256i);
-        (x, x, f16_splat(p))
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        plain(lo, hi, d)
     }
     #[inline(always)]
-    unsafe fn pair((abs_w, w): (__m256i, __m256i), (x, _): (__m256i, __m256i)) -> __m256i {
-        maddubs_sum(abs_w, _mm256_sign_epi8(x, w))
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+        signed_pair(w, x)
     }
 }
 
@@ -338,76 +395,91 @@ struct Q4Signed;
 impl BlockProduct for Q4Signed {
     const W_BYTES: usize = Q4_0_BYTES;
     #[inline(always)]
-    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256) {
-        let w = _mm256_sub_epi8(q4_nibbles(p.add(2)), _mm256_set1_epi8(8));
-        (_mm256_sign_epi8(w, w), w, f16_splat(p))
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q4_pair(p, both);
+        let eight = _mm256_set1_epi8(8);
+        signed_weights(_mm256_sub_epi8(lo, eight), _mm256_sub_epi8(hi, eight), d)
     }
     #[inline(always)]
-    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256) {
-        Q8Signed::token(p)
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
+        Q8Signed::activations(p, both)
     }
     #[inline(always)]
-    unsafe fn pair(row: (__m256i, __m256i), token: (__m256i, __m256i)) -> __m256i {
-        Q8Signed::pair(row, token)
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+        signed_pair(w, x)
     }
+}
+
+/// `acc + ` lane sums of u8 x i8 products with `vpdpbusd` (AVX-512 VNNI on 256-bit registers).
+#[inline(always)]
+unsafe fn dpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, u, s)
 }
 
 /// VNNI Q8_0: `vpdpbusd` multiplies unsigned by signed bytes, so the activations are offset to
 /// x + 128 (a bit flip) and the accumulator starts at -128 * (lane sums of w), prepared once
-/// per weight block: the lane sums come out exact, with no per-pair sign fix-up.
+/// per weight block pair: exact lane sums with no per-pair sign fix-up.
 struct Q8Vnni;
 impl BlockProduct for Q8Vnni {
     const W_BYTES: usize = Q8_0_BYTES;
     #[inline(always)]
-    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256) {
-        let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
-        let sum128 = dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w);
-        (
-            w,
-            _mm256_sub_epi32(_mm256_setzero_si256(), sum128),
-            f16_splat(p),
-        )
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        let k128 = _mm256_set1_epi8(-128);
+        let sum128 = dpbusd(dpbusd(_mm256_setzero_si256(), k128, lo), k128, hi);
+        let start = _mm256_sub_epi32(_mm256_setzero_si256(), sum128);
+        BlockPair {
+            lo,
+            hi,
+            aux_lo: start,
+            aux_hi: start,
+            d,
+        }
     }
     #[inline(always)]
-    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256) {
-        let x = _mm256_loadu_si256(p.add(2) as *const __m256i);
-        let offset = _mm256_xor_si256(x, _mm256_set1_epi8(-128));
-        (offset, offset, f16_splat(p))
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        let flip = _mm256_set1_epi8(-128);
+        plain(_mm256_xor_si256(lo, flip), _mm256_xor_si256(hi, flip), d)
     }
     #[inline(always)]
-    unsafe fn pair((w, start): (__m256i, __m256i), (x128, _): (__m256i, __m256i)) -> __m256i {
-        dpbusd(start, x128, w)
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+        dpbusd(dpbusd(w.aux_lo, x.lo, w.lo), x.hi, w.hi)
     }
 }
 
 /// VNNI Q4_0: the nibbles are already unsigned; the accumulator starts at -8 * (lane sums of
-/// x), prepared once per activation block.
+/// x), prepared once per activation block pair.
 struct Q4Vnni;
 impl BlockProduct for Q4Vnni {
     const W_BYTES: usize = Q4_0_BYTES;
     #[inline(always)]
-    unsafe fn row(p: *const u8) -> (__m256i, __m256i, __m256) {
-        let q = q4_nibbles(p.add(2));
-        (q, q, f16_splat(p))
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q4_pair(p, both);
+        plain(lo, hi, d)
     }
     #[inline(always)]
-    unsafe fn token(p: *const u8) -> (__m256i, __m256i, __m256) {
-        let x = _mm256_loadu_si256(p.add(2) as *const __m256i);
-        let sum8 = dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(8), x);
-        (
-            x,
-            _mm256_sub_epi32(_mm256_setzero_si256(), sum8),
-            f16_splat(p),
-        )
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        let k8 = _mm256_set1_epi8(8);
+        let sum8 = dpbusd(dpbusd(_mm256_setzero_si256(), k8, lo), k8, hi);
+        let start = _mm256_sub_epi32(_mm256_setzero_si256(), sum8);
+        BlockPair {
+            lo,
+            hi,
+            aux_lo: start,
+            aux_hi: start,
+            d,
+        }
     }
     #[inline(always)]
-    unsafe fn pair((q, _): (__m256i, __m256i), (x, start): (__m256i, __m256i)) -> __m256i {
-        dpbusd(start, q, x)
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+        dpbusd(dpbusd(x.aux_lo, w.lo, x.lo), w.hi, x.hi)
     }
 }
 
 /// One tile: `R` weight rows (`wb` bytes apart) times `T` activation rows (`xb` bytes apart),
-/// `nb` blocks each; writes `out[r * n + t]`.
+/// `nb` blocks each, two blocks per step; writes `out[r * n + t]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
@@ -420,29 +492,24 @@ unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
     n: usize,
 ) {
     let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let zero = _mm256_setzero_si256();
-    let mut rows = [(zero, zero); R];
-    let mut row_d = [_mm256_setzero_ps(); R];
-    let mut toks = [(zero, zero); T];
-    let mut tok_d = [_mm256_setzero_ps(); T];
-    for b in 0..nb {
-        for t in 0..T {
-            let (u, v, d) = P::token(x.add(t * xb + b * Q8_0_BYTES));
-            toks[t] = (u, v);
-            tok_d[t] = d;
+    let mut b = 0;
+    while b < nb {
+        let both = b + 1 < nb;
+        let mut toks = [P::activations(x.add(b * Q8_0_BYTES), both); T];
+        for (t, tok) in toks.iter_mut().enumerate().skip(1) {
+            *tok = P::activations(x.add(t * xb + b * Q8_0_BYTES), both);
         }
-        for r in 0..R {
-            let (u, v, d) = P::row(w.add(r * wb + b * P::W_BYTES));
-            rows[r] = (u, v);
-            row_d[r] = d;
-        }
-        for r in 0..R {
-            for t in 0..T {
-                let d = _mm256_mul_ps(row_d[r], tok_d[t]);
-                let sums = _mm256_cvtepi32_ps(P::pair(rows[r], toks[t]));
-                acc[r][t] = _mm256_fmadd_ps(d, sums, acc[r][t]);
+        // One weight row at a time, used by every token at once, keeps the live registers to
+        // the accumulators, the tokens and one row.
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let row = P::weights(w.add(r * wb + b * P::W_BYTES), both);
+            for (tok, a) in toks.iter().zip(acc_r.iter_mut()) {
+                let d = _mm256_mul_ps(row.d, tok.d);
+                let sums = _mm256_cvtepi32_ps(P::pair(&row, tok));
+                *a = _mm256_fmadd_ps(d, sums, *a);
             }
         }
+        b += 2;
     }
     for (r, acc_r) in acc.iter().enumerate() {
         for (t, &a) in acc_r.iter().enumerate() {
@@ -451,9 +518,16 @@ unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
     }
 }
 
-/// Covers `rows x n` with tiles of 4 rows (then single rows) by up to 4 tokens.
+/// Covers `rows x n` with tiles of 4 rows (then single rows) by up to `MAX_T` tokens (as many
+/// as the register file holds).
 #[inline(always)]
-unsafe fn gemm_tiles<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+unsafe fn gemm_tiles<P: BlockProduct, const MAX_T: usize>(
+    w: &[u8],
+    rows: usize,
+    x: &[u8],
+    n: usize,
+    out: &mut [f32],
+) {
     let (wb, xb) = (w.len() / rows, x.len() / n);
     let nb = xb / Q8_0_BYTES;
     let (pw, px, po) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
@@ -462,7 +536,7 @@ unsafe fn gemm_tiles<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize,
         let tall = rows - r >= 4;
         let mut t = 0;
         while t < n {
-            let wide = (n - t).min(4);
+            let wide = (n - t).min(MAX_T);
             let (wr, xt, o) = (pw.add(r * wb), px.add(t * xb), po.add(r * n + t));
             match (tall, wide) {
                 (true, 4) => tile::<P, 4, 4>(wr, wb, xt, xb, nb, o, n),
@@ -482,11 +556,11 @@ unsafe fn gemm_tiles<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize,
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm_avx2<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_tiles::<P>(w, rows, x, n, out)
+    gemm_tiles::<P, 2>(w, rows, x, n, out)
 }
 
-/// Compiled for AVX2; `dpbusd` emits the VNNI instruction itself.
-#[target_feature(enable = "avx2,fma,f16c")]
+/// AVX-512VL also gives 32 vector registers: room for 4 x 4 tiles.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn gemm_vnni<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_tiles::<P>(w, rows, x, n, out)
+    gemm_tiles::<P, 4>(w, rows, x, n, out)
 }

@@ -6,7 +6,7 @@
 //! NEON itself is part of the aarch64 Linux baseline, so the float kernels need no detection.
 //! Two instructions are written as `asm!`: `sdot`, because `vdotq_s32` is not stable, and the
 //! f16 -> f32 conversions `fcvt`/`fcvtl`, because the f16 vector intrinsics were stabilised only
-//! in Rust 1.94 and the workspace supports 1.85. Both conversions are base ARMv8 (not FEAT_FP16),
+//! in Rust 1.94 and the workspace supports 1.89. Both conversions are base ARMv8 (not FEAT_FP16),
 //! so every aarch64 CPU has them.
 
 use std::arch::aarch64::*;
