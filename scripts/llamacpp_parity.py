@@ -46,6 +46,13 @@ KNOWN_UNSUPPORTED = {
     "olmoe": ("tensor 'blk.0.attn_k_norm.weight' has wrong shape",
               "GQA k_norm; llama.cpp's olmoe wants n_head_kv == n_head (and ignores clip_qkv)"),
 }
+# Fixtures that load but that llama.cpp's graph computes differently from transformers (not converter
+# bugs): fixture -> (largest rel diff accepted, reason). Top-1 and greedy must still agree.
+KNOWN_GRAPH_DIFFERENCES = {
+    "deepseek_v2": (0.05, "llama.cpp scores expert groups by the sum of their best two experts (DeepSeek-V3's "
+                          "rule) also for V2's group_limited_greedy, which takes the best expert; moe-edge "
+                          "reads moe-edge's deepseek2.expert_group_score=max, llama.cpp ignores it"),
+}
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 GGML_TYPE_F32 = 0
 WARN, ERROR, CONT = 3, 4, 5  # ggml_log_level (ggml.h)
@@ -154,14 +161,20 @@ def main():
             (skipped if known else failed).append(path.name)
             continue
         file_ok = True
+        known_tol, known_reason = KNOWN_GRAPH_DIFFERENCES.get(fx, (None, None))
         for i, r in enumerate(results):
             ok = r["rel"] <= tol and r["top1"] == 1.0 and r["greedy"]
-            file_ok &= ok or quantized
-            verdict = "ok" if ok else ("differs (quantized: informational)" if quantized else "MISMATCH")
+            known = (not ok and known_tol is not None and r["rel"] <= known_tol and r["top1"] == 1.0
+                     and r["greedy"])
+            file_ok &= ok or known or quantized
+            verdict = ("ok" if ok else "differs, known llama.cpp graph difference" if known
+                       else "differs (quantized: informational)" if quantized else "MISMATCH")
             print(f"{path.name:<26} {fx:<20} {kind:<10} {i:>6} {r['rel']:>10.2e} {r['top1']:>6.0%} {r['cos']:>8.5f} "
                   f"{'yes' if r['greedy'] else 'no':>6}  {verdict}")
         for w in warnings:
             print(f"    llama.cpp warning: {w}")
+        if known_reason and any(not (r["rel"] <= tol) for r in results):
+            print(f"    known difference: {known_reason}")
         (passed if file_ok else failed).append(path.name)
 
     if failed:

@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""Writes a benchmark-sized random-weight Qwen3-MoE checkpoint as a real Hugging Face folder.
+"""Writes a benchmark-sized random-weight MoE checkpoint as a real Hugging Face folder.
 
-Shape (the project's benchmark model): hidden 1024, 24 layers, 16 heads / 4 KV heads of dim 64,
-64 experts with top-8, expert FFN 384, vocab 32000. Weights are random (seeded), so routing is
-unrealistic: use it for speed in the resident case, not for caching studies. bf16 on disk by
-default (about 3.9 GB), written layer by layer into shards so memory stays small.
+--arch qwen3_moe (the project's benchmark model): hidden 1024, 24 layers, 16 heads / 4 KV heads
+of dim 64, 64 experts with top-8, expert FFN 384, vocab 32000 (bf16 about 3.9 GB).
 
-    python3 scripts/make_bench_checkpoint.py OUT_DIR [--dtype bf16|f32] [--layers 24]
+--arch deepseek_v3: Moonlight-16B-A3B's proportions halved in width (hidden 1024, 16 heads, MLA
+without q LoRA with kv_lora_rank 256, qk nope/rope/v 64/32/64, 64 experts top-6 of FFN 704 in
+one group with sigmoid routing and a correction bias, 2 shared experts, layer 0 dense with FFN
+5632, vocab 32000), 12 layers by default: about 1.6 B parameters (Q8_0 about 1.7 GB).
+
+Weights are random (seeded), so routing is unrealistic: use it for speed in the resident case,
+not for caching studies. bf16 on disk by default, written layer by layer into shards so memory
+stays small.
+
+    python3 scripts/make_bench_checkpoint.py OUT_DIR [--arch qwen3_moe|deepseek_v3] [--dtype bf16|f32] [--layers N]
 """
 import argparse
 import json
@@ -30,9 +37,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
-    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--arch", choices=["qwen3_moe", "deepseek_v3"], default="qwen3_moe")
+    ap.add_argument("--layers", type=int, default=None, help="default 24 (qwen3_moe) or 12 (deepseek_v3)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.layers is None:
+        args.layers = 24 if args.arch == "qwen3_moe" else 12
+    if args.arch == "deepseek_v3":
+        return deepseek_v3(args)
 
     d, n_head, n_kv, hd, n_exp, top_k, ff, vocab = 1024, 16, 4, 64, 64, 8, 384, 32000
     os.makedirs(args.out, exist_ok=True)
@@ -123,6 +135,122 @@ def main():
     for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
         shutil.copy(os.path.join(FIXTURE_TOKENIZER, name), os.path.join(args.out, name))
     print(f"wrote {args.out}")
+
+
+class Writer:
+    def __init__(self, out, dtype):
+        self.out, self.dtype, self.weight_map = out, dtype, {}
+
+    def write(self, name, tensors):
+        # safetensors.numpy has no bfloat16 dtype: store the bits as uint16 and patch the header.
+        path = os.path.join(self.out, name)
+        save_file(tensors, path)
+        if self.dtype == "bf16":
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = f.read(n).decode().replace('"U16"', '"BF16"').encode()
+                data = f.read()
+            header += b" " * (-len(header) % 8)
+            with open(path, "wb") as f:
+                f.write(len(header).to_bytes(8, "little") + header + data)
+        for k in tensors:
+            self.weight_map[k] = name
+
+    def finish(self):
+        with open(os.path.join(self.out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": self.weight_map}, f, indent=1)
+        for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
+            shutil.copy(os.path.join(FIXTURE_TOKENIZER, name), os.path.join(self.out, name))
+        print(f"wrote {self.out}")
+
+
+def deepseek_v3(args):
+    d, n_head, vocab = 1024, 16, 32000
+    rank, nope, rope, vd = 256, 64, 32, 64
+    n_exp, top_k, ff, n_shared, dense_ff = 64, 6, 704, 2, 5632
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    config = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "hidden_size": d,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_head,
+        "q_lora_rank": None,
+        "kv_lora_rank": rank,
+        "qk_nope_head_dim": nope,
+        "qk_rope_head_dim": rope,
+        "v_head_dim": vd,
+        "n_routed_experts": n_exp,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": ff,
+        "n_shared_experts": n_shared,
+        "first_k_dense_replace": 1,
+        "intermediate_size": dense_ff,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.446,
+        "rope_interleave": True,
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 50000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16" if args.dtype == "bf16" else "float32",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+    def tensor(shape, std):
+        a = rng.standard_normal(shape, dtype=np.float32) * std
+        return bf16_bits(a) if args.dtype == "bf16" else a
+
+    def ones(n):
+        a = np.ones(n, np.float32)
+        return bf16_bits(a) if args.dtype == "bf16" else a
+
+    w = Writer(args.out, args.dtype)
+    std = 0.02
+    w.write("model-embed.safetensors", {
+        "model.embed_tokens.weight": tensor((vocab, d), std),
+        "model.norm.weight": ones(d),
+        "lm_head.weight": tensor((vocab, d), std),
+    })
+    for l in range(args.layers):
+        p = f"model.layers.{l}"
+        a = f"{p}.self_attn"
+        t = {
+            f"{p}.input_layernorm.weight": ones(d),
+            f"{p}.post_attention_layernorm.weight": ones(d),
+            f"{a}.q_proj.weight": tensor((n_head * (nope + rope), d), std),
+            f"{a}.kv_a_proj_with_mqa.weight": tensor((rank + rope, d), std),
+            f"{a}.kv_a_layernorm.weight": ones(rank),
+            f"{a}.kv_b_proj.weight": tensor((n_head * (nope + vd), rank), std),
+            f"{a}.o_proj.weight": tensor((d, n_head * vd), std),
+        }
+        if l == 0:
+            for n, shape in (("gate_proj", (dense_ff, d)), ("up_proj", (dense_ff, d)), ("down_proj", (d, dense_ff))):
+                t[f"{p}.mlp.{n}.weight"] = tensor(shape, std)
+        else:
+            t[f"{p}.mlp.gate.weight"] = tensor((n_exp, d), std)
+            bias = rng.standard_normal(n_exp, dtype=np.float32) * 0.01
+            t[f"{p}.mlp.gate.e_score_correction_bias"] = bf16_bits(bias) if args.dtype == "bf16" else bias
+            for e in range(n_exp):
+                t[f"{p}.mlp.experts.{e}.gate_proj.weight"] = tensor((ff, d), std)
+                t[f"{p}.mlp.experts.{e}.up_proj.weight"] = tensor((ff, d), std)
+                t[f"{p}.mlp.experts.{e}.down_proj.weight"] = tensor((d, ff), std)
+            sf = ff * n_shared
+            for n, shape in (("gate_proj", (sf, d)), ("up_proj", (sf, d)), ("down_proj", (d, sf))):
+                t[f"{p}.mlp.shared_experts.{n}.weight"] = tensor(shape, std)
+        w.write(f"model-layer-{l:03d}.safetensors", t)
+        print(f"layer {l + 1}/{args.layers}", flush=True)
+    w.finish()
 
 
 if __name__ == "__main__":

@@ -67,6 +67,40 @@ fn granitemoe_f32() {
     check_parity("granitemoe", GgmlType::F32);
 }
 
+#[test]
+fn deepseek_v2_mla_group_limited_softmax() {
+    check_parity("deepseek_v2", GgmlType::F32);
+}
+
+#[test]
+fn deepseek_v3_mla_q_lora_sigmoid_bias_groups_yarn() {
+    check_parity("deepseek_v3", GgmlType::F32);
+}
+
+/// MLA caches the normalised latent plus the shared rotary key, one "head" per token and layer,
+/// instead of per-head keys and values.
+#[test]
+fn mla_kv_cache_is_compressed() {
+    use moe_runtime::model::{KvType, Model, Session};
+    for name in ["deepseek_v2", "deepseek_v3"] {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(GgmlType::F32);
+        let file = conv.open();
+        let model = Model::load(&file).unwrap();
+        let hp = &model.hp;
+        let p = hp.mla.expect("deepseek2 is MLA");
+        let s = Session::with_kv_type(&model, 64, KvType::F16);
+        let per_token = s.kv_bytes() / 64;
+        let compressed = hp.n_layer * (p.kv_lora_rank + p.qk_rope) * 2;
+        let full = hp.n_layer * hp.n_head * (p.qk_head_dim() + p.v_head_dim) * 2;
+        println!(
+            "{name}: KV cache {per_token} bytes/token (f16), a full K/V cache would be {full}"
+        );
+        assert_eq!(per_token, compressed);
+        assert!(per_token < full);
+    }
+}
+
 /// Decoding one token at a time through the KV cache gives the same logits as one prefill.
 #[test]
 fn kv_cache_decode_matches_prefill() {

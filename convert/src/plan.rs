@@ -25,6 +25,17 @@ pub enum Source {
     },
     /// From a 2-D fused `[2 * ff, d]` matrix: the first (`part` 0) or second half of the rows.
     MatrixHalf { name: String, part: usize },
+    /// MLA's `kv_b_proj` (`[n_head * (nope + v), rank]`, per head the key rows then the value
+    /// rows) split as llama.cpp does: `key` gives W_kb transposed per head (`[n_head, rank,
+    /// nope]`), otherwise W_vb (`[n_head, v, rank]`).
+    SplitKvB {
+        name: String,
+        n_head: usize,
+        nope: usize,
+        v: usize,
+        rank: usize,
+        key: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -88,7 +99,7 @@ pub fn build(
     let d = cfg.usize("hidden_size")?;
     let n_layer = cfg.usize("num_hidden_layers")?;
     let n_head = cfg.usize("num_attention_heads")?;
-    let n_head_kv = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_head);
+    let n_head_kv = conv.head_count_kv(cfg)?;
     let head_dim = cfg.opt_usize("head_dim")?.unwrap_or(d / n_head);
     let n_vocab = cfg.usize("vocab_size")?;
     let n_expert = crate::arch::expert_count(cfg)?;
@@ -99,7 +110,9 @@ pub fn build(
             why: format!("{n_used} is not between 1 and the expert count {n_expert}"),
         });
     }
-    check_rope_scaling(cfg)?;
+    if !conv.handles_rope_scaling() {
+        check_rope_scaling(cfg)?;
+    }
 
     // Metadata shared by all architectures, in llama.cpp's key names and value types.
     let mut meta: Vec<(String, Value)> = vec![
@@ -153,7 +166,9 @@ pub fn build(
         }
     }
     for (k, v) in conv.metadata(cfg)? {
-        put(&k, v);
+        let full = format!("{arch_name}.{k}");
+        meta.retain(|(existing, _)| *existing != full);
+        meta.push((full, v));
     }
 
     // Tensors.
@@ -184,49 +199,55 @@ pub fn build(
             t(&hf("input_layernorm.weight")),
         );
 
-        let q_dim = n_head * head_dim;
-        let kv_dim = n_head_kv * head_dim;
-        for (proj, rows, heads) in [
-            ("q", q_dim, n_head),
-            ("k", kv_dim, n_head_kv),
-            ("v", kv_dim, 0),
-        ] {
-            let w = hf(&format!("self_attn.{proj}_proj.weight"));
-            ckpt.expect_shape(&w, &[rows, d])?;
-            let permute = conv.permute_qk() && heads > 0;
-            let src = |name: String| {
-                if permute {
-                    Source::PermutedQk {
-                        name,
-                        n_head: heads,
-                    }
-                } else {
-                    Source::Tensor(name)
-                }
-            };
-            add(gg(&format!("attn_{proj}.weight")), vec![d, rows], src(w));
-            let b = hf(&format!("self_attn.{proj}_proj.bias"));
-            if ckpt.has(&b) {
-                ckpt.expect_shape(&b, &[rows])?;
-                add(gg(&format!("attn_{proj}.bias")), vec![rows], src(b));
+        if let Some(own) = conv.attention(cfg, ckpt, l)? {
+            for t in own {
+                add(gg(&t.name), t.dims, t.source);
             }
-        }
-        let o = hf("self_attn.o_proj.weight");
-        ckpt.expect_shape(&o, &[d, q_dim])?;
-        add(gg("attn_output.weight"), vec![q_dim, d], t(&o));
-        for (which, full) in [("q", q_dim), ("k", kv_dim)] {
-            let w = hf(&format!("self_attn.{which}_norm.weight"));
-            if ckpt.has(&w) {
-                let len = ckpt.info(&w)?.shape.iter().product::<usize>();
-                if len != head_dim && len != full {
-                    let found = ckpt.info(&w)?.shape.clone();
-                    return Err(ConvertError::Shape {
-                        name: w,
-                        expected: vec![full],
-                        found,
-                    });
+        } else {
+            let q_dim = n_head * head_dim;
+            let kv_dim = n_head_kv * head_dim;
+            for (proj, rows, heads) in [
+                ("q", q_dim, n_head),
+                ("k", kv_dim, n_head_kv),
+                ("v", kv_dim, 0),
+            ] {
+                let w = hf(&format!("self_attn.{proj}_proj.weight"));
+                ckpt.expect_shape(&w, &[rows, d])?;
+                let permute = conv.permute_qk() && heads > 0;
+                let src = |name: String| {
+                    if permute {
+                        Source::PermutedQk {
+                            name,
+                            n_head: heads,
+                        }
+                    } else {
+                        Source::Tensor(name)
+                    }
+                };
+                add(gg(&format!("attn_{proj}.weight")), vec![d, rows], src(w));
+                let b = hf(&format!("self_attn.{proj}_proj.bias"));
+                if ckpt.has(&b) {
+                    ckpt.expect_shape(&b, &[rows])?;
+                    add(gg(&format!("attn_{proj}.bias")), vec![rows], src(b));
                 }
-                add(gg(&format!("attn_{which}_norm.weight")), vec![len], t(&w));
+            }
+            let o = hf("self_attn.o_proj.weight");
+            ckpt.expect_shape(&o, &[d, q_dim])?;
+            add(gg("attn_output.weight"), vec![q_dim, d], t(&o));
+            for (which, full) in [("q", q_dim), ("k", kv_dim)] {
+                let w = hf(&format!("self_attn.{which}_norm.weight"));
+                if ckpt.has(&w) {
+                    let len = ckpt.info(&w)?.shape.iter().product::<usize>();
+                    if len != head_dim && len != full {
+                        let found = ckpt.info(&w)?.shape.clone();
+                        return Err(ConvertError::Shape {
+                            name: w,
+                            expected: vec![full],
+                            found,
+                        });
+                    }
+                    add(gg(&format!("attn_{which}_norm.weight")), vec![len], t(&w));
+                }
             }
         }
         ckpt.expect_shape(&hf("post_attention_layernorm.weight"), &[d])?;
@@ -250,9 +271,14 @@ pub fn build(
                 router,
                 experts,
                 shared,
+                selection_bias,
             } => {
                 ckpt.expect_shape(&router, &[n_expert, d])?;
                 add(gg("ffn_gate_inp.weight"), vec![d, n_expert], t(&router));
+                if let Some(b) = selection_bias {
+                    ckpt.expect_shape(&b, &[n_expert])?;
+                    add(gg("exp_probs_b.bias"), vec![n_expert], t(&b));
+                }
                 match experts {
                     ExpertSource::PerExpert { gate, up, down } => {
                         let ff = ckpt.info(&gate[0])?.shape.first().copied().unwrap_or(0);
@@ -427,7 +453,40 @@ pub fn load_values(ckpt: &Checkpoint, source: &Source) -> Result<Vec<f32>, Conve
             let half = all.len() / 2;
             all[part * half..(part + 1) * half].to_vec()
         }
+        Source::SplitKvB {
+            name,
+            n_head,
+            nope,
+            v,
+            rank,
+            key,
+        } => split_kv_b(&ckpt.read_f32(name)?, *n_head, *nope, *v, *rank, *key),
     })
+}
+
+/// llama.cpp's `kv_b.view(n_head, nope + v, rank)` split into `k_b.transpose(1, 2)` or `v_b`.
+pub fn split_kv_b(
+    w: &[f32],
+    n_head: usize,
+    nope: usize,
+    v: usize,
+    rank: usize,
+    key: bool,
+) -> Vec<f32> {
+    let per_head = (nope + v) * rank;
+    let mut out = Vec::with_capacity(n_head * if key { nope } else { v } * rank);
+    for h in 0..n_head {
+        let head = &w[h * per_head..(h + 1) * per_head];
+        if key {
+            // [rank, nope]: out[i][j] = k_b[j][i]
+            for i in 0..rank {
+                out.extend((0..nope).map(|j| head[j * rank + i]));
+            }
+        } else {
+            out.extend_from_slice(&head[nope * rank..]);
+        }
+    }
+    out
 }
 
 /// llama.cpp's `LlamaModel.permute`: within each head, rows of the rotate-half layout
@@ -450,6 +509,16 @@ pub fn permute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kv_b_split_transposes_keys_per_head() {
+        // 2 heads, nope 2, v 1, rank 3: per head rows k0 k1 v0 of 3 values.
+        let w: Vec<f32> = (0..18).map(|x| x as f32).collect();
+        let k = super::split_kv_b(&w, 2, 2, 1, 3, true);
+        assert_eq!(k, vec![0., 3., 1., 4., 2., 5., 9., 12., 10., 13., 11., 14.]);
+        let v = super::split_kv_b(&w, 2, 2, 1, 3, false);
+        assert_eq!(v, vec![6., 7., 8., 15., 16., 17.]);
+    }
+
     #[test]
     fn permute_matches_llama_cpp_formula() {
         // One head of 4 rows (d=4, half=2), 1 column: rows [a0 a1 b0 b1] -> [a0 b0 a1 b1].

@@ -17,6 +17,8 @@ pub const FIXTURES: &[&str] = &[
     "qwen3_moe_bf16",
     "olmoe",
     "granitemoe",
+    "deepseek_v2",
+    "deepseek_v3",
 ];
 
 #[derive(Debug, Deserialize)]

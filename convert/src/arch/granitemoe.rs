@@ -57,6 +57,7 @@ impl ArchConverter for GraniteMoe {
                 down: format!("{p}.output_linear.weight"),
             },
             shared: None,
+            selection_bias: None,
         })
     }
 

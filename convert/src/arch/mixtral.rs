@@ -49,6 +49,7 @@ impl ArchConverter for Mixtral {
                 ["w1", "w3", "w2"],
             )?,
             shared: None,
+            selection_bias: None,
         })
     }
 

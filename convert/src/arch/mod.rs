@@ -2,6 +2,7 @@
 //! llama.cpp's GGUF names and keys. Everything that differs between architectures is in the
 //! files of this module; `plan.rs` handles what they share.
 
+mod deepseek2;
 mod granitemoe;
 mod mixtral;
 mod olmoe;
@@ -12,7 +13,26 @@ use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
 
 use crate::hf::{Checkpoint, Config};
+use crate::plan::Source;
 use crate::ConvertError;
+
+/// One attention tensor of an architecture with its own attention layout: GGUF name within the
+/// block (`blk.{l}.` is prepended), ggml dims, and where the values come from.
+pub struct AttnTensor {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub source: Source,
+}
+
+impl AttnTensor {
+    pub fn new(name: &str, dims: Vec<usize>, source: Source) -> Self {
+        Self {
+            name: name.into(),
+            dims,
+            source,
+        }
+    }
+}
 
 /// Where a layer's feed-forward weights come from.
 pub enum FfnSource {
@@ -26,6 +46,9 @@ pub enum FfnSource {
         router: String,
         experts: ExpertSource,
         shared: Option<SharedSource>,
+        /// A per-expert bias added to the scores for selection only (DeepSeek-V3's
+        /// e_score_correction_bias), written as `exp_probs_b.bias`.
+        selection_bias: Option<String>,
     },
 }
 
@@ -70,7 +93,31 @@ pub trait ArchConverter {
         false
     }
 
-    /// Metadata keys beyond the ones every architecture shares, without the `{arch}.` prefix.
+    /// Attention tensors of layer `l` when the architecture does not use the q/k/v/o layout.
+    fn attention(
+        &self,
+        _cfg: &Config,
+        _ckpt: &Checkpoint,
+        _l: usize,
+    ) -> Result<Option<Vec<AttnTensor>>, ConvertError> {
+        Ok(None)
+    }
+
+    /// Whether `metadata` writes the rope scaling keys itself (otherwise only unscaled rope is
+    /// accepted).
+    fn handles_rope_scaling(&self) -> bool {
+        false
+    }
+
+    /// `{arch}.attention.head_count_kv`.
+    fn head_count_kv(&self, cfg: &Config) -> Result<usize, ConvertError> {
+        Ok(cfg
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(cfg.usize("num_attention_heads")?))
+    }
+
+    /// Metadata keys beyond the ones every architecture shares, without the `{arch}.` prefix;
+    /// a key given here replaces the shared one.
     fn metadata(&self, cfg: &Config) -> Result<Vec<(String, Value)>, ConvertError>;
 
     /// The width llama.cpp reads from `{arch}.feed_forward_length`.
@@ -100,23 +147,27 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "qwen3_moe" => Box::new(qwen3_moe::Qwen3Moe),
         "olmoe" => Box::new(olmoe::Olmoe),
         "granitemoe" => Box::new(granitemoe::GraniteMoe),
+        "deepseek_v2" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V2)),
+        "deepseek_v3" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V3)),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
-                     qwen2_moe, qwen3_moe, olmoe, granitemoe)"
+                     qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3)"
                 ),
             })
         }
     })
 }
 
-/// The routed expert count: `num_experts` (transformers 4 Qwen/OLMoE configs) or
-/// `num_local_experts` (Mixtral, Granite, and transformers 5 configs).
+/// The routed expert count: `num_experts` (transformers 4 Qwen/OLMoE configs),
+/// `num_local_experts` (Mixtral, Granite, and transformers 5 configs) or `n_routed_experts`
+/// (DeepSeek).
 pub fn expert_count(cfg: &Config) -> Result<usize, ConvertError> {
     cfg.opt_usize("num_local_experts")?
         .or(cfg.opt_usize("num_experts")?)
+        .or(cfg.opt_usize("n_routed_experts")?)
         .ok_or_else(|| ConvertError::Config {
             field: "num_experts".into(),
             why: "is missing (neither num_experts nor num_local_experts is set)".into(),
@@ -141,6 +192,7 @@ pub(crate) fn mlp_experts(
             ["gate_proj", "up_proj", "down_proj"],
         )?,
         shared,
+        selection_bias: None,
     })
 }
 

@@ -13,6 +13,8 @@ pub enum Arch {
     Qwen3Moe,
     Olmoe,
     GraniteMoe,
+    /// llama.cpp's `deepseek2`: DeepSeek-V2/V2-Lite and the V3 architecture (Moonlight, Kimi-K2).
+    Deepseek2,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -35,8 +37,19 @@ pub enum QkNorm {
     WholeProjection,
 }
 
+/// Which attention the layers use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKind {
+    /// Grouped-query attention over full per-head keys and values.
+    Gqa,
+    /// DeepSeek's multi-head latent attention: the cache holds a normalised latent and one shared
+    /// rotary key per token; per-head keys and values are never materialised.
+    Mla,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct ArchTraits {
+    pub attention: AttentionKind,
     pub rope: RopeStyle,
     pub qk_norm: QkNorm,
     /// Whether the top-k router weights are renormalised to sum to one when the file does not
@@ -47,12 +60,13 @@ pub struct ArchTraits {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 5] = [
+    pub const ALL: [Arch; 6] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
         Arch::Olmoe,
         Arch::GraniteMoe,
+        Arch::Deepseek2,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -63,6 +77,7 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3moe",
             Arch::Olmoe => "olmoe",
             Arch::GraniteMoe => "granitemoe",
+            Arch::Deepseek2 => "deepseek2",
         }
     }
 
@@ -73,35 +88,50 @@ impl Arch {
     pub fn traits(self) -> ArchTraits {
         match self {
             Arch::Llama => ArchTraits {
+                attention: AttentionKind::Gqa,
                 rope: RopeStyle::Interleaved,
                 qk_norm: QkNorm::None,
                 default_norm_topk: true,
                 has_granite_scales: false,
             },
             Arch::Qwen2Moe => ArchTraits {
+                attention: AttentionKind::Gqa,
                 rope: RopeStyle::Neox,
                 qk_norm: QkNorm::None,
                 default_norm_topk: false,
                 has_granite_scales: false,
             },
             Arch::Qwen3Moe => ArchTraits {
+                attention: AttentionKind::Gqa,
                 rope: RopeStyle::Neox,
                 qk_norm: QkNorm::PerHead,
                 default_norm_topk: true,
                 has_granite_scales: false,
             },
             Arch::Olmoe => ArchTraits {
+                attention: AttentionKind::Gqa,
                 rope: RopeStyle::Neox,
                 qk_norm: QkNorm::WholeProjection,
                 default_norm_topk: false,
                 has_granite_scales: false,
             },
             Arch::GraniteMoe => ArchTraits {
+                attention: AttentionKind::Gqa,
                 rope: RopeStyle::Interleaved,
                 qk_norm: QkNorm::None,
                 // Granite takes the softmax over the top-k logits, which is the same thing.
                 default_norm_topk: true,
                 has_granite_scales: true,
+            },
+            Arch::Deepseek2 => ArchTraits {
+                attention: AttentionKind::Mla,
+                // DeepSeek's rotary dims are interleaved pairs (transformers' rope_interleave,
+                // V2's complex rotation); llama.cpp's converter does not permute them.
+                rope: RopeStyle::Interleaved,
+                qk_norm: QkNorm::None,
+                // llama.cpp writes expert_weights_norm only when true.
+                default_norm_topk: false,
+                has_granite_scales: false,
             },
         }
     }

@@ -8,14 +8,15 @@ use std::sync::Arc;
 
 use crate::moe::cache::ExpertCache;
 use crate::moe::experts::{add_transposed, run_experts, ExpertJob, ExpertScratch};
-use crate::moe::router::{route, Route};
+use crate::moe::router::{route_with, Route};
 use crate::tensor::matrix::{multi_matmul, Activations};
 use crate::tensor::{matmul, Kernels, MatmulScratch};
 
 use super::arch::{QkNorm, RopeStyle};
-use super::kv_cache::{KvCache, KvType};
+use super::kv_cache::{KvCache, KvType, LayerKv};
+use super::mla::{mla_attention, MlaScratch};
 use super::profile::{Phase, Profiler};
-use super::weights::{Attention, Ffn, Mlp, Model};
+use super::weights::{Attention, Ffn, LayerAttention, Mlp, Model};
 use super::ModelError;
 
 thread_local! {
@@ -51,6 +52,7 @@ struct Scratch {
     /// batch), since the session started.
     expert_bytes: u64,
     logits: Vec<f32>,
+    mla: MlaScratch,
     mm: MatmulScratch,
 }
 
@@ -123,17 +125,22 @@ impl<'m, 'a> Session<'m, 'a> {
     pub fn with_kv_type(model: &'m Model<'a>, n_ctx: usize, kv_type: KvType) -> Self {
         let hp = &model.hp;
         let half = hp.rope_dim / 2;
-        // Same arithmetic as transformers' default rope: f32 inverse frequencies and angles.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / hp.rope_base.powf((2 * i) as f32 / hp.rope_dim as f32))
-            .collect();
+        // Same arithmetic as transformers: f32 inverse frequencies and angles; YaRN's attention
+        // factor scales cos and sin.
+        let inv_freq = hp.rope_inv_freq();
         let mut rope_cos = Vec::with_capacity(n_ctx * half);
         let mut rope_sin = Vec::with_capacity(n_ctx * half);
+        let f = hp.rope_attn_factor;
         for p in 0..n_ctx {
-            for &f in &inv_freq {
-                let a = p as f32 * f;
-                rope_cos.push(a.cos());
-                rope_sin.push(a.sin());
+            for &fr in &inv_freq {
+                let a = p as f32 * fr;
+                if f == 1.0 {
+                    rope_cos.push(a.cos());
+                    rope_sin.push(a.sin());
+                } else {
+                    rope_cos.push(a.cos() * f);
+                    rope_sin.push(a.sin() * f);
+                }
             }
         }
         Self {
@@ -269,7 +276,28 @@ impl<'m, 'a> Session<'m, 'a> {
             // Attention block: x += attn(norm(x)) * residual_scale
             rms_norm_rows(&self.s.x, &layer.attn_norm, hp.norm_eps, &mut self.s.xn, k);
             self.prof.lap(Phase::Other);
-            self.attention(li, &layer.attn, n);
+            match &layer.attn {
+                LayerAttention::Gqa(a) => self.attention(li, a, n),
+                LayerAttention::Mla(a) => {
+                    let s = &mut self.s;
+                    mla_attention(
+                        k,
+                        hp,
+                        a,
+                        &s.xn,
+                        n,
+                        self.pos,
+                        (&self.rope_cos, &self.rope_sin),
+                        &mut self.kv,
+                        li,
+                        &mut s.mla,
+                        &mut s.proj,
+                        &mut s.mm,
+                    );
+                    // MLA's projections and core are not split: all counted as core.
+                    self.prof.lap(Phase::AttnCore);
+                }
+            }
             let s = &mut self.s;
             add_scaled(&mut s.x, &s.proj, hp.residual_scale);
             if self.streaming.lookahead > 0 {
@@ -374,7 +402,11 @@ impl<'m, 'a> Session<'m, 'a> {
                     &mut s.predict_logits,
                     &mut s.mm,
                 );
-                let r = route(&s.predict_logits, hp.n_expert_used, false);
+                let r = route_with(
+                    &hp.routing,
+                    &s.predict_logits,
+                    moe.selection_bias.as_deref(),
+                );
                 for &e in &r.experts {
                     if !union.contains(&e) {
                         union.push(e);
@@ -440,47 +472,67 @@ impl<'m, 'a> Session<'m, 'a> {
         }
         self.kv.store(li, self.pos, &s.k, &s.v, n);
 
-        // attn[t, h, :] = softmax(q . K^T * scale) V over positions 0..=pos+t (within the window)
         s.attn.resize(n * hq * dv, 0.0);
-        let kv = self.kv.layer(li);
-        let group = hq / hkv;
-        let pos0 = self.pos;
-        let q = &s.q;
-        let window = hp.sliding_window;
-        let scale = hp.attention_scale;
-        s.attn.par_chunks_mut(dv).enumerate().for_each(|(i, out)| {
-            // Per-thread score buffer: grows to the context once, then decoding allocates nothing.
-            SCORES.with_borrow_mut(|scores| {
-                let (t, h) = (i / hq, i % hq);
-                let kvh = h / group;
-                let qh = &q[(t * hq + h) * dk..(t * hq + h + 1) * dk];
-                let end = pos0 + t + 1;
-                let start = window.map_or(0, |w| end.saturating_sub(w));
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in start..end {
-                    let sc = kv.key_dot(k, j, kvh, qh) * scale;
-                    max = max.max(sc);
-                    scores.push(sc);
-                }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let inv = 1.0 / sum;
-                out.fill(0.0);
-                for (sc, j) in scores.iter().zip(start..end) {
-                    kv.add_value(k, j, kvh, sc * inv, out);
-                }
-            })
-        });
+        attend(
+            k,
+            self.kv.layer(li),
+            &s.q,
+            (hq, hkv, dk, dv),
+            self.pos,
+            hp.sliding_window,
+            hp.attention_scale,
+            &mut s.attn,
+        );
 
         self.prof.lap(Phase::AttnCore);
         s.proj.resize(n * hp.n_embd, 0.0);
         matmul(k, &a.wo, &s.attn, n, &mut s.proj, &mut s.mm);
         self.prof.lap(Phase::AttnProjections);
     }
+}
+
+/// `out[t, h, :] = softmax(q[t, h] . K^T * scale) V` over positions `0..=pos0 + t` (within the
+/// window): `q` is `[n, hq, dk]`, `out` is `[n, hq, dv]`, query head `h` reads KV head
+/// `h / (hq / hkv)`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend(
+    k: &Kernels,
+    kv: LayerKv<'_>,
+    q: &[f32],
+    (hq, hkv, dk, dv): (usize, usize, usize, usize),
+    pos0: usize,
+    window: Option<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let group = hq / hkv;
+    out.par_chunks_mut(dv).enumerate().for_each(|(i, out)| {
+        // Per-thread score buffer: grows to the context once, then decoding allocates nothing.
+        SCORES.with_borrow_mut(|scores| {
+            let (t, h) = (i / hq, i % hq);
+            let kvh = h / group;
+            let qh = &q[(t * hq + h) * dk..(t * hq + h + 1) * dk];
+            let end = pos0 + t + 1;
+            let start = window.map_or(0, |w| end.saturating_sub(w));
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in start..end {
+                let sc = kv.key_dot(k, j, kvh, qh) * scale;
+                max = max.max(sc);
+                scores.push(sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            out.fill(0.0);
+            for (sc, j) in scores.iter().zip(start..end) {
+                kv.add_value(k, j, kvh, sc * inv, out);
+            }
+        })
+    });
 }
 
 /// The feed-forward block of the batch in `s.ffn_in`, accumulated into `s.ffn_out`: a dense
@@ -526,10 +578,10 @@ fn feed_forward(
             );
             s.routes.clear();
             for t in 0..n {
-                let r = route(
+                let r = route_with(
+                    &hp.routing,
                     &s.router_logits[t * n_expert..(t + 1) * n_expert],
-                    hp.n_expert_used,
-                    hp.norm_topk,
+                    moe.selection_bias.as_deref(),
                 );
                 for (&e, &w) in r.experts.iter().zip(&r.weights) {
                     s.assigned[e as usize].push((t as u32, w));
@@ -633,7 +685,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// RMSNorm of each row: `x / sqrt(mean(x^2) + eps) * w`.
-fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], k: &Kernels) {
+pub(super) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], k: &Kernels) {
     let d = w.len();
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let ms = (k.dot_f32)(xr, xr) / d as f32;
@@ -645,7 +697,7 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], k: &Kernels) {
 }
 
 /// RMSNorm over consecutive groups of `width` values (a head, or a whole projection).
-fn norm_in_place(x: &mut [f32], w: Option<&[f32]>, width: usize, eps: f32, k: &Kernels) {
+pub(super) fn norm_in_place(x: &mut [f32], w: Option<&[f32]>, width: usize, eps: f32, k: &Kernels) {
     let w = w.expect("norm weights are loaded for this architecture");
     for g in x.chunks_exact_mut(width) {
         let ms = (k.dot_f32)(g, g) / width as f32;
@@ -656,7 +708,7 @@ fn norm_in_place(x: &mut [f32], w: Option<&[f32]>, width: usize, eps: f32, k: &K
     }
 }
 
-fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle, rope_dim: usize) {
+pub(super) fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle, rope_dim: usize) {
     let half = rope_dim / 2;
     match style {
         RopeStyle::Neox => {

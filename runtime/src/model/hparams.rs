@@ -2,8 +2,38 @@
 
 use crate::gguf::{GgufHeader, Value};
 
-use super::arch::{Arch, ArchTraits};
+use super::arch::{Arch, ArchTraits, AttentionKind};
 use super::ModelError;
+use crate::moe::router::{Gating, GroupLimit, GroupScore, RoutingSpec, MAX_EXPERTS_USED};
+
+/// Multi-head latent attention dimensions (DeepSeek-V2/V3). In the file, `head_dim_k` /
+/// `head_dim_v` describe the cached MQA view (`kv_lora_rank + qk_rope` / `kv_lora_rank`); these
+/// are the per-head sizes after decompression.
+#[derive(Clone, Copy, Debug)]
+pub struct MlaParams {
+    /// 0 when queries are projected directly (no q LoRA).
+    pub q_lora_rank: usize,
+    pub kv_lora_rank: usize,
+    pub qk_nope: usize,
+    pub qk_rope: usize,
+    pub v_head_dim: usize,
+}
+
+impl MlaParams {
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope + self.qk_rope
+    }
+}
+
+/// YaRN context extension as transformers' `_compute_yarn_parameters` applies it (truncated
+/// correction range).
+#[derive(Clone, Copy, Debug)]
+pub struct Yarn {
+    pub factor: f32,
+    pub original_ctx: usize,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+}
 
 #[derive(Clone, Debug)]
 pub struct HParams {
@@ -35,6 +65,12 @@ pub struct HParams {
     pub clamp_qkv: Option<f32>,
     /// Keys older than this many positions are masked (Mixtral's sliding_window).
     pub sliding_window: Option<usize>,
+    /// Latent attention dimensions when the architecture uses MLA.
+    pub mla: Option<MlaParams>,
+    pub yarn: Option<Yarn>,
+    /// Multiplies rope's cos and sin (YaRN's attention factor; 1 without scaling).
+    pub rope_attn_factor: f32,
+    pub routing: RoutingSpec,
 }
 
 pub(crate) struct Meta<'h> {
@@ -129,21 +165,30 @@ impl HParams {
                 why: format!("{rope_dim} must be even and at most the head size {head_dim_k}"),
             });
         }
-        if let Some(kind) = m.get("rope.scaling.type").and_then(|v| v.as_str()) {
-            if kind != "none" {
-                return Err(ModelError::Unsupported(format!(
-                    "rope scaling `{kind}` is not implemented yet"
-                )));
-            }
-        }
+        let (yarn, rope_attn_factor, yarn_mscale) = rope_scaling(&m)?;
         let n_expert = m.usize("expert_count")?;
         let n_expert_used = m.usize("expert_used_count")?;
-        if n_expert == 0 || n_expert_used == 0 || n_expert_used > n_expert {
+        if n_expert == 0
+            || n_expert_used == 0
+            || n_expert_used > n_expert
+            || n_expert_used > MAX_EXPERTS_USED
+        {
             return Err(ModelError::Metadata {
                 key: m.key("expert_used_count"),
-                why: format!("{n_expert_used} experts per token out of {n_expert} is impossible"),
+                why: format!(
+                    "{n_expert_used} experts per token out of {n_expert} is impossible (at most \
+                     {MAX_EXPERTS_USED} are supported)"
+                ),
             });
         }
+        let norm_topk = m
+            .opt_bool("expert_weights_norm")?
+            .unwrap_or(traits.default_norm_topk);
+        let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk)?;
+        let mla = match traits.attention {
+            AttentionKind::Gqa => None,
+            AttentionKind::Mla => Some(mla_params(&m, head_dim_k, head_dim_v, rope_dim)?),
+        };
         let (embedding_scale, residual_scale, attention_scale, logit_divisor) =
             if traits.has_granite_scales {
                 (
@@ -173,15 +218,210 @@ impl HParams {
                 .ok_or_else(|| m.missing("attention.layer_norm_rms_epsilon"))?,
             n_expert,
             n_expert_used,
-            norm_topk: m
-                .opt_bool("expert_weights_norm")?
-                .unwrap_or(traits.default_norm_topk),
+            norm_topk,
             embedding_scale,
             residual_scale,
-            attention_scale: attention_scale.unwrap_or(1.0 / (head_dim_k as f32).sqrt()),
+            // MLA scores use the decompressed head size; YaRN's mscale enters squared
+            // (transformers' yarn_apply_mscale).
+            attention_scale: attention_scale.unwrap_or_else(|| {
+                let dk = mla.map_or(head_dim_k, |p| p.qk_head_dim());
+                yarn_mscale * yarn_mscale / (dk as f32).sqrt()
+            }),
             logit_divisor,
             clamp_qkv: m.opt_f32("attention.clamp_kqv")?.filter(|c| *c > 0.0),
             sliding_window: m.opt_usize("attention.sliding_window")?.filter(|w| *w > 0),
+            mla,
+            yarn,
+            rope_attn_factor,
+            routing,
         })
     }
+
+    /// Rope inverse frequencies, `[rope_dim / 2]`, with transformers' f32 arithmetic.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let dim = self.rope_dim;
+        let base = self.rope_base;
+        let plain: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        let Some(y) = self.yarn else {
+            return plain;
+        };
+        // transformers: find_correction_range in f64, floor/ceil (truncate), clamped to [0, dim-1].
+        let corr = |rot: f64| {
+            (dim as f64 * (y.original_ctx as f64 / (rot * 2.0 * std::f64::consts::PI)).ln())
+                / (2.0 * (base as f64).ln())
+        };
+        let low = corr(y.beta_fast as f64).floor().max(0.0) as f32;
+        let mut high = corr(y.beta_slow as f64).ceil().min(dim as f64 - 1.0) as f32;
+        if low == high {
+            high += 0.001;
+        }
+        (0..dim / 2)
+            .map(|i| {
+                let pos_freq = base.powf((2 * i) as f32 / dim as f32);
+                let extrapolation = 1.0 / pos_freq;
+                let interpolation = 1.0 / (y.factor * pos_freq);
+                let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                let extra_factor = 1.0 - ramp;
+                interpolation * (1.0 - extra_factor) + extrapolation * extra_factor
+            })
+            .collect()
+    }
+}
+
+/// transformers' `yarn_get_mscale`.
+fn yarn_get_mscale(scale: f32, mscale: f32) -> f32 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+/// Reads rope scaling as llama.cpp's converter writes it. Returns (YaRN parameters, cos/sin
+/// factor, the mscale that enters the softmax scale squared).
+fn rope_scaling(m: &Meta) -> Result<(Option<Yarn>, f32, f32), ModelError> {
+    let kind = m.get("rope.scaling.type").and_then(|v| v.as_str());
+    match kind {
+        None | Some("none") => return Ok((None, 1.0, 1.0)),
+        Some("yarn") => {}
+        Some(other) => {
+            return Err(ModelError::Unsupported(format!(
+                "rope scaling `{other}` is not implemented yet"
+            )))
+        }
+    }
+    if let Some(e) = m.opt_f32("rope.scaling.yarn_ext_factor")? {
+        if e != 1.0 {
+            return Err(ModelError::Unsupported(format!(
+                "YaRN with extrapolation factor {e} is not implemented (only 1)"
+            )));
+        }
+    }
+    let factor = m
+        .opt_f32("rope.scaling.factor")?
+        .ok_or_else(|| m.missing("rope.scaling.factor"))?;
+    let yarn = Yarn {
+        factor,
+        original_ctx: m.usize("rope.scaling.original_context_length")?,
+        beta_fast: m.opt_f32("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+        beta_slow: m.opt_f32("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+    };
+    // llama.cpp's DeepSeek converter stores 0.1 * mscale_all_dim here and, like llama.cpp's
+    // runtime, the file implies mscale == mscale_all_dim, so cos/sin are unscaled; a different
+    // cos/sin factor is written explicitly as yarn_attn_factor.
+    let mscale_all_dim = m
+        .opt_f32("rope.scaling.yarn_log_multiplier")?
+        .map(|v| v / 0.1)
+        .unwrap_or(0.0);
+    let (default_factor, softmax_mscale) = if mscale_all_dim != 0.0 {
+        (1.0, yarn_get_mscale(factor, mscale_all_dim))
+    } else {
+        (yarn_get_mscale(factor, 1.0), 1.0)
+    };
+    let attn_factor = m
+        .opt_f32("rope.scaling.yarn_attn_factor")?
+        .unwrap_or(default_factor);
+    Ok((Some(yarn), attn_factor, softmax_mscale))
+}
+
+/// Expert selection from the `expert_*` keys; absent keys give the classic softmax top-k.
+fn routing_spec(
+    m: &Meta,
+    n_expert: usize,
+    k: usize,
+    norm_topk: bool,
+) -> Result<RoutingSpec, ModelError> {
+    // llama.cpp's enum llama_expert_gating_func_type: 1 softmax, 2 sigmoid.
+    let gating = match m.opt_usize("expert_gating_func")? {
+        None | Some(0) | Some(1) => Gating::Softmax,
+        Some(2) => Gating::Sigmoid,
+        Some(other) => {
+            return Err(ModelError::Unsupported(format!(
+                "expert gating function {other} is not implemented (1 softmax, 2 sigmoid)"
+            )))
+        }
+    };
+    let scale = m
+        .opt_f32("expert_weights_scale")?
+        .filter(|s| *s != 0.0)
+        .unwrap_or(1.0);
+    let n_group = m.opt_usize("expert_group_count")?.unwrap_or(1);
+    let groups = if n_group > 1 {
+        let topk_group = m.usize("expert_group_used_count")?;
+        // moe-edge's key: DeepSeek-V2's group_limited_greedy scores a group by its best expert;
+        // without it groups are scored as llama.cpp does (sum of the best two, DeepSeek-V3).
+        let score = match m.get("expert_group_score").and_then(|v| v.as_str()) {
+            None | Some("top2_sum") => GroupScore::TopTwoSum,
+            Some("max") => GroupScore::Max,
+            Some(other) => {
+                return Err(ModelError::Metadata {
+                    key: m.key("expert_group_score"),
+                    why: format!("is `{other}`; expected `max` or `top2_sum`"),
+                })
+            }
+        };
+        let per = n_expert / n_group;
+        if !n_expert.is_multiple_of(n_group)
+            || topk_group == 0
+            || topk_group > n_group
+            || topk_group * per < k
+            || (score == GroupScore::TopTwoSum && per < 2)
+        {
+            return Err(ModelError::Metadata {
+                key: m.key("expert_group_used_count"),
+                why: format!(
+                    "{topk_group} of {n_group} groups cannot select {k} of {n_expert} experts"
+                ),
+            });
+        }
+        Some(GroupLimit {
+            n_group,
+            topk_group,
+            score,
+        })
+    } else {
+        None
+    };
+    Ok(RoutingSpec {
+        k,
+        gating,
+        norm_topk,
+        scale,
+        groups,
+    })
+}
+
+fn mla_params(
+    m: &Meta,
+    head_dim_k: usize,
+    head_dim_v: usize,
+    rope_dim: usize,
+) -> Result<MlaParams, ModelError> {
+    let kv_lora_rank = m.usize("attention.kv_lora_rank")?;
+    let k_mla = m.usize("attention.key_length_mla").map_err(|_| {
+        ModelError::Unsupported(
+            "this deepseek2 file has no attention.key_length_mla: it was written by an old \
+             llama.cpp converter with an unsplit attn_kv_b; re-convert it with moe-convert"
+                .into(),
+        )
+    })?;
+    let v_head_dim = m.usize("attention.value_length_mla")?;
+    if head_dim_k != kv_lora_rank + rope_dim || head_dim_v != kv_lora_rank || k_mla <= rope_dim {
+        return Err(ModelError::Metadata {
+            key: m.key("attention.key_length"),
+            why: format!(
+                "key/value lengths {head_dim_k}/{head_dim_v} do not describe a latent of \
+                 {kv_lora_rank} plus a rotary key of {rope_dim} (with head size {k_mla})"
+            ),
+        });
+    }
+    Ok(MlaParams {
+        q_lora_rank: m.opt_usize("attention.q_lora_rank")?.unwrap_or(0),
+        kv_lora_rank,
+        qk_nope: k_mla - rope_dim,
+        qk_rope: rope_dim,
+        v_head_dim,
+    })
 }

@@ -4,15 +4,18 @@ pub mod arch;
 mod forward;
 mod hparams;
 mod kv_cache;
+mod mla;
 pub mod profile;
 mod weights;
 
-pub use arch::{Arch, ArchTraits, QkNorm, RopeStyle};
+pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RopeStyle};
 pub use forward::{ExpertStreaming, LayerRouting, PredictionStats, Session};
 pub use hparams::HParams;
+pub use hparams::{MlaParams, Yarn};
 pub use kv_cache::{KvCache, KvType};
 pub use weights::{
-    Attention, Experts, Ffn, Layer, Mlp, Model, MoeBlock, SharedExpert, StackedExperts,
+    Attention, Experts, Ffn, Layer, LayerAttention, MlaAttention, Mlp, Model, MoeBlock, QueryProj,
+    SharedExpert, StackedExperts,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +30,7 @@ pub enum ModelError {
     },
     #[error("metadata `{key}` {why}")]
     Metadata { key: String, why: String },
-    #[error("architecture `{0}` is not supported (supported: llama with experts, qwen2moe, qwen3moe, olmoe, granitemoe)")]
+    #[error("architecture `{0}` is not supported (supported: llama with experts, qwen2moe, qwen3moe, olmoe, granitemoe, deepseek2)")]
     UnsupportedArch(String),
     #[error("{0}")]
     Unsupported(String),

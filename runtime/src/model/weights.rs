@@ -5,11 +5,11 @@ use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::tensor::QMatrix;
 
 use super::arch::QkNorm;
-use super::hparams::HParams;
+use super::hparams::{HParams, MlaParams};
 use super::ModelError;
 
 /// `n_expert` matrices of `rows x cols` stacked in one tensor (ggml dims `[cols, rows, n_expert]`):
-/// expert `e` is one contiguous slab.
+/// expert `e` is one contiguous slab. MLA's per-head `attn_k_b`/`attn_v_b` use the same layout.
 #[derive(Clone, Copy, Debug)]
 pub struct StackedExperts<'a> {
     pub ty: GgmlType,
@@ -60,6 +60,8 @@ pub struct SharedExpert<'a> {
 pub struct MoeBlock<'a> {
     /// `[n_expert, n_embd]` router.
     pub router: QMatrix<'a>,
+    /// DeepSeek-V3's e_score_correction_bias (`exp_probs_b`): added to the scores for selection.
+    pub selection_bias: Option<Vec<f32>>,
     pub experts: Experts<'a>,
     pub shared: Option<SharedExpert<'a>>,
 }
@@ -81,9 +83,41 @@ pub struct Attention<'a> {
     pub k_norm: Option<Vec<f32>>,
 }
 
+/// How MLA projects queries.
+pub enum QueryProj<'a> {
+    /// `[n_head * qk_head_dim, n_embd]`.
+    Direct(QMatrix<'a>),
+    /// q LoRA: `b(norm(a x))` with `a` `[q_lora_rank, n_embd]`, `b` `[n_head * qk_head_dim, q_lora_rank]`.
+    LoRa {
+        a: QMatrix<'a>,
+        norm: Vec<f32>,
+        b: QMatrix<'a>,
+    },
+}
+
+/// Multi-head latent attention weights, split as llama.cpp writes them for the absorbed form.
+pub struct MlaAttention<'a> {
+    pub q: QueryProj<'a>,
+    /// `[kv_lora_rank + qk_rope, n_embd]`: the latent, then the shared rotary key.
+    pub wkv_a: QMatrix<'a>,
+    pub kv_a_norm: Vec<f32>,
+    /// Per head `[kv_lora_rank, qk_nope]` (W_kb transposed): maps a query's non-rotary part
+    /// into latent space.
+    pub wk_b: StackedExperts<'a>,
+    /// Per head `[v_head_dim, kv_lora_rank]`: decompresses the attended latent into values.
+    pub wv_b: StackedExperts<'a>,
+    /// `[n_embd, n_head * v_head_dim]`.
+    pub wo: QMatrix<'a>,
+}
+
+pub enum LayerAttention<'a> {
+    Gqa(Attention<'a>),
+    Mla(MlaAttention<'a>),
+}
+
 pub struct Layer<'a> {
     pub attn_norm: Vec<f32>,
-    pub attn: Attention<'a>,
+    pub attn: LayerAttention<'a>,
     pub ffn_norm: Vec<f32>,
     pub ffn: Ffn<'a>,
 }
@@ -201,35 +235,13 @@ impl<'a> Model<'a> {
         } else {
             tok_embd
         };
-        let q_dim = hp.n_head * hp.head_dim_k;
-        let k_dim = hp.n_head_kv * hp.head_dim_k;
-        let v_dim = hp.n_head_kv * hp.head_dim_v;
-        let o_dim = hp.n_head * hp.head_dim_v;
 
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
-            let (q_norm, k_norm) = match hp.traits.qk_norm {
-                QkNorm::None => (None, None),
-                QkNorm::PerHead => (
-                    Some(lk.vector(&n("attn_q_norm.weight"), hp.head_dim_k)?),
-                    Some(lk.vector(&n("attn_k_norm.weight"), hp.head_dim_k)?),
-                ),
-                QkNorm::WholeProjection => (
-                    Some(lk.vector(&n("attn_q_norm.weight"), q_dim)?),
-                    Some(lk.vector(&n("attn_k_norm.weight"), k_dim)?),
-                ),
-            };
-            let attn = Attention {
-                wq: lk.matrix(&n("attn_q.weight"), q_dim, d)?,
-                wk: lk.matrix(&n("attn_k.weight"), k_dim, d)?,
-                wv: lk.matrix(&n("attn_v.weight"), v_dim, d)?,
-                wo: lk.matrix(&n("attn_output.weight"), d, o_dim)?,
-                bq: lk.opt_vector(&n("attn_q.bias"), q_dim)?,
-                bk: lk.opt_vector(&n("attn_k.bias"), k_dim)?,
-                bv: lk.opt_vector(&n("attn_v.bias"), v_dim)?,
-                q_norm,
-                k_norm,
+            let attn = match hp.mla {
+                None => LayerAttention::Gqa(gqa_attention(&lk, &hp, i)?),
+                Some(p) => LayerAttention::Mla(mla_attention(&lk, &hp, &p, i)?),
             };
             let ffn = if lk.has(&n("ffn_gate_inp.weight")) {
                 let e = hp.n_expert;
@@ -255,6 +267,7 @@ impl<'a> Model<'a> {
                 };
                 Ffn::Moe(Box::new(MoeBlock {
                     router: lk.matrix(&n("ffn_gate_inp.weight"), e, d)?,
+                    selection_bias: lk.opt_vector(&n("exp_probs_b.bias"), e)?,
                     experts: Experts {
                         gate: lk.stacked(&n("ffn_gate_exps.weight"), ff, d, e)?,
                         up: lk.stacked(&n("ffn_up_exps.weight"), ff, d, e)?,
@@ -287,4 +300,71 @@ impl<'a> Model<'a> {
             output,
         })
     }
+}
+
+fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attention<'a>, ModelError> {
+    let n = |s: &str| format!("blk.{i}.{s}");
+    let d = hp.n_embd;
+    let q_dim = hp.n_head * hp.head_dim_k;
+    let k_dim = hp.n_head_kv * hp.head_dim_k;
+    let v_dim = hp.n_head_kv * hp.head_dim_v;
+    let o_dim = hp.n_head * hp.head_dim_v;
+    let (q_norm, k_norm) = match hp.traits.qk_norm {
+        QkNorm::None => (None, None),
+        QkNorm::PerHead => (
+            Some(lk.vector(&n("attn_q_norm.weight"), hp.head_dim_k)?),
+            Some(lk.vector(&n("attn_k_norm.weight"), hp.head_dim_k)?),
+        ),
+        QkNorm::WholeProjection => (
+            Some(lk.vector(&n("attn_q_norm.weight"), q_dim)?),
+            Some(lk.vector(&n("attn_k_norm.weight"), k_dim)?),
+        ),
+    };
+    Ok(Attention {
+        wq: lk.matrix(&n("attn_q.weight"), q_dim, d)?,
+        wk: lk.matrix(&n("attn_k.weight"), k_dim, d)?,
+        wv: lk.matrix(&n("attn_v.weight"), v_dim, d)?,
+        wo: lk.matrix(&n("attn_output.weight"), d, o_dim)?,
+        bq: lk.opt_vector(&n("attn_q.bias"), q_dim)?,
+        bk: lk.opt_vector(&n("attn_k.bias"), k_dim)?,
+        bv: lk.opt_vector(&n("attn_v.bias"), v_dim)?,
+        q_norm,
+        k_norm,
+    })
+}
+
+fn mla_attention<'a>(
+    lk: &Lookup<'a>,
+    hp: &HParams,
+    p: &MlaParams,
+    i: usize,
+) -> Result<MlaAttention<'a>, ModelError> {
+    let n = |s: &str| format!("blk.{i}.{s}");
+    let d = hp.n_embd;
+    let q_dim = hp.n_head * p.qk_head_dim();
+    let rank = p.kv_lora_rank;
+    if lk.has(&n("attn_kv_b.weight")) && !lk.has(&n("attn_k_b.weight")) {
+        return Err(ModelError::Unsupported(
+            "this deepseek2 file stores attn_kv_b unsplit (old llama.cpp converter); re-convert \
+             it with moe-convert to get attn_k_b/attn_v_b"
+                .into(),
+        ));
+    }
+    let q = if p.q_lora_rank > 0 {
+        QueryProj::LoRa {
+            a: lk.matrix(&n("attn_q_a.weight"), p.q_lora_rank, d)?,
+            norm: lk.vector(&n("attn_q_a_norm.weight"), p.q_lora_rank)?,
+            b: lk.matrix(&n("attn_q_b.weight"), q_dim, p.q_lora_rank)?,
+        }
+    } else {
+        QueryProj::Direct(lk.matrix(&n("attn_q.weight"), q_dim, d)?)
+    };
+    Ok(MlaAttention {
+        q,
+        wkv_a: lk.matrix(&n("attn_kv_a_mqa.weight"), rank + p.qk_rope, d)?,
+        kv_a_norm: lk.vector(&n("attn_kv_a_norm.weight"), rank)?,
+        wk_b: lk.stacked(&n("attn_k_b.weight"), rank, p.qk_nope, hp.n_head)?,
+        wv_b: lk.stacked(&n("attn_v_b.weight"), p.v_head_dim, rank, hp.n_head)?,
+        wo: lk.matrix(&n("attn_output.weight"), d, hp.n_head * p.v_head_dim)?,
+    })
 }

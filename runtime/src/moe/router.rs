@@ -50,6 +50,146 @@ pub fn route(logits: &[f32], k: usize, renormalize: bool) -> Route {
     r
 }
 
+/// How router scores are computed from logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gating {
+    /// Softmax over all experts (Mixtral, Qwen, OLMoE, DeepSeek-V2).
+    Softmax,
+    /// Independent sigmoid per expert (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// How a group of experts is scored when selection is limited to the best groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupScore {
+    /// The group's best expert (DeepSeek-V2's `group_limited_greedy`).
+    Max,
+    /// The sum of the group's two best experts (DeepSeek-V3, and what llama.cpp computes).
+    TopTwoSum,
+}
+
+/// Experts are split into `n_group` consecutive groups; only the `topk_group` best groups compete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupLimit {
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub score: GroupScore,
+}
+
+/// Everything that decides a route, read from the model's hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoutingSpec {
+    /// Experts per token.
+    pub k: usize,
+    pub gating: Gating,
+    /// Renormalise the k selected weights to sum to one.
+    pub norm_topk: bool,
+    /// Multiplies the final weights (DeepSeek's routed_scaling_factor; 1 elsewhere).
+    pub scale: f32,
+    pub groups: Option<GroupLimit>,
+}
+
+impl RoutingSpec {
+    /// Softmax, top-k, optional renormalisation: the routing of every non-DeepSeek model here.
+    pub fn plain(k: usize, norm_topk: bool) -> Self {
+        Self {
+            k,
+            gating: Gating::Softmax,
+            norm_topk,
+            scale: 1.0,
+            groups: None,
+        }
+    }
+}
+
+/// Routes one token. `bias` (DeepSeek-V3's e_score_correction_bias) is added to the scores for
+/// choosing experts only; the weights are the unbiased scores.
+pub fn route_with(spec: &RoutingSpec, logits: &[f32], bias: Option<&[f32]>) -> Route {
+    if spec.gating == Gating::Softmax && spec.groups.is_none() && bias.is_none() {
+        let mut r = route(logits, spec.k, spec.norm_topk);
+        if spec.scale != 1.0 {
+            r.weights.iter_mut().for_each(|w| *w *= spec.scale);
+        }
+        return r;
+    }
+    let n = logits.len();
+    assert!(spec.k <= MAX_EXPERTS_USED && spec.k <= n);
+    let scores: Vec<f32> = match spec.gating {
+        Gating::Softmax => {
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+            logits.iter().map(|&v| (v - max).exp() / sum).collect()
+        }
+        Gating::Sigmoid => logits.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect(),
+    };
+    let mut choice: Vec<f32> = match bias {
+        Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+        None => scores.clone(),
+    };
+    if let Some(g) = spec.groups.filter(|g| g.n_group > 1) {
+        let per = n / g.n_group;
+        let group_scores: Vec<f32> = choice
+            .chunks_exact(per)
+            .map(|grp| match g.score {
+                GroupScore::Max => grp.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)),
+                GroupScore::TopTwoSum => {
+                    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                    for &v in grp {
+                        if v > a {
+                            b = a;
+                            a = v;
+                        } else if v > b {
+                            b = v;
+                        }
+                    }
+                    a + b
+                }
+            })
+            .collect();
+        let keep = top_indices(&group_scores, g.topk_group);
+        for (gi, grp) in choice.chunks_exact_mut(per).enumerate() {
+            if !keep.contains(&gi) {
+                grp.fill(f32::NEG_INFINITY);
+            }
+        }
+    }
+    let mut r = Route::default();
+    for e in top_indices(&choice, spec.k) {
+        let _ = r.experts.push(e as u32);
+        let _ = r.weights.push(scores[e]);
+    }
+    if spec.norm_topk {
+        // transformers' DeepSeek-V3 adds 1e-20 to the denominator.
+        let total: f32 = r.weights.iter().sum::<f32>() + 1e-20;
+        r.weights.iter_mut().for_each(|w| *w /= total);
+    }
+    r.weights.iter_mut().for_each(|w| *w *= spec.scale);
+    r
+}
+
+/// Indices of the `k` largest values, best first; ties go to the lower index.
+fn top_indices(v: &[f32], k: usize) -> heapless::Vec<usize, 64> {
+    let mut out = heapless::Vec::new();
+    for _ in 0..k.min(64) {
+        let mut best: Option<usize> = None;
+        for (i, &x) in v.iter().enumerate() {
+            if out.contains(&i) {
+                continue;
+            }
+            if best.is_none_or(|b| x > v[b]) {
+                best = Some(i);
+            }
+        }
+        match best {
+            Some(b) => {
+                let _ = out.push(b);
+            }
+            None => break,
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +204,57 @@ mod tests {
         let r = route(&[0.0, 2.0, 1.0, -1.0], 1, false);
         let z: f32 = [0f32, 2.0, 1.0, -1.0].iter().map(|v| v.exp()).sum();
         assert!((r.weights[0] - 2f32.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sigmoid_bias_selects_but_does_not_weigh() {
+        // Expert 0 has the best score but a large negative bias; expert 2 a positive one.
+        let logits = [2.0, 1.0, 0.0, -1.0];
+        let bias = [-5.0, 0.0, 2.0, 0.0];
+        let spec = RoutingSpec {
+            k: 2,
+            gating: Gating::Sigmoid,
+            norm_topk: false,
+            scale: 2.0,
+            groups: None,
+        };
+        let r = route_with(&spec, &logits, Some(&bias));
+        assert_eq!(&r.experts[..], &[2, 1]);
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        assert!((r.weights[0] - 2.0 * sig(0.0)).abs() < 1e-6);
+        assert!((r.weights[1] - 2.0 * sig(1.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn group_limits_follow_the_group_score() {
+        // Groups of two: {0,1} {2,3} {4,5}. Best single expert is 4, but group {2,3} has the
+        // best top-two sum; with Max scoring group {4,5} wins instead.
+        let logits = [0.0, 0.1, 2.0, 2.0, 3.0, -3.0];
+        let mut spec = RoutingSpec {
+            k: 2,
+            gating: Gating::Sigmoid,
+            norm_topk: true,
+            scale: 1.0,
+            groups: Some(GroupLimit {
+                n_group: 3,
+                topk_group: 1,
+                score: GroupScore::TopTwoSum,
+            }),
+        };
+        let r = route_with(&spec, &logits, None);
+        assert_eq!(&r.experts[..], &[2, 3]);
+        assert!((r.weights[0] - 0.5).abs() < 1e-6);
+        spec.groups.as_mut().unwrap().score = GroupScore::Max;
+        let r = route_with(&spec, &logits, None);
+        assert_eq!(&r.experts[..], &[4, 5]);
+    }
+
+    #[test]
+    fn plain_spec_is_the_classic_route() {
+        let l = [0.3, -1.0, 2.0, 0.7, 0.1];
+        let a = route(&l, 2, true);
+        let b = route_with(&RoutingSpec::plain(2, true), &l, None);
+        assert_eq!(a.experts, b.experts);
+        assert_eq!(a.weights, b.weights);
     }
 }
