@@ -242,28 +242,39 @@ pub fn multi_matmul(
     let acts = &scratch.acts;
     let total_rows: usize = mats.iter().map(|m| m.rows).sum();
     scratch.transposed.resize(total_rows * n, 0.0);
-    let chunk = rows_per_task(total_rows);
-    scratch
-        .transposed
-        .par_chunks_mut(chunk * n)
-        .enumerate()
-        .for_each_init(Vec::new, |buf, (ci, dst)| {
-            // The chunk's global rows, split at matrix boundaries.
-            let (mut g, end) = (ci * chunk, ci * chunk + dst.len() / n);
-            let mut dst = dst;
-            let mut mat_start = 0;
-            for m in mats {
-                let mat_end = mat_start + m.rows;
-                if g < mat_end && g < end {
-                    let len = end.min(mat_end) - g;
-                    let (here, rest) = dst.split_at_mut(len * n);
-                    rows_times_acts(k, m, g - mat_start, len, acts, here, buf);
-                    dst = rest;
-                    g += len;
-                }
-                mat_start = mat_end;
+    // A product this small (a router, one token) costs less than handing it to the pool.
+    let small = total_rows * cols * n <= SERIAL_MACS;
+    let chunk = if small {
+        total_rows
+    } else {
+        rows_per_task(total_rows)
+    };
+    let task = |buf: &mut Vec<f32>, (ci, dst): (usize, &mut [f32])| {
+        // The chunk's global rows, split at matrix boundaries.
+        let (mut g, end) = (ci * chunk, ci * chunk + dst.len() / n);
+        let mut dst = dst;
+        let mut mat_start = 0;
+        for m in mats {
+            let mat_end = mat_start + m.rows;
+            if g < mat_end && g < end {
+                let len = end.min(mat_end) - g;
+                let (here, rest) = dst.split_at_mut(len * n);
+                rows_times_acts(k, m, g - mat_start, len, acts, here, buf);
+                dst = rest;
+                g += len;
             }
-        });
+            mat_start = mat_end;
+        }
+    };
+    if small {
+        task(&mut Vec::new(), (0, &mut scratch.transposed[..]));
+    } else {
+        scratch
+            .transposed
+            .par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each_init(Vec::new, task);
+    }
     let mut start = 0;
     for (m, o) in mats.iter().zip(outs.iter_mut()) {
         let block = &scratch.transposed[start * n..(start + m.rows) * n];
@@ -279,6 +290,9 @@ pub fn multi_matmul(
         start += m.rows;
     }
 }
+
+/// Products of at most this many multiply-adds run on the calling thread.
+const SERIAL_MACS: usize = 1 << 17;
 
 /// Rows per rayon task: enough tasks to balance threads, few enough to keep overhead low.
 pub fn rows_per_task(rows: usize) -> usize {
