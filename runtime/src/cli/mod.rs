@@ -155,6 +155,7 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
         args.streaming
             .build(&model, &model_path, session.kv_bytes())?,
     );
+    session.set_route_options(args.streaming.route_options());
 
     if let Some(path) = &args.dump_logits {
         let logits = session.forward(&prompt, true)?;
@@ -242,6 +243,9 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
             "expert_bytes_used": session.expert_bytes_used(),
             "expert_cache": session.expert_cache().map(|c| c.stats()),
             "predictions": session.prediction_stats(),
+            "lossy_routing": (!args.streaming.route_options().is_off())
+                .then(|| session.lossy_stats().clone()),
+            "pinned_slots": session.expert_cache().map_or(0, |c| c.pinned()),
             "peak_rss_bytes": bench::peak_rss_bytes(),
         });
         writeln!(err, "{report}")?;

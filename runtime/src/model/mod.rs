@@ -11,7 +11,7 @@ pub use forward::{ExpertStreaming, LayerRouting, PredictionStats, Session};
 pub use hparams::HParams;
 pub use kv_cache::{KvCache, KvType};
 pub use weights::{
-    Attention, Experts, Ffn, Layer, Mlp, Model, MoeBlock, SharedExpert, StackedExperts,
+    Attention, ExpertSlab, Experts, Ffn, Layer, Mlp, Model, MoeBlock, SharedExpert, StackedExperts,
 };
 
 #[derive(Debug, thiserror::Error)]
