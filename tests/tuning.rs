@@ -66,7 +66,10 @@ fn pruning_by_list_matches_transformers_with_experts_masked() {
         h.get("qwen3moe.expert_count").unwrap().as_u64(),
         Some(n_kept as u64)
     );
-    assert_eq!(h.get("qwen3moe.expert_used_count").unwrap().as_u64(), Some(2));
+    assert_eq!(
+        h.get("qwen3moe.expert_used_count").unwrap().as_u64(),
+        Some(2)
+    );
     let ids: Vec<u64> = h
         .get(calib::KEY_EXPERT_IDS)
         .unwrap()
@@ -84,7 +87,12 @@ fn pruning_by_list_matches_transformers_with_experts_masked() {
             &ids[l * n_kept..(l + 1) * n_kept],
             &kept.iter().map(|&e| e as u64).collect::<Vec<_>>()[..]
         );
-        for t in ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+        for t in [
+            "ffn_gate_inp",
+            "ffn_gate_exps",
+            "ffn_up_exps",
+            "ffn_down_exps",
+        ] {
             let name = format!("blk.{l}.{t}.weight");
             let a = h.tensor(&name).unwrap();
             let b = full.header().tensor(&name).unwrap();
@@ -112,8 +120,14 @@ fn pruning_by_list_matches_transformers_with_experts_masked() {
         let change = max_rel_diff(&unpruned, &want, vocab);
         println!("prompt {i}: pruned vs masked transformers {diff:.2e} (pruning itself changes logits by {change:.2e})");
         assert!(diff < 1e-4, "prompt {i}: pruned logits differ by {diff:e}");
-        assert!(change > 5e-3, "the dropped experts must matter for this test to mean anything");
-        assert_eq!(greedy(&file, &case.ids, case.greedy_ids.len()), case.greedy_ids);
+        assert!(
+            change > 5e-3,
+            "the dropped experts must matter for this test to mean anything"
+        );
+        assert_eq!(
+            greedy(&file, &case.ids, case.greedy_ids.len()),
+            case.greedy_ids
+        );
     }
 }
 
@@ -143,7 +157,9 @@ fn mixed_precision_file_loads_and_matches_its_dequantized_reference() {
         Some(calib::LAYOUT_PER_EXPERT)
     );
     assert!(h.tensor("blk.0.ffn_gate_exps.weight").is_none());
-    let stats = CalibStats::from_header(h, 3, 8).unwrap().expect("stats stored");
+    let stats = CalibStats::from_header(h, 3, 8)
+        .unwrap()
+        .expect("stats stored");
     assert!(stats.tokens > 100);
     let model = Model::load(&file).expect("mixed file loads");
 
@@ -159,9 +175,13 @@ fn mixed_precision_file_loads_and_matches_its_dequantized_reference() {
             ("ffn_up_exps", &moe.experts.up),
             ("ffn_down_exps", &moe.experts.down),
         ] {
-            let src = f32s(full.tensor_bytes(
-                full.header().tensor(&format!("blk.{l}.{t}.weight")).unwrap(),
-            ));
+            let src = f32s(
+                full.tensor_bytes(
+                    full.header()
+                        .tensor(&format!("blk.{l}.{t}.weight"))
+                        .unwrap(),
+                ),
+            );
             let per = src.len() / 8;
             for e in 0..8 {
                 let want_ty = if hot.contains(&e) {
@@ -336,8 +356,10 @@ fn lossy_options_are_off_by_default_and_change_nothing_when_off() {
     let mut err = Vec::new();
     let path = conv.path.to_str().unwrap().to_string();
     moe_runtime::cli::run(
-        ["moe-run", "-m", &path, "--tokens", "5,6,7", "-n", "2", "--temp", "0", "--stats"]
-            .map(Into::into),
+        [
+            "moe-run", "-m", &path, "--tokens", "5,6,7", "-n", "2", "--temp", "0", "--stats",
+        ]
+        .map(Into::into),
         &mut out,
         &mut err,
     )
@@ -373,4 +395,68 @@ fn lossy_options_are_off_by_default_and_change_nothing_when_off() {
         s.lossy_stats().skipped_uncached
     };
     assert!(skipped > 0);
+}
+
+/// The cache reads a calibrated file's statistics: `--pin-hot` pins the most used experts
+/// (and the run stays exact), and a file without statistics refuses `--pin-hot`.
+#[test]
+fn calibration_statistics_pin_hot_experts_without_changing_output() {
+    let fx = Fixture::load("qwen3_moe");
+    let dir = tempfile::tempdir().unwrap();
+    let tuning = Tuning {
+        calib: Some(calib_text()),
+        ..Default::default()
+    };
+    let file = tuned(&fx, dir.path(), "calibrated.gguf", GgmlType::Q8_0, &tuning);
+    drop(file);
+    let path = dir.path().join("calibrated.gguf");
+    let path = path.to_str().unwrap();
+    let run = |extra: &[&str]| -> (String, serde_json::Value) {
+        let mut argv = vec![
+            "moe-run", "-m", path, "--tokens", "5,6,7,8", "-n", "6", "--temp", "0", "--ids",
+            "--stats",
+        ];
+        argv.extend_from_slice(extra);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        moe_runtime::cli::run(argv.iter().map(Into::into), &mut out, &mut err)
+            .unwrap_or_else(|e| panic!("{extra:?}: {e}"));
+        let out = String::from_utf8(out).unwrap();
+        let err = String::from_utf8(err).unwrap();
+        let ids = out.lines().last().unwrap().to_string();
+        (
+            ids,
+            serde_json::from_str(err.lines().last().unwrap()).unwrap(),
+        )
+    };
+    let (resident, _) = run(&[]);
+    // Slots are page-aligned, so the fixture's tiny experts take 24 KiB each: 200% of the expert
+    // bytes is about half of the 24 experts.
+    let (pinned, stats) = run(&["--expert-cache", "200%", "--pin-hot", "0.5"]);
+    assert_eq!(resident, pinned);
+    assert!(stats["pinned_slots"].as_u64().unwrap() > 0, "{stats}");
+    let (prior_off, _) = run(&["--expert-cache", "200%", "--no-calib-prior"]);
+    assert_eq!(resident, prior_off);
+
+    let plain = fx.convert(GgmlType::Q8_0);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let e = moe_runtime::cli::run(
+        [
+            "moe-run",
+            "-m",
+            plain.path.to_str().unwrap(),
+            "--tokens",
+            "5",
+            "-n",
+            "1",
+            "--expert-cache",
+            "60%",
+            "--pin-hot",
+            "0.5",
+        ]
+        .map(Into::into),
+        &mut out,
+        &mut err,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("--calib"), "{e}");
 }

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod eval;
 pub mod streaming;
 
 #[derive(Parser, Debug)]
@@ -35,6 +36,8 @@ struct Cli {
 enum Command {
     /// Measure prompt processing and generation speed (like llama-bench)
     Bench(bench::BenchArgs),
+    /// Perplexity and next-token choices over a text, decoded token by token
+    Eval(eval::EvalArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,6 +110,7 @@ pub fn run(
     let cli = Cli::try_parse_from(argv)?;
     match cli.command {
         Some(Command::Bench(b)) => bench::run(b, out, err),
+        Some(Command::Eval(e)) => eval::run(e, out, err),
         None => generate_text(cli.generate, out, err),
     }
 }
