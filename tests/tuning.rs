@@ -223,8 +223,13 @@ fn mixed_precision_file_loads_and_matches_its_dequantized_reference() {
     let ids = &fx.expected.prompts[2].ids;
     let resident = session_logits(&model, ids, None, RouteOptions::default());
     let cache = small_cache(&model, &dir.path().join("mixed.gguf"), 3);
-    let streamed = session_logits(&model, ids, Some(cache), RouteOptions::default());
+    let streamed = session_logits(&model, ids, Some(cache.clone()), RouteOptions::default());
     assert_eq!(resident, streamed);
+    // An expert's three matrices are adjacent in the file: one read request per expert loaded
+    // (a stacked file needs three).
+    let st = cache.stats();
+    assert!(st.demand_misses > 0);
+    assert_eq!(st.read_requests, st.demand_misses + st.prefetches_issued);
 }
 
 /// Writes `file` with every tensor as f32 and per-expert tensors stacked again.

@@ -349,38 +349,55 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<crate::Summary, C
                     part: Part::Rows(rw.kept[l].clone()),
                 });
             }
-            Some(ExpertTensor::Stacked(l, stem)) => match rw.mixed {
-                None => {
-                    let dims = vec![t.dims[0], t.dims[1], n_kept];
-                    let ty = crate::plan::choose_type(&t.name, &dims, rw.ty, tied);
-                    outs.push(Out {
-                        decl: TensorDecl {
-                            name: t.name.clone(),
-                            dims,
-                            ty,
-                        },
-                        src: si,
-                        part: Part::Rows(rw.kept[l].clone()),
-                    });
-                }
-                Some((types, hot)) => {
-                    for (i, &e) in rw.kept[l].iter().enumerate() {
-                        let name = calib::per_expert_name(&stem, i);
-                        let want = if hot[l][i] {
-                            types.hot_ty
-                        } else {
-                            types.cold_ty
-                        };
-                        let dims = vec![t.dims[0], t.dims[1]];
-                        let ty = crate::plan::choose_type(&name, &dims, want, tied);
+            Some(ExpertTensor::Stacked(l, stem)) => {
+                match rw.mixed {
+                    None => {
+                        let dims = vec![t.dims[0], t.dims[1], n_kept];
+                        let ty = crate::plan::choose_type(&t.name, &dims, rw.ty, tied);
                         outs.push(Out {
-                            decl: TensorDecl { name, dims, ty },
+                            decl: TensorDecl {
+                                name: t.name.clone(),
+                                dims,
+                                ty,
+                            },
                             src: si,
-                            part: Part::Slab(e),
+                            part: Part::Rows(rw.kept[l].clone()),
                         });
                     }
+                    // One expert's gate, up and down are written next to each other (when the
+                    // gate tensor comes by), so the expert cache reads an expert with one request.
+                    Some(_) if !stem.ends_with("ffn_gate_exps") => {}
+                    Some((types, hot)) => {
+                        let prefix = stem.strip_suffix("ffn_gate_exps").unwrap_or(&stem);
+                        let mut parts = Vec::new();
+                        for which in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+                            let name = format!("{prefix}{which}.weight");
+                            let src = h.tensors().iter().position(|x| x.name == name).ok_or_else(
+                                || ConvertError::Input(format!("internal: `{name}` is missing")),
+                            )?;
+                            parts.push((format!("{prefix}{which}"), src));
+                        }
+                        for (i, &e) in rw.kept[l].iter().enumerate() {
+                            for (pstem, src) in &parts {
+                                let sinfo = &h.tensors()[*src];
+                                let name = calib::per_expert_name(pstem, i);
+                                let want = if hot[l][i] {
+                                    types.hot_ty
+                                } else {
+                                    types.cold_ty
+                                };
+                                let dims = vec![sinfo.dims[0], sinfo.dims[1]];
+                                let ty = crate::plan::choose_type(&name, &dims, want, tied);
+                                outs.push(Out {
+                                    decl: TensorDecl { name, dims, ty },
+                                    src: *src,
+                                    part: Part::Slab(e),
+                                });
+                            }
+                        }
+                    }
                 }
-            },
+            }
             None => {
                 let ty = crate::plan::choose_type(&t.name, &t.dims, rw.ty, tied);
                 outs.push(Out {

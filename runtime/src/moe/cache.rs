@@ -209,6 +209,9 @@ struct Counters {
     prefetches_skipped: AtomicU64,
     evictions: AtomicU64,
     bytes_read: AtomicU64,
+    /// Read requests sent to the file (one per slab, or one per expert when its slabs are
+    /// adjacent).
+    read_requests: AtomicU64,
     demand_bytes_read: AtomicU64,
     stall_nanos: AtomicU64,
 }
@@ -226,6 +229,7 @@ pub struct CacheStats {
     pub prefetches_skipped: u64,
     pub evictions: u64,
     pub bytes_read: u64,
+    pub read_requests: u64,
     pub demand_bytes_read: u64,
     pub stall_seconds: f64,
 }
@@ -546,6 +550,7 @@ impl ExpertCache {
             prefetches_skipped: get(&c.prefetches_skipped),
             evictions: get(&c.evictions),
             bytes_read: get(&c.bytes_read),
+            read_requests: get(&c.read_requests),
             demand_bytes_read: get(&c.demand_bytes_read),
             stall_seconds: get(&c.stall_nanos) as f64 * 1e-9,
         }
@@ -889,9 +894,45 @@ impl Inner {
         }
     }
 
-    /// Reads the three slabs of `key` into `slot`.
+    /// Reads the three slabs of `key` into `slot`: with one request when they lie next to each
+    /// other in the file (per-expert layout), else one request each.
     fn load(&self, key: ExpertKey, slot: usize) -> Result<[usize; 3], String> {
         let extents = self.layout.extents(key);
+        // Adjacent: each slab starts within a page after the previous one ends (alignment
+        // padding only). Buffered I/O only; O_DIRECT reads straight into the slot.
+        let adjacent = !self.cfg.direct_io
+            && extents.windows(2).all(|w| {
+                let end = w[0].offset + w[0].len as u64;
+                w[1].offset >= end && w[1].offset - end < PAGE as u64
+            });
+        if adjacent {
+            let first = extents[0].offset;
+            let whole = Extent {
+                offset: first,
+                len: (extents[2].offset + extents[2].len as u64 - first) as usize,
+            };
+            let mut tmp = vec![0u8; FlashReader::aligned_span(whole)];
+            self.counters.read_requests.fetch_add(1, Ordering::Relaxed);
+            let lead0 = self
+                .reader
+                .read(whole, &mut tmp)
+                .map_err(|err| format!("expert {} of layer {}: {err}", key.expert, key.layer))?;
+            let mut leads = [0usize; 3];
+            for (i, e) in extents.iter().enumerate() {
+                // Same placement as a single buffered read: the bytes start at the extent's
+                // offset within its page.
+                let lead = (e.offset % PAGE as u64) as usize;
+                let start = slot * self.slot_span + self.span_offsets[i];
+                let from = lead0 + (e.offset - first) as usize;
+                // SAFETY: as below; `lead + len` fits the span (`slot_span` reserved it).
+                let buf = unsafe {
+                    std::slice::from_raw_parts_mut(self.memory.ptr.add(start + lead), e.len)
+                };
+                buf.copy_from_slice(&tmp[from..from + e.len]);
+                leads[i] = lead;
+            }
+            return Ok(leads);
+        }
         let mut leads = [0usize; 3];
         for (i, e) in extents.iter().enumerate() {
             let start = slot * self.slot_span + self.span_offsets[i];
@@ -899,6 +940,7 @@ impl Inner {
             // SAFETY: this thread is the slot's only loader while it is `loading`, and no guard
             // reads a loading slot; the span lies inside the slot.
             let buf = unsafe { std::slice::from_raw_parts_mut(self.memory.ptr.add(start), span) };
+            self.counters.read_requests.fetch_add(1, Ordering::Relaxed);
             leads[i] = self
                 .reader
                 .read(*e, buf)
