@@ -12,7 +12,8 @@ Files come from moe-convert (see --models for the names expected; REPORT in the 
   moe-convert HF -o DIR/f32.gguf --type f32
   moe-convert HF -o DIR/q8_0.gguf --type q8_0 --calib CALIB.txt
   moe-convert HF -o DIR/top18-q8_0.gguf --type q8_0 --calib CALIB.txt --prune-experts top:18
-  ...
+  ...  (top12: top:12, mass90: mass:0.9, mixed25/50: --expert-types hot=q8_0,cold=q4_0
+        --hot-fraction 0.25/0.5, perexpert-q8_0: --expert-types hot=q8_0,cold=q8_0)
 
 Usage:
   python3 scripts/quality_table.py --dir /tmp/calib/m --text heldout.txt [--budget 0.5]
@@ -33,6 +34,7 @@ VARIANTS = [
     ("prune 75% (top:18)", "top18-q8_0.gguf", [], "q8_0"),
     ("prune 50% (top:12)", "top12-q8_0.gguf", [], "q8_0"),
     ("prune mass:0.9", "mass90-q8_0.gguf", [], "q8_0"),
+    ("per-expert layout, all q8_0", "perexpert-q8_0.gguf", [], "--expert-types hot=q8_0,cold=q8_0"),
     ("mixed 25% q8_0 / 75% q4_0", "mixed25.gguf", [], "per-expert layout"),
     ("mixed 50% q8_0 / 50% q4_0", "mixed50.gguf", [], "per-expert layout"),
     ("top:12 + mixed 25%", "top12-mixed25.gguf", [], "per-expert layout"),
