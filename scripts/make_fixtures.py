@@ -1609,11 +1609,76 @@ def write_readme(out_root: Path, results: list[dict], versions: dict, corpus_fil
 
 # ----------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------
+# Pruned variant: transformers with some experts masked out of their routers
+# ----------------------------------------------------------------------------------------------
+
+# (layer, expert) pairs `moe-convert --prune-experts drop:...` removes in tests/tuning.rs. Every
+# layer loses the same number (GGUF has one expert_count for all layers).
+PRUNED_VARIANTS = {"qwen3_moe": [(0, 1), (0, 6), (1, 2), (1, 5), (2, 0), (2, 7)]}
+
+
+def _masked_router_forward(masked: list[int]):
+    """Qwen3MoeTopKRouter.forward (transformers 5.24) with the logits of `masked` experts set to
+    -inf before the softmax: they get probability 0, top-k picks among the others, and the
+    renormalised weights equal those of a router whose rows for them were removed."""
+    import torch
+    import torch.nn.functional as F
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        router_logits = router_logits.clone()
+        router_logits[:, masked] = float("-inf")
+        router_probs = torch.nn.functional.softmax(router_logits, dtype=torch.float, dim=-1)
+        router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+        router_top_value = router_top_value.to(router_logits.dtype)
+        return router_logits, router_top_value, router_indices
+    return forward
+
+
+def make_pruned_variant(folder: Path, drop: list[tuple[int, int]]) -> dict:
+    """Writes pruned.json + pruned_logits_<i>.npy: logits and greedy ids of every prompt of
+    expected.json with the `drop` experts masked out."""
+    import types
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32).eval()
+    routers = router_modules(model)
+    assert type(routers[0][1]).__name__ == "Qwen3MoeTopKRouter", "the masked forward copies Qwen3's router"
+    for l, (_, r) in enumerate(routers):
+        masked = [e for (ll, e) in drop if ll == l]
+        r.forward = types.MethodType(_masked_router_forward(masked), r)
+    expected = json.loads((folder / "expected.json").read_text())
+    res = evaluate(model, [p["ids"] for p in expected["prompts"]])
+    prompts = []
+    for i, r in enumerate(res["prompts"]):
+        name = f"pruned_logits_{i}.npy"
+        np.save(folder / name, r["logits"].astype(np.float32))
+        prompts.append(dict(ids=r["ids"], logits_file=name, greedy_ids=r["greedy_ids"],
+                            text=expected["prompts"][i]["text"]))
+    out = dict(
+        drop=[list(x) for x in drop],
+        note="transformers float32 with the router logits of the dropped experts set to -inf",
+        min_top1_margin=res["min_top1_margin"],
+        min_router_gap=res["min_router_gap"],  # masked experts have probability 0, never near the k-th
+        prompts=prompts,
+    )
+    (folder / "pruned.json").write_text(dumps_compact(out) + "\n")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--only", default=None, help="comma separated fixture names (README is not rewritten)")
     ap.add_argument("--allow-version-mismatch", action="store_true")
+    ap.add_argument("--pruned-only", action="store_true",
+                    help="only (re)write the pruned variants (pruned.json) of existing fixtures")
     args = ap.parse_args()
 
     versions = check_versions(args.allow_version_mismatch)
@@ -1628,6 +1693,12 @@ def main() -> None:
         transformers.utils.logging.disable_progress_bar()
     except AttributeError:
         pass
+
+    if args.pruned_only:
+        for name, drop in PRUNED_VARIANTS.items():
+            r = make_pruned_variant(args.out / name, drop)
+            print(f"{name} pruned: min margin {r['min_top1_margin']:.3f}, min router gap {r['min_router_gap']:.2e}")
+        return
 
     base_tok, corpus_files, digest = train_base_tokenizer()
     base_json = base_tok.to_str()
@@ -1646,6 +1717,9 @@ def main() -> None:
         print(f"  wrote {human(r['size'])}, {r['n_params']} params, min margin {r['expected']['min_top1_margin']}, "
               f"min router gap {r['expected']['min_router_gap']}, numpy diff {r['expected']['numpy_reference_max_abs_diff']}")
         results.append(r)
+    for fx in selected:
+        if fx["name"] in PRUNED_VARIANTS:
+            make_pruned_variant(args.out / fx["name"], PRUNED_VARIANTS[fx["name"]])
     if not args.only:
         write_readme(args.out, results, versions, corpus_files, digest)
     total = sum(r["size"] for r in results)

@@ -2,9 +2,11 @@
 //! can also load.
 
 pub mod arch;
+pub mod calib;
 pub mod hf;
 pub mod plan;
 pub mod tokenizer;
+pub mod tune;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -15,7 +17,9 @@ use std::time::{Duration, Instant};
 use moe_runtime::gguf::{GgmlType, GgufError, GgufWriter, PAGE_ALIGNMENT};
 use rayon::prelude::*;
 
+pub use calib::CalibOptions;
 pub use plan::Options;
+pub use tune::{ExpertTypes, PruneSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -152,7 +156,120 @@ pub fn convert(
     }
 }
 
-fn temp_path(out: &Path) -> PathBuf {
+/// Calibration, pruning and per-expert precision on top of a plain conversion.
+#[derive(Clone, Debug, Default)]
+pub struct Tuning {
+    pub calib: Option<CalibOptions>,
+    pub prune: Option<PruneSpec>,
+    pub expert_types: Option<ExpertTypes>,
+}
+
+impl Tuning {
+    pub fn is_empty(&self) -> bool {
+        self.calib.is_none() && self.prune.is_none() && self.expert_types.is_none()
+    }
+}
+
+/// What a tuned conversion did.
+pub struct TunedSummary {
+    pub summary: Summary,
+    /// Statistics of the unpruned model, when calibrated.
+    pub stats: Option<moe_runtime::moe::calib::CalibStats>,
+    /// Per layer, the original indices of the kept experts.
+    pub kept: Vec<Vec<usize>>,
+}
+
+/// Converts like [`convert`], then calibrates, prunes and assigns per-expert types as `tuning`
+/// asks. The model is converted to f32 first (a temporary file next to `out`); calibration runs
+/// on it, so statistics describe the unquantized model.
+pub fn convert_tuned(
+    src_dir: &Path,
+    out: &Path,
+    opts: Options,
+    tuning: &Tuning,
+    progress: Progress,
+) -> Result<TunedSummary, ConvertError> {
+    let t0 = Instant::now();
+    let f32_path = temp_path(&out.with_extension("f32.gguf"));
+    let result = (|| {
+        convert(src_dir, &f32_path, Options { ty: GgmlType::F32 }, progress)?;
+        let stats = match &tuning.calib {
+            Some(c) => Some(calib::calibrate(&f32_path, c)?),
+            None => None,
+        };
+        let (moe_layers, n_expert) = {
+            let file = moe_runtime::gguf::GgufFile::open(&f32_path)?;
+            let model = moe_runtime::model::Model::load(&file)
+                .map_err(|e| ConvertError::Input(format!("the converted model: {e}")))?;
+            let moe: Vec<bool> = model
+                .layers
+                .iter()
+                .map(|l| matches!(l.ffn, moe_runtime::model::Ffn::Moe(_)))
+                .collect();
+            (moe, model.hp.n_expert)
+        };
+        let kept = match &tuning.prune {
+            Some(p) => p.kept(&moe_layers, n_expert, stats.as_ref())?,
+            None => moe_layers
+                .iter()
+                .map(|&m| {
+                    if m {
+                        (0..n_expert).collect()
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect(),
+        };
+        let pruned = tuning.prune.is_some();
+        let mut extra = Vec::new();
+        if let Some(s) = &stats {
+            extra.extend(s.select(&kept).to_metadata());
+        }
+        let n_kept = kept.iter().map(Vec::len).max().unwrap_or(0);
+        if pruned {
+            let mut ids = vec![0u32; kept.len() * n_kept];
+            for (l, ks) in kept.iter().enumerate() {
+                for (i, &e) in ks.iter().enumerate() {
+                    ids[l * n_kept + i] = e as u32;
+                }
+            }
+            extra.push((
+                moe_runtime::moe::calib::KEY_EXPERT_IDS.into(),
+                moe_runtime::gguf::Value::u32_array(ids),
+            ));
+        }
+        let hot = match &tuning.expert_types {
+            Some(t) => {
+                let s = stats.as_ref().ok_or_else(|| {
+                    ConvertError::Input(
+                        "--expert-types picks hot experts from calibration statistics: add --calib TEXT"
+                            .into(),
+                    )
+                })?;
+                Some(t.hot_sets(&kept, s))
+            }
+            None => None,
+        };
+        let rw = tune::Rewrite {
+            ty: opts.ty,
+            kept: &kept,
+            mixed: tuning.expert_types.as_ref().zip(hot.as_deref()),
+            extra_metadata: extra,
+        };
+        let mut summary = tune::rewrite(&f32_path, out, &rw)?;
+        summary.elapsed = t0.elapsed();
+        Ok(TunedSummary {
+            summary,
+            stats,
+            kept,
+        })
+    })();
+    let _ = std::fs::remove_file(&f32_path);
+    result
+}
+
+pub(crate) fn temp_path(out: &Path) -> PathBuf {
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -161,7 +278,7 @@ fn temp_path(out: &Path) -> PathBuf {
 }
 
 /// Encodes rows of `row_len` values in parallel.
-fn quantize_rows(ty: GgmlType, values: &[f32], row_len: usize) -> Vec<u8> {
+pub(crate) fn quantize_rows(ty: GgmlType, values: &[f32], row_len: usize) -> Vec<u8> {
     let row_bytes = ty
         .row_bytes(row_len)
         .expect("plan chose a type that fits the rows");

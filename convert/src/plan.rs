@@ -57,7 +57,7 @@ pub struct Options {
 }
 
 /// llama.cpp's `general.file_type` (enum llama_ftype) for the main weight type.
-fn file_type(ty: GgmlType) -> u32 {
+pub(crate) fn file_type(ty: GgmlType) -> u32 {
     match ty {
         GgmlType::F32 => 0,
         GgmlType::F16 => 1,
@@ -72,7 +72,12 @@ fn file_type(ty: GgmlType) -> u32 {
 /// The type a tensor gets: norms, biases and routers stay f32 (as llama.cpp's converter keeps
 /// them); rows that are not whole blocks fall back to f16; under q4_0 the output projection is
 /// kept at q8_0 because logits are the most sensitive (llama.cpp uses q6_K there).
-fn choose_type(name: &str, dims: &[usize], requested: GgmlType, tied_output: bool) -> GgmlType {
+pub(crate) fn choose_type(
+    name: &str,
+    dims: &[usize],
+    requested: GgmlType,
+    tied_output: bool,
+) -> GgmlType {
     let is_router = name.contains("ffn_gate_inp");
     if dims.len() == 1 || is_router || !name.ends_with(".weight") {
         return GgmlType::F32;

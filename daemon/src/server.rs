@@ -299,6 +299,11 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
             direct_io: cfg.direct_io,
             flash_profile: None,
             io_threads: 2,
+            // Calibration prior on (lossless); pinning and lossy routing off in the daemon.
+            pin_hot: 0.0,
+            no_calib_prior: false,
+            route_top_p: None,
+            skip_uncached_below: None,
         },
         warmup: !cfg.no_warmup,
         token_delay: Duration::from_millis(cfg.test_token_delay_ms),

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use moe_convert::{convert, Options};
+use moe_convert::{convert, convert_tuned, CalibOptions, ExpertTypes, Options, PruneSpec, Tuning};
 use moe_runtime::gguf::GgmlType;
 
 #[derive(Parser, Debug)]
@@ -27,6 +27,33 @@ struct Args {
     /// Do not draw a progress bar
     #[arg(long)]
     quiet: bool,
+    /// Calibration text: run the model over it and store per-expert statistics (selection
+    /// frequency, router mass, co-activation, output error when dropped) in the file, and print
+    /// them per layer
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Use at most this many tokens of the calibration text
+    #[arg(long, default_value_t = 8192)]
+    calib_tokens: usize,
+    /// Measure each expert's output error (KL when dropped) on this many tokens (0 = skip)
+    #[arg(long, default_value_t = 256)]
+    calib_kl_tokens: usize,
+    /// Write the calibration statistics as JSON here (scripts/plot_calib.py draws them)
+    #[arg(long)]
+    calib_json: Option<PathBuf>,
+    /// Remove experts: top:N (the N most used per layer), mass:F (the most used experts
+    /// covering fraction F of the router mass; the same count in every layer), or
+    /// drop:L:E,L:E,... (exactly these; every layer must lose the same number). The file stays
+    /// llama.cpp-compatible
+    #[arg(long, value_parser = PruneSpec::parse)]
+    prune_experts: Option<PruneSpec>,
+    /// Per-expert types from calibration, e.g. hot=q8_0,cold=q4_0 (moe-edge's per-expert
+    /// layout, which llama.cpp does not load)
+    #[arg(long)]
+    expert_types: Option<String>,
+    /// Share of each layer's experts (the most used) that get the hot type
+    #[arg(long, default_value_t = 0.25)]
+    hot_fraction: f64,
 }
 
 fn parse_type(s: &str) -> Result<GgmlType, String> {
@@ -58,17 +85,60 @@ fn run(args: Args) -> Result<()> {
         ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}")
             .expect("valid template"),
     );
-    let summary = convert(
-        &args.hf_dir,
-        &args.out,
-        Options { ty: args.ty },
-        &|done, total, name| {
-            bar.set_length(total);
-            bar.set_position(done);
-            bar.set_message(name.to_string());
-        },
-    )
-    .with_context(|| format!("converting {}", args.hf_dir.display()))?;
+    let expert_types = args
+        .expert_types
+        .as_deref()
+        .map(|s| ExpertTypes::parse(s, args.hot_fraction))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--expert-types: {e}"))?;
+    if !(0.0..=1.0).contains(&args.hot_fraction) {
+        anyhow::bail!("--hot-fraction must be between 0 and 1");
+    }
+    let tuning = Tuning {
+        calib: args.calib.clone().map(|text| CalibOptions {
+            text,
+            max_tokens: args.calib_tokens,
+            kl_tokens: args.calib_kl_tokens,
+            ..Default::default()
+        }),
+        prune: args.prune_experts.clone(),
+        expert_types,
+    };
+    let progress = |done, total, name: &str| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(name.to_string());
+    };
+    let summary = if tuning.is_empty() {
+        convert(&args.hf_dir, &args.out, Options { ty: args.ty }, &progress)
+            .with_context(|| format!("converting {}", args.hf_dir.display()))?
+    } else {
+        let t = convert_tuned(
+            &args.hf_dir,
+            &args.out,
+            Options { ty: args.ty },
+            &tuning,
+            &progress,
+        )
+        .with_context(|| format!("converting {}", args.hf_dir.display()))?;
+        bar.finish_and_clear();
+        if let Some(stats) = &t.stats {
+            print!("{}", moe_convert::calib::report(stats));
+            if let Some(path) = &args.calib_json {
+                let json = moe_convert::calib::to_json(stats, &t.kept);
+                std::fs::write(path, json.to_string())
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        if args.prune_experts.is_some() {
+            let n = t.kept.iter().map(Vec::len).max().unwrap_or(0);
+            println!("kept {n} experts per MoE layer:");
+            for (l, k) in t.kept.iter().enumerate().filter(|(_, k)| !k.is_empty()) {
+                println!("  layer {l}: {k:?}");
+            }
+        }
+        t.summary
+    };
     bar.finish_and_clear();
     println!(
         "wrote {} ({} arch, {} tensors, {:.2} MiB) in {:.1}s",

@@ -105,6 +105,10 @@ struct Report {
     kv_cache_bytes: usize,
     peak_rss_bytes: Option<u64>,
     tests: Vec<TestResult>,
+    /// What the lossy routing options did (None when they are off).
+    lossy: Option<crate::moe::lossy::LossyStats>,
+    /// Expert-cache slots pinned to hot experts (--pin-hot).
+    pinned_slots: usize,
 }
 
 pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<()> {
@@ -119,6 +123,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         args.streaming
             .build(&model, &args.model, session.kv_bytes())?,
     );
+    session.set_route_options(args.streaming.route_options());
     let vocab = model.hp.n_vocab as u32;
     // Deterministic pseudo-random token ids, like llama-bench's random prompt.
     let tokens: Vec<u32> = (0..args.n_prompt.max(args.n_gen) as u64)
@@ -168,7 +173,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
             optimal_misses: crate::moe::cache::optimal_misses(&trace, c.slots()),
             bytes_read: stats.bytes_read,
             optimal_bytes: crate::moe::cache::optimal_misses(&trace, c.slots()) as u64
-                * c.layout().expert_bytes(first_moe_layer(&model)) as u64,
+                * c.layout().max_expert_bytes(first_moe_layer(&model)) as u64,
         }
     });
     let report = Report {
@@ -181,6 +186,8 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         kv_cache_bytes: session.kv_bytes(),
         peak_rss_bytes: peak_rss_bytes(),
         tests,
+        lossy: (!args.streaming.route_options().is_off()).then(|| session.lossy_stats().clone()),
+        pinned_slots: session.expert_cache().map_or(0, |c| c.pinned()),
     };
     if args.json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;

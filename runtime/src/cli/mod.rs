@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod eval;
 mod kernel_bench;
 pub mod streaming;
 
@@ -38,6 +39,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Measure the matrix-product kernels on MoE-layer shapes (random weights)
     BenchKernels(kernel_bench::KernelBenchArgs),
+    /// Perplexity and next-token choices over a text, decoded token by token
+    Eval(eval::EvalArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -111,6 +114,7 @@ pub fn run(
     match cli.command {
         Some(Command::Bench(b)) => bench::run(b, out, err),
         Some(Command::BenchKernels(b)) => kernel_bench::run(b, out),
+        Some(Command::Eval(e)) => eval::run(e, out, err),
         None => generate_text(cli.generate, out, err),
     }
 }
@@ -159,6 +163,7 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
         args.streaming
             .build(&model, &model_path, session.kv_bytes())?,
     );
+    session.set_route_options(args.streaming.route_options());
 
     if let Some(path) = &args.dump_logits {
         let logits = session.forward(&prompt, true)?;
@@ -246,6 +251,9 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
             "expert_bytes_used": session.expert_bytes_used(),
             "expert_cache": session.expert_cache().map(|c| c.stats()),
             "predictions": session.prediction_stats(),
+            "lossy_routing": (!args.streaming.route_options().is_off())
+                .then(|| session.lossy_stats().clone()),
+            "pinned_slots": session.expert_cache().map_or(0, |c| c.pinned()),
             "peak_rss_bytes": bench::peak_rss_bytes(),
         });
         writeln!(err, "{report}")?;

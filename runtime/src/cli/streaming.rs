@@ -7,9 +7,11 @@ use anyhow::{bail, Result};
 
 use crate::model::{ExpertStreaming, Model};
 use crate::moe::cache::{
-    parse_size, plan_budget, CacheConfig, Eviction, ExpertCache, ExpertLayout,
+    parse_size, plan_budget, CacheConfig, Eviction, ExpertCache, ExpertKey, ExpertLayout,
 };
+use crate::moe::calib::CalibStats;
 use crate::moe::flash::FlashProfile;
+use crate::moe::lossy::RouteOptions;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StreamingArgs {
@@ -36,6 +38,28 @@ pub struct StreamingArgs {
     /// Threads reading experts
     #[arg(long, default_value_t = 2)]
     pub io_threads: usize,
+    /// Pin this fraction of the cache's slots to the experts used most in the calibration
+    /// statistics stored in the file (moe-convert --calib); 0 = off
+    #[arg(long, default_value_t = 0.0)]
+    pub pin_hot: f64,
+    /// Do not start the cache's use-frequency estimates from the file's calibration statistics
+    #[arg(long)]
+    pub no_calib_prior: bool,
+    /// Lossy: route each token to the fewest of its top-k experts whose share of the router
+    /// weight reaches P (off by default)
+    #[arg(long, value_parser = parse_fraction)]
+    pub route_top_p: Option<f32>,
+    /// Lossy: skip a routed expert that is not in the expert cache when its share of the
+    /// token's router weight is below W (never the best expert; off by default)
+    #[arg(long, value_parser = parse_fraction)]
+    pub skip_uncached_below: Option<f32>,
+}
+
+fn parse_fraction(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a number between 0 and 1")),
+    }
 }
 
 fn parse_size_arg(s: &str) -> Result<usize, String> {
@@ -55,11 +79,23 @@ impl StreamingArgs {
         self.mem_budget.is_some() || self.expert_cache.is_some()
     }
 
+    /// The lossy routing options asked for (all off by default).
+    pub fn route_options(&self) -> RouteOptions {
+        RouteOptions {
+            top_p: self.route_top_p,
+            skip_uncached_below: self.skip_uncached_below,
+        }
+    }
+
     /// The streaming setup these options ask for (resident when neither budget is given).
     pub fn build(&self, model: &Model, path: &Path, kv_bytes: usize) -> Result<ExpertStreaming> {
         if !self.enabled() {
-            if self.flash_profile.is_some() || self.direct_io {
-                bail!("--flash-profile and --direct-io apply to streamed experts: add --mem-budget or --expert-cache");
+            if self.flash_profile.is_some()
+                || self.direct_io
+                || self.pin_hot > 0.0
+                || self.skip_uncached_below.is_some()
+            {
+                bail!("--flash-profile, --direct-io, --pin-hot and --skip-uncached-below apply to streamed experts: add --mem-budget or --expert-cache");
             }
             return Ok(ExpertStreaming::default());
         }
@@ -87,16 +123,51 @@ impl StreamingArgs {
         // Speculative reads in flight: two experts' worth, so a demand read never queues behind
         // more than that on the device (on weak flash, guesses must not delay certainties).
         let expert = (0..model.hp.n_layer)
-            .map(|l| layout.expert_bytes(l))
+            .map(|l| layout.max_expert_bytes(l))
             .max()
             .unwrap_or(0);
         let mut cfg = self.config(slots);
         cfg.max_speculative_bytes = 2 * expert;
         let cache = ExpertCache::new(model, path, cfg)?;
+        self.apply_calibration(model, &cache)?;
         Ok(ExpertStreaming {
             cache: Some(Arc::new(cache)),
             lookahead: self.lookahead,
         })
+    }
+
+    /// Seeds the cache's frequency estimates and pins hot experts from the file's calibration
+    /// statistics, when it has them.
+    fn apply_calibration(&self, model: &Model, cache: &ExpertCache) -> Result<()> {
+        let hp = &model.hp;
+        let Some(stats) = CalibStats::from_header(model.file.header(), hp.n_layer, hp.n_expert)?
+        else {
+            if self.pin_hot > 0.0 {
+                bail!("--pin-hot needs calibration statistics in the model file; convert it with moe-convert --calib TEXT");
+            }
+            return Ok(());
+        };
+        if !self.no_calib_prior {
+            cache.seed_frequency(&stats.frequency);
+        }
+        if self.pin_hot > 0.0 {
+            let mut keys: Vec<(f32, ExpertKey)> = (0..hp.n_layer)
+                .flat_map(|l| (0..hp.n_expert).map(move |e| (l, e)))
+                .map(|(l, e)| {
+                    let key = ExpertKey {
+                        layer: l as u32,
+                        expert: e as u32,
+                    };
+                    (stats.frequency[stats.idx(l, e)], key)
+                })
+                .collect();
+            keys.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let want = (cache.slots() as f64 * self.pin_hot.min(1.0)) as usize;
+            let keys: Vec<ExpertKey> = keys.into_iter().take(want).map(|(_, k)| k).collect();
+            // Two tokens' worth of experts stay evictable so demand reads always find a slot.
+            cache.pin(&keys, 2 * hp.n_expert_used);
+        }
+        Ok(())
     }
 
     fn config(&self, slots: usize) -> CacheConfig {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::moe::cache::ExpertCache;
 use crate::moe::experts::{add_transposed, run_experts, ExpertJob, ExpertScratch};
+use crate::moe::lossy::{self, LossyStats, RouteOptions};
 use crate::moe::router::{route_with, Route};
 use crate::tensor::matrix::{multi_matmul, Activations};
 use crate::tensor::{matmul, Kernels, MatmulScratch};
@@ -54,6 +55,17 @@ struct Scratch {
     logits: Vec<f32>,
     mla: MlaScratch,
     mm: MatmulScratch,
+    lossy: LossyRouting,
+}
+
+/// Changes to the model's own routing: lossy options (off by default) and an expert mask
+/// (calibration, tests).
+#[derive(Default)]
+struct LossyRouting {
+    opts: RouteOptions,
+    /// `[n_layer, n_expert]`: experts whose router logit is forced to -inf.
+    mask: Option<Vec<bool>>,
+    stats: LossyStats,
 }
 
 /// Precision/recall counts of lookahead predictions at one depth.
@@ -223,6 +235,46 @@ impl<'m, 'a> Session<'m, 'a> {
 
     pub fn reset_profile(&mut self) {
         self.prof.reset();
+    }
+
+    /// Lossy routing options (off by default: the model's router decides alone).
+    pub fn set_route_options(&mut self, opts: RouteOptions) {
+        self.s.lossy.opts = opts;
+    }
+
+    /// What the lossy routing options did so far.
+    pub fn lossy_stats(&self) -> &LossyStats {
+        &self.s.lossy.stats
+    }
+
+    /// Masks experts out of their routers (`[n_layer, n_expert]`, true = never selected), as if
+    /// their router rows were removed; None restores the model's routing.
+    pub fn set_expert_mask(&mut self, mask: Option<Vec<bool>>) -> Result<(), ModelError> {
+        let hp = &self.model.hp;
+        if let Some(m) = &mask {
+            if m.len() != hp.n_layer * hp.n_expert {
+                return Err(ModelError::Input(format!(
+                    "expert mask has {} entries, expected {} layers x {} experts",
+                    m.len(),
+                    hp.n_layer,
+                    hp.n_expert
+                )));
+            }
+            for l in 0..hp.n_layer {
+                let open = m[l * hp.n_expert..(l + 1) * hp.n_expert]
+                    .iter()
+                    .filter(|&&x| !x)
+                    .count();
+                if open < hp.n_expert_used {
+                    return Err(ModelError::Input(format!(
+                        "expert mask leaves layer {l} {open} experts, fewer than the {} a token uses",
+                        hp.n_expert_used
+                    )));
+                }
+            }
+        }
+        self.s.lossy.mask = mask;
+        Ok(())
     }
 
     /// Forgets the sequence (the cache is kept allocated).
@@ -576,13 +628,29 @@ fn feed_forward(
                 &mut s.router_logits,
                 &mut s.mm,
             );
+            if let Some(mask) = &s.lossy.mask {
+                let m = &mask[layer * n_expert..(layer + 1) * n_expert];
+                for row in s.router_logits.chunks_exact_mut(n_expert) {
+                    lossy::mask_logits(row, m);
+                }
+            }
             s.routes.clear();
             for t in 0..n {
-                let r = route_with(
+                let mut r = route_with(
                     &hp.routing,
                     &s.router_logits[t * n_expert..(t + 1) * n_expert],
                     moe.selection_bias.as_deref(),
                 );
+                if !s.lossy.opts.is_off() {
+                    let cache = streaming.cache.as_deref();
+                    lossy::apply(
+                        &s.lossy.opts,
+                        &mut r,
+                        hp.norm_topk,
+                        |e| cache.is_none_or(|c| c.contains(layer, e)),
+                        &mut s.lossy.stats,
+                    );
+                }
                 for (&e, &w) in r.experts.iter().zip(&r.weights) {
                     s.assigned[e as usize].push((t as u32, w));
                 }
@@ -601,10 +669,11 @@ fn feed_forward(
             s.active.clear();
             s.active
                 .extend((0..n_expert as u32).filter(|&e| !s.assigned[e as usize].is_empty()));
-            s.expert_bytes += (s.active.len()
-                * (moe.experts.gate.slab_bytes()
-                    + moe.experts.up.slab_bytes()
-                    + moe.experts.down.slab_bytes())) as u64;
+            s.expert_bytes += s
+                .active
+                .iter()
+                .map(|&e| moe.experts.bytes_of(e as usize) as u64)
+                .sum::<u64>();
             score_predictions(layer, &s.active, &mut s.pending, predictions);
             prof.lap(Phase::Routing);
 

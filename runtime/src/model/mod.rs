@@ -14,8 +14,8 @@ pub use hparams::HParams;
 pub use hparams::{MlaParams, Yarn};
 pub use kv_cache::{KvCache, KvType};
 pub use weights::{
-    Attention, Experts, Ffn, Layer, LayerAttention, MlaAttention, Mlp, Model, MoeBlock, QueryProj,
-    SharedExpert, StackedExperts,
+    Attention, ExpertSlab, Experts, Ffn, Layer, LayerAttention, MlaAttention, Mlp, Model, MoeBlock,
+    QueryProj, SharedExpert, StackedExperts,
 };
 
 #[derive(Debug, thiserror::Error)]

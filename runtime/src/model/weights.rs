@@ -8,31 +8,65 @@ use super::arch::QkNorm;
 use super::hparams::{HParams, MlaParams};
 use super::ModelError;
 
-/// `n_expert` matrices of `rows x cols` stacked in one tensor (ggml dims `[cols, rows, n_expert]`):
-/// expert `e` is one contiguous slab. MLA's per-head `attn_k_b`/`attn_v_b` use the same layout.
+/// One expert's matrix inside the file: its type, bytes and where they start.
 #[derive(Clone, Copy, Debug)]
-pub struct StackedExperts<'a> {
+pub struct ExpertSlab<'a> {
     pub ty: GgmlType,
-    pub rows: usize,
-    pub cols: usize,
-    pub n_expert: usize,
     pub data: &'a [u8],
     /// Where `data` starts in the file (for reading experts with pread instead of the map).
     pub file_offset: usize,
 }
 
+/// `n_expert` matrices of `rows x cols`, one per expert. Usually one stacked tensor (ggml dims
+/// `[cols, rows, n_expert]`, expert `e` one contiguous slab, llama.cpp's layout); in moe-edge's
+/// mixed-precision extension one 2-D tensor per expert, each with its own type (see
+/// `moe::calib`), so slabs may differ in type and size. MLA's per-head `attn_k_b`/`attn_v_b`
+/// use the stacked layout too.
+#[derive(Clone, Debug)]
+pub struct StackedExperts<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub n_expert: usize,
+    pub slabs: Vec<ExpertSlab<'a>>,
+}
+
 impl<'a> StackedExperts<'a> {
-    pub fn slab_bytes(&self) -> usize {
-        self.data.len() / self.n_expert
+    /// Slabs of a stacked tensor: `data` split in `n_expert` equal parts.
+    fn stacked(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        n_expert: usize,
+        data: &'a [u8],
+        file_offset: usize,
+    ) -> Self {
+        let sb = data.len() / n_expert;
+        let slabs = (0..n_expert)
+            .map(|e| ExpertSlab {
+                ty,
+                data: &data[e * sb..(e + 1) * sb],
+                file_offset: file_offset + e * sb,
+            })
+            .collect();
+        Self {
+            rows,
+            cols,
+            n_expert,
+            slabs,
+        }
+    }
+
+    pub fn slab_bytes(&self, e: usize) -> usize {
+        self.slabs[e].data.len()
     }
 
     pub fn expert(&self, e: usize) -> QMatrix<'a> {
-        let sb = self.slab_bytes();
+        let s = self.slabs[e];
         QMatrix {
-            ty: self.ty,
+            ty: s.ty,
             rows: self.rows,
             cols: self.cols,
-            data: &self.data[e * sb..(e + 1) * sb],
+            data: s.data,
         }
     }
 }
@@ -49,6 +83,13 @@ pub struct Experts<'a> {
     pub gate: StackedExperts<'a>,
     pub up: StackedExperts<'a>,
     pub down: StackedExperts<'a>,
+}
+
+impl Experts<'_> {
+    /// Bytes of expert `e`'s three matrices as stored.
+    pub fn bytes_of(&self, e: usize) -> usize {
+        self.gate.slab_bytes(e) + self.up.slab_bytes(e) + self.down.slab_bytes(e)
+    }
 }
 
 pub struct SharedExpert<'a> {
@@ -181,6 +222,8 @@ impl<'a> Lookup<'a> {
         })
     }
 
+    /// A stacked expert tensor `name`, or (moe-edge's mixed-precision layout) the per-expert
+    /// tensors `<stem>.<e>.weight` that replace it.
     fn stacked(
         &self,
         name: &str,
@@ -188,15 +231,36 @@ impl<'a> Lookup<'a> {
         cols: usize,
         n_expert: usize,
     ) -> Result<StackedExperts<'a>, ModelError> {
-        let info = self.require(name)?;
-        Self::check_dims(info, &[cols, rows, n_expert])?;
+        if let Some(info) = self.info(name) {
+            Self::check_dims(info, &[cols, rows, n_expert])?;
+            return Ok(StackedExperts::stacked(
+                info.ty,
+                rows,
+                cols,
+                n_expert,
+                self.file.tensor_bytes(info),
+                info.range.start,
+            ));
+        }
+        let stem = name.strip_suffix(".weight").unwrap_or(name);
+        if !self.has(&crate::moe::calib::per_expert_name(stem, 0)) {
+            return Err(ModelError::MissingTensor(name.to_string()));
+        }
+        let mut slabs = Vec::with_capacity(n_expert);
+        for e in 0..n_expert {
+            let info = self.require(&crate::moe::calib::per_expert_name(stem, e))?;
+            Self::check_dims(info, &[cols, rows])?;
+            slabs.push(ExpertSlab {
+                ty: info.ty,
+                data: self.file.tensor_bytes(info),
+                file_offset: info.range.start,
+            });
+        }
         Ok(StackedExperts {
-            ty: info.ty,
             rows,
             cols,
             n_expert,
-            data: self.file.tensor_bytes(info),
-            file_offset: info.range.start,
+            slabs,
         })
     }
 
@@ -245,7 +309,12 @@ impl<'a> Model<'a> {
             };
             let ffn = if lk.has(&n("ffn_gate_inp.weight")) {
                 let e = hp.n_expert;
-                let gate_info = lk.require(&n("ffn_gate_exps.weight"))?;
+                let gate_info = match lk.info(&n("ffn_gate_exps.weight")) {
+                    Some(info) => info,
+                    None => {
+                        lk.require(&crate::moe::calib::per_expert_name(&n("ffn_gate_exps"), 0))?
+                    }
+                };
                 let ff = *gate_info.dims.get(1).unwrap_or(&0);
                 let shared = if lk.has(&n("ffn_gate_shexp.weight")) {
                     let sff = lk

@@ -93,8 +93,9 @@ struct SlabSpec {
 
 /// The file location of every routed expert, taken from the model.
 pub struct ExpertLayout {
-    /// Per layer: gate, up, down (None for dense layers).
-    layers: Vec<Option<[SlabSpec; 3]>>,
+    /// Per layer, per expert: gate, up, down (None for dense layers). Experts of one layer
+    /// differ in type and size in mixed-precision files.
+    layers: Vec<Option<Vec<[SlabSpec; 3]>>>,
     n_expert: usize,
 }
 
@@ -105,18 +106,19 @@ impl ExpertLayout {
             .iter()
             .map(|l| match &l.ffn {
                 Ffn::Moe(moe) => {
-                    let spec = |s: &crate::model::StackedExperts| SlabSpec {
-                        ty: s.ty,
+                    let spec = |s: &crate::model::StackedExperts, e: usize| SlabSpec {
+                        ty: s.slabs[e].ty,
                         rows: s.rows,
                         cols: s.cols,
-                        file_offset: s.file_offset as u64,
-                        slab_bytes: s.slab_bytes(),
+                        file_offset: s.slabs[e].file_offset as u64,
+                        slab_bytes: s.slab_bytes(e),
                     };
-                    Some([
-                        spec(&moe.experts.gate),
-                        spec(&moe.experts.up),
-                        spec(&moe.experts.down),
-                    ])
+                    let x = &moe.experts;
+                    Some(
+                        (0..x.gate.n_expert)
+                            .map(|e| [spec(&x.gate, e), spec(&x.up, e), spec(&x.down, e)])
+                            .collect(),
+                    )
                 }
                 Ffn::Dense(_) => None,
             })
@@ -128,22 +130,37 @@ impl ExpertLayout {
     }
 
     fn extents(&self, key: ExpertKey) -> [Extent; 3] {
-        let specs = self.layers[key.layer as usize].expect("routed experts only in MoE layers");
-        specs.map(|s| Extent {
-            offset: s.file_offset + (key.expert as usize * s.slab_bytes) as u64,
+        self.specs(key).map(|s| Extent {
+            offset: s.file_offset,
             len: s.slab_bytes,
         })
     }
 
+    fn specs(&self, key: ExpertKey) -> [SlabSpec; 3] {
+        self.layers[key.layer as usize]
+            .as_ref()
+            .expect("routed experts only in MoE layers")[key.expert as usize]
+    }
+
     /// Bytes of one expert (three slabs) as stored in the file.
-    pub fn expert_bytes(&self, layer: usize) -> usize {
-        self.layers[layer].map_or(0, |s| s.iter().map(|x| x.slab_bytes).sum())
+    pub fn expert_bytes(&self, layer: usize, expert: usize) -> usize {
+        self.layers[layer]
+            .as_ref()
+            .map_or(0, |s| s[expert].iter().map(|x| x.slab_bytes).sum())
+    }
+
+    /// Bytes of the largest expert of `layer` (0 for a dense layer).
+    pub fn max_expert_bytes(&self, layer: usize) -> usize {
+        (0..self.n_expert)
+            .map(|e| self.expert_bytes(layer, e))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Room one slot needs: the largest expert of any layer, each slab page-aligned.
     fn slot_span(&self) -> (usize, [usize; 3]) {
         let mut spans = [0usize; 3];
-        for specs in self.layers.iter().flatten() {
+        for specs in self.layers.iter().flatten().flatten() {
             for (i, s) in specs.iter().enumerate() {
                 // Worst-case misalignment of a slab start within a page.
                 let worst = if s.slab_bytes % PAGE == 0 && s.file_offset % PAGE as u64 == 0 {
@@ -165,7 +182,8 @@ impl ExpertLayout {
     /// Total bytes of routed experts in the file.
     pub fn total_expert_bytes(&self) -> usize {
         (0..self.layers.len())
-            .map(|l| self.expert_bytes(l) * self.n_expert)
+            .flat_map(|l| (0..self.n_expert).map(move |e| (l, e)))
+            .map(|(l, e)| self.expert_bytes(l, e))
             .sum()
     }
 
@@ -191,6 +209,9 @@ struct Counters {
     prefetches_skipped: AtomicU64,
     evictions: AtomicU64,
     bytes_read: AtomicU64,
+    /// Read requests sent to the file (one per slab, or one per expert when its slabs are
+    /// adjacent).
+    read_requests: AtomicU64,
     demand_bytes_read: AtomicU64,
     stall_nanos: AtomicU64,
 }
@@ -208,6 +229,7 @@ pub struct CacheStats {
     pub prefetches_skipped: u64,
     pub evictions: u64,
     pub bytes_read: u64,
+    pub read_requests: u64,
     pub demand_bytes_read: u64,
     pub stall_seconds: f64,
 }
@@ -244,6 +266,8 @@ struct Slot {
     next_use: u64,
     /// Filled by a speculative read and not used yet.
     speculative: bool,
+    /// Never evicted (hot experts pinned from calibration statistics).
+    pinned: bool,
     /// Offset of each slab's bytes within its span.
     leads: [usize; 3],
 }
@@ -343,6 +367,7 @@ impl ExpertCache {
             last_use: 0,
             next_use: NEVER,
             speculative: false,
+            pinned: false,
             leads: [0; 3],
         };
         let n_layers = layout.layers.len();
@@ -425,6 +450,62 @@ impl ExpertCache {
         }
     }
 
+    /// Whether expert `expert` of `layer` is in the cache (ready or being read).
+    pub fn contains(&self, layer: usize, expert: u32) -> bool {
+        let key = ExpertKey {
+            layer: layer as u32,
+            expert,
+        };
+        self.inner.lock().index.contains_key(&key)
+    }
+
+    /// Starts the use-frequency estimates (LFU, Belady's next-use estimate, speculative
+    /// admission) from calibration statistics, `[n_layer, n_expert]` fractions of tokens that
+    /// selected each expert, instead of from zero.
+    pub fn seed_frequency(&self, frequency: &[f32]) {
+        let mut st = self.inner.lock();
+        if frequency.len() == st.frequency.len() {
+            st.frequency.copy_from_slice(frequency);
+        }
+    }
+
+    /// Reads `experts` into slots that are never evicted, in order, leaving at least `spare`
+    /// slots evictable; returns how many were pinned. The reads are queued like prefetches
+    /// (warm-up I/O, counted in `bytes_read`).
+    pub fn pin(&self, experts: &[ExpertKey], spare: usize) -> usize {
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        let room = inner.cfg.slots.saturating_sub(spare);
+        let mut pinned = st.slots.iter().filter(|s| s.pinned).count();
+        for &key in experts {
+            if pinned >= room || !inner.layout.is_moe_layer(key.layer as usize) {
+                break;
+            }
+            if let Some(&i) = st.index.get(&key) {
+                if !st.slots[i].pinned {
+                    st.slots[i].pinned = true;
+                    pinned += 1;
+                }
+                continue;
+            }
+            let Some(i) = inner.victim(&st, None) else {
+                break;
+            };
+            inner.evict_into(&mut st, i, key);
+            st.slots[i].pinned = true;
+            st.queue.push_back((key, i));
+            pinned += 1;
+        }
+        drop(st);
+        inner.changed.notify_all();
+        pinned
+    }
+
+    /// Slots holding pinned experts.
+    pub fn pinned(&self) -> usize {
+        self.inner.lock().slots.iter().filter(|s| s.pinned).count()
+    }
+
     /// Pins the experts a layer routed to, reading the missing ones (all at once, ahead of any
     /// speculative read) and waiting for them.
     pub fn acquire(
@@ -469,6 +550,7 @@ impl ExpertCache {
             prefetches_skipped: get(&c.prefetches_skipped),
             evictions: get(&c.evictions),
             bytes_read: get(&c.bytes_read),
+            read_requests: get(&c.read_requests),
             demand_bytes_read: get(&c.demand_bytes_read),
             stall_seconds: get(&c.stall_nanos) as f64 * 1e-9,
         }
@@ -492,7 +574,7 @@ impl ExpertGuard<'_> {
 
     /// The expert's three matrices, borrowed from its slot.
     pub fn mlp(&self) -> Mlp<'_> {
-        let specs = self.inner.layout.layers[self.key.layer as usize].expect("MoE layer");
+        let specs = self.inner.layout.specs(self.key);
         let base = self.slot * self.inner.slot_span;
         let m = |i: usize| {
             let s = specs[i];
@@ -561,7 +643,7 @@ impl Inner {
     fn victim(&self, st: &State, for_step: Option<(u64, f32)>) -> Option<usize> {
         let mut best: Option<(usize, (u64, u64))> = None;
         for (i, s) in st.slots.iter().enumerate() {
-            if s.pins > 0 || s.loading {
+            if s.pins > 0 || s.loading || s.pinned {
                 continue;
             }
             let Some(key) = s.key else {
@@ -661,7 +743,7 @@ impl Inner {
                         st.queue.push_front((key, i));
                         stalled = true;
                         self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
-                        let bytes = self.layout.expert_bytes(layer) as u64;
+                        let bytes = self.layout.expert_bytes(layer, e as usize) as u64;
                         self.counters
                             .demand_bytes_read
                             .fetch_add(bytes, Ordering::Relaxed);
@@ -723,10 +805,10 @@ impl Inner {
         if !self.layout.is_moe_layer(layer) {
             return;
         }
-        let bytes = self.layout.expert_bytes(layer);
         let mut st = self.lock();
         let mut queued = false;
         for &e in experts {
+            let bytes = self.layout.expert_bytes(layer, e as usize);
             let key = ExpertKey {
                 layer: layer as u32,
                 expert: e,
@@ -782,7 +864,9 @@ impl Inner {
             let result = self.load(key, slot);
             st = self.lock();
             if speculative {
-                st.speculative_bytes -= self.layout.expert_bytes(key.layer as usize);
+                st.speculative_bytes -= self
+                    .layout
+                    .expert_bytes(key.layer as usize, key.expert as usize);
             }
             match result {
                 Ok(leads) => {
@@ -790,7 +874,9 @@ impl Inner {
                     s.leads = leads;
                     s.loading = false;
                     self.counters.bytes_read.fetch_add(
-                        self.layout.expert_bytes(key.layer as usize) as u64,
+                        self.layout
+                            .expert_bytes(key.layer as usize, key.expert as usize)
+                            as u64,
                         Ordering::Relaxed,
                     );
                 }
@@ -800,6 +886,7 @@ impl Inner {
                     s.key = None;
                     s.loading = false;
                     s.speculative = false;
+                    s.pinned = false;
                     st.failure = Some(e);
                 }
             }
@@ -807,9 +894,45 @@ impl Inner {
         }
     }
 
-    /// Reads the three slabs of `key` into `slot`.
+    /// Reads the three slabs of `key` into `slot`: with one request when they lie next to each
+    /// other in the file (per-expert layout), else one request each.
     fn load(&self, key: ExpertKey, slot: usize) -> Result<[usize; 3], String> {
         let extents = self.layout.extents(key);
+        // Adjacent: each slab starts within a page after the previous one ends (alignment
+        // padding only). Buffered I/O only; O_DIRECT reads straight into the slot.
+        let adjacent = !self.cfg.direct_io
+            && extents.windows(2).all(|w| {
+                let end = w[0].offset + w[0].len as u64;
+                w[1].offset >= end && w[1].offset - end < PAGE as u64
+            });
+        if adjacent {
+            let first = extents[0].offset;
+            let whole = Extent {
+                offset: first,
+                len: (extents[2].offset + extents[2].len as u64 - first) as usize,
+            };
+            let mut tmp = vec![0u8; FlashReader::aligned_span(whole)];
+            self.counters.read_requests.fetch_add(1, Ordering::Relaxed);
+            let lead0 = self
+                .reader
+                .read(whole, &mut tmp)
+                .map_err(|err| format!("expert {} of layer {}: {err}", key.expert, key.layer))?;
+            let mut leads = [0usize; 3];
+            for (i, e) in extents.iter().enumerate() {
+                // Same placement as a single buffered read: the bytes start at the extent's
+                // offset within its page.
+                let lead = (e.offset % PAGE as u64) as usize;
+                let start = slot * self.slot_span + self.span_offsets[i];
+                let from = lead0 + (e.offset - first) as usize;
+                // SAFETY: as below; `lead + len` fits the span (`slot_span` reserved it).
+                let buf = unsafe {
+                    std::slice::from_raw_parts_mut(self.memory.ptr.add(start + lead), e.len)
+                };
+                buf.copy_from_slice(&tmp[from..from + e.len]);
+                leads[i] = lead;
+            }
+            return Ok(leads);
+        }
         let mut leads = [0usize; 3];
         for (i, e) in extents.iter().enumerate() {
             let start = slot * self.slot_span + self.span_offsets[i];
@@ -817,6 +940,7 @@ impl Inner {
             // SAFETY: this thread is the slot's only loader while it is `loading`, and no guard
             // reads a loading slot; the span lies inside the slot.
             let buf = unsafe { std::slice::from_raw_parts_mut(self.memory.ptr.add(start), span) };
+            self.counters.read_requests.fetch_add(1, Ordering::Relaxed);
             leads[i] = self
                 .reader
                 .read(*e, buf)

@@ -2,6 +2,8 @@
 //! streams experts from flash.
 
 pub mod cache;
+pub mod calib;
 pub mod experts;
 pub mod flash;
+pub mod lossy;
 pub mod router;

@@ -126,6 +126,12 @@ pub fn route_with(spec: &RoutingSpec, logits: &[f32], bias: Option<&[f32]>) -> R
         Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
         None => scores.clone(),
     };
+    // A masked (pruned) expert has logit -inf: never chosen, whatever its bias.
+    for (c, &v) in choice.iter_mut().zip(logits) {
+        if v == f32::NEG_INFINITY {
+            *c = f32::NEG_INFINITY;
+        }
+    }
     if let Some(g) = spec.groups.filter(|g| g.n_group > 1) {
         let per = n / g.n_group;
         let group_scores: Vec<f32> = choice

@@ -1,0 +1,523 @@
+//! Calibration-driven changes to a converted file: pruning experts and per-expert precision.
+//!
+//! The model is first converted to f32; calibration runs on that file; then the final file is
+//! written from it, with pruned experts' router rows and slabs left out and every tensor
+//! quantized to its type. Pruning keeps the same number of experts in every MoE layer, because
+//! llama.cpp's GGUF has one `expert_count` for all layers: a file pruned this way stays a valid
+//! llama.cpp file. Mixed precision uses moe-edge's per-expert layout (see
+//! `moe_runtime::moe::calib`), which llama.cpp does not load; it is written only on request.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+
+use moe_runtime::gguf::{GgmlType, GgufFile, GgufWriter, TensorDecl, Value, PAGE_ALIGNMENT};
+use moe_runtime::moe::calib::{self, CalibStats};
+
+use crate::ConvertError;
+
+/// Which experts to keep.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PruneSpec {
+    /// The `n` most frequently selected experts of every layer.
+    Top(usize),
+    /// In every layer, the most used experts covering this fraction of the router mass; the
+    /// count is the largest any layer needs, so all layers keep the same number.
+    Mass(f64),
+    /// Drop exactly these (layer, expert) pairs; every MoE layer must lose the same number.
+    Drop(Vec<(usize, usize)>),
+}
+
+impl PruneSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not top:N, mass:F (0 < F <= 1) or drop:L:E,L:E,...");
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "top" => rest
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Self::Top)
+                .ok_or_else(bad),
+            "mass" => rest
+                .parse()
+                .ok()
+                .filter(|&f: &f64| f > 0.0 && f <= 1.0)
+                .map(Self::Mass)
+                .ok_or_else(bad),
+            "drop" => rest
+                .split(',')
+                .map(|p| {
+                    let (l, e) = p.split_once(':')?;
+                    Some((l.trim().parse().ok()?, e.trim().parse().ok()?))
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(Self::Drop)
+                .ok_or_else(bad),
+            _ => Err(bad()),
+        }
+    }
+
+    pub fn needs_stats(&self) -> bool {
+        !matches!(self, Self::Drop(_))
+    }
+
+    /// The experts each layer keeps, in their original order (`moe_layers[l]` says whether
+    /// layer `l` has routed experts; dense layers keep nothing).
+    pub fn kept(
+        &self,
+        moe_layers: &[bool],
+        n_expert: usize,
+        stats: Option<&CalibStats>,
+    ) -> Result<Vec<Vec<usize>>, ConvertError> {
+        let need = || {
+            ConvertError::Input(
+                "--prune-experts top:/mass: rank experts by calibration statistics: add --calib TEXT"
+                    .into(),
+            )
+        };
+        let keep_n = |n: usize, stats: &CalibStats| -> Vec<Vec<usize>> {
+            moe_layers
+                .iter()
+                .enumerate()
+                .map(|(l, &moe)| {
+                    if !moe {
+                        return Vec::new();
+                    }
+                    let mut ks: Vec<usize> = stats.by_frequency(l).into_iter().take(n).collect();
+                    ks.sort_unstable();
+                    ks
+                })
+                .collect()
+        };
+        let kept = match self {
+            Self::Top(n) => {
+                if *n > n_expert {
+                    return Err(ConvertError::Input(format!(
+                        "--prune-experts top:{n} keeps more experts than the model's {n_expert}"
+                    )));
+                }
+                keep_n(*n, stats.ok_or_else(need)?)
+            }
+            Self::Mass(f) => {
+                let stats = stats.ok_or_else(need)?;
+                let mut n = 1;
+                for (l, _) in moe_layers.iter().enumerate().filter(|(_, &m)| m) {
+                    let mut mass: Vec<f32> = (0..n_expert)
+                        .map(|e| stats.router_mass[stats.idx(l, e)])
+                        .collect();
+                    mass.sort_by(|a, b| b.total_cmp(a));
+                    let total: f32 = mass.iter().sum();
+                    let mut cum = 0f32;
+                    let mut need = n_expert;
+                    for (i, m) in mass.iter().enumerate() {
+                        cum += m;
+                        if cum as f64 >= f * total as f64 - 1e-6 {
+                            need = i + 1;
+                            break;
+                        }
+                    }
+                    n = n.max(need);
+                }
+                // Rank by router mass within each layer.
+                moe_layers
+                    .iter()
+                    .enumerate()
+                    .map(|(l, &moe)| {
+                        if !moe {
+                            return Vec::new();
+                        }
+                        let mut ids: Vec<usize> = (0..n_expert).collect();
+                        ids.sort_by(|&a, &b| {
+                            stats.router_mass[stats.idx(l, b)]
+                                .total_cmp(&stats.router_mass[stats.idx(l, a)])
+                                .then(a.cmp(&b))
+                        });
+                        let mut ks: Vec<usize> = ids.into_iter().take(n).collect();
+                        ks.sort_unstable();
+                        ks
+                    })
+                    .collect()
+            }
+            Self::Drop(list) => {
+                for &(l, e) in list {
+                    if !moe_layers.get(l).copied().unwrap_or(false) || e >= n_expert {
+                        return Err(ConvertError::Input(format!(
+                            "--prune-experts drop:{l}:{e}: layer {l} has no routed expert {e} ({} layers, {n_expert} experts)",
+                            moe_layers.len()
+                        )));
+                    }
+                }
+                let kept: Vec<Vec<usize>> = moe_layers
+                    .iter()
+                    .enumerate()
+                    .map(|(l, &moe)| {
+                        if !moe {
+                            return Vec::new();
+                        }
+                        (0..n_expert).filter(|e| !list.contains(&(l, *e))).collect()
+                    })
+                    .collect();
+                let counts: Vec<usize> = kept
+                    .iter()
+                    .zip(moe_layers)
+                    .filter(|(_, &m)| m)
+                    .map(|(k, _)| k.len())
+                    .collect();
+                if counts.windows(2).any(|w| w[0] != w[1]) {
+                    return Err(ConvertError::Input(format!(
+                        "--prune-experts drop: every MoE layer must lose the same number of experts (GGUF has one expert_count for all layers); the list leaves {counts:?}"
+                    )));
+                }
+                kept
+            }
+        };
+        Ok(kept)
+    }
+}
+
+/// Per-expert types: experts in `hot[l]` get `hot_ty`, the others `cold_ty`.
+#[derive(Clone, Debug)]
+pub struct ExpertTypes {
+    pub hot_ty: GgmlType,
+    pub cold_ty: GgmlType,
+    pub hot_fraction: f64,
+}
+
+impl ExpertTypes {
+    /// Parses `hot=q8_0,cold=q4_0`.
+    pub fn parse(s: &str, hot_fraction: f64) -> Result<Self, String> {
+        let (mut hot, mut cold) = (None, None);
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not hot=TYPE or cold=TYPE"))?;
+            let ty = GgmlType::from_name(v.trim()).ok_or_else(|| format!("unknown type `{v}`"))?;
+            match k.trim() {
+                "hot" => hot = Some(ty),
+                "cold" => cold = Some(ty),
+                _ => return Err(format!("`{k}` is not hot or cold")),
+            }
+        }
+        match (hot, cold) {
+            (Some(hot_ty), Some(cold_ty)) => Ok(Self {
+                hot_ty,
+                cold_ty,
+                hot_fraction,
+            }),
+            _ => Err(format!("`{s}` must give both, e.g. hot=q8_0,cold=q4_0")),
+        }
+    }
+
+    /// Per layer, per kept expert: hot or not. The `ceil(fraction * n)` most frequently
+    /// selected experts of each layer are hot.
+    pub fn hot_sets(&self, kept: &[Vec<usize>], stats: &CalibStats) -> Vec<Vec<bool>> {
+        kept.iter()
+            .enumerate()
+            .map(|(l, ks)| {
+                let n_hot = (self.hot_fraction * ks.len() as f64).ceil() as usize;
+                let mut order: Vec<usize> = (0..ks.len()).collect();
+                order.sort_by(|&a, &b| {
+                    stats.frequency[stats.idx(l, ks[b])]
+                        .total_cmp(&stats.frequency[stats.idx(l, ks[a])])
+                        .then(a.cmp(&b))
+                });
+                let mut hot = vec![false; ks.len()];
+                for &i in order.iter().take(n_hot) {
+                    hot[i] = true;
+                }
+                hot
+            })
+            .collect()
+    }
+}
+
+/// What the final file contains beyond a plain conversion.
+pub struct Rewrite<'a> {
+    pub ty: GgmlType,
+    /// Per layer, the original indices of the kept experts (all, when not pruning).
+    pub kept: &'a [Vec<usize>],
+    /// Per layer, per kept expert: hot (mixed precision), with the two types.
+    pub mixed: Option<(&'a ExpertTypes, &'a [Vec<bool>])>,
+    pub extra_metadata: Vec<(String, Value)>,
+}
+
+/// Which tensors carry one entry per expert along their last dimension.
+enum ExpertTensor {
+    /// The router (`[d, n_expert]`) or a per-expert bias (`[n_expert]`).
+    Rows(usize),
+    /// A stacked expert tensor `[c, r, n_expert]`, with its name stem for the per-expert layout.
+    Stacked(usize, String),
+}
+
+fn classify(name: &str) -> Option<ExpertTensor> {
+    let rest = name.strip_prefix("blk.")?;
+    let (l, tail) = rest.split_once('.')?;
+    let l: usize = l.parse().ok()?;
+    if tail == "ffn_gate_inp.weight" || tail.starts_with("exp_probs_b") {
+        return Some(ExpertTensor::Rows(l));
+    }
+    for w in [
+        "ffn_gate_exps.weight",
+        "ffn_up_exps.weight",
+        "ffn_down_exps.weight",
+    ] {
+        if tail == w {
+            return Some(ExpertTensor::Stacked(
+                l,
+                name.strip_suffix(".weight").unwrap_or(name).to_string(),
+            ));
+        }
+    }
+    None
+}
+
+/// Writes `out` from the f32 file `src`.
+pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<crate::Summary, ConvertError> {
+    let file = GgufFile::open(src)?;
+    let h = file.header();
+    let arch = h
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    let n_kept = rw.kept.iter().map(Vec::len).max().unwrap_or(0);
+    let used_key = format!("{arch}.expert_used_count");
+    let n_used = h.get(&used_key).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let tied = h.tensor("output.weight").is_none();
+    let mut meta: Vec<(String, Value)> = Vec::new();
+    for (k, v) in h.metadata() {
+        let v = if k == "general.alignment" {
+            continue;
+        } else if *k == format!("{arch}.expert_count") {
+            Value::U32(n_kept as u32)
+        } else if *k == used_key {
+            Value::U32(n_used.min(n_kept) as u32)
+        } else if k == "general.file_type" {
+            Value::U32(crate::plan::file_type(rw.ty))
+        } else {
+            v.clone()
+        };
+        meta.push((k.clone(), v));
+    }
+    meta.extend(rw.extra_metadata.iter().cloned());
+    if let Some((types, hot)) = rw.mixed {
+        meta.push((
+            calib::KEY_LAYOUT.into(),
+            Value::String(calib::LAYOUT_PER_EXPERT.into()),
+        ));
+        let mut flags = vec![0u32; rw.kept.len() * n_kept];
+        for (l, hs) in hot.iter().enumerate() {
+            for (i, &x) in hs.iter().enumerate() {
+                flags[l * n_kept + i] = x as u32;
+            }
+        }
+        meta.push((calib::KEY_HOT.into(), Value::u32_array(flags)));
+        let _ = types;
+    }
+
+    // Plan every output tensor: (declaration, source tensor, what to take from it).
+    struct Out {
+        decl: TensorDecl,
+        src: usize,
+        part: Part,
+    }
+    enum Part {
+        All,
+        Rows(Vec<usize>),
+        Slab(usize),
+    }
+    let mut outs = Vec::new();
+    for (si, t) in h.tensors().iter().enumerate() {
+        if t.ty != GgmlType::F32 {
+            return Err(ConvertError::Input(format!(
+                "internal: tensor `{}` of the intermediate file is {}, expected f32",
+                t.name, t.ty
+            )));
+        }
+        match classify(&t.name) {
+            Some(ExpertTensor::Rows(l)) => {
+                let mut dims = t.dims.clone();
+                *dims.last_mut().expect("dims") = n_kept;
+                outs.push(Out {
+                    decl: TensorDecl {
+                        name: t.name.clone(),
+                        dims,
+                        ty: GgmlType::F32,
+                    },
+                    src: si,
+                    part: Part::Rows(rw.kept[l].clone()),
+                });
+            }
+            Some(ExpertTensor::Stacked(l, stem)) => {
+                match rw.mixed {
+                    None => {
+                        let dims = vec![t.dims[0], t.dims[1], n_kept];
+                        let ty = crate::plan::choose_type(&t.name, &dims, rw.ty, tied);
+                        outs.push(Out {
+                            decl: TensorDecl {
+                                name: t.name.clone(),
+                                dims,
+                                ty,
+                            },
+                            src: si,
+                            part: Part::Rows(rw.kept[l].clone()),
+                        });
+                    }
+                    // One expert's gate, up and down are written next to each other (when the
+                    // gate tensor comes by), so the expert cache reads an expert with one request.
+                    Some(_) if !stem.ends_with("ffn_gate_exps") => {}
+                    Some((types, hot)) => {
+                        let prefix = stem.strip_suffix("ffn_gate_exps").unwrap_or(&stem);
+                        let mut parts = Vec::new();
+                        for which in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+                            let name = format!("{prefix}{which}.weight");
+                            let src = h.tensors().iter().position(|x| x.name == name).ok_or_else(
+                                || ConvertError::Input(format!("internal: `{name}` is missing")),
+                            )?;
+                            parts.push((format!("{prefix}{which}"), src));
+                        }
+                        for (i, &e) in rw.kept[l].iter().enumerate() {
+                            for (pstem, src) in &parts {
+                                let sinfo = &h.tensors()[*src];
+                                let name = calib::per_expert_name(pstem, i);
+                                let want = if hot[l][i] {
+                                    types.hot_ty
+                                } else {
+                                    types.cold_ty
+                                };
+                                let dims = vec![sinfo.dims[0], sinfo.dims[1]];
+                                let ty = crate::plan::choose_type(&name, &dims, want, tied);
+                                outs.push(Out {
+                                    decl: TensorDecl { name, dims, ty },
+                                    src: *src,
+                                    part: Part::Slab(e),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                let ty = crate::plan::choose_type(&t.name, &t.dims, rw.ty, tied);
+                outs.push(Out {
+                    decl: TensorDecl {
+                        name: t.name.clone(),
+                        dims: t.dims.clone(),
+                        ty,
+                    },
+                    src: si,
+                    part: Part::All,
+                });
+            }
+        }
+    }
+
+    let decls: Vec<TensorDecl> = outs.iter().map(|o| o.decl.clone()).collect();
+    let tmp = crate::temp_path(out);
+    let result = (|| -> Result<crate::Summary, ConvertError> {
+        let f = File::create(&tmp).map_err(|e| ConvertError::io(&tmp, e))?;
+        let mut w = GgufWriter::begin(
+            BufWriter::with_capacity(1 << 20, f),
+            &meta,
+            decls,
+            PAGE_ALIGNMENT,
+        )?;
+        let mut summary = crate::Summary {
+            arch: arch.clone(),
+            n_tensors: outs.len(),
+            ..Default::default()
+        };
+        for o in &outs {
+            let info = &h.tensors()[o.src];
+            let all = f32s(file.tensor_bytes(info));
+            let per: usize = info.dims[..info.dims.len() - 1].iter().product();
+            let values: Vec<f32> = match &o.part {
+                Part::All => all,
+                Part::Rows(ids) => ids
+                    .iter()
+                    .flat_map(|&e| all[e * per..(e + 1) * per].iter().copied())
+                    .collect(),
+                Part::Slab(e) => all[e * per..(e + 1) * per].to_vec(),
+            };
+            let bytes = crate::quantize_rows(o.decl.ty, &values, o.decl.dims[0]);
+            w.write_tensor_data(&bytes)?;
+            *summary
+                .bytes_by_type
+                .entry(o.decl.ty.name().to_string())
+                .or_default() += bytes.len() as u64;
+        }
+        let buf = w.finish()?;
+        let f = buf
+            .into_inner()
+            .map_err(|e| ConvertError::io(&tmp, e.into_error()))?;
+        f.sync_all().map_err(|e| ConvertError::io(&tmp, e))?;
+        summary.file_bytes = f.metadata().map_err(|e| ConvertError::io(&tmp, e))?.len();
+        Ok(summary)
+    })();
+    match result {
+        Ok(s) => {
+            std::fs::rename(&tmp, out).map_err(|e| ConvertError::io(out, e))?;
+            Ok(s)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_prune_specs() {
+        assert_eq!(PruneSpec::parse("top:6"), Ok(PruneSpec::Top(6)));
+        assert_eq!(PruneSpec::parse("mass:0.9"), Ok(PruneSpec::Mass(0.9)));
+        assert_eq!(
+            PruneSpec::parse("drop:0:1, 2:3"),
+            Ok(PruneSpec::Drop(vec![(0, 1), (2, 3)]))
+        );
+        for bad in ["top:0", "mass:1.5", "drop:1", "keep:3", "top"] {
+            assert!(PruneSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn drop_list_must_be_uniform() {
+        let spec = PruneSpec::parse("drop:0:1,1:2").unwrap();
+        let kept = spec.kept(&[true, true], 4, None).unwrap();
+        assert_eq!(kept, vec![vec![0, 2, 3], vec![0, 1, 3]]);
+        let spec = PruneSpec::parse("drop:0:1,0:2,1:2").unwrap();
+        assert!(spec.kept(&[true, true], 4, None).is_err());
+        assert!(PruneSpec::parse("drop:5:1")
+            .unwrap()
+            .kept(&[true, true], 4, None)
+            .is_err());
+    }
+
+    #[test]
+    fn top_and_mass_follow_statistics() {
+        let mut s = CalibStats::new(1, 4);
+        s.frequency = vec![0.1, 0.9, 0.5, 0.5];
+        s.router_mass = vec![0.05, 0.6, 0.25, 0.1];
+        let kept = PruneSpec::Top(2).kept(&[true], 4, Some(&s)).unwrap();
+        assert_eq!(kept, vec![vec![1, 2]]);
+        // 0.6 + 0.25 = 0.85 of 1.0 mass covers 0.8.
+        let kept = PruneSpec::Mass(0.8).kept(&[true], 4, Some(&s)).unwrap();
+        assert_eq!(kept, vec![vec![1, 2]]);
+        let types = ExpertTypes::parse("hot=q8_0,cold=q4_0", 0.25).unwrap();
+        assert_eq!(
+            types.hot_sets(&[vec![0, 1, 2, 3]], &s),
+            vec![vec![false, true, false, false]]
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! `moe-run eval`: perplexity of a text, decoded one token at a time as generation runs (so
+//! the expert cache and the lossy routing options behave as they do on a board), plus each
+//! position's most likely next token for agreement with a reference model
+//! (scripts/quality_table.py compares runs).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use crate::gguf::GgufFile;
+use crate::model::{KvType, Model, Session};
+use crate::tokenizer::Tokenizer;
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Model file (GGUF)
+    #[arg(short = 'm', long)]
+    model: PathBuf,
+    /// Text file to score
+    #[arg(long)]
+    text: PathBuf,
+    /// Score at most this many tokens of it
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: usize,
+    /// Tokens per window; each window starts from an empty context
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Worker threads (default: all cores)
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    streaming: super::streaming::StreamingArgs,
+}
+
+pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<()> {
+    super::set_threads(args.threads);
+    let file = GgufFile::open(&args.model)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = Model::load(&file)?;
+    let tok = Tokenizer::from_gguf(file.header())?;
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("reading {}", args.text.display()))?;
+    let mut ids = tok.encode(&text, false)?;
+    ids.truncate(args.max_tokens);
+    let window = args.window.min(model.hp.n_ctx_train).max(2);
+    if ids.len() < 2 {
+        bail!(
+            "the text encodes to {} tokens; give a longer one",
+            ids.len()
+        );
+    }
+    let mut session = Session::with_kv_type(&model, window, KvType::F32);
+    session.set_streaming(
+        args.streaming
+            .build(&model, &args.model, session.kv_bytes())?,
+    );
+    session.set_route_options(args.streaming.route_options());
+    let vocab = model.hp.n_vocab;
+    let (mut nll, mut scored) = (0f64, 0usize);
+    let mut argmax = Vec::with_capacity(ids.len());
+    let t0 = std::time::Instant::now();
+    for chunk in ids.chunks(window) {
+        session.reset();
+        for (i, &t) in chunk.iter().enumerate() {
+            let logits = session.forward(&[t], false)?;
+            argmax.push(crate::sampling::argmax_logits(&logits[..vocab]));
+            if let Some(&next) = chunk.get(i + 1) {
+                let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let lse = max
+                    + logits
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                nll += lse - logits[next as usize] as f64;
+                scored += 1;
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let report = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "file_bytes": file.bytes().len(),
+        "tokens": ids.len(),
+        "scored": scored,
+        "nll": nll / scored.max(1) as f64,
+        "perplexity": (nll / scored.max(1) as f64).exp(),
+        "seconds": secs,
+        "argmax": argmax,
+        "expert_bytes_per_token": session.expert_bytes_used() as f64 / ids.len() as f64,
+        "expert_cache": session.expert_cache().map(|c| c.stats()),
+        "lossy_routing": (!args.streaming.route_options().is_off())
+            .then(|| session.lossy_stats().clone()),
+    });
+    writeln!(out, "{report}")?;
+    Ok(())
+}
