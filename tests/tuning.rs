@@ -465,3 +465,60 @@ fn calibration_statistics_pin_hot_experts_without_changing_output() {
     .unwrap_err();
     assert!(e.to_string().contains("--calib"), "{e}");
 }
+
+/// DeepSeek-V2 (group_limited_greedy) routes by expert groups: pruning one expert from every
+/// group keeps the groups meaningful, and the pruned file computes exactly what the full model
+/// computes with those experts masked out of its routers. A prune that would unbalance the
+/// groups is refused. (The V3 fixture cannot be pruned at all: its groups hold two experts and
+/// V3 scores a group by its best two.)
+#[test]
+fn pruning_a_grouped_router_keeps_groups_balanced() {
+    let fx = Fixture::load("deepseek_v2");
+    let dir = tempfile::tempdir().unwrap();
+    // Fixture: 3 layers (the first dense), 8 experts in 4 groups of 2.
+    let drop: Vec<(usize, usize)> = [1usize, 2]
+        .iter()
+        .flat_map(|&l| [0usize, 3, 4, 7].map(|e| (l, e)))
+        .collect();
+    let spec = drop
+        .iter()
+        .map(|(l, e)| format!("{l}:{e}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let tuning = Tuning {
+        prune: Some(PruneSpec::parse(&format!("drop:{spec}")).unwrap()),
+        ..Default::default()
+    };
+    let pruned = tuned(&fx, dir.path(), "pruned.gguf", GgmlType::F32, &tuning);
+    let full_conv = fx.convert(GgmlType::F32);
+    let full_file = full_conv.open();
+    let full = Model::load(&full_file).unwrap();
+    let hp = &full.hp;
+    let mut mask = vec![false; hp.n_layer * hp.n_expert];
+    for &(l, e) in &drop {
+        mask[l * hp.n_expert + e] = true;
+    }
+    for case in &fx.expected.prompts {
+        let got = prompt_logits(&pruned, &case.ids);
+        let mut s = Session::with_kv_type(&full, 256, KvType::F32);
+        s.set_expert_mask(Some(mask.clone())).unwrap();
+        let want = s.forward(&case.ids, true).unwrap().to_vec();
+        let diff = max_rel_diff(&got, &want, hp.n_vocab);
+        assert!(diff < 1e-5, "pruned vs masked: {diff:e}");
+    }
+
+    let unbalanced = Tuning {
+        prune: Some(PruneSpec::parse("drop:1:0,2:0").unwrap()),
+        ..Default::default()
+    };
+    let Err(err) = convert_tuned(
+        &fx.dir,
+        &dir.path().join("bad.gguf"),
+        Options { ty: GgmlType::F32 },
+        &unbalanced,
+        &|_, _, _| {},
+    ) else {
+        panic!("an unbalanced prune of a grouped router is refused");
+    };
+    assert!(err.to_string().contains("every group"), "{err}");
+}

@@ -285,6 +285,32 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<crate::Summary, C
     let used_key = format!("{arch}.expert_used_count");
     let n_used = h.get(&used_key).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     let tied = h.tensor("output.weight").is_none();
+    // Group-limited routing (DeepSeek) picks whole groups of consecutive experts: a pruned layer
+    // must keep the same number in every group, or the groups would change meaning.
+    let n_expert = h
+        .get(&format!("{arch}.expert_count"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as usize;
+    let n_group = h
+        .get(&format!("{arch}.expert_group_count"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(1) as usize;
+    if n_group > 1 && n_kept < n_expert {
+        let per = n_expert / n_group.max(1);
+        for (l, kept) in rw.kept.iter().enumerate() {
+            let mut counts = vec![0usize; n_group];
+            for &e in kept {
+                counts[(e / per).min(n_group - 1)] += 1;
+            }
+            if counts.iter().any(|&c| c != counts[0]) {
+                return Err(ConvertError::Input(format!(
+                    "layer {l} would keep {counts:?} experts in its {n_group} expert groups; \
+                     this model routes by groups, so pruning must keep the same number of \
+                     experts in every group (drop the same count from each group with drop:L:E,...)"
+                )));
+            }
+        }
+    }
     let mut meta: Vec<(String, Value)> = Vec::new();
     for (k, v) in h.metadata() {
         let v = if k == "general.alignment" {
