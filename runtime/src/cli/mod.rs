@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 pub mod streaming;
+mod trace;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,6 +36,8 @@ struct Cli {
 enum Command {
     /// Measure prompt processing and generation speed (like llama-bench)
     Bench(bench::BenchArgs),
+    /// Write every MoE layer's routing decisions for a text as .npy arrays (distillation data)
+    Trace(trace::TraceArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,6 +110,7 @@ pub fn run(
     let cli = Cli::try_parse_from(argv)?;
     match cli.command {
         Some(Command::Bench(b)) => bench::run(b, out, err),
+        Some(Command::Trace(t)) => trace::run(t, out, err),
         None => generate_text(cli.generate, out, err),
     }
 }
