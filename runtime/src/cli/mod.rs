@@ -159,6 +159,7 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
         args.streaming
             .build(&model, &model_path, session.kv_bytes())?,
     );
+    session.set_predictor(args.streaming.predictor(&model, &model_path)?);
 
     if let Some(path) = &args.dump_logits {
         let logits = session.forward(&prompt, true)?;
@@ -246,6 +247,7 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
             "expert_bytes_used": session.expert_bytes_used(),
             "expert_cache": session.expert_cache().map(|c| c.stats()),
             "predictions": session.prediction_stats(),
+            "predictor": session.predictor_stats(),
             "peak_rss_bytes": bench::peak_rss_bytes(),
         });
         writeln!(err, "{report}")?;

@@ -4,4 +4,5 @@
 pub mod cache;
 pub mod experts;
 pub mod flash;
+pub mod predictor;
 pub mod router;
