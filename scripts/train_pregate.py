@@ -153,16 +153,15 @@ def onnx_weights(path: Path) -> dict:
 
 
 def export_onnx(w: dict, path: Path, layers: list[int], n_expert: int, top_k: int) -> None:
-    """One decode step as ONNX. Each GRU gate has its own matrices (no Split: tract 0.21 gave
-    wrong results for this graph with a Split of the fused [., 3H] products)."""
+    """One decode step as ONNX, each GRU gate with its own matrices (plain MatMul/Add, no
+    Split)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = {k: (v.detach().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(np.float32)
          for k, v in w.items()}
     H = w["W_hh"].shape[1]
-    inits = {"emb": w["emb"], "head_T": w["head_w"].T, "head_b": w["head_b"],
-             "one": np.ones((1,), np.float32)}
+    inits = {"emb": w["emb"], "head_T": w["head_w"].T, "head_b": w["head_b"]}
     for i, g in enumerate("rzn"):  # PyTorch's gate order in the fused weights: r, z, n
         inits[f"Wi_{g}"] = w["W_ih"][i * H:(i + 1) * H].T
         inits[f"Wh_{g}"] = w["W_hh"][i * H:(i + 1) * H].T
@@ -177,9 +176,9 @@ def export_onnx(w: dict, path: Path, layers: list[int], n_expert: int, top_k: in
         N("Add", ["i_r", "h_r"], ["r0"]), N("Sigmoid", ["r0"], ["r"]),
         N("Add", ["i_z", "h_z"], ["z0"]), N("Sigmoid", ["z0"], ["z"]),
         N("Mul", ["r", "h_n"], ["rn"]), N("Add", ["i_n", "rn"], ["n0"]), N("Tanh", ["n0"], ["n"]),
-        # h' = (1 - z) * n + z * h
-        N("Sub", ["one", "z"], ["omz"]), N("Mul", ["omz", "n"], ["a"]), N("Mul", ["z", "h"], ["b"]),
-        N("Add", ["a", "b"], ["h_next"]),
+        # h' = (1 - z) * n + z * h, written n + z * (h - n): tract 0.21.10's optimiser fuses
+        # `(one - z) * n` wrongly (a broadcast constant), this form it runs exactly.
+        N("Sub", ["h", "n"], ["hmn"]), N("Mul", ["z", "hmn"], ["zd"]), N("Add", ["n", "zd"], ["h_next"]),
         N("Concat", ["h_next", "e"], ["he"], axis=1),                       # [1, H + De]
         N("MatMul", ["he", "head_T"], ["l0"]), N("Add", ["l0", "head_b"], ["logits"]),
     ]

@@ -48,6 +48,15 @@ fn tract_matches_pytorch() {
         }
     }
     assert!(worst < 1e-4, "tract differs from PyTorch by {worst}");
+    let t0 = std::time::Instant::now();
+    for _ in 0..200 {
+        p.step(tokens[0] as u32).unwrap();
+    }
+    // Printed for the report (not asserted: the machine's load varies).
+    eprintln!(
+        "pregate step: {:.1} us",
+        t0.elapsed().as_secs_f64() * 1e6 / 200.0
+    );
     // After a reset the state starts over: the first token's logits again.
     p.reset();
     let again = p.step(tokens[0] as u32).unwrap();
