@@ -299,6 +299,10 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
             direct_io: cfg.direct_io,
             flash_profile: None,
             io_threads: 2,
+            // The daemon does not run a token-level expert predictor yet.
+            predictor: "none".into(),
+            pregate: None,
+            predict_k: None,
         },
         warmup: !cfg.no_warmup,
         token_delay: Duration::from_millis(cfg.test_token_delay_ms),
