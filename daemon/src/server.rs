@@ -304,6 +304,10 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
             no_calib_prior: false,
             route_top_p: None,
             skip_uncached_below: None,
+            // The daemon does not run a token-level expert predictor yet.
+            predictor: "none".into(),
+            pregate: None,
+            predict_k: None,
         },
         warmup: !cfg.no_warmup,
         token_delay: Duration::from_millis(cfg.test_token_delay_ms),

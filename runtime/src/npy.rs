@@ -1,12 +1,65 @@
-//! Minimal NumPy `.npy` (format 1.0) reading and writing of 2-D little-endian float32 arrays.
+//! Minimal NumPy `.npy` (format 1.0) reading and writing of little-endian float32 arrays (and
+//! writing of int32 / float16 arrays of any rank, for routing traces).
 
 use std::io::{self, Read, Write};
 
 /// Writes `data` (row-major `[rows, cols]`) as a float32 `.npy` array.
-pub fn write_f32_2d(mut w: impl Write, data: &[f32], rows: usize, cols: usize) -> io::Result<()> {
+pub fn write_f32_2d(w: impl Write, data: &[f32], rows: usize, cols: usize) -> io::Result<()> {
     assert_eq!(data.len(), rows * cols);
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    write_f32(w, data, &[rows, cols])
+}
+
+/// Writes `data` (row-major, `shape`) as a float32 `.npy` array.
+pub fn write_f32(w: impl Write, data: &[f32], shape: &[usize]) -> io::Result<()> {
+    write_raw(
+        w,
+        "<f4",
+        shape,
+        data.len(),
+        data.iter().map(|v| v.to_le_bytes()),
+    )
+}
+
+/// Writes `data` (row-major, `shape`) as a float16 `.npy` array (halves the size of large
+/// probability dumps).
+pub fn write_f16(w: impl Write, data: &[f32], shape: &[usize]) -> io::Result<()> {
+    let it = data.iter().map(|&v| half::f16::from_f32(v).to_le_bytes());
+    write_raw(w, "<f2", shape, data.len(), it)
+}
+
+/// Writes `data` (row-major, `shape`) as an int32 `.npy` array.
+pub fn write_i32(w: impl Write, data: &[i32], shape: &[usize]) -> io::Result<()> {
+    write_raw(
+        w,
+        "<i4",
+        shape,
+        data.len(),
+        data.iter().map(|v| v.to_le_bytes()),
+    )
+}
+
+fn write_raw<const N: usize>(
+    mut w: impl Write,
+    descr: &str,
+    shape: &[usize],
+    len: usize,
+    values: impl Iterator<Item = [u8; N]>,
+) -> io::Result<()> {
+    if shape.iter().product::<usize>() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{len} values do not fill the shape {shape:?}"),
+        ));
+    }
+    let dims: String = match shape {
+        [one] => format!("{one},"),
+        _ => shape
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
     // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
@@ -14,9 +67,9 @@ pub fn write_f32_2d(mut w: impl Write, data: &[f32], rows: usize, cols: usize) -
     w.write_all(b"\x93NUMPY\x01\x00")?;
     w.write_all(&(header.len() as u16).to_le_bytes())?;
     w.write_all(header.as_bytes())?;
-    let mut buf = Vec::with_capacity(data.len() * 4);
-    for v in data {
-        buf.extend_from_slice(&v.to_le_bytes());
+    let mut buf = Vec::with_capacity(len * N);
+    for v in values {
+        buf.extend_from_slice(&v);
     }
     w.write_all(&buf)
 }
@@ -76,5 +129,18 @@ mod tests {
         assert_eq!((buf.len() - data.len() * 4) % 64, 0);
         let (back, r, c) = super::read_f32_2d(&buf[..]).unwrap();
         assert_eq!((back, r, c), (data, 2, 3));
+    }
+
+    #[test]
+    fn int_header_any_rank() {
+        let mut buf = Vec::new();
+        super::write_i32(&mut buf, &[1, 2, 3, 4, 5, 6], &[1, 2, 3]).unwrap();
+        assert_eq!(buf.len() % 64, 24);
+        let text = String::from_utf8_lossy(&buf[10..buf.len() - 24]);
+        assert!(text.contains("'descr': '<i4'") && text.contains("'shape': (1, 2, 3)"));
+        let mut buf = Vec::new();
+        super::write_i32(&mut buf, &[7], &[1]).unwrap();
+        assert!(String::from_utf8_lossy(&buf).contains("'shape': (1,)"));
+        assert!(super::write_i32(&mut buf, &[7], &[2]).is_err());
     }
 }

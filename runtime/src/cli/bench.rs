@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// the time goes
     #[arg(long)]
     profile: bool,
+    /// Decode this text (teacher-forced, one token at a time, consecutive slices per
+    /// repetition) in the generation test instead of the model's greedy continuation of
+    /// pseudo-random tokens: routing, and so caching and prediction, follow real text
+    #[arg(long)]
+    text: Option<PathBuf>,
     #[command(flatten)]
     streaming: super::streaming::StreamingArgs,
 }
@@ -109,6 +114,11 @@ struct Report {
     lossy: Option<crate::moe::lossy::LossyStats>,
     /// Expert-cache slots pinned to hot experts (--pin-hot).
     pinned_slots: usize,
+    /// Lookahead gate quality per depth and the token-level predictor's, over the whole run.
+    predictions: Vec<crate::model::PredictionStats>,
+    predictor: Option<crate::model::PredictionStats>,
+    /// Resident memory the token-level predictor added when it was loaded.
+    predictor_rss_bytes: Option<u64>,
 }
 
 pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<()> {
@@ -124,6 +134,30 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
             .build(&model, &args.model, session.kv_bytes())?,
     );
     session.set_route_options(args.streaming.route_options());
+    let rss0 = current_rss_bytes();
+    session.set_predictor(args.streaming.predictor(&model, &args.model)?);
+    let predictor_rss_bytes = current_rss_bytes()
+        .zip(rss0)
+        .map(|(a, b)| a.saturating_sub(b));
+    let text_tokens = match &args.text {
+        Some(path) => {
+            let tok = crate::tokenizer::Tokenizer::from_gguf(file.header())
+                .map_err(|e| anyhow::anyhow!("{e}: --text needs the model's tokenizer"))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let ids = tok.encode(&text, false)?;
+            if ids.len() < (args.repetitions + 1) * args.n_gen {
+                anyhow::bail!(
+                    "{} has {} tokens, the generation test needs {} (repetitions + 1 warm-up, times --n-gen)",
+                    path.display(),
+                    ids.len(),
+                    (args.repetitions + 1) * args.n_gen
+                );
+            }
+            Some(ids)
+        }
+        None => None,
+    };
     let vocab = model.hp.n_vocab as u32;
     // Deterministic pseudo-random token ids, like llama-bench's random prompt.
     let tokens: Vec<u32> = (0..args.n_prompt.max(args.n_gen) as u64)
@@ -151,6 +185,14 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
             args.repetitions,
             &mut session,
             |s| {
+                if let Some(text) = &text_tokens {
+                    let r = rep_counter.get();
+                    rep_counter.set(r + 1);
+                    for &t in &text[r * args.n_gen..(r + 1) * args.n_gen] {
+                        s.forward(&[t], false)?;
+                    }
+                    return Ok(());
+                }
                 // Each repetition starts from another token and then feeds back the model's own
                 // greedy choice, as generation does (so routing, and caching, follow real text
                 // rather than repeating one fixed sequence).
@@ -188,6 +230,9 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         tests,
         lossy: (!args.streaming.route_options().is_off()).then(|| session.lossy_stats().clone()),
         pinned_slots: session.expert_cache().map_or(0, |c| c.pinned()),
+        predictions: session.prediction_stats().to_vec(),
+        predictor: session.predictor_stats().cloned(),
+        predictor_rss_bytes,
     };
     if args.json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
@@ -337,6 +382,14 @@ fn measure(
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The process's current resident set (VmRSS), where the OS reports it.
+fn current_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }

@@ -17,6 +17,7 @@ mod bench;
 mod eval;
 mod kernel_bench;
 pub mod streaming;
+mod trace;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +42,8 @@ enum Command {
     BenchKernels(kernel_bench::KernelBenchArgs),
     /// Perplexity and next-token choices over a text, decoded token by token
     Eval(eval::EvalArgs),
+    /// Write every MoE layer's routing decisions for a text as .npy arrays (distillation data)
+    Trace(trace::TraceArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -115,6 +118,7 @@ pub fn run(
         Some(Command::Bench(b)) => bench::run(b, out, err),
         Some(Command::BenchKernels(b)) => kernel_bench::run(b, out),
         Some(Command::Eval(e)) => eval::run(e, out, err),
+        Some(Command::Trace(t)) => trace::run(t, out, err),
         None => generate_text(cli.generate, out, err),
     }
 }
@@ -164,6 +168,7 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
             .build(&model, &model_path, session.kv_bytes())?,
     );
     session.set_route_options(args.streaming.route_options());
+    session.set_predictor(args.streaming.predictor(&model, &model_path)?);
 
     if let Some(path) = &args.dump_logits {
         let logits = session.forward(&prompt, true)?;
@@ -254,6 +259,7 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
             "lossy_routing": (!args.streaming.route_options().is_off())
                 .then(|| session.lossy_stats().clone()),
             "pinned_slots": session.expert_cache().map_or(0, |c| c.pinned()),
+            "predictor": session.predictor_stats(),
             "peak_rss_bytes": bench::peak_rss_bytes(),
         });
         writeln!(err, "{report}")?;

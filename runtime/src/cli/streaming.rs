@@ -12,6 +12,7 @@ use crate::moe::cache::{
 use crate::moe::calib::CalibStats;
 use crate::moe::flash::FlashProfile;
 use crate::moe::lossy::RouteOptions;
+use crate::moe::predictor::{ExpertPredictor, FrequencyPredictor};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StreamingArgs {
@@ -38,6 +39,18 @@ pub struct StreamingArgs {
     /// Threads reading experts
     #[arg(long, default_value_t = 2)]
     pub io_threads: usize,
+    /// Token-level expert predictor, run before the backbone: none, frequency (each layer's most
+    /// used experts so far) or pregate (the model's pre-gating router network, needs the
+    /// `pregate` build feature); combines with --lookahead
+    #[arg(long, default_value = "none", value_parser = ["none", "frequency", "pregate"])]
+    pub predictor: String,
+    /// The pre-gating router (ONNX); default: the GGUF's `moe_edge.pregate.onnx` key, else
+    /// MODEL_STEM.pregate.onnx beside the model
+    #[arg(long)]
+    pub pregate: Option<std::path::PathBuf>,
+    /// Experts the predictor guesses per layer and token (default: the model's top-k)
+    #[arg(long)]
+    pub predict_k: Option<usize>,
     /// Pin this fraction of the cache's slots to the experts used most in the calibration
     /// statistics stored in the file (moe-convert --calib); 0 = off
     #[arg(long, default_value_t = 0.0)]
@@ -170,6 +183,41 @@ impl StreamingArgs {
         Ok(())
     }
 
+    /// The token-level predictor these options ask for.
+    pub fn predictor(
+        &self,
+        model: &Model,
+        path: &Path,
+    ) -> Result<Option<Box<dyn ExpertPredictor>>> {
+        let hp = &model.hp;
+        let k = self.predict_k.unwrap_or(hp.n_expert_used);
+        match self.predictor.as_str() {
+            "frequency" => {
+                let moe = model
+                    .layers
+                    .iter()
+                    .map(|l| matches!(l.ffn, crate::model::Ffn::Moe(_)))
+                    .collect();
+                Ok(Some(Box::new(FrequencyPredictor::new(moe, hp.n_expert, k))))
+            }
+            "pregate" => {
+                let onnx = match &self.pregate {
+                    Some(p) => p.clone(),
+                    None => crate::moe::predictor::find_sidecar(path, model.file.header())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "{} names no pre-gating router and has no {}.pregate.onnx beside it; pass --pregate FILE",
+                                path.display(),
+                                path.file_stem().unwrap_or_default().to_string_lossy()
+                            )
+                        })?,
+                };
+                pregate(&onnx, model, self.predict_k)
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn config(&self, slots: usize) -> CacheConfig {
         CacheConfig {
             slots,
@@ -182,4 +230,28 @@ impl StreamingArgs {
             max_speculative_bytes: 32 << 20,
         }
     }
+}
+
+#[cfg(feature = "pregate")]
+fn pregate(
+    onnx: &Path,
+    model: &Model,
+    k: Option<usize>,
+) -> Result<Option<Box<dyn ExpertPredictor>>> {
+    let p = crate::moe::predictor::PregatePredictor::load(
+        onnx,
+        model.hp.n_layer,
+        model.hp.n_expert,
+        k,
+    )?;
+    Ok(Some(Box::new(p)))
+}
+
+#[cfg(not(feature = "pregate"))]
+fn pregate(
+    _onnx: &Path,
+    _model: &Model,
+    _k: Option<usize>,
+) -> Result<Option<Box<dyn ExpertPredictor>>> {
+    Err(crate::moe::predictor::PredictorError::NotBuilt.into())
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::moe::cache::ExpertCache;
 use crate::moe::experts::{add_transposed, run_experts, ExpertJob, ExpertScratch};
 use crate::moe::lossy::{self, LossyStats, RouteOptions};
+use crate::moe::predictor::{ExpertPredictor, Predictions};
 use crate::moe::router::{route_with, Route};
 use crate::tensor::matrix::{multi_matmul, Activations};
 use crate::tensor::{matmul, Kernels, MatmulScratch};
@@ -47,6 +48,9 @@ struct Scratch {
     active: Vec<u32>,
     /// Lookahead predictions waiting for their layer: (layer, depth, experts).
     pending: Vec<(usize, usize, Vec<u32>)>,
+    /// The token-level predictor's guesses for the batch, and per layer their union.
+    predicted: Predictions,
+    predicted_union: Vec<Vec<u32>>,
     predict_norm: Vec<f32>,
     predict_logits: Vec<f32>,
     /// Bytes of routed-expert weights the batches used (each selected expert counted once per
@@ -68,14 +72,22 @@ struct LossyRouting {
     stats: LossyStats,
 }
 
-/// Precision/recall counts of lookahead predictions at one depth.
+/// Precision/recall counts of one predictor: the lookahead gate at one depth, or a token-level
+/// predictor (depth 0: before the backbone runs). Each batch compares the union of the experts
+/// predicted for its tokens with the union of those used (per token when decoding).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PredictionStats {
+    /// "lookahead", or the token-level predictor's name.
+    pub predictor: &'static str,
     pub depth: usize,
     /// Predicted experts that the layer then used.
     pub correct: u64,
     pub predicted: u64,
     pub actual: u64,
+    /// The same counts per model layer: `[correct, predicted, actual]`.
+    pub by_layer: Vec<[u64; 3]>,
+    /// Time spent making these predictions.
+    pub seconds: f64,
 }
 
 impl PredictionStats {
@@ -85,6 +97,20 @@ impl PredictionStats {
 
     pub fn recall(&self) -> f64 {
         self.correct as f64 / self.actual.max(1) as f64
+    }
+
+    fn add(&mut self, layer: usize, predicted: &[u32], actual: &[u32]) {
+        let correct = predicted.iter().filter(|e| actual.contains(e)).count() as u64;
+        self.correct += correct;
+        self.predicted += predicted.len() as u64;
+        self.actual += actual.len() as u64;
+        if self.by_layer.len() <= layer {
+            self.by_layer.resize(layer + 1, [0; 3]);
+        }
+        let c = &mut self.by_layer[layer];
+        c[0] += correct;
+        c[1] += predicted.len() as u64;
+        c[2] += actual.len() as u64;
     }
 }
 
@@ -118,6 +144,9 @@ pub struct Session<'m, 'a> {
     kv: KvCache,
     streaming: ExpertStreaming,
     predictions: Vec<PredictionStats>,
+    /// Guesses every layer's experts of the next tokens before the backbone runs them.
+    predictor: Option<Box<dyn ExpertPredictor>>,
+    predictor_stats: PredictionStats,
     /// cos/sin of every (position, frequency) pair: `[n_ctx, rope_dim / 2]`.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
@@ -161,6 +190,8 @@ impl<'m, 'a> Session<'m, 'a> {
             kv: KvCache::new(hp, n_ctx, kv_type),
             streaming: ExpertStreaming::default(),
             predictions: Vec::new(),
+            predictor: None,
+            predictor_stats: PredictionStats::default(),
             rope_cos,
             rope_sin,
             pos: 0,
@@ -187,6 +218,7 @@ impl<'m, 'a> Session<'m, 'a> {
     pub fn set_streaming(&mut self, streaming: ExpertStreaming) {
         self.predictions = (1..=streaming.lookahead)
             .map(|depth| PredictionStats {
+                predictor: "lookahead",
                 depth,
                 ..Default::default()
             })
@@ -201,6 +233,23 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Lookahead prediction quality per depth.
     pub fn prediction_stats(&self) -> &[PredictionStats] {
         &self.predictions
+    }
+
+    /// Installs a token-level expert predictor (or removes it with None). Before each batch
+    /// runs, it guesses every layer's experts; the guesses are prefetched and tell Belady
+    /// eviction when those experts are needed. The model's routers still decide: the output is
+    /// the same with any predictor or none.
+    pub fn set_predictor(&mut self, predictor: Option<Box<dyn ExpertPredictor>>) {
+        self.predictor_stats = PredictionStats {
+            predictor: predictor.as_ref().map_or("", |p| p.name()),
+            ..Default::default()
+        };
+        self.predictor = predictor;
+    }
+
+    /// Quality of the token-level predictor's guesses (depth 0), when one is installed.
+    pub fn predictor_stats(&self) -> Option<&PredictionStats> {
+        self.predictor.as_ref().map(|_| &self.predictor_stats)
     }
 
     /// Bytes of routed-expert weights used since the session started.
@@ -321,9 +370,17 @@ impl<'m, 'a> Session<'m, 'a> {
         }
 
         let last_pos = self.pos + n - 1;
+        if self.predictor.is_some() {
+            self.predict_tokens(tokens)?;
+        }
         for (li, layer) in model.layers.iter().enumerate() {
             if let Some(cache) = &self.streaming.cache {
                 cache.set_position(last_pos, li);
+                if self.predictor.is_some() && li > 0 {
+                    // Guesses the in-flight cap turned away at the start get another chance
+                    // as reads complete (present experts just renew their next use).
+                    self.prefetch_predicted(cache, li, last_pos);
+                }
             }
             // Attention block: x += attn(norm(x)) * residual_scale
             rms_norm_rows(&self.s.x, &layer.attn_norm, hp.norm_eps, &mut self.s.xn, k);
@@ -382,6 +439,11 @@ impl<'m, 'a> Session<'m, 'a> {
                     routes: s.routes.clone(),
                 });
             }
+            if let (Some(p), Ffn::Moe(_)) = (&mut self.predictor, &layer.ffn) {
+                self.predictor_stats
+                    .add(li, &s.predicted_union[li], &s.active);
+                p.observe(li, &s.routes);
+            }
             add_scaled(&mut s.x, &s.ffn_out, hp.residual_scale);
         }
 
@@ -415,6 +477,41 @@ impl<'m, 'a> Session<'m, 'a> {
         Ok(&self.s.logits)
     }
 
+    /// Asks the token-level predictor for every layer's experts of `tokens` (before the
+    /// backbone runs them), and prefetches them all, nearest layer first.
+    fn predict_tokens(&mut self, tokens: &[u32]) -> Result<(), ModelError> {
+        let Some(p) = self.predictor.as_mut() else {
+            return Ok(());
+        };
+        let s = &mut self.s;
+        let t0 = std::time::Instant::now();
+        p.predict(tokens, self.pos, &mut s.predicted)
+            .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+        self.predictor_stats.seconds += t0.elapsed().as_secs_f64();
+        let n_layers = self.model.layers.len();
+        s.predicted_union.resize_with(n_layers, Vec::new);
+        for l in 0..n_layers {
+            if s.predicted.n_tokens() == tokens.len() {
+                s.predicted.union(l, &mut s.predicted_union[l]);
+            } else {
+                s.predicted_union[l].clear();
+            }
+        }
+        if let Some(cache) = self.streaming.cache.clone() {
+            self.prefetch_predicted(&cache, 0, self.pos + tokens.len() - 1);
+        }
+        Ok(())
+    }
+
+    /// Prefetches the predicted experts of layers `from..` for the batch ending at `last_pos`.
+    fn prefetch_predicted(&self, cache: &ExpertCache, from: usize, last_pos: usize) {
+        for (l, experts) in self.s.predicted_union.iter().enumerate().skip(from) {
+            if !experts.is_empty() {
+                cache.prefetch(l, experts, cache.step_of(last_pos, l));
+            }
+        }
+    }
+
     /// Lookahead gate: applies the routers of the next `lookahead` layers to the current
     /// post-attention state (normalised as each of those layers would) and prefetches the
     /// experts they pick. The model's own routers still decide; this only moves reads earlier.
@@ -427,6 +524,7 @@ impl<'m, 'a> Session<'m, 'a> {
         let d = hp.n_embd;
         let k = self.kernels;
         let s = &mut self.s;
+        let t0 = std::time::Instant::now();
         for depth in 1..=self.streaming.lookahead {
             let l2 = li + depth;
             let Some(layer) = model.layers.get(l2) else {
@@ -468,6 +566,10 @@ impl<'m, 'a> Session<'m, 'a> {
             union.sort_unstable();
             cache.prefetch(l2, &union, cache.step_of(last_pos, l2));
             s.pending.push((l2, depth, union));
+        }
+        // Charged to depth 1 (the gate's cost is per layer visit, whatever the depth).
+        if let Some(st) = self.predictions.first_mut() {
+            st.seconds += t0.elapsed().as_secs_f64();
         }
     }
 
@@ -740,9 +842,7 @@ fn score_predictions(
             return true;
         }
         if let Some(st) = stats.get_mut(depth - 1) {
-            st.correct += predicted.iter().filter(|e| actual.contains(e)).count() as u64;
-            st.predicted += predicted.len() as u64;
-            st.actual += actual.len() as u64;
+            st.add(layer, predicted, actual);
         }
         false
     });

@@ -6,4 +6,5 @@ pub mod calib;
 pub mod experts;
 pub mod flash;
 pub mod lossy;
+pub mod predictor;
 pub mod router;
