@@ -224,6 +224,16 @@ impl Host {
         }
     }
 
+    /// The core's name for the start-up line. Under qemu-user /proc/cpuinfo describes the
+    /// host, so an x86 model name is not shown for an aarch64 process.
+    pub fn cpu_name(&self) -> String {
+        let x86_text = self.cpu.part.is_none() && self.cpu.model_name.is_some();
+        if self.arch != "x86_64" && x86_text {
+            return format!("{} (core unknown)", self.arch);
+        }
+        self.cpu.core_name()
+    }
+
     /// RAM this process may use: the smaller of physical memory and the cgroup limit.
     pub fn usable_ram(&self) -> Option<u64> {
         match (self.mem_total, self.cgroup_limit) {

@@ -366,7 +366,7 @@ pub fn cpu_summary(host: &Host) -> String {
     };
     format!(
         "cpu: {} x{} ({}), kernels: {}",
-        host.cpu.core_name(),
+        host.cpu_name(),
         host.cores,
         features,
         crate::tensor::kernels::best().name
@@ -473,6 +473,10 @@ mod tests {
         assert_eq!(pick(&host(RK3588, "aarch64", 8, 15.6)), "pi5");
         assert_eq!(pick(&host("", "aarch64", 2, 4.0)), "generic-aarch64");
         assert_eq!(pick(&host(XEON, "x86_64", 2, 23.5)), "x86_64");
+        // An aarch64 process under qemu-user reads the x86 host's /proc/cpuinfo.
+        let emulated = host(XEON, "aarch64", 2, 23.5);
+        assert_eq!(pick(&emulated), "generic-aarch64");
+        assert_eq!(emulated.cpu_name(), "aarch64 (core unknown)");
     }
 
     #[test]
