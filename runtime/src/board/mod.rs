@@ -273,7 +273,8 @@ impl Defaults {
         };
         let mut d = Defaults {
             threads: m.cores.max(1),
-            mem_budget: m.ram.saturating_sub(reserve) as usize,
+            // Capped for 32-bit builds, where the address space is the limit anyway.
+            mem_budget: m.ram.saturating_sub(reserve).min(usize::MAX as u64) as usize,
             eviction: Eviction::Belady,
             lookahead: 0,
             direct_io: true,
