@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Release builds of moe-run and moe-convert for 64-bit Raspberry Pi OS (and other aarch64 glibc
+# Release builds of moe-run, moed and moe-convert for 64-bit Raspberry Pi OS (and other aarch64 glibc
 # Linux), cross-compiled on an x86_64 Debian/Ubuntu host. Installs what is missing first.
 #
 #   scripts/cross-build.sh                           build, then report sizes and library needs
@@ -59,7 +59,7 @@ esac
 
 setup 0
 start=$(date +%s)
-cargo build --release --target "$TARGET" --bin moe-run --bin moe-convert
+cargo build --release --target "$TARGET" --bin moe-run --bin moed --bin moe-convert
 echo "release build: $(($(date +%s) - start)) s"
 
 if command -v aarch64-linux-gnu-readelf >/dev/null 2>&1; then
@@ -71,7 +71,7 @@ fi
 allowed=" libc.so.6 libm.so.6 libgcc_s.so.1 ld-linux-aarch64.so.1 libpthread.so.0 libdl.so.2 "
 out_dir="${CARGO_TARGET_DIR:-target}/$TARGET/release"
 status=0
-for bin in moe-run moe-convert; do
+for bin in moe-run moed moe-convert; do
   path="$out_dir/$bin"
   echo
   echo "== $path"

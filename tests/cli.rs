@@ -133,3 +133,80 @@ fn bad_invocations_are_explained() {
     .unwrap_err();
     assert!(e.contains("outside the vocabulary"), "{e}");
 }
+
+/// A board profile's memory budget streams experts only when the model does not fit in it,
+/// the output stays the resident one, and explicit flags win over the profile's defaults.
+#[test]
+fn board_profile_budget_streams_only_when_the_model_does_not_fit() {
+    let fx = Fixture::load("qwen2_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let model = conv.path.to_str().unwrap();
+    let file_bytes = std::fs::metadata(&conv.path).unwrap().len();
+    let case = &fx.expected.prompts[2];
+    let ids = ids_arg(&case.ids);
+    let dir = tempfile::tempdir().unwrap();
+    // The generic profile with a budget of `bytes`, on a microSD card (one I/O thread).
+    let profile = |bytes: u64| {
+        let path = dir.path().join(format!("b{bytes}.toml"));
+        let text = format!(
+            "{}\n[defaults]\nmem_budget = \"{bytes}\"\n",
+            include_str!("../targets/profiles/generic-aarch64.toml")
+        );
+        std::fs::write(&path, text).unwrap();
+        format!("{}:microsd", path.display())
+    };
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "-m",
+            model,
+            "--tokens",
+            &ids,
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "--ids",
+            "--ignore-eos",
+            "-c",
+            "32",
+        ];
+        args.extend_from_slice(extra);
+        let (out, err) = run(&args).unwrap();
+        let ids: Vec<u32> = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        (ids, err.lines().next().unwrap_or_default().to_string())
+    };
+
+    let (resident, line) = gen(&["--target-profile", "none"]);
+    assert!(
+        line.contains("profile: none") && line.contains("expert cache: off"),
+        "{line}"
+    );
+    assert!(
+        line.starts_with("cpu: ") && line.contains("kernels: "),
+        "{line}"
+    );
+
+    // 48 MiB is the runtime overhead the budget plans for; the KV cache does not fit on top.
+    let tight = profile(file_bytes + (48 << 20));
+    let (streamed, line) = gen(&["--target-profile", &tight]);
+    assert!(
+        line.contains("expert cache: ") && line.contains(" slots"),
+        "{line}"
+    );
+    assert!(line.contains("belady, O_DIRECT, 1 I/O thread"), "{line}");
+    assert_eq!(streamed, resident);
+
+    let (_, line) = gen(&[
+        "--target-profile",
+        &tight,
+        "--eviction",
+        "lru",
+        "--io-threads",
+        "3",
+    ]);
+    assert!(line.contains("lru, O_DIRECT, 3 I/O threads"), "{line}");
+
+    let roomy = profile(file_bytes + (64 << 20));
+    let (_, line) = gen(&["--target-profile", &roomy]);
+    assert!(line.contains("expert cache: off"), "{line}");
+}

@@ -37,9 +37,18 @@ pub struct Config {
     /// Read streamed experts with O_DIRECT (bypass the page cache)
     #[arg(long, env = "MOED_DIRECT_IO")]
     pub direct_io: bool,
-    /// Layers ahead whose experts are predicted and prefetched when streaming
-    #[arg(long, env = "MOED_LOOKAHEAD", default_value_t = 0)]
-    pub lookahead: usize,
+    /// Layers ahead whose experts are predicted and prefetched when streaming [default: 0, or
+    /// the board profile's]
+    #[arg(long, env = "MOED_LOOKAHEAD")]
+    pub lookahead: Option<usize>,
+    /// Threads reading streamed experts [default: the board profile's, else 2]
+    #[arg(long, env = "MOED_IO_THREADS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub io_threads: Option<u32>,
+    /// Board profile giving the defaults of threads, memory budget and expert streaming: auto
+    /// (detect the CPU and RAM), none, pi5, pi4, zero2w, generic-aarch64, x86_64 or a .toml
+    /// file; NAME:STORAGE names the model's device (e.g. pi4:usb-ssd). Flags still win
+    #[arg(long, env = "MOED_TARGET_PROFILE", default_value = "auto")]
+    pub target_profile: String,
     /// Worker threads for the forward pass (default: all cores)
     #[arg(short = 't', long, env = "MOED_THREADS")]
     pub threads: Option<usize>,
@@ -66,9 +75,9 @@ pub struct Config {
     /// without .gguf)
     #[arg(long, env = "MOED_ALIAS")]
     pub alias: Option<String>,
-    /// KV cache type: f16 (half the memory) or f32
-    #[arg(long, env = "MOED_KV_TYPE", default_value = "f16", value_parser = parse_kv_type)]
-    pub kv_type: KvType,
+    /// KV cache type: f16 (half the memory) or f32 [default: f16, or the board profile's]
+    #[arg(long, env = "MOED_KV_TYPE", value_parser = parse_kv_type)]
+    pub kv_type: Option<KvType>,
     /// Skip the warm-up forward pass after loading
     #[arg(long, env = "MOED_NO_WARMUP")]
     pub no_warmup: bool,
@@ -78,6 +87,12 @@ pub struct Config {
     /// Test hook: sleep this many milliseconds before loading the model
     #[arg(long, hide = true, default_value_t = 0)]
     pub test_load_delay_ms: u64,
+    /// Defaults from `--target-profile`, resolved at start (see [`Config::apply_board`]).
+    #[arg(skip)]
+    pub board: Option<moe_runtime::board::Defaults>,
+    /// The start-up line's CPU/RAM/profile part, logged once the expert cache is set up.
+    #[arg(skip)]
+    pub startup: String,
 }
 
 impl Config {
@@ -96,6 +111,18 @@ impl Config {
         if self.threads == Some(0) {
             bail!("--threads must be at least 1");
         }
+        Ok(())
+    }
+
+    /// Resolves `--target-profile` against this machine and the model's device, and fills the
+    /// thread count the flags left unset; the rest is applied where the worker sets up.
+    pub fn apply_board(&mut self) -> Result<()> {
+        let (board, startup) = moe_runtime::cli::board_defaults(&self.target_profile, &self.model)?;
+        if self.threads.is_none() {
+            self.threads = board.as_ref().map(|b| b.threads);
+        }
+        self.board = board;
+        self.startup = startup;
         Ok(())
     }
 

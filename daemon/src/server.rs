@@ -287,18 +287,22 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
         model: cfg.model.clone(),
         model_id: cfg.model_id(),
         ctx: cfg.ctx,
-        kv_type: cfg.kv_type,
+        kv_type: cfg
+            .kv_type
+            .or(cfg.board.as_ref().map(|b| b.kv_type))
+            .unwrap_or(moe_runtime::model::KvType::F16),
         streaming: moe_runtime::cli::streaming::StreamingArgs {
             mem_budget: cfg
                 .mem_budget
                 .as_deref()
                 .and_then(moe_runtime::moe::cache::parse_size),
             expert_cache: None,
-            eviction: moe_runtime::moe::cache::Eviction::Belady,
+            eviction: None,
             lookahead: cfg.lookahead,
             direct_io: cfg.direct_io,
             flash_profile: None,
-            io_threads: 2,
+            io_threads: cfg.io_threads.map(|t| t as usize),
+            board: cfg.board.clone(),
             // Calibration prior on (lossless); pinning and lossy routing off in the daemon.
             pin_hot: 0.0,
             no_calib_prior: false,
@@ -309,6 +313,7 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
             pregate: None,
             predict_k: None,
         },
+        startup: cfg.startup.clone(),
         warmup: !cfg.no_warmup,
         token_delay: Duration::from_millis(cfg.test_token_delay_ms),
         load_delay: Duration::from_millis(cfg.test_load_delay_ms),

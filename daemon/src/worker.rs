@@ -27,6 +27,8 @@ pub struct WorkerConfig {
     pub ctx: Option<usize>,
     pub kv_type: KvType,
     pub streaming: moe_runtime::cli::streaming::StreamingArgs,
+    /// The start-up line's CPU/RAM/profile part; the expert cache's is added once built.
+    pub startup: String,
     pub warmup: bool,
     pub token_delay: Duration,
     pub load_delay: Duration,
@@ -147,6 +149,11 @@ pub fn spawn(
             let mut session = Session::with_kv_type(&model, n_ctx, cfg.kv_type);
             match cfg.streaming.build(&model, &cfg.model, session.kv_bytes()) {
                 Ok(streaming) => {
+                    info!(
+                        "{}, {}",
+                        cfg.startup,
+                        moe_runtime::cli::streaming::describe(&streaming)
+                    );
                     if let Some(cache) = &streaming.cache {
                         let _ = metrics.expert_cache.set(cache.clone());
                     }

@@ -3,6 +3,7 @@
 //! Layout by concern: [`gguf`] (file format), [`tensor`] (quant formats and kernels), [`model`]
 //! (architectures and the forward pass), [`moe`] (routing), [`sampling`], [`tokenizer`].
 
+pub mod board;
 pub mod cli;
 pub mod generate;
 pub mod gguf;

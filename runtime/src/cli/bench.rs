@@ -45,6 +45,10 @@ pub struct BenchArgs {
     text: Option<PathBuf>,
     #[command(flatten)]
     streaming: super::streaming::StreamingArgs,
+    /// Board profile for the defaults of threads and expert streaming (see moe-run --help);
+    /// off by default so that measurements use only the flags given
+    #[arg(long, default_value = "none")]
+    target_profile: String,
 }
 
 #[derive(Serialize)]
@@ -107,6 +111,8 @@ struct Report {
     architecture: String,
     threads: usize,
     kernels: &'static str,
+    /// The start-up line: CPU, kernels, RAM, board profile, expert cache.
+    setup: String,
     kv_cache_bytes: usize,
     peak_rss_bytes: Option<u64>,
     tests: Vec<TestResult>,
@@ -121,18 +127,21 @@ struct Report {
     predictor_rss_bytes: Option<u64>,
 }
 
-pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<()> {
-    super::set_threads(args.threads);
+pub fn run(mut args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<()> {
+    let (board, startup) = super::board_defaults(&args.target_profile, &args.model)?;
+    super::set_threads(args.threads.or(board.as_ref().map(|b| b.threads)));
+    args.streaming.board = board;
     let file = GgufFile::open(&args.model)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let model = Model::load(&file)?;
     let n_ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);
     let mut session = Session::new(&model, n_ctx);
     session.set_profiling(args.profile);
-    session.set_streaming(
-        args.streaming
-            .build(&model, &args.model, session.kv_bytes())?,
-    );
+    let streaming = args
+        .streaming
+        .build(&model, &args.model, session.kv_bytes())?;
+    let setup = format!("{startup}, {}", super::streaming::describe(&streaming));
+    session.set_streaming(streaming);
     session.set_route_options(args.streaming.route_options());
     let rss0 = current_rss_bytes();
     session.set_predictor(args.streaming.predictor(&model, &args.model)?);
@@ -225,6 +234,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         architecture: model.hp.arch.gguf_name().to_string(),
         threads: rayon::current_num_threads(),
         kernels: crate::tensor::kernels::best().name,
+        setup,
         kv_cache_bytes: session.kv_bytes(),
         peak_rss_bytes: peak_rss_bytes(),
         tests,
@@ -247,6 +257,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         report.threads,
         report.kernels
     )?;
+    writeln!(out, "{}", report.setup)?;
     writeln!(out, "| test  |            t/s | expert MiB/token |")?;
     writeln!(out, "| ----- | -------------- | ---------------- |")?;
     for t in &report.tests {

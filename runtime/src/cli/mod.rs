@@ -101,9 +101,14 @@ struct Args {
     stats: bool,
     #[command(flatten)]
     streaming: streaming::StreamingArgs,
-    /// KV cache type: f16 (half the memory) or f32
-    #[arg(long, default_value = "f16", value_parser = parse_kv_type)]
-    kv_type: KvType,
+    /// KV cache type: f16 (half the memory) or f32 [default: f16, or the board profile's]
+    #[arg(long, value_parser = parse_kv_type)]
+    kv_type: Option<KvType>,
+    /// Board profile giving the defaults of threads, memory budget and expert streaming: auto
+    /// (detect the CPU and RAM), none, pi5, pi4, zero2w, generic-aarch64, x86_64 or a .toml
+    /// file; NAME:STORAGE names the model's device (e.g. pi4:usb-ssd). Flags still win
+    #[arg(long, default_value = "auto")]
+    target_profile: String,
 }
 
 /// Runs `moe-run` with command-line `argv` (program name first), writing generated text to `out`
@@ -123,6 +128,18 @@ pub fn run(
     }
 }
 
+/// Board defaults for `--target-profile SPEC` and the model at `model`, with the start of the
+/// start-up line (`cpu: ..., kernels: ..., ram: ..., profile: ...`).
+pub fn board_defaults(
+    spec: &str,
+    model: &std::path::Path,
+) -> Result<(Option<crate::board::Defaults>, String)> {
+    let host = crate::board::Host::detect();
+    let resolved = crate::board::resolve(spec, &host, Some(model))?;
+    let line = crate::board::summary(&host, resolved.as_ref());
+    Ok((resolved.map(|r| r.defaults), line))
+}
+
 fn parse_kv_type(s: &str) -> Result<KvType, String> {
     KvType::from_name(s).ok_or_else(|| format!("`{s}` is not f16 or f32"))
 }
@@ -136,9 +153,15 @@ fn set_threads(threads: Option<usize>) {
     }
 }
 
-fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
-    set_threads(args.threads);
+fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
     let model_path = args.model.clone().context("-m MODEL is required")?;
+    let (board, startup) = board_defaults(&args.target_profile, &model_path)?;
+    set_threads(args.threads.or(board.as_ref().map(|b| b.threads)));
+    let kv_type = args
+        .kv_type
+        .or(board.as_ref().map(|b| b.kv_type))
+        .unwrap_or(KvType::F16);
+    args.streaming.board = board;
     let file = GgufFile::open(&model_path)
         .with_context(|| format!("loading model {}", model_path.display()))?;
     let model = Model::load(&file).with_context(|| format!("loading {}", model_path.display()))?;
@@ -162,11 +185,12 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
         .ctx
         .unwrap_or_else(|| model.hp.n_ctx_train.min(4096))
         .max(prompt.len() + args.n_predict);
-    let mut session = Session::with_kv_type(&model, n_ctx, args.kv_type);
-    session.set_streaming(
-        args.streaming
-            .build(&model, &model_path, session.kv_bytes())?,
-    );
+    let mut session = Session::with_kv_type(&model, n_ctx, kv_type);
+    let streaming = args
+        .streaming
+        .build(&model, &model_path, session.kv_bytes())?;
+    writeln!(err, "{startup}, {}", streaming::describe(&streaming))?;
+    session.set_streaming(streaming);
     session.set_route_options(args.streaming.route_options());
     session.set_predictor(args.streaming.predictor(&model, &model_path)?);
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
+use crate::board::Defaults;
 use crate::model::{ExpertStreaming, Model};
 use crate::moe::cache::{
     parse_size, plan_budget, CacheConfig, Eviction, ExpertCache, ExpertKey, ExpertLayout,
@@ -23,22 +24,26 @@ pub struct StreamingArgs {
     /// Size the expert cache directly, as a share of all expert bytes (e.g. 50%) or a size
     #[arg(long, conflicts_with = "mem_budget")]
     pub expert_cache: Option<String>,
-    /// Eviction policy of the expert cache: lru, lfu or belady
-    #[arg(long, default_value = "belady", value_parser = parse_eviction)]
-    pub eviction: Eviction,
+    /// Eviction policy of the expert cache: lru, lfu or belady [default: belady]
+    #[arg(long, value_parser = parse_eviction)]
+    pub eviction: Option<Eviction>,
     /// Predict the experts of this many following layers and prefetch them (0 = off, the
     /// default: on the trained benchmark model, speculative reads cost more than they hid)
-    #[arg(long, default_value_t = 0)]
-    pub lookahead: usize,
-    /// Read experts with O_DIRECT (bypass the page cache)
+    #[arg(long)]
+    pub lookahead: Option<usize>,
+    /// Read experts with O_DIRECT (bypass the page cache; a board profile turns it on)
     #[arg(long)]
     pub direct_io: bool,
-    /// Emulate a storage device's speed for expert reads: microsd, usb-ssd or nvme
+    /// Emulate a storage device's speed for expert reads: microsd, microsd-pi4, usb-ssd or nvme
     #[arg(long, value_parser = parse_flash)]
     pub flash_profile: Option<FlashProfile>,
-    /// Threads reading experts
-    #[arg(long, default_value_t = 2)]
-    pub io_threads: usize,
+    /// Threads reading experts [default: 2, or the board profile's]
+    #[arg(long)]
+    pub io_threads: Option<usize>,
+    /// Defaults from a board profile (`--target-profile`), used for what the flags leave unset.
+    /// Its memory budget applies only when the model does not fit in it.
+    #[arg(skip)]
+    pub board: Option<Defaults>,
     /// Token-level expert predictor, run before the backbone: none, frequency (each layer's most
     /// used experts so far) or pregate (the model's pre-gating router network, needs the
     /// `pregate` build feature); combines with --lookahead
@@ -84,7 +89,8 @@ fn parse_eviction(s: &str) -> Result<Eviction, String> {
 }
 
 fn parse_flash(s: &str) -> Result<FlashProfile, String> {
-    FlashProfile::by_name(s).ok_or_else(|| format!("`{s}` is not microsd, usb-ssd or nvme"))
+    FlashProfile::by_name(s)
+        .ok_or_else(|| format!("`{s}` is not microsd, microsd-pi4, usb-ssd or nvme"))
 }
 
 impl StreamingArgs {
@@ -100,9 +106,25 @@ impl StreamingArgs {
         }
     }
 
-    /// The streaming setup these options ask for (resident when neither budget is given).
+    /// The budget to stream under when no flag asked for one: the board's, if the whole model
+    /// (file, KV cache and runtime overhead) does not fit in it.
+    fn board_budget(&self, model: &Model, kv_bytes: usize) -> Option<usize> {
+        let budget = self.board.as_ref()?.mem_budget;
+        let need = model.file.bytes().len() + kv_bytes + crate::moe::cache::RUNTIME_OVERHEAD;
+        (need > budget).then_some(budget)
+    }
+
+    /// The streaming setup these options ask for (resident when neither budget is given and
+    /// the model fits in the board's).
     pub fn build(&self, model: &Model, path: &Path, kv_bytes: usize) -> Result<ExpertStreaming> {
         if !self.enabled() {
+            if let Some(budget) = self.board_budget(model, kv_bytes) {
+                let with_budget = StreamingArgs {
+                    mem_budget: Some(budget),
+                    ..self.clone()
+                };
+                return with_budget.build(model, path, kv_bytes);
+            }
             if self.flash_profile.is_some()
                 || self.direct_io
                 || self.pin_hot > 0.0
@@ -145,7 +167,7 @@ impl StreamingArgs {
         self.apply_calibration(model, &cache)?;
         Ok(ExpertStreaming {
             cache: Some(Arc::new(cache)),
-            lookahead: self.lookahead,
+            lookahead: self.lookahead(),
         })
     }
 
@@ -218,13 +240,27 @@ impl StreamingArgs {
         }
     }
 
+    fn lookahead(&self) -> usize {
+        self.lookahead
+            .or(self.board.as_ref().map(|b| b.lookahead))
+            .unwrap_or(0)
+    }
+
     fn config(&self, slots: usize) -> CacheConfig {
+        let board = self.board.as_ref();
         CacheConfig {
             slots,
-            eviction: self.eviction,
-            direct_io: self.direct_io,
+            eviction: self
+                .eviction
+                .or(board.map(|b| b.eviction))
+                .unwrap_or(Eviction::Belady),
+            direct_io: self.direct_io || board.is_some_and(|b| b.direct_io),
             flash: self.flash_profile,
-            io_threads: self.io_threads,
+            io_threads: self
+                .io_threads
+                .or(board.map(|b| b.io_threads))
+                .unwrap_or(2)
+                .max(1),
             // Speculative reads in flight: a few experts' worth, so a demand read never waits
             // behind a long queue of guesses.
             max_speculative_bytes: 32 << 20,
@@ -254,4 +290,26 @@ fn pregate(
     _k: Option<usize>,
 ) -> Result<Option<Box<dyn ExpertPredictor>>> {
     Err(crate::moe::predictor::PredictorError::NotBuilt.into())
+}
+
+/// The expert-cache part of the start-up line, e.g. `expert cache: 96 slots, 24.0 MiB (50% of
+/// experts), belady, O_DIRECT, 1 I/O thread` or `expert cache: off (all experts resident)`.
+pub fn describe(streaming: &ExpertStreaming) -> String {
+    let Some(c) = &streaming.cache else {
+        return "expert cache: off (all experts resident)".into();
+    };
+    let cfg = c.config();
+    let total = c.layout().total_expert_bytes().max(1);
+    let bytes = c.memory_bytes();
+    format!(
+        "expert cache: {} slots, {} ({:.0}% of experts), {}{}, {} I/O thread{}, lookahead {}",
+        c.slots(),
+        crate::board::human_bytes(bytes as u64),
+        100.0 * bytes as f64 / total as f64,
+        format!("{:?}", cfg.eviction).to_lowercase(),
+        if cfg.direct_io { ", O_DIRECT" } else { "" },
+        cfg.io_threads,
+        if cfg.io_threads == 1 { "" } else { "s" },
+        streaming.lookahead
+    )
 }

@@ -421,6 +421,10 @@ impl ExpertCache {
         &self.inner.layout
     }
 
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.cfg
+    }
+
     /// Bytes the cache holds (its own accounting; the budget check uses this).
     pub fn memory_bytes(&self) -> usize {
         self.inner.memory.layout.size()
