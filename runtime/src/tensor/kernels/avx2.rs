@@ -300,14 +300,19 @@ unsafe fn load_halves(p: *const u8, stride: usize, both: bool) -> __m256i {
 /// a live register: a false dependency that once serialised the block loop).
 #[inline(always)]
 unsafe fn scales(p: *const u8, stride: usize, both: bool) -> __m256 {
-    let f16 = |q: *const u8| _mm_set1_epi16(i16::from_le_bytes([*q, *q.add(1)]));
-    let lo = _mm_cvtph_ps(f16(p));
+    // Both f16 scales in one register, spread to four lanes each, converted at once.
+    let lo = u16::from_le_bytes([*p, *p.add(1)]) as i32;
     let hi = if both {
-        _mm_cvtph_ps(f16(p.add(stride)))
+        u16::from_le_bytes([*p.add(stride), *p.add(stride + 1)]) as i32
     } else {
-        _mm_setzero_ps()
+        0
     };
-    _mm256_set_m128(hi, lo)
+    let packed = _mm_cvtsi32_si128(lo | (hi << 16));
+    let spread = _mm_shuffle_epi8(
+        packed,
+        _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3),
+    );
+    _mm256_cvtph_ps(spread)
 }
 
 /// Q8_0 quants of blocks b and b + 1 (block at `p`, `stride` bytes apart).
@@ -416,14 +421,21 @@ unsafe fn dpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(acc, u, s)
 }
 
-/// VNNI Q8_0: `vpdpbusd` multiplies unsigned by signed bytes, so the activations are offset to
-/// x + 128 (a bit flip) and the accumulator starts at -128 * (lane sums of w), prepared once
-/// per weight block pair: exact lane sums with no per-pair sign fix-up.
+/// VNNI Q8_0: `vpdpbusd` multiplies unsigned by signed bytes, so the weights are offset to
+/// w + 128 (a bit flip) and the accumulator starts at -128 * (lane sums of x), prepared once
+/// per activation block pair and shared by every row: exact lane sums, and a weight block
+/// costs only its flip (decode dots each weight block with a single token).
 struct Q8Vnni;
 impl BlockProduct for Q8Vnni {
     const W_BYTES: usize = Q8_0_BYTES;
     #[inline(always)]
     unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        let flip = _mm256_set1_epi8(-128);
+        plain(_mm256_xor_si256(lo, flip), _mm256_xor_si256(hi, flip), d)
+    }
+    #[inline(always)]
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
         let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
         let k128 = _mm256_set1_epi8(-128);
         let sum128 = dpbusd(dpbusd(_mm256_setzero_si256(), k128, lo), k128, hi);
@@ -437,14 +449,8 @@ impl BlockProduct for Q8Vnni {
         }
     }
     #[inline(always)]
-    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
-        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
-        let flip = _mm256_set1_epi8(-128);
-        plain(_mm256_xor_si256(lo, flip), _mm256_xor_si256(hi, flip), d)
-    }
-    #[inline(always)]
     unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
-        dpbusd(dpbusd(w.aux_lo, x.lo, w.lo), x.hi, w.hi)
+        dpbusd(dpbusd(x.aux_lo, w.lo, x.lo), w.hi, x.hi)
     }
 }
 
