@@ -484,6 +484,10 @@ impl BlockProduct for Q4Vnni {
     }
 }
 
+/// How far ahead of the block being multiplied its row is prefetched (a hint: reading past the
+/// row's end is harmless).
+const PREFETCH_BLOCKS: usize = 16;
+
 /// One tile: `R` weight rows (`wb` bytes apart) times `T` activation rows (`xb` bytes apart),
 /// `nb` blocks each, two blocks per step; writes `out[r * n + t]`.
 #[inline(always)]
@@ -508,6 +512,10 @@ unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
         // One weight row at a time, used by every token at once, keeps the live registers to
         // the accumulators, the tokens and one row.
         for (r, acc_r) in acc.iter_mut().enumerate() {
+            // Weights stream from memory once (decode): ask for them a few blocks ahead.
+            _mm_prefetch::<_MM_HINT_T0>(
+                w.add(r * wb + (b + PREFETCH_BLOCKS) * P::W_BYTES) as *const i8
+            );
             let row = P::weights(w.add(r * wb + b * P::W_BYTES), both);
             for (tok, a) in toks.iter().zip(acc_r.iter_mut()) {
                 let d = _mm256_mul_ps(row.d, tok.d);
