@@ -92,12 +92,15 @@ pub fn run_experts(
     if s.hidden.len() < jobs.len() {
         s.hidden.resize_with(jobs.len(), Activations::default);
     }
-    let mut start = 0;
-    for (ji, job) in jobs.iter().enumerate() {
+    let mut blocks = Vec::with_capacity(jobs.len());
+    let mut rest: &[f32] = &s.hidden_t;
+    for &size in &sizes {
+        let (block, tail) = rest.split_at(size);
+        blocks.push(block);
+        rest = tail;
+    }
+    let prepare = |(h, (job, block)): (&mut Activations, (&ExpertJob, &&[f32]))| {
         let (ff, m) = (job.mlp.gate.rows, job.tokens.len());
-        let block = &s.hidden_t[start..start + sizes[ji]];
-        start += sizes[ji];
-        let h = &mut s.hidden[ji];
         h.n = m;
         h.cols = ff;
         h.x.resize(m * ff, 0.0);
@@ -107,6 +110,19 @@ pub fn run_experts(
             }
         }
         h.quantize(k);
+    };
+    let hidden = &mut s.hidden[..jobs.len()];
+    // A decode step's few hundred values are not worth waking the pool for.
+    if s.hidden_t.len() >= 1 << 14 {
+        hidden
+            .par_iter_mut()
+            .zip(jobs.par_iter().zip(blocks.par_iter()))
+            .for_each(prepare);
+    } else {
+        hidden
+            .iter_mut()
+            .zip(jobs.iter().zip(blocks.iter()))
+            .for_each(prepare);
     }
 
     // Pass 2: down projections, threads splitting the output rows.

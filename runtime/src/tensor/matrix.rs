@@ -1,5 +1,7 @@
 //! Weight matrices borrowed from the model file, and the matrix products the model runs on them.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::kernels::Kernels;
@@ -35,14 +37,14 @@ impl<'a> QMatrix<'a> {
 
 /// Activation rows prepared for every weight type: the f32 values and, when the row length is a
 /// whole number of blocks, their Q8_0 encoding (what Q8_0/Q4_0 weights are dotted with) and
-/// Q8_K encoding (for Q4_K/Q6_K weights).
+/// Q8_K encoding (for Q4_K/Q6_K weights; made on first use, since most files have none).
 #[derive(Default)]
 pub struct Activations {
     pub n: usize,
     pub cols: usize,
     pub x: Vec<f32>,
     pub q8: Vec<u8>,
-    pub q8k: Vec<u8>,
+    q8k: OnceLock<Vec<u8>>,
 }
 
 /// One activation row in every encoding a weight type may need.
@@ -50,8 +52,19 @@ pub struct Activations {
 pub struct ActRow<'a> {
     pub x: &'a [f32],
     pub q8: &'a [u8],
-    pub q8k: &'a [u8],
+    acts: &'a Activations,
+    t: usize,
 }
+
+impl<'a> ActRow<'a> {
+    /// The row's Q8_K encoding (empty when the row is not whole 256-value blocks).
+    pub fn q8k(&self) -> &'a [u8] {
+        row_of(self.acts.q8k(), self.acts.cols / QK_K * Q8_K_BYTES, self.t)
+    }
+}
+
+/// Rows at least this many go through the pool when quantized.
+const PARALLEL_QUANTIZE_ROWS: usize = 8;
 
 impl Activations {
     /// Copies `x` (`[n, cols]`) and quantizes each row.
@@ -64,11 +77,23 @@ impl Activations {
         self.quantize(k);
     }
 
-    /// Re-quantizes after `x` was filled in place.
+    /// Re-quantizes after `x` was filled in place (rows in parallel for a batch: serial, this
+    /// was a tenth of prompt processing).
     pub fn quantize(&mut self, k: &Kernels) {
-        if self.cols.is_multiple_of(QK) {
-            let rb = self.cols / QK * Q8_0_BYTES;
-            self.q8.resize(self.n * rb, 0);
+        self.q8k = OnceLock::new();
+        if !self.cols.is_multiple_of(QK) {
+            self.q8.clear();
+            return;
+        }
+        let rb = self.cols / QK * Q8_0_BYTES;
+        self.q8.resize(self.n * rb, 0);
+        let rows = self
+            .x
+            .par_chunks_exact(self.cols)
+            .zip(self.q8.par_chunks_exact_mut(rb));
+        if self.n >= PARALLEL_QUANTIZE_ROWS {
+            rows.for_each(|(xr, qr)| (k.quantize_q8_0)(xr, qr));
+        } else {
             for (xr, qr) in self
                 .x
                 .chunks_exact(self.cols)
@@ -76,22 +101,22 @@ impl Activations {
             {
                 (k.quantize_q8_0)(xr, qr);
             }
-        } else {
-            self.q8.clear();
         }
-        if self.cols.is_multiple_of(QK_K) {
+    }
+
+    /// The Q8_K encoding of every row, made on first use.
+    fn q8k(&self) -> &[u8] {
+        self.q8k.get_or_init(|| {
+            if !self.cols.is_multiple_of(QK_K) {
+                return Vec::new();
+            }
             let rb = self.cols / QK_K * Q8_K_BYTES;
-            self.q8k.resize(self.n * rb, 0);
-            for (xr, qr) in self
-                .x
-                .chunks_exact(self.cols)
-                .zip(self.q8k.chunks_exact_mut(rb))
-            {
+            let mut q = vec![0u8; self.n * rb];
+            for (xr, qr) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(rb)) {
                 kquant::quantize_row_q8_k(xr, qr);
             }
-        } else {
-            self.q8k.clear();
-        }
+            q
+        })
     }
 
     /// Copies rows `tokens` of `src` (every encoding), so that one expert's tokens are contiguous
@@ -101,12 +126,11 @@ impl Activations {
         self.n = 0;
         self.x.clear();
         self.q8.clear();
-        self.q8k.clear();
+        self.q8k = OnceLock::new();
         for t in tokens {
             let r = src.row(t);
             self.x.extend_from_slice(r.x);
             self.q8.extend_from_slice(r.q8);
-            self.q8k.extend_from_slice(r.q8k);
             self.n += 1;
         }
     }
@@ -116,7 +140,8 @@ impl Activations {
         ActRow {
             x,
             q8: row_of(&self.q8, self.cols / QK * Q8_0_BYTES, t),
-            q8k: row_of(&self.q8k, self.cols / QK_K * Q8_K_BYTES, t),
+            acts: self,
+            t,
         }
     }
 }
@@ -150,8 +175,8 @@ pub fn dot_row(k: &Kernels, w: &QMatrix, r: usize, a: ActRow, buf: &mut Vec<f32>
         GgmlType::BF16 => (k.dot_bf16)(wr, x),
         GgmlType::Q8_0 => (k.dot_q8_0_q8_0)(wr, a.q8),
         GgmlType::Q4_0 => (k.dot_q4_0_q8_0)(wr, a.q8),
-        GgmlType::Q4K => kquant::dot_q4_k_q8_k(wr, a.q8k),
-        GgmlType::Q6K => kquant::dot_q6_k_q8_k(wr, a.q8k),
+        GgmlType::Q4K => kquant::dot_q4_k_q8_k(wr, a.q8k()),
+        GgmlType::Q6K => kquant::dot_q6_k_q8_k(wr, a.q8k()),
     }
 }
 
