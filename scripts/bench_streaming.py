@@ -20,11 +20,11 @@ import subprocess
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
-def moe_bench(model, budget, eviction, lookahead, profile, n, threads, reps):
+def moe_bench(model, budget, eviction, lookahead, predictor, profile, n, threads, reps):
     cmd = [f"{ROOT}/target/release/moe-run", "bench", "-m", model, "-p", "0", "-n", str(n),
            "-r", str(reps), "-t", str(threads), "--json",
            "--expert-cache", f"{budget}%", "--eviction", eviction, "--lookahead", str(lookahead),
-           "--direct-io", "--flash-profile", profile]
+           "--predictor", predictor, "--direct-io", "--flash-profile", profile]
     rep = json.loads(subprocess.run(cmd, check=True, text=True, capture_output=True).stdout)
     return rep
 
@@ -62,7 +62,8 @@ def main():
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("--budgets", default="100,75,50,25")
     ap.add_argument("--profiles", default="microsd,usb-ssd,nvme")
-    ap.add_argument("--setups", default="lru:0,lfu:0,belady:1,belady:2")
+    # eviction:lookahead[:predictor], predictor one of none (default), frequency, pregate
+    ap.add_argument("--setups", default="lru:0,lfu:0,belady:0,belady:1,belady:2,belady:0:frequency")
     ap.add_argument("-n", type=int, default=32)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-r", "--reps", type=int, default=1)
@@ -70,28 +71,36 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "moe-runtime"], cwd=ROOT, check=True)
     llama = os.environ.get("LLAMA_BENCH")
 
-    print("| flash | cache | policy | lookahead | tg t/s | hit % | MiB read/tok | min MiB/tok | stall ms/tok | prefetch prec % | peak RSS MiB |")
+    print("| flash | cache | policy | lookahead | predictor | tg t/s | hit % | MiB read/tok | min MiB/tok | stall ms/tok | prefetch prec % | prediction precision/recall | peak RSS MiB |")
     # MiB read/tok and min MiB/tok are over the whole run (warm-up included), the rest over the
     # measured repetitions.
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for profile in args.profiles.split(","):
         for budget in args.budgets.split(","):
             peak = 0
             for setup in args.setups.split(","):
-                eviction, lookahead = setup.split(":")
-                rep = moe_bench(args.model, budget, eviction, lookahead, profile, args.n, args.threads, args.reps)
+                eviction, lookahead, *rest = setup.split(":")
+                predictor = rest[0] if rest else "none"
+                rep = moe_bench(args.model, budget, eviction, lookahead, predictor, profile, args.n,
+                                args.threads, args.reps)
+                preds = [dict(p, label=f"depth {p['depth']}")
+                         for p in rep.get("predictions", []) if p.get("predicted")]
+                if rep.get("predictor") and rep["predictor"].get("predicted"):
+                    preds.append(dict(rep["predictor"], label=predictor))
+                pr = ", ".join(f"{p['label']} {p['correct'] / p['predicted']:.2f}/{p['correct'] / max(p['actual'], 1):.2f}"
+                               for p in preds) or "-"
                 tg = rep["tests"][0]
                 c = tg["cache"] or {}
                 o = rep["optimum"]
                 toks = (args.reps + 1) * args.n
                 peak = max(peak, rep["peak_rss_bytes"] or 0)
-                print(f"| {profile} | {budget}% | {eviction} | {lookahead} | {tg['tokens_per_second_mean']:.2f} "
+                print(f"| {profile} | {budget}% | {eviction} | {lookahead} | {predictor} | {tg['tokens_per_second_mean']:.2f} "
                       f"| {100 * c.get('hit_rate', 0):.1f} | {o['bytes_read'] / toks / 2**20:.1f} "
                       f"| {o['optimal_bytes'] / toks / 2**20:.1f} | {1e3 * c.get('stall_seconds_per_token', 0):.1f} "
-                      f"| {100 * c.get('prefetch_precision', 0):.0f} | {(rep['peak_rss_bytes'] or 0) / 2**20:.0f} |", flush=True)
+                      f"| {100 * c.get('prefetch_precision', 0):.0f} | {pr} | {(rep['peak_rss_bytes'] or 0) / 2**20:.0f} |", flush=True)
             if llama and profile == args.profiles.split(",")[0]:
                 r = llama_limited(llama, args.model, peak, args.n, args.threads)
-                print(f"| (llama.cpp, --repack 0 -lm mmap, cgroup limit {peak / 2**20:.0f} MiB, real disk) | {budget}% | - | - | {r if isinstance(r, str) else f'{r:.2f}'} | | | | | | |", flush=True)
+                print(f"| (llama.cpp, --repack 0 -lm mmap, cgroup limit {peak / 2**20:.0f} MiB, real disk) | {budget}% | - | - | - | {r if isinstance(r, str) else f'{r:.2f}'} | | | | | | | |", flush=True)
 
 
 if __name__ == "__main__":
