@@ -30,6 +30,16 @@ fn tuned(fx: &Fixture, dir: &Path, name: &str, ty: GgmlType, tuning: &Tuning) ->
     GgufFile::open(&path).unwrap()
 }
 
+/// `drop:L:E,...` for these (layer, expert) pairs.
+fn drop_list(drop: &[(usize, usize)]) -> PruneSpec {
+    let spec = drop
+        .iter()
+        .map(|(l, e)| format!("{l}:{e}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    PruneSpec::parse(&format!("drop:{spec}")).unwrap()
+}
+
 fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -44,14 +54,8 @@ fn pruning_by_list_matches_transformers_with_experts_masked() {
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let spec = pruned
-        .drop
-        .iter()
-        .map(|(l, e)| format!("{l}:{e}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let tuning = Tuning {
-        prune: Some(PruneSpec::parse(&format!("drop:{spec}")).unwrap()),
+        prune: Some(drop_list(&pruned.drop)),
         ..Default::default()
     };
     let file = tuned(&fx, dir.path(), "pruned.gguf", GgmlType::F32, &tuning);
@@ -480,13 +484,8 @@ fn pruning_a_grouped_router_keeps_groups_balanced() {
         .iter()
         .flat_map(|&l| [0usize, 3, 4, 7].map(|e| (l, e)))
         .collect();
-    let spec = drop
-        .iter()
-        .map(|(l, e)| format!("{l}:{e}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let tuning = Tuning {
-        prune: Some(PruneSpec::parse(&format!("drop:{spec}")).unwrap()),
+        prune: Some(drop_list(&drop)),
         ..Default::default()
     };
     let pruned = tuned(&fx, dir.path(), "pruned.gguf", GgmlType::F32, &tuning);

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use crate::gguf::GgmlType;
-use crate::tensor::kernels::{self, Kernels};
+use crate::tensor::kernels::{self, random_vec, Kernels};
 use crate::tensor::quant::quantize;
 use crate::tensor::{matmul, MatmulScratch, QMatrix};
 
@@ -59,9 +59,9 @@ pub fn run(args: KernelBenchArgs, out: &mut dyn Write) -> Result<()> {
             // Several matrices, cycled, so a decode-sized matrix is not always in cache.
             let copies = (64 << 20) / (rows * cols) + 1;
             let mats: Vec<Vec<u8>> = (0..copies.min(8))
-                .map(|i| quantize(ty, &noise(rows * cols, i as u64 + 1)))
+                .map(|i| quantize(ty, &random_vec(rows * cols, i as u64 + 1, 1.0)))
                 .collect();
-            let x = noise(n * cols, 99);
+            let x = random_vec(n * cols, 99, 1.0);
             let mut y = vec![0f32; n * rows];
             for k in &tables {
                 let mut scratch = MatmulScratch::default();
@@ -94,18 +94,6 @@ pub fn run(args: KernelBenchArgs, out: &mut dyn Write) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
 }
 
 /// CPU time of the whole process (all threads), so that a busy machine's lost time slices do

@@ -421,6 +421,29 @@ unsafe fn dpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(acc, u, s)
 }
 
+/// Q8_0 activations for unsigned weights that carry an offset `o` (as u8): the accumulator
+/// starts at -o * (lane sums of x), which cancels the offset exactly.
+#[inline(always)]
+unsafe fn offset_activations(p: *const u8, both: bool, o: i8) -> BlockPair {
+    let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+    let k = _mm256_set1_epi8(o);
+    let sum = dpbusd(dpbusd(_mm256_setzero_si256(), k, lo), k, hi);
+    let start = _mm256_sub_epi32(_mm256_setzero_si256(), sum);
+    BlockPair {
+        lo,
+        hi,
+        aux_lo: start,
+        aux_hi: start,
+        d,
+    }
+}
+
+/// Offset weights times activations from [`offset_activations`]: exact lane sums of w . x.
+#[inline(always)]
+unsafe fn offset_pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+    dpbusd(dpbusd(x.aux_lo, w.lo, x.lo), w.hi, x.hi)
+}
+
 /// VNNI Q8_0: `vpdpbusd` multiplies unsigned by signed bytes, so the weights are offset to
 /// w + 128 (a bit flip) and the accumulator starts at -128 * (lane sums of x), prepared once
 /// per activation block pair and shared by every row: exact lane sums, and a weight block
@@ -436,21 +459,11 @@ impl BlockProduct for Q8Vnni {
     }
     #[inline(always)]
     unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
-        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
-        let k128 = _mm256_set1_epi8(-128);
-        let sum128 = dpbusd(dpbusd(_mm256_setzero_si256(), k128, lo), k128, hi);
-        let start = _mm256_sub_epi32(_mm256_setzero_si256(), sum128);
-        BlockPair {
-            lo,
-            hi,
-            aux_lo: start,
-            aux_hi: start,
-            d,
-        }
+        offset_activations(p, both, -128)
     }
     #[inline(always)]
     unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
-        dpbusd(dpbusd(x.aux_lo, w.lo, x.lo), w.hi, x.hi)
+        offset_pair(w, x)
     }
 }
 
@@ -466,21 +479,11 @@ impl BlockProduct for Q4Vnni {
     }
     #[inline(always)]
     unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
-        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
-        let k8 = _mm256_set1_epi8(8);
-        let sum8 = dpbusd(dpbusd(_mm256_setzero_si256(), k8, lo), k8, hi);
-        let start = _mm256_sub_epi32(_mm256_setzero_si256(), sum8);
-        BlockPair {
-            lo,
-            hi,
-            aux_lo: start,
-            aux_hi: start,
-            d,
-        }
+        offset_activations(p, both, 8)
     }
     #[inline(always)]
     unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
-        dpbusd(dpbusd(x.aux_lo, w.lo, x.lo), w.hi, x.hi)
+        offset_pair(w, x)
     }
 }
 

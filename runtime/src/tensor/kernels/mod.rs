@@ -91,24 +91,27 @@ pub fn best() -> &'static Kernels {
     })
 }
 
+/// Deterministic pseudo-random values in [-scale, scale] (xorshift): test data and benchmark
+/// weights.
+pub fn random_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
+        })
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::gguf::GgmlType;
     use crate::tensor::quant::{dequantize, quantize};
 
-    /// Deterministic pseudo-random values in [-scale, scale].
-    pub fn random_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
-            })
-            .collect()
-    }
+    pub use super::random_vec;
 
     fn exact_dot(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
