@@ -101,7 +101,7 @@ fn run(model: &Model, predictor: Option<Box<dyn ExpertPredictor>>) -> (Vec<f32>,
                 direct_io: false,
                 flash: None,
                 io_threads: 2,
-                max_speculative_bytes: 2 * layout.expert_bytes(0),
+                max_speculative_bytes: 2 * layout.expert_bytes(0, 0),
             },
         )
         .unwrap(),
