@@ -5,6 +5,7 @@
 # installs the cross toolchain and qemu-user when missing (scripts/qemu-test.sh).
 #
 #   MOE_EDGE_QEMU=0 scripts/test.sh      native only (quick local runs)
+#   MOE_EDGE_PREGATE=1 scripts/test.sh   also the pre-gating router (tract-onnx) lints and tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,14 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
+
+# The pre-gating router runs on tract-onnx, behind the `pregate` feature; building tract takes
+# about 10 minutes cold on 2 cores, which CI's 30 minutes cannot also afford next to the QEMU
+# suites, so its lints and tests are opt-in here: MOE_EDGE_PREGATE=1 scripts/test.sh
+if [ "${MOE_EDGE_PREGATE:-0}" = 1 ]; then
+  cargo clippy -p moe-runtime --features pregate --all-targets --quiet -- -D warnings
+  cargo test -p moe-runtime --features pregate --test pregate
+fi
 
 # aarch64. The complete suite, not a subset: it costs one cross build of the test binaries
 # (about 5 minutes cold on 2 cores) and about 45 s per emulated CPU, which keeps CI well

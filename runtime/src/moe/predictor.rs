@@ -275,7 +275,7 @@ mod onnx {
                 why: e.to_string(),
             };
             let tok = tensor1(&[token as i64]);
-            let h = std::mem::replace(&mut self.state, Tensor::default());
+            let h = std::mem::take(&mut self.state);
             let mut out = self
                 .plan
                 .run(tvec!(tok.into(), h.into()))
