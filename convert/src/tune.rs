@@ -76,7 +76,8 @@ impl PruneSpec {
                     .into(),
             )
         };
-        let keep_n = |n: usize, stats: &CalibStats| -> Vec<Vec<usize>> {
+        // The first `n` of each MoE layer's ranking, in index order.
+        let keep_n = |n: usize, rank: &dyn Fn(usize) -> Vec<usize>| -> Vec<Vec<usize>> {
             moe_layers
                 .iter()
                 .enumerate()
@@ -84,7 +85,7 @@ impl PruneSpec {
                     if !moe {
                         return Vec::new();
                     }
-                    let mut ks: Vec<usize> = stats.by_frequency(l).into_iter().take(n).collect();
+                    let mut ks: Vec<usize> = rank(l).into_iter().take(n).collect();
                     ks.sort_unstable();
                     ks
                 })
@@ -97,7 +98,8 @@ impl PruneSpec {
                         "--prune-experts top:{n} keeps more experts than the model's {n_expert}"
                     )));
                 }
-                keep_n(*n, stats.ok_or_else(need)?)
+                let stats = stats.ok_or_else(need)?;
+                keep_n(*n, &|l| stats.by_frequency(l))
             }
             Self::Mass(f) => {
                 let stats = stats.ok_or_else(need)?;
@@ -119,25 +121,7 @@ impl PruneSpec {
                     }
                     n = n.max(need);
                 }
-                // Rank by router mass within each layer.
-                moe_layers
-                    .iter()
-                    .enumerate()
-                    .map(|(l, &moe)| {
-                        if !moe {
-                            return Vec::new();
-                        }
-                        let mut ids: Vec<usize> = (0..n_expert).collect();
-                        ids.sort_by(|&a, &b| {
-                            stats.router_mass[stats.idx(l, b)]
-                                .total_cmp(&stats.router_mass[stats.idx(l, a)])
-                                .then(a.cmp(&b))
-                        });
-                        let mut ks: Vec<usize> = ids.into_iter().take(n).collect();
-                        ks.sort_unstable();
-                        ks
-                    })
-                    .collect()
+                keep_n(n, &|l| stats.by_mass(l))
             }
             Self::Drop(list) => {
                 for &(l, e) in list {

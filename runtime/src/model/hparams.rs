@@ -362,6 +362,15 @@ fn routing_spec(
                 })
             }
         };
+        if n_group > crate::moe::router::MAX_EXPERT_GROUPS {
+            return Err(ModelError::Metadata {
+                key: m.key("expert_group_count"),
+                why: format!(
+                    "is {n_group}; this runtime routes at most {} expert groups",
+                    crate::moe::router::MAX_EXPERT_GROUPS
+                ),
+            });
+        }
         let per = n_expert / n_group;
         if !n_expert.is_multiple_of(n_group)
             || topk_group == 0

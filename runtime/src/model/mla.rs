@@ -10,7 +10,7 @@
 //! Shapes: `n` tokens, `d = n_embd`, `h` heads, `r = kv_lora_rank`, `nope/rope` the non-rotary
 //! and rotary query/key dims, `dv = v_head_dim`.
 
-use crate::tensor::{matmul, Kernels, MatmulScratch};
+use crate::tensor::{matmul, Kernels, MatmulScratch, QMatrix};
 
 use super::forward::{attend, norm_in_place, rope};
 use super::hparams::HParams;
@@ -102,13 +102,16 @@ pub(super) fn mla_attention(
     // Absorbed queries: qc[t, h] = [W_kb[h]^T q_nope[t, h] ; q_pe[t, h]]     [n, h, r + rope]
     s.qc.resize(n * h * dc, 0.0);
     for head in 0..h {
-        s.gather.clear();
-        for t in 0..n {
-            let at = (t * h + head) * dqk;
-            s.gather.extend_from_slice(&s.q[at..at + nope]);
-        }
-        s.product.resize(n * r, 0.0);
-        matmul(k, &a.wk_b.expert(head), &s.gather, n, &mut s.product, mm);
+        let w = a.wk_b.expert(head);
+        head_product(
+            k,
+            &w,
+            &s.q,
+            (n, h, head, dqk),
+            &mut s.gather,
+            &mut s.product,
+            mm,
+        );
         for t in 0..n {
             let dst = &mut s.qc[(t * h + head) * dc..(t * h + head + 1) * dc];
             dst[..r].copy_from_slice(&s.product[t * r..(t + 1) * r]);
@@ -133,13 +136,16 @@ pub(super) fn mla_attention(
     // Values: o[t, h] = W_vb[h] lat[t, h]                                    [n, h * dv]
     s.o.resize(n * h * dv, 0.0);
     for head in 0..h {
-        s.gather.clear();
-        for t in 0..n {
-            let at = (t * h + head) * r;
-            s.gather.extend_from_slice(&s.lat[at..at + r]);
-        }
-        s.product.resize(n * dv, 0.0);
-        matmul(k, &a.wv_b.expert(head), &s.gather, n, &mut s.product, mm);
+        let w = a.wv_b.expert(head);
+        head_product(
+            k,
+            &w,
+            &s.lat,
+            (n, h, head, r),
+            &mut s.gather,
+            &mut s.product,
+            mm,
+        );
         for t in 0..n {
             s.o[(t * h + head) * dv..(t * h + head + 1) * dv]
                 .copy_from_slice(&s.product[t * dv..(t + 1) * dv]);
@@ -148,4 +154,24 @@ pub(super) fn mla_attention(
 
     proj.resize(n * hp.n_embd, 0.0);
     matmul(k, &a.wo, &s.o, n, proj, mm);
+}
+
+/// `product[t] = w . src[t, head][..w.cols]` for the `n` tokens of `src` (`[n, h, stride]`): one
+/// head's slice of every token gathered contiguously, then one product over all of them.
+fn head_product(
+    k: &Kernels,
+    w: &QMatrix,
+    src: &[f32],
+    (n, h, head, stride): (usize, usize, usize, usize),
+    gather: &mut Vec<f32>,
+    product: &mut Vec<f32>,
+    mm: &mut MatmulScratch,
+) {
+    gather.clear();
+    for t in 0..n {
+        let at = (t * h + head) * stride;
+        gather.extend_from_slice(&src[at..at + w.cols]);
+    }
+    product.resize(n * w.rows, 0.0);
+    matmul(k, w, gather, n, product, mm);
 }

@@ -181,6 +181,17 @@ impl CalibStats {
         });
         ids
     }
+
+    /// Layer `l`'s experts, most router mass first (ties to the lower index).
+    pub fn by_mass(&self, l: usize) -> Vec<usize> {
+        let mut ids: Vec<usize> = (0..self.n_expert).collect();
+        ids.sort_by(|&a, &b| {
+            self.router_mass[self.idx(l, b)]
+                .total_cmp(&self.router_mass[self.idx(l, a)])
+                .then(a.cmp(&b))
+        });
+        ids
+    }
 }
 
 #[cfg(test)]

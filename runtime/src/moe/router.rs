@@ -1,5 +1,8 @@
 //! Expert selection from router logits.
 
+/// At most this many expert groups (group-limited routing keeps them in fixed capacity).
+pub const MAX_EXPERT_GROUPS: usize = 64;
+
 /// At most this many experts per token (fixed capacity keeps routing allocation-free).
 pub const MAX_EXPERTS_USED: usize = 16;
 
@@ -114,18 +117,34 @@ pub fn route_with(spec: &RoutingSpec, logits: &[f32], bias: Option<&[f32]>) -> R
     }
     let n = logits.len();
     assert!(spec.k <= MAX_EXPERTS_USED && spec.k <= n);
-    let scores: Vec<f32> = match spec.gating {
-        Gating::Softmax => {
-            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
-            logits.iter().map(|&v| (v - max).exp() / sum).collect()
+    // Score buffers reused per thread: routing runs for every token of every layer.
+    ROUTE_SCRATCH.with_borrow_mut(|(scores, choice)| {
+        scores.clear();
+        match spec.gating {
+            Gating::Softmax => {
+                let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+                scores.extend(logits.iter().map(|&v| (v - max).exp() / sum));
+            }
+            Gating::Sigmoid => scores.extend(logits.iter().map(|&v| 1.0 / (1.0 + (-v).exp()))),
         }
-        Gating::Sigmoid => logits.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect(),
-    };
-    let mut choice: Vec<f32> = match bias {
-        Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
-        None => scores.clone(),
-    };
+        choice.clear();
+        match bias {
+            Some(b) => choice.extend(scores.iter().zip(b).map(|(s, b)| s + b)),
+            None => choice.extend_from_slice(scores),
+        }
+        route_scores(spec, logits, scores, choice)
+    })
+}
+
+thread_local! {
+    static ROUTE_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Group limits, top-k and weights from the scores and the (biased) selection values.
+fn route_scores(spec: &RoutingSpec, logits: &[f32], scores: &[f32], choice: &mut [f32]) -> Route {
+    let n = logits.len();
     // A masked (pruned) expert has logit -inf: never chosen, whatever its bias.
     for (c, &v) in choice.iter_mut().zip(logits) {
         if v == f32::NEG_INFINITY {
@@ -134,7 +153,7 @@ pub fn route_with(spec: &RoutingSpec, logits: &[f32], bias: Option<&[f32]>) -> R
     }
     if let Some(g) = spec.groups.filter(|g| g.n_group > 1) {
         let per = n / g.n_group;
-        let group_scores: Vec<f32> = choice
+        let group_scores: heapless::Vec<f32, MAX_EXPERT_GROUPS> = choice
             .chunks_exact(per)
             .map(|grp| match g.score {
                 GroupScore::Max => grp.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)),
@@ -160,7 +179,7 @@ pub fn route_with(spec: &RoutingSpec, logits: &[f32], bias: Option<&[f32]>) -> R
         }
     }
     let mut r = Route::default();
-    for e in top_indices(&choice, spec.k) {
+    for e in top_indices(choice, spec.k) {
         let _ = r.experts.push(e as u32);
         let _ = r.weights.push(scores[e]);
     }
