@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use crate::moe::cache::ExpertCache;
-use crate::moe::experts::{add_transposed, run_experts, ExpertJob, ExpertScratch};
+use crate::moe::experts::{add_transposed, run_experts, Assignment, ExpertJob, ExpertScratch};
 use crate::moe::lossy::{self, LossyStats, RouteOptions};
 use crate::moe::predictor::{ExpertPredictor, Predictions};
 use crate::moe::router::{route_with, Route};
@@ -21,13 +21,11 @@ use super::profile::{Phase, Profiler};
 use super::weights::{Attention, Ffn, LayerAttention, Mlp, Model};
 use super::ModelError;
 
-thread_local! {
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Buffers reused across calls, grown to the largest batch seen.
 #[derive(Default)]
 struct Scratch {
+    /// Attention scores: one context-long row per attention task.
+    scores: Vec<f32>,
     x: Vec<f32>,
     xn: Vec<f32>,
     q: Vec<f32>,
@@ -41,7 +39,9 @@ struct Scratch {
     router_logits: Vec<f32>,
     routes: Vec<Route>,
     /// Per expert (and one more for a shared expert or dense MLP): (token, weight) pairs.
-    assigned: Vec<Vec<(u32, f32)>>,
+    assigned: Assignment,
+    /// Per token, the scale of the shared expert.
+    shared_scales: Vec<f32>,
     experts: ExpertScratch,
     /// `[d, n]` expert outputs accumulated in a fixed order.
     ffn_out_t: Vec<f32>,
@@ -647,6 +647,7 @@ impl<'m, 'a> Session<'m, 'a> {
             hp.sliding_window,
             hp.attention_scale,
             &mut s.attn,
+            &mut s.scores,
         );
 
         self.prof.lap(Phase::AttnCore);
@@ -669,36 +670,50 @@ pub(super) fn attend(
     window: Option<usize>,
     scale: f32,
     out: &mut [f32],
+    scores: &mut Vec<f32>,
 ) {
     let group = hq / hkv;
-    out.par_chunks_mut(dv).enumerate().for_each(|(i, out)| {
-        // Per-thread score buffer: grows to the context once, then decoding allocates nothing.
-        SCORES.with_borrow_mut(|scores| {
-            let (t, h) = (i / hq, i % hq);
-            let kvh = h / group;
-            let qh = &q[(t * hq + h) * dk..(t * hq + h + 1) * dk];
-            let end = pos0 + t + 1;
-            let start = window.map_or(0, |w| end.saturating_sub(w));
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in start..end {
-                let sc = kv.key_dot(k, j, kvh, qh) * scale;
-                max = max.max(sc);
-                scores.push(sc);
+    let pairs = out.len() / dv;
+    // Each task owns a score row as long as the context, in `scores`, which is sized on first
+    // use: decoding then allocates nothing however long the context grows. Several tasks per
+    // thread balance a prompt's causal rows, whose lengths differ.
+    let tasks = (rayon::current_num_threads() * 8).clamp(1, pairs.max(1));
+    let per_task = pairs.div_ceil(tasks);
+    let ctx = kv.n_ctx();
+    scores.resize(tasks * ctx, 0.0);
+    out.par_chunks_mut(per_task * dv)
+        .zip(scores.par_chunks_mut(ctx))
+        .enumerate()
+        .for_each(|(task, (out, scores))| {
+            for (i, out) in out.chunks_exact_mut(dv).enumerate() {
+                let (t, h) = ((task * per_task + i) / hq, (task * per_task + i) % hq);
+                let kvh = h / group;
+                let qh = &q[(t * hq + h) * dk..(t * hq + h + 1) * dk];
+                let end = pos0 + t + 1;
+                let start = window.map_or(0, |w| end.saturating_sub(w));
+                let scores = &mut scores[..end - start];
+                let mut max = f32::NEG_INFINITY;
+                for (sc, j) in scores.iter_mut().zip(start..end) {
+                    *sc = kv.key_dot(k, j, kvh, qh) * scale;
+                    max = max.max(*sc);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let inv = 1.0 / sum;
+                out.fill(0.0);
+                for (sc, j) in scores.iter().zip(start..end) {
+                    kv.add_value(k, j, kvh, sc * inv, out);
+                }
             }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
-            out.fill(0.0);
-            for (sc, j) in scores.iter().zip(start..end) {
-                kv.add_value(k, j, kvh, sc * inv, out);
-            }
-        })
-    });
+        });
 }
+
+/// Experts run by one call of [`run_experts`] from the memory map (a prompt may use them all;
+/// more run in further calls).
+const JOBS_PER_PASS: usize = 64;
 
 /// The feed-forward block of the batch in `s.ffn_in`, accumulated into `s.ffn_out`: a dense
 /// MLP, or routed experts plus an optional shared expert. Routed experts come from the memory
@@ -718,16 +733,15 @@ fn feed_forward(
 ) -> Result<(), ModelError> {
     let n_expert = hp.n_expert;
     let d = hp.n_embd;
-    s.assigned.resize_with(n_expert + 1, Vec::new);
-    s.assigned.iter_mut().for_each(Vec::clear);
     s.ffn_out_t.clear();
     s.ffn_out_t.resize(d * n, 0.0);
     match ffn {
         Ffn::Dense(mlp) => {
-            s.assigned[n_expert].extend((0..n as u32).map(|t| (t, 1.0)));
+            s.assigned
+                .build(n_expert + 1, || (0..n as u32).map(|t| (n_expert, t, 1.0)));
             let jobs = [ExpertJob {
                 mlp: *mlp,
-                tokens: &s.assigned[n_expert],
+                tokens: s.assigned.tokens(n_expert),
             }];
             run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
         }
@@ -764,24 +778,34 @@ fn feed_forward(
                         &mut s.lossy.stats,
                     );
                 }
-                for (&e, &w) in r.experts.iter().zip(&r.weights) {
-                    s.assigned[e as usize].push((t as u32, w));
-                }
                 s.routes.push(r);
             }
+            s.shared_scales.clear();
             if let Some(shared) = &moe.shared {
                 for t in 0..n {
-                    let scale = match &shared.gate {
+                    s.shared_scales.push(match &shared.gate {
                         // Qwen2-MoE: sigmoid(gate . x) scales the shared expert.
                         Some(g) => sigmoid((k.dot_f32)(g, s.ffn_in.row(t).x)),
                         None => 1.0,
-                    };
-                    s.assigned[n_expert].push((t as u32, scale));
+                    });
                 }
             }
+            let (routes, shared_scales) = (&s.routes, &s.shared_scales);
+            s.assigned.build(n_expert + 1, || {
+                let routed = routes.iter().enumerate().flat_map(|(t, r)| {
+                    let pairs = r.experts.iter().zip(&r.weights);
+                    pairs.map(move |(&e, &w)| (e as usize, t as u32, w))
+                });
+                let shared = shared_scales
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &w)| (n_expert, t as u32, w));
+                routed.chain(shared)
+            });
             s.active.clear();
-            s.active
-                .extend((0..n_expert as u32).filter(|&e| !s.assigned[e as usize].is_empty()));
+            s.active.extend(
+                (0..n_expert as u32).filter(|&e| !s.assigned.tokens(e as usize).is_empty()),
+            );
             s.expert_bytes += s
                 .active
                 .iter()
@@ -793,19 +817,22 @@ fn feed_forward(
             // Routed experts in index order, then the shared expert: a fixed summation order.
             match &streaming.cache {
                 None => {
-                    let jobs: Vec<ExpertJob> = s
-                        .active
-                        .iter()
-                        .map(|&e| ExpertJob {
-                            mlp: Mlp {
-                                gate: moe.experts.gate.expert(e as usize),
-                                up: moe.experts.up.expert(e as usize),
-                                down: moe.experts.down.expert(e as usize),
-                            },
-                            tokens: &s.assigned[e as usize],
-                        })
-                        .collect();
-                    run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
+                    // In groups of a fixed-capacity list: no allocation per step, and
+                    // consecutive groups sum exactly as one call would.
+                    for group in s.active.chunks(JOBS_PER_PASS) {
+                        let jobs: heapless::Vec<ExpertJob, JOBS_PER_PASS> = group
+                            .iter()
+                            .map(|&e| ExpertJob {
+                                mlp: Mlp {
+                                    gate: moe.experts.gate.expert(e as usize),
+                                    up: moe.experts.up.expert(e as usize),
+                                    down: moe.experts.down.expert(e as usize),
+                                },
+                                tokens: s.assigned.tokens(e as usize),
+                            })
+                            .collect();
+                        run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
+                    }
                 }
                 Some(cache) => {
                     cache.record_use(layer, &s.active);
@@ -820,7 +847,7 @@ fn feed_forward(
                             .zip(group)
                             .map(|(g, &e)| ExpertJob {
                                 mlp: g.mlp(),
-                                tokens: &s.assigned[e as usize],
+                                tokens: s.assigned.tokens(e as usize),
                             })
                             .collect();
                         run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
@@ -830,7 +857,7 @@ fn feed_forward(
             if let Some(shared) = &moe.shared {
                 let jobs = [ExpertJob {
                     mlp: shared.mlp,
-                    tokens: &s.assigned[n_expert],
+                    tokens: s.assigned.tokens(n_expert),
                 }];
                 run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
             }

@@ -143,6 +143,11 @@ pub struct LayerKv<'c> {
 }
 
 impl LayerKv<'_> {
+    /// Positions the cache holds.
+    pub fn n_ctx(&self) -> usize {
+        self.cache.n_ctx
+    }
+
     /// `q . key[pos, kv_head]`.
     #[inline]
     pub fn key_dot(&self, k: &Kernels, pos: usize, kv_head: usize, q: &[f32]) -> f32 {

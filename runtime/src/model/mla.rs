@@ -24,6 +24,8 @@ const LATENT_NORM_EPS: f32 = 1e-6;
 /// Buffers reused across calls.
 #[derive(Default)]
 pub(super) struct MlaScratch {
+    /// Attention scores: one context-long row per attention task.
+    scores: Vec<f32>,
     /// `[n, q_lora_rank]`.
     qa: Vec<f32>,
     /// `[n, h * (nope + rope)]`.
@@ -131,6 +133,7 @@ pub(super) fn mla_attention(
         hp.sliding_window,
         hp.attention_scale,
         &mut s.lat,
+        &mut s.scores,
     );
 
     // Values: o[t, h] = W_vb[h] lat[t, h]                                    [n, h * dv]

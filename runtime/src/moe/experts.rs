@@ -21,8 +21,15 @@ pub struct ExpertJob<'w, 'j> {
 pub struct ExpertScratch {
     /// Per job, its tokens' input rows gathered contiguously.
     inputs: Vec<Activations>,
+    /// Where each job's block starts in `hidden_t` (one entry more than there are jobs).
+    offsets: Vec<usize>,
     /// Per job, `[ff, m]`: silu(gate x) * up x for its m tokens, row by row.
     hidden_t: Vec<f32>,
+    /// The up projections, laid out like `hidden_t`.
+    up_t: Vec<f32>,
+    /// Down projections before they are weighted and summed: per task of `len` output rows,
+    /// each job's `[len, m]` block in job order.
+    down: Vec<f32>,
     /// Per job, the hidden rows token by token, prepared for the down projection.
     hidden: Vec<Activations>,
 }
@@ -52,55 +59,32 @@ pub fn run_experts(
         input.gather(x, job.tokens.iter().map(|&(t, _)| t as usize));
     }
 
-    // Pass 1: gate/up. Split the hidden buffer into per-job blocks, then into row chunks.
-    let sizes: Vec<usize> = jobs
-        .iter()
-        .map(|j| j.mlp.gate.rows * j.tokens.len())
-        .collect();
-    s.hidden_t.resize(sizes.iter().sum(), 0.0);
-    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-    let mut rest: &mut [f32] = &mut s.hidden_t;
-    for (ji, job) in jobs.iter().enumerate() {
-        let (block, tail) = rest.split_at_mut(sizes[ji]);
-        rest = tail;
-        let m = job.tokens.len();
-        if m == 0 {
-            continue;
-        }
-        let chunk = rows_per_task(job.mlp.gate.rows * jobs.len()).min(job.mlp.gate.rows);
-        for (ci, c) in block.chunks_mut(chunk * m).enumerate() {
-            tasks.push((ji, ci * chunk, c));
-        }
+    // Pass 1: gate/up, into one block per job of the hidden buffer.
+    s.offsets.clear();
+    s.offsets.push(0);
+    let mut end = 0;
+    for job in jobs {
+        end += job.mlp.gate.rows * job.tokens.len();
+        s.offsets.push(end);
     }
-    let inputs = &s.inputs;
-    tasks.into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new(), Vec::new()),
-        |(gate, up, buf), (ji, row0, dst)| {
-            let job = &jobs[ji];
-            let len = dst.len() / job.tokens.len();
-            gate.resize(dst.len(), 0.0);
-            up.resize(dst.len(), 0.0);
-            rows_times_acts(k, &job.mlp.gate, row0, len, &inputs[ji], gate, buf);
-            rows_times_acts(k, &job.mlp.up, row0, len, &inputs[ji], up, buf);
-            for ((v, &g), &u) in dst.iter_mut().zip(gate.iter()).zip(up.iter()) {
-                *v = g / (1.0 + (-g).exp()) * u;
-            }
-        },
+    s.hidden_t.resize(end, 0.0);
+    s.up_t.resize(end, 0.0);
+    gate_up(
+        k,
+        jobs,
+        &s.inputs[..jobs.len()],
+        (&mut s.hidden_t, &mut s.up_t),
+        jobs.len(),
     );
 
     // Hidden rows token-major, quantized for the down projections.
     if s.hidden.len() < jobs.len() {
         s.hidden.resize_with(jobs.len(), Activations::default);
     }
-    let mut blocks = Vec::with_capacity(jobs.len());
-    let mut rest: &[f32] = &s.hidden_t;
-    for &size in &sizes {
-        let (block, tail) = rest.split_at(size);
-        blocks.push(block);
-        rest = tail;
-    }
-    let prepare = |(h, (job, block)): (&mut Activations, (&ExpertJob, &&[f32]))| {
+    let (hidden_t, offsets) = (&s.hidden_t, &s.offsets);
+    let prepare = |(ji, (h, job)): (usize, (&mut Activations, &ExpertJob))| {
         let (ff, m) = (job.mlp.gate.rows, job.tokens.len());
+        let block = &hidden_t[offsets[ji]..offsets[ji + 1]];
         h.n = m;
         h.cols = ff;
         h.x.resize(m * ff, 0.0);
@@ -113,37 +97,155 @@ pub fn run_experts(
     };
     let hidden = &mut s.hidden[..jobs.len()];
     // A decode step's few hundred values are not worth waking the pool for.
-    if s.hidden_t.len() >= 1 << 14 {
+    if hidden_t.len() >= 1 << 14 {
         hidden
             .par_iter_mut()
-            .zip(jobs.par_iter().zip(blocks.par_iter()))
+            .zip(jobs.par_iter())
+            .enumerate()
             .for_each(prepare);
     } else {
-        hidden
-            .iter_mut()
-            .zip(jobs.iter().zip(blocks.iter()))
-            .for_each(prepare);
+        hidden.iter_mut().zip(jobs).enumerate().for_each(prepare);
     }
 
     // Pass 2: down projections, threads splitting the output rows.
     let hidden = &s.hidden;
     let chunk = rows_per_task(d);
-    out_t.par_chunks_mut(chunk * n).enumerate().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(dots, buf), (ci, dst)| {
+    let tokens: usize = jobs.iter().map(|j| j.tokens.len()).sum();
+    s.down.resize(d * tokens, 0.0);
+    out_t
+        .par_chunks_mut(chunk * n)
+        .zip(s.down.par_chunks_mut(chunk * tokens.max(1)))
+        .enumerate()
+        .for_each(|(ci, (dst, down))| {
             let len = dst.len() / n;
+            let mut down = &mut down[..];
             for (ji, job) in jobs.iter().enumerate() {
                 let m = job.tokens.len();
-                dots.resize(len * m, 0.0);
-                rows_times_acts(k, &job.mlp.down, ci * chunk, len, &hidden[ji], dots, buf);
+                let (dots, rest) = down.split_at_mut(len * m);
+                down = rest;
+                let no_scratch = &mut Vec::new();
+                rows_times_acts(
+                    k,
+                    &job.mlp.down,
+                    ci * chunk,
+                    len,
+                    &hidden[ji],
+                    dots,
+                    no_scratch,
+                );
                 for (row, d) in dst.chunks_exact_mut(n).zip(dots.chunks_exact(m.max(1))) {
                     for (&(t, w), &v) in job.tokens.iter().zip(d) {
                         row[t as usize] += w * v;
                     }
                 }
             }
-        },
-    );
+        });
+}
+
+/// Fills `hidden_t` (the jobs' blocks back to back) with silu(gate x) * up x, using `up_t`
+/// (the same layout) for the up projections. The jobs are halved recursively with
+/// `rayon::join` and each job's rows are split into tasks, so threads share the work without a
+/// task list being built (and allocated) on every call.
+fn gate_up(
+    k: &Kernels,
+    jobs: &[ExpertJob],
+    inputs: &[Activations],
+    (hidden_t, up_t): (&mut [f32], &mut [f32]),
+    all_jobs: usize,
+) {
+    match jobs {
+        [] => {}
+        [job] => {
+            let (rows, m) = (job.mlp.gate.rows, job.tokens.len());
+            if m == 0 {
+                return;
+            }
+            let chunk = rows_per_task(rows * all_jobs).min(rows);
+            let input = &inputs[0];
+            hidden_t
+                .par_chunks_mut(chunk * m)
+                .zip(up_t.par_chunks_mut(chunk * m))
+                .enumerate()
+                .for_each(|(ci, (gate, up))| {
+                    let (row0, len) = (ci * chunk, gate.len() / m);
+                    let no_scratch = &mut Vec::new();
+                    rows_times_acts(k, &job.mlp.gate, row0, len, input, gate, no_scratch);
+                    rows_times_acts(k, &job.mlp.up, row0, len, input, up, no_scratch);
+                    for (g, &u) in gate.iter_mut().zip(up.iter()) {
+                        *g = *g / (1.0 + (-*g).exp()) * u;
+                    }
+                });
+        }
+        _ => {
+            let mid = jobs.len() / 2;
+            let split: usize = jobs[..mid]
+                .iter()
+                .map(|j| j.mlp.gate.rows * j.tokens.len())
+                .sum();
+            let (hidden_left, hidden_right) = hidden_t.split_at_mut(split);
+            let (up_left, up_right) = up_t.split_at_mut(split);
+            rayon::join(
+                || {
+                    gate_up(
+                        k,
+                        &jobs[..mid],
+                        &inputs[..mid],
+                        (hidden_left, up_left),
+                        all_jobs,
+                    )
+                },
+                || {
+                    gate_up(
+                        k,
+                        &jobs[mid..],
+                        &inputs[mid..],
+                        (hidden_right, up_right),
+                        all_jobs,
+                    )
+                },
+            );
+        }
+    }
+}
+
+/// The (token, weight) pairs each slot (an expert, or the shared expert / dense MLP) serves,
+/// grouped by slot in one flat list, tokens ascending within a slot: a counting sort of the
+/// routes, so no per-expert list has to grow when an expert is picked for the first time.
+#[derive(Default)]
+pub struct Assignment {
+    pairs: Vec<(u32, f32)>,
+    /// Slot `e`'s pairs are `pairs[starts[e]..starts[e + 1]]`.
+    starts: Vec<usize>,
+    cursor: Vec<usize>,
+}
+
+impl Assignment {
+    /// Groups `pairs()` (slot, token, weight), given in token order, by slot.
+    pub fn build<I>(&mut self, slots: usize, pairs: impl Fn() -> I)
+    where
+        I: Iterator<Item = (usize, u32, f32)>,
+    {
+        self.starts.clear();
+        self.starts.resize(slots + 1, 0);
+        for (slot, _, _) in pairs() {
+            self.starts[slot + 1] += 1;
+        }
+        for e in 0..slots {
+            self.starts[e + 1] += self.starts[e];
+        }
+        self.cursor.clear();
+        self.cursor.extend_from_slice(&self.starts[..slots]);
+        self.pairs.resize(self.starts[slots], (0, 0.0));
+        for (slot, t, w) in pairs() {
+            self.pairs[self.cursor[slot]] = (t, w);
+            self.cursor[slot] += 1;
+        }
+    }
+
+    /// The pairs of `slot`, tokens ascending.
+    pub fn tokens(&self, slot: usize) -> &[(u32, f32)] {
+        &self.pairs[self.starts[slot]..self.starts[slot + 1]]
+    }
 }
 
 /// `out[t, r] += out_t[r, t]` for `[d, n]` accumulations.

@@ -1,6 +1,6 @@
 //! Weight matrices borrowed from the model file, and the matrix products the model runs on them.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
@@ -45,6 +45,8 @@ pub struct Activations {
     pub x: Vec<f32>,
     pub q8: Vec<u8>,
     q8k: OnceLock<Vec<u8>>,
+    /// The last Q8_K buffer, kept for the next encoding so that decoding allocates nothing.
+    q8k_spare: Mutex<Vec<u8>>,
 }
 
 /// One activation row in every encoding a weight type may need.
@@ -80,7 +82,7 @@ impl Activations {
     /// Re-quantizes after `x` was filled in place (rows in parallel for a batch: serial, this
     /// was a tenth of prompt processing).
     pub fn quantize(&mut self, k: &Kernels) {
-        self.q8k = OnceLock::new();
+        self.reset_q8k();
         if !self.cols.is_multiple_of(QK) {
             self.q8.clear();
             return;
@@ -104,6 +106,13 @@ impl Activations {
         }
     }
 
+    /// Forgets the Q8_K encoding (the rows changed), keeping its buffer.
+    fn reset_q8k(&mut self) {
+        if let Some(q) = self.q8k.take() {
+            *self.q8k_spare.get_mut().unwrap_or_else(|e| e.into_inner()) = q;
+        }
+    }
+
     /// The Q8_K encoding of every row, made on first use.
     fn q8k(&self) -> &[u8] {
         self.q8k.get_or_init(|| {
@@ -111,7 +120,10 @@ impl Activations {
                 return Vec::new();
             }
             let rb = self.cols / QK_K * Q8_K_BYTES;
-            let mut q = vec![0u8; self.n * rb];
+            let mut q =
+                std::mem::take(&mut *self.q8k_spare.lock().unwrap_or_else(|e| e.into_inner()));
+            q.clear();
+            q.resize(self.n * rb, 0);
             for (xr, qr) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(rb)) {
                 kquant::quantize_row_q8_k(xr, qr);
             }
@@ -126,7 +138,7 @@ impl Activations {
         self.n = 0;
         self.x.clear();
         self.q8.clear();
-        self.q8k = OnceLock::new();
+        self.reset_q8k();
         for t in tokens {
             let r = src.row(t);
             self.x.extend_from_slice(r.x);
@@ -292,13 +304,13 @@ pub fn multi_matmul(
         }
     };
     if small {
-        task(&mut Vec::new(), (0, &mut scratch.transposed[..]));
+        DEQUANT.with_borrow_mut(|buf| task(buf, (0, &mut scratch.transposed[..])));
     } else {
         scratch
             .transposed
             .par_chunks_mut(chunk * n)
             .enumerate()
-            .for_each_init(Vec::new, task);
+            .for_each(|job| DEQUANT.with_borrow_mut(|buf| task(buf, job)));
     }
     let mut start = 0;
     for (m, o) in mats.iter().zip(outs.iter_mut()) {
@@ -314,6 +326,12 @@ pub fn multi_matmul(
         }
         start += m.rows;
     }
+}
+
+thread_local! {
+    /// Per-thread scratch for rows [`dot_row`] dequantizes, kept across calls so that
+    /// decoding allocates nothing.
+    static DEQUANT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Products of at most this many multiply-adds run on the calling thread.

@@ -1,0 +1,91 @@
+//! Decode steps do not allocate: once a session has run its prompt and a few tokens, every
+//! further single-token forward pass (attention over a growing context, routing, experts on the
+//! thread pool, the output projection) reuses the session's buffers. Counted by a global
+//! allocator that sees every thread, the pool's workers included.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use moe_e2e::Fixture;
+use moe_runtime::gguf::{GgmlType, GgufFile};
+use moe_runtime::model::{KvType, Model, Session};
+use moe_runtime::sampling::argmax_logits;
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The count sees every thread of the process: each test holds this for its whole run, so that
+/// no other test allocates while one counts.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Allocations made by 16 greedy decode steps after a prompt and 2 warm-up steps, with the KV
+/// cache in `kv`.
+fn decode_allocations(file: &GgufFile, kv: KvType) -> usize {
+    let model = Model::load(file).expect("model loads");
+    let mut s = Session::with_kv_type(&model, 128, kv);
+    let prompt: Vec<u32> = (1..12).collect();
+    let mut next = argmax_logits(s.forward(&prompt, false).expect("prompt"));
+    for _ in 0..2 {
+        next = argmax_logits(s.forward(&[next], false).expect("warm-up step"));
+    }
+    // Counted on a pool thread: a call from outside the pool hands rayon's injector a job, and
+    // its queue allocates a small block once every 63 such calls (rayon's, not ours).
+    rayon::scope(|_| {
+        ALLOCS.store(0, Ordering::SeqCst);
+        COUNTING.store(true, Ordering::SeqCst);
+        for _ in 0..16 {
+            next = argmax_logits(s.forward(&[next], false).expect("decode step"));
+        }
+        COUNTING.store(false, Ordering::SeqCst);
+    });
+    ALLOCS.load(Ordering::SeqCst)
+}
+
+#[test]
+fn trained_model_decodes_without_allocating() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/small-moe/small-moe-q8_0.gguf");
+    let file = GgufFile::open(&path).expect("bundled model opens");
+    for kv in [KvType::F16, KvType::F32] {
+        let n = decode_allocations(&file, kv);
+        assert_eq!(n, 0, "{n} allocations in 16 decode steps ({kv:?} KV cache)");
+    }
+}
+
+#[test]
+fn every_ffn_kind_decodes_without_allocating() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Shared experts (qwen2_moe), MLA and group routing (deepseek_v3), a plain MoE (mixtral).
+    for name in ["qwen2_moe", "deepseek_v3", "mixtral"] {
+        for ty in [GgmlType::Q8_0, GgmlType::F32] {
+            let converted = Fixture::load(name).convert(ty);
+            let n = decode_allocations(&converted.open(), KvType::F16);
+            assert_eq!(n, 0, "{name} {ty:?}: {n} allocations in 16 decode steps");
+        }
+    }
+}
