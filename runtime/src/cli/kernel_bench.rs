@@ -93,6 +93,31 @@ pub fn run(args: KernelBenchArgs, out: &mut dyn Write) -> Result<()> {
             }
         }
     }
+    memory_bandwidth(out)
+}
+
+/// Read bandwidth of main memory with the benchmark's threads: the roofline of decoding, which
+/// reads every used weight once per token. Sums a buffer much larger than the caches, best of
+/// several passes.
+fn memory_bandwidth(out: &mut dyn Write) -> Result<()> {
+    use rayon::prelude::*;
+    const BYTES: usize = 1 << 30;
+    let buf: Vec<u64> = (0..BYTES / 8).into_par_iter().map(|i| i as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let sum = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.max(BYTES as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    writeln!(
+        out,
+        "\nmemory read bandwidth: {best:.1} GB/s with {} threads (1 GiB, best of 5)",
+        rayon::current_num_threads(),
+    )?;
     Ok(())
 }
 
