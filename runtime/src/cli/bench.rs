@@ -60,6 +60,10 @@ struct TestResult {
     samples: Vec<f64>,
     /// Routed-expert weight bytes used per token (each selected expert once per batch).
     expert_bytes_per_token: f64,
+    /// All weight bytes read per token: the used experts, and the other matrices once per
+    /// batch. Times tokens/s, this is the memory traffic to hold against the machine's
+    /// bandwidth (`moe-run bench-kernels` measures it).
+    weight_bytes_per_token: f64,
     /// With an expert cache: its counters over the measured runs.
     cache: Option<CacheDelta>,
     /// With --profile: milliseconds per token in each phase over the measured runs.
@@ -176,6 +180,7 @@ pub fn run(mut args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Re
     if let Some(c) = session.expert_cache() {
         c.record_trace();
     }
+    let dense_bytes = dense_weight_bytes(&model) as f64;
     let mut tests = Vec::new();
     if args.n_prompt > 0 {
         tests.push(measure(
@@ -214,6 +219,11 @@ pub fn run(mut args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Re
                 Ok(())
             },
         )?);
+    }
+    for t in &mut tests {
+        // pp runs the prompt as one batch; tg one token per forward pass.
+        let batch = if t.test == "pp" { t.n_tokens } else { 1 };
+        t.weight_bytes_per_token = t.expert_bytes_per_token + dense_bytes / batch as f64;
     }
     let optimum = session.expert_cache().map(|c| {
         let trace = c.trace();
@@ -258,16 +268,24 @@ pub fn run(mut args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Re
         report.kernels
     )?;
     writeln!(out, "{}", report.setup)?;
-    writeln!(out, "| test  |            t/s | expert MiB/token |")?;
-    writeln!(out, "| ----- | -------------- | ---------------- |")?;
+    writeln!(
+        out,
+        "| test  |            t/s | expert MiB/token | weight MiB/token | weight GB/s |"
+    )?;
+    writeln!(
+        out,
+        "| ----- | -------------- | ---------------- | ---------------- | ----------- |"
+    )?;
     for t in &report.tests {
         writeln!(
             out,
-            "| {:<5} | {:>7.2} ± {:<5.2} | {:>16.2} |",
+            "| {:<5} | {:>7.2} ± {:<5.2} | {:>16.2} | {:>16.2} | {:>11.2} |",
             format!("{}{}", t.test, t.n_tokens),
             t.tokens_per_second_mean,
             t.tokens_per_second_stddev,
-            t.expert_bytes_per_token / (1u64 << 20) as f64
+            t.expert_bytes_per_token / (1u64 << 20) as f64,
+            t.weight_bytes_per_token / (1u64 << 20) as f64,
+            t.weight_bytes_per_token * t.tokens_per_second_mean / 1e9
         )?;
     }
     for t in &report.tests {
@@ -386,7 +404,25 @@ fn measure(
         tokens_per_second_stddev: var.sqrt(),
         samples,
         expert_bytes_per_token: expert_bytes as f64 / (reps.max(1) * n) as f64,
+        weight_bytes_per_token: 0.0,
     })
+}
+
+/// Weight bytes a forward pass reads besides the routed experts, once per batch: every
+/// non-expert tensor except the token embedding, of which it reads one row per token (unless
+/// the output projection is that same tensor).
+fn dense_weight_bytes(model: &Model) -> usize {
+    let file_tensors: usize = model
+        .file
+        .header()
+        .tensors()
+        .iter()
+        .map(|t| t.range.len())
+        .sum();
+    let experts = crate::moe::cache::ExpertLayout::from_model(model).total_expert_bytes();
+    let tied = std::ptr::eq(model.output.data.as_ptr(), model.tok_embd.data.as_ptr());
+    let embedding = if tied { 0 } else { model.tok_embd.data.len() };
+    file_tensors - experts - embedding
 }
 
 /// The process's peak resident set (VmHWM), where the OS reports it.
