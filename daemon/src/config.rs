@@ -41,6 +41,16 @@ pub struct Config {
     /// the board profile's]
     #[arg(long, env = "MOED_LOOKAHEAD")]
     pub lookahead: Option<usize>,
+    /// Token-level expert predictor run before the backbone when streaming: none, frequency
+    /// (each layer's most used experts so far) or pregate (the model's pre-gating router
+    /// network; needs moed built with `--features pregate`). Only moves reads earlier: the
+    /// output is the same with any predictor
+    #[arg(long, env = "MOED_PREDICTOR", default_value = "none", value_parser = ["none", "frequency", "pregate"])]
+    pub predictor: String,
+    /// The pre-gating router (ONNX); default: the GGUF's `moe_edge.pregate.onnx` key, else
+    /// MODEL_STEM.pregate.onnx beside the model
+    #[arg(long, env = "MOED_PREGATE")]
+    pub pregate: Option<PathBuf>,
     /// Threads reading streamed experts [default: the board profile's, else 2]
     #[arg(long, env = "MOED_IO_THREADS", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub io_threads: Option<u32>,

@@ -308,9 +308,8 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
             no_calib_prior: false,
             route_top_p: None,
             skip_uncached_below: None,
-            // The daemon does not run a token-level expert predictor yet.
-            predictor: "none".into(),
-            pregate: None,
+            predictor: cfg.predictor.clone(),
+            pregate: cfg.pregate.clone(),
             predict_k: None,
         },
         startup: cfg.startup.clone(),

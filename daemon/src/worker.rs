@@ -164,6 +164,13 @@ pub fn spawn(
                     return;
                 }
             }
+            match cfg.streaming.predictor(&model, &cfg.model) {
+                Ok(predictor) => session.set_predictor(predictor),
+                Err(e) => {
+                    let _ = loaded.send(Err(format!("{}: {e:#}", cfg.model.display())));
+                    return;
+                }
+            }
             if cfg.warmup {
                 // One forward pass maps the dense weights and some experts, and sizes the
                 // session's scratch buffers, before the first client waits on them.

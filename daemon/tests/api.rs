@@ -579,4 +579,13 @@ fn mem_budget_streams_experts_with_identical_output() {
     assert!(metric(&m, "moed_flash_bytes_read_total") > 0.0, "{m}");
     let hit = metric(&m, "moed_expert_cache_hit_rate");
     assert!((0.0..=1.0).contains(&hit));
+    drop(streamed);
+
+    // A token-level predictor only moves reads earlier: same text, request after request.
+    let predicted = Daemon::start(&["--mem-budget", "52M", "--predictor", "frequency"]);
+    for _ in 0..2 {
+        let (status, got) = predicted.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
+    }
 }
