@@ -5,6 +5,7 @@ pub mod arch;
 pub mod calib;
 pub mod hf;
 pub mod plan;
+pub mod router;
 pub mod tokenizer;
 pub mod tune;
 
