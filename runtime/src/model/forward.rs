@@ -443,7 +443,9 @@ impl<'m, 'a> Session<'m, 'a> {
             }
             let s = &mut self.s;
             add_scaled(&mut s.x, &s.proj, hp.residual_scale);
-            if self.streaming.lookahead > 0 {
+            // With a decoupled router every layer's experts are already known (and queued);
+            // the layers' own gates, which the lookahead applies, are unused.
+            if self.streaming.lookahead > 0 && model.router.is_none() {
                 self.predict_ahead(li, n, last_pos);
             }
             let s = &mut self.s;
