@@ -109,12 +109,17 @@ fn every_layer_uses_the_decoupled_routers_choice() {
 }
 
 /// Logits of every prompt position plus 8 greedy tokens.
-fn run(model: &Model, ids: &[u32], cache: Option<Arc<ExpertCache>>) -> (Vec<f32>, Vec<u32>) {
+fn run(
+    model: &Model,
+    ids: &[u32],
+    cache: Option<Arc<ExpertCache>>,
+    lookahead: usize,
+) -> (Vec<f32>, Vec<u32>) {
     let mut s = Session::with_kv_type(model, 256, KvType::F32);
     if let Some(c) = cache {
         s.set_streaming(ExpertStreaming {
             cache: Some(c),
-            lookahead: 0,
+            lookahead,
         });
     }
     let mut logits = s.forward(ids, true).unwrap().to_vec();
@@ -139,14 +144,16 @@ fn streamed_under_a_tight_budget_equals_resident_and_loads_ahead() {
         let file = conv.open();
         let model = Model::load(&file).unwrap();
         let ids = &fx.expected.prompts[2].ids;
-        let resident = run(&model, ids, None);
+        let resident = run(&model, ids, None, 0);
         let n_used = model.hp.n_expert_used;
         // n_used slots: one token's experts of one layer; 2 layers x 2 experts: the next
         // layer's experts are loaded while the current one runs only as far as slots allow.
-        for (slots, eviction) in [
-            (n_used, Eviction::Belady),
-            (2 * n_used, Eviction::Belady),
-            (2 * n_used, Eviction::Lru),
+        // The lookahead gate is skipped for such models (their per-layer gates are unused).
+        for (slots, eviction, lookahead) in [
+            (n_used, Eviction::Belady, 0),
+            (2 * n_used, Eviction::Belady, 0),
+            (2 * n_used, Eviction::Lru, 0),
+            (2 * n_used, Eviction::Belady, 1),
         ] {
             let c = Arc::new(
                 ExpertCache::new(
@@ -163,7 +170,7 @@ fn streamed_under_a_tight_budget_equals_resident_and_loads_ahead() {
                 )
                 .unwrap(),
             );
-            let streamed = run(&model, ids, Some(c.clone()));
+            let streamed = run(&model, ids, Some(c.clone()), lookahead);
             assert!(
                 streamed.0 == resident.0 && streamed.1 == resident.1,
                 "{ty} slots={slots} {eviction:?}: streamed run differs from resident"
