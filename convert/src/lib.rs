@@ -5,6 +5,7 @@ pub mod arch;
 pub mod calib;
 pub mod hf;
 pub mod plan;
+pub mod router;
 pub mod tokenizer;
 pub mod tune;
 
@@ -14,7 +15,7 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use moe_runtime::gguf::{GgmlType, GgufError, GgufWriter, PAGE_ALIGNMENT};
+use moe_runtime::gguf::{GgmlType, GgufError, GgufWriter, Value, PAGE_ALIGNMENT};
 use rayon::prelude::*;
 
 pub use calib::CalibOptions;
@@ -77,12 +78,24 @@ pub fn convert(
     opts: Options,
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
+    convert_with_metadata(src_dir, out, opts, &[], progress)
+}
+
+/// [`convert`], adding `extra` metadata (e.g. [`PregateSidecar::metadata`]).
+pub fn convert_with_metadata(
+    src_dir: &Path,
+    out: &Path,
+    opts: Options,
+    extra: &[(String, Value)],
+    progress: Progress,
+) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
     let ckpt = hf::Checkpoint::open(src_dir)?;
     let conv = arch::for_config(&ckpt.config)?;
     let mut plan = plan::build(&ckpt, conv.as_ref(), opts)?;
     let n_vocab = ckpt.config.usize("vocab_size")?;
     plan.metadata.extend(tokenizer::metadata(&ckpt, n_vocab)?);
+    plan.metadata.extend(extra.iter().cloned());
 
     let decls: Vec<_> = plan.tensors.iter().map(|t| t.decl.clone()).collect();
     let total: u64 = decls
@@ -189,6 +202,18 @@ pub fn convert_tuned(
     tuning: &Tuning,
     progress: Progress,
 ) -> Result<TunedSummary, ConvertError> {
+    convert_tuned_with_metadata(src_dir, out, opts, tuning, &[], progress)
+}
+
+/// [`convert_tuned`], adding `extra` metadata.
+pub fn convert_tuned_with_metadata(
+    src_dir: &Path,
+    out: &Path,
+    opts: Options,
+    tuning: &Tuning,
+    extra_metadata: &[(String, Value)],
+    progress: Progress,
+) -> Result<TunedSummary, ConvertError> {
     let t0 = Instant::now();
     let f32_path = temp_path(&out.with_extension("f32.gguf"));
     let result = (|| {
@@ -222,7 +247,7 @@ pub fn convert_tuned(
                 .collect(),
         };
         let pruned = tuning.prune.is_some();
-        let mut extra = Vec::new();
+        let mut extra = extra_metadata.to_vec();
         if let Some(s) = &stats {
             extra.extend(s.select(&kept).to_metadata());
         }
@@ -267,6 +292,78 @@ pub fn convert_tuned(
     })();
     let _ = std::fs::remove_file(&f32_path);
     result
+}
+
+/// A pre-gating router network (ONNX, from scripts/train_pregate.py) referenced from the GGUF:
+/// the key `moe_edge.pregate.onnx` names it relative to the GGUF's folder, where moe-run's
+/// `--predictor pregate` looks for it. A file elsewhere is copied beside the output as
+/// `<output stem>.pregate.onnx`, so the pair can be moved together.
+pub struct PregateSidecar {
+    src: PathBuf,
+    dst: PathBuf,
+    name: String,
+}
+
+impl PregateSidecar {
+    pub fn new(out: &Path, onnx: &Path) -> Result<Self, ConvertError> {
+        let meta = std::fs::metadata(onnx).map_err(|e| ConvertError::io(onnx, e))?;
+        if !meta.is_file() || meta.len() == 0 {
+            return Err(ConvertError::Input(format!(
+                "--pregate {}: not a (non-empty) file; pass the .onnx that scripts/train_pregate.py wrote",
+                onnx.display()
+            )));
+        }
+        let out_dir = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let same_dir = match (onnx.parent(), std::fs::canonicalize(&out_dir)) {
+            (Some(p), Ok(o)) => {
+                let p = if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                };
+                std::fs::canonicalize(p).is_ok_and(|p| p == o)
+            }
+            _ => false,
+        };
+        let name = if same_dir {
+            onnx.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        } else {
+            let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+            format!("{stem}.pregate.onnx")
+        };
+        Ok(Self {
+            src: onnx.to_path_buf(),
+            dst: out_dir.join(&name),
+            name,
+        })
+    }
+
+    pub fn metadata(&self) -> (String, Value) {
+        (
+            moe_runtime::moe::predictor::PREGATE_KEY.into(),
+            Value::String(self.name.clone()),
+        )
+    }
+
+    /// Copies the network beside the output when it is not there yet; returns where it is.
+    pub fn install(&self) -> Result<&Path, ConvertError> {
+        let same = match (
+            std::fs::canonicalize(&self.src),
+            std::fs::canonicalize(&self.dst),
+        ) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !same {
+            std::fs::copy(&self.src, &self.dst).map_err(|e| ConvertError::io(&self.dst, e))?;
+        }
+        Ok(&self.dst)
+    }
 }
 
 pub(crate) fn temp_path(out: &Path) -> PathBuf {

@@ -79,7 +79,9 @@ pub(crate) fn choose_type(
     tied_output: bool,
 ) -> GgmlType {
     let is_router = name.contains("ffn_gate_inp");
-    if dims.len() == 1 || is_router || !name.ends_with(".weight") {
+    // A decoupled router is small and decides every layer's experts: kept exact.
+    let is_decoupled_router = name.starts_with(crate::router::PREFIX);
+    if dims.len() == 1 || is_router || is_decoupled_router || !name.ends_with(".weight") {
         return GgmlType::F32;
     }
     let mut ty = requested;
@@ -381,6 +383,15 @@ pub fn build(
             vec![d, n_vocab],
             t("model.embed_tokens.weight"),
         );
+    }
+
+    if crate::router::present(cfg)? {
+        let (router_meta, router_tensors) =
+            crate::router::plan(ckpt, rope_theta(cfg)?, n_vocab, n_expert)?;
+        meta.extend(router_meta);
+        for (name, dims, source) in router_tensors {
+            add(name, dims, source);
+        }
     }
 
     Ok(Plan {

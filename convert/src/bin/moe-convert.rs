@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use moe_convert::{convert, convert_tuned, CalibOptions, ExpertTypes, Options, PruneSpec, Tuning};
+use moe_convert::{
+    convert_tuned_with_metadata, convert_with_metadata, CalibOptions, ExpertTypes, Options,
+    PregateSidecar, PruneSpec, Tuning,
+};
 use moe_runtime::gguf::GgmlType;
 
 #[derive(Parser, Debug)]
@@ -54,6 +57,11 @@ struct Args {
     /// Share of each layer's experts (the most used) that get the hot type
     #[arg(long, default_value_t = 0.25)]
     hot_fraction: f64,
+    /// A pre-gating router network (ONNX, from scripts/train_pregate.py) for this model: the
+    /// GGUF names it (`moe_edge.pregate.onnx`) and it is copied beside the output when it is
+    /// not there, so `moe-run --predictor pregate` finds it without --pregate
+    #[arg(long, value_name = "FILE.onnx")]
+    pregate: Option<PathBuf>,
 }
 
 fn parse_type(s: &str) -> Result<GgmlType, String> {
@@ -109,15 +117,28 @@ fn run(args: Args) -> Result<()> {
         bar.set_position(done);
         bar.set_message(name.to_string());
     };
+    let pregate = args
+        .pregate
+        .as_deref()
+        .map(|p| PregateSidecar::new(&args.out, p))
+        .transpose()?;
+    let extra: Vec<_> = pregate.iter().map(PregateSidecar::metadata).collect();
     let summary = if tuning.is_empty() {
-        convert(&args.hf_dir, &args.out, Options { ty: args.ty }, &progress)
-            .with_context(|| format!("converting {}", args.hf_dir.display()))?
+        convert_with_metadata(
+            &args.hf_dir,
+            &args.out,
+            Options { ty: args.ty },
+            &extra,
+            &progress,
+        )
+        .with_context(|| format!("converting {}", args.hf_dir.display()))?
     } else {
-        let t = convert_tuned(
+        let t = convert_tuned_with_metadata(
             &args.hf_dir,
             &args.out,
             Options { ty: args.ty },
             &tuning,
+            &extra,
             &progress,
         )
         .with_context(|| format!("converting {}", args.hf_dir.display()))?;
@@ -150,6 +171,10 @@ fn run(args: Args) -> Result<()> {
     );
     for (ty, bytes) in &summary.bytes_by_type {
         println!("  {ty:>5}: {:.2} MiB", *bytes as f64 / (1 << 20) as f64);
+    }
+    if let Some(p) = &pregate {
+        let at = p.install()?;
+        println!("pre-gating router: {}", at.display());
     }
     Ok(())
 }

@@ -7,10 +7,11 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use crate::moe::cache::ExpertCache;
+use crate::moe::decoupled::RouterState;
 use crate::moe::experts::{add_transposed, run_experts, Assignment, ExpertJob, ExpertScratch};
 use crate::moe::lossy::{self, LossyStats, RouteOptions};
 use crate::moe::predictor::{ExpertPredictor, Predictions};
-use crate::moe::router::{route_with, Route};
+use crate::moe::router::{route_with, Route, RoutingSource};
 use crate::tensor::matrix::{multi_matmul, Activations};
 use crate::tensor::{matmul, Kernels, MatmulScratch};
 
@@ -147,6 +148,12 @@ pub struct Session<'m, 'a> {
     /// Guesses every layer's experts of the next tokens before the backbone runs them.
     predictor: Option<Box<dyn ExpertPredictor>>,
     predictor_stats: PredictionStats,
+    /// The decoupled router's key/value cache, when the model is routed by one.
+    router_state: Option<RouterState>,
+    /// The decoupled router's expert logits for the current batch, `[n, n_expert]`.
+    decided: Vec<f32>,
+    /// Time spent in the decoupled router.
+    router_seconds: f64,
     /// cos/sin of every (position, frequency) pair: `[n_ctx, rope_dim / 2]`.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
@@ -192,6 +199,9 @@ impl<'m, 'a> Session<'m, 'a> {
             predictions: Vec::new(),
             predictor: None,
             predictor_stats: PredictionStats::default(),
+            router_state: model.router.as_ref().map(|r| r.new_state(n_ctx)),
+            decided: Vec::new(),
+            router_seconds: 0.0,
             rope_cos,
             rope_sin,
             pos: 0,
@@ -250,6 +260,11 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Quality of the token-level predictor's guesses (depth 0), when one is installed.
     pub fn predictor_stats(&self) -> Option<&PredictionStats> {
         self.predictor.as_ref().map(|_| &self.predictor_stats)
+    }
+
+    /// Seconds spent in the model's decoupled router (Read-ME) since the session started.
+    pub fn decoupled_router_seconds(&self) -> f64 {
+        self.router_seconds
     }
 
     /// Bytes of routed-expert weights used since the session started.
@@ -381,13 +396,21 @@ impl<'m, 'a> Session<'m, 'a> {
         }
 
         let last_pos = self.pos + n - 1;
-        if self.predictor.is_some() {
+        // Every layer's experts of the batch, known before layer 0: decided by the model's
+        // decoupled router, or else guessed by a token-level predictor.
+        let known_ahead = if model.router.is_some() {
+            self.route_ahead(tokens)?;
+            true
+        } else if self.predictor.is_some() {
             self.predict_tokens(tokens)?;
-        }
+            true
+        } else {
+            false
+        };
         for (li, layer) in model.layers.iter().enumerate() {
             if let Some(cache) = &self.streaming.cache {
                 cache.set_position(last_pos, li);
-                if self.predictor.is_some() && li > 0 {
+                if known_ahead && li > 0 {
                     // Guesses the in-flight cap turned away at the start get another chance
                     // as reads complete (present experts just renew their next use).
                     self.prefetch_predicted(cache, li, last_pos);
@@ -420,7 +443,9 @@ impl<'m, 'a> Session<'m, 'a> {
             }
             let s = &mut self.s;
             add_scaled(&mut s.x, &s.proj, hp.residual_scale);
-            if self.streaming.lookahead > 0 {
+            // With a decoupled router every layer's experts are already known (and queued);
+            // the layers' own gates, which the lookahead applies, are unused.
+            if self.streaming.lookahead > 0 && model.router.is_none() {
                 self.predict_ahead(li, n, last_pos);
             }
             let s = &mut self.s;
@@ -431,11 +456,16 @@ impl<'m, 'a> Session<'m, 'a> {
             s.ffn_out.resize(n * d, 0.0);
             s.ffn_in.prepare(k, &s.xn, n, d);
             self.prof.lap(Phase::Other);
+            let source = match &model.router {
+                Some(_) => RoutingSource::Decided(&self.decided),
+                None => RoutingSource::Layer,
+            };
             feed_forward(
                 k,
                 hp,
                 li,
                 &layer.ffn,
+                source,
                 n,
                 s,
                 &self.streaming,
@@ -486,6 +516,51 @@ impl<'m, 'a> Session<'m, 'a> {
         self.prof.lap(Phase::Output);
         self.pos += n;
         Ok(&self.s.logits)
+    }
+
+    /// Runs the model's decoupled router over the batch. Its logits decide every MoE layer's
+    /// experts (`RoutingSource::Decided`), so all of them are handed to the expert cache now,
+    /// nearest layer first: reads start before layer 0 and Belady eviction knows their next use.
+    fn route_ahead(&mut self, tokens: &[u32]) -> Result<(), ModelError> {
+        let model = self.model;
+        let (Some(router), Some(state)) = (&model.router, &mut self.router_state) else {
+            return Ok(());
+        };
+        let t0 = std::time::Instant::now();
+        router.logits(state, tokens, self.pos, &mut self.decided)?;
+        self.router_seconds += t0.elapsed().as_secs_f64();
+        let hp = &model.hp;
+        let s = &mut self.s;
+        s.predicted_union.resize_with(model.layers.len(), Vec::new);
+        s.predicted_union.iter_mut().for_each(Vec::clear);
+        // The batch's experts, gathered in the first MoE layer's list and copied to the others.
+        let Some(first) = model
+            .layers
+            .iter()
+            .position(|l| matches!(l.ffn, Ffn::Moe(_)))
+        else {
+            return Ok(());
+        };
+        let union = &mut s.predicted_union[first];
+        for row in self.decided.chunks_exact(router.n_expert()) {
+            for e in route_with(&hp.routing, row, None).experts {
+                if !union.contains(&e) {
+                    union.push(e);
+                }
+            }
+        }
+        union.sort_unstable();
+        let (head, rest) = s.predicted_union.split_at_mut(first + 1);
+        let union = &head[first];
+        for (later, layer) in rest.iter_mut().zip(&model.layers[first + 1..]) {
+            if let Ffn::Moe(_) = layer.ffn {
+                later.extend_from_slice(union);
+            }
+        }
+        if let Some(cache) = self.streaming.cache.clone() {
+            self.prefetch_predicted(&cache, 0, self.pos + tokens.len() - 1);
+        }
+        Ok(())
     }
 
     /// Asks the token-level predictor for every layer's experts of `tokens` (before the
@@ -725,6 +800,7 @@ fn feed_forward(
     hp: &super::HParams,
     layer: usize,
     ffn: &Ffn,
+    source: RoutingSource<'_>,
     n: usize,
     s: &mut Scratch,
     streaming: &ExpertStreaming,
@@ -747,14 +823,19 @@ fn feed_forward(
         }
         Ffn::Moe(moe) => {
             s.router_logits.resize(n * n_expert, 0.0);
-            matmul(
-                k,
-                &moe.router,
-                &s.ffn_in.x,
-                n,
-                &mut s.router_logits,
-                &mut s.mm,
-            );
+            match source {
+                RoutingSource::Layer => matmul(
+                    k,
+                    &moe.router,
+                    &s.ffn_in.x,
+                    n,
+                    &mut s.router_logits,
+                    &mut s.mm,
+                ),
+                RoutingSource::Decided(logits) => {
+                    s.router_logits.copy_from_slice(&logits[..n * n_expert])
+                }
+            }
             if let Some(mask) = &s.lossy.mask {
                 let m = &mask[layer * n_expert..(layer + 1) * n_expert];
                 for row in s.router_logits.chunks_exact_mut(n_expert) {

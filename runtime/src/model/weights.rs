@@ -172,6 +172,9 @@ pub struct Model<'a> {
     pub output_norm: Vec<f32>,
     /// `[n_vocab, n_embd]`; the embedding itself when the model ties them.
     pub output: QMatrix<'a>,
+    /// A decoupled router deciding every layer's experts (Read-ME); the layers' own gates are
+    /// then unused.
+    pub router: Option<crate::moe::decoupled::DecoupledRouter>,
 }
 
 struct Lookup<'a> {
@@ -360,6 +363,7 @@ impl<'a> Model<'a> {
                 ffn,
             });
         }
+        let router = crate::moe::decoupled::DecoupledRouter::load(file, n_vocab, hp.n_expert)?;
         Ok(Self {
             hp,
             file,
@@ -367,6 +371,7 @@ impl<'a> Model<'a> {
             layers,
             output_norm: lk.vector("output_norm.weight", d)?,
             output,
+            router,
         })
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod calib;
+pub mod decoupled;
 pub mod experts;
 pub mod flash;
 pub mod lossy;

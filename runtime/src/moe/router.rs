@@ -53,6 +53,17 @@ pub fn route(logits: &[f32], k: usize, renormalize: bool) -> Route {
     r
 }
 
+/// Where a MoE layer's router logits come from.
+#[derive(Clone, Copy, Debug)]
+pub enum RoutingSource<'a> {
+    /// The layer's own gate (`ffn_gate_inp`) applied to the layer's input.
+    Layer,
+    /// Scores decided before the backbone ran, shared by every layer (Read-ME's decoupled
+    /// router, `moe::decoupled`): `[n, n_expert]` for the batch. The layer's gating (softmax,
+    /// top-k, masks) is applied to them as to its own logits.
+    Decided(&'a [f32]),
+}
+
 /// How router scores are computed from logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gating {
