@@ -17,22 +17,25 @@
 2. Side by side with llama.cpp on the real disk (root only; cgroup v1 memory controller):
 
     LLAMA_BENCH=/work/llama.cpp-build/bin/llama-bench python3 scripts/bench_streaming.py vs-llama \
-        -m MODEL.gguf --budgets 50 [--readahead 128,8192] [-n 8] [--timeout 300]
+        -m MODEL.gguf --text heldout.txt --budgets 50,25 --readahead 128,8192 -n 8 -r 2 -t 1 \
+        [--rounds 2] [--timeout 240]
 
-   For each budget: moe-run with that expert cache, O_DIRECT, no flash emulation, page cache
-   dropped first; then llama-bench (`--repack 0 -lm mmap`, random tokens like its tg test) in a
-   child cgroup of /sys/fs/cgroup/memory with memory.limit_in_bytes set to
-   (a) moe-run's peak RSS at that budget ("same memory"), and
-   (b) llama.cpp's own peak when fully resident (cgroup max_usage, no limit) minus the expert
-       bytes the budget leaves out ("same expert budget on top of each engine's fixed overhead").
-   The page cache is dropped before each run. --readahead sets the model's block device
-   read_ahead_kb for the llama.cpp runs (restored afterwards). A run that hits the timeout is
-   reported as "< X t/s" (n tokens in the timeout, an upper bound).
+   For each budget, moe-run (that expert cache, O_DIRECT, no flash emulation) runs once without
+   a limit; its peak RSS is limit (a), "the same memory". Limit (b) is llama.cpp's own footprint
+   when fully resident (cgroup peak with the file read in first) minus the expert bytes the
+   budget leaves out: the same expert budget on top of each engine's fixed overhead. Then, in
+   alternating rounds, both engines run in a child cgroup of /sys/fs/cgroup/memory with
+   memory.limit_in_bytes at each limit and each --readahead value (the model's block device
+   read_ahead_kb, restored afterwards): llama-bench `-p 0 --repack 0 -lm mmap` (random tokens, as
+   its tg test does) and moe-run bench. The page cache is dropped before every run. A run that
+   hits the timeout is reported as "< X t/s". Use -t 1 on a busy machine: ggml's spinning thread
+   pool collapses when the cores are oversubscribed (0.16 t/s instead of 10 seen here).
 """
 import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -245,6 +248,7 @@ def vs_llama(args):
           f"no flash emulation; "
           f"page cache dropped before every run\n", flush=True)
     rows = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the clean-up below when killed
     try:
         exp_total = expert_total_from_gguf(args.model)
         tps, note, full = llama_limited(binary, args.model, None, args.n, args.threads, args.timeout, preload=True, reps=args.reps)
@@ -268,25 +272,37 @@ def vs_llama(args):
             limits = [("(a) moe-run peak RSS", moe_rss),
                       ("(b) llama.cpp resident - left-out experts", int(full - (1 - budget / 100) * exp_total))]
             # Rounds alternate the engines so that load changes hit both.
+            # Both engines under every readahead setting: moe-run's dense weights are mapped too.
             for rnd in range(args.rounds):
                 for label, lim in limits:
-                    tps, note, peak, _ = moe_limited(args, budget, lim)
-                    rows.append((f"moe-run {args.eviction}:{args.lookahead}", f"{budget}%", ra0,
-                                 f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
-                    print(f"moe-run {budget}% {label} {lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
                     for ra in ras:
                         readahead(dev, ra)
+                        tps, note, peak, _ = moe_limited(args, budget, lim)
+                        rows.append((f"moe-run {args.eviction}:{args.lookahead}", f"{budget}%", ra,
+                                     f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
+                        print(f"moe-run {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
                         tps, note, peak = llama_limited(binary, args.model, lim, args.n, args.threads, args.timeout, reps=args.reps)
                         readahead(dev, ra0)
                         rows.append(("llama.cpp", f"{budget}%", ra, f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
                         print(f"llama {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
     finally:
         readahead(dev, ra0)
-        os.rmdir(CG)
+        if os.path.isdir(CG):
+            os.rmdir(CG)
     print("| engine | expert budget | read_ahead_kb | cgroup limit | tg t/s | note | cgroup peak MiB |", flush=True)
     print("|---|---|---|---|---|---|---|")
     for eng, b, ra, lim, tps, note, peak in rows:
         print(f"| {eng} | {b} | {ra} | {lim} | {f'{tps:.2f}' if tps is not None else '-'} | {note} | {peak / 2**20:.1f} |")
+    # Summary: per budget, limit and readahead, both engines' median over the rounds.
+    cells = {}
+    for eng, b, ra, lim, tps, note, peak in rows:
+        if lim != "none":
+            cells.setdefault((b, lim, ra), {}).setdefault(eng.split()[0], []).append(tps if tps is not None else 0.0)
+    print("\n| expert budget | cgroup limit | read_ahead_kb | moe-run t/s | llama.cpp t/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for (b, lim, ra), e in cells.items():
+        m, ll = statistics.median(e.get("moe-run", [0])), statistics.median(e.get("llama.cpp", [0]))
+        print(f"| {b} | {lim} | {ra} | {m:.2f} | {ll:.2f} | {f'{m / ll:.1f}x' if ll > 0 else 'llama.cpp failed'} |")
 
 
 def gguf_experts(model):
