@@ -358,7 +358,7 @@ def main():
     v.add_argument("-t", "--threads", type=int, default=2)
     v.add_argument("--timeout", type=int, default=300)
     args = ap.parse_args()
-    if not os.path.exists(moe_run_path()):
+    if args.cmd != "table" and not os.path.exists(moe_run_path()):
         sys.exit(f"{moe_run_path()} missing: cargo build --release -p moe-runtime --bin moe-run")
     {"grid": grid, "table": table_from_json, "vs-llama": vs_llama}[args.cmd](args)
 
