@@ -1,106 +1,366 @@
 #!/usr/bin/env python3
-"""Expert streaming benchmark: generation speed and reads per token for expert-cache sizes,
-predictors, eviction policies and emulated flash speeds (a benchmark, never a test).
+"""Expert streaming benchmark (a benchmark, never a test).
 
-    python3 scripts/bench_streaming.py -m MODEL.gguf [--budgets 100,75,50,25] \
-        [--profiles microsd,usb-ssd,nvme] [--setups lru:0,lfu:0,belady:1,belady:2] [-n 32] [-t 2]
+1. Grid: generation speed, hit rate, stall time and reads per token for expert-cache sizes,
+   eviction policies, lookahead depths and predictors at emulated flash speeds:
 
-Each run uses O_DIRECT reads (the page cache cannot hide the flash) plus the named flash
-emulator. "min MiB/tok" is what Belady's offline optimum would read with the same number of
-slots: the misses no policy could avoid.
+    python3 scripts/bench_streaming.py grid -m MODEL.gguf [--text heldout.txt] \
+        [--budgets 100,75,50,25] [--profiles microsd,usb-ssd,nvme] \
+        [--setups lru:0,lfu:0,belady:0,belady:1,belady:2,belady:0:frequency] [-n 32] [-r 2]
 
-With LLAMA_BENCH set, llama.cpp is run on the same file inside a cgroup (v1 memory controller)
-limited to the same total memory as moe-run's peak, page cache dropped first (root only).
+   Every run uses O_DIRECT reads (the page cache cannot hide the flash) plus the named flash
+   emulator. Repetitions are interleaved: repetition 1 of every cell, then repetition 2, so a
+   load change on the machine spreads over all setups instead of hitting one. "min MiB/tok" is
+   what Belady's offline optimum would read with the same number of slots (the misses no policy
+   could avoid); "read/min" is the ratio. Over the whole run, warm-up included.
+
+2. Side by side with llama.cpp on the real disk (root only; cgroup v1 memory controller):
+
+    LLAMA_BENCH=/work/llama.cpp-build/bin/llama-bench python3 scripts/bench_streaming.py vs-llama \
+        -m MODEL.gguf --text heldout.txt --budgets 50,25 --readahead 128,8192 -n 8 -r 2 -t 1 \
+        [--rounds 2] [--timeout 240]
+
+   For each budget, moe-run (that expert cache, O_DIRECT, no flash emulation) runs once without
+   a limit; its peak RSS is limit (a), "the same memory". Limit (b) is llama.cpp's own footprint
+   when fully resident (cgroup peak with the file read in first) minus the expert bytes the
+   budget leaves out: the same expert budget on top of each engine's fixed overhead. Then, in
+   alternating rounds, both engines run in a child cgroup of /sys/fs/cgroup/memory with
+   memory.limit_in_bytes at each limit and each --readahead value (the model's block device
+   read_ahead_kb, restored afterwards): llama-bench `-p 0 --repack 0 -lm mmap` (random tokens, as
+   its tg test does) and moe-run bench. The page cache is dropped before every run. A run that
+   hits the timeout is reported as "< X t/s". Use -t 1 on a busy machine: ggml's spinning thread
+   pool collapses when the cores are oversubscribed (0.16 t/s instead of 10 seen here).
 """
 import argparse
 import json
 import os
+import re
+import signal
+import statistics
 import subprocess
+import sys
+import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# One cgroup per run of this script, so that concurrent benchmarks do not share limits.
+CG = f"/sys/fs/cgroup/memory/moe-edge-bench-{os.getpid()}"
 
 
-def moe_bench(model, budget, eviction, lookahead, predictor, profile, n, threads, reps):
-    cmd = [f"{ROOT}/target/release/moe-run", "bench", "-m", model, "-p", "0", "-n", str(n),
+def moe_run_path():
+    target = os.environ.get("CARGO_TARGET_DIR", f"{ROOT}/target")
+    return os.path.join(target, "release", "moe-run")
+
+
+def moe_bench(model, budget, eviction, lookahead, predictor, profile, n, threads, reps, text=None,
+              cgroup=False, timeout=None):
+    cmd = [moe_run_path(), "bench", "-m", model, "-p", "0", "-n", str(n),
            "-r", str(reps), "-t", str(threads), "--json",
-           "--expert-cache", f"{budget}%", "--eviction", eviction, "--lookahead", str(lookahead),
-           "--predictor", predictor, "--direct-io", "--flash-profile", profile]
-    rep = json.loads(subprocess.run(cmd, check=True, text=True, capture_output=True).stdout)
-    return rep
+           "--expert-cache", cache_arg(model, budget), "--eviction", eviction, "--lookahead", str(lookahead),
+           "--predictor", predictor, "--direct-io"]
+    if profile:
+        cmd += ["--flash-profile", profile]
+    if text:
+        cmd += ["--text", text]
+    if cgroup:
+        cmd = ["sh", "-c", f"echo $$ > {CG}/cgroup.procs && exec \"$@\"", "sh"] + cmd
+    return json.loads(subprocess.run(cmd, check=True, text=True, capture_output=True, timeout=timeout).stdout)
+
+
+def cache_arg(model, budget):
+    """--expert-cache value for a budget: "50" = 50% of the expert bytes; "50s" = slots for 50%
+    of the routed experts (differs when slabs are not page multiples: each slot is padded)."""
+    b = str(budget)
+    if not b.endswith("s"):
+        return f"{b}%"
+    _, n, slot = gguf_experts(model)
+    return str(round(float(b[:-1]) / 100 * n) * slot)
+
+
+def fmt_preds(rep, predictor):
+    preds = [dict(p, label=f"d{p['depth']}") for p in rep.get("predictions", []) if p.get("predicted")]
+    if rep.get("predictor") and rep["predictor"].get("predicted"):
+        preds.append(dict(rep["predictor"], label=predictor))
+    return ", ".join(f"{p['label']} {p['correct'] / p['predicted']:.2f}/{p['correct'] / max(p['actual'], 1):.2f}"
+                     for p in preds) or "-"
+
+
+def grid(args):
+    setups = []
+    for s in args.setups.split(","):
+        eviction, lookahead, *rest = s.split(":")
+        setups.append((eviction, int(lookahead), rest[0] if rest else "none"))
+    cells = [(p, b, s) for p in args.profiles.split(",") for b in args.budgets.split(",") for s in setups]
+    runs = {c: [] for c in cells}
+    raw = []
+    for r in range(args.reps):
+        for c in cells:
+            profile, budget, (ev, la, pred) = c
+            rep = moe_bench(args.model, budget, ev, la, pred, profile, args.n, args.threads, 1, args.text)
+            runs[c].append(rep)
+            raw.append({"rep": r, "profile": profile, "budget": budget, "eviction": ev,
+                        "lookahead": la, "predictor": pred, "report": rep})
+            print(f"rep {r} {profile} {budget}% {ev}:{la}:{pred} "
+                  f"{rep['tests'][0]['tokens_per_second_mean']:.2f} t/s", file=sys.stderr, flush=True)
+            if args.json_out:  # after every run, so an interrupted grid still has its data
+                with open(args.json_out, "w") as f:
+                    json.dump({"args": vars(args), "runs": raw}, f)
+    table(args, cells, runs)
+
+
+def table_from_json(args):
+    """Re-print the table of a (possibly interrupted) grid from its --json-out file."""
+    with open(args.json) as f:
+        d = json.load(f)
+    a = argparse.Namespace(**d["args"])
+    cells, runs = [], {}
+    for r in d["runs"]:
+        c = (r["profile"], r["budget"], (r["eviction"], r["lookahead"], r["predictor"]))
+        if c not in runs:
+            cells.append(c)
+            runs[c] = []
+        runs[c].append(r["report"])
+    a.reps = max(len(v) for v in runs.values())
+    table(a, cells, runs)
+
+
+def slots(rep):
+    m = re.search(r"expert cache: (\d+) slots", rep.get("setup", ""))
+    return int(m.group(1)) if m else None
+
+
+def table(args, cells, runs):
+    toks = 2 * args.n  # one warm-up + one measured repetition per run
+    n_exp = gguf_experts(args.model)[1]
+    print(f"\nmodel {os.path.basename(args.model)}, -n {args.n}, {args.reps} interleaved runs per cell "
+          f"(each: 1 warm-up + 1 measured), threads {args.threads}, text {args.text or 'greedy from pseudo-random tokens'}\n")
+    print("cache = expert budget as a share of expert bytes; slots = experts it holds (each slot is "
+          "padded to whole pages per slab for O_DIRECT), as a share of all routed experts\n")
+    print("| flash | cache (slots) | eviction | lookahead | predictor | tg t/s (runs) | hit % | stall ms/tok | "
+          "MiB read/tok | min MiB/tok | read/min | prefetch prec % | prediction prec/recall | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in cells:
+        profile, budget, (ev, la, pred) = c
+        reps = runs[c]
+        tps = [rep["tests"][0]["tokens_per_second_mean"] for rep in reps]
+        caches = [rep["tests"][0]["cache"] or {} for rep in reps]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        hit = mean([x.get("hit_rate", 0) for x in caches])
+        stall = mean([x.get("stall_seconds_per_token", 0) for x in caches])
+        pprec = mean([x.get("prefetch_precision", 0) for x in caches])
+        read = mean([rep["optimum"]["bytes_read"] for rep in reps]) / toks / 2**20
+        opt = mean([rep["optimum"]["optimal_bytes"] for rep in reps]) / toks / 2**20
+        ratio = f"{read / opt:.2f}" if opt > 0 else "-"
+        rss = max(rep["peak_rss_bytes"] or 0 for rep in reps) / 2**20
+        sl = slots(reps[0])
+        label = f"{budget[:-1]}% of experts" if str(budget).endswith("s") else f"{budget}%"
+        print(f"| {profile} | {label} ({100 * sl / n_exp:.0f}%) | {ev} | {la} | {pred} | {statistics.median(tps):.1f} "
+              f"({', '.join(f'{t:.1f}' for t in tps)}) | {100 * hit:.1f} | {1e3 * stall:.2f} | {read:.2f} | {opt:.2f} "
+              f"| {ratio} | {100 * pprec:.0f} | {fmt_preds(reps[-1], pred)} | {rss:.0f} |", flush=True)
 
 
 def drop_caches():
-    try:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
 
 
-def llama_limited(binary, model, limit_bytes, n, threads):
-    """llama-bench tg in a memory cgroup; returns t/s or the reason it failed."""
-    cg = "/sys/fs/cgroup/memory/moe-edge-bench"
-    try:
-        os.makedirs(cg, exist_ok=True)
-        with open(f"{cg}/memory.limit_in_bytes", "w") as f:
-            f.write(str(limit_bytes))
-    except OSError as e:
-        return f"no cgroup ({e})"
+def cgroup_reset(limit_bytes):
+    """(Re)create the bench cgroup with this limit (None = unlimited), drop the page cache (which
+    also uncharges the previous run's file pages) and start a fresh peak counter."""
+    os.makedirs(CG, exist_ok=True)
+    with open(f"{CG}/memory.limit_in_bytes", "w") as f:
+        f.write(str(limit_bytes) if limit_bytes else "-1")
     drop_caches()
-    cmd = ["sh", "-c", f"echo $$ > {cg}/cgroup.procs && exec {binary} -m {model} -p 0 -n {n} "
-           f"-t {threads} -r 1 --repack 0 -lm mmap -o json"]
-    p = subprocess.run(cmd, text=True, capture_output=True)
+    # Writing 0 restarts the peak at the current usage: only meaningful after the drop.
+    with open(f"{CG}/memory.max_usage_in_bytes", "w") as f:
+        f.write("0")
+    with open(f"{CG}/memory.failcnt", "w") as f:
+        f.write("0")
+
+
+def cgroup_peak():
+    with open(f"{CG}/memory.max_usage_in_bytes") as f:
+        return int(f.read())
+
+
+def block_device(path):
+    """The /sys/block name holding path (partitions resolved to their disk)."""
+    dev = os.stat(path).st_dev
+    sysdev = os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if os.path.exists(os.path.join(sysdev, "partition")):
+        sysdev = os.path.dirname(sysdev)
+    return os.path.basename(sysdev)
+
+
+def readahead(dev, kb=None):
+    p = f"/sys/block/{dev}/queue/read_ahead_kb"
+    if kb is not None:
+        with open(p, "w") as f:
+            f.write(str(kb))
+    with open(p) as f:
+        return int(f.read())
+
+
+def moe_limited(args, budget, limit_bytes):
+    """moe-run bench on the real disk (O_DIRECT, no flash emulation) in the memory cgroup:
+    (t/s or None, note, cgroup peak bytes, report or None)."""
+    cgroup_reset(limit_bytes)
+    try:
+        rep = moe_bench(args.model, budget, args.eviction, args.lookahead, "none", None, args.n,
+                        args.threads, args.reps, args.text, cgroup=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"< {(args.reps + 1) * args.n / args.timeout:.3f} t/s (timeout {args.timeout} s)", cgroup_peak(), None
+    except subprocess.CalledProcessError as e:
+        return None, f"failed rc={e.returncode}", cgroup_peak(), None
+    tg = rep["tests"][0]
+    return tg["tokens_per_second_mean"], f"hit {100 * (tg['cache'] or {}).get('hit_rate', 1):.1f}%", cgroup_peak(), rep
+
+
+def llama_limited(binary, model, limit_bytes, n, threads, timeout, preload=False, reps=2):
+    """llama-bench tg in the memory cgroup: (t/s or None, note, cgroup peak bytes). preload reads
+    the whole file into the page cache from inside the cgroup first, so the peak is llama.cpp's
+    fully resident footprint (file + its own overhead)."""
+    cgroup_reset(limit_bytes)
+    cat = f"cat {model} > /dev/null && " if preload else ""
+    cmd = ["sh", "-c", f"echo $$ > {CG}/cgroup.procs && {cat}exec {binary} -m {model} -p 0 -n {n} "
+           f"-t {threads} -r {reps} --repack 0 -lm mmap -o json"]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, text=True, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"< {(reps + 1) * n / timeout:.3f} t/s (timeout {timeout} s)", cgroup_peak()
     if p.returncode != 0:
-        return f"failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"
-    rows = json.loads(p.stdout)
-    return rows[0]["avg_ts"]
+        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+        return None, f"failed rc={p.returncode} after {time.time() - t0:.0f} s {last}", cgroup_peak()
+    return json.loads(p.stdout)[0]["avg_ts"], "", cgroup_peak()
+
+
+def vs_llama(args):
+    binary = os.environ.get("LLAMA_BENCH")
+    if not binary:
+        sys.exit("set LLAMA_BENCH to llama-bench's path")
+    dev = block_device(args.model)
+    ra0 = readahead(dev)
+    ras = [int(x) for x in args.readahead.split(",")] if args.readahead else [ra0]
+    print(f"\nmodel {os.path.basename(args.model)}, block device {dev}, read_ahead_kb was {ra0}; "
+          f"llama.cpp: llama-bench -p 0 -n {args.n} -t {args.threads} -r {args.reps} --repack 0 -lm mmap; "
+          f"moe-run: bench -p 0 -n {args.n} -r {args.reps} --direct-io {'--text ' + args.text if args.text else ''}, "
+          f"no flash emulation; "
+          f"page cache dropped before every run\n", flush=True)
+    rows = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the clean-up below when killed
+    try:
+        exp_total = expert_total_from_gguf(args.model)
+        tps, note, full = llama_limited(binary, args.model, None, args.n, args.threads, args.timeout, preload=True, reps=args.reps)
+        rows.append(("llama.cpp", "100% (file preloaded, no limit)", ra0, "none", tps, note, full))
+        print(f"llama.cpp fully resident: {tps} t/s {note} peak {full / 2**20:.1f} MiB, experts "
+              f"{exp_total / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+        for ra in ras:
+            readahead(dev, ra)
+            tps, note, peak = llama_limited(binary, args.model, None, args.n, args.threads, args.timeout, reps=args.reps)
+            rows.append(("llama.cpp", "100% (cold, no limit)", ra, "none", tps, note, peak))
+            print(f"llama.cpp cold unlimited ra={ra}: {tps} t/s {note} peak {peak / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+        readahead(dev, ra0)
+        for budget in [int(b) for b in args.budgets.split(",")]:
+            # moe-run without a limit: its peak RSS is limit (a).
+            tps, note, moe_cg, rep = moe_limited(args, budget, None)
+            moe_rss = rep["peak_rss_bytes"]
+            rows.append((f"moe-run {args.eviction}:{args.lookahead}", f"{budget}%", ra0, "none", tps,
+                         f"{note}, peak RSS {moe_rss / 2**20:.1f} MiB", moe_cg))
+            print(f"moe-run {budget}% unlimited: {tps} t/s rss {moe_rss / 2**20:.1f} cg {moe_cg / 2**20:.1f} "
+                  f"({rep['setup']})", file=sys.stderr, flush=True)
+            limits = [("(a) moe-run peak RSS", moe_rss),
+                      ("(b) llama.cpp resident - left-out experts", int(full - (1 - budget / 100) * exp_total))]
+            # Rounds alternate the engines so that load changes hit both.
+            # Both engines under every readahead setting: moe-run's dense weights are mapped too.
+            for rnd in range(args.rounds):
+                for label, lim in limits:
+                    for ra in ras:
+                        readahead(dev, ra)
+                        tps, note, peak, _ = moe_limited(args, budget, lim)
+                        rows.append((f"moe-run {args.eviction}:{args.lookahead}", f"{budget}%", ra,
+                                     f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
+                        print(f"moe-run {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
+                        tps, note, peak = llama_limited(binary, args.model, lim, args.n, args.threads, args.timeout, reps=args.reps)
+                        readahead(dev, ra0)
+                        rows.append(("llama.cpp", f"{budget}%", ra, f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
+                        print(f"llama {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
+    finally:
+        readahead(dev, ra0)
+        if os.path.isdir(CG):
+            os.rmdir(CG)
+    print("| engine | expert budget | read_ahead_kb | cgroup limit | tg t/s | note | cgroup peak MiB |", flush=True)
+    print("|---|---|---|---|---|---|---|")
+    for eng, b, ra, lim, tps, note, peak in rows:
+        print(f"| {eng} | {b} | {ra} | {lim} | {f'{tps:.2f}' if tps is not None else '-'} | {note} | {peak / 2**20:.1f} |")
+    # Summary: per budget, limit and readahead, both engines' median over the rounds.
+    cells = {}
+    for eng, b, ra, lim, tps, note, peak in rows:
+        if lim != "none":
+            cells.setdefault((b, lim, ra), {}).setdefault(eng.split()[0], []).append(tps if tps is not None else 0.0)
+    print("\n| expert budget | cgroup limit | read_ahead_kb | moe-run t/s | llama.cpp t/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for (b, lim, ra), e in cells.items():
+        m, ll = statistics.median(e.get("moe-run", [0])), statistics.median(e.get("llama.cpp", [0]))
+        print(f"| {b} | {lim} | {ra} | {m:.2f} | {ll:.2f} | {f'{m / ll:.1f}x' if ll > 0 else 'llama.cpp failed'} |")
+
+
+def gguf_experts(model):
+    """(bytes of all routed experts, number of routed experts over all layers), read with the
+    gguf package (pip install gguf, or llama.cpp's gguf-py on PYTHONPATH)."""
+    import gguf  # noqa: E402
+    r = gguf.GGUFReader(model)
+    exps = [t for t in r.tensors if t.name.endswith("_exps.weight")]
+    n = sum(int(t.shape[-1]) for t in exps if t.name.endswith("ffn_gate_exps.weight"))
+    # One cache slot, as runtime/src/moe/cache.rs sizes it: per slab kind, the largest slab of
+    # any layer, plus a page when it is not page-aligned, rounded up to whole pages.
+    page, spans = 4096, {}
+    for t in exps:
+        kind = t.name.split(".")[-2]
+        slab = int(t.n_bytes) // int(t.shape[-1])
+        worst = slab if slab % page == 0 and t.data_offset % page == 0 else slab + page
+        spans[kind] = max(spans.get(kind, 0), -(-worst // page) * page)
+    return sum(int(t.n_bytes) for t in exps), n, sum(spans.values())
+
+
+def expert_total_from_gguf(model):
+    return gguf_experts(model)[0]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("-m", "--model", required=True)
-    ap.add_argument("--budgets", default="100,75,50,25")
-    ap.add_argument("--profiles", default="microsd,usb-ssd,nvme")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("grid")
+    g.add_argument("-m", "--model", required=True)
+    g.add_argument("--budgets", default="100,75,50,25")
+    g.add_argument("--profiles", default="microsd,usb-ssd,nvme")
     # eviction:lookahead[:predictor], predictor one of none (default), frequency, pregate
-    ap.add_argument("--setups", default="lru:0,lfu:0,belady:0,belady:1,belady:2,belady:0:frequency")
-    ap.add_argument("-n", type=int, default=32)
-    ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("-r", "--reps", type=int, default=1)
+    g.add_argument("--setups", default="lru:0,lfu:0,belady:0,belady:1,belady:2,belady:0:frequency")
+    g.add_argument("--text", help="decode this text teacher-forced (real routing) instead of greedy")
+    g.add_argument("-n", type=int, default=32)
+    g.add_argument("-t", "--threads", type=int, default=2)
+    g.add_argument("-r", "--reps", type=int, default=2, help="interleaved runs per cell")
+    g.add_argument("--json-out", help="write every run's moe-run JSON here")
+    # budgets: "50" = 50% of the expert bytes, "50s" = room for 50% of the experts
+    tj = sub.add_parser("table", help="re-print a grid's table from its --json-out file")
+    tj.add_argument("json")
+    v = sub.add_parser("vs-llama")
+    v.add_argument("-m", "--model", required=True)
+    v.add_argument("--budgets", default="50")
+    v.add_argument("--eviction", default="belady")
+    v.add_argument("--lookahead", type=int, default=0)
+    v.add_argument("--readahead", help="comma-separated read_ahead_kb values for llama.cpp runs")
+    v.add_argument("-n", type=int, default=8)
+    v.add_argument("-r", "--reps", type=int, default=2,
+                   help="measured repetitions of both engines' tg test (each also warms up once)")
+    v.add_argument("--text", help="moe-run decodes this text (llama-bench always feeds random tokens)")
+    v.add_argument("--rounds", type=int, default=2, help="alternating rounds of both engines per limit")
+    v.add_argument("-t", "--threads", type=int, default=2)
+    v.add_argument("--timeout", type=int, default=300)
     args = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "moe-runtime"], cwd=ROOT, check=True)
-    llama = os.environ.get("LLAMA_BENCH")
-
-    print("| flash | cache | policy | lookahead | predictor | tg t/s | hit % | MiB read/tok | min MiB/tok | stall ms/tok | prefetch prec % | prediction precision/recall | peak RSS MiB |")
-    # MiB read/tok and min MiB/tok are over the whole run (warm-up included), the rest over the
-    # measured repetitions.
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for profile in args.profiles.split(","):
-        for budget in args.budgets.split(","):
-            peak = 0
-            for setup in args.setups.split(","):
-                eviction, lookahead, *rest = setup.split(":")
-                predictor = rest[0] if rest else "none"
-                rep = moe_bench(args.model, budget, eviction, lookahead, predictor, profile, args.n,
-                                args.threads, args.reps)
-                preds = [dict(p, label=f"depth {p['depth']}")
-                         for p in rep.get("predictions", []) if p.get("predicted")]
-                if rep.get("predictor") and rep["predictor"].get("predicted"):
-                    preds.append(dict(rep["predictor"], label=predictor))
-                pr = ", ".join(f"{p['label']} {p['correct'] / p['predicted']:.2f}/{p['correct'] / max(p['actual'], 1):.2f}"
-                               for p in preds) or "-"
-                tg = rep["tests"][0]
-                c = tg["cache"] or {}
-                o = rep["optimum"]
-                toks = (args.reps + 1) * args.n
-                peak = max(peak, rep["peak_rss_bytes"] or 0)
-                print(f"| {profile} | {budget}% | {eviction} | {lookahead} | {predictor} | {tg['tokens_per_second_mean']:.2f} "
-                      f"| {100 * c.get('hit_rate', 0):.1f} | {o['bytes_read'] / toks / 2**20:.1f} "
-                      f"| {o['optimal_bytes'] / toks / 2**20:.1f} | {1e3 * c.get('stall_seconds_per_token', 0):.1f} "
-                      f"| {100 * c.get('prefetch_precision', 0):.0f} | {pr} | {(rep['peak_rss_bytes'] or 0) / 2**20:.0f} |", flush=True)
-            if llama and profile == args.profiles.split(",")[0]:
-                r = llama_limited(llama, args.model, peak, args.n, args.threads)
-                print(f"| (llama.cpp, --repack 0 -lm mmap, cgroup limit {peak / 2**20:.0f} MiB, real disk) | {budget}% | - | - | - | {r if isinstance(r, str) else f'{r:.2f}'} | | | | | | | |", flush=True)
+    if args.cmd != "table" and not os.path.exists(moe_run_path()):
+        sys.exit(f"{moe_run_path()} missing: cargo build --release -p moe-runtime --bin moe-run")
+    {"grid": grid, "table": table_from_json, "vs-llama": vs_llama}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -612,6 +612,23 @@ impl Drop for ExpertGuard<'_> {
     }
 }
 
+/// How good a victim a cached expert is under `eviction` (larger = evict first): LRU by last
+/// use; LFU by the use-frequency moving average, then last use; Belady by the expected next use,
+/// then last use.
+fn victim_rank(eviction: Eviction, freq: f32, last_use: u64, expected: u64) -> (u64, u64) {
+    match eviction {
+        Eviction::Lru => (u64::MAX - last_use, 0),
+        // Frequencies are moving averages in [0, 1]: for non-negative floats the bit pattern
+        // orders like the value. (`f32::MAX - freq` rounds back to f32::MAX for every such
+        // freq, which silently made LFU plain LRU.)
+        Eviction::Lfu => (
+            u64::MAX - u64::from(freq.max(0.0).to_bits()),
+            u64::MAX - last_use,
+        ),
+        Eviction::Belady => (expected, u64::MAX - last_use),
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -660,12 +677,7 @@ impl Inner {
                     continue;
                 }
             }
-            // Larger rank = better victim.
-            let rank = match self.cfg.eviction {
-                Eviction::Lru => (u64::MAX - s.last_use, 0),
-                Eviction::Lfu => ((f32::MAX - freq).to_bits() as u64, u64::MAX - s.last_use),
-                Eviction::Belady => (expected, u64::MAX - s.last_use),
-            };
+            let rank = victim_rank(self.cfg.eviction, freq, s.last_use, expected);
             if best.is_none_or(|(_, r)| rank > r) {
                 best = Some((i, rank));
             }
@@ -1066,6 +1078,22 @@ mod tests {
         // with 2 slots: a b | c(evict b? next a=3, b=4 -> evict b) a | b(miss, evict c) d(miss) a b
         assert_eq!(optimal_misses(&t, 2), 6);
         assert_eq!(optimal_misses(&t, 8), 4);
+    }
+
+    #[test]
+    fn lfu_evicts_the_rarer_expert_even_if_more_recent() {
+        // Expert A: used often, last at step 10; expert B: rarely, last at step 20.
+        let a = victim_rank(Eviction::Lfu, 0.6, 10, 0);
+        let b = victim_rank(Eviction::Lfu, 0.05, 20, 0);
+        assert!(
+            b > a,
+            "LFU must evict the rarely used expert: {a:?} vs {b:?}"
+        );
+        // LRU evicts the older one; equal frequencies fall back to recency under LFU too.
+        assert!(victim_rank(Eviction::Lru, 0.6, 10, 0) > victim_rank(Eviction::Lru, 0.05, 20, 0));
+        assert!(victim_rank(Eviction::Lfu, 0.3, 10, 0) > victim_rank(Eviction::Lfu, 0.3, 20, 0));
+        // Tiny differences count (the EMA moves by 5% steps).
+        assert!(victim_rank(Eviction::Lfu, 0.0, 1, 0) > victim_rank(Eviction::Lfu, 1e-6, 1, 0));
     }
 
     #[test]
