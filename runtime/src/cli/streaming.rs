@@ -164,6 +164,7 @@ impl StreamingArgs {
         let mut cfg = self.config(slots);
         cfg.max_speculative_bytes = 2 * expert;
         let cache = ExpertCache::new(model, path, cfg)?;
+        crate::moe::cache::advise_resident_only(model, &layout);
         self.apply_calibration(model, &cache)?;
         Ok(ExpertStreaming {
             cache: Some(Arc::new(cache)),

@@ -79,8 +79,31 @@ impl GgufFile {
         &self.map
     }
 
+    /// Tells the kernel how the map will be read (`memmap2::Advice`), for `range` or, with
+    /// `None`, the whole map. Advisory: failures are ignored (the reads work either way).
+    pub fn advise(&self, advice: memmap2::Advice, range: Option<std::ops::Range<usize>>) {
+        let _ = match range {
+            None => self.map.advise(advice),
+            Some(r) => {
+                // madvise wants a page-aligned start; widening to the page is harmless.
+                let start = r.start & !(page_size() - 1);
+                self.map.advise_range(advice, start, r.end.min(self.map.len()) - start)
+            }
+        };
+    }
+
     /// The raw bytes of a tensor, borrowed from the map (bounds were checked when parsing).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.map[info.range.clone()]
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
     }
 }

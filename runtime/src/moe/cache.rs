@@ -129,6 +129,16 @@ impl ExpertLayout {
         }
     }
 
+    /// Whether a tensor starting at `file_offset` holds routed experts (stacked tensors start
+    /// with expert 0's slab; per-expert tensors are one slab each).
+    fn is_expert_tensor(&self, file_offset: u64) -> bool {
+        self.layers.iter().flatten().flatten().any(|slabs| {
+            slabs
+                .iter()
+                .any(|s| s.file_offset == file_offset && s.slab_bytes > 0)
+        })
+    }
+
     fn extents(&self, key: ExpertKey) -> [Extent; 3] {
         self.specs(key).map(|s| Extent {
             offset: s.file_offset,
@@ -1009,6 +1019,20 @@ pub const RUNTIME_OVERHEAD: usize = 48 << 20;
 
 /// Splits `budget` bytes: the model's non-expert tensors and the KV cache stay resident, the
 /// rest becomes expert slots of `slot_bytes` each.
+/// Once experts stream through the cache, the file's map serves only the resident tensors. So
+/// the map gets no readahead (with a device readahead of megabytes, each page fault would pull
+/// neighbouring expert bytes into the page cache, which counts against a cgroup's limit; measured
+/// 6.7 vs 1.4 t/s at 128 KiB vs 8 MiB), and the resident tensors are read ahead at once instead.
+pub fn advise_resident_only(model: &Model, layout: &ExpertLayout) {
+    let file = model.file;
+    file.advise(memmap2::Advice::Random, None);
+    for t in file.header().tensors() {
+        if !layout.is_expert_tensor(t.range.start as u64) {
+            file.advise(memmap2::Advice::WillNeed, Some(t.range.clone()));
+        }
+    }
+}
+
 pub fn plan_budget(
     model: &Model,
     slot_bytes: usize,
