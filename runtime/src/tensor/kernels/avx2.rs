@@ -28,6 +28,7 @@ static AVX2: Kernels = Kernels {
     quantize_q8_0: quantize_row_q8_0,
     dot_q4_k_q8_k,
     dot_q6_k_q8_k,
+    gemm_q4_k,
 };
 
 static VNNI: Kernels = Kernels {
@@ -45,6 +46,7 @@ static VNNI: Kernels = Kernels {
     // multiply (`vpmulld`, two uops): no gain, so the k-quants share the AVX2 kernels.
     dot_q4_k_q8_k,
     dot_q6_k_q8_k,
+    gemm_q4_k,
 };
 
 fn has_avx2() -> bool {
@@ -631,49 +633,98 @@ unsafe fn f32_at(p: *const u8) -> f32 {
 /// lanes scaled by -dmin.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_k_q8_k_impl(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    q4_k_tile::<1>(w, x.as_ptr(), x.len(), out.as_mut_ptr());
+    out[0]
+}
+
+fn gemm_q4_k(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    assert!(rows > 0 && n > 0 && out.len() >= rows * n, "gemm shape");
+    let (wb, xb) = (w.len() / rows, x.len() / n);
+    assert_eq!((wb * rows, xb * n), (w.len(), x.len()), "whole rows");
+    check_k(&w[..wb], Q4_K_BYTES, &x[..xb]);
+    // SAFETY: features checked in `tables()`; shapes checked above.
+    unsafe { gemm_q4_k_impl(w, rows, x, n, out) }
+}
+
+/// Each weight row against up to four tokens at a time: the row's nibbles, scales and mins are
+/// unpacked once per block for all of them (prefill and an expert's share of a batch). Every
+/// token takes exactly the steps of [`dot_q4_k_q8_k_impl`], so results equal it bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_q4_k_impl(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    let (wb, xb) = (w.len() / rows, x.len() / n);
+    for r in 0..rows {
+        let wr = &w[r * wb..(r + 1) * wb];
+        let mut t = 0;
+        while t < n {
+            let (xp, o) = (x.as_ptr().add(t * xb), out.as_mut_ptr().add(r * n + t));
+            t += match n - t {
+                1 => q4_k_tile::<1>(wr, xp, xb, o),
+                2 => q4_k_tile::<2>(wr, xp, xb, o),
+                3 => q4_k_tile::<3>(wr, xp, xb, o),
+                _ => q4_k_tile::<4>(wr, xp, xb, o),
+            };
+        }
+    }
+}
+
+/// One Q4_K weight row times `T` Q8_K activation rows (`xb` bytes apart from `x`); writes
+/// `out[0..T]` and returns `T`.
+#[inline(always)]
+unsafe fn q4_k_tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) -> usize {
     let nb = w.len() / Q4_K_BYTES;
     let m4 = _mm256_set1_epi8(0x0f);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut acc_m = [_mm_setzero_ps(); T];
     for i in 0..nb {
         let wb = w.as_ptr().add(i * Q4_K_BYTES);
-        let xb = x.as_ptr().add(i * Q8_K_BYTES);
-        let dy = f32_at(xb);
-        let d = dy * f16_scalar(wb);
-        let dmin = -dy * f16_scalar(wb.add(2));
+        let (wd, wdmin) = (f16_scalar(wb), f16_scalar(wb.add(2)));
         let (sc, mn) = q4_k_scales_mins(&w[i * Q4_K_BYTES + 4..i * Q4_K_BYTES + 16]);
-
-        let q8sums = _mm256_loadu_si256(xb.add(Q8_K_BSUMS_AT) as *const __m256i);
-        let q8s = _mm_hadd_epi16(
-            _mm256_castsi256_si128(q8sums),
-            _mm256_extracti128_si256::<1>(q8sums),
-        );
         let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
-        let prod = _mm_madd_epi16(mins, q8s);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-
-        let mut sumi = _mm256_setzero_si256();
+        let mut q4 = [[_mm256_setzero_si256(); 2]; 4];
+        let mut scale = [[_mm256_setzero_si256(); 2]; 4];
         for j in 0..4 {
-            let q4bits = _mm256_loadu_si256(wb.add(16 + 32 * j) as *const __m256i);
-            let q4l = _mm256_and_si256(q4bits, m4);
-            let q4h = _mm256_and_si256(_mm256_srli_epi16::<4>(q4bits), m4);
-            let q8l = _mm256_loadu_si256(xb.add(4 + 64 * j) as *const __m256i);
-            let q8h = _mm256_loadu_si256(xb.add(4 + 64 * j + 32) as *const __m256i);
-            let p16l = _mm256_madd_epi16(
+            let bits = _mm256_loadu_si256(wb.add(16 + 32 * j) as *const __m256i);
+            q4[j] = [
+                _mm256_and_si256(bits, m4),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4),
+            ];
+            scale[j] = [
                 _mm256_set1_epi16(sc[2 * j] as i16),
-                _mm256_maddubs_epi16(q4l, q8l),
-            );
-            let p16h = _mm256_madd_epi16(
                 _mm256_set1_epi16(sc[2 * j + 1] as i16),
-                _mm256_maddubs_epi16(q4h, q8h),
-            );
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16l, p16h));
+            ];
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        for t in 0..T {
+            let xp = x.add(t * xb + i * Q8_K_BYTES);
+            let dy = f32_at(xp);
+            let d = dy * wd;
+            let dmin = -dy * wdmin;
+
+            let q8sums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
+            let q8s = _mm_hadd_epi16(
+                _mm256_castsi256_si128(q8sums),
+                _mm256_extracti128_si256::<1>(q8sums),
+            );
+            let prod = _mm_madd_epi16(mins, q8s);
+            acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[t]);
+
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                let q8l = _mm256_loadu_si256(xp.add(4 + 64 * j) as *const __m256i);
+                let q8h = _mm256_loadu_si256(xp.add(4 + 64 * j + 32) as *const __m256i);
+                let p16l = _mm256_madd_epi16(scale[j][0], _mm256_maddubs_epi16(q4[j][0], q8l));
+                let p16h = _mm256_madd_epi16(scale[j][1], _mm256_maddubs_epi16(q4[j][1], q8h));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16l, p16h));
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[t]);
+        }
     }
-    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum(acc) + _mm_cvtss_f32(m)
+    for t in 0..T {
+        let m = _mm_add_ps(acc_m[t], _mm_movehl_ps(acc_m[t], acc_m[t]));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        *out.add(t) = hsum(acc[t]) + _mm_cvtss_f32(m);
+    }
+    T
 }
 
 /// ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`: the 6-bit values unsigned (0..=63) times the activations

@@ -39,6 +39,9 @@ pub struct Kernels {
     pub dot_q4_k_q8_k: fn(&[u8], &[u8]) -> f32,
     /// Q6_K weight rows against Q8_K activation rows (`ggml_vec_dot_q6_K_q8_K`).
     pub dot_q6_k_q8_k: fn(&[u8], &[u8]) -> f32,
+    /// [`Kernels::gemm_q8_0`] for Q4_K weight rows and Q8_K activation rows: equal to the
+    /// table's `dot_q4_k_q8_k` pair by pair, bit for bit.
+    pub gemm_q4_k: Gemm,
 }
 
 /// `(w, rows, x, n, out)`: see [`Kernels::gemm_q8_0`].
@@ -79,7 +82,12 @@ pub static SCALAR: Kernels = Kernels {
     quantize_q8_0: quantize_row_q8_0,
     dot_q4_k_q8_k: kquant::dot_q4_k_q8_k,
     dot_q6_k_q8_k: kquant::dot_q6_k_q8_k,
+    gemm_q4_k: scalar_gemm_q4_k,
 };
+
+fn scalar_gemm_q4_k(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    gemm_by_pairs(kquant::dot_q4_k_q8_k, w, rows, x, n, out);
+}
 
 /// The fastest table this CPU supports, detected once. `MOE_EDGE_SCALAR=1` forces the scalar
 /// reference (for comparisons).
@@ -197,6 +205,7 @@ pub(crate) mod tests {
             assert_eq!(q, xq, "{} quantize_q8_0 n={n}", k.name);
         }
         check_kquants(k);
+        check_gemm_q4_k(k);
     }
 
     /// A Q8_K row from its int8 values (bsums made from them, as the quantizer does) and scales.
@@ -261,6 +270,24 @@ pub(crate) mod tests {
             mag(&deq(w))
         };
         (want, scale)
+    }
+
+    /// The tiled Q4_K product equals the table's dot pair by pair, bit for bit, for every tile
+    /// remainder.
+    fn check_gemm_q4_k(k: &Kernels) {
+        use crate::tensor::kquant::*;
+        for nb in [1usize, 3] {
+            for (rows, n) in [(1, 1), (3, 4), (2, 5), (1, 7), (4, 9), (5, 2), (2, 3)] {
+                let w = random_k_blocks(rows * nb, Q4_K_BYTES, 60 + nb as u64, 0.05);
+                let mut x = vec![0u8; n * nb * Q8_K_BYTES];
+                quantize_row_q8_k(&random_vec(n * nb * QK_K, 61, 2.0), &mut x);
+                let mut got = vec![0f32; rows * n];
+                (k.gemm_q4_k)(&w, rows, &x, n, &mut got);
+                let mut want = vec![0f32; rows * n];
+                gemm_by_pairs(k.dot_q4_k_q8_k, &w, rows, &x, n, &mut want);
+                assert_eq!(got, want, "{} q4_K gemm {rows}x{n} nb={nb}", k.name);
+            }
+        }
     }
 
     /// Q4_K/Q6_K rows: random bits with scales of both signs (Q6_K's int8 scales include -128),

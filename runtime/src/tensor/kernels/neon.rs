@@ -31,6 +31,7 @@ static DOTPROD: Kernels = Kernels {
     quantize_q8_0: quantize_row_q8_0,
     dot_q4_k_q8_k: dot_q4_k_q8_k_sdot,
     dot_q6_k_q8_k: dot_q6_k_q8_k_sdot,
+    gemm_q4_k: gemm_q4_k_sdot,
 };
 
 static NEON: Kernels = Kernels {
@@ -46,6 +47,7 @@ static NEON: Kernels = Kernels {
     quantize_q8_0: quantize_row_q8_0,
     dot_q4_k_q8_k: dot_q4_k_q8_k_mull,
     dot_q6_k_q8_k: dot_q6_k_q8_k_mull,
+    gemm_q4_k: gemm_q4_k_mull,
 };
 
 /// Every NEON table this CPU can run, fastest first (the tests run them all).
@@ -77,6 +79,14 @@ fn gemm_q8_0_mull(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
 
 fn gemm_q4_0_mull(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     super::gemm_by_pairs(dot_q4_0_q8_0_mull, w, rows, x, n, out);
+}
+
+fn gemm_q4_k_sdot(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q4_k_q8_k_sdot, w, rows, x, n, out);
+}
+
+fn gemm_q4_k_mull(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q4_k_q8_k_mull, w, rows, x, n, out);
 }
 
 // The safe wrappers check the lengths the `unsafe` loops rely on. The `sdot` ones are reachable
