@@ -668,6 +668,13 @@ unsafe fn gemm_q4_k_impl(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f
     }
 }
 
+/// A byte-shuffle pattern that copies i16 lane `i` of each 128-bit half to all eight lanes.
+#[inline(always)]
+unsafe fn spread_i16(i: usize) -> __m256i {
+    let pair = (2 * i as u16) | ((2 * i as u16 + 1) << 8);
+    _mm256_set1_epi16(pair as i16)
+}
+
 /// One Q4_K weight row times `T` Q8_K activation rows (`xb` bytes apart from `x`); writes
 /// `out[0..T]` and returns `T`.
 #[inline(always)]
@@ -681,6 +688,10 @@ unsafe fn q4_k_tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut
         let (wd, wdmin) = (f16_scalar(wb), f16_scalar(wb.add(2)));
         let (sc, mn) = q4_k_scales_mins(&w[i * Q4_K_BYTES + 4..i * Q4_K_BYTES + 16]);
         let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+        // The eight scales as i16 in both halves; each sub-block's is spread by one byte
+        // shuffle with a constant pattern (as ggml's get_scale_shuffle_k4).
+        let sc16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr() as *const __m128i));
+        let sc16 = _mm256_set_m128i(sc16, sc16);
         let mut q4 = [[_mm256_setzero_si256(); 2]; 4];
         let mut scale = [[_mm256_setzero_si256(); 2]; 4];
         for j in 0..4 {
@@ -690,8 +701,8 @@ unsafe fn q4_k_tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut
                 _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4),
             ];
             scale[j] = [
-                _mm256_set1_epi16(sc[2 * j] as i16),
-                _mm256_set1_epi16(sc[2 * j + 1] as i16),
+                _mm256_shuffle_epi8(sc16, spread_i16(2 * j)),
+                _mm256_shuffle_epi8(sc16, spread_i16(2 * j + 1)),
             ];
         }
         for t in 0..T {
@@ -766,12 +777,14 @@ unsafe fn dot_q6_k_q8_k_impl(w: &[u8], x: &[u8]) -> f32 {
             ];
             for (k, qk) in q.iter().enumerate() {
                 let q8 = _mm256_loadu_si256(xb.add(4 + 128 * half + 32 * k) as *const __m256i);
-                // Scales 8 * half + 2k (values 0..16 of the chunk) and + 1 (values 16..32).
+                // Scales 8 * half + 2k (values 0..16 of the chunk) and + 1 (values 16..32),
+                // spread by a byte shuffle and widened (ggml's get_scale_shuffle).
                 let s = 8 * half + 2 * k;
-                let sc = _mm256_set_m128i(
-                    _mm_set1_epi16(*wb.add(192 + s + 1) as i8 as i16),
-                    _mm_set1_epi16(*wb.add(192 + s) as i8 as i16),
+                let pick = _mm_set_epi64x(
+                    (0x0101_0101_0101_0101u64 * (s as u64 + 1)) as i64,
+                    (0x0101_0101_0101_0101u64 * s as u64) as i64,
                 );
+                let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
                 let p = _mm256_madd_epi16(sc, _mm256_maddubs_epi16(*qk, q8));
                 sumi = _mm256_add_epi32(sumi, p);
             }
