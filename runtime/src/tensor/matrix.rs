@@ -181,8 +181,8 @@ pub fn dot_row(k: &Kernels, w: &QMatrix, r: usize, a: ActRow, buf: &mut Vec<f32>
 }
 
 /// `out[i * n + t] = w_(row0 + i) . x_t` for `len` consecutive rows of `w` and all `n` rows of
-/// `acts`. Q8_0/Q4_0 weights, and Q4_K ones for several tokens, go through the table's tiled
-/// products (each weight block loaded once for several tokens); other types pair by pair. Either way each value equals
+/// `acts`. Q8_0/Q4_0/Q4_K weights go through the table's tiled products (each weight block
+/// loaded once for several tokens, and no per-row dispatch); other types pair by pair. Either way each value equals
 /// [`dot_row`] of its pair.
 pub fn rows_times_acts(
     k: &Kernels,
@@ -197,7 +197,7 @@ pub fn rows_times_acts(
     let gemm = match w.ty {
         GgmlType::Q8_0 if !acts.q8.is_empty() => Some((k.gemm_q8_0, &acts.q8[..])),
         GgmlType::Q4_0 if !acts.q8.is_empty() => Some((k.gemm_q4_0, &acts.q8[..])),
-        GgmlType::Q4K if n > 1 && !acts.q8k().is_empty() => Some((k.gemm_q4_k, acts.q8k())),
+        GgmlType::Q4K if !acts.q8k().is_empty() => Some((k.gemm_q4_k, acts.q8k())),
         _ => None,
     };
     match gemm {
