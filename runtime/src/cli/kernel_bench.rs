@@ -10,6 +10,7 @@ use anyhow::Result;
 
 use crate::gguf::GgmlType;
 use crate::tensor::kernels::{self, random_vec, Kernels};
+use crate::tensor::kquant::{random_k_blocks, Q4_K_BYTES, Q6_K_BYTES, QK_K};
 use crate::tensor::quant::quantize;
 use crate::tensor::{matmul, MatmulScratch, QMatrix};
 
@@ -18,7 +19,7 @@ pub struct KernelBenchArgs {
     /// Worker threads (default: all cores)
     #[arg(short = 't', long)]
     threads: Option<usize>,
-    /// Weight types to measure
+    /// Weight types to measure (f32, f16, bf16, q8_0, q4_0, q4_k, q6_k)
     #[arg(long, value_delimiter = ',', default_value = "q8_0,q4_0")]
     types: Vec<String>,
     /// Also measure the scalar reference
@@ -56,10 +57,14 @@ pub fn run(args: KernelBenchArgs, out: &mut dyn Write) -> Result<()> {
             anyhow::anyhow!("unknown weight type `{name}` (f32, f16, bf16, q8_0, q4_0, q4_k, q6_k)")
         })?;
         for &(rows, cols, n) in &shapes {
+            if ty.row_bytes(cols).is_none() {
+                // A k-quant row is whole 256-value blocks: the expert down shape (384) is not.
+                continue;
+            }
             // Several matrices, cycled, so a decode-sized matrix is not always in cache.
             let copies = (64 << 20) / (rows * cols) + 1;
             let mats: Vec<Vec<u8>> = (0..copies.min(8))
-                .map(|i| quantize(ty, &random_vec(rows * cols, i as u64 + 1, 1.0)))
+                .map(|i| random_weights(ty, rows * cols, i as u64 + 1))
                 .collect();
             let x = random_vec(n * cols, 99, 1.0);
             let mut y = vec![0f32; n * rows];
@@ -119,6 +124,16 @@ fn memory_bandwidth(out: &mut dyn Write) -> Result<()> {
         rayon::current_num_threads(),
     )?;
     Ok(())
+}
+
+/// `n` random weights of type `ty`. The converter does not encode k-quants, so those are random
+/// blocks (arbitrary quants, small scales): the kernels' speed does not depend on the values.
+fn random_weights(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
+    match ty {
+        GgmlType::Q4K => random_k_blocks(n / QK_K, Q4_K_BYTES, seed, 0.01),
+        GgmlType::Q6K => random_k_blocks(n / QK_K, Q6_K_BYTES, seed, 0.01),
+        _ => quantize(ty, &random_vec(n, seed, 1.0)),
+    }
 }
 
 /// CPU time of the whole process (all threads), so that a busy machine's lost time slices do

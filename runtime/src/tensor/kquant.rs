@@ -20,6 +20,26 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// All eight (scale, min) pairs of a Q4_K block's 12 packed bytes at once, the way ggml's SIMD
+/// kernels unpack them (`utmp` and `kmask1..3`): the same values as [`scale_min_k4`].
+#[inline(always)]
+pub fn q4_k_scales_mins(q: &[u8]) -> ([u8; 8], [u8; 8]) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let scales_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let mins_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let mut sc = [0u8; 8];
+    let mut mn = [0u8; 8];
+    sc[..4].copy_from_slice(&(u0 & KMASK1).to_le_bytes());
+    sc[4..].copy_from_slice(&scales_hi.to_le_bytes());
+    mn[..4].copy_from_slice(&(u1 & KMASK1).to_le_bytes());
+    mn[4..].copy_from_slice(&mins_hi.to_le_bytes());
+    (sc, mn)
+}
+
 /// Q4_K block: f16 d, f16 dmin, 12 bytes of packed scales/mins, 128 bytes of nibbles.
 pub fn dequantize_row_q4_k(q: &[u8], out: &mut [f32]) {
     for (b, y) in q.chunks_exact(Q4_K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
@@ -100,8 +120,12 @@ pub fn quantize_row_q8_k(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// Where a Q8_K block's 16 i16 block sums start.
+pub const Q8_K_BSUMS_AT: usize = 4 + QK_K;
+
+/// The f32 scale of the Q8_K block `b`.
 #[inline]
-fn q8k_d(b: &[u8]) -> f32 {
+pub fn q8k_d(b: &[u8]) -> f32 {
     f32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
@@ -173,6 +197,29 @@ pub fn dot_q6_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
     sum
 }
 
+/// Deterministic random k-quant rows of `n_blocks` blocks of `block_bytes` (Q4_K_BYTES or
+/// Q6_K_BYTES): arbitrary quant, scale and min bits, with the f16 super-block scales replaced by
+/// small values of magnitude `scale` (negative ones too), so that values stay finite and of the
+/// size of trained weights. For tests and benchmarks.
+pub fn random_k_blocks(n_blocks: usize, block_bytes: usize, seed: u64, scale: f32) -> Vec<u8> {
+    use crate::tensor::kernels::random_vec;
+    let noise = random_vec(n_blocks * block_bytes, seed, 1.0);
+    let mut out: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.99) as u8).collect();
+    let f16_at: &[usize] = if block_bytes == Q4_K_BYTES {
+        &[0, 2]
+    } else {
+        &[208]
+    };
+    let ds = random_vec(n_blocks * f16_at.len(), seed ^ 0x5eed, scale);
+    for (b, block) in out.chunks_exact_mut(block_bytes).enumerate() {
+        for (i, &at) in f16_at.iter().enumerate() {
+            let d = half::f16::from_f32(ds[b * f16_at.len() + i]);
+            block[at..at + 2].copy_from_slice(&d.to_bits().to_le_bytes());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +255,22 @@ mod tests {
             })
             .collect();
         wd.iter().zip(&xd).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+
+    #[test]
+    fn packed_scales_unpack_like_get_scale_min_k4() {
+        for seed in 0..64 {
+            let q: Vec<u8> = random_vec(12, seed, 1.0)
+                .iter()
+                .map(|v| ((v + 1.0) * 127.99) as u8)
+                .collect();
+            let (sc, mn) = q4_k_scales_mins(&q);
+            for j in 0..8 {
+                assert_eq!((sc[j], mn[j]), scale_min_k4(j, &q), "j={j} {q:?}");
+            }
+        }
+        let ones = [0xffu8; 12];
+        assert_eq!(q4_k_scales_mins(&ones), ([63; 8], [63; 8]));
     }
 
     #[test]

@@ -187,14 +187,14 @@ pub fn dot_row(k: &Kernels, w: &QMatrix, r: usize, a: ActRow, buf: &mut Vec<f32>
         GgmlType::BF16 => (k.dot_bf16)(wr, x),
         GgmlType::Q8_0 => (k.dot_q8_0_q8_0)(wr, a.q8),
         GgmlType::Q4_0 => (k.dot_q4_0_q8_0)(wr, a.q8),
-        GgmlType::Q4K => kquant::dot_q4_k_q8_k(wr, a.q8k()),
-        GgmlType::Q6K => kquant::dot_q6_k_q8_k(wr, a.q8k()),
+        GgmlType::Q4K => (k.dot_q4_k_q8_k)(wr, a.q8k()),
+        GgmlType::Q6K => (k.dot_q6_k_q8_k)(wr, a.q8k()),
     }
 }
 
 /// `out[i * n + t] = w_(row0 + i) . x_t` for `len` consecutive rows of `w` and all `n` rows of
-/// `acts`. Q8_0/Q4_0 weights go through the table's tiled products (each weight block loaded
-/// once for several tokens); other types pair by pair. Either way each value equals
+/// `acts`. Q8_0/Q4_0/Q4_K weights go through the table's tiled products (each weight block
+/// loaded once for several tokens, and no per-row dispatch); other types pair by pair. Either way each value equals
 /// [`dot_row`] of its pair.
 pub fn rows_times_acts(
     k: &Kernels,
@@ -207,17 +207,18 @@ pub fn rows_times_acts(
 ) {
     let n = acts.n;
     let gemm = match w.ty {
-        GgmlType::Q8_0 if !acts.q8.is_empty() => Some(k.gemm_q8_0),
-        GgmlType::Q4_0 if !acts.q8.is_empty() => Some(k.gemm_q4_0),
+        GgmlType::Q8_0 if !acts.q8.is_empty() => Some((k.gemm_q8_0, &acts.q8[..])),
+        GgmlType::Q4_0 if !acts.q8.is_empty() => Some((k.gemm_q4_0, &acts.q8[..])),
+        GgmlType::Q4K if !acts.q8k().is_empty() => Some((k.gemm_q4_k, acts.q8k())),
         _ => None,
     };
     match gemm {
-        Some(gemm) if len > 0 && n > 0 => {
+        Some((gemm, x)) if len > 0 && n > 0 => {
             let rb = w.row_bytes();
             gemm(
                 &w.data[row0 * rb..(row0 + len) * rb],
                 len,
-                &acts.q8,
+                x,
                 n,
                 &mut out[..len * n],
             );

@@ -10,6 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::Kernels;
+use crate::tensor::kquant::{q4_k_scales_mins, Q4_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES};
 use crate::tensor::quant::{f16_at, quantize_row_q8_0, Q4_0_BYTES, Q8_0_BYTES};
 
 static AVX2: Kernels = Kernels {
@@ -25,6 +26,9 @@ static AVX2: Kernels = Kernels {
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
+    dot_q4_k_q8_k,
+    dot_q6_k_q8_k,
+    gemm_q4_k,
 };
 
 static VNNI: Kernels = Kernels {
@@ -38,6 +42,11 @@ static VNNI: Kernels = Kernels {
     gemm_q8_0: gemm_q8_0_vnni,
     gemm_q4_0: gemm_q4_0_vnni,
     quantize_q8_0: quantize_row_q8_0,
+    // `vpdpbusd` would replace maddubs + madd, but the per-sub-block scales then need an i32
+    // multiply (`vpmulld`, two uops): no gain, so the k-quants share the AVX2 kernels.
+    dot_q4_k_q8_k,
+    dot_q6_k_q8_k,
+    gemm_q4_k,
 };
 
 fn has_avx2() -> bool {
@@ -580,4 +589,208 @@ unsafe fn gemm_avx2<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn gemm_vnni<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     gemm_tiles::<P, 4>(w, rows, x, n, out)
+}
+
+/// Whole k-quant blocks of `w_block` bytes, one Q8_K activation block per weight block.
+fn check_k(w: &[u8], w_block: usize, x: &[u8]) {
+    assert_eq!(w.len() % w_block, 0, "whole k-quant blocks");
+    assert_eq!(
+        w.len() / w_block * Q8_K_BYTES,
+        x.len(),
+        "one Q8_K block per weight block"
+    );
+}
+
+fn dot_q4_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
+    check_k(w, Q4_K_BYTES, x);
+    // SAFETY: features checked in `tables()`; lengths checked above.
+    unsafe { dot_q4_k_q8_k_impl(w, x) }
+}
+
+fn dot_q6_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
+    check_k(w, Q6_K_BYTES, x);
+    // SAFETY: as above.
+    unsafe { dot_q6_k_q8_k_impl(w, x) }
+}
+
+/// The little-endian f16 at `p` converted with F16C (the `half` crate's software conversion
+/// would cost more than a sub-block's products).
+#[inline(always)]
+unsafe fn f16_scalar(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]) as i32;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+#[inline(always)]
+unsafe fn f32_at(p: *const u8) -> f32 {
+    f32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)])
+}
+
+/// ggml's AVX2 `ggml_vec_dot_q4_K_q8_K`. Per 32-value sub-block j: the nibbles (unsigned) times
+/// the activations with maddubs (pairs of at most 2 * 15 * 128, no saturation), times the 6-bit
+/// scale with madd, summed in eight i32 lanes and scaled by d once per block; the minimum term
+/// is the 6-bit mins times the Q8_K sums of each sub-block (pairs of the 16-value sums), in four
+/// lanes scaled by -dmin.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_k_q8_k_impl(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    q4_k_tile::<1>(w, x.as_ptr(), x.len(), out.as_mut_ptr());
+    out[0]
+}
+
+fn gemm_q4_k(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    assert!(rows > 0 && n > 0 && out.len() >= rows * n, "gemm shape");
+    let (wb, xb) = (w.len() / rows, x.len() / n);
+    assert_eq!((wb * rows, xb * n), (w.len(), x.len()), "whole rows");
+    check_k(&w[..wb], Q4_K_BYTES, &x[..xb]);
+    // SAFETY: features checked in `tables()`; shapes checked above.
+    unsafe { gemm_q4_k_impl(w, rows, x, n, out) }
+}
+
+/// Each weight row against up to four tokens at a time: the row's nibbles, scales and mins are
+/// unpacked once per block for all of them (prefill and an expert's share of a batch). Every
+/// token takes exactly the steps of [`dot_q4_k_q8_k_impl`], so results equal it bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_q4_k_impl(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    let (wb, xb) = (w.len() / rows, x.len() / n);
+    for r in 0..rows {
+        let wr = &w[r * wb..(r + 1) * wb];
+        let mut t = 0;
+        while t < n {
+            let (xp, o) = (x.as_ptr().add(t * xb), out.as_mut_ptr().add(r * n + t));
+            t += match n - t {
+                1 => q4_k_tile::<1>(wr, xp, xb, o),
+                2 => q4_k_tile::<2>(wr, xp, xb, o),
+                3 => q4_k_tile::<3>(wr, xp, xb, o),
+                _ => q4_k_tile::<4>(wr, xp, xb, o),
+            };
+        }
+    }
+}
+
+/// A byte-shuffle pattern that copies i16 lane `i` of each 128-bit half to all eight lanes.
+#[inline(always)]
+unsafe fn spread_i16(i: usize) -> __m256i {
+    let pair = (2 * i as u16) | ((2 * i as u16 + 1) << 8);
+    _mm256_set1_epi16(pair as i16)
+}
+
+/// One Q4_K weight row times `T` Q8_K activation rows (`xb` bytes apart from `x`); writes
+/// `out[0..T]` and returns `T`.
+#[inline(always)]
+unsafe fn q4_k_tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) -> usize {
+    let nb = w.len() / Q4_K_BYTES;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut acc_m = [_mm_setzero_ps(); T];
+    for i in 0..nb {
+        let wb = w.as_ptr().add(i * Q4_K_BYTES);
+        let (wd, wdmin) = (f16_scalar(wb), f16_scalar(wb.add(2)));
+        let (sc, mn) = q4_k_scales_mins(&w[i * Q4_K_BYTES + 4..i * Q4_K_BYTES + 16]);
+        let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+        // The eight scales as i16 in both halves; each sub-block's is spread by one byte
+        // shuffle with a constant pattern (as ggml's get_scale_shuffle_k4).
+        let sc16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr() as *const __m128i));
+        let sc16 = _mm256_set_m128i(sc16, sc16);
+        let mut q4 = [[_mm256_setzero_si256(); 2]; 4];
+        let mut scale = [[_mm256_setzero_si256(); 2]; 4];
+        for j in 0..4 {
+            let bits = _mm256_loadu_si256(wb.add(16 + 32 * j) as *const __m256i);
+            q4[j] = [
+                _mm256_and_si256(bits, m4),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4),
+            ];
+            scale[j] = [
+                _mm256_shuffle_epi8(sc16, spread_i16(2 * j)),
+                _mm256_shuffle_epi8(sc16, spread_i16(2 * j + 1)),
+            ];
+        }
+        for t in 0..T {
+            let xp = x.add(t * xb + i * Q8_K_BYTES);
+            let dy = f32_at(xp);
+            let d = dy * wd;
+            let dmin = -dy * wdmin;
+
+            let q8sums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
+            let q8s = _mm_hadd_epi16(
+                _mm256_castsi256_si128(q8sums),
+                _mm256_extracti128_si256::<1>(q8sums),
+            );
+            let prod = _mm_madd_epi16(mins, q8s);
+            acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[t]);
+
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                let q8l = _mm256_loadu_si256(xp.add(4 + 64 * j) as *const __m256i);
+                let q8h = _mm256_loadu_si256(xp.add(4 + 64 * j + 32) as *const __m256i);
+                let p16l = _mm256_madd_epi16(scale[j][0], _mm256_maddubs_epi16(q4[j][0], q8l));
+                let p16h = _mm256_madd_epi16(scale[j][1], _mm256_maddubs_epi16(q4[j][1], q8h));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16l, p16h));
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[t]);
+        }
+    }
+    for t in 0..T {
+        let m = _mm_add_ps(acc_m[t], _mm_movehl_ps(acc_m[t], acc_m[t]));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        *out.add(t) = hsum(acc[t]) + _mm_cvtss_f32(m);
+    }
+    T
+}
+
+/// ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`: the 6-bit values unsigned (0..=63) times the activations
+/// with maddubs (pairs of at most 2 * 63 * 128, no saturation), times the signed 16-value scales
+/// with madd; the offset of 32 is taken off once per block as 32 * sum(scale * Q8_K block sum).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6_k_q8_k_impl(w: &[u8], x: &[u8]) -> f32 {
+    let nb = w.len() / Q6_K_BYTES;
+    let m3 = _mm256_set1_epi8(3);
+    let m15 = _mm256_set1_epi8(15);
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        let wb = w.as_ptr().add(i * Q6_K_BYTES);
+        let xb = x.as_ptr().add(i * Q8_K_BYTES);
+        let d = f32_at(xb) * f16_scalar(wb.add(208));
+
+        let q8sums = _mm256_loadu_si256(xb.add(Q8_K_BSUMS_AT) as *const __m256i);
+        let scales = _mm_loadu_si128(wb.add(192) as *const __m128i);
+        let scales16 = _mm256_cvtepi8_epi16(scales);
+        let q8sclsub = _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, scales16));
+
+        let mut sumi = _mm256_setzero_si256();
+        for half in 0..2 {
+            let ql = wb.add(64 * half);
+            let qh = _mm256_loadu_si256(wb.add(128 + 32 * half) as *const __m256i);
+            let q4bits1 = _mm256_loadu_si256(ql as *const __m256i);
+            let q4bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+
+            let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
+            let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(12)));
+            let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(48));
+            let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(-64)));
+
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(q4bits1, m15), h0),
+                _mm256_or_si256(_mm256_and_si256(q4bits2, m15), h1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4bits1), m15), h2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4bits2), m15), h3),
+            ];
+            for (k, qk) in q.iter().enumerate() {
+                let q8 = _mm256_loadu_si256(xb.add(4 + 128 * half + 32 * k) as *const __m256i);
+                // Scales 8 * half + 2k (values 0..16 of the chunk) and + 1 (values 16..32),
+                // spread by a byte shuffle and widened (ggml's get_scale_shuffle).
+                let s = 8 * half + 2 * k;
+                let pick = _mm_set_epi64x(
+                    (0x0101_0101_0101_0101u64 * (s as u64 + 1)) as i64,
+                    (0x0101_0101_0101_0101u64 * s as u64) as i64,
+                );
+                let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
+                let p = _mm256_madd_epi16(sc, _mm256_maddubs_epi16(*qk, q8));
+                sumi = _mm256_add_epi32(sumi, p);
+            }
+        }
+        sumi = _mm256_sub_epi32(sumi, q8sclsub);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum(acc)
 }

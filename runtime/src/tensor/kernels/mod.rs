@@ -9,6 +9,7 @@ pub mod scalar;
 
 use std::sync::OnceLock;
 
+use crate::tensor::kquant;
 use crate::tensor::quant::quantize_row_q8_0;
 
 /// The kernels one CPU path provides. Weight rows are raw bytes of their GGML type; activations
@@ -31,6 +32,16 @@ pub struct Kernels {
     /// The same for Q4_0 weight rows.
     pub gemm_q4_0: Gemm,
     pub quantize_q8_0: fn(&[f32], &mut [u8]),
+    /// Q4_K weight rows against Q8_K activation rows (super-blocks of 256 values), as ggml's
+    /// `ggml_vec_dot_q4_K_q8_K`. Activations stay on `kquant::quantize_row_q8_k`: ggml's CPU
+    /// backend uses that reference itself on x86 and ARM, and it runs once per row of
+    /// activations, not once per weight row.
+    pub dot_q4_k_q8_k: fn(&[u8], &[u8]) -> f32,
+    /// Q6_K weight rows against Q8_K activation rows (`ggml_vec_dot_q6_K_q8_K`).
+    pub dot_q6_k_q8_k: fn(&[u8], &[u8]) -> f32,
+    /// [`Kernels::gemm_q8_0`] for Q4_K weight rows and Q8_K activation rows: equal to the
+    /// table's `dot_q4_k_q8_k` pair by pair, bit for bit.
+    pub gemm_q4_k: Gemm,
 }
 
 /// `(w, rows, x, n, out)`: see [`Kernels::gemm_q8_0`].
@@ -69,7 +80,14 @@ pub static SCALAR: Kernels = Kernels {
     gemm_q8_0: scalar::gemm_q8_0,
     gemm_q4_0: scalar::gemm_q4_0,
     quantize_q8_0: quantize_row_q8_0,
+    dot_q4_k_q8_k: kquant::dot_q4_k_q8_k,
+    dot_q6_k_q8_k: kquant::dot_q6_k_q8_k,
+    gemm_q4_k: scalar_gemm_q4_k,
 };
+
+fn scalar_gemm_q4_k(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    gemm_by_pairs(kquant::dot_q4_k_q8_k, w, rows, x, n, out);
+}
 
 /// The fastest table this CPU supports, detected once. `MOE_EDGE_SCALAR=1` forces the scalar
 /// reference (for comparisons).
@@ -186,6 +204,161 @@ pub(crate) mod tests {
             (k.quantize_q8_0)(&x, &mut q);
             assert_eq!(q, xq, "{} quantize_q8_0 n={n}", k.name);
         }
+        check_kquants(k);
+        check_gemm_q4_k(k);
+    }
+
+    /// A Q8_K row from its int8 values (bsums made from them, as the quantizer does) and scales.
+    fn q8_k_row(qs: &[i8], d: &[f32]) -> Vec<u8> {
+        use crate::tensor::kquant::{Q8_K_BSUMS_AT, Q8_K_BYTES, QK_K};
+        let mut out = vec![0u8; qs.len() / QK_K * Q8_K_BYTES];
+        for ((b, q), &d) in out
+            .chunks_exact_mut(Q8_K_BYTES)
+            .zip(qs.chunks_exact(QK_K))
+            .zip(d)
+        {
+            b[..4].copy_from_slice(&d.to_le_bytes());
+            for (o, &v) in b[4..4 + QK_K].iter_mut().zip(q) {
+                *o = v as u8;
+            }
+            for (g, vals) in q.chunks_exact(16).enumerate() {
+                let sum: i32 = vals.iter().map(|&v| v as i32).sum();
+                let at = Q8_K_BSUMS_AT + 2 * g;
+                b[at..at + 2].copy_from_slice(&(sum as i16).to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// The exact dot product of a k-quant row with a Q8_K row from their dequantized values, and
+    /// the sum of the magnitudes of every term any summation order adds (for Q4_K the scaled
+    /// quants and the minimum terms separately, which may cancel in the dequantized value).
+    fn kquant_reference(ty: GgmlType, w: &[u8], x: &[u8]) -> (f64, f64) {
+        use crate::tensor::kquant::*;
+        let n = x.len() / Q8_K_BYTES * QK_K;
+        let xd: Vec<f64> = x
+            .chunks_exact(Q8_K_BYTES)
+            .flat_map(|b| {
+                let d = q8k_d(b) as f64;
+                b[4..4 + QK_K].iter().map(move |&q| q as i8 as f64 * d)
+            })
+            .collect();
+        let deq = |w: &[u8]| {
+            let mut out = vec![0f32; n];
+            if ty == GgmlType::Q4K {
+                dequantize_row_q4_k(w, &mut out);
+            } else {
+                dequantize_row_q6_k(w, &mut out);
+            }
+            out
+        };
+        let dot = |a: &[f32]| -> f64 { a.iter().zip(&xd).map(|(a, b)| *a as f64 * b).sum() };
+        let mag =
+            |a: &[f32]| -> f64 { a.iter().zip(&xd).map(|(a, b)| (*a as f64 * b).abs()).sum() };
+        let want = dot(&deq(w));
+        let scale = if ty == GgmlType::Q4K {
+            // d alone (dmin zeroed) and dmin alone (d zeroed).
+            let zeroed = |at: usize| {
+                let mut c = w.to_vec();
+                for b in c.chunks_exact_mut(Q4_K_BYTES) {
+                    b[at..at + 2].fill(0);
+                }
+                deq(&c)
+            };
+            mag(&zeroed(2)) + mag(&zeroed(0))
+        } else {
+            mag(&deq(w))
+        };
+        (want, scale)
+    }
+
+    /// The tiled Q4_K product equals the table's dot pair by pair, bit for bit, for every tile
+    /// remainder.
+    fn check_gemm_q4_k(k: &Kernels) {
+        use crate::tensor::kquant::*;
+        for nb in [1usize, 3] {
+            for (rows, n) in [(1, 1), (3, 4), (2, 5), (1, 7), (4, 9), (5, 2), (2, 3)] {
+                let w = random_k_blocks(rows * nb, Q4_K_BYTES, 60 + nb as u64, 0.05);
+                let mut x = vec![0u8; n * nb * Q8_K_BYTES];
+                quantize_row_q8_k(&random_vec(n * nb * QK_K, 61, 2.0), &mut x);
+                let mut got = vec![0f32; rows * n];
+                (k.gemm_q4_k)(&w, rows, &x, n, &mut got);
+                let mut want = vec![0f32; rows * n];
+                gemm_by_pairs(k.dot_q4_k_q8_k, &w, rows, &x, n, &mut want);
+                assert_eq!(got, want, "{} q4_K gemm {rows}x{n} nb={nb}", k.name);
+            }
+        }
+    }
+
+    /// Q4_K/Q6_K rows: random bits with scales of both signs (Q6_K's int8 scales include -128),
+    /// several block counts, activations from the quantizer and extreme ones (all -128, all 127
+    /// with large weights), against the exact dot of the dequantized operands and against the
+    /// scalar table.
+    pub fn check_kquants(k: &Kernels) {
+        use crate::tensor::kquant::*;
+        for (i, nb) in [1usize, 2, 3, 5, 8, 16].into_iter().enumerate() {
+            let seed = 1000 + 10 * i as u64;
+            let n = nb * QK_K;
+            let mut xs = Vec::new();
+            for (s, mag) in [(0, 1.0f32), (1, 40.0), (2, 1e-3)] {
+                let mut q = vec![0u8; nb * Q8_K_BYTES];
+                quantize_row_q8_k(&random_vec(n, seed + s, mag), &mut q);
+                xs.push(q);
+            }
+            let ds = random_vec(nb, seed + 7, 0.05);
+            xs.push(q8_k_row(&vec![-128i8; n], &ds));
+            xs.push(q8_k_row(&vec![127i8; n], &ds));
+            let alternating: Vec<i8> = (0..n)
+                .map(|j| if j % 3 == 0 { 127 } else { -128 })
+                .collect();
+            xs.push(q8_k_row(&alternating, &ds));
+
+            for (ty, bytes, dot, scalar_dot) in [
+                (
+                    GgmlType::Q4K,
+                    Q4_K_BYTES,
+                    k.dot_q4_k_q8_k,
+                    SCALAR.dot_q4_k_q8_k,
+                ),
+                (
+                    GgmlType::Q6K,
+                    Q6_K_BYTES,
+                    k.dot_q6_k_q8_k,
+                    SCALAR.dot_q6_k_q8_k,
+                ),
+            ] {
+                let mut ws = vec![
+                    random_k_blocks(nb, bytes, seed + 3, 0.02),
+                    random_k_blocks(nb, bytes, seed + 4, 3.0),
+                ];
+                // Largest quants, scales and mins everywhere (Q6_K scale bytes 0xff are -1).
+                let mut full = random_k_blocks(nb, bytes, seed + 5, 0.5);
+                for b in full.chunks_exact_mut(bytes) {
+                    let keep = if ty == GgmlType::Q4K { 0..4 } else { 208..210 };
+                    let d = b[keep.clone()].to_vec();
+                    b.fill(0xff);
+                    b[keep].copy_from_slice(&d);
+                }
+                ws.push(full);
+                for (wi, w) in ws.iter().enumerate() {
+                    for (xi, x) in xs.iter().enumerate() {
+                        let got = dot(w, x) as f64;
+                        let (want, scale) = kquant_reference(ty, w, x);
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale + 1e-30,
+                            "{} {ty} nb={nb} w{wi} x{xi}: {got} vs exact {want} (scale {scale})",
+                            k.name
+                        );
+                        let reference = scalar_dot(w, x) as f64;
+                        assert!(
+                            (got - reference).abs() <= 2e-6 * scale + 1e-30,
+                            "{} {ty} nb={nb} w{wi} x{xi}: {got} vs scalar {reference}",
+                            k.name
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The tiled products equal the table's own dot kernel pair by pair, bit for bit, for every
@@ -283,6 +456,32 @@ pub(crate) mod tests {
             println!("testing {}", t.name);
             check_table(t);
             neon_agrees_with_scalar(t);
+        }
+    }
+
+    /// The NEON k-quant kernels take the same float steps in both tables (exact integer sums,
+    /// then ggml's per-block order), so they agree bit for bit; Q6_K's steps are also the scalar
+    /// reference's.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_kquants_agree_bit_for_bit() {
+        use crate::tensor::kquant::*;
+        let tables: Vec<&Kernels> = neon::tables().collect();
+        for t in &tables {
+            println!("testing k-quants bit for bit: {}", t.name);
+        }
+        for nb in [1usize, 2, 7] {
+            let n = nb * QK_K;
+            let mut x = vec![0u8; nb * Q8_K_BYTES];
+            quantize_row_q8_k(&random_vec(n, 90 + nb as u64, 2.0), &mut x);
+            let w4 = random_k_blocks(nb, Q4_K_BYTES, 91, 0.1);
+            let w6 = random_k_blocks(nb, Q6_K_BYTES, 92, 0.1);
+            let q6 = (SCALAR.dot_q6_k_q8_k)(&w6, &x);
+            let q4 = (tables[0].dot_q4_k_q8_k)(&w4, &x);
+            for t in &tables {
+                assert_eq!((t.dot_q6_k_q8_k)(&w6, &x), q6, "{} q6_K nb={nb}", t.name);
+                assert_eq!((t.dot_q4_k_q8_k)(&w4, &x), q4, "{} q4_K nb={nb}", t.name);
+            }
         }
     }
 

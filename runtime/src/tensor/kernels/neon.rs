@@ -13,6 +13,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::Kernels;
+use crate::tensor::kquant::{q4_k_scales_mins, Q4_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES};
 use crate::tensor::quant::{f16_at, quantize_row_q8_0, Q4_0_BYTES, Q8_0_BYTES};
 
 static DOTPROD: Kernels = Kernels {
@@ -28,6 +29,9 @@ static DOTPROD: Kernels = Kernels {
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
+    dot_q4_k_q8_k: dot_q4_k_q8_k_sdot,
+    dot_q6_k_q8_k: dot_q6_k_q8_k_sdot,
+    gemm_q4_k: gemm_q4_k_sdot,
 };
 
 static NEON: Kernels = Kernels {
@@ -41,6 +45,9 @@ static NEON: Kernels = Kernels {
     gemm_q8_0: gemm_q8_0_mull,
     gemm_q4_0: gemm_q4_0_mull,
     quantize_q8_0: quantize_row_q8_0,
+    dot_q4_k_q8_k: dot_q4_k_q8_k_mull,
+    dot_q6_k_q8_k: dot_q6_k_q8_k_mull,
+    gemm_q4_k: gemm_q4_k_mull,
 };
 
 /// Every NEON table this CPU can run, fastest first (the tests run them all).
@@ -72,6 +79,14 @@ fn gemm_q8_0_mull(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
 
 fn gemm_q4_0_mull(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     super::gemm_by_pairs(dot_q4_0_q8_0_mull, w, rows, x, n, out);
+}
+
+fn gemm_q4_k_sdot(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q4_k_q8_k_sdot, w, rows, x, n, out);
+}
+
+fn gemm_q4_k_mull(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    super::gemm_by_pairs(dot_q4_k_q8_k_mull, w, rows, x, n, out);
 }
 
 // The safe wrappers check the lengths the `unsafe` loops rely on. The `sdot` ones are reachable
@@ -306,6 +321,8 @@ unsafe fn mull_sum(a: int8x16_t, b: int8x16_t) -> int32x4_t {
 trait I8Dot {
     /// Sum over both halves of `w[h][i] * x[h][i]`, spread over four i32 lanes.
     unsafe fn dot32(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t;
+    /// Sum of `w[i] * x[i]` over 16 bytes, spread over four i32 lanes.
+    unsafe fn dot16(w: int8x16_t, x: int8x16_t) -> int32x4_t;
 }
 
 struct Sdot;
@@ -315,6 +332,10 @@ impl I8Dot for Sdot {
     unsafe fn dot32(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t {
         sdot(sdot(vdupq_n_s32(0), w[0], x[0]), w[1], x[1])
     }
+    #[inline(always)]
+    unsafe fn dot16(w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        sdot(vdupq_n_s32(0), w, x)
+    }
 }
 
 struct Mull;
@@ -323,6 +344,10 @@ impl I8Dot for Mull {
     #[inline(always)]
     unsafe fn dot32(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t {
         vaddq_s32(mull_sum(w[0], x[0]), mull_sum(w[1], x[1]))
+    }
+    #[inline(always)]
+    unsafe fn dot16(w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        mull_sum(w, x)
     }
 }
 
@@ -403,4 +428,191 @@ unsafe fn dot_q8_0_q8_0_impl_mull(w: &[u8], x: &[u8]) -> f32 {
 #[target_feature(enable = "neon")]
 unsafe fn dot_q4_0_q8_0_impl_mull(w: &[u8], x: &[u8]) -> f32 {
     dot_blocks::<Mull, true>(w, x)
+}
+
+// K-quants: ggml's NEON `ggml_vec_dot_q4_K_q8_K` / `ggml_vec_dot_q6_K_q8_K` (its `ggml_vdotq_s32`
+// is `sdot` with dotprod and the widening sum otherwise, as here). The integer sums are exact, and
+// both tables take the same float steps, so they agree bit for bit.
+
+fn check_k(w: &[u8], w_block: usize, x: &[u8]) {
+    assert_eq!(w.len() % w_block, 0, "whole k-quant blocks");
+    assert_eq!(
+        w.len() / w_block * Q8_K_BYTES,
+        x.len(),
+        "one Q8_K block per weight block"
+    );
+}
+
+fn dot_q4_k_q8_k_sdot(w: &[u8], x: &[u8]) -> f32 {
+    check_k(w, Q4_K_BYTES, x);
+    // SAFETY: dotprod detected before this table was chosen; lengths checked above.
+    unsafe { dot_q4_k_q8_k_impl_sdot(w, x) }
+}
+
+fn dot_q6_k_q8_k_sdot(w: &[u8], x: &[u8]) -> f32 {
+    check_k(w, Q6_K_BYTES, x);
+    // SAFETY: as above.
+    unsafe { dot_q6_k_q8_k_impl_sdot(w, x) }
+}
+
+fn dot_q4_k_q8_k_mull(w: &[u8], x: &[u8]) -> f32 {
+    check_k(w, Q4_K_BYTES, x);
+    // SAFETY: NEON is baseline on aarch64; lengths checked above.
+    unsafe { dot_q4_k_q8_k_impl_mull(w, x) }
+}
+
+fn dot_q6_k_q8_k_mull(w: &[u8], x: &[u8]) -> f32 {
+    check_k(w, Q6_K_BYTES, x);
+    // SAFETY: as above.
+    unsafe { dot_q6_k_q8_k_impl_mull(w, x) }
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn dot_q4_k_q8_k_impl_sdot(w: &[u8], x: &[u8]) -> f32 {
+    dot_q4_k::<Sdot>(w, x)
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn dot_q6_k_q8_k_impl_sdot(w: &[u8], x: &[u8]) -> f32 {
+    dot_q6_k::<Sdot>(w, x)
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_q4_k_q8_k_impl_mull(w: &[u8], x: &[u8]) -> f32 {
+    dot_q4_k::<Mull>(w, x)
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_q6_k_q8_k_impl_mull(w: &[u8], x: &[u8]) -> f32 {
+    dot_q6_k::<Mull>(w, x)
+}
+
+#[inline(always)]
+unsafe fn f32_at(p: *const u8) -> f32 {
+    f32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)])
+}
+
+/// Eight i16 from unaligned little-endian bytes.
+#[inline(always)]
+unsafe fn load_i16x8(p: *const u8) -> int16x8_t {
+    vreinterpretq_s16_u8(vld1q_u8(p))
+}
+
+/// Per 32-value sub-block: the nibbles (0..=15, so signed bytes) dotted with the activations,
+/// times the 6-bit scale; the minimum term is the 6-bit mins times the sums of each sub-block's
+/// activations (pairs of the Q8_K 16-value sums).
+#[inline(always)]
+unsafe fn dot_q4_k<D: I8Dot>(w: &[u8], x: &[u8]) -> f32 {
+    let nb = w.len() / Q4_K_BYTES;
+    let m4 = vdupq_n_u8(0x0f);
+    let mut sumf = 0f32;
+    for i in 0..nb {
+        let wb = w.as_ptr().add(i * Q4_K_BYTES);
+        let xb = x.as_ptr().add(i * Q8_K_BYTES);
+        let dy = f32_at(xb);
+        let d = dy * f16_scale(wb);
+        let dmin = dy * f16_scale(wb.add(2));
+
+        let bsums = xb.add(Q8_K_BSUMS_AT);
+        let q8sums = vpaddq_s16(load_i16x8(bsums), load_i16x8(bsums.add(16)));
+        let (sc, mn) = q4_k_scales_mins(&w[i * Q4_K_BYTES + 4..i * Q4_K_BYTES + 16]);
+        let mins = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(mn.as_ptr())));
+        let prod = vaddq_s32(
+            vmull_s16(vget_low_s16(q8sums), vget_low_s16(mins)),
+            vmull_high_s16(q8sums, mins),
+        );
+        sumf -= dmin * vaddvq_s32(prod) as f32;
+
+        let (mut sumi1, mut sumi2) = (0i32, 0i32);
+        for j in 0..4 {
+            let q4 = wb.add(16 + 32 * j);
+            let bits = [vld1q_u8(q4), vld1q_u8(q4.add(16))];
+            let q8 = xb.add(4 + 64 * j);
+            let lo = [
+                vreinterpretq_s8_u8(vandq_u8(bits[0], m4)),
+                vreinterpretq_s8_u8(vandq_u8(bits[1], m4)),
+            ];
+            let p1 = D::dot32(lo, [load_i8x16(q8), load_i8x16(q8.add(16))]);
+            sumi1 += vaddvq_s32(p1) * sc[2 * j] as i32;
+            let hi = [
+                vreinterpretq_s8_u8(vshrq_n_u8::<4>(bits[0])),
+                vreinterpretq_s8_u8(vshrq_n_u8::<4>(bits[1])),
+            ];
+            let p2 = D::dot32(hi, [load_i8x16(q8.add(32)), load_i8x16(q8.add(48))]);
+            sumi2 += vaddvq_s32(p2) * sc[2 * j + 1] as i32;
+        }
+        sumf += d * (sumi1 + sumi2) as f32;
+    }
+    sumf
+}
+
+/// Per 16 values: the 6-bit values unsigned (0..=63, so signed bytes) dotted with the activations,
+/// times the signed scale; the offset of 32 is taken off once per block as
+/// 32 * sum(scale * Q8_K 16-value sum).
+#[inline(always)]
+unsafe fn dot_q6_k<D: I8Dot>(w: &[u8], x: &[u8]) -> f32 {
+    let nb = w.len() / Q6_K_BYTES;
+    let m4 = vdupq_n_u8(0x0f);
+    let m3 = vdupq_n_u8(3);
+    let mut sum = 0f32;
+    for i in 0..nb {
+        let wb = w.as_ptr().add(i * Q6_K_BYTES);
+        let xb = x.as_ptr().add(i * Q8_K_BYTES);
+        let d_all = f16_scale(wb.add(208));
+
+        let bsums = xb.add(Q8_K_BSUMS_AT);
+        let q8sums = [load_i16x8(bsums), load_i16x8(bsums.add(16))];
+        let scales = load_i8x16(wb.add(192));
+        let q6scales = [vmovl_s8(vget_low_s8(scales)), vmovl_high_s8(scales)];
+        let prod = vaddq_s32(
+            vaddq_s32(
+                vmull_s16(vget_low_s16(q8sums[0]), vget_low_s16(q6scales[0])),
+                vmull_high_s16(q8sums[0], q6scales[0]),
+            ),
+            vaddq_s32(
+                vmull_s16(vget_low_s16(q8sums[1]), vget_low_s16(q6scales[1])),
+                vmull_high_s16(q8sums[1], q6scales[1]),
+            ),
+        );
+        let isum_mins = vaddvq_s32(prod);
+
+        let mut isum = 0i32;
+        for half in 0..2 {
+            let ql = wb.add(64 * half);
+            let qh = wb.add(128 + 32 * half);
+            let qhbits = [vld1q_u8(qh), vld1q_u8(qh.add(16))];
+            let q6bits = [
+                vld1q_u8(ql),
+                vld1q_u8(ql.add(16)),
+                vld1q_u8(ql.add(32)),
+                vld1q_u8(ql.add(48)),
+            ];
+            let scale = wb.add(192 + 8 * half) as *const i8;
+            let q8 = xb.add(4 + 128 * half);
+            // Four 32-value chunks, each as two halves of 16 with their own scale: chunk k takes
+            // the low (k < 2) or high (k >= 2) nibbles of ql bytes 32 * (k % 2)..+32 and bits
+            // 2k..2k+2 of qh.
+            for k in 0..4 {
+                for h in 0..2 {
+                    let bits = q6bits[2 * (k % 2) + h];
+                    let low = if k < 2 {
+                        vandq_u8(bits, m4)
+                    } else {
+                        vshrq_n_u8::<4>(bits)
+                    };
+                    let high = match k {
+                        0 => vandq_u8(qhbits[h], m3),
+                        1 => vandq_u8(vshrq_n_u8::<2>(qhbits[h]), m3),
+                        2 => vandq_u8(vshrq_n_u8::<4>(qhbits[h]), m3),
+                        _ => vshrq_n_u8::<6>(qhbits[h]),
+                    };
+                    let q6 = vreinterpretq_s8_u8(vorrq_u8(low, vshlq_n_u8::<4>(high)));
+                    let p = D::dot16(q6, load_i8x16(q8.add(32 * k + 16 * h)));
+                    isum += vaddvq_s32(p) * *scale.add(2 * k + h) as i32;
+                }
+            }
+        }
+        sum += d_all * f32_at(xb) * (isum - 32 * isum_mins) as f32;
+    }
+    sum
 }
