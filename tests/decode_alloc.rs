@@ -78,6 +78,16 @@ fn trained_model_decodes_without_allocating() {
 }
 
 #[test]
+fn k_quant_file_decodes_without_allocating() {
+    // Q4_K/Q6_K weights take Q8_K activations, made lazily per batch in a reused buffer.
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let path = moe_e2e::fixtures_dir().join("qwen3_moe_q4_k_m/model.gguf");
+    let file = GgufFile::open(&path).expect("Q4_K_M fixture opens");
+    let n = decode_allocations(&file, KvType::F16);
+    assert_eq!(n, 0, "{n} allocations in 16 decode steps (Q4_K_M)");
+}
+
+#[test]
 fn every_ffn_kind_decodes_without_allocating() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Shared experts (qwen2_moe), MLA and group routing (deepseek_v3), a plain MoE (mixtral),
