@@ -6,9 +6,10 @@ The Q4_K_M file is what a Hub download looks like (Q4_K for most matrices, Q6_K 
 and some attn_v/ffn_down, F32 norms and routers), so the runtime's k-quant path is judged on
 llama.cpp's own encoding, not on ours. Steps:
 
-  1. a tiny random Qwen3-MoE in transformers (every matrix width a multiple of 256, so that no
-     tensor falls back to a type the runtime lacks), fixed seed, saved as safetensors with the
-     tokenizer of tests/fixtures/qwen3_moe;
+  1. a tiny random Qwen3-MoE in transformers (expert FFN width 288, not a multiple of 256, so
+     that llama.cpp falls back to Q5_0 and Q8_0 for the expert down projections as in Hub files
+     of such models), fixed seed, saved as safetensors with the tokenizer of
+     tests/fixtures/qwen3_moe;
   2. moe-convert -t f32 (the converter under test writes the llama.cpp-compatible layout);
   3. llama_model_quantize(..., LLAMA_FTYPE_MOSTLY_Q4_K_M) from libllama;
   4. llama.cpp's logits (all positions, f32 KV cache) for a few prompts on the Q4_K_M file and on
@@ -41,7 +42,7 @@ SEED = 9100
 PROMPTS = [[1, 17, 200, 5, 42, 99, 300, 7], list(range(3, 380, 23)), [120] * 4 + [33, 250, 8, 64, 90, 11]]
 
 
-def build_model(vocab: int):
+def build_model(vocab: int, moe_ff: int = 256):
     import torch
     import transformers as tf
 
@@ -49,7 +50,7 @@ def build_model(vocab: int):
         vocab_size=vocab, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
         head_dim=64, num_hidden_layers=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=256,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=moe_ff, intermediate_size=256,
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
         attention_bias=False, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
         pad_token_id=0, rms_norm_eps=1e-6)
@@ -125,13 +126,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moe-convert", type=Path, default=ROOT / "target" / "release" / "moe-convert")
     ap.add_argument("--out", type=Path, default=FIXTURES / "qwen3_moe_q4_k_m")
+    ap.add_argument("--moe-ff", type=int, default=288,
+                    help="expert FFN width; 288, not a multiple of 256, makes llama.cpp fall back "
+                         "to Q5_0/Q8_0 for the expert down projections, as Hub Q4_K_M files of "
+                         "such models have (256 gives a pure Q4_K/Q6_K file)")
     args = ap.parse_args()
 
     import llama_cpp
     from gguf import GGUFReader
 
     vocab = json.loads((TOKENIZER_FROM / "config.json").read_text())["vocab_size"]
-    model = build_model(vocab)
+    model = build_model(vocab, args.moe_ff)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         hf = tmp / "hf"

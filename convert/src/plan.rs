@@ -62,6 +62,7 @@ pub(crate) fn file_type(ty: GgmlType) -> u32 {
         GgmlType::F32 => 0,
         GgmlType::F16 => 1,
         GgmlType::Q4_0 => 2,
+        GgmlType::Q5_0 => 8,
         GgmlType::Q8_0 => 7,
         GgmlType::Q4K => 15,
         GgmlType::Q6K => 18,

@@ -176,7 +176,9 @@ impl ExpertTypes {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| format!("`{part}` is not hot=TYPE or cold=TYPE"))?;
-            let ty = GgmlType::from_name(v.trim()).ok_or_else(|| format!("unknown type `{v}`"))?;
+            let ty = GgmlType::from_name(v.trim())
+                .filter(|t| t.can_encode())
+                .ok_or_else(|| format!("`{v}` is not one of f32, f16, bf16, q8_0, q4_0"))?;
             match k.trim() {
                 "hot" => hot = Some(ty),
                 "cold" => cold = Some(ty),

@@ -66,9 +66,7 @@ struct Args {
 
 fn parse_type(s: &str) -> Result<GgmlType, String> {
     match GgmlType::from_name(s) {
-        Some(
-            t @ (GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0),
-        ) => Ok(t),
+        Some(t) if t.can_encode() => Ok(t),
         _ => Err(format!("`{s}` is not one of f32, f16, bf16, q8_0, q4_0")),
     }
 }

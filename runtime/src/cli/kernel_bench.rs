@@ -19,7 +19,7 @@ pub struct KernelBenchArgs {
     /// Worker threads (default: all cores)
     #[arg(short = 't', long)]
     threads: Option<usize>,
-    /// Weight types to measure (f32, f16, bf16, q8_0, q4_0, q4_k, q6_k)
+    /// Weight types to measure (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k)
     #[arg(long, value_delimiter = ',', default_value = "q8_0,q4_0")]
     types: Vec<String>,
     /// Also measure the scalar reference
@@ -54,7 +54,9 @@ pub fn run(args: KernelBenchArgs, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |")?;
     for name in &args.types {
         let ty = GgmlType::from_name(name).ok_or_else(|| {
-            anyhow::anyhow!("unknown weight type `{name}` (f32, f16, bf16, q8_0, q4_0, q4_k, q6_k)")
+            anyhow::anyhow!(
+                "unknown weight type `{name}` (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k)"
+            )
         })?;
         for &(rows, cols, n) in &shapes {
             if ty.row_bytes(cols).is_none() {
@@ -132,6 +134,17 @@ fn random_weights(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
     match ty {
         GgmlType::Q4K => random_k_blocks(n / QK_K, Q4_K_BYTES, seed, 0.01),
         GgmlType::Q6K => random_k_blocks(n / QK_K, Q6_K_BYTES, seed, 0.01),
+        // Random bytes are valid Q5_0 blocks once the f16 scale is a small finite number.
+        GgmlType::Q5_0 => {
+            let mut q: Vec<u8> = random_vec(n / 32 * 22, seed, 1.0)
+                .iter()
+                .map(|v| ((v + 1.0) * 127.5) as u8)
+                .collect();
+            for b in q.chunks_exact_mut(22) {
+                b[..2].copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
+            }
+            q
+        }
         _ => quantize(ty, &random_vec(n, seed, 1.0)),
     }
 }

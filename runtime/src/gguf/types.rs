@@ -8,6 +8,9 @@ pub enum GgmlType {
     F32,
     F16,
     Q4_0,
+    /// Only decoded: llama.cpp's k-quant files use it for tensors whose rows are not whole
+    /// 256-value blocks (e.g. a `Q4_K_M` expert down projection of width 1408).
+    Q5_0,
     Q8_0,
     Q4K,
     Q6K,
@@ -20,6 +23,7 @@ impl GgmlType {
             0 => Self::F32,
             1 => Self::F16,
             2 => Self::Q4_0,
+            6 => Self::Q5_0,
             8 => Self::Q8_0,
             12 => Self::Q4K,
             14 => Self::Q6K,
@@ -33,6 +37,7 @@ impl GgmlType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
+            Self::Q5_0 => 6,
             Self::Q8_0 => 8,
             Self::Q4K => 12,
             Self::Q6K => 14,
@@ -44,7 +49,7 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => 32,
             Self::Q4K | Self::Q6K => 256,
         }
     }
@@ -55,6 +60,7 @@ impl GgmlType {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
             Self::Q4_0 => 18,
+            Self::Q5_0 => 22,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
             Self::Q6K => 210,
@@ -69,11 +75,21 @@ impl GgmlType {
         (n / self.block_len()).checked_mul(self.block_bytes())
     }
 
+    /// Whether `tensor::quant::quantize` can encode this type (the converter's output types);
+    /// the others are only decoded, from files other tools wrote.
+    pub fn can_encode(self) -> bool {
+        matches!(
+            self,
+            Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::Q4_0 => "q4_0",
+            Self::Q5_0 => "q5_0",
             Self::Q8_0 => "q8_0",
             Self::Q4K => "q4_K",
             Self::Q6K => "q6_K",
@@ -88,6 +104,7 @@ impl GgmlType {
             "bf16" => Self::BF16,
             "q8_0" => Self::Q8_0,
             "q4_0" => Self::Q4_0,
+            "q5_0" => Self::Q5_0,
             "q4_k" => Self::Q4K,
             "q6_k" => Self::Q6K,
             _ => return None,

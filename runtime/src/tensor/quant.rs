@@ -75,6 +75,34 @@ pub fn dequantize_row_q4_0(q: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Bytes of one Q5_0 block: f16 scale, 32 high bits, 16 bytes of low nibbles.
+pub const Q5_0_BYTES: usize = 22;
+
+/// The 32 signed 5-bit values of a Q5_0 block, in order (ggml's `dequantize_row_q5_0`: value j
+/// takes low nibble j and high bit j, value j + 16 the high nibble and high bit j + 16).
+#[inline]
+pub fn q5_0_values(block: &[u8]) -> [i8; QK] {
+    let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+    let qs = &block[6..6 + QK / 2];
+    let mut v = [0i8; QK];
+    for j in 0..QK / 2 {
+        let hi0 = ((qh >> j) << 4) & 0x10;
+        let hi1 = (qh >> (j + 12)) & 0x10;
+        v[j] = ((qs[j] as u32 & 0x0f) | hi0) as i8 - 16;
+        v[j + QK / 2] = ((qs[j] as u32 >> 4) | hi1) as i8 - 16;
+    }
+    v
+}
+
+pub fn dequantize_row_q5_0(q: &[u8], out: &mut [f32]) {
+    for (qb, ob) in q.chunks_exact(Q5_0_BYTES).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(qb, 0);
+        for (o, v) in ob.iter_mut().zip(q5_0_values(qb)) {
+            *o = v as f32 * d;
+        }
+    }
+}
+
 /// Encodes f32 values as `ty` (a whole number of blocks). Used by the converter.
 pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let n_bytes = ty
@@ -99,8 +127,8 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         }
         GgmlType::Q8_0 => quantize_row_q8_0(x, &mut out),
         GgmlType::Q4_0 => quantize_row_q4_0(x, &mut out),
-        GgmlType::Q4K | GgmlType::Q6K => {
-            unimplemented!("k-quant encoding is not offered by the converter yet")
+        GgmlType::Q5_0 | GgmlType::Q4K | GgmlType::Q6K => {
+            unimplemented!("q5_0 and k-quant encoding are not offered by the converter yet")
         }
     }
     out
@@ -126,6 +154,7 @@ pub fn dequantize(ty: GgmlType, q: &[u8], out: &mut [f32]) {
         }
         GgmlType::Q8_0 => dequantize_row_q8_0(q, out),
         GgmlType::Q4_0 => dequantize_row_q4_0(q, out),
+        GgmlType::Q5_0 => dequantize_row_q5_0(q, out),
         GgmlType::Q4K => super::kquant::dequantize_row_q4_k(q, out),
         GgmlType::Q6K => super::kquant::dequantize_row_q6_k(q, out),
     }
@@ -134,6 +163,50 @@ pub fn dequantize(ty: GgmlType, q: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Blocks and their values as gguf-py (llama.cpp's reference) encodes and decodes them
+    /// (scripts/make_q5_0_vectors.py).
+    const Q5_0_BLOCKS: &[u8] = include_bytes!("../../tests/fixtures/q5_0/blocks.bin");
+    const Q5_0_VALUES: &[u8] = include_bytes!("../../tests/fixtures/q5_0/values.f32");
+
+    #[test]
+    fn q5_0_decodes_as_gguf_py_does() {
+        let want: Vec<f32> = Q5_0_VALUES
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut got = vec![0f32; want.len()];
+        dequantize(GgmlType::Q5_0, Q5_0_BLOCKS, &mut got);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn q5_0_dot_equals_the_dequantized_dot() {
+        use crate::tensor::kernels::scalar::dot_q5_0_q8_0;
+        let cols = 64;
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 29 % 23) as f32 - 11.0) * 0.17)
+            .collect();
+        let mut xq = vec![0u8; cols / QK * Q8_0_BYTES];
+        quantize_row_q8_0(&x, &mut xq);
+        let mut xd = vec![0f32; cols];
+        dequantize_row_q8_0(&xq, &mut xd);
+        for row in Q5_0_BLOCKS.chunks_exact(cols / QK * Q5_0_BYTES) {
+            let mut w = vec![0f32; cols];
+            dequantize_row_q5_0(row, &mut w);
+            let exact: f64 = w.iter().zip(&xd).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let norm: f64 = w
+                .iter()
+                .zip(&xd)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            let got = dot_q5_0_q8_0(row, &xq) as f64;
+            assert!(
+                (got - exact).abs() <= 1e-6 * norm.max(1e-30),
+                "{got} vs {exact}"
+            );
+        }
+    }
 
     #[test]
     fn q8_0_round_trip_error_is_bounded() {

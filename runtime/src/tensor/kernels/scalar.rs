@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-use crate::tensor::quant::{f16_at, Q4_0_BYTES, Q8_0_BYTES, QK};
+use crate::tensor::quant::{f16_at, q5_0_values, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, QK};
 
 /// Eight independent accumulators: keeps the sum order fixed (so results do not depend on the
 /// machine) while letting the compiler vectorise.
@@ -79,6 +79,21 @@ pub fn dot_q4_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
             sumi += lo * (xb[2 + j] as i8) as i32 + hi * (xb[2 + j + QK / 2] as i8) as i32;
         }
         // ggml associates this one as (sumi * dw) * dx.
+        sum += sumi as f32 * f16_at(wb, 0) * f16_at(xb, 0);
+    }
+    sum
+}
+
+/// Q5_0 weights times Q8_0 activations. Scalar on every CPU: Q5_0 only stands in for the few
+/// tensors of a k-quant file whose rows are not whole 256-value blocks.
+pub fn dot_q5_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.chunks_exact(Q5_0_BYTES).zip(x.chunks_exact(Q8_0_BYTES)) {
+        let sumi: i32 = q5_0_values(wb)
+            .iter()
+            .zip(&xb[2..])
+            .map(|(&a, &b)| a as i32 * (b as i8) as i32)
+            .sum();
         sum += sumi as f32 * f16_at(wb, 0) * f16_at(xb, 0);
     }
     sum
