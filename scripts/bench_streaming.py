@@ -28,7 +28,9 @@
    memory.limit_in_bytes at each limit and each --readahead value (the model's block device
    read_ahead_kb, restored afterwards): llama-bench `-p 0 --repack 0 -lm mmap` (random tokens, as
    its tg test does) and moe-run bench. The page cache is dropped before every run. A run that
-   hits the timeout is reported as "< X t/s". Use -t 1 on a busy machine: ggml's spinning thread
+   hits the timeout is reported as "< X t/s". "disk MiB/tok" is the block device's read counter
+   (/sys/block/DEV/stat) over the run divided by the tokens decoded, loading included; it is
+   device-wide, so other processes' reads inflate it. Use -t 1 on a busy machine: ggml's spinning thread
    pool collapses when the cores are oversubscribed (0.16 t/s instead of 10 seen here).
 """
 import argparse
@@ -192,6 +194,13 @@ def block_device(path):
     return os.path.basename(sysdev)
 
 
+def disk_read_bytes(dev):
+    """Bytes read from the whole block device so far (/sys/block/DEV/stat, field 3 = sectors of
+    512 bytes). Device-wide: other processes' reads count too, so this is an upper bound."""
+    with open(f"/sys/block/{dev}/stat") as f:
+        return int(f.read().split()[2]) * 512
+
+
 def readahead(dev, kb=None):
     p = f"/sys/block/{dev}/queue/read_ahead_kb"
     if kb is not None:
@@ -201,10 +210,19 @@ def readahead(dev, kb=None):
         return int(f.read())
 
 
-def moe_limited(args, budget, limit_bytes):
+def read_note(dev, before, tokens):
+    """Disk bytes read since `before`, per decoded token (loading included), as a note."""
+    if dev is None:
+        return ""
+    return f", disk {(disk_read_bytes(dev) - before) / tokens / 2**20:.2f} MiB/tok"
+
+
+def moe_limited(args, budget, limit_bytes, dev=None):
     """moe-run bench on the real disk (O_DIRECT, no flash emulation) in the memory cgroup:
-    (t/s or None, note, cgroup peak bytes, report or None)."""
+    (t/s or None, note, cgroup peak bytes, report or None). With dev, the note gives the block
+    device's bytes read per decoded token (a warm-up run plus reps runs of n tokens)."""
     cgroup_reset(limit_bytes)
+    before = disk_read_bytes(dev) if dev else 0
     try:
         rep = moe_bench(args.model, budget, args.eviction, args.lookahead, "none", None, args.n,
                         args.threads, args.reps, args.text, cgroup=True, timeout=args.timeout)
@@ -213,14 +231,17 @@ def moe_limited(args, budget, limit_bytes):
     except subprocess.CalledProcessError as e:
         return None, f"failed rc={e.returncode}", cgroup_peak(), None
     tg = rep["tests"][0]
-    return tg["tokens_per_second_mean"], f"hit {100 * (tg['cache'] or {}).get('hit_rate', 1):.1f}%", cgroup_peak(), rep
+    note = f"hit {100 * (tg['cache'] or {}).get('hit_rate', 1):.1f}%" + read_note(dev, before, (args.reps + 1) * args.n)
+    return tg["tokens_per_second_mean"], note, cgroup_peak(), rep
 
 
-def llama_limited(binary, model, limit_bytes, n, threads, timeout, preload=False, reps=2):
+def llama_limited(binary, model, limit_bytes, n, threads, timeout, preload=False, reps=2, dev=None):
     """llama-bench tg in the memory cgroup: (t/s or None, note, cgroup peak bytes). preload reads
     the whole file into the page cache from inside the cgroup first, so the peak is llama.cpp's
-    fully resident footprint (file + its own overhead)."""
+    fully resident footprint (file + its own overhead). With dev, the note gives the block
+    device's bytes read per decoded token (llama-bench: 1 warm-up token plus reps runs of n)."""
     cgroup_reset(limit_bytes)
+    before = disk_read_bytes(dev) if dev else 0
     cat = f"cat {model} > /dev/null && " if preload else ""
     cmd = ["sh", "-c", f"echo $$ > {CG}/cgroup.procs && {cat}exec {binary} -m {model} -p 0 -n {n} "
            f"-t {threads} -r {reps} --repack 0 -lm mmap -o json"]
@@ -232,7 +253,7 @@ def llama_limited(binary, model, limit_bytes, n, threads, timeout, preload=False
     if p.returncode != 0:
         last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
         return None, f"failed rc={p.returncode} after {time.time() - t0:.0f} s {last}", cgroup_peak()
-    return json.loads(p.stdout)[0]["avg_ts"], "", cgroup_peak()
+    return json.loads(p.stdout)[0]["avg_ts"], read_note(dev, before, reps * n + 1).lstrip(", "), cgroup_peak()
 
 
 def vs_llama(args):
@@ -277,11 +298,15 @@ def vs_llama(args):
                 for label, lim in limits:
                     for ra in ras:
                         readahead(dev, ra)
-                        tps, note, peak, _ = moe_limited(args, budget, lim)
+                        # Disk bytes per decoded token, loading included: moe-run decodes a
+                        # warm-up run plus reps runs of n tokens, llama-bench 1 warm-up token
+                        # plus reps runs. The counter is read after cgroup_reset's cache drop.
+                        tps, note, peak, _ = moe_limited(args, budget, lim, dev)
                         rows.append((f"moe-run {args.eviction}:{args.lookahead}", f"{budget}%", ra,
                                      f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
                         print(f"moe-run {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
-                        tps, note, peak = llama_limited(binary, args.model, lim, args.n, args.threads, args.timeout, reps=args.reps)
+                        tps, note, peak = llama_limited(binary, args.model, lim, args.n, args.threads, args.timeout,
+                                                        reps=args.reps, dev=dev)
                         readahead(dev, ra0)
                         rows.append(("llama.cpp", f"{budget}%", ra, f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
                         print(f"llama {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
@@ -294,15 +319,22 @@ def vs_llama(args):
     for eng, b, ra, lim, tps, note, peak in rows:
         print(f"| {eng} | {b} | {ra} | {lim} | {f'{tps:.2f}' if tps is not None else '-'} | {note} | {peak / 2**20:.1f} |")
     # Summary: per budget, limit and readahead, both engines' median over the rounds.
-    cells = {}
+    cells, reads = {}, {}
     for eng, b, ra, lim, tps, note, peak in rows:
         if lim != "none":
             cells.setdefault((b, lim, ra), {}).setdefault(eng.split()[0], []).append(tps if tps is not None else 0.0)
-    print("\n| expert budget | cgroup limit | read_ahead_kb | moe-run t/s | llama.cpp t/s | ratio |")
-    print("|---|---|---|---|---|---|")
+            m = re.search(r"disk ([0-9.]+) MiB/tok", note)
+            if m:
+                reads.setdefault((b, lim, ra), {}).setdefault(eng.split()[0], []).append(float(m.group(1)))
+    print("\n| expert budget | cgroup limit | read_ahead_kb | moe-run t/s | llama.cpp t/s | ratio "
+          "| disk MiB/tok moe-run | disk MiB/tok llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|")
     for (b, lim, ra), e in cells.items():
         m, ll = statistics.median(e.get("moe-run", [0])), statistics.median(e.get("llama.cpp", [0]))
-        print(f"| {b} | {lim} | {ra} | {m:.2f} | {ll:.2f} | {f'{m / ll:.1f}x' if ll > 0 else 'llama.cpp failed'} |")
+        r = reads.get((b, lim, ra), {})
+        rm, rl = (f"{statistics.median(r[k]):.2f}" if r.get(k) else "-" for k in ("moe-run", "llama.cpp"))
+        print(f"| {b} | {lim} | {ra} | {m:.2f} | {ll:.2f} | {f'{m / ll:.1f}x' if ll > 0 else 'llama.cpp failed'} "
+              f"| {rm} | {rl} |")
 
 
 def gguf_experts(model):
