@@ -1,7 +1,12 @@
 //! The pre-gating router of `scripts/train_pregate.py` run natively: a GRU over token ids whose
-//! weights are read from its ONNX file, computed in plain f32 with the kernel table's `dot_f32`.
-//! The network is ~85k multiply-adds per token; a general ONNX runtime (tract, behind the
-//! `pregate` feature) spends several times that on per-op dispatch, and adds ~10 MiB of RSS.
+//! weights are read from its ONNX file, computed in plain f32. The network is ~85k multiply-adds
+//! per token; a general ONNX runtime (tract, behind the `pregate` feature) spends several times
+//! that on per-op dispatch and allocation, and adds ~10 MiB of RSS.
+//!
+//! The matrix-vector products keep the graph's `[in, out]` layout and add one input's row to all
+//! outputs at a time ([`matvec`]), which the compiler vectorises for the baseline target (SSE2,
+//! NEON). The kernel table's `dot_f32` would cost one indirect call and one horizontal sum per
+//! output (912 per step) on rows only 32-160 long; profiled, those calls dominated the step.
 //!
 //! One step, as the exported graph computes it (`export_onnx`; PyTorch's gate order r, z, n):
 //!
@@ -21,7 +26,6 @@ use std::path::Path;
 
 use crate::moe::predictor::{ExpertPredictor, Predictions, PredictorError, PregateMeta};
 use crate::onnx::{Initializer, OnnxModel};
-use crate::tensor::kernels::{self, Kernels};
 
 /// The graph `export_onnx` writes: (op, inputs, outputs), in order.
 const GRAPH: &[(&str, &[&str], &[&str])] = &[
@@ -63,12 +67,13 @@ pub struct GruPredictor {
     d_emb: usize,
     /// `[n_vocab, d_emb]`.
     emb: Vec<f32>,
-    /// `[3H, d_emb]` and `[3H, H]` row-major (`[out, in]`, rows r, z, n), with `[3H]` biases.
+    /// `[d_emb, 3H]` and `[H, 3H]` row-major (`[in, out]` as in the graph; each row holds the
+    /// r, z, n gates' columns side by side), with `[3H]` biases.
     wi: Vec<f32>,
     bi: Vec<f32>,
     wh: Vec<f32>,
     bh: Vec<f32>,
-    /// `[n_out, H + d_emb]` and `[n_out]`.
+    /// `[H + d_emb, n_out]` and `[n_out]`.
     head: Vec<f32>,
     head_b: Vec<f32>,
     /// `[h; e]`: the recurrent state, then the current token's embedding (the head's input).
@@ -79,7 +84,6 @@ pub struct GruPredictor {
     logits: Vec<f32>,
     /// Position the state has consumed (tokens before it are in `he[..H]`).
     pos: usize,
-    kernels: &'static Kernels,
 }
 
 impl GruPredictor {
@@ -140,16 +144,19 @@ impl GruPredictor {
                 )))
             }
         };
-        let (mut wi, mut bi, mut wh, mut bh) = (vec![], vec![], vec![], vec![]);
-        for g in ["r", "z", "n"] {
-            // The graph multiplies a row vector by `[in, out]` matrices; store them `[out, in]`
-            // so each output is one contiguous dot product.
+        let (mut wi, mut bi, mut wh, mut bh) = (
+            vec![0.0; d_emb * 3 * h],
+            vec![],
+            vec![0.0; h * 3 * h],
+            vec![],
+        );
+        for (gate, g) in ["r", "z", "n"].into_iter().enumerate() {
             let t = init(&format!("Wi_{g}"))?;
             want(t, &[d_emb, h])?;
-            wi.extend(transpose(&t.data, d_emb, h));
+            place_columns(&t.data, h, gate, &mut wi);
             let t = init(&format!("Wh_{g}"))?;
             want(t, &[h, h])?;
-            wh.extend(transpose(&t.data, h, h));
+            place_columns(&t.data, h, gate, &mut wh);
             let t = init(&format!("bi_{g}"))?;
             want(t, &[h])?;
             bi.extend_from_slice(&t.data);
@@ -159,7 +166,7 @@ impl GruPredictor {
         }
         let t = init("head_T")?;
         want(t, &[h + d_emb, n_out])?;
-        let head = transpose(&t.data, h + d_emb, n_out);
+        let head = t.data.clone();
         let t = init("head_b")?;
         want(t, &[n_out])?;
         let head_b = t.data.clone();
@@ -184,7 +191,6 @@ impl GruPredictor {
             gh: vec![0.0; 3 * h],
             logits: vec![0.0; n_out],
             pos: 0,
-            kernels: kernels::best(),
         })
     }
 
@@ -212,15 +218,10 @@ impl GruPredictor {
                 ),
             });
         };
-        let dot = self.kernels.dot_f32;
         let (state, x) = self.he.split_at_mut(h);
         x.copy_from_slice(e);
-        for (j, g) in self.gi.iter_mut().enumerate() {
-            *g = dot(&self.wi[j * de..(j + 1) * de], x) + self.bi[j];
-        }
-        for (j, g) in self.gh.iter_mut().enumerate() {
-            *g = dot(&self.wh[j * h..(j + 1) * h], state) + self.bh[j];
-        }
+        matvec(&self.wi, x, &self.bi, &mut self.gi);
+        matvec(&self.wh, state, &self.bh, &mut self.gh);
         // Each h'[j] needs only h[j] and the gates of j: update the state in place.
         for (j, hj) in state.iter_mut().enumerate() {
             let r = sigmoid(self.gi[j] + self.gh[j]);
@@ -228,10 +229,7 @@ impl GruPredictor {
             let n = (self.gi[2 * h + j] + r * self.gh[2 * h + j]).tanh();
             *hj = n + z * (*hj - n);
         }
-        let w = h + de;
-        for (j, l) in self.logits.iter_mut().enumerate() {
-            *l = dot(&self.head[j * w..(j + 1) * w], &self.he) + self.head_b[j];
-        }
+        matvec(&self.head, &self.he, &self.head_b, &mut self.logits);
         self.pos += 1;
         Ok(&self.logits)
     }
@@ -274,15 +272,29 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// `[rows, cols]` row-major to `[cols, rows]`.
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; a.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = a[r * cols + c];
+/// `out = x W + b` for `W` `[x.len(), out.len()]` row-major (the graph's MatMul, then its Add):
+/// `out += x[i] * W[i]` row by row, a loop over contiguous values that the compiler vectorises
+/// (each output still sums its inputs in order).
+fn matvec(w: &[f32], x: &[f32], b: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    debug_assert_eq!(w.len(), x.len() * n);
+    out.fill(0.0);
+    for (&xi, row) in x.iter().zip(w.chunks_exact(n)) {
+        for (o, &wv) in out.iter_mut().zip(row) {
+            *o += xi * wv;
         }
     }
-    t
+    for (o, &bv) in out.iter_mut().zip(b) {
+        *o += bv;
+    }
+}
+
+/// Copies a gate's `[rows, h]` matrix into columns `gate * h..(gate + 1) * h` of the
+/// `[rows, 3h]` matrix `dst`.
+fn place_columns(src: &[f32], h: usize, gate: usize, dst: &mut [f32]) {
+    for (src_row, dst_row) in src.chunks_exact(h).zip(dst.chunks_exact_mut(3 * h)) {
+        dst_row[gate * h..(gate + 1) * h].copy_from_slice(src_row);
+    }
 }
 
 fn dims2(t: &Initializer) -> Result<[usize; 2], String> {
