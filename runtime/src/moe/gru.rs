@@ -25,7 +25,7 @@
 use std::path::Path;
 
 use crate::moe::predictor::{ExpertPredictor, Predictions, PredictorError, PregateMeta};
-use crate::onnx::{Initializer, OnnxModel};
+use crate::onnx::{Initializer, OnnxError, OnnxModel};
 
 /// The graph `export_onnx` writes: (op, inputs, outputs), in order.
 const GRAPH: &[(&str, &[&str], &[&str])] = &[
@@ -118,7 +118,11 @@ impl GruPredictor {
             path: path.display().to_string(),
             why,
         };
-        let m = OnnxModel::parse(bytes).map_err(|e| load_err(e.to_string()))?;
+        let m = OnnxModel::parse(bytes).map_err(|e| match e {
+            // A tensor this reader does not support (another type, external data): tract may.
+            OnnxError::Tensor { .. } => foreign(e.to_string()),
+            OnnxError::Malformed(_) => load_err(e.to_string()),
+        })?;
         check_graph(&m).map_err(foreign)?;
         let meta = PregateMeta::read(|k| m.metadata(k), path, n_model_layers, n_expert)?;
 
