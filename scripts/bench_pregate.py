@@ -16,7 +16,7 @@ end-to-end effect of each expert predictor on decode over held-out text.
    Belady eviction for every predictor. Configurations alternate within each round (the machine
    is shared and noisy); the table shows the median over rounds of each run's mean.
 
-The moe-run binary must be built with `--features pregate`.
+Any moe-run binary runs the GRU router natively (`--features pregate` only for other networks).
 """
 import argparse
 import json

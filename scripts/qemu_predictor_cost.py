@@ -3,13 +3,13 @@
 
 Runs `moe-run bench` (decode, 1 thread, all experts resident) alternately with --predictor none
 and --predictor pregate, per emulated CPU, and prints per token: the predictor's own time (as the
-session times it: tract step + top-k per layer), one backbone layer's time (from the none runs:
+session times it: one network step + top-k per layer), one backbone layer's time (from the none runs:
 decode time minus the output projection, over the layer count), their ratio, and the RSS the
 predictor added. QEMU timings are not ARM timings; the ratio is what carries over, roughly.
 
   scripts/qemu_predictor_cost.py --bin target/aarch64-unknown-linux-gnu/release/moe-run \\
       -m models/small-moe/small-moe-q8_0.gguf --cpus cortex-a72,cortex-a76 --rounds 3
-  (the binary built with --features pregate; --cpus native runs it directly)
+  (any build runs the GRU router natively; --cpus native runs the binary directly)
 """
 
 import argparse

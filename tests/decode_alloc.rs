@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use moe_e2e::Fixture;
 use moe_runtime::gguf::{GgmlType, GgufFile};
 use moe_runtime::model::{KvType, Model, Session};
+use moe_runtime::moe::predictor::{ExpertPredictor, GruPredictor, Predictions};
 use moe_runtime::sampling::argmax_logits;
 
 struct Counting;
@@ -99,4 +100,25 @@ fn every_ffn_kind_decodes_without_allocating() {
             assert_eq!(n, 0, "{name} {ty:?}: {n} allocations in 16 decode steps");
         }
     }
+}
+
+#[test]
+fn pregate_router_predicts_without_allocating() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let onnx = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/small-moe/small-moe-q8_0.pregate.onnx");
+    let mut p = GruPredictor::load(&onnx, 6, 24, None).expect("bundled router loads");
+    let mut out = Predictions::default();
+    p.predict(&[1, 2, 3], 0, &mut out).expect("prompt");
+    p.predict(&[4], 3, &mut out).expect("warm-up step");
+    ALLOCS.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
+    for i in 0..16u32 {
+        p.predict(&[5 + i], 4 + i as usize, &mut out)
+            .expect("decode step");
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+    let n = ALLOCS.load(Ordering::SeqCst);
+    assert_eq!(n, 0, "{n} allocations in 16 pre-gating steps");
+    assert_eq!(out.experts(0, 5).len(), 4);
 }

@@ -49,8 +49,7 @@ fn the_gguf_names_its_sidecar_and_the_runtime_finds_it() {
 }
 
 /// The real pre-gating router of models/small-moe, referenced from a fresh conversion: moe-run
-/// `--predictor pregate` loads it through tract without `--pregate`.
-#[cfg(feature = "pregate")]
+/// `--predictor pregate` loads it (natively, whatever the build) without `--pregate`.
 #[test]
 fn moe_run_finds_the_referenced_pregate_router() {
     use std::ffi::OsString;

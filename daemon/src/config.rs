@@ -43,7 +43,8 @@ pub struct Config {
     pub lookahead: Option<usize>,
     /// Token-level expert predictor run before the backbone when streaming: none, frequency
     /// (each layer's most used experts so far) or pregate (the model's pre-gating router
-    /// network; needs moed built with `--features pregate`). Only moves reads earlier: the
+    /// network: its GRU runs natively, other ONNX networks need moed built with `--features
+    /// pregate`). Only moves reads earlier: the
     /// output is the same with any predictor
     #[arg(long, env = "MOED_PREDICTOR", default_value = "none", value_parser = ["none", "frequency", "pregate"])]
     pub predictor: String,

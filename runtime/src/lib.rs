@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod model;
 pub mod moe;
 pub mod npy;
+pub mod onnx;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;

@@ -45,8 +45,8 @@ pub struct StreamingArgs {
     #[arg(skip)]
     pub board: Option<Defaults>,
     /// Token-level expert predictor, run before the backbone: none, frequency (each layer's most
-    /// used experts so far) or pregate (the model's pre-gating router network, needs the
-    /// `pregate` build feature); combines with --lookahead
+    /// used experts so far) or pregate (the model's pre-gating router network: its GRU runs
+    /// natively, other ONNX networks need the `pregate` build feature); combines with --lookahead
     #[arg(long, default_value = "none", value_parser = ["none", "frequency", "pregate"])]
     pub predictor: String,
     /// The pre-gating router (ONNX); default: the GGUF's `moe_edge.pregate.onnx` key, else
@@ -269,28 +269,25 @@ impl StreamingArgs {
     }
 }
 
-#[cfg(feature = "pregate")]
+/// The pre-gating router at `onnx`: natively when it is the GRU of `scripts/train_pregate.py`,
+/// else (with the `pregate` feature) with tract-onnx.
 fn pregate(
     onnx: &Path,
     model: &Model,
     k: Option<usize>,
 ) -> Result<Option<Box<dyn ExpertPredictor>>> {
-    let p = crate::moe::predictor::PregatePredictor::load(
-        onnx,
-        model.hp.n_layer,
-        model.hp.n_expert,
-        k,
-    )?;
-    Ok(Some(Box::new(p)))
-}
-
-#[cfg(not(feature = "pregate"))]
-fn pregate(
-    _onnx: &Path,
-    _model: &Model,
-    _k: Option<usize>,
-) -> Result<Option<Box<dyn ExpertPredictor>>> {
-    Err(crate::moe::predictor::PredictorError::NotBuilt.into())
+    use crate::moe::predictor::GruPredictor;
+    let (n_layer, n_expert) = (model.hp.n_layer, model.hp.n_expert);
+    match GruPredictor::load(onnx, n_layer, n_expert, k) {
+        Ok(p) => Ok(Some(Box::new(p))),
+        #[cfg(feature = "pregate")]
+        Err(crate::moe::predictor::PredictorError::Foreign { .. }) => {
+            let p = crate::moe::predictor::PregatePredictor::load(onnx, n_layer, n_expert, k)?;
+            Ok(Some(Box::new(p)))
+        }
+        // Without tract, the error says to rebuild with `--features pregate`.
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The expert-cache part of the start-up line, e.g. `expert cache: 96 slots, 24.0 MiB (50% of

@@ -6,6 +6,7 @@ pub mod calib;
 pub mod decoupled;
 pub mod experts;
 pub mod flash;
+pub mod gru;
 pub mod lossy;
 pub mod predictor;
 pub mod router;

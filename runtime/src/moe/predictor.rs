@@ -5,9 +5,11 @@
 //!
 //! - [`FrequencyPredictor`]: each layer's most used experts so far (learned online from what
 //!   the routers chose); the baseline.
-//! - `PregatePredictor` (feature `pregate`): a Read-ME-style pre-gating router, a small causal
-//!   network over token ids distilled from the model's routing (`scripts/train_pregate.py`),
-//!   run with tract-onnx. Its recurrent state makes a decode step O(1).
+//! - [`GruPredictor`]: a Read-ME-style pre-gating router, a small causal network (a GRU) over
+//!   token ids distilled from the model's routing (`scripts/train_pregate.py`), exported as ONNX
+//!   and run natively (`moe::gru`). Its recurrent state makes a decode step O(1).
+//! - `PregatePredictor` (feature `pregate`): any such network run with tract-onnx; the fallback
+//!   for ONNX graphs other than that GRU, and the cross-check of the native one.
 //!
 //! The lookahead gate (routers of later layers applied to the current hidden state) needs the
 //! backbone's hidden states, so it stays inside the forward pass (`ExpertStreaming::lookahead`);
@@ -27,8 +29,73 @@ pub enum PredictorError {
     Load { path: String, why: String },
     #[error("pre-gating router failed on token {token}: {why}")]
     Run { token: u32, why: String },
-    #[error("the pre-gating router needs a moe-run built with `--features pregate` (tract-onnx); rebuild with `cargo build --release -p moe-runtime --features pregate`, or use --predictor frequency")]
-    NotBuilt,
+    /// A valid router, but not the GRU that [`GruPredictor`] runs natively.
+    #[error("pre-gating router {path} is not the GRU network of scripts/train_pregate.py ({why}); other networks run with tract-onnx: rebuild with `cargo build --release -p moe-runtime --features pregate`, or use --predictor frequency")]
+    Foreign { path: String, why: String },
+}
+
+/// What a pre-gating router's ONNX metadata says (written by `scripts/train_pregate.py`), checked
+/// against the model it is loaded for.
+#[derive(Clone, Debug)]
+pub struct PregateMeta {
+    /// Model layer of each predicted layer (`moe_edge.layers`); the logits are layer-major.
+    pub layers: Vec<usize>,
+    pub n_expert: usize,
+    /// The model's top-k (`moe_edge.top_k`).
+    pub top_k: usize,
+    /// The recurrent state's width (`moe_edge.hidden`).
+    pub hidden: usize,
+}
+
+impl PregateMeta {
+    /// Reads the metadata through `get` and checks it against a model of `n_model_layers` layers
+    /// and `n_expert` experts. Errors are `PredictorError::Load` for `path`.
+    pub fn read<'a>(
+        get: impl Fn(&str) -> Option<&'a str>,
+        path: &Path,
+        n_model_layers: usize,
+        n_expert: usize,
+    ) -> Result<Self, PredictorError> {
+        let err = |why: String| PredictorError::Load {
+            path: path.display().to_string(),
+            why,
+        };
+        let meta = |key: &str| get(key).ok_or_else(|| err(format!("metadata `{key}` is missing")));
+        let num = |key: &str| -> Result<usize, PredictorError> {
+            meta(key)?
+                .trim()
+                .parse()
+                .map_err(|_| err(format!("metadata `{key}` is not a number")))
+        };
+        let layers: Vec<usize> = meta("moe_edge.layers")?
+            .split(',')
+            .map(|s| s.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| err("metadata `moe_edge.layers` is not a list of layers".into()))?;
+        let m = Self {
+            layers,
+            n_expert: num("moe_edge.n_expert")?,
+            top_k: num("moe_edge.top_k")?,
+            hidden: num("moe_edge.hidden")?,
+        };
+        if m.n_expert != n_expert || m.layers.iter().any(|&l| l >= n_model_layers) {
+            return Err(err(format!(
+                "it predicts {} experts for layers {:?}, the model has {n_expert} experts and \
+                 {n_model_layers} layers: it belongs to another model",
+                m.n_expert, m.layers
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Appends to `out` each predicted layer's `k` best experts of one token's `logits`
+    /// (`[layers * n_expert]`), for token `t` of the batch.
+    pub fn push_predictions(&self, logits: &[f32], k: usize, t: usize, out: &mut Predictions) {
+        let e = self.n_expert;
+        for (i, &l) in self.layers.iter().enumerate() {
+            top_k_into(&logits[i * e..(i + 1) * e], k, out.set(t, l));
+        }
+    }
 }
 
 /// Per token and MoE layer, the experts expected: `experts(t, layer)`.
@@ -151,6 +218,24 @@ pub fn top_k(values: impl Iterator<Item = f32>, k: usize) -> Vec<u32> {
     v.into_iter().map(|(i, _)| i).collect()
 }
 
+/// [`top_k`] without allocating: appends the indices of the `k` largest `values` to `out`, best
+/// first (ties to the lower index; `k` is small, so `k` scans).
+pub fn top_k_into(values: &[f32], k: usize, out: &mut Vec<u32>) {
+    let start = out.len();
+    for _ in 0..k.min(values.len()) {
+        let mut best: Option<usize> = None;
+        for (i, v) in values.iter().enumerate() {
+            if out[start..].contains(&(i as u32)) {
+                continue;
+            }
+            if best.is_none_or(|b| v.total_cmp(&values[b]).is_gt()) {
+                best = Some(i);
+            }
+        }
+        out.push(best.expect("k <= values.len()") as u32);
+    }
+}
+
 /// Where a model's pre-gating router is: the GGUF's `moe_edge.pregate.onnx` key (relative to
 /// the GGUF), else a sidecar `<model stem>.pregate.onnx` beside the model, if it exists.
 pub fn find_sidecar(model_path: &Path, header: &GgufHeader) -> Option<PathBuf> {
@@ -162,6 +247,8 @@ pub fn find_sidecar(model_path: &Path, header: &GgufHeader) -> Option<PathBuf> {
     let p = dir.join(format!("{stem}.pregate.onnx"));
     p.exists().then_some(p)
 }
+
+pub use crate::moe::gru::GruPredictor;
 
 #[cfg(feature = "pregate")]
 pub use onnx::PregatePredictor;
@@ -178,13 +265,10 @@ mod onnx {
     /// logits layer-major over the MoE layers named in its metadata (`moe_edge.layers`).
     pub struct PregatePredictor {
         plan: Plan,
-        /// Model layer of each predicted layer.
-        layers: Vec<usize>,
+        meta: PregateMeta,
         n_model_layers: usize,
-        n_expert: usize,
         /// Experts predicted per layer.
         k: usize,
-        hidden: usize,
         state: Tensor,
         /// Position the state has consumed (tokens before it are in `state`).
         pos: usize,
@@ -212,35 +296,14 @@ mod onnx {
             let proto = tract_onnx::onnx()
                 .proto_model_for_read(&mut &bytes[..])
                 .map_err(|e| err(format!("not an ONNX model: {e}")))?;
-            let meta = |key: &str| {
+            let props = |key: &str| {
                 proto
                     .metadata_props
                     .iter()
                     .find(|p| p.key == key)
-                    .map(|p| p.value.clone())
-                    .ok_or_else(|| err(format!("metadata `{key}` is missing")))
+                    .map(|p| p.value.as_str())
             };
-            let num = |key: &str| -> Result<usize, PredictorError> {
-                meta(key)?
-                    .parse()
-                    .map_err(|_| err(format!("metadata `{key}` is not a number")))
-            };
-            let layers: Vec<usize> = meta("moe_edge.layers")?
-                .split(',')
-                .map(|s| s.trim().parse())
-                .collect::<Result<_, _>>()
-                .map_err(|_| err("metadata `moe_edge.layers` is not a list of layers".into()))?;
-            let (file_experts, top_k, hidden) = (
-                num("moe_edge.n_expert")?,
-                num("moe_edge.top_k")?,
-                num("moe_edge.hidden")?,
-            );
-            if file_experts != n_expert || layers.iter().any(|&l| l >= n_model_layers) {
-                return Err(err(format!(
-                    "it predicts {file_experts} experts for layers {layers:?}, the model has \
-                     {n_expert} experts and {n_model_layers} layers: it belongs to another model"
-                )));
-            }
+            let meta = PregateMeta::read(props, path, n_model_layers, n_expert)?;
             let plan = tract_onnx::onnx()
                 .model_for_proto_model(&proto)
                 // tests/pregate.rs checks the optimised plan against PyTorch: tract 0.21.10
@@ -249,14 +312,12 @@ mod onnx {
                 .and_then(|m| m.into_optimized())
                 .and_then(|m| m.into_runnable())
                 .map_err(|e| err(format!("tract cannot run it: {e}")))?;
-            let state = Tensor::zero::<f32>(&[1, hidden]).map_err(|e| err(e.to_string()))?;
+            let state = Tensor::zero::<f32>(&[1, meta.hidden]).map_err(|e| err(e.to_string()))?;
             Ok(Self {
                 plan,
-                layers,
                 n_model_layers,
-                n_expert,
-                k: k.unwrap_or(top_k).clamp(1, n_expert),
-                hidden,
+                k: k.unwrap_or(meta.top_k).clamp(1, n_expert),
+                meta,
                 state,
                 pos: 0,
                 bytes: bytes.len(),
@@ -282,7 +343,7 @@ mod onnx {
                 .map_err(run_err)?;
             let logits = out[0].as_slice::<f32>().map_err(run_err)?.to_vec();
             self.state = out.remove(1).into_tensor();
-            if self.state.shape() != [1, self.hidden] {
+            if self.state.shape() != [1, self.meta.hidden] {
                 return Err(PredictorError::Run {
                     token,
                     why: format!("state of shape {:?}", self.state.shape()),
@@ -294,7 +355,7 @@ mod onnx {
 
         /// Back to the start of a sequence.
         pub fn reset(&mut self) {
-            self.state = Tensor::zero::<f32>(&[1, self.hidden]).expect("a small zero tensor");
+            self.state = Tensor::zero::<f32>(&[1, self.meta.hidden]).expect("a small zero tensor");
             self.pos = 0;
         }
     }
@@ -317,13 +378,9 @@ mod onnx {
                 self.reset();
             }
             out.reset(tokens.len(), self.n_model_layers);
-            let e = self.n_expert;
             for (t, &tok) in tokens.iter().enumerate() {
                 let logits = self.step(tok)?;
-                for (i, &l) in self.layers.iter().enumerate() {
-                    let best = top_k(logits[i * e..(i + 1) * e].iter().copied(), self.k);
-                    out.set(t, l).extend_from_slice(&best);
-                }
+                self.meta.push_predictions(&logits, self.k, t, out);
             }
             self.pos = pos + tokens.len();
             Ok(())
