@@ -87,7 +87,8 @@ impl GgufFile {
             Some(r) => {
                 // madvise wants a page-aligned start; widening to the page is harmless.
                 let start = r.start & !(page_size() - 1);
-                self.map.advise_range(advice, start, r.end.min(self.map.len()) - start)
+                self.map
+                    .advise_range(advice, start, r.end.min(self.map.len()) - start)
             }
         };
     }
