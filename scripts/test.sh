@@ -25,9 +25,10 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
 
-# The pre-gating router runs on tract-onnx, behind the `pregate` feature; building tract takes
-# about 10 minutes cold on 2 cores, which CI's 30 minutes cannot also afford next to the QEMU
-# suites, so its lints and tests are opt-in here: MOE_EDGE_PREGATE=1 scripts/test.sh
+# The distilled pre-gating GRU runs natively (tested above); tract-onnx, behind the `pregate`
+# feature, runs other predictor networks and checks the native one. Building tract takes about
+# 10 minutes cold on 2 cores, which CI's 30 minutes cannot also afford next to the QEMU suites,
+# so its lints and tests are opt-in here: MOE_EDGE_PREGATE=1 scripts/test.sh
 if [ "${MOE_EDGE_PREGATE:-0}" = 1 ]; then
   cargo clippy -p moe-runtime --features pregate --all-targets --quiet -- -D warnings
   cargo test -p moe-runtime --features pregate --test pregate

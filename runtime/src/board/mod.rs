@@ -260,9 +260,10 @@ impl Defaults {
     /// - lookahead: 0. Measured on the trained model behind the microSD emulator, speculative
     ///   reads cost more than they hid; no board has been measured where it pays yet.
     /// - token-level predictor (`--predictor`): none on every board. The pre-gating router
-    ///   predicts 75% of the experts but, measured on the trained model, its wrong guesses queue
-    ///   ahead of needed reads on microSD (0.89x) and it gains nothing measurable on NVMe; models
-    ///   routed by a decoupled router load their exact experts ahead without any predictor.
+    ///   predicts 75% of the experts, but its wrong guesses queue ahead of needed reads on
+    ///   microSD (0.89x on the trained model, 0.98-1.02x with large experts) and it gains only
+    ///   3-6% on NVMe, and it needs a trained sidecar; models routed by a decoupled router load
+    ///   their exact experts ahead without any predictor.
     /// - direct I/O: on, so streamed experts do not also fill the page cache (which would count
     ///   against a cgroup limit and evict the resident weights' pages).
     /// - I/O threads: one per request the device serves at once: microSD 1 (one command at a
