@@ -412,13 +412,7 @@ fn measure(
 /// non-expert tensor except the token embedding, of which it reads one row per token (unless
 /// the output projection is that same tensor).
 fn dense_weight_bytes(model: &Model) -> usize {
-    let file_tensors: usize = model
-        .file
-        .header()
-        .tensors()
-        .iter()
-        .map(|t| t.range.len())
-        .sum();
+    let file_tensors = model.file.header().tensor_data_bytes();
     let experts = crate::moe::cache::ExpertLayout::from_model(model).total_expert_bytes();
     let tied = std::ptr::eq(model.output.data.as_ptr(), model.tok_embd.data.as_ptr());
     let embedding = if tied { 0 } else { model.tok_embd.data.len() };

@@ -198,6 +198,11 @@ impl GgufHeader {
         &self.tensors
     }
 
+    /// Bytes of all tensor data (what mapping every tensor would make resident).
+    pub fn tensor_data_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.range.len()).sum()
+    }
+
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }

@@ -1040,13 +1040,7 @@ pub fn plan_budget(
     budget: usize,
 ) -> Result<BudgetPlan, CacheError> {
     let layout = ExpertLayout::from_model(model);
-    let file_tensors: usize = model
-        .file
-        .header()
-        .tensors()
-        .iter()
-        .map(|t| t.range.len())
-        .sum();
+    let file_tensors = model.file.header().tensor_data_bytes();
     let resident = file_tensors - layout.total_expert_bytes() + kv_bytes;
     let need_min = resident + RUNTIME_OVERHEAD + model.hp.n_expert_used * slot_bytes;
     if budget < need_min {
