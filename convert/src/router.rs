@@ -125,29 +125,20 @@ pub fn plan(
             hf(&format!("input_layernorm_{i}.weight")),
             &[d],
         )?;
-        for (ours, theirs) in [
-            ("attn_q", "q_proj"),
-            ("attn_k", "k_proj"),
-            ("attn_v", "v_proj"),
-            ("attn_output", "o_proj"),
-        ] {
-            add(
-                g(&format!("{ours}.weight")),
-                hf(&format!("{theirs}_{i}.weight")),
-                &[d, d],
-            )?;
-            add(
-                g(&format!("{ours}.bias")),
-                hf(&format!("{theirs}_{i}.bias")),
-                &[d],
-            )?;
-        }
         add(
             g("ffn_norm.weight"),
             hf(&format!("post_attention_layernorm_{i}.weight")),
             &[d],
         )?;
-        for (ours, theirs) in [("ffn_up", "proj_1"), ("ffn_down", "proj_2")] {
+        // Every linear layer of a block is [d, d] with a bias.
+        for (ours, theirs) in [
+            ("attn_q", "q_proj"),
+            ("attn_k", "k_proj"),
+            ("attn_v", "v_proj"),
+            ("attn_output", "o_proj"),
+            ("ffn_up", "proj_1"),
+            ("ffn_down", "proj_2"),
+        ] {
             add(
                 g(&format!("{ours}.weight")),
                 hf(&format!("{theirs}_{i}.weight")),

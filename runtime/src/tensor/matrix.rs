@@ -187,7 +187,7 @@ pub fn dot_row(k: &Kernels, w: &QMatrix, r: usize, a: ActRow, buf: &mut Vec<f32>
         GgmlType::BF16 => (k.dot_bf16)(wr, x),
         GgmlType::Q8_0 => (k.dot_q8_0_q8_0)(wr, a.q8),
         GgmlType::Q4_0 => (k.dot_q4_0_q8_0)(wr, a.q8),
-        GgmlType::Q5_0 => super::kernels::scalar::dot_q5_0_q8_0(wr, a.q8),
+        GgmlType::Q5_0 => (k.dot_q5_0_q8_0)(wr, a.q8),
         GgmlType::Q4K => (k.dot_q4_k_q8_k)(wr, a.q8k()),
         GgmlType::Q6K => (k.dot_q6_k_q8_k)(wr, a.q8k()),
     }

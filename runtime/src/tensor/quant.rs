@@ -182,7 +182,7 @@ mod tests {
 
     #[test]
     fn q5_0_dot_equals_the_dequantized_dot() {
-        use crate::tensor::kernels::scalar::dot_q5_0_q8_0;
+        let dot_q5_0_q8_0 = crate::tensor::kernels::best().dot_q5_0_q8_0;
         let cols = 64;
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 29 % 23) as f32 - 11.0) * 0.17)

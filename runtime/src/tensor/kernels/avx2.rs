@@ -21,6 +21,7 @@ static AVX2: Kernels = Kernels {
     axpy_f16,
     dot_q8_0_q8_0,
     dot_q4_0_q8_0,
+    dot_q5_0_q8_0: super::scalar::dot_q5_0_q8_0,
     gemm_q8_0,
     gemm_q4_0,
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
@@ -39,6 +40,7 @@ static VNNI: Kernels = Kernels {
     axpy_f16,
     dot_q8_0_q8_0: dot_q8_0_q8_0_vnni,
     dot_q4_0_q8_0: dot_q4_0_q8_0_vnni,
+    dot_q5_0_q8_0: super::scalar::dot_q5_0_q8_0,
     gemm_q8_0: gemm_q8_0_vnni,
     gemm_q4_0: gemm_q4_0_vnni,
     quantize_q8_0: quantize_row_q8_0,

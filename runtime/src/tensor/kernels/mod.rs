@@ -24,6 +24,9 @@ pub struct Kernels {
     pub axpy_f16: fn(f32, &[u8], &mut [f32]),
     pub dot_q8_0_q8_0: fn(&[u8], &[u8]) -> f32,
     pub dot_q4_0_q8_0: fn(&[u8], &[u8]) -> f32,
+    /// Q5_0 weights (only in files other tools wrote, for a few tensors): the scalar product on
+    /// every CPU.
+    pub dot_q5_0_q8_0: fn(&[u8], &[u8]) -> f32,
     /// `out[r * n + t] = w_r . x_t` for `rows` Q8_0 weight rows (`w`, rows back to back) and `n`
     /// Q8_0 activation rows (`x`): a matrix product tiled so that each loaded weight block serves
     /// several tokens and each activation block several rows. Every output value equals the
@@ -77,6 +80,7 @@ pub static SCALAR: Kernels = Kernels {
     axpy_f16: scalar::axpy_f16,
     dot_q8_0_q8_0: scalar::dot_q8_0_q8_0,
     dot_q4_0_q8_0: scalar::dot_q4_0_q8_0,
+    dot_q5_0_q8_0: scalar::dot_q5_0_q8_0,
     gemm_q8_0: scalar::gemm_q8_0,
     gemm_q4_0: scalar::gemm_q4_0,
     quantize_q8_0: quantize_row_q8_0,

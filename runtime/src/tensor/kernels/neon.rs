@@ -24,6 +24,7 @@ static DOTPROD: Kernels = Kernels {
     axpy_f16,
     dot_q8_0_q8_0: dot_q8_0_q8_0_sdot,
     dot_q4_0_q8_0: dot_q4_0_q8_0_sdot,
+    dot_q5_0_q8_0: super::scalar::dot_q5_0_q8_0,
     gemm_q8_0: gemm_q8_0_sdot,
     gemm_q4_0: gemm_q4_0_sdot,
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
@@ -42,6 +43,7 @@ static NEON: Kernels = Kernels {
     axpy_f16,
     dot_q8_0_q8_0: dot_q8_0_q8_0_mull,
     dot_q4_0_q8_0: dot_q4_0_q8_0_mull,
+    dot_q5_0_q8_0: super::scalar::dot_q5_0_q8_0,
     gemm_q8_0: gemm_q8_0_mull,
     gemm_q4_0: gemm_q4_0_mull,
     quantize_q8_0: quantize_row_q8_0,
