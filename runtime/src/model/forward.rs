@@ -46,6 +46,10 @@ struct Scratch {
     experts: ExpertScratch,
     /// `[d, n]` expert outputs accumulated in a fixed order.
     ffn_out_t: Vec<f32>,
+    /// Streamed experts computed ahead of their turn (loaded before an earlier one): per group
+    /// position a `[d, n]` block holding that expert's weighted output alone.
+    early_out: Vec<f32>,
+    early_done: Vec<bool>,
     active: Vec<u32>,
     /// Lookahead predictions waiting for their layer: (layer, depth, experts).
     pending: Vec<(usize, usize, Vec<u32>)>,
@@ -917,22 +921,12 @@ fn feed_forward(
                 }
                 Some(cache) => {
                     cache.record_use(layer, &s.active);
-                    for group in s.active.chunks(cache.slots()) {
-                        prof.lap(Phase::Experts);
-                        let guards = cache
-                            .acquire(layer, group)
-                            .map_err(|e| ModelError::Io(e.to_string()))?;
-                        prof.lap(Phase::ExpertIo);
-                        let jobs: Vec<ExpertJob> = guards
-                            .iter()
-                            .zip(group)
-                            .map(|(g, &e)| ExpertJob {
-                                mlp: g.mlp(),
-                                tokens: s.assigned.tokens(e as usize),
-                            })
-                            .collect();
-                        run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
-                    }
+                    let active = std::mem::take(&mut s.active);
+                    let ran = active
+                        .chunks(cache.slots())
+                        .try_for_each(|group| run_arriving(k, cache, layer, group, s, prof));
+                    s.active = active;
+                    ran?;
                 }
             }
             if let Some(shared) = &moe.shared {
@@ -946,6 +940,85 @@ fn feed_forward(
     }
     add_transposed(&s.ffn_out_t, n, &mut s.ffn_out);
     prof.lap(Phase::Experts);
+    Ok(())
+}
+
+/// Largest `[d, n]` blocks (in floats, all early experts of a group together) kept for experts
+/// computed ahead of their turn; a prompt batch beyond it computes its experts in order.
+const EARLY_OUT_FLOATS: usize = 1 << 22;
+
+/// Runs a group of streamed experts as they arrive from the cache, so that computing the
+/// present ones overlaps reading the missing ones, and still sums them exactly as one
+/// in-order call would: the consecutive experts from the next one due go straight into
+/// `s.ffn_out_t`; an expert loaded before an earlier one is computed alone into a zeroed block
+/// (which then holds exactly its weighted output, `0 + w v = w v`) and added in its turn, the
+/// same additions in the same order.
+fn run_arriving(
+    k: &Kernels,
+    cache: &ExpertCache,
+    layer: usize,
+    group: &[u32],
+    s: &mut Scratch,
+    prof: &mut Profiler,
+) -> Result<(), ModelError> {
+    let io = |e: crate::moe::cache::CacheError| ModelError::Io(e.to_string());
+    prof.lap(Phase::Experts);
+    let mut arrivals = cache.acquire_each(layer, group).map_err(io)?;
+    let block = s.ffn_out_t.len();
+    let early_allowed = block * group.len() <= EARLY_OUT_FLOATS;
+    if early_allowed {
+        s.early_out.resize(block * group.len(), 0.0);
+    }
+    s.early_done.clear();
+    s.early_done.resize(group.len(), false);
+    let mut next = 0;
+    while next < group.len() {
+        let (i, first) = if early_allowed {
+            arrivals.take_any().map_err(io)?
+        } else {
+            arrivals.take(next, true).map_err(io)?.map(|g| (next, g))
+        }
+        .expect("an expert not taken yet is handed out once loaded");
+        prof.lap(Phase::ExpertIo);
+        if i != next {
+            let out = &mut s.early_out[i * block..(i + 1) * block];
+            out.fill(0.0);
+            let job = [ExpertJob {
+                mlp: first.mlp(),
+                tokens: s.assigned.tokens(group[i] as usize),
+            }];
+            run_experts(k, &job, &s.ffn_in, out, &mut s.experts);
+            s.early_done[i] = true;
+            prof.lap(Phase::Experts);
+            continue;
+        }
+        // The next one due and the loaded ones after it, in one call.
+        let mut guards = vec![first];
+        while next + guards.len() < group.len() && !s.early_done[next + guards.len()] {
+            match arrivals.take(next + guards.len(), false).map_err(io)? {
+                Some(g) => guards.push(g),
+                None => break,
+            }
+        }
+        let jobs: Vec<ExpertJob> = guards
+            .iter()
+            .zip(&group[next..])
+            .map(|(g, &e)| ExpertJob {
+                mlp: g.mlp(),
+                tokens: s.assigned.tokens(e as usize),
+            })
+            .collect();
+        run_experts(k, &jobs, &s.ffn_in, &mut s.ffn_out_t, &mut s.experts);
+        next += guards.len();
+        while next < group.len() && s.early_done[next] {
+            let early = &s.early_out[next * block..(next + 1) * block];
+            for (o, &e) in s.ffn_out_t.iter_mut().zip(early) {
+                *o += e;
+            }
+            next += 1;
+        }
+        prof.lap(Phase::Experts);
+    }
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 //!
 //! Each slot holds one expert of one layer (its gate, up and down slabs, each read with one
 //! page-aligned read). The compute thread asks for the experts a layer actually routed to; a
-//! missing one is read at once, ahead of any speculative read (a "stall", counted and timed).
+//! missing one is read at once, ahead of any speculative read, and each expert is handed out as
+//! soon as it is loaded, so the present ones are computed while the missing ones are read (the
+//! compute thread waits only when nothing it asked for is ready: a "stall", counted and timed).
 //! Predictors ask for experts they expect soon; such a speculative read only takes a slot whose
 //! expert is predicted later (or not at all) and is not more frequently used, and the bytes of
 //! speculative reads in flight are capped, so prefetching never displaces what is about to be
@@ -220,6 +222,8 @@ struct Counters {
     read_requests: AtomicU64,
     demand_bytes_read: AtomicU64,
     stall_nanos: AtomicU64,
+    /// Experts handed out while an earlier one of their group was still loading.
+    overtakes: AtomicU64,
 }
 
 /// A snapshot of the cache's counters.
@@ -238,6 +242,8 @@ pub struct CacheStats {
     pub read_requests: u64,
     pub demand_bytes_read: u64,
     pub stall_seconds: f64,
+    /// Experts computed while an earlier one of their layer was still being read.
+    pub overtakes: u64,
 }
 
 impl CacheStats {
@@ -326,6 +332,93 @@ struct Inner {
 pub struct ExpertCache {
     inner: Arc<Inner>,
     workers: Vec<JoinHandle<()>>,
+}
+
+/// The experts of one [`ExpertCache::acquire_each`] call, all pinned; each is handed out as an
+/// [`ExpertGuard`] once loaded. Dropping it unpins the experts not taken.
+pub struct Arrivals<'c> {
+    inner: &'c Inner,
+    layer: u32,
+    experts: Vec<u32>,
+    slots: Vec<usize>,
+    taken: Vec<bool>,
+}
+
+impl<'c> Arrivals<'c> {
+    /// The `i`th expert once it is loaded: waits for it when `wait`, else `None` while it loads
+    /// (or if it was taken already).
+    pub fn take(&mut self, i: usize, wait: bool) -> Result<Option<ExpertGuard<'c>>, CacheError> {
+        Ok(self.take_where(wait, |j| j == i)?.map(|(_, g)| g))
+    }
+
+    /// The first loaded expert not taken yet (its index and guard), waiting for one if none is
+    /// loaded; `None` once all were taken.
+    pub fn take_any(&mut self) -> Result<Option<(usize, ExpertGuard<'c>)>, CacheError> {
+        self.take_where(true, |_| true)
+    }
+
+    fn take_where(
+        &mut self,
+        wait: bool,
+        wanted: impl Fn(usize) -> bool,
+    ) -> Result<Option<(usize, ExpertGuard<'c>)>, CacheError> {
+        let inner = self.inner;
+        let mut waited: Option<Instant> = None;
+        let mut st = inner.lock();
+        let result = loop {
+            if let Some(f) = &st.failure {
+                break Err(CacheError::Read {
+                    layer: self.layer,
+                    expert: u32::MAX,
+                    cause: f.clone(),
+                });
+            }
+            let open = |j: &usize| !self.taken[*j] && wanted(*j);
+            if let Some(j) = (0..self.slots.len())
+                .filter(open)
+                .find(|&j| !st.slots[self.slots[j]].loading)
+            {
+                if self.taken[..j].contains(&false) {
+                    inner.counters.overtakes.fetch_add(1, Ordering::Relaxed);
+                }
+                self.taken[j] = true;
+                let slot = self.slots[j];
+                let guard = ExpertGuard {
+                    inner,
+                    slot,
+                    key: ExpertKey {
+                        layer: self.layer,
+                        expert: self.experts[j],
+                    },
+                    leads: st.slots[slot].leads,
+                };
+                break Ok(Some((j, guard)));
+            }
+            if !wait || !(0..self.slots.len()).any(|j| open(&j)) {
+                break Ok(None);
+            }
+            waited.get_or_insert_with(Instant::now);
+            st = inner.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        };
+        drop(st);
+        if let Some(t0) = waited {
+            inner.add_stall(t0);
+        }
+        result
+    }
+}
+
+impl Drop for Arrivals<'_> {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        for (&slot, &taken) in self.slots.iter().zip(&self.taken) {
+            if !taken {
+                st.slots[slot].pins -= 1;
+            }
+        }
+        drop(st);
+        self.inner.changed.notify_all();
+    }
 }
 
 /// A pinned, ready expert; its slot cannot be evicted while the guard lives.
@@ -523,7 +616,28 @@ impl ExpertCache {
         layer: usize,
         experts: &[u32],
     ) -> Result<Vec<ExpertGuard<'_>>, CacheError> {
-        self.inner.acquire(layer, experts)
+        let mut arrivals = self.acquire_each(layer, experts)?;
+        (0..experts.len())
+            .map(|i| {
+                Ok(arrivals
+                    .take(i, true)?
+                    .expect("a waiting take returns the expert"))
+            })
+            .collect()
+    }
+
+    /// Like [`acquire`](Self::acquire) without waiting: the missing experts are queued for
+    /// reading and each is handed out by the returned [`Arrivals`] once it is loaded, so the
+    /// caller can compute with the experts at hand while the others are read.
+    pub fn acquire_each(&self, layer: usize, experts: &[u32]) -> Result<Arrivals<'_>, CacheError> {
+        let slots = self.inner.pin(layer, experts)?;
+        Ok(Arrivals {
+            inner: &self.inner,
+            layer: layer as u32,
+            experts: experts.to_vec(),
+            taken: vec![false; slots.len()],
+            slots,
+        })
     }
 
     /// Asks for experts predicted to be used at `step` (speculative, may be skipped).
@@ -563,6 +677,7 @@ impl ExpertCache {
             read_requests: get(&c.read_requests),
             demand_bytes_read: get(&c.demand_bytes_read),
             stall_seconds: get(&c.stall_nanos) as f64 * 1e-9,
+            overtakes: get(&c.overtakes),
         }
     }
 }
@@ -704,8 +819,9 @@ impl Inner {
         st.index.insert(key, slot);
     }
 
-    fn acquire(&self, layer: usize, experts: &[u32]) -> Result<Vec<ExpertGuard<'_>>, CacheError> {
-        let t0 = Instant::now();
+    /// Pins the experts (present ones as they are, missing ones in slots queued for demand
+    /// reads) and returns their slots, in order, without waiting for the reads.
+    fn pin(&self, layer: usize, experts: &[u32]) -> Result<Vec<usize>, CacheError> {
         if let Some(trace) = self
             .trace
             .lock()
@@ -717,7 +833,6 @@ impl Inner {
                 expert: e,
             }));
         }
-        let mut stalled = false;
         let mut st = self.lock();
         if let Some(f) = &st.failure {
             return Err(CacheError::Read {
@@ -727,7 +842,7 @@ impl Inner {
             });
         }
         let now = st.step;
-        // Pin what is present; queue demand reads (front of the queue) for what is not.
+        let mut waited: Option<Instant> = None;
         let mut slots = Vec::with_capacity(experts.len());
         for &e in experts {
             let key = ExpertKey {
@@ -740,14 +855,12 @@ impl Inner {
                     s.pins += 1;
                     s.last_use = now;
                     s.next_use = NEVER;
-                    if s.loading {
-                        stalled = true;
-                        self.counters
-                            .late_prefetches
-                            .fetch_add(1, Ordering::Relaxed);
+                    let counter = if s.loading {
+                        &self.counters.late_prefetches
                     } else {
-                        self.counters.demand_hits.fetch_add(1, Ordering::Relaxed);
-                    }
+                        &self.counters.demand_hits
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     if s.speculative {
                         s.speculative = false;
                         self.counters
@@ -763,7 +876,6 @@ impl Inner {
                         st.slots[i].pins = 1;
                         st.slots[i].last_use = now;
                         st.queue.push_front((key, i));
-                        stalled = true;
                         self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
                         let bytes = self.layout.expert_bytes(layer, e as usize) as u64;
                         self.counters
@@ -775,52 +887,23 @@ impl Inner {
                     }
                     // Every slot is pinned or loading: wait for one to free up.
                     None => {
-                        stalled = true;
+                        waited.get_or_insert_with(Instant::now);
                         st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
                     }
                 }
             }
         }
-        // Wait until all are loaded.
-        loop {
-            if let Some(f) = &st.failure {
-                let cause = f.clone();
-                for &i in &slots {
-                    st.slots[i].pins -= 1;
-                }
-                drop(st);
-                self.changed.notify_all();
-                return Err(CacheError::Read {
-                    layer: layer as u32,
-                    expert: u32::MAX,
-                    cause,
-                });
-            }
-            if slots.iter().all(|&i| !st.slots[i].loading) {
-                break;
-            }
-            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-        let guards = slots
-            .iter()
-            .zip(experts)
-            .map(|(&i, &e)| ExpertGuard {
-                inner: self,
-                slot: i,
-                key: ExpertKey {
-                    layer: layer as u32,
-                    expert: e,
-                },
-                leads: st.slots[i].leads,
-            })
-            .collect();
         drop(st);
-        if stalled {
-            self.counters
-                .stall_nanos
-                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Some(t0) = waited {
+            self.add_stall(t0);
         }
-        Ok(guards)
+        Ok(slots)
+    }
+
+    fn add_stall(&self, since: Instant) {
+        self.counters
+            .stall_nanos
+            .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     fn prefetch(&self, layer: usize, experts: &[u32], step: u64) {
