@@ -86,11 +86,22 @@ def fmt_preds(rep, predictor):
                      for p in preds) or "-"
 
 
+def parse_setups(text):
+    """"belady:1,belady:0:pregate" -> [(eviction, lookahead, predictor)]."""
+    out = []
+    for item in text.split(","):
+        parts = item.split(":")
+        out.append((parts[0], int(parts[1]) if len(parts) > 1 else 0, parts[2] if len(parts) > 2 else "none"))
+    return out
+
+
+def setup_name(setup):
+    eviction, lookahead, predictor = setup
+    return f"{eviction}:{lookahead}" + (f":{predictor}" if predictor != "none" else "")
+
+
 def grid(args):
-    setups = []
-    for s in args.setups.split(","):
-        eviction, lookahead, *rest = s.split(":")
-        setups.append((eviction, int(lookahead), rest[0] if rest else "none"))
+    setups = parse_setups(args.setups)
     cells = [(p, b, s) for p in args.profiles.split(",") for b in args.budgets.split(",") for s in setups]
     runs = {c: [] for c in cells}
     raw = []
@@ -217,14 +228,16 @@ def read_note(dev, before, tokens):
     return f", disk {(disk_read_bytes(dev) - before) / tokens / 2**20:.2f} MiB/tok"
 
 
-def moe_limited(args, budget, limit_bytes, dev=None):
-    """moe-run bench on the real disk (O_DIRECT, no flash emulation) in the memory cgroup:
-    (t/s or None, note, cgroup peak bytes, report or None). With dev, the note gives the block
-    device's bytes read per decoded token (a warm-up run plus reps runs of n tokens)."""
+def moe_limited(args, setup, budget, limit_bytes, dev=None):
+    """moe-run bench with setup (eviction, lookahead, predictor) on the real disk (O_DIRECT, no
+    flash emulation) in the memory cgroup: (t/s or None, note, cgroup peak bytes, report or
+    None). With dev, the note gives the block device's bytes read per decoded token (a warm-up
+    run plus reps runs of n tokens)."""
     cgroup_reset(limit_bytes)
     before = disk_read_bytes(dev) if dev else 0
+    eviction, lookahead, predictor = setup
     try:
-        rep = moe_bench(args.model, budget, args.eviction, args.lookahead, "none", None, args.n,
+        rep = moe_bench(args.model, budget, eviction, lookahead, predictor, None, args.n,
                         args.threads, args.reps, args.text, cgroup=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return None, f"< {(args.reps + 1) * args.n / args.timeout:.3f} t/s (timeout {args.timeout} s)", cgroup_peak(), None
@@ -269,6 +282,7 @@ def vs_llama(args):
           f"no flash emulation; "
           f"page cache dropped before every run\n", flush=True)
     rows = []
+    setups = parse_setups(args.setups) if args.setups else [(args.eviction, args.lookahead, "none")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the clean-up below when killed
     try:
         exp_total = expert_total_from_gguf(args.model)
@@ -283,13 +297,16 @@ def vs_llama(args):
             print(f"llama.cpp cold unlimited ra={ra}: {tps} t/s {note} peak {peak / 2**20:.1f} MiB", file=sys.stderr, flush=True)
         readahead(dev, ra0)
         for budget in [int(b) for b in args.budgets.split(",")]:
-            # moe-run without a limit: its peak RSS is limit (a).
-            tps, note, moe_cg, rep = moe_limited(args, budget, None)
-            moe_rss = rep["peak_rss_bytes"]
-            rows.append((f"moe-run {args.eviction}:{args.lookahead}", f"{budget}%", ra0, "none", tps,
-                         f"{note}, peak RSS {moe_rss / 2**20:.1f} MiB", moe_cg))
-            print(f"moe-run {budget}% unlimited: {tps} t/s rss {moe_rss / 2**20:.1f} cg {moe_cg / 2**20:.1f} "
-                  f"({rep['setup']})", file=sys.stderr, flush=True)
+            # moe-run without a limit: its largest peak RSS over the setups is limit (a).
+            moe_rss = 0
+            for setup in setups:
+                tps, note, moe_cg, rep = moe_limited(args, setup, budget, None)
+                moe_rss = max(moe_rss, rep["peak_rss_bytes"])
+                rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra0, "none", tps,
+                             f"{note}, peak RSS {rep['peak_rss_bytes'] / 2**20:.1f} MiB", moe_cg))
+                print(f"moe-run {setup_name(setup)} {budget}% unlimited: {tps} t/s rss "
+                      f"{rep['peak_rss_bytes'] / 2**20:.1f} cg {moe_cg / 2**20:.1f} ({rep['setup']})",
+                      file=sys.stderr, flush=True)
             limits = [("(a) moe-run peak RSS", moe_rss),
                       ("(b) llama.cpp resident - left-out experts", int(full - (1 - budget / 100) * exp_total))]
             # Rounds alternate the engines so that load changes hit both.
@@ -301,10 +318,12 @@ def vs_llama(args):
                         # Disk bytes per decoded token, loading included: moe-run decodes a
                         # warm-up run plus reps runs of n tokens, llama-bench 1 warm-up token
                         # plus reps runs. The counter is read after cgroup_reset's cache drop.
-                        tps, note, peak, _ = moe_limited(args, budget, lim, dev)
-                        rows.append((f"moe-run {args.eviction}:{args.lookahead}", f"{budget}%", ra,
-                                     f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
-                        print(f"moe-run {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
+                        for setup in setups:
+                            tps, note, peak, _ = moe_limited(args, setup, budget, lim, dev)
+                            rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra,
+                                         f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
+                            print(f"moe-run {setup_name(setup)} {budget}% ra={ra} {label} "
+                                  f"{lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
                         tps, note, peak = llama_limited(binary, args.model, lim, args.n, args.threads, args.timeout,
                                                         reps=args.reps, dev=dev)
                         readahead(dev, ra0)
@@ -318,23 +337,27 @@ def vs_llama(args):
     print("|---|---|---|---|---|---|---|")
     for eng, b, ra, lim, tps, note, peak in rows:
         print(f"| {eng} | {b} | {ra} | {lim} | {f'{tps:.2f}' if tps is not None else '-'} | {note} | {peak / 2**20:.1f} |")
-    # Summary: per budget, limit and readahead, both engines' median over the rounds.
+    # Summary: per budget, limit, readahead and moe-run setup, the median over the rounds.
     cells, reads = {}, {}
     for eng, b, ra, lim, tps, note, peak in rows:
         if lim != "none":
-            cells.setdefault((b, lim, ra), {}).setdefault(eng.split()[0], []).append(tps if tps is not None else 0.0)
+            cells.setdefault((b, lim, ra), {}).setdefault(eng, []).append(tps if tps is not None else 0.0)
             m = re.search(r"disk ([0-9.]+) MiB/tok", note)
             if m:
-                reads.setdefault((b, lim, ra), {}).setdefault(eng.split()[0], []).append(float(m.group(1)))
-    print("\n| expert budget | cgroup limit | read_ahead_kb | moe-run t/s | llama.cpp t/s | ratio "
-          "| disk MiB/tok moe-run | disk MiB/tok llama.cpp |")
-    print("|---|---|---|---|---|---|---|---|")
+                reads.setdefault((b, lim, ra), {}).setdefault(eng, []).append(float(m.group(1)))
+    print("\n| expert budget | cgroup limit | read_ahead_kb | moe-run setup | moe-run t/s | llama.cpp t/s "
+          "| ratio | disk MiB/tok moe-run | disk MiB/tok llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (b, lim, ra), e in cells.items():
-        m, ll = statistics.median(e.get("moe-run", [0])), statistics.median(e.get("llama.cpp", [0]))
+        ll = statistics.median(e.get("llama.cpp", [0]))
         r = reads.get((b, lim, ra), {})
-        rm, rl = (f"{statistics.median(r[k]):.2f}" if r.get(k) else "-" for k in ("moe-run", "llama.cpp"))
-        print(f"| {b} | {lim} | {ra} | {m:.2f} | {ll:.2f} | {f'{m / ll:.1f}x' if ll > 0 else 'llama.cpp failed'} "
-              f"| {rm} | {rl} |")
+        rl = f"{statistics.median(r['llama.cpp']):.2f}" if r.get("llama.cpp") else "-"
+        for setup in setups:
+            eng = f"moe-run {setup_name(setup)}"
+            m = statistics.median(e.get(eng, [0]))
+            rm = f"{statistics.median(r[eng]):.2f}" if r.get(eng) else "-"
+            print(f"| {b} | {lim} | {ra} | {setup_name(setup)} | {m:.2f} | {ll:.2f} "
+                  f"| {f'{m / ll:.1f}x' if ll > 0 else 'llama.cpp failed'} | {rm} | {rl} |")
 
 
 def gguf_experts(model):
@@ -381,6 +404,8 @@ def main():
     v.add_argument("--budgets", default="50")
     v.add_argument("--eviction", default="belady")
     v.add_argument("--lookahead", type=int, default=0)
+    v.add_argument("--setups", help="moe-run setups to compare, each EVICTION:LOOKAHEAD[:PREDICTOR] "
+                   "(e.g. belady:0,belady:1,belady:0:pregate); default: --eviction and --lookahead")
     v.add_argument("--readahead", help="comma-separated read_ahead_kb values for llama.cpp runs")
     v.add_argument("-n", type=int, default=8)
     v.add_argument("-r", "--reps", type=int, default=2,

@@ -10,8 +10,9 @@
 //! speculative reads in flight are capped, so prefetching never displaces what is about to be
 //! used nor delays a demand read for long.
 //!
-//! Slot memory is written only while its slot is `loading` (by exactly one reader) and read only
-//! while it is ready and pinned by a guard; the state mutex orders the two.
+//! Slot memory is written only while its slot is `loading` (each byte by exactly one read, the
+//! pieces of an expert's slabs going to several I/O threads at once) and read only while it is
+//! ready and pinned by a guard; the state mutex orders the two.
 
 use std::alloc::Layout;
 use std::collections::{HashMap, VecDeque};
@@ -282,6 +283,10 @@ struct Slot {
     pinned: bool,
     /// Offset of each slab's bytes within its span.
     leads: [usize; 3],
+    /// Reads of the expert being loaded that have not finished.
+    parts_left: u32,
+    /// Bytes this slot's speculative read adds to `State::speculative_bytes` until it ends.
+    speculative_in_flight: usize,
 }
 
 struct State {
@@ -292,7 +297,8 @@ struct State {
     /// Current position in the computation (token * layers + layer), the clock of LRU/Belady.
     step: u64,
     speculative_bytes: usize,
-    queue: VecDeque<(ExpertKey, usize)>,
+    /// Reads to do: (expert, slot, part of the expert's reads).
+    queue: VecDeque<(ExpertKey, usize, u32)>,
     failure: Option<String>,
     shutdown: bool,
 }
@@ -302,7 +308,7 @@ struct Memory {
     layout: Layout,
 }
 
-// SAFETY: slot memory is only written by the single loader of a `loading` slot and only read
+// SAFETY: slot memory is only written by the loaders of a `loading` slot (disjoint pieces) and only read
 // through pinned, ready slots; the state mutex orders the transitions (see the module docs).
 unsafe impl Send for Memory {}
 unsafe impl Sync for Memory {}
@@ -468,6 +474,8 @@ impl ExpertCache {
             speculative: false,
             pinned: false,
             leads: [0; 3],
+            parts_left: 0,
+            speculative_in_flight: 0,
         };
         let n_layers = layout.layers.len();
         let inner = Arc::new(Inner {
@@ -596,7 +604,7 @@ impl ExpertCache {
             };
             inner.evict_into(&mut st, i, key);
             st.slots[i].pinned = true;
-            st.queue.push_back((key, i));
+            inner.enqueue(&mut st, key, i, false);
             pinned += 1;
         }
         drop(st);
@@ -806,6 +814,46 @@ impl Inner {
         best.map(|(i, _)| i)
     }
 
+    /// Queues the reads that fill `slot` with `key` (just given to it by `evict_into`): demand
+    /// reads at the front, first part first; speculative ones at the back.
+    fn enqueue(&self, st: &mut State, key: ExpertKey, slot: usize, front: bool) {
+        let parts = self.read_parts(key);
+        let s = &mut st.slots[slot];
+        s.parts_left = parts;
+        s.leads = self
+            .layout
+            .extents(key)
+            .map(|e| (e.offset % PAGE as u64) as usize);
+        if front {
+            for part in (0..parts).rev() {
+                st.queue.push_front((key, slot, part));
+            }
+        } else {
+            st.queue.extend((0..parts).map(|part| (key, slot, part)));
+        }
+    }
+
+    /// Whether `key`'s slabs lie next to each other in the file (alignment padding only
+    /// between them) and are read with buffered I/O: then one request reads them all.
+    fn read_whole(&self, key: ExpertKey) -> bool {
+        !self.cfg.direct_io
+            && self.layout.extents(key).windows(2).all(|w| {
+                let end = w[0].offset + w[0].len as u64;
+                w[1].offset >= end && w[1].offset - end < PAGE as u64
+            })
+    }
+
+    /// How many reads fill a slot with `key`: one for adjacent slabs read whole, else every
+    /// slab's pieces, which the I/O threads read at the same time.
+    fn read_parts(&self, key: ExpertKey) -> u32 {
+        if self.read_whole(key) {
+            1
+        } else {
+            let extents = self.layout.extents(key);
+            extents.iter().map(|&e| FlashReader::pieces(e) as u32).sum()
+        }
+    }
+
     fn evict_into(&self, st: &mut State, slot: usize, key: ExpertKey) {
         if let Some(old) = st.slots[slot].key.take() {
             st.index.remove(&old);
@@ -867,6 +915,13 @@ impl Inner {
                             .prefetches_used
                             .fetch_add(1, Ordering::Relaxed);
                     }
+                    if s.loading {
+                        // Needed now: its reads not started yet go before speculative ones.
+                        let (mut mine, rest): (VecDeque<_>, VecDeque<_>) =
+                            st.queue.drain(..).partition(|&(k, _, _)| k == key);
+                        mine.extend(rest);
+                        st.queue = mine;
+                    }
                     slots.push(i);
                     break;
                 }
@@ -875,7 +930,7 @@ impl Inner {
                         self.evict_into(&mut st, i, key);
                         st.slots[i].pins = 1;
                         st.slots[i].last_use = now;
-                        st.queue.push_front((key, i));
+                        self.enqueue(&mut st, key, i, true);
                         self.counters.demand_misses.fetch_add(1, Ordering::Relaxed);
                         let bytes = self.layout.expert_bytes(layer, e as usize) as u64;
                         self.counters
@@ -942,7 +997,8 @@ impl Inner {
             s.speculative = true;
             s.last_use = step.saturating_sub(1);
             st.speculative_bytes += bytes;
-            st.queue.push_back((key, i));
+            st.slots[i].speculative_in_flight = bytes;
+            self.enqueue(&mut st, key, i, false);
             self.counters
                 .prefetches_issued
                 .fetch_add(1, Ordering::Relaxed);
@@ -960,24 +1016,30 @@ impl Inner {
             if st.shutdown {
                 return;
             }
-            let Some((key, slot)) = st.queue.pop_front() else {
+            let Some((key, slot, part)) = st.queue.pop_front() else {
                 st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             };
-            let speculative = st.slots[slot].speculative;
+            // A failed read gave up its slot; the expert's other parts are dropped.
+            if st.slots[slot].key != Some(key) || !st.slots[slot].loading {
+                continue;
+            }
             drop(st);
-            let result = self.load(key, slot);
+            let result = self.load_part(key, slot, part);
             st = self.lock();
-            if speculative {
-                st.speculative_bytes -= self
-                    .layout
-                    .expert_bytes(key.layer as usize, key.expert as usize);
+            let s = &mut st.slots[slot];
+            if s.key != Some(key) {
+                continue;
+            }
+            let done = result.is_err() || s.parts_left == 1;
+            s.parts_left -= 1;
+            if done {
+                let in_flight = std::mem::take(&mut s.speculative_in_flight);
+                st.speculative_bytes -= in_flight;
             }
             match result {
-                Ok(leads) => {
-                    let s = &mut st.slots[slot];
-                    s.leads = leads;
-                    s.loading = false;
+                Ok(()) if done => {
+                    st.slots[slot].loading = false;
                     self.counters.bytes_read.fetch_add(
                         self.layout
                             .expert_bytes(key.layer as usize, key.expert as usize)
@@ -985,6 +1047,7 @@ impl Inner {
                         Ordering::Relaxed,
                     );
                 }
+                Ok(()) => continue,
                 Err(e) => {
                     st.index.remove(&key);
                     let s = &mut st.slots[slot];
@@ -999,32 +1062,21 @@ impl Inner {
         }
     }
 
-    /// Reads the three slabs of `key` into `slot`: with one request when they lie next to each
-    /// other in the file (per-expert layout), else one request each.
-    fn load(&self, key: ExpertKey, slot: usize) -> Result<[usize; 3], String> {
+    /// Does read `part` of the ones filling `slot` with `key` (see `read_parts`).
+    fn load_part(&self, key: ExpertKey, slot: usize, part: u32) -> Result<(), String> {
         let extents = self.layout.extents(key);
-        // Adjacent: each slab starts within a page after the previous one ends (alignment
-        // padding only). Buffered I/O only; O_DIRECT reads straight into the slot.
-        let adjacent = !self.cfg.direct_io
-            && extents.windows(2).all(|w| {
-                let end = w[0].offset + w[0].len as u64;
-                w[1].offset >= end && w[1].offset - end < PAGE as u64
-            });
-        if adjacent {
+        let fail = |err| format!("expert {} of layer {}: {err}", key.expert, key.layer);
+        self.counters.read_requests.fetch_add(1, Ordering::Relaxed);
+        if self.read_whole(key) {
             let first = extents[0].offset;
             let whole = Extent {
                 offset: first,
                 len: (extents[2].offset + extents[2].len as u64 - first) as usize,
             };
             let mut tmp = vec![0u8; FlashReader::aligned_span(whole)];
-            self.counters.read_requests.fetch_add(1, Ordering::Relaxed);
-            let lead0 = self
-                .reader
-                .read(whole, &mut tmp)
-                .map_err(|err| format!("expert {} of layer {}: {err}", key.expert, key.layer))?;
-            let mut leads = [0usize; 3];
+            let lead0 = self.reader.read(whole, &mut tmp).map_err(fail)?;
             for (i, e) in extents.iter().enumerate() {
-                // Same placement as a single buffered read: the bytes start at the extent's
+                // Same placement as a read of the slab alone: the bytes start at the extent's
                 // offset within its page.
                 let lead = (e.offset % PAGE as u64) as usize;
                 let start = slot * self.slot_span + self.span_offsets[i];
@@ -1034,24 +1086,29 @@ impl Inner {
                     std::slice::from_raw_parts_mut(self.memory.ptr.add(start + lead), e.len)
                 };
                 buf.copy_from_slice(&tmp[from..from + e.len]);
-                leads[i] = lead;
             }
-            return Ok(leads);
+            return Ok(());
         }
-        let mut leads = [0usize; 3];
-        for (i, e) in extents.iter().enumerate() {
-            let start = slot * self.slot_span + self.span_offsets[i];
-            let span = FlashReader::aligned_span(*e);
-            // SAFETY: this thread is the slot's only loader while it is `loading`, and no guard
-            // reads a loading slot; the span lies inside the slot.
-            let buf = unsafe { std::slice::from_raw_parts_mut(self.memory.ptr.add(start), span) };
-            self.counters.read_requests.fetch_add(1, Ordering::Relaxed);
-            leads[i] = self
-                .reader
-                .read(*e, buf)
-                .map_err(|err| format!("expert {} of layer {}: {err}", key.expert, key.layer))?;
+        let mut part = part as usize;
+        for (i, &e) in extents.iter().enumerate() {
+            let pieces = FlashReader::pieces(e);
+            if part >= pieces {
+                part -= pieces;
+                continue;
+            }
+            let range = self.reader.piece_range(e, part);
+            let start = slot * self.slot_span + self.span_offsets[i] + range.start;
+            // SAFETY: the slot is `loading`, so no guard reads it, and this thread is the only
+            // reader of this piece, whose range no other piece overlaps; it lies inside the
+            // slot's span (`slot_span` reserved the aligned span of every slab).
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(self.memory.ptr.add(start), range.len()) };
+            return self.reader.read_piece(e, part, buf).map_err(fail);
         }
-        Ok(leads)
+        Err(format!(
+            "expert {} of layer {}: no read part {part}",
+            key.expert, key.layer
+        ))
     }
 }
 
