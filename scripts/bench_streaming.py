@@ -333,11 +333,120 @@ def vs_llama(args):
         readahead(dev, ra0)
         if os.path.isdir(CG):
             os.rmdir(CG)
-    print("| engine | expert budget | read_ahead_kb | cgroup limit | tg t/s | note | cgroup peak MiB |", flush=True)
+    print_vs_tables(rows, setups)
+
+
+def in_cgroup(cmd):
+    return ["sh", "-c", f"echo $$ > {CG}/cgroup.procs && exec \"$@\"", "sh"] + cmd
+
+
+def moe_eval_limited(args, setup, budget, limit_bytes, dev):
+    """moe-run eval (teacher-forced decoding of args.text, one token per step, --window tokens
+    per context) in the cgroup: (t/s or None, note, cgroup peak, report or None)."""
+    cgroup_reset(limit_bytes)
+    before = disk_read_bytes(dev) if dev else 0
+    eviction, lookahead, predictor = setup
+    cmd = [moe_run_path(), "eval", "-m", args.model, "--text", args.text, "--max-tokens", str(args.tokens),
+           "--window", str(args.window), "-t", str(args.threads), "--expert-cache", cache_arg(args.model, budget),
+           "--eviction", eviction, "--lookahead", str(lookahead), "--predictor", predictor, "--direct-io"]
+    try:
+        p = subprocess.run(in_cgroup(cmd), text=True, capture_output=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timeout {args.timeout} s", cgroup_peak(), None
+    if p.returncode != 0:
+        return None, f"failed rc={p.returncode}", cgroup_peak(), None
+    rep = json.loads(p.stdout)
+    note = f"ppl {rep['perplexity']:.4f}" + read_note(dev, before, rep["tokens"])
+    return rep["tokens"] / rep["seconds"], note, cgroup_peak(), rep
+
+
+def llama_ppl_limited(binary, args, limit_bytes, dev, preload=False):
+    """llama-perplexity with one token per decode call (-b 1: the same teacher-forced decoding
+    as moe-run eval) over the same text and context length, in the cgroup: (t/s or None, note,
+    cgroup peak). Speed from llama.cpp's own "prompt eval time" line (load excluded)."""
+    cgroup_reset(limit_bytes)
+    before = disk_read_bytes(dev) if dev else 0
+    chunks = args.tokens // args.window
+    cat = f"cat {args.model} > /dev/null && " if preload else ""
+    cmd = ["sh", "-c", f"echo $$ > {CG}/cgroup.procs && {cat}exec {binary} -m {args.model} -f {args.text} "
+           f"-c {args.window} -b 1 -ub 1 --chunks {chunks} -t {args.threads} --no-repack --perf -lv 4"]
+    try:
+        p = subprocess.run(cmd, text=True, capture_output=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timeout {args.timeout} s", cgroup_peak()
+    # llama.cpp counts a single-token batch after the first of a context as "eval": decode
+    # time is both lines together.
+    timed = re.findall(r"(?:prompt eval|eval) time =\s*([0-9.]+) ms /\s*(\d+) (?:tokens|runs)", p.stderr)
+    if p.returncode != 0 or len(timed) != 2:
+        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+        return None, f"failed rc={p.returncode} {last}", cgroup_peak()
+    ms, tokens = sum(float(t) for t, _ in timed), sum(int(n) for _, n in timed)
+    ppl = re.search(r"Final estimate: PPL = ([0-9.]+)", p.stderr)
+    note = (f"ppl {float(ppl.group(1)):.4f} (2nd halves)" if ppl else "") + read_note(dev, before, tokens)
+    return tokens / (ms / 1e3), note, cgroup_peak()
+
+
+def vs_llama_text(args):
+    binary = os.environ.get("LLAMA_PERPLEXITY")
+    if not binary:
+        sys.exit("set LLAMA_PERPLEXITY to llama-perplexity's path")
+    dev = block_device(args.model)
+    ra0 = readahead(dev)
+    ras = [int(x) for x in args.readahead.split(",")] if args.readahead else [ra0]
+    setups = parse_setups(args.setups)
+    print(f"\nmodel {os.path.basename(args.model)}, block device {dev}, read_ahead_kb was {ra0}; both engines "
+          f"decode the first {args.tokens} tokens of {os.path.basename(args.text)} one token per step, "
+          f"teacher-forced, in contexts of {args.window}; llama.cpp: llama-perplexity -c {args.window} -b 1 -ub 1 "
+          f"-t {args.threads} --no-repack (mmap); moe-run: eval --window {args.window} -t {args.threads} "
+          f"--direct-io; page cache dropped before every run; load time excluded\n", flush=True)
+    rows = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        exp_total = expert_total_from_gguf(args.model)
+        tps, note, full = llama_ppl_limited(binary, args, None, dev, preload=True)
+        rows.append(("llama.cpp", "100% (file preloaded, no limit)", ra0, "none", tps, note, full))
+        print(f"llama.cpp resident: {tps} t/s {note} peak {full / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+        for budget in [int(b) for b in args.budgets.split(",")]:
+            # Limit (a): moe-run's peak RSS (its cgroup peak also holds reclaimable page cache,
+            # e.g. of the file's metadata, which a limit takes back without slowing it down).
+            moe_rss = 0
+            for setup in setups:
+                tps, note, peak, rep = moe_eval_limited(args, setup, budget, None, dev)
+                moe_rss = max(moe_rss, rep["peak_rss_bytes"])
+                rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra0, "none", tps,
+                             f"{note}, peak RSS {rep['peak_rss_bytes'] / 2**20:.1f} MiB", peak))
+                print(f"moe-run {setup_name(setup)} {budget}% unlimited: {tps} t/s {note} peak RSS "
+                      f"{rep['peak_rss_bytes'] / 2**20:.1f} MiB, cgroup peak {peak / 2**20:.1f} MiB",
+                      file=sys.stderr, flush=True)
+            limits = [("(a) moe-run peak RSS", moe_rss),
+                      ("(b) llama.cpp resident - left-out experts", int(full - (1 - budget / 100) * exp_total))]
+            for rnd in range(args.rounds):
+                for label, lim in limits:
+                    for ra in ras:
+                        readahead(dev, ra)
+                        for setup in setups:
+                            tps, note, peak, _ = moe_eval_limited(args, setup, budget, lim, dev)
+                            rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra,
+                                         f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
+                            print(f"moe-run {setup_name(setup)} {budget}% ra={ra} {label}: {tps} {note}",
+                                  file=sys.stderr, flush=True)
+                        tps, note, peak = llama_ppl_limited(binary, args, lim, dev)
+                        rows.append(("llama.cpp", f"{budget}%", ra, f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
+                        print(f"llama {budget}% ra={ra} {label}: {tps} {note}", file=sys.stderr, flush=True)
+                        readahead(dev, ra0)
+    finally:
+        readahead(dev, ra0)
+        if os.path.isdir(CG):
+            os.rmdir(CG)
+    print_vs_tables(rows, setups)
+
+
+def print_vs_tables(rows, setups):
+    """Every run, then per budget, limit, readahead and moe-run setup the medians over rounds."""
+    print("| engine | expert budget | read_ahead_kb | cgroup limit | t/s | note | cgroup peak MiB |", flush=True)
     print("|---|---|---|---|---|---|---|")
     for eng, b, ra, lim, tps, note, peak in rows:
         print(f"| {eng} | {b} | {ra} | {lim} | {f'{tps:.2f}' if tps is not None else '-'} | {note} | {peak / 2**20:.1f} |")
-    # Summary: per budget, limit, readahead and moe-run setup, the median over the rounds.
     cells, reads = {}, {}
     for eng, b, ra, lim, tps, note, peak in rows:
         if lim != "none":
@@ -414,10 +523,23 @@ def main():
     v.add_argument("--rounds", type=int, default=2, help="alternating rounds of both engines per limit")
     v.add_argument("-t", "--threads", type=int, default=2)
     v.add_argument("--timeout", type=int, default=300)
+    vt = sub.add_parser("vs-llama-text", help="like vs-llama, but both engines decode the same text "
+                        "teacher-forced (moe-run eval against llama-perplexity -b 1), so both see real routing")
+    vt.add_argument("-m", "--model", required=True)
+    vt.add_argument("--text", required=True)
+    vt.add_argument("--budgets", default="50")
+    vt.add_argument("--setups", default="belady:0")
+    vt.add_argument("--readahead", help="comma-separated read_ahead_kb values")
+    vt.add_argument("--tokens", type=int, default=512, help="tokens decoded (whole contexts of --window)")
+    vt.add_argument("--window", type=int, default=128)
+    vt.add_argument("--rounds", type=int, default=2)
+    vt.add_argument("-t", "--threads", type=int, default=1)
+    vt.add_argument("--timeout", type=int, default=600)
     args = ap.parse_args()
     if args.cmd != "table" and not os.path.exists(moe_run_path()):
         sys.exit(f"{moe_run_path()} missing: cargo build --release -p moe-runtime --bin moe-run")
-    {"grid": grid, "table": table_from_json, "vs-llama": vs_llama}[args.cmd](args)
+    {"grid": grid, "table": table_from_json, "vs-llama": vs_llama,
+     "vs-llama-text": vs_llama_text}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<
         "argmax": argmax,
         "expert_bytes_per_token": session.expert_bytes_used() as f64 / ids.len() as f64,
         "expert_cache": session.expert_cache().map(|c| c.stats()),
+        "peak_rss_bytes": super::bench::peak_rss_bytes(),
         "lossy_routing": (!args.streaming.route_options().is_off())
             .then(|| session.lossy_stats().clone()),
     });
