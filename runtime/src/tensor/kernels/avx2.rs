@@ -498,9 +498,14 @@ impl BlockProduct for Q4Vnni {
     }
 }
 
-/// How far ahead of the block being multiplied its row is prefetched (a hint: reading past the
-/// row's end is harmless).
-const PREFETCH_BLOCKS: usize = 16;
+/// How far ahead of the block being multiplied its row is prefetched, in bytes (a hint: reading
+/// past the row's end is harmless, and with a tile's rows adjacent in memory it fetches the
+/// rows after them). Decoding streams every weight once, and the distance has to cover the
+/// memory latency of both threads' streams: on the 2-thread benchmark checkpoint, single-token
+/// Q4_0 decode ran 44-48 t/s at 16 blocks ahead (the earlier setting: 288 bytes for Q4_0, 544
+/// for Q8_0), 52-73 at 4096 bytes and 52-68 at 8192; Q8_0 31-33, 38-44 and 38-45 (two rounds,
+/// a noisy machine).
+const PREFETCH_BYTES: usize = 4096;
 
 /// One tile: `R` weight rows (`wb` bytes apart) times `T` activation rows (`xb` bytes apart),
 /// `nb` blocks each, two blocks per step; writes `out[r * n + t]`.
@@ -528,7 +533,7 @@ unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
         for (r, acc_r) in acc.iter_mut().enumerate() {
             // Weights stream from memory once (decode): ask for them a few blocks ahead.
             _mm_prefetch::<_MM_HINT_T0>(
-                w.add(r * wb + (b + PREFETCH_BLOCKS) * P::W_BYTES) as *const i8
+                w.add(r * wb + b * P::W_BYTES + PREFETCH_BYTES) as *const i8
             );
             let row = P::weights(w.add(r * wb + b * P::W_BYTES), both);
             for (tok, a) in toks.iter().zip(acc_r.iter_mut()) {
