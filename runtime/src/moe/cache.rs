@@ -269,6 +269,57 @@ impl CacheStats {
 
 const NEVER: u64 = u64::MAX;
 
+/// Rates of the per-expert moving averages, updated once per visit of the expert's layer. Chosen
+/// by an offline study on the trained model's routing of held-out text (14,386 tokens, Belady's
+/// offline minimum as the yardstick, rates fitted on the first half and checked on the second):
+/// with the earlier 0.05 and no stickiness the cache read 1.77x the minimum at a 50% budget and
+/// 1.47x at 25%; with these, 1.62x and 1.42x. Expert use is skewed and drifts slowly, so a slow
+/// average wins; results barely move for frequency rates 0.003-0.01 and stickiness 0.01-0.05.
+const FREQUENCY_RATE: f32 = 1.0 / 128.0;
+const STICKINESS_RATE: f32 = 1.0 / 64.0;
+
+/// How often each (layer, expert) is used, updated once per visit of its layer.
+#[derive(Clone, Debug)]
+struct UseStats {
+    /// Moving average of "used at a visit".
+    frequency: Vec<f32>,
+    /// Moving average of "used again at the next visit", over the visits right after a use.
+    stickiness: Vec<f32>,
+    /// Whether the latest visit used it.
+    used_last: Vec<bool>,
+}
+
+impl UseStats {
+    fn new(keys: usize) -> Self {
+        Self {
+            frequency: vec![0.0; keys],
+            stickiness: vec![0.0; keys],
+            used_last: vec![false; keys],
+        }
+    }
+
+    fn record(&mut self, i: usize, used: bool) {
+        let u = used as u32 as f32;
+        if self.used_last[i] {
+            self.stickiness[i] += STICKINESS_RATE * (u - self.stickiness[i]);
+        }
+        self.frequency[i] += FREQUENCY_RATE * (u - self.frequency[i]);
+        self.used_last[i] = used;
+    }
+
+    /// The chance that the next visit of its layer uses it: its frequency, or, if the latest
+    /// visit used it, how often it is used again right after a use when that is higher (experts
+    /// stick to a few consecutive tokens of real text: 31-45% against a mean of 17% on the
+    /// trained model).
+    fn next_visit_chance(&self, i: usize) -> f32 {
+        if self.used_last[i] {
+            self.frequency[i].max(self.stickiness[i])
+        } else {
+            self.frequency[i]
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Slot {
     key: Option<ExpertKey>,
@@ -293,7 +344,7 @@ struct State {
     slots: Vec<Slot>,
     index: HashMap<ExpertKey, usize>,
     /// Moving average of use per (layer, expert), for LFU and admission.
-    frequency: Vec<f32>,
+    uses: UseStats,
     /// Current position in the computation (token * layers + layer), the clock of LRU/Belady.
     step: u64,
     speculative_bytes: usize,
@@ -482,7 +533,7 @@ impl ExpertCache {
             state: Mutex::new(State {
                 slots: vec![empty; cfg.slots],
                 index: HashMap::with_capacity(cfg.slots),
-                frequency: vec![0.0; n_layers * layout.n_expert],
+                uses: UseStats::new(n_layers * layout.n_expert),
                 step: 0,
                 speculative_bytes: 0,
                 queue: VecDeque::new(),
@@ -555,9 +606,7 @@ impl ExpertCache {
         let n = self.inner.layout.n_expert;
         let mut st = self.inner.lock();
         for e in 0..n {
-            let used = experts.contains(&(e as u32)) as u32 as f32;
-            let f = &mut st.frequency[layer * n + e];
-            *f = 0.95 * *f + 0.05 * used;
+            st.uses.record(layer * n + e, experts.contains(&(e as u32)));
         }
     }
 
@@ -575,8 +624,8 @@ impl ExpertCache {
     /// selected each expert, instead of from zero.
     pub fn seed_frequency(&self, frequency: &[f32]) {
         let mut st = self.inner.lock();
-        if frequency.len() == st.frequency.len() {
-            st.frequency.copy_from_slice(frequency);
+        if frequency.len() == st.uses.frequency.len() {
+            st.uses.frequency.copy_from_slice(frequency);
         }
     }
 
@@ -783,8 +832,8 @@ impl Inner {
         } else {
             (token + 1) * n_layers + l
         };
-        let freq = st.frequency[self.freq_index(key)].max(1.0 / 64.0);
-        next_visit + (n_layers as f32 * (1.0 / freq - 1.0)) as u64
+        let p = st.uses.next_visit_chance(self.freq_index(key));
+        next_visit + (n_layers as f32 * (1.0 / p.max(1.0 / 64.0) - 1.0)) as u64
     }
 
     /// A slot to overwrite: unpinned, not loading, chosen by the eviction policy. For a
@@ -799,7 +848,7 @@ impl Inner {
             let Some(key) = s.key else {
                 return Some(i); // an empty slot is always the best choice
             };
-            let freq = st.frequency[self.freq_index(key)];
+            let freq = st.uses.frequency[self.freq_index(key)];
             let expected = self.expected_use(st, s, key);
             if let Some((step, new_freq)) = for_step {
                 if expected <= step || freq > new_freq {
@@ -984,7 +1033,7 @@ impl Inner {
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let freq = st.frequency[self.freq_index(key)];
+            let freq = st.uses.frequency[self.freq_index(key)];
             let Some(i) = self.victim(&st, Some((step, freq))) else {
                 self.counters
                     .prefetches_skipped
@@ -1248,8 +1297,32 @@ mod tests {
         // LRU evicts the older one; equal frequencies fall back to recency under LFU too.
         assert!(victim_rank(Eviction::Lru, 0.6, 10, 0) > victim_rank(Eviction::Lru, 0.05, 20, 0));
         assert!(victim_rank(Eviction::Lfu, 0.3, 10, 0) > victim_rank(Eviction::Lfu, 0.3, 20, 0));
-        // Tiny differences count (the EMA moves by 5% steps).
+        // Tiny differences count (the moving average moves in steps of 1/128).
         assert!(victim_rank(Eviction::Lfu, 0.0, 1, 0) > victim_rank(Eviction::Lfu, 1e-6, 1, 0));
+    }
+
+    /// An expert used in runs of consecutive tokens is expected back sooner right after a use
+    /// than its frequency says, and no sooner than that once a visit went without it.
+    #[test]
+    fn stickiness_raises_the_chance_right_after_a_use() {
+        let mut u = UseStats::new(2);
+        // Key 0: used in runs of 3 visits out of every 12; key 1: every 4th visit.
+        for visit in 0..2400 {
+            u.record(0, visit % 12 < 3);
+            u.record(1, visit % 4 == 0);
+        }
+        let (f0, f1) = (u.frequency[0], u.frequency[1]);
+        assert!(
+            (f0 - 0.25).abs() < 0.05 && (f1 - 0.25).abs() < 0.05,
+            "{f0} {f1}"
+        );
+        // Right after a use: key 0 comes back 2 times in 3, key 1 never.
+        u.record(0, true);
+        u.record(1, true);
+        assert!(u.next_visit_chance(0) > 0.5, "{:?}", u);
+        assert!((u.next_visit_chance(1) - u.frequency[1]).abs() < 1e-6);
+        u.record(0, false);
+        assert_eq!(u.next_visit_chance(0), u.frequency[0]);
     }
 
     #[test]
