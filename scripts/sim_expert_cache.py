@@ -282,8 +282,7 @@ class Trans(Policy):
 
 def table(best_a=0.005, best_sa=0.02):
     global NXT
-    import sim as _s
-    _s.NXT = NXT = next_use_table()
+    NXT = next_use_table()
     H = HALF
     rows = [('MIN (offline optimum, group-constrained)', lambda C: simulate(MIN(), C)),
             ('LRU', lambda C: simulate(LRU(), C)),
