@@ -296,39 +296,14 @@ def vs_llama(args):
             rows.append(("llama.cpp", "100% (cold, no limit)", ra, "none", tps, note, peak))
             print(f"llama.cpp cold unlimited ra={ra}: {tps} t/s {note} peak {peak / 2**20:.1f} MiB", file=sys.stderr, flush=True)
         readahead(dev, ra0)
-        for budget in [int(b) for b in args.budgets.split(",")]:
-            # moe-run without a limit: its largest peak RSS over the setups is limit (a).
-            moe_rss = 0
-            for setup in setups:
-                tps, note, moe_cg, rep = moe_limited(args, setup, budget, None)
-                moe_rss = max(moe_rss, rep["peak_rss_bytes"])
-                rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra0, "none", tps,
-                             f"{note}, peak RSS {rep['peak_rss_bytes'] / 2**20:.1f} MiB", moe_cg))
-                print(f"moe-run {setup_name(setup)} {budget}% unlimited: {tps} t/s rss "
-                      f"{rep['peak_rss_bytes'] / 2**20:.1f} cg {moe_cg / 2**20:.1f} ({rep['setup']})",
-                      file=sys.stderr, flush=True)
-            limits = [("(a) moe-run peak RSS", moe_rss),
-                      ("(b) llama.cpp resident - left-out experts", int(full - (1 - budget / 100) * exp_total))]
-            # Rounds alternate the engines so that load changes hit both.
-            # Both engines under every readahead setting: moe-run's dense weights are mapped too.
-            for rnd in range(args.rounds):
-                for label, lim in limits:
-                    for ra in ras:
-                        readahead(dev, ra)
-                        # Disk bytes per decoded token, loading included: moe-run decodes a
-                        # warm-up run plus reps runs of n tokens, llama-bench 1 warm-up token
-                        # plus reps runs. The counter is read after cgroup_reset's cache drop.
-                        for setup in setups:
-                            tps, note, peak, _ = moe_limited(args, setup, budget, lim, dev)
-                            rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra,
-                                         f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
-                            print(f"moe-run {setup_name(setup)} {budget}% ra={ra} {label} "
-                                  f"{lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
-                        tps, note, peak = llama_limited(binary, args.model, lim, args.n, args.threads, args.timeout,
-                                                        reps=args.reps, dev=dev)
-                        readahead(dev, ra0)
-                        rows.append(("llama.cpp", f"{budget}%", ra, f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
-                        print(f"llama {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: {tps} {note}", file=sys.stderr, flush=True)
+        # Disk bytes per decoded token, loading included: moe-run decodes a warm-up run plus
+        # reps runs of n tokens, llama-bench 1 warm-up token plus reps runs.
+        compare_under_limits(
+            args, setups, ras, dev, full, exp_total,
+            lambda setup, budget, lim: moe_limited(args, setup, budget, lim, dev if lim else None),
+            lambda lim: llama_limited(binary, args.model, lim, args.n, args.threads, args.timeout,
+                                      reps=args.reps, dev=dev),
+            rows)
     finally:
         readahead(dev, ra0)
         if os.path.isdir(CG):
@@ -406,39 +381,54 @@ def vs_llama_text(args):
         tps, note, full = llama_ppl_limited(binary, args, None, dev, preload=True)
         rows.append(("llama.cpp", "100% (file preloaded, no limit)", ra0, "none", tps, note, full))
         print(f"llama.cpp resident: {tps} t/s {note} peak {full / 2**20:.1f} MiB", file=sys.stderr, flush=True)
-        for budget in [int(b) for b in args.budgets.split(",")]:
-            # Limit (a): moe-run's peak RSS (its cgroup peak also holds reclaimable page cache,
-            # e.g. of the file's metadata, which a limit takes back without slowing it down).
-            moe_rss = 0
-            for setup in setups:
-                tps, note, peak, rep = moe_eval_limited(args, setup, budget, None, dev)
-                moe_rss = max(moe_rss, rep["peak_rss_bytes"])
-                rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra0, "none", tps,
-                             f"{note}, peak RSS {rep['peak_rss_bytes'] / 2**20:.1f} MiB", peak))
-                print(f"moe-run {setup_name(setup)} {budget}% unlimited: {tps} t/s {note} peak RSS "
-                      f"{rep['peak_rss_bytes'] / 2**20:.1f} MiB, cgroup peak {peak / 2**20:.1f} MiB",
-                      file=sys.stderr, flush=True)
-            limits = [("(a) moe-run peak RSS", moe_rss),
-                      ("(b) llama.cpp resident - left-out experts", int(full - (1 - budget / 100) * exp_total))]
-            for rnd in range(args.rounds):
-                for label, lim in limits:
-                    for ra in ras:
-                        readahead(dev, ra)
-                        for setup in setups:
-                            tps, note, peak, _ = moe_eval_limited(args, setup, budget, lim, dev)
-                            rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra,
-                                         f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
-                            print(f"moe-run {setup_name(setup)} {budget}% ra={ra} {label}: {tps} {note}",
-                                  file=sys.stderr, flush=True)
-                        tps, note, peak = llama_ppl_limited(binary, args, lim, dev)
-                        rows.append(("llama.cpp", f"{budget}%", ra, f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
-                        print(f"llama {budget}% ra={ra} {label}: {tps} {note}", file=sys.stderr, flush=True)
-                        readahead(dev, ra0)
+        compare_under_limits(
+            args, setups, ras, dev, full, exp_total,
+            lambda setup, budget, lim: moe_eval_limited(args, setup, budget, lim, dev),
+            lambda lim: llama_ppl_limited(binary, args, lim, dev),
+            rows)
     finally:
         readahead(dev, ra0)
         if os.path.isdir(CG):
             os.rmdir(CG)
     print_vs_tables(rows, setups)
+
+
+def compare_under_limits(args, setups, ras, dev, full, exp_total, run_moe, run_llama, rows):
+    """Per budget: every moe-run setup without a limit (its largest peak RSS is limit (a)), then
+    rounds alternating the engines under limit (a) and limit (b) = llama.cpp's resident
+    footprint minus the expert bytes the budget leaves out, at every readahead (moe-run's dense
+    weights are mapped too). run_moe(setup, budget, limit) -> (t/s, note, cgroup peak, report);
+    run_llama(limit) -> (t/s, note, cgroup peak). Appends to rows."""
+    ra0 = readahead(dev)
+    for budget in [int(b) for b in args.budgets.split(",")]:
+        # moe-run's peak RSS, not its cgroup peak: that also holds reclaimable page cache (e.g.
+        # of the file's metadata), which a limit takes back without slowing it down.
+        moe_rss = 0
+        for setup in setups:
+            tps, note, peak, rep = run_moe(setup, budget, None)
+            rss = rep["peak_rss_bytes"] if rep else 0
+            moe_rss = max(moe_rss, rss)
+            rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra0, "none", tps,
+                         f"{note}, peak RSS {rss / 2**20:.1f} MiB", peak))
+            print(f"moe-run {setup_name(setup)} {budget}% unlimited: {tps} t/s {note}, peak RSS "
+                  f"{rss / 2**20:.1f} MiB, cgroup peak {peak / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+        limits = [("(a) moe-run peak RSS", moe_rss),
+                  ("(b) llama.cpp resident - left-out experts", int(full - (1 - budget / 100) * exp_total))]
+        for rnd in range(args.rounds):
+            for label, lim in limits:
+                for ra in ras:
+                    readahead(dev, ra)
+                    for setup in setups:
+                        tps, note, peak, _ = run_moe(setup, budget, lim)
+                        rows.append((f"moe-run {setup_name(setup)}", f"{budget}%", ra,
+                                     f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
+                        print(f"moe-run {setup_name(setup)} {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: "
+                              f"{tps} {note}", file=sys.stderr, flush=True)
+                    tps, note, peak = run_llama(lim)
+                    readahead(dev, ra0)
+                    rows.append(("llama.cpp", f"{budget}%", ra, f"{label}: {lim / 2**20:.1f} MiB", tps, note, peak))
+                    print(f"llama {budget}% ra={ra} {label} {lim / 2**20:.1f} MiB: {tps} {note}",
+                          file=sys.stderr, flush=True)
 
 
 def print_vs_tables(rows, setups):
