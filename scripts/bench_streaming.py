@@ -269,13 +269,19 @@ def llama_limited(binary, model, limit_bytes, n, threads, timeout, preload=False
     return json.loads(p.stdout)[0]["avg_ts"], read_note(dev, before, reps * n + 1).lstrip(", "), cgroup_peak()
 
 
-def vs_llama(args):
-    binary = os.environ.get("LLAMA_BENCH")
+def llama_setup(args, var, tool):
+    """(llama.cpp tool from environment variable var, block device of the model, its current
+    read_ahead_kb, the read_ahead_kb values to measure)."""
+    binary = os.environ.get(var)
     if not binary:
-        sys.exit("set LLAMA_BENCH to llama-bench's path")
+        sys.exit(f"set {var} to {tool}'s path")
     dev = block_device(args.model)
     ra0 = readahead(dev)
-    ras = [int(x) for x in args.readahead.split(",")] if args.readahead else [ra0]
+    return binary, dev, ra0, [int(x) for x in args.readahead.split(",")] if args.readahead else [ra0]
+
+
+def vs_llama(args):
+    binary, dev, ra0, ras = llama_setup(args, "LLAMA_BENCH", "llama-bench")
     print(f"\nmodel {os.path.basename(args.model)}, block device {dev}, read_ahead_kb was {ra0}; "
           f"llama.cpp: llama-bench -p 0 -n {args.n} -t {args.threads} -r {args.reps} --repack 0 -lm mmap; "
           f"moe-run: bench -p 0 -n {args.n} -r {args.reps} --direct-io {'--text ' + args.text if args.text else ''}, "
@@ -362,12 +368,7 @@ def llama_ppl_limited(binary, args, limit_bytes, dev, preload=False):
 
 
 def vs_llama_text(args):
-    binary = os.environ.get("LLAMA_PERPLEXITY")
-    if not binary:
-        sys.exit("set LLAMA_PERPLEXITY to llama-perplexity's path")
-    dev = block_device(args.model)
-    ra0 = readahead(dev)
-    ras = [int(x) for x in args.readahead.split(",")] if args.readahead else [ra0]
+    binary, dev, ra0, ras = llama_setup(args, "LLAMA_PERPLEXITY", "llama-perplexity")
     setups = parse_setups(args.setups)
     print(f"\nmodel {os.path.basename(args.model)}, block device {dev}, read_ahead_kb was {ra0}; both engines "
           f"decode the first {args.tokens} tokens of {os.path.basename(args.text)} one token per step, "
