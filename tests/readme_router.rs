@@ -7,10 +7,12 @@
 
 use std::sync::Arc;
 
-use moe_e2e::{greedy, max_rel_diff, prompt_logits, stepwise_logits, Fixture};
+use moe_e2e::{
+    cache_config, expert_cache, greedy, max_rel_diff, prompt_logits, stepwise_logits, Fixture,
+};
 use moe_runtime::gguf::GgmlType;
 use moe_runtime::model::{ExpertStreaming, KvType, Model, Session};
-use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
+use moe_runtime::moe::cache::{Eviction, ExpertCache};
 use moe_runtime::sampling::argmax_logits;
 use serde::Deserialize;
 
@@ -155,21 +157,7 @@ fn streamed_under_a_tight_budget_equals_resident_and_loads_ahead() {
             (2 * n_used, Eviction::Lru, 0),
             (2 * n_used, Eviction::Belady, 1),
         ] {
-            let c = Arc::new(
-                ExpertCache::new(
-                    &model,
-                    &conv.path,
-                    CacheConfig {
-                        slots,
-                        eviction,
-                        direct_io: false,
-                        flash: None,
-                        io_threads: 2,
-                        max_speculative_bytes: 1 << 20,
-                    },
-                )
-                .unwrap(),
-            );
+            let c = expert_cache(&model, &conv.path, cache_config(slots, eviction));
             let streamed = run(&model, ids, Some(c.clone()), lookahead);
             assert!(
                 streamed.0 == resident.0 && streamed.1 == resident.1,

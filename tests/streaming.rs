@@ -2,12 +2,10 @@
 //! file with pread) give bit-identical logits and tokens to fully resident runs, whatever the
 //! eviction policy, prediction depth or emulated flash speed.
 
-use std::sync::Arc;
-
-use moe_e2e::{Fixture, FIXTURES};
+use moe_e2e::{cache_config, expert_cache, Fixture, FIXTURES};
 use moe_runtime::gguf::{GgmlType, GgufFile};
 use moe_runtime::model::{ExpertStreaming, KvType, Model, Session};
-use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
+use moe_runtime::moe::cache::{CacheConfig, Eviction};
 use moe_runtime::moe::flash::FlashProfile;
 use moe_runtime::sampling::argmax_logits;
 
@@ -30,29 +28,6 @@ fn run(model: &Model, ids: &[u32], streaming: Option<ExpertStreaming>) -> (Vec<f
     (logits, out)
 }
 
-fn cache(
-    model: &Model,
-    path: &std::path::Path,
-    slots: usize,
-    eviction: Eviction,
-) -> Arc<ExpertCache> {
-    Arc::new(
-        ExpertCache::new(
-            model,
-            path,
-            CacheConfig {
-                slots,
-                eviction,
-                direct_io: false,
-                flash: None,
-                io_threads: 2,
-                max_speculative_bytes: 1 << 20,
-            },
-        )
-        .unwrap(),
-    )
-}
-
 #[test]
 fn streamed_equals_resident_for_every_architecture() {
     for name in FIXTURES {
@@ -70,7 +45,7 @@ fn streamed_equals_resident_for_every_architecture() {
                 (n_used + 2, Eviction::Belady, 2),
                 (3 * n_used, Eviction::Belady, 1),
             ] {
-                let c = cache(&model, &conv.path, slots, eviction);
+                let c = expert_cache(&model, &conv.path, cache_config(slots, eviction));
                 let streamed = run(
                     &model,
                     ids,
@@ -108,20 +83,14 @@ fn emulated_slow_flash_changes_time_not_results() {
         bytes_per_second: 20e6,
         latency: std::time::Duration::from_millis(1),
     };
-    let c = Arc::new(
-        ExpertCache::new(
-            &model,
-            &conv.path,
-            CacheConfig {
-                slots: 3,
-                eviction: Eviction::Belady,
-                direct_io: false,
-                flash: Some(slow),
-                io_threads: 1,
-                max_speculative_bytes: 1 << 20,
-            },
-        )
-        .unwrap(),
+    let c = expert_cache(
+        &model,
+        &conv.path,
+        CacheConfig {
+            flash: Some(slow),
+            io_threads: 1,
+            ..cache_config(3, Eviction::Belady)
+        },
     );
     let streamed = run(
         &model,
@@ -161,7 +130,7 @@ fn short_read_is_an_error_not_wrong_output() {
     let cut = conv.path.with_extension("cut.gguf");
     let bytes = std::fs::read(&conv.path).unwrap();
     std::fs::write(&cut, &bytes[..first_experts.start + 100]).unwrap();
-    let c = cache(&model, &cut, 2, Eviction::Lru);
+    let c = expert_cache(&model, &cut, cache_config(2, Eviction::Lru));
     let mut s = Session::with_kv_type(&model, 64, KvType::F32);
     s.set_streaming(ExpertStreaming {
         cache: Some(c),
@@ -179,7 +148,7 @@ fn lookahead_predictions_are_scored() {
     let conv = fx.convert(GgmlType::Q8_0);
     let file = GgufFile::open(&conv.path).unwrap();
     let model = Model::load(&file).unwrap();
-    let c = cache(&model, &conv.path, 4, Eviction::Belady);
+    let c = expert_cache(&model, &conv.path, cache_config(4, Eviction::Belady));
     let mut s = Session::with_kv_type(&model, 64, KvType::F32);
     s.set_streaming(ExpertStreaming {
         cache: Some(c),

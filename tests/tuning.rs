@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use moe_convert::{convert_tuned, CalibOptions, ExpertTypes, Options, PruneSpec, Tuning};
-use moe_e2e::{cosine, greedy, max_rel_diff, prompt_logits, Fixture};
+use moe_e2e::{cache_config, cosine, expert_cache, greedy, max_rel_diff, prompt_logits, Fixture};
 use moe_runtime::gguf::{GgmlType, GgufFile, GgufWriter, TensorDecl};
 use moe_runtime::model::{ExpertStreaming, Ffn, KvType, Model, Session};
 use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
@@ -288,20 +288,13 @@ fn dequantize_file(file: &GgufFile, out: &Path) {
 }
 
 fn small_cache(model: &Model, path: &Path, slots: usize) -> Arc<ExpertCache> {
-    Arc::new(
-        ExpertCache::new(
-            model,
-            path,
-            CacheConfig {
-                slots,
-                eviction: Eviction::Lru,
-                direct_io: false,
-                flash: None,
-                io_threads: 1,
-                max_speculative_bytes: 1 << 20,
-            },
-        )
-        .unwrap(),
+    expert_cache(
+        model,
+        path,
+        CacheConfig {
+            io_threads: 1,
+            ..cache_config(slots, Eviction::Lru)
+        },
     )
 }
 

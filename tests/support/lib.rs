@@ -2,10 +2,12 @@
 //! temporary files, and running the runtime on token ids.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use moe_convert::{convert, Options};
 use moe_runtime::gguf::{GgmlType, GgufFile};
 use moe_runtime::model::{KvType, Model, Session};
+use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
 use serde::Deserialize;
 
 /// Every fixture, one per architecture plus dtype/sharding variants.
@@ -165,4 +167,22 @@ pub fn rewrite_gguf(src: &Path, dst: &Path, keep: impl Fn(&str) -> bool) {
         w.write_tensor_data(file.tensor_bytes(t)).expect("data");
     }
     w.finish().expect("finish");
+}
+
+/// An expert cache of `slots` slots for tests: buffered reads from the real file, two I/O
+/// threads, no flash emulation (change fields with `..cache_config(..)`).
+pub fn cache_config(slots: usize, eviction: Eviction) -> CacheConfig {
+    CacheConfig {
+        slots,
+        eviction,
+        direct_io: false,
+        flash: None,
+        io_threads: 2,
+        max_speculative_bytes: 1 << 20,
+    }
+}
+
+/// The expert cache of `model`, read from its file at `path`.
+pub fn expert_cache(model: &Model, path: &Path, cfg: CacheConfig) -> Arc<ExpertCache> {
+    Arc::new(ExpertCache::new(model, path, cfg).unwrap())
 }

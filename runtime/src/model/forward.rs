@@ -769,7 +769,7 @@ impl Drop for SetOnDrop<'_> {
 /// sections per layer with a little serial work between them; a worker that fell asleep in
 /// between has to be woken for the next one, which on a VM's idle vCPU costs tens of
 /// microseconds each time. Measured on the 2-thread benchmark checkpoint (Q8_0 decode, three
-/// alternating pairs): 36.4-39.3 -> 39.7-41.5 t/s, CPU use 189% -> 197%. Built from `join`s,
+/// alternating pairs): 34.9-35.6 -> 34.8-39.0 t/s, CPU use 191% -> 197%. Built from `join`s,
 /// whose jobs live on the stack: decoding still allocates nothing.
 fn keep_workers_hot(stop: &AtomicBool, pass_thread: Option<usize>, count: usize) {
     let spin = || {

@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Kernels;
+use super::{check_k, Kernels};
 use crate::tensor::kquant::{q4_k_scales_mins, Q4_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES};
 use crate::tensor::quant::{f16_at, quantize_row_q8_0, Q4_0_BYTES, Q8_0_BYTES};
 
@@ -596,16 +596,6 @@ unsafe fn gemm_avx2<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn gemm_vnni<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     gemm_tiles::<P, 4>(w, rows, x, n, out)
-}
-
-/// Whole k-quant blocks of `w_block` bytes, one Q8_K activation block per weight block.
-fn check_k(w: &[u8], w_block: usize, x: &[u8]) {
-    assert_eq!(w.len() % w_block, 0, "whole k-quant blocks");
-    assert_eq!(
-        w.len() / w_block * Q8_K_BYTES,
-        x.len(),
-        "one Q8_K block per weight block"
-    );
 }
 
 fn dot_q4_k_q8_k(w: &[u8], x: &[u8]) -> f32 {

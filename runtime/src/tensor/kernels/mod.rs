@@ -72,6 +72,18 @@ pub fn gemm_by_pairs(
     }
 }
 
+/// The shapes the SIMD k-quant dots rely on: whole k-quant blocks of `w_block` bytes, one Q8_K
+/// activation block per weight block.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn check_k(w: &[u8], w_block: usize, x: &[u8]) {
+    assert_eq!(w.len() % w_block, 0, "whole k-quant blocks");
+    assert_eq!(
+        w.len() / w_block * kquant::Q8_K_BYTES,
+        x.len(),
+        "one Q8_K block per weight block"
+    );
+}
+
 pub static SCALAR: Kernels = Kernels {
     name: "scalar",
     dot_f32: scalar::dot_f32,

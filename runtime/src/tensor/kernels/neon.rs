@@ -12,7 +12,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::Kernels;
+use super::{check_k, Kernels};
 use crate::tensor::kquant::{q4_k_scales_mins, Q4_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES};
 use crate::tensor::quant::{f16_at, quantize_row_q8_0, Q4_0_BYTES, Q8_0_BYTES};
 
@@ -435,15 +435,6 @@ unsafe fn dot_q4_0_q8_0_impl_mull(w: &[u8], x: &[u8]) -> f32 {
 // K-quants: ggml's NEON `ggml_vec_dot_q4_K_q8_K` / `ggml_vec_dot_q6_K_q8_K` (its `ggml_vdotq_s32`
 // is `sdot` with dotprod and the widening sum otherwise, as here). The integer sums are exact, and
 // both tables take the same float steps, so they agree bit for bit.
-
-fn check_k(w: &[u8], w_block: usize, x: &[u8]) {
-    assert_eq!(w.len() % w_block, 0, "whole k-quant blocks");
-    assert_eq!(
-        w.len() / w_block * Q8_K_BYTES,
-        x.len(),
-        "one Q8_K block per weight block"
-    );
-}
 
 fn dot_q4_k_q8_k_sdot(w: &[u8], x: &[u8]) -> f32 {
     check_k(w, Q4_K_BYTES, x);
