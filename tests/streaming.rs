@@ -161,3 +161,47 @@ fn lookahead_predictions_are_scored() {
     assert!(p[0].predicted > 0 && p[0].actual > 0 && p[1].predicted > 0);
     assert!(p[0].precision() <= 1.0 && p[0].recall() <= 1.0);
 }
+
+/// A guess that did not come true must not keep its expert: once its predicted step has passed
+/// without a use, Belady judges it by its use estimate again. (It used to keep ranking as
+/// "needed now" until its next real use, holding a slot for nothing.)
+#[test]
+fn a_wrong_guess_does_not_keep_its_expert() {
+    let fx = Fixture::load("qwen3_moe");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let c = expert_cache(&model, &conv.path, cache_config(2, Eviction::Belady));
+    let layer = (0..model.hp.n_layer)
+        .find(|&l| c.layout().is_moe_layer(l))
+        .unwrap();
+    for token in 0..4 {
+        c.set_position(token, layer);
+        if token == 0 {
+            // Guess expert 1 for this visit; the router will pick expert 0 instead.
+            c.prefetch(layer, &[1], c.step_of(token, layer));
+        }
+        c.record_use(layer, &[0]);
+        drop(c.acquire(layer, &[0]).unwrap());
+    }
+    assert!(c.contains(layer, 0) && c.contains(layer, 1));
+    // A slot still being read cannot be evicted: let the guess's read finish first.
+    let both = (c.layout().expert_bytes(layer, 0) + c.layout().expert_bytes(layer, 1)) as u64;
+    let t0 = std::time::Instant::now();
+    while c.stats().bytes_read < both {
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the guessed expert never loaded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // A new expert needs a slot: the wrong guess goes, the expert in use stays.
+    c.set_position(4, layer);
+    c.record_use(layer, &[2]);
+    drop(c.acquire(layer, &[2]).unwrap());
+    assert!(
+        c.contains(layer, 0),
+        "the expert used at every visit was evicted"
+    );
+    assert!(!c.contains(layer, 1), "the wrong guess kept its slot");
+}

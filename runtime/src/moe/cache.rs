@@ -821,7 +821,9 @@ impl Inner {
     /// use). Layers are visited in a cycle, one token after another, so without this estimate
     /// LRU evicts exactly what the next token needs once the working set exceeds the cache.
     fn expected_use(&self, st: &State, s: &Slot, key: ExpertKey) -> u64 {
-        if s.next_use != NEVER {
+        // A predicted use that has passed without the expert being used was a wrong guess:
+        // fall back to the estimate (else the guess would keep it cached as "needed now").
+        if s.next_use != NEVER && s.next_use >= st.step {
             return s.next_use;
         }
         let n_layers = self.n_layers as u64;
