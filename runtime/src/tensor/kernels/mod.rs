@@ -220,6 +220,16 @@ pub(crate) mod tests {
             (k.quantize_q8_0)(&x, &mut q);
             assert_eq!(q, xq, "{} quantize_q8_0 n={n}", k.name);
         }
+        // Ties: amax 127 makes the scale exactly 1, so k + 1/2 must round away from zero.
+        let ties: Vec<f32> = (0..64)
+            .map(|i| match i % 32 {
+                0 => 127.0,
+                j => (j as f32 - 16.0) + 0.5 * (i as f32 / 32.0 - 0.5).signum(),
+            })
+            .collect();
+        let mut q = vec![0u8; ties.len() / 32 * 34];
+        (k.quantize_q8_0)(&ties, &mut q);
+        assert_eq!(q, quantize(GgmlType::Q8_0, &ties), "{} ties", k.name);
         check_kquants(k);
         check_gemm_q4_k(k);
     }
