@@ -142,7 +142,10 @@ unsafe fn quantize_q8_0_impl(x: &[f32], out: &mut [u8]) {
         for (qi, &vi) in q.iter_mut().zip(&v) {
             let s = _mm256_mul_ps(vi, idv);
             let nudge = _mm256_or_ps(below_half, _mm256_and_ps(s, sign_mask));
-            *qi = _mm256_cvttps_epi32(_mm256_add_ps(s, nudge));
+            let rounded = _mm256_cvttps_epi32(_mm256_add_ps(s, nudge));
+            // A NaN (x NaN, or inf x 0) converts to i32::MIN here but to 0 in `as i8`.
+            let not_nan = _mm256_castps_si256(_mm256_cmp_ps(s, s, _CMP_ORD_Q));
+            *qi = _mm256_and_si256(rounded, not_nan);
         }
         let bytes = _mm256_packs_epi16(
             _mm256_packs_epi32(q[0], q[1]),

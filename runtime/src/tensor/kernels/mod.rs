@@ -220,16 +220,25 @@ pub(crate) mod tests {
             (k.quantize_q8_0)(&x, &mut q);
             assert_eq!(q, xq, "{} quantize_q8_0 n={n}", k.name);
         }
-        // Ties: amax 127 makes the scale exactly 1, so k + 1/2 must round away from zero.
-        let ties: Vec<f32> = (0..64)
+        // Ties: amax 127 makes the scale exactly 1, so k + 1/2 must round away from zero. Then
+        // blocks with a NaN (skipped by the max), an infinity (scale inf: every value 0), zeros.
+        let mut odd: Vec<f32> = (0..64)
             .map(|i| match i % 32 {
                 0 => 127.0,
                 j => (j as f32 - 16.0) + 0.5 * (i as f32 / 32.0 - 0.5).signum(),
             })
             .collect();
-        let mut q = vec![0u8; ties.len() / 32 * 34];
-        (k.quantize_q8_0)(&ties, &mut q);
-        assert_eq!(q, quantize(GgmlType::Q8_0, &ties), "{} ties", k.name);
+        odd.extend((0..32).map(|j| if j == 5 { f32::NAN } else { j as f32 - 9.0 }));
+        odd.extend((0..32).map(|j| if j == 7 { f32::INFINITY } else { j as f32 }));
+        odd.extend([0.0; 32]);
+        let mut q = vec![0u8; odd.len() / 32 * 34];
+        (k.quantize_q8_0)(&odd, &mut q);
+        assert_eq!(
+            q,
+            quantize(GgmlType::Q8_0, &odd),
+            "{} ties, NaN, inf",
+            k.name
+        );
         check_kquants(k);
         check_gemm_q4_k(k);
     }
