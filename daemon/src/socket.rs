@@ -62,18 +62,31 @@ pub fn bind(path: &Path, mode: u32, group: Option<Gid>) -> Result<BoundSocket> {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => bail!("cannot inspect {}: {e}", path.display()),
     }
-    let listener = UnixListener::bind(path).with_context(|| {
-        format!(
-            "binding {} (if another moed just started on it, it holds the socket now)",
-            path.display()
-        )
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
-    if let Some(gid) = group {
-        std::os::unix::fs::chown(path, None, Some(gid.as_raw()))
-            .with_context(|| format!("giving {} to group {gid}", path.display()))?;
-    }
+    // Bound, listening and given its mode under a private name first, then linked into place
+    // (link fails if the name exists: no live socket is ever replaced). A client that sees the
+    // path can connect at once; binding the path itself left a moment between bind and listen
+    // when connecting failed with "connection refused" (seen under qemu-user).
+    // (Short: a socket path has at most 107 bytes.)
+    let private = dir.join(format!(".{}.bind", std::process::id()));
+    let _ = std::fs::remove_file(&private);
+    let listener =
+        UnixListener::bind(&private).with_context(|| format!("binding {}", private.display()))?;
+    let placed = (|| -> Result<()> {
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting mode {mode:o} on {}", private.display()))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(&private, None, Some(gid.as_raw()))
+                .with_context(|| format!("giving {} to group {gid}", private.display()))?;
+        }
+        std::fs::hard_link(&private, path).with_context(|| {
+            format!(
+                "binding {} (if another moed just started on it, it holds the socket now)",
+                path.display()
+            )
+        })
+    })();
+    let _ = std::fs::remove_file(&private);
+    placed?;
     let meta = std::fs::symlink_metadata(path)?;
     info!(socket = %path.display(), mode = format!("{mode:o}"), group = ?group.map(|g| g.as_raw()), "listening");
     Ok(BoundSocket {
@@ -187,6 +200,13 @@ mod tests {
         assert_eq!(meta.mode() & 0o777, 0o660);
         let dmeta = std::fs::metadata(path.parent().unwrap()).unwrap();
         assert_eq!(dmeta.mode() & 0o777, 0o750);
+        // Listening as soon as it exists, and the private name it was bound under is gone.
+        UnixStream::connect(&path).unwrap();
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["moed.sock"]);
         // Live: a second bind fails and leaves the socket alone.
         let err = bind(&path, 0o660, None).unwrap_err().to_string();
         assert!(err.contains("another process is serving"), "{err}");
