@@ -62,11 +62,11 @@ pub fn bind(path: &Path, mode: u32, group: Option<Gid>) -> Result<BoundSocket> {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => bail!("cannot inspect {}: {e}", path.display()),
     }
-    // Bound, listening and given its mode under a private name first, then linked into place
-    // (link fails if the name exists: no live socket is ever replaced). A client that sees the
-    // path can connect at once; binding the path itself left a moment between bind and listen
-    // when connecting failed with "connection refused" (seen under qemu-user).
-    // (Short: a socket path has at most 107 bytes.)
+    // Bound, listening and given its mode under a private name first (a short one: a socket
+    // path has at most 107 bytes), then linked into place (link fails if the name exists, so no
+    // live socket is ever replaced). A client that sees the path can connect at once; binding
+    // the path itself left a moment between bind and listen when connecting failed with
+    // "connection refused" (seen under qemu-user).
     let private = dir.join(format!(".{}.bind", std::process::id()));
     let _ = std::fs::remove_file(&private);
     let listener =
@@ -78,7 +78,12 @@ pub fn bind(path: &Path, mode: u32, group: Option<Gid>) -> Result<BoundSocket> {
             std::os::unix::fs::chown(&private, None, Some(gid.as_raw()))
                 .with_context(|| format!("giving {} to group {gid}", private.display()))?;
         }
-        std::fs::hard_link(&private, path).with_context(|| {
+        match std::fs::hard_link(&private, path) {
+            // A file system without hard links: move it (the path was free a moment ago).
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => std::fs::rename(&private, path),
+            linked => linked,
+        }
+        .with_context(|| {
             format!(
                 "binding {} (if another moed just started on it, it holds the socket now)",
                 path.display()
