@@ -34,6 +34,7 @@
    pool collapses when the cores are oversubscribed (0.16 t/s instead of 10 seen here).
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -280,6 +281,19 @@ def llama_setup(args, var, tool):
     return binary, dev, ra0, [int(x) for x in args.readahead.split(",")] if args.readahead else [ra0]
 
 
+@contextlib.contextmanager
+def machine_restored(dev, ra0):
+    """Whatever happens inside (also SIGTERM): the block device's read_ahead_kb goes back to ra0
+    and the bench cgroup is removed."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        yield
+    finally:
+        readahead(dev, ra0)
+        if os.path.isdir(CG):
+            os.rmdir(CG)
+
+
 def vs_llama(args):
     binary, dev, ra0, ras = llama_setup(args, "LLAMA_BENCH", "llama-bench")
     print(f"\nmodel {os.path.basename(args.model)}, block device {dev}, read_ahead_kb was {ra0}; "
@@ -289,8 +303,7 @@ def vs_llama(args):
           f"page cache dropped before every run\n", flush=True)
     rows = []
     setups = parse_setups(args.setups) if args.setups else [(args.eviction, args.lookahead, "none")]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the clean-up below when killed
-    try:
+    with machine_restored(dev, ra0):
         exp_total = expert_total_from_gguf(args.model)
         tps, note, full = llama_limited(binary, args.model, None, args.n, args.threads, args.timeout, preload=True, reps=args.reps)
         rows.append(("llama.cpp", "100% (file preloaded, no limit)", ra0, "none", tps, note, full))
@@ -310,10 +323,6 @@ def vs_llama(args):
             lambda lim: llama_limited(binary, args.model, lim, args.n, args.threads, args.timeout,
                                       reps=args.reps, dev=dev),
             rows)
-    finally:
-        readahead(dev, ra0)
-        if os.path.isdir(CG):
-            os.rmdir(CG)
     print_vs_tables(rows, setups)
 
 
@@ -376,8 +385,7 @@ def vs_llama_text(args):
           f"-t {args.threads} --no-repack (mmap); moe-run: eval --window {args.window} -t {args.threads} "
           f"--direct-io; page cache dropped before every run; load time excluded\n", flush=True)
     rows = []
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    try:
+    with machine_restored(dev, ra0):
         exp_total = expert_total_from_gguf(args.model)
         tps, note, full = llama_ppl_limited(binary, args, None, dev, preload=True)
         rows.append(("llama.cpp", "100% (file preloaded, no limit)", ra0, "none", tps, note, full))
@@ -387,10 +395,6 @@ def vs_llama_text(args):
             lambda setup, budget, lim: moe_eval_limited(args, setup, budget, lim, dev),
             lambda lim: llama_ppl_limited(binary, args, lim, dev),
             rows)
-    finally:
-        readahead(dev, ra0)
-        if os.path.isdir(CG):
-            os.rmdir(CG)
     print_vs_tables(rows, setups)
 
 
