@@ -1,9 +1,10 @@
 //! Decode steps do not allocate: once a session has run its prompt and a few tokens, every
 //! further single-token forward pass (attention over a growing context, routing, experts on the
 //! thread pool, the output projection) reuses the session's buffers. Counted by a global
-//! allocator that sees every thread, the pool's workers included.
+//! allocator on the counting test's thread and the pool's workers.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -18,22 +19,45 @@ struct Counting;
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// Set on the threads whose allocations count. The test harness's own thread must not
+    /// count: it reports a finished test and starts the next one while this test counts.
+    static COUNTED_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+fn count_one() {
+    let counted = COUNTED_THREAD.try_with(Cell::get).unwrap_or(false);
+    if counted && COUNTING.load(Ordering::Relaxed) {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
+        count_one();
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
+        count_one();
         unsafe { System.realloc(ptr, layout, new_size) }
     }
+}
+
+/// Counts the allocations `work` makes on this thread and on rayon's global pool.
+fn allocations_in(work: impl FnOnce()) -> usize {
+    // Workers of the global pool serve only the test holding `ONE_AT_A_TIME`, so they stay
+    // marked; `broadcast` allocates, so it runs before counting starts.
+    rayon::broadcast(|_| COUNTED_THREAD.set(true));
+    COUNTED_THREAD.set(true);
+    ALLOCS.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
+    work();
+    COUNTING.store(false, Ordering::SeqCst);
+    COUNTED_THREAD.set(false);
+    ALLOCS.load(Ordering::SeqCst)
 }
 
 #[global_allocator]
@@ -55,15 +79,15 @@ fn decode_allocations(file: &GgufFile, kv: KvType) -> usize {
     }
     // Counted on a pool thread: a call from outside the pool hands rayon's injector a job, and
     // its queue allocates a small block once every 63 such calls (rayon's, not ours).
+    let mut n = 0;
     rayon::scope(|_| {
-        ALLOCS.store(0, Ordering::SeqCst);
-        COUNTING.store(true, Ordering::SeqCst);
-        for _ in 0..16 {
-            next = argmax_logits(s.forward(&[next], false).expect("decode step"));
-        }
-        COUNTING.store(false, Ordering::SeqCst);
+        n = allocations_in(|| {
+            for _ in 0..16 {
+                next = argmax_logits(s.forward(&[next], false).expect("decode step"));
+            }
+        })
     });
-    ALLOCS.load(Ordering::SeqCst)
+    n
 }
 
 #[test]
@@ -111,14 +135,12 @@ fn pregate_router_predicts_without_allocating() {
     let mut out = Predictions::default();
     p.predict(&[1, 2, 3], 0, &mut out).expect("prompt");
     p.predict(&[4], 3, &mut out).expect("warm-up step");
-    ALLOCS.store(0, Ordering::SeqCst);
-    COUNTING.store(true, Ordering::SeqCst);
-    for i in 0..16u32 {
-        p.predict(&[5 + i], 4 + i as usize, &mut out)
-            .expect("decode step");
-    }
-    COUNTING.store(false, Ordering::SeqCst);
-    let n = ALLOCS.load(Ordering::SeqCst);
+    let n = allocations_in(|| {
+        for i in 0..16u32 {
+            p.predict(&[5 + i], 4 + i as usize, &mut out)
+                .expect("decode step");
+        }
+    });
     assert_eq!(n, 0, "{n} allocations in 16 pre-gating steps");
     assert_eq!(out.experts(0, 5).len(), 4);
 }
