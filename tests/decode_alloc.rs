@@ -8,9 +8,10 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use moe_e2e::Fixture;
+use moe_e2e::{cache_config, expert_cache, Fixture};
 use moe_runtime::gguf::{GgmlType, GgufFile};
-use moe_runtime::model::{KvType, Model, Session};
+use moe_runtime::model::{ExpertStreaming, KvType, Model, Session};
+use moe_runtime::moe::cache::Eviction;
 use moe_runtime::moe::predictor::{ExpertPredictor, GruPredictor, Predictions};
 use moe_runtime::sampling::argmax_logits;
 
@@ -72,6 +73,10 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 fn decode_allocations(file: &GgufFile, kv: KvType) -> usize {
     let model = Model::load(file).expect("model loads");
     let mut s = Session::with_kv_type(&model, 128, kv);
+    count_decode(&mut s)
+}
+
+fn count_decode(s: &mut Session) -> usize {
     let prompt: Vec<u32> = (1..12).collect();
     let mut next = argmax_logits(s.forward(&prompt, false).expect("prompt"));
     for _ in 0..2 {
@@ -123,6 +128,39 @@ fn every_ffn_kind_decodes_without_allocating() {
             let n = decode_allocations(&converted.open(), KvType::F16);
             assert_eq!(n, 0, "{name} {ty:?}: {n} allocations in 16 decode steps");
         }
+    }
+}
+
+#[test]
+fn streamed_experts_decode_without_allocating() {
+    // Misses, evictions, demand reads overtaking queued guesses: the cache's bookkeeping and the
+    // forward pass's handling of experts as they arrive reuse their buffers too.
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/small-moe/small-moe-q8_0.gguf");
+    let file = GgufFile::open(&path).expect("bundled model opens");
+    let model = Model::load(&file).expect("model loads");
+    let experts = model.hp.n_layer * model.hp.n_expert;
+    for (eviction, lookahead) in [
+        (Eviction::Belady, 0),
+        (Eviction::Belady, 2),
+        (Eviction::Lru, 1),
+    ] {
+        let cache = expert_cache(&model, &path, cache_config(experts / 2, eviction));
+        let mut s = Session::with_kv_type(&model, 128, KvType::F16);
+        s.set_streaming(ExpertStreaming {
+            cache: Some(cache.clone()),
+            lookahead,
+        });
+        let n = count_decode(&mut s);
+        assert!(
+            cache.stats().demand_misses > 0,
+            "half the experts must miss"
+        );
+        assert_eq!(
+            n, 0,
+            "{eviction:?} lookahead {lookahead}: {n} allocations in 16 streamed decode steps"
+        );
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::sync::Arc;
 
-use crate::moe::cache::ExpertCache;
+use crate::moe::cache::{ExpertCache, ExpertGuard};
 use crate::moe::decoupled::RouterState;
 use crate::moe::experts::{add_transposed, run_experts, Assignment, ExpertJob, ExpertScratch};
 use crate::moe::lossy::{self, LossyStats, RouteOptions};
@@ -54,6 +54,8 @@ struct Scratch {
     active: Vec<u32>,
     /// Lookahead predictions waiting for their layer: (layer, depth, experts).
     pending: Vec<(usize, usize, Vec<u32>)>,
+    /// Expert lists of scored predictions, for the next ones.
+    spare_unions: Vec<Vec<u32>>,
     /// The token-level predictor's guesses for the batch, and per layer their union.
     predicted: Predictions,
     predicted_union: Vec<Vec<u32>>,
@@ -642,7 +644,8 @@ impl<'m, 'a> Session<'m, 'a> {
             let Ffn::Moe(moe) = &layer.ffn else {
                 continue;
             };
-            let mut union: Vec<u32> = Vec::new();
+            let mut union = s.spare_unions.pop().unwrap_or_default();
+            union.clear();
             for t in 0..n {
                 s.predict_norm.resize(d, 0.0);
                 rms_norm_rows(
@@ -953,7 +956,13 @@ fn feed_forward(
                 .iter()
                 .map(|&e| moe.experts.bytes_of(e as usize) as u64)
                 .sum::<u64>();
-            score_predictions(layer, &s.active, &mut s.pending, predictions);
+            score_predictions(
+                layer,
+                &s.active,
+                &mut s.pending,
+                &mut s.spare_unions,
+                predictions,
+            );
             prof.lap(Phase::Routing);
 
             // Routed experts in index order, then the shared expert: a fixed summation order.
@@ -1049,15 +1058,21 @@ fn run_arriving(
             prof.lap(Phase::Experts);
             continue;
         }
-        // The next one due and the loaded ones after it, in one call.
-        let mut guards = vec![first];
-        while next + guards.len() < group.len() && !s.early_done[next + guards.len()] {
+        // The next one due and the loaded ones after it, in one call (or a few: consecutive
+        // calls sum exactly as one).
+        let mut guards: heapless::Vec<ExpertGuard, JOBS_PER_PASS> = heapless::Vec::new();
+        let room = |_| unreachable!("pushed only while not full");
+        guards.push(first).unwrap_or_else(room);
+        while next + guards.len() < group.len()
+            && !guards.is_full()
+            && !s.early_done[next + guards.len()]
+        {
             match arrivals.take(next + guards.len(), false).map_err(io)? {
-                Some(g) => guards.push(g),
+                Some(g) => guards.push(g).unwrap_or_else(room),
                 None => break,
             }
         }
-        let jobs: Vec<ExpertJob> = guards
+        let jobs: heapless::Vec<ExpertJob, JOBS_PER_PASS> = guards
             .iter()
             .zip(&group[next..])
             .map(|(g, &e)| ExpertJob {
@@ -1084,17 +1099,21 @@ fn score_predictions(
     layer: usize,
     actual: &[u32],
     pending: &mut Vec<(usize, usize, Vec<u32>)>,
+    spare: &mut Vec<Vec<u32>>,
     stats: &mut [PredictionStats],
 ) {
-    pending.retain(|(l, depth, predicted)| {
-        if *l != layer {
-            return true;
+    let mut i = 0;
+    while i < pending.len() {
+        if pending[i].0 != layer {
+            i += 1;
+            continue;
         }
+        let (_, depth, predicted) = pending.swap_remove(i);
         if let Some(st) = stats.get_mut(depth - 1) {
-            st.add(layer, predicted, actual);
+            st.add(layer, &predicted, actual);
         }
-        false
-    });
+        spare.push(predicted);
+    }
 }
 
 #[inline]

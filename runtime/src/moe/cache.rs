@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::flash::{Extent, FlashProfile, FlashReader, PAGE};
+use super::flash::{Extent, FlashProfile, FlashReader, PAGE, PIECE};
 use crate::gguf::GgmlType;
 use crate::model::{Ffn, Mlp, Model};
 use crate::tensor::QMatrix;
@@ -350,6 +350,8 @@ struct State {
     speculative_bytes: usize,
     /// Reads to do: (expert, slot, part of the expert's reads).
     queue: VecDeque<(ExpertKey, usize, u32)>,
+    /// Buffers of dropped [`Arrivals`], reused so that a decode step allocates nothing.
+    spare: Vec<ArrivalBuffers>,
     failure: Option<String>,
     shutdown: bool,
 }
@@ -396,10 +398,18 @@ pub struct ExpertCache {
 pub struct Arrivals<'c> {
     inner: &'c Inner,
     layer: u32,
+    bufs: ArrivalBuffers,
+}
+
+#[derive(Default)]
+struct ArrivalBuffers {
     experts: Vec<u32>,
     slots: Vec<usize>,
     taken: Vec<bool>,
 }
+
+/// Spare [`ArrivalBuffers`] kept: one per session computing at the same time is enough.
+const SPARE_ARRIVALS: usize = 8;
 
 impl<'c> Arrivals<'c> {
     /// The `i`th expert once it is loaded: waits for it when `wait`, else `None` while it loads
@@ -420,6 +430,11 @@ impl<'c> Arrivals<'c> {
         wanted: impl Fn(usize) -> bool,
     ) -> Result<Option<(usize, ExpertGuard<'c>)>, CacheError> {
         let inner = self.inner;
+        let ArrivalBuffers {
+            experts,
+            slots,
+            taken,
+        } = &mut self.bufs;
         let mut waited: Option<Instant> = None;
         let mut st = inner.lock();
         let result = loop {
@@ -430,28 +445,28 @@ impl<'c> Arrivals<'c> {
                     cause: f.clone(),
                 });
             }
-            let open = |j: &usize| !self.taken[*j] && wanted(*j);
-            if let Some(j) = (0..self.slots.len())
+            let open = |j: &usize| !taken[*j] && wanted(*j);
+            if let Some(j) = (0..slots.len())
                 .filter(open)
-                .find(|&j| !st.slots[self.slots[j]].loading)
+                .find(|&j| !st.slots[slots[j]].loading)
             {
-                if self.taken[..j].contains(&false) {
+                if taken[..j].contains(&false) {
                     inner.counters.overtakes.fetch_add(1, Ordering::Relaxed);
                 }
-                self.taken[j] = true;
-                let slot = self.slots[j];
+                taken[j] = true;
+                let slot = slots[j];
                 let guard = ExpertGuard {
                     inner,
                     slot,
                     key: ExpertKey {
                         layer: self.layer,
-                        expert: self.experts[j],
+                        expert: experts[j],
                     },
                     leads: st.slots[slot].leads,
                 };
                 break Ok(Some((j, guard)));
             }
-            if !wait || !(0..self.slots.len()).any(|j| open(&j)) {
+            if !wait || !(0..slots.len()).any(|j| open(&j)) {
                 break Ok(None);
             }
             waited.get_or_insert_with(Instant::now);
@@ -468,10 +483,17 @@ impl<'c> Arrivals<'c> {
 impl Drop for Arrivals<'_> {
     fn drop(&mut self) {
         let mut st = self.inner.lock();
-        for (&slot, &taken) in self.slots.iter().zip(&self.taken) {
+        for (&slot, &taken) in self.bufs.slots.iter().zip(&self.bufs.taken) {
             if !taken {
                 st.slots[slot].pins -= 1;
             }
+        }
+        if st.spare.len() < SPARE_ARRIVALS {
+            let mut bufs = std::mem::take(&mut self.bufs);
+            bufs.experts.clear();
+            bufs.slots.clear();
+            bufs.taken.clear();
+            st.spare.push(bufs);
         }
         drop(st);
         self.inner.changed.notify_all();
@@ -536,7 +558,10 @@ impl ExpertCache {
                 uses: UseStats::new(n_layers * layout.n_expert),
                 step: 0,
                 speculative_bytes: 0,
-                queue: VecDeque::new(),
+                // Every slot being read, each in its largest number of parts: the queue never
+                // grows while decoding.
+                queue: VecDeque::with_capacity(cfg.slots * (3 + slot_span.div_ceil(PIECE))),
+                spare: Vec::with_capacity(SPARE_ARRIVALS),
                 failure: None,
                 shutdown: false,
             }),
@@ -687,13 +712,14 @@ impl ExpertCache {
     /// reading and each is handed out by the returned [`Arrivals`] once it is loaded, so the
     /// caller can compute with the experts at hand while the others are read.
     pub fn acquire_each(&self, layer: usize, experts: &[u32]) -> Result<Arrivals<'_>, CacheError> {
-        let slots = self.inner.pin(layer, experts)?;
+        let mut bufs = self.inner.lock().spare.pop().unwrap_or_default();
+        self.inner.pin(layer, experts, &mut bufs.slots)?;
+        bufs.experts.extend_from_slice(experts);
+        bufs.taken.resize(experts.len(), false);
         Ok(Arrivals {
             inner: &self.inner,
             layer: layer as u32,
-            experts: experts.to_vec(),
-            taken: vec![false; slots.len()],
-            slots,
+            bufs,
         })
     }
 
@@ -787,6 +813,18 @@ impl Drop for ExpertGuard<'_> {
         st.slots[self.slot].pins -= 1;
         drop(st);
         self.inner.changed.notify_all();
+    }
+}
+
+/// Moves `key`'s reads to the front of `queue`, keeping the order within both parts, in place.
+fn move_to_front(queue: &mut VecDeque<(ExpertKey, usize, u32)>, key: ExpertKey) {
+    let q = queue.make_contiguous();
+    let mut front = 0;
+    for i in 0..q.len() {
+        if q[i].0 == key {
+            q[front..=i].rotate_right(1);
+            front += 1;
+        }
     }
 }
 
@@ -919,8 +957,8 @@ impl Inner {
     }
 
     /// Pins the experts (present ones as they are, missing ones in slots queued for demand
-    /// reads) and returns their slots, in order, without waiting for the reads.
-    fn pin(&self, layer: usize, experts: &[u32]) -> Result<Vec<usize>, CacheError> {
+    /// reads) and puts their slots, in order, in `slots`, without waiting for the reads.
+    fn pin(&self, layer: usize, experts: &[u32], slots: &mut Vec<usize>) -> Result<(), CacheError> {
         if let Some(trace) = self
             .trace
             .lock()
@@ -942,7 +980,6 @@ impl Inner {
         }
         let now = st.step;
         let mut waited: Option<Instant> = None;
-        let mut slots = Vec::with_capacity(experts.len());
         for &e in experts {
             let key = ExpertKey {
                 layer: layer as u32,
@@ -968,10 +1005,7 @@ impl Inner {
                     }
                     if s.loading {
                         // Needed now: its reads not started yet go before speculative ones.
-                        let (mut mine, rest): (VecDeque<_>, VecDeque<_>) =
-                            st.queue.drain(..).partition(|&(k, _, _)| k == key);
-                        mine.extend(rest);
-                        st.queue = mine;
+                        move_to_front(&mut st.queue, key);
                     }
                     slots.push(i);
                     break;
@@ -1003,7 +1037,7 @@ impl Inner {
         if let Some(t0) = waited {
             self.add_stall(t0);
         }
-        Ok(slots)
+        Ok(())
     }
 
     fn add_stall(&self, since: Instant) {
@@ -1062,6 +1096,8 @@ impl Inner {
     }
 
     fn io_worker(&self) {
+        // Reads of a whole expert land here first; kept at the largest size seen.
+        let mut whole_buf = Vec::new();
         let mut st = self.lock();
         loop {
             if st.shutdown {
@@ -1076,7 +1112,7 @@ impl Inner {
                 continue;
             }
             drop(st);
-            let result = self.load_part(key, slot, part);
+            let result = self.load_part(key, slot, part, &mut whole_buf);
             st = self.lock();
             let s = &mut st.slots[slot];
             if s.key != Some(key) {
@@ -1114,7 +1150,13 @@ impl Inner {
     }
 
     /// Does read `part` of the ones filling `slot` with `key` (see `read_parts`).
-    fn load_part(&self, key: ExpertKey, slot: usize, part: u32) -> Result<(), String> {
+    fn load_part(
+        &self,
+        key: ExpertKey,
+        slot: usize,
+        part: u32,
+        whole_buf: &mut Vec<u8>,
+    ) -> Result<(), String> {
         let extents = self.layout.extents(key);
         let fail = |err| format!("expert {} of layer {}: {err}", key.expert, key.layer);
         self.counters.read_requests.fetch_add(1, Ordering::Relaxed);
@@ -1124,8 +1166,9 @@ impl Inner {
                 offset: first,
                 len: (extents[2].offset + extents[2].len as u64 - first) as usize,
             };
-            let mut tmp = vec![0u8; FlashReader::aligned_span(whole)];
-            let lead0 = self.reader.read(whole, &mut tmp).map_err(fail)?;
+            whole_buf.resize(FlashReader::aligned_span(whole), 0);
+            let tmp = &mut whole_buf[..];
+            let lead0 = self.reader.read(whole, tmp).map_err(fail)?;
             for (i, e) in extents.iter().enumerate() {
                 // Same placement as a read of the slab alone: the bytes start at the extent's
                 // offset within its page.
@@ -1272,6 +1315,28 @@ pub fn parse_size(s: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_demanded_expert_s_reads_move_to_the_front_in_order() {
+        let k = |e| ExpertKey {
+            layer: 1,
+            expert: e,
+        };
+        // Wrapped around, as a queue that was pushed at both ends is.
+        let mut q = VecDeque::with_capacity(8);
+        for part in [0, 1] {
+            q.push_back((k(5), 3, part));
+        }
+        q.push_back((k(7), 4, 0));
+        q.push_back((k(7), 4, 1));
+        q.push_front((k(2), 1, 1));
+        q.push_front((k(2), 1, 0));
+        move_to_front(&mut q, k(7));
+        let order: Vec<_> = q.iter().map(|&(key, _, part)| (key.expert, part)).collect();
+        assert_eq!(order, [(7, 0), (7, 1), (2, 0), (2, 1), (5, 0), (5, 1)]);
+        move_to_front(&mut q, k(9));
+        assert_eq!(q.len(), 6, "an expert with no queued reads changes nothing");
+    }
 
     #[test]
     fn optimal_misses_is_beladys_min() {
