@@ -141,17 +141,25 @@ fn streamed_experts_decode_without_allocating() {
     let file = GgufFile::open(&path).expect("bundled model opens");
     let model = Model::load(&file).expect("model loads");
     let experts = model.hp.n_layer * model.hp.n_expert;
-    for (eviction, lookahead) in [
-        (Eviction::Belady, 0),
-        (Eviction::Belady, 2),
-        (Eviction::Lru, 1),
-    ] {
+    let setups = [
+        (Eviction::Belady, 0, false),
+        (Eviction::Belady, 2, false),
+        (Eviction::Lru, 1, false),
+        (Eviction::Belady, 0, true),
+    ];
+    for (eviction, lookahead, pregate) in setups {
         let cache = expert_cache(&model, &path, cache_config(experts / 2, eviction));
         let mut s = Session::with_kv_type(&model, 128, KvType::F16);
         s.set_streaming(ExpertStreaming {
             cache: Some(cache.clone()),
             lookahead,
         });
+        if pregate {
+            let onnx = path.with_file_name("small-moe-q8_0.pregate.onnx");
+            let router = GruPredictor::load(&onnx, model.hp.n_layer, model.hp.n_expert, None)
+                .expect("bundled router loads");
+            s.set_predictor(Some(Box::new(router)));
+        }
         let n = count_decode(&mut s);
         assert!(
             cache.stats().demand_misses > 0,
@@ -159,7 +167,8 @@ fn streamed_experts_decode_without_allocating() {
         );
         assert_eq!(
             n, 0,
-            "{eviction:?} lookahead {lookahead}: {n} allocations in 16 streamed decode steps"
+            "{eviction:?} lookahead {lookahead} pre-gating {pregate}: {n} allocations in 16 \
+             streamed decode steps"
         );
     }
 }
