@@ -712,14 +712,10 @@ impl ExpertCache {
     /// reading and each is handed out by the returned [`Arrivals`] once it is loaded, so the
     /// caller can compute with the experts at hand while the others are read.
     pub fn acquire_each(&self, layer: usize, experts: &[u32]) -> Result<Arrivals<'_>, CacheError> {
-        let mut bufs = self.inner.lock().spare.pop().unwrap_or_default();
-        self.inner.pin(layer, experts, &mut bufs.slots)?;
-        bufs.experts.extend_from_slice(experts);
-        bufs.taken.resize(experts.len(), false);
         Ok(Arrivals {
             inner: &self.inner,
             layer: layer as u32,
-            bufs,
+            bufs: self.inner.pin(layer, experts)?,
         })
     }
 
@@ -957,8 +953,9 @@ impl Inner {
     }
 
     /// Pins the experts (present ones as they are, missing ones in slots queued for demand
-    /// reads) and puts their slots, in order, in `slots`, without waiting for the reads.
-    fn pin(&self, layer: usize, experts: &[u32], slots: &mut Vec<usize>) -> Result<(), CacheError> {
+    /// reads), without waiting for the reads; returns them with their slots, in order, in
+    /// (reused) buffers for [`Arrivals`].
+    fn pin(&self, layer: usize, experts: &[u32]) -> Result<ArrivalBuffers, CacheError> {
         if let Some(trace) = self
             .trace
             .lock()
@@ -980,6 +977,10 @@ impl Inner {
         }
         let now = st.step;
         let mut waited: Option<Instant> = None;
+        let mut bufs = st.spare.pop().unwrap_or_default();
+        bufs.experts.extend_from_slice(experts);
+        bufs.taken.resize(experts.len(), false);
+        let slots = &mut bufs.slots;
         for &e in experts {
             let key = ExpertKey {
                 layer: layer as u32,
@@ -1037,7 +1038,7 @@ impl Inner {
         if let Some(t0) = waited {
             self.add_stall(t0);
         }
-        Ok(())
+        Ok(bufs)
     }
 
     fn add_stall(&self, since: Instant) {
