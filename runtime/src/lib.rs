@@ -13,4 +13,5 @@ pub mod npy;
 pub mod onnx;
 pub mod sampling;
 pub mod tensor;
+pub mod threads;
 pub mod tokenizer;

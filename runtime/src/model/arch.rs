@@ -3,7 +3,7 @@
 
 use crate::gguf::GgufHeader;
 
-use super::ModelError;
+use super::error::ModelError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {

@@ -3,7 +3,7 @@
 use crate::gguf::{GgufHeader, Value};
 
 use super::arch::{Arch, ArchTraits, AttentionKind};
-use super::ModelError;
+use super::error::ModelError;
 use crate::moe::router::{Gating, GroupLimit, GroupScore, RoutingSpec, MAX_EXPERTS_USED};
 
 /// Multi-head latent attention dimensions (DeepSeek-V2/V3). In the file, `head_dim_k` /

@@ -12,9 +12,10 @@
 
 use crate::tensor::{matmul, Kernels, MatmulScratch, QMatrix};
 
-use super::forward::{attend, norm_in_place, rope};
 use super::hparams::HParams;
-use super::kv_cache::KvCache;
+use super::ops::{attend, norm_in_place, rope, RopeTable};
+use super::profile::{Phase, Profiler};
+use super::state::KvLayer;
 use super::weights::{MlaAttention, QueryProj};
 
 /// transformers (and DeepSeek's reference code) build the q/kv LoRA norms with the default
@@ -23,7 +24,7 @@ const LATENT_NORM_EPS: f32 = 1e-6;
 
 /// Buffers reused across calls.
 #[derive(Default)]
-pub(super) struct MlaScratch {
+pub struct MlaScratch {
     /// Attention scores: one context-long row per attention task.
     scores: Vec<f32>,
     /// `[n, q_lora_rank]`.
@@ -41,24 +42,24 @@ pub(super) struct MlaScratch {
     /// One head's rows gathered contiguously, and the product.
     gather: Vec<f32>,
     product: Vec<f32>,
+    mm: MatmulScratch,
 }
 
 /// Self-attention of the batch `xn` (`[n, d]`) at positions `pos0..pos0 + n`; writes the
 /// projected output to `proj` (`[n, d]`) and the batch's latents to `kv`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn mla_attention(
+pub fn mla_attention(
     k: &Kernels,
     hp: &HParams,
     a: &MlaAttention,
     xn: &[f32],
     n: usize,
     pos0: usize,
-    (rope_cos, rope_sin): (&[f32], &[f32]),
-    kv: &mut KvCache,
-    layer: usize,
+    rope_table: &RopeTable,
+    kv: &mut KvLayer,
     s: &mut MlaScratch,
     proj: &mut Vec<f32>,
-    mm: &mut MatmulScratch,
+    prof: &mut Profiler,
 ) {
     let p = hp.mla.expect("MLA weights come with MLA hyper-parameters");
     let (h, r, nope, rope_dim, dv) = (
@@ -70,6 +71,7 @@ pub(super) fn mla_attention(
     );
     let dqk = nope + rope_dim;
     let dc = r + rope_dim;
+    let mm = &mut s.mm;
 
     // q = W_q x, or W_qb norm(W_qa x)                                        [n, h * dqk]
     s.q.resize(n * h * dqk, 0.0);
@@ -78,7 +80,7 @@ pub(super) fn mla_attention(
         QueryProj::LoRa { a: wa, norm, b } => {
             s.qa.resize(n * wa.rows, 0.0);
             matmul(k, wa, xn, n, &mut s.qa, mm);
-            norm_in_place(&mut s.qa, Some(norm), wa.rows, LATENT_NORM_EPS, k);
+            norm_in_place(&mut s.qa, norm, wa.rows, LATENT_NORM_EPS, k);
             matmul(k, b, &s.qa, n, &mut s.q, mm);
         }
     }
@@ -86,20 +88,17 @@ pub(super) fn mla_attention(
     // [c ; k_pe] = W_kva x; c = norm(c); k_pe = rope(k_pe)                   [n, r + rope]
     s.kv.resize(n * dc, 0.0);
     matmul(k, &a.wkv_a, xn, n, &mut s.kv, mm);
-    let half = rope_dim / 2;
     for t in 0..n {
-        let pos = pos0 + t;
-        let cos = &rope_cos[pos * half..(pos + 1) * half];
-        let sin = &rope_sin[pos * half..(pos + 1) * half];
+        let cos_sin = rope_table.at(pos0 + t);
         let row = &mut s.kv[t * dc..(t + 1) * dc];
         let (c, k_pe) = row.split_at_mut(r);
-        norm_in_place(c, Some(&a.kv_a_norm), r, LATENT_NORM_EPS, k);
-        rope(k_pe, cos, sin, hp.traits.rope, rope_dim);
+        norm_in_place(c, &a.kv_a_norm, r, LATENT_NORM_EPS, k);
+        rope(k_pe, cos_sin, hp.traits.rope, rope_dim);
         for head in s.q[t * h * dqk..(t + 1) * h * dqk].chunks_exact_mut(dqk) {
-            rope(&mut head[nope..], cos, sin, hp.traits.rope, rope_dim);
+            rope(&mut head[nope..], cos_sin, hp.traits.rope, rope_dim);
         }
     }
-    kv.store(layer, pos0, &s.kv, &[], n);
+    kv.store(pos0, &s.kv, &[], n);
 
     // Absorbed queries: qc[t, h] = [W_kb[h]^T q_nope[t, h] ; q_pe[t, h]]     [n, h, r + rope]
     s.qc.resize(n * h * dc, 0.0);
@@ -126,7 +125,7 @@ pub(super) fn mla_attention(
     s.lat.resize(n * h * r, 0.0);
     attend(
         k,
-        kv.layer(layer),
+        kv,
         &s.qc,
         (h, 1, dc, r),
         pos0,
@@ -157,6 +156,8 @@ pub(super) fn mla_attention(
 
     proj.resize(n * hp.n_embd, 0.0);
     matmul(k, &a.wo, &s.o, n, proj, mm);
+    // The projections and the core are not split: all counted as core.
+    prof.lap(Phase::AttnCore);
 }
 
 /// `product[t] = w . src[t, head][..w.cols]` for the `n` tokens of `src` (`[n, h, stride]`): one

@@ -1,43 +1,31 @@
 //! Model definition: architecture traits, hyper-parameters, weights and the forward pass.
+//!
+//! A layer is a mixer ([`attention`], [`mla`]) and a feed-forward ([`ffn`]); [`forward`] runs
+//! them top to bottom, with per-layer state in [`state`], shared operations in [`ops`], and
+//! prediction ([`foresight`]) and observers ([`observe`], [`profile`]) at named points.
 
 pub mod arch;
+mod attention;
+mod error;
+mod ffn;
+mod foresight;
 mod forward;
 mod hparams;
-mod kv_cache;
 mod mla;
+mod observe;
+mod ops;
 pub mod profile;
+mod state;
 mod weights;
 
 pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RopeStyle};
-pub use forward::{ExpertStreaming, LayerRouting, PredictionStats, Session};
-pub use hparams::HParams;
-pub use hparams::{MlaParams, Yarn};
-pub use kv_cache::{KvCache, KvType};
+pub use error::ModelError;
+pub use foresight::PredictionStats;
+pub use forward::{ExpertStreaming, Session};
+pub use hparams::{HParams, MlaParams, Yarn};
+pub use observe::LayerRouting;
+pub use state::{KvLayer, KvShape, KvType, LayerState, SequenceState};
 pub use weights::{
-    Attention, ExpertSlab, Experts, Ffn, Layer, LayerAttention, MlaAttention, Mlp, Model, MoeBlock,
-    QueryProj, SharedExpert, StackedExperts,
+    Attention, ExpertSlab, Experts, Ffn, Layer, MlaAttention, Mixer, Mlp, Model, MoeBlock,
+    QkNormWeights, QueryProj, SharedExpert, StackedExperts,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("the model file has no tensor `{0}`; it was not written for this architecture or is incomplete (re-convert it with moe-convert)")]
-    MissingTensor(String),
-    #[error("tensor `{name}` has ggml shape {found:?}, expected {expected:?}")]
-    Shape {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
-    #[error("metadata `{key}` {why}")]
-    Metadata { key: String, why: String },
-    #[error("architecture `{0}` is not supported (supported: llama with experts, qwen2moe, qwen3moe, olmoe, granitemoe, deepseek2)")]
-    UnsupportedArch(String),
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("context is full: {needed} positions needed, the session holds {n_ctx} (raise --ctx)")]
-    ContextFull { n_ctx: usize, needed: usize },
-    #[error("bad input: {0}")]
-    Input(String),
-    #[error("{0}")]
-    Io(String),
-}

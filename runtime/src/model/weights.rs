@@ -6,7 +6,7 @@ use crate::tensor::QMatrix;
 
 use super::arch::QkNorm;
 use super::hparams::{HParams, MlaParams};
-use super::ModelError;
+use super::error::ModelError;
 
 /// One expert's matrix inside the file: its type, bytes and where they start.
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +112,7 @@ pub enum Ffn<'a> {
     Moe(Box<MoeBlock<'a>>),
 }
 
+/// Grouped-query attention.
 pub struct Attention<'a> {
     pub wq: QMatrix<'a>,
     pub wk: QMatrix<'a>,
@@ -120,8 +121,15 @@ pub struct Attention<'a> {
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
     pub bv: Option<Vec<f32>>,
-    pub q_norm: Option<Vec<f32>>,
-    pub k_norm: Option<Vec<f32>>,
+    /// RMSNorm of queries and keys before rope.
+    pub qk_norm: Option<QkNormWeights>,
+}
+
+/// Query and key norm weights: `head_dim_k` long, applied to each head (Qwen3-MoE), or as long as
+/// the whole projection (OLMoE).
+pub struct QkNormWeights {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
 }
 
 /// How MLA projects queries.
@@ -151,14 +159,18 @@ pub struct MlaAttention<'a> {
     pub wo: QMatrix<'a>,
 }
 
-pub enum LayerAttention<'a> {
-    Gqa(Attention<'a>),
+/// What mixes information across positions in a layer; its per-session state lives in
+/// [`super::state::SequenceState`].
+pub enum Mixer<'a> {
+    Attention(Attention<'a>),
     Mla(MlaAttention<'a>),
 }
 
+/// One block: `x += mixer(norm(x))`, then `x += ffn(norm(x))` (each scaled by the residual
+/// scale).
 pub struct Layer<'a> {
-    pub attn_norm: Vec<f32>,
-    pub attn: LayerAttention<'a>,
+    pub mixer_norm: Vec<f32>,
+    pub mixer: Mixer<'a>,
     pub ffn_norm: Vec<f32>,
     pub ffn: Ffn<'a>,
 }
@@ -306,9 +318,9 @@ impl<'a> Model<'a> {
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
-            let attn = match hp.mla {
-                None => LayerAttention::Gqa(gqa_attention(&lk, &hp, i)?),
-                Some(p) => LayerAttention::Mla(mla_attention(&lk, &hp, &p, i)?),
+            let mixer = match hp.mla {
+                None => Mixer::Attention(gqa_attention(&lk, &hp, i)?),
+                Some(p) => Mixer::Mla(mla_attention(&lk, &hp, &p, i)?),
             };
             let ffn = if lk.has(&n("ffn_gate_inp.weight")) {
                 let e = hp.n_expert;
@@ -357,8 +369,8 @@ impl<'a> Model<'a> {
                 })
             };
             layers.push(Layer {
-                attn_norm: lk.vector(&n("attn_norm.weight"), d)?,
-                attn,
+                mixer_norm: lk.vector(&n("attn_norm.weight"), d)?,
+                mixer,
                 ffn_norm: lk.vector(&n("ffn_norm.weight"), d)?,
                 ffn,
             });
@@ -383,16 +395,16 @@ fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attentio
     let k_dim = hp.n_head_kv * hp.head_dim_k;
     let v_dim = hp.n_head_kv * hp.head_dim_v;
     let o_dim = hp.n_head * hp.head_dim_v;
-    let (q_norm, k_norm) = match hp.traits.qk_norm {
-        QkNorm::None => (None, None),
-        QkNorm::PerHead => (
-            Some(lk.vector(&n("attn_q_norm.weight"), hp.head_dim_k)?),
-            Some(lk.vector(&n("attn_k_norm.weight"), hp.head_dim_k)?),
-        ),
-        QkNorm::WholeProjection => (
-            Some(lk.vector(&n("attn_q_norm.weight"), q_dim)?),
-            Some(lk.vector(&n("attn_k_norm.weight"), k_dim)?),
-        ),
+    let qk_norm = match hp.traits.qk_norm {
+        QkNorm::None => None,
+        QkNorm::PerHead => Some(QkNormWeights {
+            q: lk.vector(&n("attn_q_norm.weight"), hp.head_dim_k)?,
+            k: lk.vector(&n("attn_k_norm.weight"), hp.head_dim_k)?,
+        }),
+        QkNorm::WholeProjection => Some(QkNormWeights {
+            q: lk.vector(&n("attn_q_norm.weight"), q_dim)?,
+            k: lk.vector(&n("attn_k_norm.weight"), k_dim)?,
+        }),
     };
     Ok(Attention {
         wq: lk.matrix(&n("attn_q.weight"), q_dim, d)?,
@@ -402,8 +414,7 @@ fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attentio
         bq: lk.opt_vector(&n("attn_q.bias"), q_dim)?,
         bk: lk.opt_vector(&n("attn_k.bias"), k_dim)?,
         bv: lk.opt_vector(&n("attn_v.bias"), v_dim)?,
-        q_norm,
-        k_norm,
+        qk_norm,
     })
 }
 

@@ -1,0 +1,28 @@
+//! Why a model could not be loaded or run.
+
+use crate::moe::cache::CacheError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("the model file has no tensor `{0}`; it was not written for this architecture or is incomplete (re-convert it with moe-convert)")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has ggml shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("metadata `{key}` {why}")]
+    Metadata { key: String, why: String },
+    #[error("architecture `{0}` is not supported (supported: llama with experts, qwen2moe, qwen3moe, olmoe, granitemoe, deepseek2)")]
+    UnsupportedArch(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("context is full: {needed} positions needed, the session holds {n_ctx} (raise --ctx)")]
+    ContextFull { n_ctx: usize, needed: usize },
+    #[error("bad input: {0}")]
+    Input(String),
+    /// Streamed experts could not be read.
+    #[error(transparent)]
+    Experts(#[from] CacheError),
+}

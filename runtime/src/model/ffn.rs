@@ -1,0 +1,339 @@
+//! The feed-forward half of a layer: a dense MLP, or routed experts plus an optional shared
+//! expert. Routed experts come from one [`ExpertSource`]: the memory map (all resident) or the
+//! expert cache (streamed from flash). Either way every output sums its experts in the same
+//! order (routed experts by index, then the shared expert), so streamed and resident runs are
+//! bit-identical.
+//!
+//! Shapes: `n` tokens, `d = n_embd`, `E = n_expert`.
+
+use super::hparams::HParams;
+use super::ops::sigmoid;
+use super::profile::{Phase, Profiler};
+use super::weights::{Ffn, MoeBlock};
+use super::error::ModelError;
+use crate::moe::cache::{ExpertCache, ExpertGuard};
+use crate::moe::experts::{add_transposed, run_experts, Assignment, ExpertJob, ExpertScratch};
+use crate::moe::lossy::{self, LossyStats, RouteOptions};
+use crate::moe::router::{route_with, Route};
+use crate::tensor::matrix::Activations;
+use crate::tensor::{matmul, Kernels, MatmulScratch};
+
+use super::weights::Mlp;
+
+/// Where a layer's routed experts are read from.
+#[derive(Clone, Copy)]
+pub enum ExpertSource<'c> {
+    /// Straight from the memory-mapped file.
+    Resident,
+    /// Through the bounded expert cache, which reads missing experts from flash.
+    Streamed(&'c ExpertCache),
+}
+
+/// Changes to the model's own routing: lossy options (off by default) and an expert mask
+/// (calibration, tests), with what they did.
+#[derive(Default)]
+pub struct RouteControl {
+    pub opts: RouteOptions,
+    /// `[n_layer, n_expert]`: experts whose router logit is forced to -inf.
+    pub mask: Option<Vec<bool>>,
+    pub stats: LossyStats,
+}
+
+/// Buffers reused across calls, grown to the largest batch seen, and the routing of the last
+/// MoE layer run (read by the forward pass's observers).
+#[derive(Default)]
+pub struct FfnScratch {
+    /// The normalised input, prepared once for every expert.
+    input: Activations,
+    /// `[n, E]` router logits.
+    router_logits: Vec<f32>,
+    routes: Vec<Route>,
+    /// Per expert (and one more for a shared expert or dense MLP): (token, weight) pairs.
+    assigned: Assignment,
+    /// Per token, the scale of the shared expert.
+    shared_scales: Vec<f32>,
+    /// The experts some token of the batch selected, ascending.
+    active: Vec<u32>,
+    experts: ExpertScratch,
+    /// `[d, n]` outputs accumulated in a fixed order.
+    out_t: Vec<f32>,
+    /// Streamed experts computed ahead of their turn: per group position a `[d, n]` block
+    /// holding that expert's weighted output alone.
+    early_out: Vec<f32>,
+    early_done: Vec<bool>,
+    mm: MatmulScratch,
+}
+
+impl FfnScratch {
+    /// The last MoE layer's raw router logits (`[n, E]`).
+    pub fn router_logits(&self, n: usize, n_expert: usize) -> &[f32] {
+        &self.router_logits[..n * n_expert]
+    }
+
+    /// The last MoE layer's routes, one per token.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The experts the last MoE layer used, ascending.
+    pub fn active(&self) -> &[u32] {
+        &self.active
+    }
+}
+
+/// Experts run by one call of [`run_experts`] from the memory map (a prompt may use them all;
+/// more run in further calls).
+const JOBS_PER_PASS: usize = 64;
+
+/// `out = ffn(xn)` for the batch `xn` (`[n, d]`). `decided` holds router logits computed before
+/// the backbone ran (a decoupled router), used instead of the layer's own router. Returns the
+/// bytes of routed-expert weights the batch used (each selected expert once).
+#[allow(clippy::too_many_arguments)]
+pub fn feed_forward(
+    k: &Kernels,
+    hp: &HParams,
+    layer: usize,
+    ffn: &Ffn,
+    xn: &[f32],
+    n: usize,
+    decided: Option<&[f32]>,
+    source: ExpertSource,
+    control: &mut RouteControl,
+    s: &mut FfnScratch,
+    out: &mut Vec<f32>,
+    prof: &mut Profiler,
+) -> Result<u64, ModelError> {
+    let d = hp.n_embd;
+    s.input.prepare(k, xn, n, d);
+    s.out_t.clear();
+    s.out_t.resize(d * n, 0.0);
+    prof.lap(Phase::Other);
+    let mut expert_bytes = 0;
+    match ffn {
+        Ffn::Dense(mlp) => {
+            let slot = hp.n_expert;
+            s.assigned
+                .build(slot + 1, || (0..n as u32).map(|t| (slot, t, 1.0)));
+            run_always_on(k, slot, mlp, s);
+        }
+        Ffn::Moe(moe) => {
+            route_batch(k, hp, layer, moe, n, decided, source, control, s);
+            expert_bytes = s
+                .active
+                .iter()
+                .map(|&e| moe.experts.bytes_of(e as usize) as u64)
+                .sum();
+            prof.lap(Phase::Routing);
+            // Routed experts in index order, then the shared expert: a fixed summation order.
+            match source {
+                ExpertSource::Resident => run_resident(k, moe, s),
+                ExpertSource::Streamed(cache) => {
+                    cache.record_use(layer, &s.active);
+                    let active = std::mem::take(&mut s.active);
+                    let ran = active
+                        .chunks(cache.slots())
+                        .try_for_each(|group| run_arriving(k, cache, layer, group, s, prof));
+                    s.active = active;
+                    ran?;
+                }
+            }
+            if let Some(shared) = &moe.shared {
+                run_always_on(k, hp.n_expert, &shared.mlp, s);
+            }
+        }
+    }
+    out.clear();
+    out.resize(n * d, 0.0);
+    add_transposed(&s.out_t, n, out);
+    prof.lap(Phase::Experts);
+    Ok(expert_bytes)
+}
+
+/// A dense MLP or shared expert over the tokens and weights of `s.assigned`'s `slot`.
+fn run_always_on(k: &Kernels, slot: usize, mlp: &Mlp, s: &mut FfnScratch) {
+    let jobs = [ExpertJob {
+        mlp: *mlp,
+        tokens: s.assigned.tokens(slot),
+    }];
+    run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
+}
+
+/// Router logits (the layer's own, or `decided`), the expert mask and lossy options, each
+/// token's route, and the per-expert token lists in `s.assigned` (the extra slot holding the
+/// shared expert's scales).
+#[allow(clippy::too_many_arguments)]
+fn route_batch(
+    k: &Kernels,
+    hp: &HParams,
+    layer: usize,
+    moe: &MoeBlock,
+    n: usize,
+    decided: Option<&[f32]>,
+    source: ExpertSource,
+    control: &mut RouteControl,
+    s: &mut FfnScratch,
+) {
+    let n_expert = hp.n_expert;
+    s.router_logits.resize(n * n_expert, 0.0);
+    match decided {
+        None => matmul(
+            k,
+            &moe.router,
+            &s.input.x,
+            n,
+            &mut s.router_logits,
+            &mut s.mm,
+        ),
+        Some(logits) => s.router_logits.copy_from_slice(&logits[..n * n_expert]),
+    }
+    if let Some(mask) = &control.mask {
+        let m = &mask[layer * n_expert..(layer + 1) * n_expert];
+        for row in s.router_logits.chunks_exact_mut(n_expert) {
+            lossy::mask_logits(row, m);
+        }
+    }
+    s.routes.clear();
+    for t in 0..n {
+        let mut r = route_with(
+            &hp.routing,
+            &s.router_logits[t * n_expert..(t + 1) * n_expert],
+            moe.selection_bias.as_deref(),
+        );
+        if !control.opts.is_off() {
+            let cached = |e| match source {
+                ExpertSource::Resident => true,
+                ExpertSource::Streamed(c) => c.contains(layer, e),
+            };
+            lossy::apply(&control.opts, &mut r, hp.norm_topk, cached, &mut control.stats);
+        }
+        s.routes.push(r);
+    }
+    s.shared_scales.clear();
+    if let Some(shared) = &moe.shared {
+        for t in 0..n {
+            s.shared_scales.push(match &shared.gate {
+                // Qwen2-MoE: sigmoid(gate . x) scales the shared expert.
+                Some(g) => sigmoid((k.dot_f32)(g, s.input.row(t).x)),
+                None => 1.0,
+            });
+        }
+    }
+    let (routes, shared_scales) = (&s.routes, &s.shared_scales);
+    s.assigned.build(n_expert + 1, || {
+        let routed = routes.iter().enumerate().flat_map(|(t, r)| {
+            let pairs = r.experts.iter().zip(&r.weights);
+            pairs.map(move |(&e, &w)| (e as usize, t as u32, w))
+        });
+        let shared = shared_scales
+            .iter()
+            .enumerate()
+            .map(|(t, &w)| (n_expert, t as u32, w));
+        routed.chain(shared)
+    });
+    s.active.clear();
+    s.active
+        .extend((0..n_expert as u32).filter(|&e| !s.assigned.tokens(e as usize).is_empty()));
+}
+
+/// The active experts from the memory map, in groups of a fixed-capacity list: no allocation
+/// per step, and consecutive groups sum exactly as one call would.
+fn run_resident(k: &Kernels, moe: &MoeBlock, s: &mut FfnScratch) {
+    for group in s.active.chunks(JOBS_PER_PASS) {
+        let jobs: heapless::Vec<ExpertJob, JOBS_PER_PASS> = group
+            .iter()
+            .map(|&e| ExpertJob {
+                mlp: Mlp {
+                    gate: moe.experts.gate.expert(e as usize),
+                    up: moe.experts.up.expert(e as usize),
+                    down: moe.experts.down.expert(e as usize),
+                },
+                tokens: s.assigned.tokens(e as usize),
+            })
+            .collect();
+        run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
+    }
+}
+
+/// Largest `[d, n]` blocks (in floats, all early experts of a group together) kept for experts
+/// computed ahead of their turn; a prompt batch beyond it computes its experts in order.
+const EARLY_OUT_FLOATS: usize = 1 << 22;
+
+/// Runs a group of streamed experts as they arrive from the cache, so that computing the
+/// present ones overlaps reading the missing ones, and still sums them exactly as one
+/// in-order call would: the consecutive experts from the next one due go straight into
+/// `s.out_t`; an expert loaded before an earlier one is computed alone into a zeroed block
+/// (which then holds exactly its weighted output, `0 + w v = w v`) and added in its turn, the
+/// same additions in the same order.
+fn run_arriving(
+    k: &Kernels,
+    cache: &ExpertCache,
+    layer: usize,
+    group: &[u32],
+    s: &mut FfnScratch,
+    prof: &mut Profiler,
+) -> Result<(), ModelError> {
+    prof.lap(Phase::Experts);
+    let mut arrivals = cache.acquire_each(layer, group)?;
+    let block = s.out_t.len();
+    let early_allowed = block * group.len() <= EARLY_OUT_FLOATS;
+    if early_allowed {
+        s.early_out.resize(block * group.len(), 0.0);
+    }
+    s.early_done.clear();
+    s.early_done.resize(group.len(), false);
+    let mut next = 0;
+    while next < group.len() {
+        let (i, first) = if early_allowed {
+            arrivals.take_any()?
+        } else {
+            arrivals.take(next, true)?.map(|g| (next, g))
+        }
+        .expect("an expert not taken yet is handed out once loaded");
+        prof.lap(Phase::ExpertIo);
+        if i != next {
+            let out = &mut s.early_out[i * block..(i + 1) * block];
+            out.fill(0.0);
+            let job = [ExpertJob {
+                mlp: first.mlp(),
+                tokens: s.assigned.tokens(group[i] as usize),
+            }];
+            run_experts(k, &job, &s.input, out, &mut s.experts);
+            s.early_done[i] = true;
+            prof.lap(Phase::Experts);
+            continue;
+        }
+        // The next one due and the loaded ones after it, in one call (or a few: consecutive
+        // calls sum exactly as one).
+        let mut guards: heapless::Vec<ExpertGuard, JOBS_PER_PASS> = heapless::Vec::new();
+        let room = |_| unreachable!("pushed only while not full");
+        guards.push(first).unwrap_or_else(room);
+        while next + guards.len() < group.len()
+            && !guards.is_full()
+            && !s.early_done[next + guards.len()]
+        {
+            match arrivals.take(next + guards.len(), false)? {
+                Some(g) => guards.push(g).unwrap_or_else(room),
+                None => break,
+            }
+        }
+        let jobs: heapless::Vec<ExpertJob, JOBS_PER_PASS> = guards
+            .iter()
+            .zip(&group[next..])
+            .map(|(g, &e)| ExpertJob {
+                mlp: g.mlp(),
+                tokens: s.assigned.tokens(e as usize),
+            })
+            .collect();
+        run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
+        next += guards.len();
+        while next < group.len() && s.early_done[next] {
+            let early = &s.early_out[next * block..(next + 1) * block];
+            for (o, &e) in s.out_t.iter_mut().zip(early) {
+                *o += e;
+            }
+            next += 1;
+        }
+        prof.lap(Phase::Experts);
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! What a session keeps per layer between forward passes, in one store: the KV cache of
+//! attention layers (f16 by default, half the memory like llama.cpp; f32 on request for
+//! bit-exact comparisons against references). Allocated once for the whole context, so decoding
+//! allocates nothing. Recurrent layer kinds add their fixed-size state here.
+
+use half::f16;
+
+use super::weights::{Mixer, Model};
+use crate::tensor::Kernels;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvType {
+    F16,
+    F32,
+}
+
+impl KvType {
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "f16" => Some(Self::F16),
+            "f32" => Some(Self::F32),
+            _ => None,
+        }
+    }
+
+    fn bytes_per_value(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+}
+
+/// `[n_ctx, width]` keys and values.
+enum Store {
+    F32 { keys: Vec<f32>, values: Vec<f32> },
+    /// As f16 bits.
+    F16 { keys: Vec<u16>, values: Vec<u16> },
+}
+
+/// Widths of one position's cached keys and values in an attention layer.
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape {
+    pub n_head_kv: usize,
+    pub head_dim_k: usize,
+    pub head_dim_v: usize,
+    /// MLA: a position's value is the first `head_dim_v` entries of its key (the latent), so
+    /// values are not stored separately.
+    pub values_in_keys: bool,
+}
+
+/// One attention layer's KV cache.
+pub struct KvLayer {
+    n_ctx: usize,
+    /// Width of one position's keys (`n_head_kv * head_dim_k`) and values.
+    k_width: usize,
+    v_width: usize,
+    head_dim_k: usize,
+    head_dim_v: usize,
+    values_in_keys: bool,
+    store: Store,
+}
+
+impl KvLayer {
+    pub fn new(shape: KvShape, n_ctx: usize, ty: KvType) -> Self {
+        let k_width = shape.n_head_kv * shape.head_dim_k;
+        let v_width = if shape.values_in_keys {
+            0
+        } else {
+            shape.n_head_kv * shape.head_dim_v
+        };
+        let store = match ty {
+            KvType::F32 => Store::F32 {
+                keys: vec![0.0; n_ctx * k_width],
+                values: vec![0.0; n_ctx * v_width],
+            },
+            KvType::F16 => Store::F16 {
+                keys: vec![0; n_ctx * k_width],
+                values: vec![0; n_ctx * v_width],
+            },
+        };
+        Self {
+            n_ctx,
+            k_width,
+            v_width,
+            head_dim_k: shape.head_dim_k,
+            head_dim_v: shape.head_dim_v,
+            values_in_keys: shape.values_in_keys,
+            store,
+        }
+    }
+
+    /// Positions the cache holds.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        match self.store {
+            Store::F32 { .. } => KvType::F32,
+            Store::F16 { .. } => KvType::F16,
+        }
+    }
+
+    /// Bytes held, for reporting.
+    pub fn bytes(&self) -> usize {
+        self.n_ctx * (self.k_width + self.v_width) * self.kv_type().bytes_per_value()
+    }
+
+    /// Writes `n` positions starting at `pos` (the caller checked the bounds). With values kept
+    /// in the keys (MLA), `v` is ignored.
+    pub fn store(&mut self, pos: usize, k: &[f32], v: &[f32], n: usize) {
+        let (kr, vr) = (
+            pos * self.k_width..(pos + n) * self.k_width,
+            pos * self.v_width..(pos + n) * self.v_width,
+        );
+        let v = &v[..n * self.v_width];
+        match &mut self.store {
+            Store::F32 { keys, values } => {
+                keys[kr].copy_from_slice(&k[..n * self.k_width]);
+                values[vr].copy_from_slice(v);
+            }
+            Store::F16 { keys, values } => {
+                for (d, s) in keys[kr].iter_mut().zip(k) {
+                    *d = f16::from_f32(*s).to_bits();
+                }
+                for (d, s) in values[vr].iter_mut().zip(v) {
+                    *d = f16::from_f32(*s).to_bits();
+                }
+            }
+        }
+    }
+
+    /// `q . key[pos, kv_head]`.
+    #[inline]
+    pub fn key_dot(&self, k: &Kernels, pos: usize, kv_head: usize, q: &[f32]) -> f32 {
+        let at = pos * self.k_width + kv_head * self.head_dim_k;
+        let r = at..at + self.head_dim_k;
+        match &self.store {
+            Store::F32 { keys, .. } => (k.dot_f32)(q, &keys[r]),
+            Store::F16 { keys, .. } => (k.dot_f16)(bytemuck::cast_slice(&keys[r]), q),
+        }
+    }
+
+    /// `out += w * value[pos, kv_head]`.
+    #[inline]
+    pub fn add_value(&self, k: &Kernels, pos: usize, kv_head: usize, w: f32, out: &mut [f32]) {
+        let (rows_are_keys, at) = if self.values_in_keys {
+            (true, pos * self.k_width + kv_head * self.head_dim_k)
+        } else {
+            (false, pos * self.v_width + kv_head * self.head_dim_v)
+        };
+        let r = at..at + self.head_dim_v;
+        match &self.store {
+            Store::F32 { keys, values } => {
+                let v = if rows_are_keys { &keys[r] } else { &values[r] };
+                for (o, &v) in out.iter_mut().zip(v) {
+                    *o += w * v;
+                }
+            }
+            Store::F16 { keys, values } => {
+                let v = if rows_are_keys { &keys[r] } else { &values[r] };
+                (k.axpy_f16)(w, bytemuck::cast_slice(v), out)
+            }
+        }
+    }
+}
+
+/// The state one layer keeps between forward passes.
+pub enum LayerState {
+    /// Attention of any kind: its KV cache.
+    Kv(KvLayer),
+}
+
+/// Every layer's state for one sequence.
+pub struct SequenceState {
+    layers: Vec<LayerState>,
+    n_ctx: usize,
+}
+
+impl SequenceState {
+    /// State for every layer of `model`, holding `n_ctx` positions.
+    pub fn new(model: &Model, n_ctx: usize, kv_type: KvType) -> Self {
+        let hp = &model.hp;
+        let layers = model
+            .layers
+            .iter()
+            .map(|layer| match &layer.mixer {
+                Mixer::Attention(_) => LayerState::Kv(KvLayer::new(
+                    KvShape {
+                        n_head_kv: hp.n_head_kv,
+                        head_dim_k: hp.head_dim_k,
+                        head_dim_v: hp.head_dim_v,
+                        values_in_keys: false,
+                    },
+                    n_ctx,
+                    kv_type,
+                )),
+                // The cache holds one latent and shared rotary key per token (the MQA view of
+                // `head_dim_k` wide); the value is the latent.
+                Mixer::Mla(_) => LayerState::Kv(KvLayer::new(
+                    KvShape {
+                        n_head_kv: 1,
+                        head_dim_k: hp.head_dim_k,
+                        head_dim_v: hp.head_dim_v,
+                        values_in_keys: true,
+                    },
+                    n_ctx,
+                    kv_type,
+                )),
+            })
+            .collect();
+        Self { layers, n_ctx }
+    }
+
+    /// Positions every layer holds.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn layer_mut(&mut self, layer: usize) -> &mut LayerState {
+        &mut self.layers[layer]
+    }
+
+    /// Bytes held by KV caches (they grow with the context).
+    pub fn kv_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Kv(kv) => kv.bytes(),
+            })
+            .sum()
+    }
+}
