@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use moe_convert::{convert, Options};
 use moe_e2e::{cosine, greedy, max_rel_diff, prompt_logits};
-use moe_runtime::generate::generate;
+use moe_runtime::engine::{generate, Request};
 use moe_runtime::gguf::{GgmlType, GgufFile};
 use moe_runtime::model::{KvType, Model, Session};
 use moe_runtime::sampling::{argmax_logits, Sampler, SamplerConfig};
@@ -70,17 +70,18 @@ fn sample(file: &GgufFile, prompt: &[u32], seed: u64, n: usize) -> Vec<u32> {
         ..SamplerConfig::default()
     });
     let mut out = Vec::new();
-    generate(
-        &mut session,
-        &mut sampler,
+    // No tokenizer: nothing ends generation early.
+    let request = Request {
         prompt,
-        n,
-        |_| false,
-        |id| {
-            out.push(id);
-            true
-        },
-    )
+        max_tokens: n,
+        stop: &[],
+        ignore_eos: true,
+        skip_special: false,
+    };
+    generate(&mut session, &mut sampler, None, &request, |piece| {
+        out.extend(piece.id);
+        true
+    })
     .expect("generation");
     out
 }

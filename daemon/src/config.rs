@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Parser;
+use moe_runtime::cli::args::{parse_kv_type, StreamingArgs};
+use moe_runtime::engine::SessionOptions;
 use moe_runtime::model::KvType;
 
 #[derive(Parser, Debug, Clone)]
@@ -30,37 +32,12 @@ pub struct Config {
     /// Group (name or numeric id) given to the socket file and a directory the daemon creates
     #[arg(long, env = "MOED_SOCKET_GROUP")]
     pub socket_group: Option<String>,
-    /// Total memory budget (e.g. 3G, 512M): non-expert weights and the KV cache stay resident,
-    /// routed experts stream from the model file through a cache filling the rest
-    #[arg(long, env = "MOED_MEM_BUDGET")]
-    pub mem_budget: Option<String>,
-    /// Read streamed experts with O_DIRECT (bypass the page cache)
-    #[arg(long, env = "MOED_DIRECT_IO")]
-    pub direct_io: bool,
-    /// Layers ahead whose experts are predicted and prefetched when streaming [default: 0, or
-    /// the board profile's]
-    #[arg(long, env = "MOED_LOOKAHEAD")]
-    pub lookahead: Option<usize>,
-    /// Token-level expert predictor run before the backbone when streaming: none, frequency
-    /// (each layer's most used experts so far) or pregate (the model's pre-gating router
-    /// network: its GRU runs natively, other ONNX networks need moed built with `--features
-    /// pregate`). Only moves reads earlier: the
-    /// output is the same with any predictor
-    #[arg(long, env = "MOED_PREDICTOR", default_value = "none", value_parser = ["none", "frequency", "pregate"])]
-    pub predictor: String,
-    /// The pre-gating router (ONNX); default: the GGUF's `moe_edge.pregate.onnx` key, else
-    /// MODEL_STEM.pregate.onnx beside the model
-    #[arg(long, env = "MOED_PREGATE")]
-    pub pregate: Option<PathBuf>,
-    /// Threads reading streamed experts [default: the board profile's, else 2]
-    #[arg(long, env = "MOED_IO_THREADS", value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub io_threads: Option<u32>,
     /// Board profile giving the defaults of threads, memory budget and expert streaming: auto
     /// (detect the CPU and RAM), none, pi5, pi4, zero2w, generic-aarch64, x86_64 or a .toml
     /// file; NAME:STORAGE names the model's device (e.g. pi4:usb-ssd). Flags still win
     #[arg(long, env = "MOED_TARGET_PROFILE", default_value = "auto")]
     pub target_profile: String,
-    /// Worker threads for the forward pass (default: all cores)
+    /// Worker threads for the forward pass (default: the board profile's, else all cores)
     #[arg(short = 't', long, env = "MOED_THREADS")]
     pub threads: Option<usize>,
     /// Context length: the KV cache holds this many positions (default: the smaller of the
@@ -89,6 +66,9 @@ pub struct Config {
     /// KV cache type: f16 (half the memory) or f32 [default: f16, or the board profile's]
     #[arg(long, env = "MOED_KV_TYPE", value_parser = parse_kv_type)]
     pub kv_type: Option<KvType>,
+    /// Expert streaming (each flag also reads MOED_<FLAG>, e.g. MOED_MEM_BUDGET)
+    #[command(flatten)]
+    pub streaming: StreamingArgs,
     /// Skip the warm-up forward pass after loading
     #[arg(long, env = "MOED_NO_WARMUP")]
     pub no_warmup: bool,
@@ -98,22 +78,39 @@ pub struct Config {
     /// Test hook: sleep this many milliseconds before loading the model
     #[arg(long, hide = true, default_value_t = 0)]
     pub test_load_delay_ms: u64,
-    /// Defaults from `--target-profile`, resolved at start (see [`Config::apply_board`]).
-    #[arg(skip)]
-    pub board: Option<moe_runtime::board::Defaults>,
-    /// The start-up line's CPU/RAM/profile part, logged once the expert cache is set up.
-    #[arg(skip)]
-    pub startup: String,
 }
 
 impl Config {
-    /// Checks what clap cannot: flags that are accepted but not implemented yet.
-    pub fn validate(&self) -> Result<()> {
-        if let Some(budget) = &self.mem_budget {
-            if moe_runtime::moe::cache::parse_size(budget).is_none() {
-                bail!("--mem-budget {budget}: not a size like 512M or 3G");
+    /// The flags, each of them also readable from its `MOED_*` environment variable (the
+    /// streaming flags, shared with moe-run, get theirs here).
+    pub fn command() -> clap::Command {
+        <Self as clap::CommandFactory>::command().mut_args(|a| {
+            if a.get_env().is_some() || a.is_positional() || a.get_id() == "help" {
+                return a;
             }
-        }
+            let var = format!("MOED_{}", a.get_id().as_str().to_uppercase());
+            // clap keeps environment names as `&'static str`; a few flags, once per process.
+            a.env(&*Box::leak(var.into_boxed_str()))
+        })
+    }
+
+    /// Parses the process's arguments and environment. A configuration error exits with
+    /// status 1 like every other start-up failure (help and version exit 0).
+    pub fn from_env_and_args() -> Self {
+        let parsed = Self::command()
+            .try_get_matches()
+            .and_then(|m| <Self as clap::FromArgMatches>::from_arg_matches(&m));
+        parsed.unwrap_or_else(|e| {
+            if e.use_stderr() {
+                let _ = e.print();
+                std::process::exit(1);
+            }
+            e.exit()
+        })
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<()> {
         if let Some(ctx) = self.ctx {
             if ctx < 8 {
                 bail!("--ctx {ctx} is too small (at least 8 positions)");
@@ -125,16 +122,16 @@ impl Config {
         Ok(())
     }
 
-    /// Resolves `--target-profile` against this machine and the model's device, and fills the
-    /// thread count the flags left unset; the rest is applied where the worker sets up.
-    pub fn apply_board(&mut self) -> Result<()> {
-        let (board, startup) = moe_runtime::cli::board_defaults(&self.target_profile, &self.model)?;
-        if self.threads.is_none() {
-            self.threads = board.as_ref().map(|b| b.threads);
+    /// What the runtime needs to set up the model's session.
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            target_profile: self.target_profile.clone(),
+            threads: self.threads,
+            n_ctx: self.ctx,
+            kv_type: self.kv_type,
+            streaming: self.streaming.options(),
+            profiling: false,
         }
-        self.board = board;
-        self.startup = startup;
-        Ok(())
     }
 
     /// The model id: `--alias`, else the file name without its extension.
@@ -148,10 +145,6 @@ impl Config {
     }
 }
 
-fn parse_kv_type(s: &str) -> Result<KvType, String> {
-    KvType::from_name(s).ok_or_else(|| format!("`{s}` is not f16 or f32"))
-}
-
 fn parse_mode(s: &str) -> Result<u32, String> {
     match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
         Ok(m) if m <= 0o777 => Ok(m),
@@ -159,31 +152,9 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
-/// `1048576`, `512K`, `1M`, `2G` (binary multiples; an optional trailing `B`/`iB`).
+/// `1048576`, `512K`, `1M`, `2G`: the runtime's size grammar.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("`{s}`: unknown size suffix `{c}` (K, M or G)")),
-            };
-            (&t[..i], mult)
-        }
-        _ => (t, 1),
-    };
-    num.trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("`{s}` is not a size such as 65536, 512K or 1M"))
+    moe_runtime::units::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -217,11 +188,8 @@ mod tests {
     fn mem_budget_is_parsed() {
         let cfg = Config::try_parse_from(["moed", "-m", "x.gguf", "--mem-budget", "1G"]).unwrap();
         assert!(cfg.validate().is_ok());
-        let cfg = Config::try_parse_from(["moed", "-m", "x.gguf", "--mem-budget", "lots"]).unwrap();
-        assert!(cfg
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("not a size"));
+        // A bad size is refused when the flags are parsed.
+        let err = Config::try_parse_from(["moed", "-m", "x.gguf", "--mem-budget", "lots"]);
+        assert!(err.unwrap_err().to_string().contains("not a size"));
     }
 }

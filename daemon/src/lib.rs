@@ -21,15 +21,8 @@ use anyhow::{Context, Result};
 pub use config::Config;
 
 /// Runs the daemon with parsed flags until SIGTERM/SIGINT.
-pub fn run(mut cfg: Config) -> Result<()> {
+pub fn run(cfg: Config) -> Result<()> {
     cfg.validate()?;
-    cfg.apply_board()?;
-    if let Some(t) = cfg.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .context("setting up the worker threads")?;
-    }
     let group = cfg
         .socket_group
         .as_deref()

@@ -1,8 +1,7 @@
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let cfg = moe_daemon::Config::parse();
+    let cfg = moe_daemon::Config::from_env_and_args();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -286,33 +286,7 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
     let wcfg = WorkerConfig {
         model: cfg.model.clone(),
         model_id: cfg.model_id(),
-        ctx: cfg.ctx,
-        kv_type: cfg
-            .kv_type
-            .or(cfg.board.as_ref().map(|b| b.kv_type))
-            .unwrap_or(moe_runtime::model::KvType::F16),
-        streaming: moe_runtime::cli::streaming::StreamingArgs {
-            mem_budget: cfg
-                .mem_budget
-                .as_deref()
-                .and_then(moe_runtime::moe::cache::parse_size),
-            expert_cache: None,
-            eviction: None,
-            lookahead: cfg.lookahead,
-            direct_io: cfg.direct_io,
-            flash_profile: None,
-            io_threads: cfg.io_threads.map(|t| t as usize),
-            board: cfg.board.clone(),
-            // Calibration prior on (lossless); pinning and lossy routing off in the daemon.
-            pin_hot: 0.0,
-            no_calib_prior: false,
-            route_top_p: None,
-            skip_uncached_below: None,
-            predictor: cfg.predictor.clone(),
-            pregate: cfg.pregate.clone(),
-            predict_k: None,
-        },
-        startup: cfg.startup.clone(),
+        session: cfg.session_options(),
         warmup: !cfg.no_warmup,
         token_delay: Duration::from_millis(cfg.test_token_delay_ms),
         load_delay: Duration::from_millis(cfg.test_load_delay_ms),

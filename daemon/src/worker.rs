@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_runtime::gguf::GgufFile;
-use moe_runtime::model::{KvType, Model, Session};
+use moe_runtime::engine::{generate, Engine, Piece, Request, SessionOptions, StopReason};
+use moe_runtime::model::Session;
 use moe_runtime::sampling::{Sampler, SamplerConfig};
 use moe_runtime::tokenizer::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
@@ -24,11 +24,8 @@ use crate::metrics::{GenerationFigures, Metrics, ModelInfo, ProcessStats};
 pub struct WorkerConfig {
     pub model: PathBuf,
     pub model_id: String,
-    pub ctx: Option<usize>,
-    pub kv_type: KvType,
-    pub streaming: moe_runtime::cli::streaming::StreamingArgs,
-    /// The start-up line's CPU/RAM/profile part; the expert cache's is added once built.
-    pub startup: String,
+    /// Threads, context, KV type, expert streaming, board profile.
+    pub session: SessionOptions,
     pub warmup: bool,
     pub token_delay: Duration,
     pub load_delay: Duration,
@@ -113,32 +110,33 @@ pub fn spawn(
             let _exited = exited;
             let t0 = Instant::now();
             std::thread::sleep(cfg.load_delay);
-            let file = match GgufFile::open(&cfg.model) {
-                Ok(f) => f,
+            let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", cfg.model.display());
+            let engine = match Engine::open(&cfg.model, cfg.session.clone()) {
+                Ok(e) => e,
                 Err(e) => {
-                    let _ = loaded.send(Err(format!("loading {}: {e}", cfg.model.display())));
+                    let _ = loaded.send(Err(format!("{e}")));
                     return;
                 }
             };
-            let model = match Model::load(&file) {
+            let model = match engine.load_model() {
                 Ok(m) => m,
                 Err(e) => {
-                    let _ = loaded.send(Err(format!("loading {}: {e}", cfg.model.display())));
+                    let _ = loaded.send(Err(format!("{e}")));
                     return;
                 }
             };
-            let tokenizer = match Tokenizer::from_gguf(file.header()) {
+            let tokenizer = match engine.tokenizer() {
                 Ok(t) => Arc::new(t),
                 Err(e) => {
                     let _ = loaded.send(Err(format!(
-                        "{}: {e}; moed serves text and needs the model's tokenizer",
-                        cfg.model.display()
+                        "{}; moed serves text and needs the model's tokenizer",
+                        fail(&e)
                     )));
                     return;
                 }
             };
             let hp = &model.hp;
-            let n_ctx = cfg.ctx.unwrap_or_else(|| hp.n_ctx_train.clamp(8, 4096));
+            let n_ctx = engine.context_length(&model);
             if n_ctx > hp.n_ctx_train {
                 warn!(
                     n_ctx,
@@ -146,30 +144,16 @@ pub fn spawn(
                     "--ctx is larger than the model's training context; quality may suffer"
                 );
             }
-            let mut session = Session::with_kv_type(&model, n_ctx, cfg.kv_type);
-            match cfg.streaming.build(&model, &cfg.model, session.kv_bytes()) {
-                Ok(streaming) => {
-                    info!(
-                        "{}, {}",
-                        cfg.startup,
-                        moe_runtime::cli::streaming::describe(&streaming)
-                    );
-                    if let Some(cache) = &streaming.cache {
-                        let _ = metrics.expert_cache.set(cache.clone());
-                    }
-                    session.set_streaming(streaming);
-                }
+            let mut session = match engine.session_with_ctx(&model, n_ctx) {
+                Ok(s) => s,
                 Err(e) => {
-                    let _ = loaded.send(Err(format!("{}: {e:#}", cfg.model.display())));
+                    let _ = loaded.send(Err(fail(&format!("{e:#}"))));
                     return;
                 }
-            }
-            match cfg.streaming.predictor(&model, &cfg.model) {
-                Ok(predictor) => session.set_predictor(predictor),
-                Err(e) => {
-                    let _ = loaded.send(Err(format!("{}: {e:#}", cfg.model.display())));
-                    return;
-                }
+            };
+            info!("{}", engine.startup_line(&session));
+            if let Some(cache) = session.expert_cache_handle() {
+                let _ = metrics.expert_cache.set(cache);
             }
             if cfg.warmup {
                 // One forward pass maps the dense weights and some experts, and sizes the
@@ -184,6 +168,7 @@ pub fn spawn(
                 id.and_then(|id| tokenizer.inner().id_to_token(id))
                     .unwrap_or_default()
             };
+            let file = engine.file();
             let chat = match file
                 .header()
                 .get("tokenizer.chat_template")
@@ -237,7 +222,6 @@ pub fn spawn(
                 metrics: &metrics,
                 control: &control,
                 token_delay: cfg.token_delay,
-                logits: Vec::new(),
             };
             let mut jobs = jobs;
             while let Some(job) = jobs.blocking_recv() {
@@ -253,7 +237,6 @@ struct Worker<'s, 'm, 'a> {
     metrics: &'s Metrics,
     control: &'s Control,
     token_delay: Duration,
-    logits: Vec<f32>,
 }
 
 /// How a generation ended.
@@ -353,85 +336,63 @@ impl Worker<'_, '_, '_> {
         );
     }
 
-    /// The same loop as `moe_runtime::generate::generate` (same sampling order, so the same
-    /// seed gives the same tokens as moe-run), with cancellation checked after every token and
-    /// the expert bytes of the prompt and of decoding told apart.
+    /// The runtime's generation loop (so the same seed gives the same tokens as moe-run),
+    /// with each piece of text sent as it becomes final and the client's departure or a
+    /// shutdown checked after every token.
     fn generate(
         &mut self,
         job: &Job,
     ) -> Result<(End, GenerationFigures), moe_runtime::model::ModelError> {
         let req = &job.req;
-        let tok = self.tokenizer;
         let session = &mut self.session;
         session.reset();
         let mut sampler = Sampler::new(req.sampler.clone());
-        let mut detok = Detokenizer::new(tok);
-        let mut stops = StopMatcher::new(&req.stop);
-        let mut history = req.prompt.clone();
-        let mut g = GenerationFigures {
-            prompt_tokens: req.prompt.len(),
-            ..Default::default()
+        let mut cut = false;
+        let request = Request {
+            prompt: &req.prompt,
+            max_tokens: req.max_tokens,
+            stop: &req.stop,
+            ignore_eos: req.ignore_eos,
+            skip_special: true,
         };
-        let send = |text: String| text.is_empty() || job.events.try_send(Event::Text(text)).is_ok();
-
-        let bytes0 = session.expert_bytes_used();
-        let t0 = Instant::now();
-        self.logits.clear();
-        self.logits
-            .extend_from_slice(session.forward(&req.prompt, false)?);
-        g.prompt_time = t0.elapsed();
-        let bytes_prompt = session.expert_bytes_used();
-        let t1 = Instant::now();
-        let mut end = End::Length;
-        let mut decoded = 0usize;
-        while g.generated_tokens < req.max_tokens {
-            let next = sampler.sample(&self.logits, &history);
-            if !req.ignore_eos && tok.is_end_of_generation(next) {
-                end = End::Stop;
-                break;
-            }
-            history.push(next);
-            g.generated_tokens += 1;
-            if !self.token_delay.is_zero() {
-                std::thread::sleep(self.token_delay);
-            }
-            let (text, stopped) = stops.push(&detok.push(next));
-            if !send(text) {
-                end = End::Cancelled;
-                break;
-            }
-            if stopped {
-                end = End::Stop;
-                break;
-            }
-            if job.events.is_closed() {
-                end = End::Cancelled;
-                break;
-            }
-            if self.control.cut.load(Relaxed) {
-                end = End::Cut;
-                break;
-            }
-            if g.generated_tokens == req.max_tokens {
-                break;
-            }
-            self.logits.clear();
-            self.logits
-                .extend_from_slice(session.forward(&[next], false)?);
-            decoded += 1;
-        }
-        if matches!(end, End::Length | End::Stop) && !stops.stopped {
-            let rest = stops.finish(&detok.finish());
-            if !send(rest) {
-                end = End::Cancelled;
-            }
-        }
-        g.generation_time = t1.elapsed();
-        let bytes_end = session.expert_bytes_used();
-        g.expert_bytes = bytes_end - bytes0;
-        if decoded > 0 && matches!(end, End::Length | End::Stop) {
-            g.expert_bytes_per_token = Some((bytes_end - bytes_prompt) as f64 / decoded as f64);
-        }
+        let (control, token_delay) = (self.control, self.token_delay);
+        let stats = generate(
+            session,
+            &mut sampler,
+            Some(self.tokenizer),
+            &request,
+            |piece: Piece| {
+                if piece.id.is_some() && !token_delay.is_zero() {
+                    std::thread::sleep(token_delay);
+                }
+                let sent = piece.text.is_empty()
+                    || job
+                        .events
+                        .try_send(Event::Text(piece.text.to_string()))
+                        .is_ok();
+                if !sent || job.events.is_closed() {
+                    return false;
+                }
+                cut = control.cut.load(Relaxed);
+                !cut
+            },
+        )?;
+        let end = match stats.stop {
+            StopReason::Length => End::Length,
+            StopReason::EndOfGeneration | StopReason::StopString => End::Stop,
+            StopReason::Cancelled if cut => End::Cut,
+            StopReason::Cancelled => End::Cancelled,
+        };
+        let finished = matches!(end, End::Length | End::Stop);
+        let g = GenerationFigures {
+            prompt_tokens: stats.prompt_tokens,
+            generated_tokens: stats.generated_tokens,
+            prompt_time: stats.prompt_time,
+            generation_time: stats.generation_time,
+            expert_bytes: stats.prompt_expert_bytes + stats.decode_expert_bytes,
+            expert_bytes_per_token: (finished && stats.decode_steps > 0)
+                .then(|| stats.decode_expert_bytes as f64 / stats.decode_steps as f64),
+        };
         Ok((end, g))
     }
 }
@@ -504,103 +465,5 @@ impl<'t> Detokenizer<'t> {
             }
         }
         String::new()
-    }
-}
-
-/// Finds stop sequences in generated text, holding back any tail that could begin one.
-pub struct StopMatcher {
-    stops: Vec<String>,
-    pending: String,
-    pub stopped: bool,
-}
-
-impl StopMatcher {
-    pub fn new(stops: &[String]) -> Self {
-        Self {
-            stops: stops.to_vec(),
-            pending: String::new(),
-            stopped: false,
-        }
-    }
-
-    /// Adds `text`; returns what can be emitted and whether a stop sequence was reached (the
-    /// sequence and anything after it are dropped).
-    pub fn push(&mut self, text: &str) -> (String, bool) {
-        if self.stops.is_empty() {
-            return (text.to_string(), false);
-        }
-        self.pending.push_str(text);
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
-            self.pending.truncate(at);
-            self.stopped = true;
-            return (std::mem::take(&mut self.pending), true);
-        }
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let len = self.pending.len();
-        let keep = (1..longest.min(len + 1))
-            .rev()
-            .find(|&k| {
-                self.pending.is_char_boundary(len - k)
-                    && self
-                        .stops
-                        .iter()
-                        .any(|s| s.starts_with(&self.pending[len - k..]))
-            })
-            .unwrap_or(0);
-        let rest = self.pending.split_off(len - keep);
-        (std::mem::replace(&mut self.pending, rest), false)
-    }
-
-    /// Adds the final `text` and releases everything held back.
-    pub fn finish(&mut self, text: &str) -> String {
-        let (mut out, stopped) = self.push(text);
-        if !stopped {
-            out.push_str(&std::mem::take(&mut self.pending));
-        }
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
-        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut m = StopMatcher::new(&stops);
-        let mut out = String::new();
-        for p in pieces {
-            let (t, stop) = m.push(p);
-            out += &t;
-            if stop {
-                return (out, true);
-            }
-        }
-        out += &m.finish("");
-        (out, false)
-    }
-
-    #[test]
-    fn stop_sequences_across_pieces() {
-        assert_eq!(run(&[], &["ab", "c"]), ("abc".into(), false));
-        assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), true));
-        assert_eq!(run(&["END"], &["xE", "N", "D", "y"]), ("x".into(), true));
-        // A held-back partial match that does not complete is released.
-        assert_eq!(run(&["END"], &["xE", "Nq"]), ("xENq".into(), false));
-        assert_eq!(run(&["END"], &["xEN"]), ("xEN".into(), false));
-        // The earliest of several sequences wins.
-        assert_eq!(run(&["b", "a"], &["xab"]), ("x".into(), true));
-        // Multi-byte text is cut on character boundaries.
-        assert_eq!(run(&["é!"], &["aé", "é", "!"]), ("aé".into(), true));
-        let stops = vec!["zz".to_string()];
-        let mut m = StopMatcher::new(&stops);
-        let (t, _) = m.push("héz");
-        assert_eq!(t, "hé");
-        assert_eq!(m.finish("é"), "zé");
     }
 }

@@ -22,17 +22,17 @@ fn reference(prompt_ids: &[u32], max: usize, cfg: SamplerConfig) -> (String, usi
     let mut session = Session::with_kv_type(&model, 256, KvType::F16);
     let mut sampler = Sampler::new(cfg);
     let mut ids = Vec::new();
-    moe_runtime::generate::generate(
-        &mut session,
-        &mut sampler,
-        prompt_ids,
-        max,
-        |id| tok.is_end_of_generation(id),
-        |id| {
-            ids.push(id);
-            true
-        },
-    )
+    let request = moe_runtime::engine::Request {
+        prompt: prompt_ids,
+        max_tokens: max,
+        stop: &[],
+        ignore_eos: false,
+        skip_special: true,
+    };
+    moe_runtime::engine::generate(&mut session, &mut sampler, Some(&tok), &request, |piece| {
+        ids.extend(piece.id);
+        true
+    })
     .unwrap();
     (tok.decode(&ids, true).unwrap(), ids.len())
 }

@@ -5,7 +5,7 @@
 
 pub mod board;
 pub mod cli;
-pub mod generate;
+pub mod engine;
 pub mod gguf;
 pub mod model;
 pub mod moe;
@@ -15,3 +15,4 @@ pub mod sampling;
 pub mod tensor;
 pub mod threads;
 pub mod tokenizer;
+pub mod units;

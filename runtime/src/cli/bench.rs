@@ -11,7 +11,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::gguf::GgufFile;
+use super::args::StreamingArgs;
+use crate::engine::{Engine, PredictorChoice, SessionOptions, StreamingOptions};
 use crate::model::{Model, Session};
 
 #[derive(clap::Args, Debug)]
@@ -44,7 +45,7 @@ pub struct BenchArgs {
     #[arg(long)]
     text: Option<PathBuf>,
     #[command(flatten)]
-    streaming: super::streaming::StreamingArgs,
+    streaming: StreamingArgs,
     /// Board profile for the defaults of threads and expert streaming (see moe-run --help);
     /// off by default so that measurements use only the flags given
     #[arg(long, default_value = "none")]
@@ -131,30 +132,39 @@ struct Report {
     predictor_rss_bytes: Option<u64>,
 }
 
-pub fn run(mut args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<()> {
-    let (board, startup) = super::board_defaults(&args.target_profile, &args.model)?;
-    super::set_threads(args.threads.or(board.as_ref().map(|b| b.threads)));
-    args.streaming.board = board;
-    let file = GgufFile::open(&args.model)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
-    let model = Model::load(&file)?;
-    let n_ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);
-    let mut session = Session::new(&model, n_ctx);
-    session.set_profiling(args.profile);
-    let streaming = args
-        .streaming
-        .build(&model, &args.model, session.kv_bytes())?;
-    let setup = format!("{startup}, {}", super::streaming::describe(&streaming));
-    session.set_streaming(streaming);
-    session.set_route_options(args.streaming.route_options());
+pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<()> {
+    let engine = Engine::open(
+        &args.model,
+        SessionOptions {
+            target_profile: args.target_profile.clone(),
+            threads: args.threads,
+            n_ctx: Some((args.n_prompt.max(args.n_gen) + 1).max(16)),
+            kv_type: Some(crate::model::KvType::F16),
+            streaming: StreamingOptions {
+                predictor: PredictorChoice::None,
+                ..args.streaming.options()
+            },
+            profiling: args.profile,
+        },
+    )?;
+    let file = engine.file();
+    let model = engine.load_model()?;
+    let mut session = engine.session(&model)?;
+    let setup = engine.startup_line(&session);
     let rss0 = current_rss_bytes();
-    session.set_predictor(args.streaming.predictor(&model, &args.model)?);
+    session.set_predictor(
+        args.streaming
+            .options()
+            .predictor(&model, &args.model)
+            .map_err(anyhow::Error::from)?,
+    );
     let predictor_rss_bytes = current_rss_bytes()
         .zip(rss0)
         .map(|(a, b)| a.saturating_sub(b));
     let text_tokens = match &args.text {
         Some(path) => {
-            let tok = crate::tokenizer::Tokenizer::from_gguf(file.header())
+            let tok = engine
+                .tokenizer()
                 .map_err(|e| anyhow::anyhow!("{e}: --text needs the model's tokenizer"))?;
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -248,7 +258,7 @@ pub fn run(mut args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Re
         kv_cache_bytes: session.kv_bytes(),
         peak_rss_bytes: peak_rss_bytes(),
         tests,
-        lossy: (!args.streaming.route_options().is_off()).then(|| session.lossy_stats().clone()),
+        lossy: (!engine.options().streaming.route.is_off()).then(|| session.lossy_stats().clone()),
         pinned_slots: session.expert_cache().map_or(0, |c| c.pinned()),
         predictions: session.prediction_stats().to_vec(),
         predictor: session.predictor_stats().cloned(),

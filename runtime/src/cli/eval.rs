@@ -8,9 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::gguf::GgufFile;
-use crate::model::{KvType, Model, Session};
-use crate::tokenizer::Tokenizer;
+use super::args::StreamingArgs;
+use crate::engine::{Engine, SessionOptions};
+use crate::model::KvType;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -30,15 +30,23 @@ pub struct EvalArgs {
     #[arg(short = 't', long)]
     threads: Option<usize>,
     #[command(flatten)]
-    streaming: super::streaming::StreamingArgs,
+    streaming: StreamingArgs,
 }
 
 pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<()> {
-    super::set_threads(args.threads);
-    let file = GgufFile::open(&args.model)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
-    let model = Model::load(&file)?;
-    let tok = Tokenizer::from_gguf(file.header())?;
+    let engine = Engine::open(
+        &args.model,
+        SessionOptions {
+            target_profile: "none".into(),
+            threads: args.threads,
+            kv_type: Some(KvType::F32),
+            streaming: args.streaming.options(),
+            ..SessionOptions::default()
+        },
+    )?;
+    let file = engine.file();
+    let model = engine.load_model()?;
+    let tok = engine.tokenizer()?;
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
     let mut ids = tok.encode(&text, false)?;
@@ -50,12 +58,7 @@ pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<
             ids.len()
         );
     }
-    let mut session = Session::with_kv_type(&model, window, KvType::F32);
-    session.set_streaming(
-        args.streaming
-            .build(&model, &args.model, session.kv_bytes())?,
-    );
-    session.set_route_options(args.streaming.route_options());
+    let mut session = engine.session_with_ctx(&model, window)?;
     let vocab = model.hp.n_vocab;
     let (mut nll, mut scored) = (0f64, 0usize);
     let mut argmax = Vec::with_capacity(ids.len());
@@ -91,7 +94,7 @@ pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<
         "expert_bytes_per_token": session.expert_bytes_used() as f64 / ids.len() as f64,
         "expert_cache": session.expert_cache().map(|c| c.stats()),
         "peak_rss_bytes": super::bench::peak_rss_bytes(),
-        "lossy_routing": (!args.streaming.route_options().is_off())
+        "lossy_routing": (!engine.options().streaming.route.is_off())
             .then(|| session.lossy_stats().clone()),
     });
     writeln!(out, "{report}")?;

@@ -31,7 +31,7 @@ pub struct KernelBenchArgs {
 }
 
 pub fn run(args: KernelBenchArgs, out: &mut dyn Write) -> Result<()> {
-    super::set_threads(args.threads);
+    crate::threads::set_global_threads(args.threads);
     let mut tables: Vec<&'static Kernels> = vec![kernels::best()];
     if args.scalar && !std::ptr::eq(kernels::best(), &kernels::SCALAR) {
         tables.push(&kernels::SCALAR);

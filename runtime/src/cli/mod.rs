@@ -5,19 +5,19 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::generate::generate;
-use crate::gguf::GgufFile;
-use crate::model::{KvType, Model, Session};
+use crate::engine::{generate, Engine, Request, SessionOptions};
+use crate::model::KvType;
 use crate::sampling::{Sampler, SamplerConfig};
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+pub mod args;
 mod bench;
 mod eval;
 mod kernel_bench;
-pub mod streaming;
 mod trace;
+
+use args::{parse_kv_type, StreamingArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -100,7 +100,7 @@ struct Args {
     #[arg(long)]
     stats: bool,
     #[command(flatten)]
-    streaming: streaming::StreamingArgs,
+    streaming: StreamingArgs,
     /// KV cache type: f16 (half the memory) or f32 [default: f16, or the board profile's]
     #[arg(long, value_parser = parse_kv_type)]
     kv_type: Option<KvType>,
@@ -128,44 +128,21 @@ pub fn run(
     }
 }
 
-/// Board defaults for `--target-profile SPEC` and the model at `model`, with the start of the
-/// start-up line (`cpu: ..., kernels: ..., ram: ..., profile: ...`).
-pub fn board_defaults(
-    spec: &str,
-    model: &std::path::Path,
-) -> Result<(Option<crate::board::Defaults>, String)> {
-    let host = crate::board::Host::detect();
-    let resolved = crate::board::resolve(spec, &host, Some(model))?;
-    let line = crate::board::summary(&host, resolved.as_ref());
-    Ok((resolved.map(|r| r.defaults), line))
-}
-
-fn parse_kv_type(s: &str) -> Result<KvType, String> {
-    KvType::from_name(s).ok_or_else(|| format!("`{s}` is not f16 or f32"))
-}
-
-/// Sets the worker count once per process (later calls keep the first setting).
-fn set_threads(threads: Option<usize>) {
-    if let Some(t) = threads {
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
-            .build_global();
-    }
-}
-
-fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
+fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
     let model_path = args.model.clone().context("-m MODEL is required")?;
-    let (board, startup) = board_defaults(&args.target_profile, &model_path)?;
-    set_threads(args.threads.or(board.as_ref().map(|b| b.threads)));
-    let kv_type = args
-        .kv_type
-        .or(board.as_ref().map(|b| b.kv_type))
-        .unwrap_or(KvType::F16);
-    args.streaming.board = board;
-    let file = GgufFile::open(&model_path)
-        .with_context(|| format!("loading model {}", model_path.display()))?;
-    let model = Model::load(&file).with_context(|| format!("loading {}", model_path.display()))?;
-    let tokenizer = Tokenizer::from_gguf(file.header());
+    let engine = Engine::open(
+        &model_path,
+        SessionOptions {
+            target_profile: args.target_profile.clone(),
+            threads: args.threads,
+            n_ctx: args.ctx,
+            kv_type: args.kv_type,
+            streaming: args.streaming.options(),
+            profiling: false,
+        },
+    )?;
+    let model = engine.load_model()?;
+    let tokenizer = engine.tokenizer();
 
     let prompt: Vec<u32> = match (&args.tokens, &args.prompt) {
         (Some(ids), _) => ids.clone(),
@@ -181,18 +158,11 @@ fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Re
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens; give a longer prompt or --tokens");
     }
-    let n_ctx = args
-        .ctx
-        .unwrap_or_else(|| model.hp.n_ctx_train.min(4096))
+    let n_ctx = engine
+        .context_length(&model)
         .max(prompt.len() + args.n_predict);
-    let mut session = Session::with_kv_type(&model, n_ctx, kv_type);
-    let streaming = args
-        .streaming
-        .build(&model, &model_path, session.kv_bytes())?;
-    writeln!(err, "{startup}, {}", streaming::describe(&streaming))?;
-    session.set_streaming(streaming);
-    session.set_route_options(args.streaming.route_options());
-    session.set_predictor(args.streaming.predictor(&model, &model_path)?);
+    let mut session = engine.session_with_ctx(&model, n_ctx)?;
+    writeln!(err, "{}", engine.startup_line(&session))?;
 
     if let Some(path) = &args.dump_logits {
         let logits = session.forward(&prompt, true)?;
@@ -233,27 +203,27 @@ fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Re
         seed,
     });
 
-    let mut stream = tokenizer.as_ref().ok().map(|t| t.stream(false));
     if let Some(text) = &args.prompt {
         write!(out, "{text}")?;
         out.flush()?;
     }
     let mut generated = Vec::new();
-    let tok_ref = tokenizer.as_ref().ok();
+    let request = Request {
+        prompt: &prompt,
+        max_tokens: args.n_predict,
+        stop: &[],
+        ignore_eos: args.ignore_eos,
+        skip_special: false,
+    };
     let stats = generate(
         &mut session,
         &mut sampler,
-        &prompt,
-        args.n_predict,
-        |id| !args.ignore_eos && tok_ref.is_some_and(|t| t.is_end_of_generation(id)),
-        |id| {
-            generated.push(id);
-            if let Some(s) = stream.as_mut() {
-                if let Ok(text) = s.push(id) {
-                    let _ = write!(out, "{text}");
-                    let _ = out.flush();
-                }
-            }
+        tokenizer.as_ref().ok(),
+        &request,
+        |piece| {
+            generated.extend(piece.id);
+            let _ = write!(out, "{}", piece.text);
+            let _ = out.flush();
             true
         },
     )?;
@@ -280,7 +250,7 @@ fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Re
             "expert_bytes_used": session.expert_bytes_used(),
             "expert_cache": session.expert_cache().map(|c| c.stats()),
             "predictions": session.prediction_stats(),
-            "lossy_routing": (!args.streaming.route_options().is_off())
+            "lossy_routing": (!engine.options().streaming.route.is_off())
                 .then(|| session.lossy_stats().clone()),
             "pinned_slots": session.expert_cache().map_or(0, |c| c.pinned()),
             "predictor": session.predictor_stats(),

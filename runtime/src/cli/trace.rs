@@ -17,9 +17,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::gguf::GgufFile;
-use crate::model::{Ffn, Model, Session};
-use crate::tokenizer::Tokenizer;
+use crate::engine::{Engine, SessionOptions};
+use crate::model::Ffn;
 
 #[derive(clap::Args, Debug)]
 pub struct TraceArgs {
@@ -48,11 +47,17 @@ pub struct TraceArgs {
 }
 
 pub fn run(args: TraceArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
-    super::set_threads(args.threads);
-    let file = GgufFile::open(&args.model)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
-    let model = Model::load(&file)?;
-    let tokenizer = Tokenizer::from_gguf(file.header())
+    let engine = Engine::open(
+        &args.model,
+        SessionOptions {
+            target_profile: "none".into(),
+            threads: args.threads,
+            ..SessionOptions::default()
+        },
+    )?;
+    let model = engine.load_model()?;
+    let tokenizer = engine
+        .tokenizer()
         .map_err(|e| anyhow::anyhow!("{e}: tracing a text needs the model's tokenizer"))?;
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
@@ -88,7 +93,7 @@ pub fn run(args: TraceArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Result
         vec![0f32; n * nl * ne]
     };
 
-    let mut session = Session::new(&model, window);
+    let mut session = engine.session_with_ctx(&model, window)?;
     session.set_route_tracing(true);
     let t0 = std::time::Instant::now();
     for (w, chunk) in tokens.chunks(window).enumerate() {

@@ -6,11 +6,11 @@
 //!
 //! Shapes: `n` tokens, `d = n_embd`, `E = n_expert`.
 
+use super::error::ModelError;
 use super::hparams::HParams;
 use super::ops::sigmoid;
 use super::profile::{Phase, Profiler};
 use super::weights::{Ffn, MoeBlock};
-use super::error::ModelError;
 use crate::moe::cache::{ExpertCache, ExpertGuard};
 use crate::moe::experts::{add_transposed, run_experts, Assignment, ExpertJob, ExpertScratch};
 use crate::moe::lossy::{self, LossyStats, RouteOptions};
@@ -204,7 +204,13 @@ fn route_batch(
                 ExpertSource::Resident => true,
                 ExpertSource::Streamed(c) => c.contains(layer, e),
             };
-            lossy::apply(&control.opts, &mut r, hp.norm_topk, cached, &mut control.stats);
+            lossy::apply(
+                &control.opts,
+                &mut r,
+                hp.norm_topk,
+                cached,
+                &mut control.stats,
+            );
         }
         s.routes.push(r);
     }

@@ -7,10 +7,10 @@
 //! The forward pass calls in at named points: [`Foresight::before_batch`], then per layer
 //! [`Foresight::layer_start`], [`Foresight::after_mixer`] and [`Foresight::on_routing`].
 
+use super::error::ModelError;
 use super::hparams::HParams;
 use super::ops::rms_norm_rows;
 use super::weights::{Ffn, Model};
-use super::error::ModelError;
 use crate::moe::cache::ExpertCache;
 use crate::moe::decoupled::RouterState;
 use crate::moe::predictor::{ExpertPredictor, Predictions};
@@ -96,6 +96,10 @@ impl Foresight {
             router_state: model.router.as_ref().map(|r| r.new_state(n_ctx)),
             ..Default::default()
         }
+    }
+
+    pub fn lookahead(&self) -> usize {
+        self.lookahead
     }
 
     /// Predicts `depth` layers ahead with the lookahead gate (0 = off); resets its statistics.

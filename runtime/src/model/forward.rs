@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use super::attention::{attention, AttentionScratch};
+use super::error::ModelError;
 use super::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
 use super::foresight::{Foresight, PredictionStats};
 use super::mla::{mla_attention, MlaScratch};
@@ -23,7 +24,6 @@ use super::ops::{add_scaled, rms_norm_rows, RopeTable};
 use super::profile::Phase;
 use super::state::{KvType, LayerState, SequenceState};
 use super::weights::{Ffn, Mixer, Model};
-use super::error::ModelError;
 use crate::moe::cache::ExpertCache;
 use crate::moe::lossy::{LossyStats, RouteOptions};
 use crate::moe::predictor::ExpertPredictor;
@@ -115,8 +115,18 @@ impl<'m, 'a> Session<'m, 'a> {
         self.cache = streaming.cache;
     }
 
+    /// How many layers ahead the lookahead gate predicts (0 = off).
+    pub fn lookahead(&self) -> usize {
+        self.foresight.lookahead()
+    }
+
     pub fn expert_cache(&self) -> Option<&ExpertCache> {
         self.cache.as_deref()
+    }
+
+    /// The expert cache, shared (for reporting from other threads).
+    pub fn expert_cache_handle(&self) -> Option<Arc<ExpertCache>> {
+        self.cache.clone()
     }
 
     /// Lookahead prediction quality per depth.
@@ -303,17 +313,7 @@ impl<'m, 'a> Session<'m, 'a> {
                     prof,
                 ),
                 (Mixer::Mla(a), LayerState::Kv(kv)) => mla_attention(
-                    k,
-                    hp,
-                    a,
-                    &s.xn,
-                    n,
-                    pos,
-                    &self.rope,
-                    kv,
-                    &mut s.mla,
-                    &mut s.out,
-                    prof,
+                    k, hp, a, &s.xn, n, pos, &self.rope, kv, &mut s.mla, &mut s.out, prof,
                 ),
             }
             add_scaled(&mut s.x, &s.out, hp.residual_scale);

@@ -33,9 +33,15 @@ impl KvType {
 
 /// `[n_ctx, width]` keys and values.
 enum Store {
-    F32 { keys: Vec<f32>, values: Vec<f32> },
+    F32 {
+        keys: Vec<f32>,
+        values: Vec<f32>,
+    },
     /// As f16 bits.
-    F16 { keys: Vec<u16>, values: Vec<u16> },
+    F16 {
+        keys: Vec<u16>,
+        values: Vec<u16>,
+    },
 }
 
 /// Widths of one position's cached keys and values in an attention layer.

@@ -5,8 +5,8 @@ use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::tensor::QMatrix;
 
 use super::arch::QkNorm;
-use super::hparams::{HParams, MlaParams};
 use super::error::ModelError;
+use super::hparams::{HParams, MlaParams};
 
 /// One expert's matrix inside the file: its type, bytes and where they start.
 #[derive(Clone, Copy, Debug)]

@@ -9,8 +9,10 @@
 use crate::gguf::GgufHeader;
 
 mod ggml;
+mod stream;
 
 use ggml::rebuild_bpe_json;
+pub use stream::Detokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -114,13 +116,8 @@ impl Tokenizer {
     }
 
     /// Incremental decoder that yields text only once it forms whole UTF-8 characters.
-    pub fn stream(&self, skip_special: bool) -> TextStream<'_> {
-        TextStream {
-            tok: self,
-            ids: Vec::new(),
-            emitted: 0,
-            skip_special,
-        }
+    pub fn stream(&self, skip_special: bool) -> Detokenizer<'_> {
+        Detokenizer::new(self, skip_special)
     }
 
     pub fn bos(&self) -> Option<u32> {
@@ -141,28 +138,5 @@ impl Tokenizer {
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
-    }
-}
-
-/// Decodes a growing id sequence and hands out the new text.
-pub struct TextStream<'t> {
-    tok: &'t Tokenizer,
-    ids: Vec<u32>,
-    emitted: usize,
-    skip_special: bool,
-}
-
-impl TextStream<'_> {
-    /// Adds one id; returns text that became complete.
-    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
-        self.ids.push(id);
-        let text = self.tok.decode(&self.ids, self.skip_special)?;
-        // Hold back an incomplete multi-byte character (decoded as U+FFFD) until it completes.
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
-            return Ok(String::new());
-        }
-        let new = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(new)
     }
 }

@@ -1,0 +1,233 @@
+//! The generation loop shared by moe-run, moed and the tests: evaluate a prompt, then sample
+//! token after token, turning them into text incrementally and watching for end-of-generation
+//! tokens, stop strings and cancellation.
+
+use std::time::{Duration, Instant};
+
+use crate::model::{ModelError, Session};
+use crate::sampling::Sampler;
+use crate::tokenizer::Tokenizer;
+
+/// What to generate.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'r> {
+    pub prompt: &'r [u32],
+    /// At most this many new tokens (0: nothing is evaluated).
+    pub max_tokens: usize,
+    /// Generation stops at the first of these strings; it and anything after it are dropped.
+    pub stop: &'r [String],
+    /// Go on past end-of-generation tokens.
+    pub ignore_eos: bool,
+    /// Leave special tokens out of the text.
+    pub skip_special: bool,
+}
+
+/// New output: a generated token and the text that became final with it (often empty: a
+/// character still incomplete, or text that may begin a stop string), or, with `id` None, the
+/// text held back until the end.
+#[derive(Clone, Copy, Debug)]
+pub struct Piece<'p> {
+    pub id: Option<u32>,
+    pub text: &'p str,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StopReason {
+    /// `max_tokens` were generated.
+    #[default]
+    Length,
+    /// The model produced an end-of-generation token (not passed on).
+    EndOfGeneration,
+    /// The text reached a stop string.
+    StopString,
+    /// The caller's callback asked to stop.
+    Cancelled,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prompt_time: Duration,
+    pub generation_time: Duration,
+    pub stop: StopReason,
+    /// Routed-expert weight bytes the prompt's batch used.
+    pub prompt_expert_bytes: u64,
+    /// Routed-expert weight bytes the single-token decode steps used, and how many there were.
+    pub decode_expert_bytes: u64,
+    pub decode_steps: usize,
+}
+
+/// Evaluates `req.prompt`, then samples up to `req.max_tokens` tokens, calling `on_piece` for
+/// each one; `on_piece` returns false to stop (cancellation). Without a tokenizer there is no
+/// text, no stop string and no end-of-generation token.
+pub fn generate(
+    session: &mut Session,
+    sampler: &mut Sampler,
+    tokenizer: Option<&Tokenizer>,
+    req: &Request,
+    mut on_piece: impl FnMut(Piece) -> bool,
+) -> Result<GenerationStats, ModelError> {
+    let mut stats = GenerationStats {
+        prompt_tokens: req.prompt.len(),
+        ..Default::default()
+    };
+    if req.max_tokens == 0 {
+        return Ok(stats);
+    }
+    let mut detok = tokenizer.map(|t| t.stream(req.skip_special));
+    let mut stops = StopMatcher::new(if tokenizer.is_some() { req.stop } else { &[] });
+    let mut history = Vec::with_capacity(req.prompt.len() + req.max_tokens);
+    history.extend_from_slice(req.prompt);
+
+    let bytes0 = session.expert_bytes_used();
+    let t0 = Instant::now();
+    let mut logits = session.forward(req.prompt, false)?.to_vec();
+    stats.prompt_time = t0.elapsed();
+    let bytes1 = session.expert_bytes_used();
+    stats.prompt_expert_bytes = bytes1 - bytes0;
+
+    let t1 = Instant::now();
+    loop {
+        let next = sampler.sample(&logits, &history);
+        if !req.ignore_eos && tokenizer.is_some_and(|t| t.is_end_of_generation(next)) {
+            stats.stop = StopReason::EndOfGeneration;
+            break;
+        }
+        history.push(next);
+        stats.generated_tokens += 1;
+        let text = detok.as_mut().map(|d| d.push(next)).unwrap_or_default();
+        let (text, stopped) = stops.push(&text);
+        if !on_piece(Piece {
+            id: Some(next),
+            text: &text,
+        }) {
+            stats.stop = StopReason::Cancelled;
+            break;
+        }
+        if stopped {
+            stats.stop = StopReason::StopString;
+            break;
+        }
+        if stats.generated_tokens == req.max_tokens {
+            stats.stop = StopReason::Length;
+            break;
+        }
+        logits.clear();
+        logits.extend_from_slice(session.forward(&[next], false)?);
+        stats.decode_steps += 1;
+    }
+    if matches!(stats.stop, StopReason::Length | StopReason::EndOfGeneration) {
+        let held = detok.as_mut().map(|d| d.finish()).unwrap_or_default();
+        let rest = stops.finish(&held);
+        if !rest.is_empty()
+            && !on_piece(Piece {
+                id: None,
+                text: &rest,
+            })
+        {
+            stats.stop = StopReason::Cancelled;
+        }
+    }
+    stats.generation_time = t1.elapsed();
+    stats.decode_expert_bytes = session.expert_bytes_used() - bytes1;
+    Ok(stats)
+}
+
+/// Finds stop sequences in generated text, holding back any tail that could begin one.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+    pub stopped: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.to_vec(),
+            pending: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Adds `text`; returns what can be emitted and whether a stop sequence was reached (the
+    /// sequence and anything after it are dropped).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        if self.stops.is_empty() {
+            return (text.to_string(), false);
+        }
+        self.pending.push_str(text);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            self.pending.truncate(at);
+            self.stopped = true;
+            return (std::mem::take(&mut self.pending), true);
+        }
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let len = self.pending.len();
+        let keep = (1..longest.min(len + 1))
+            .rev()
+            .find(|&k| {
+                self.pending.is_char_boundary(len - k)
+                    && self
+                        .stops
+                        .iter()
+                        .any(|s| s.starts_with(&self.pending[len - k..]))
+            })
+            .unwrap_or(0);
+        let rest = self.pending.split_off(len - keep);
+        (std::mem::replace(&mut self.pending, rest), false)
+    }
+
+    /// Adds the final `text` and releases everything held back.
+    pub fn finish(&mut self, text: &str) -> String {
+        let (mut out, stopped) = self.push(text);
+        if !stopped {
+            out.push_str(&std::mem::take(&mut self.pending));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut m = StopMatcher::new(&stops);
+        let mut out = String::new();
+        for p in pieces {
+            let (t, stop) = m.push(p);
+            out += &t;
+            if stop {
+                return (out, true);
+            }
+        }
+        out += &m.finish("");
+        (out, false)
+    }
+
+    #[test]
+    fn stop_sequences_across_pieces() {
+        assert_eq!(run(&[], &["ab", "c"]), ("abc".into(), false));
+        assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), true));
+        assert_eq!(run(&["END"], &["xE", "N", "D", "y"]), ("x".into(), true));
+        // A held-back partial match that does not complete is released.
+        assert_eq!(run(&["END"], &["xE", "Nq"]), ("xENq".into(), false));
+        assert_eq!(run(&["END"], &["xEN"]), ("xEN".into(), false));
+        // The earliest of several sequences wins.
+        assert_eq!(run(&["b", "a"], &["xab"]), ("x".into(), true));
+        // Multi-byte text is cut on character boundaries.
+        assert_eq!(run(&["é!"], &["aé", "é", "!"]), ("aé".into(), true));
+        let stops = vec!["zz".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        let (t, _) = m.push("héz");
+        assert_eq!(t, "hé");
+        assert_eq!(m.finish("é"), "zé");
+    }
+}
