@@ -269,7 +269,7 @@ impl StreamingArgs {
     }
 }
 
-/// The pre-gating router at `onnx`: natively when it is the GRU of `scripts/train_pregate.py`,
+/// The pre-gating router at `onnx`: natively when it is the GRU of `scripts/train/train_pregate.py`,
 /// else (with the `pregate` feature) with tract-onnx.
 fn pregate(
     onnx: &Path,
