@@ -2,7 +2,7 @@
 # The project's test command (CI runs exactly this): formatting, lints, then every test; on an
 # x86_64 host also the lints for aarch64 and the whole suite again under qemu-aarch64 as a
 # Raspberry Pi 4 (cortex-a72, NEON without dotprod) and a Pi 5 (cortex-a76, dotprod), which
-# installs the cross toolchain and qemu-user when missing (scripts/qemu-test.sh).
+# installs the cross toolchain and qemu-user when missing (scripts/check/qemu-test.sh).
 #
 #   MOE_EDGE_QEMU=0 scripts/test.sh      native only (quick local runs)
 #   MOE_EDGE_PREGATE=1 scripts/test.sh   also the pre-gating router (tract-onnx) lints and tests
@@ -39,7 +39,7 @@ fi
 # under its 30 minutes, and every test exercises the NEON kernels through the forward pass.
 if [ "${MOE_EDGE_QEMU:-1}" != 0 ] && [ "$(uname -m)" = x86_64 ]; then
   start=$(date +%s)
-  scripts/qemu-test.sh both
+  scripts/check/qemu-test.sh both
   # The NEON code (and board detection) compiles only for aarch64, so only an aarch64 clippy
   # sees it. It is all in moe-runtime; linting the other crates for aarch64 too costs CI about
   # 2 minutes, so they are linted only once they have aarch64-only code.

@@ -1,5 +1,5 @@
 //! A Q4_K_M file quantized by llama.cpp itself (tests/fixtures/qwen3_moe_q4_k_m, made by
-//! scripts/make_kquant_fixture.py): Q4_K and Q6_K matrices, F32 norms and routers, as Hub
+//! scripts/fixtures/make_kquant_fixture.py): Q4_K and Q6_K matrices, F32 norms and routers, as Hub
 //! downloads are. The runtime must (a) give llama.cpp's logits on the same file, up to float
 //! summation order, and (b) stay as close to the unquantized model (transformers' logits) as
 //! llama.cpp does.

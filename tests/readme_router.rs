@@ -1,7 +1,7 @@
 //! A model routed by a Read-ME decoupled router (one small causal transformer over token ids whose
 //! choice every MoE layer uses): the converter carries the router into the GGUF, the runtime runs
 //! it natively before the backbone, and the result reproduces the PyTorch reference
-//! (scripts/make_readme_fixture.py): logits, greedy ids, and each layer's experts. The routes are
+//! (scripts/fixtures/make_readme_fixture.py): logits, greedy ids, and each layer's experts. The routes are
 //! known before layer 0, so the expert cache loads them ahead; streamed stays bit-identical to
 //! resident.
 

@@ -1,5 +1,5 @@
 //! The small trained Qwen3-MoE model in `models/small-moe/` (made by
-//! `scripts/train_small_moe.py`, see its REPORT.md).
+//! `scripts/train/train_small_moe.py`, see its REPORT.md).
 //!
 //! - Its committed bf16 Hugging Face checkpoint, converted to f32, reproduces transformers'
 //!   float32 logits on a held-out paragraph within 1e-4 of the largest logit, and transformers'

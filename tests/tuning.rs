@@ -1,7 +1,7 @@
 //! Calibration-driven conversions and lossy routing options:
 //! - pruning by an explicit list removes exactly those experts, and the pruned file matches
 //!   transformers run with the same experts masked out of their routers (tests/fixtures/
-//!   qwen3_moe/pruned.json, from scripts/make_fixtures.py);
+//!   qwen3_moe/pruned.json, from scripts/fixtures/make_fixtures.py);
 //! - a mixed-precision (per-expert types) file loads, each expert dequantizes to its own type's
 //!   round trip of the source weights, and the model matches its dequantized reference;
 //! - the lossy routing options are off by default and change nothing when off.

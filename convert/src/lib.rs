@@ -294,7 +294,7 @@ pub fn convert_tuned_with_metadata(
     result
 }
 
-/// A pre-gating router network (ONNX, from scripts/train_pregate.py) referenced from the GGUF:
+/// A pre-gating router network (ONNX, from scripts/train/train_pregate.py) referenced from the GGUF:
 /// the key `moe_edge.pregate.onnx` names it relative to the GGUF's folder, where moe-run's
 /// `--predictor pregate` looks for it. A file elsewhere is copied beside the output as
 /// `<output stem>.pregate.onnx`, so the pair can be moved together.
@@ -309,7 +309,7 @@ impl PregateSidecar {
         let meta = std::fs::metadata(onnx).map_err(|e| ConvertError::io(onnx, e))?;
         if !meta.is_file() || meta.len() == 0 {
             return Err(ConvertError::Input(format!(
-                "--pregate {}: not a (non-empty) file; pass the .onnx that scripts/train_pregate.py wrote",
+                "--pregate {}: not a (non-empty) file; pass the .onnx that scripts/train/train_pregate.py wrote",
                 onnx.display()
             )));
         }

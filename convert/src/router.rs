@@ -2,7 +2,7 @@
 //! that picks every token's experts before the backbone runs; every MoE layer uses its choice.
 //! Architecture-independent: it sits beside any backbone the `arch` module converts.
 //!
-//! Source (Read-ME's `LlamaForCausalLM.cluster_predictor`, see scripts/make_readme_fixture.py):
+//! Source (Read-ME's `LlamaForCausalLM.cluster_predictor`, see scripts/fixtures/make_readme_fixture.py):
 //! config.json keys `add_cluster_predictor`, `embedding_dim`, `inter_dim`, `N_cluster`,
 //! `n_layer`, `n_head`, `normalizer`, `hidden_act_predictor`,
 //! `max_position_embeddings_predictor`, `nonautoregressive`; tensors `cluster_predictor.*`.

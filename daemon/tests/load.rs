@@ -7,7 +7,7 @@
 //! Knobs (environment): MOED_LOAD_CLIENTS (16), MOED_LOAD_REQUESTS (200),
 //! MOED_LOAD_MAX_QUEUE (8), MOED_LOAD_TOKEN_DELAY_MS (2; a per-token sleep that makes the random-weight fixture about as
 //! slow as a small model on a board, so the queue fills), MOED_TEST_MODEL (another GGUF file).
-//! `scripts/moed-loadtest.sh` runs it with the figures shown.
+//! `scripts/check/moed-loadtest.sh` runs it with the figures shown.
 
 mod common;
 

@@ -41,7 +41,7 @@ struct Args {
     /// Measure each expert's output error (KL when dropped) on this many tokens (0 = skip)
     #[arg(long, default_value_t = 256)]
     calib_kl_tokens: usize,
-    /// Write the calibration statistics as JSON here (scripts/plot_calib.py draws them)
+    /// Write the calibration statistics as JSON here (scripts/analysis/plot_calib.py draws them)
     #[arg(long)]
     calib_json: Option<PathBuf>,
     /// Remove experts: top:N (the N most used per layer), mass:F (the most used experts
@@ -57,7 +57,7 @@ struct Args {
     /// Share of each layer's experts (the most used) that get the hot type
     #[arg(long, default_value_t = 0.25)]
     hot_fraction: f64,
-    /// A pre-gating router network (ONNX, from scripts/train_pregate.py) for this model: the
+    /// A pre-gating router network (ONNX, from scripts/train/train_pregate.py) for this model: the
     /// GGUF names it (`moe_edge.pregate.onnx`) and it is copied beside the output when it is
     /// not there, so `moe-run --predictor pregate` finds it without --pregate
     #[arg(long, value_name = "FILE.onnx")]

@@ -1,7 +1,7 @@
 //! `moe-run eval`: perplexity of a text, decoded one token at a time as generation runs (so
 //! the expert cache and the lossy routing options behave as they do on a board), plus each
 //! position's most likely next token for agreement with a reference model
-//! (scripts/quality_table.py compares runs).
+//! (scripts/bench/quality_table.py compares runs).
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -232,7 +232,7 @@ fn fits(model: &Model, kv_bytes: usize, budget: usize) -> bool {
     model.file.bytes().len() + kv_bytes + RUNTIME_OVERHEAD <= budget
 }
 
-/// The pre-gating router at `onnx`: natively when it is the GRU of `scripts/train_pregate.py`,
+/// The pre-gating router at `onnx`: natively when it is the GRU of `scripts/train/train_pregate.py`,
 /// else (with the `pregate` feature) with tract-onnx.
 fn pregate(
     onnx: &Path,

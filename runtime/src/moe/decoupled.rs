@@ -3,7 +3,7 @@
 //! MoE layer then routes by these scores instead of its own gate, so a batch's whole expert set
 //! is known ahead and the expert cache can load it (and plan Belady eviction) before layer 0.
 //!
-//! Network (Read-ME's autoregressive `cluster_predictor`, scripts/make_readme_fixture.py is the
+//! Network (Read-ME's autoregressive `cluster_predictor`, scripts/fixtures/make_readme_fixture.py is the
 //! PyTorch reference), width `d`, `h` heads of `d / h`:
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! The pre-gating router of `scripts/train_pregate.py` run natively: a GRU over token ids whose
+//! The pre-gating router of `scripts/train/train_pregate.py` run natively: a GRU over token ids whose
 //! weights are read from its ONNX file, computed in plain f32. The network is ~85k multiply-adds
 //! per token; a general ONNX runtime (tract, behind the `pregate` feature) spends several times
 //! that on per-op dispatch and allocation, and adds ~10 MiB of RSS.
@@ -97,7 +97,9 @@ impl GruPredictor {
     ) -> Result<Self, PredictorError> {
         let bytes = std::fs::read(path).map_err(|e| PredictorError::Load {
             path: path.display().to_string(),
-            why: format!("{e} (train one with scripts/train_pregate.py, or pass --pregate PATH)"),
+            why: format!(
+                "{e} (train one with scripts/train/train_pregate.py, or pass --pregate PATH)"
+            ),
         })?;
         Self::from_bytes(&bytes, path, n_model_layers, n_expert, k)
     }

@@ -6,7 +6,7 @@
 //! - [`FrequencyPredictor`]: each layer's most used experts so far (learned online from what
 //!   the routers chose); the baseline.
 //! - [`GruPredictor`]: a Read-ME-style pre-gating router, a small causal network (a GRU) over
-//!   token ids distilled from the model's routing (`scripts/train_pregate.py`), exported as ONNX
+//!   token ids distilled from the model's routing (`scripts/train/train_pregate.py`), exported as ONNX
 //!   and run natively (`moe::gru`). Its recurrent state makes a decode step O(1).
 //! - `PregatePredictor` (feature `pregate`): any such network run with tract-onnx; the fallback
 //!   for ONNX graphs other than that GRU, and the cross-check of the native one.
@@ -30,11 +30,11 @@ pub enum PredictorError {
     #[error("pre-gating router failed on token {token}: {why}")]
     Run { token: u32, why: String },
     /// A valid router, but not the GRU that [`GruPredictor`] runs natively.
-    #[error("pre-gating router {path} is not the GRU network of scripts/train_pregate.py ({why}); other networks run with tract-onnx: rebuild with `cargo build --release -p moe-runtime --features pregate`, or use --predictor frequency")]
+    #[error("pre-gating router {path} is not the GRU network of scripts/train/train_pregate.py ({why}); other networks run with tract-onnx: rebuild with `cargo build --release -p moe-runtime --features pregate`, or use --predictor frequency")]
     Foreign { path: String, why: String },
 }
 
-/// What a pre-gating router's ONNX metadata says (written by `scripts/train_pregate.py`), checked
+/// What a pre-gating router's ONNX metadata says (written by `scripts/train/train_pregate.py`), checked
 /// against the model it is loaded for.
 #[derive(Clone, Debug)]
 pub struct PregateMeta {
@@ -260,7 +260,7 @@ mod onnx {
 
     type Plan = SimplePlan<TypedFact, Box<dyn TypedOp>, Graph<TypedFact, Box<dyn TypedOp>>>;
 
-    /// A pre-gating router exported by `scripts/train_pregate.py`: one decode step per call,
+    /// A pre-gating router exported by `scripts/train/train_pregate.py`: one decode step per call,
     /// `(token int64 [1], h f32 [1, H]) -> (logits f32 [1, L * E], h_next f32 [1, H])`, the
     /// logits layer-major over the MoE layers named in its metadata (`moe_edge.layers`).
     pub struct PregatePredictor {
@@ -290,7 +290,7 @@ mod onnx {
             };
             let bytes = std::fs::read(path).map_err(|e| {
                 err(format!(
-                    "{e} (train one with scripts/train_pregate.py, or pass --pregate PATH)"
+                    "{e} (train one with scripts/train/train_pregate.py, or pass --pregate PATH)"
                 ))
             })?;
             let proto = tract_onnx::onnx()

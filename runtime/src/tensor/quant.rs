@@ -165,7 +165,7 @@ mod tests {
     use super::*;
 
     /// Blocks and their values as gguf-py (llama.cpp's reference) encodes and decodes them
-    /// (scripts/make_q5_0_vectors.py).
+    /// (scripts/fixtures/make_q5_0_vectors.py).
     const Q5_0_BLOCKS: &[u8] = include_bytes!("../../tests/fixtures/q5_0/blocks.bin");
     const Q5_0_VALUES: &[u8] = include_bytes!("../../tests/fixtures/q5_0/values.f32");
 

@@ -2,7 +2,7 @@
 """Pre-gating router benchmark (a benchmark, never a test): prediction quality per layer and the
 end-to-end effect of each expert predictor on decode over held-out text.
 
-    python3 scripts/bench_pregate.py -m models/small-moe/small-moe-q8_0.gguf --text eval.txt \
+    python3 scripts/bench/bench_pregate.py -m models/small-moe/small-moe-q8_0.gguf --text eval.txt \
         [--bin target/release/moe-run] [--budgets 25,50] [--profiles microsd,nvme] \
         [--rounds 3] [-n 64] [-t 2] [--json out.json]
 
@@ -24,7 +24,7 @@ import os
 import statistics
 import subprocess
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 SETUPS = {  # name -> extra moe-run arguments
     "none": ["--lookahead", "0"],

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Deploy moed and moe-run with a model to a board over ssh, then check /health.
 #
-#   scripts/deploy.sh pi@raspberrypi.local --profile pi5 --model model.gguf
+#   scripts/deploy/deploy.sh pi@raspberrypi.local --profile pi5 --model model.gguf
 #
 # Options:
 #   --profile NAME      board profile (targets/profiles: pi5, pi4, zero2w, generic-aarch64,
@@ -26,9 +26,9 @@
 # --no-systemd) moed is started with nohup instead and its pid kept in /run/moed/moed.pid.
 #
 # Honours CARGO_TARGET_DIR. Building for aarch64 installs the cross toolchain when missing
-# (scripts/cross-build.sh --setup-only).
+# (scripts/deploy/cross-build.sh --setup-only).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 die() {
   echo "deploy: error: $*" >&2
@@ -125,7 +125,7 @@ fi
 if [ -z "$bin_dir" ]; then
   echo "== building moed and moe-run (release) for $target"
   case "$target" in
-    aarch64-unknown-linux-gnu) scripts/cross-build.sh --setup-only ;;
+    aarch64-unknown-linux-gnu) scripts/deploy/cross-build.sh --setup-only ;;
     *) grep -qx "$target" <<<"$(rustup target list --installed)" || rustup target add "$target" ;;
   esac
   start=$(date +%s)

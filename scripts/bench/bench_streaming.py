@@ -4,7 +4,7 @@
 1. Grid: generation speed, hit rate, stall time and reads per token for expert-cache sizes,
    eviction policies, lookahead depths and predictors at emulated flash speeds:
 
-    python3 scripts/bench_streaming.py grid -m MODEL.gguf [--text heldout.txt] \
+    python3 scripts/bench/bench_streaming.py grid -m MODEL.gguf [--text heldout.txt] \
         [--budgets 100,75,50,25] [--profiles microsd,usb-ssd,nvme] \
         [--setups lru:0,lfu:0,belady:0,belady:1,belady:2,belady:0:frequency] [-n 32] [-r 2]
 
@@ -16,7 +16,7 @@
 
 2. Side by side with llama.cpp on the real disk (root only; cgroup v1 memory controller):
 
-    LLAMA_BENCH=/work/llama.cpp-build/bin/llama-bench python3 scripts/bench_streaming.py vs-llama \
+    LLAMA_BENCH=/work/llama.cpp-build/bin/llama-bench python3 scripts/bench/bench_streaming.py vs-llama \
         -m MODEL.gguf --text heldout.txt --budgets 50,25 --readahead 128,8192 -n 8 -r 2 -t 1 \
         [--rounds 2] [--timeout 240]
 
@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 # One cgroup per run of this script, so that concurrent benchmarks do not share limits.
 CG = f"/sys/fs/cgroup/memory/moe-edge-bench-{os.getpid()}"
 

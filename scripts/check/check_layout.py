@@ -7,7 +7,7 @@
 - no source file over MAX_LINES lines unless its module docs say why ("This file is long
   because ...").
 
-    python3 scripts/ci/check_layout.py      # exit 1 and a report when something is wrong
+    python3 scripts/check/check_layout.py      # exit 1 and a report when something is wrong
 """
 import re, sys, os
 from pathlib import Path

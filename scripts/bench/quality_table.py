@@ -16,7 +16,7 @@ Files come from moe-convert (see --models for the names expected; REPORT in the 
         --hot-fraction 0.25/0.5, perexpert-q8_0: --expert-types hot=q8_0,cold=q8_0)
 
 Usage:
-  python3 scripts/quality_table.py --dir /tmp/calib/m --text heldout.txt [--budget 0.5]
+  python3 scripts/bench/quality_table.py --dir /tmp/calib/m --text heldout.txt [--budget 0.5]
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ transformers reference:
   greedy   llama.cpp's 16-token greedy continuation (argmax, no EOS stop) == greedy_ids
 
 Usage:
-  python scripts/llamacpp_parity.py /tmp/out                 # folder of <fixture>.gguf
-  python scripts/llamacpp_parity.py a.gguf qwen3_moe_q8_0.gguf  # explicit files
+  python scripts/check/llamacpp_parity.py /tmp/out                 # folder of <fixture>.gguf
+  python scripts/check/llamacpp_parity.py a.gguf qwen3_moe_q8_0.gguf  # explicit files
 
 A file maps to the fixture whose name is its stem, or the longest fixture name
 that prefixes the stem followed by "_", "-" or "." (qwen3_moe_q8_0.gguf ->
@@ -26,7 +26,7 @@ fail to load without failing the run; their llama.cpp error is still printed.
 The bindings load libllama from LLAMA_CPP_LIB_PATH when set, so a llama.cpp
 built elsewhere can be used with a pure-Python install of llama-cpp-python:
   CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install llama-cpp-python
-  LLAMA_CPP_LIB_PATH=/path/to/llama.cpp/build/bin python scripts/llamacpp_parity.py ...
+  LLAMA_CPP_LIB_PATH=/path/to/llama.cpp/build/bin python scripts/check/llamacpp_parity.py ...
 """
 import argparse
 import ctypes
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 
 # Fixtures whose model shape llama.cpp cannot represent (not converter bugs):
 # fixture -> (part of llama.cpp's load error, reason). Any other load error fails the run.

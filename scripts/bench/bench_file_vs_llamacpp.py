@@ -3,7 +3,7 @@
 llama-quantize), alternating the two so that the machine's drift hits both alike.
 
     LLAMA_BENCH=/work/llama.cpp-build/bin/llama-bench MOE_RUN=target/release/moe-run \\
-        python3 scripts/bench_file_vs_llamacpp.py FILE.gguf [--threads 2] [--rounds 3] [-p 64] [-n 32]
+        python3 scripts/bench/bench_file_vs_llamacpp.py FILE.gguf [--threads 2] [--rounds 3] [-p 64] [-n 32]
 
 llama-bench runs with --repack 0 (same weights in memory as moe-run) and the median of its
 samples is used, since its first repetitions may still be paging the file in. The load average
@@ -16,7 +16,7 @@ import os
 import statistics
 import subprocess
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def main():

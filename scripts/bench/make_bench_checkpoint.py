@@ -13,7 +13,7 @@ Weights are random (seeded), so routing is unrealistic: use it for speed in the 
 not for caching studies. bf16 on disk by default, written layer by layer into shards so memory
 stays small.
 
-    python3 scripts/make_bench_checkpoint.py OUT_DIR [--arch qwen3_moe|deepseek_v3] [--dtype bf16|f32] [--layers N]
+    python3 scripts/bench/make_bench_checkpoint.py OUT_DIR [--arch qwen3_moe|deepseek_v3] [--dtype bf16|f32] [--layers N]
 """
 import argparse
 import json
@@ -24,7 +24,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE_TOKENIZER = os.path.join(HERE, "..", "tests", "fixtures", "qwen3_moe")
+FIXTURE_TOKENIZER = os.path.join(HERE, "..", "..", "tests", "fixtures", "qwen3_moe")
 
 
 def bf16_bits(a):

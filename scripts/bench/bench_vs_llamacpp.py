@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Speed of moe-run against llama.cpp on the same GGUF files, same threads, same machine.
 
-Builds the benchmark checkpoint (scripts/make_bench_checkpoint.py) if needed, converts it with
+Builds the benchmark checkpoint (scripts/bench/make_bench_checkpoint.py) if needed, converts it with
 moe-convert to each type, then alternates `moe-run bench` and `llama-bench` runs (llama-bench
 is used only when the LLAMA_BENCH environment variable names its binary) and prints the ratios.
 Alternating matters: this machine's speed drifts 10-30% between passes.
 
-    LLAMA_BENCH=/path/to/llama-bench python3 scripts/bench_vs_llamacpp.py \
+    LLAMA_BENCH=/path/to/llama-bench python3 scripts/bench/bench_vs_llamacpp.py \
         [--types q4_0,q8_0] [--threads 1,2] [--rounds 3] [-p 128] [-n 64]
 """
 import argparse
@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def run(cmd, **kw):
@@ -54,7 +54,7 @@ def main():
     ckpt = os.path.join(args.out, "qwen3moe-bench")
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         print("making the benchmark checkpoint ...", flush=True)
-        run([sys.executable, f"{ROOT}/scripts/make_bench_checkpoint.py", ckpt])
+        run([sys.executable, f"{ROOT}/scripts/bench/make_bench_checkpoint.py", ckpt])
     run(["cargo", "build", "--release", "--quiet", "-p", "moe-runtime", "-p", "moe-convert"], cwd=ROOT)
     llama_bench = os.environ.get("LLAMA_BENCH")
     if not llama_bench:

@@ -1,5 +1,5 @@
 """Offline cache-policy simulation for moe-edge (routed-expert cache, group = a layer's top-4).
-Usage: python3 scripts/sim_expert_cache.py TRACE_PREFIX [FREQ_RATE STICKINESS_RATE]
+Usage: python3 scripts/analysis/sim_expert_cache.py TRACE_PREFIX [FREQ_RATE STICKINESS_RATE]
 TRACE_PREFIX is what `moe-run trace --no-probs -o TRACE_PREFIX` wrote (made for the trained
 model models/small-moe: 24 experts, top-4, 6 layers; cache sizes 72 and 36 slots = 50%/25%).
 Prints misses of online policies against Belady's offline minimum (first half used to fit,

@@ -4,7 +4,7 @@ per layer and expert, selection frequency, router mass and output error when dro
 heat maps.
 
   pip install matplotlib
-  python3 scripts/plot_calib.py calib.json -o calib.png
+  python3 scripts/analysis/plot_calib.py calib.json -o calib.png
 """
 import argparse
 import json

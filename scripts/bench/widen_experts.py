@@ -5,7 +5,7 @@ The trained models/small-moe is smaller (6.5 MiB) than either engine's fixed foo
 memory-limited comparison on it measures nothing. This makes a checkpoint with the same trained
 routers and the same outputs but large experts (realistic routing, realistic expert bytes):
 
-    python3 scripts/widen_experts.py models/small-moe/hf /work/bench/small-moe-wide --width 2048 --verify
+    python3 scripts/bench/widen_experts.py models/small-moe/hf /work/bench/small-moe-wide --width 2048 --verify
     moe-convert /work/bench/small-moe-wide -o /work/bench/small-moe-wide-q8_0.gguf --type q8_0
 
 Every expert's FFN goes from moe_intermediate_size I to W hidden units:

@@ -31,7 +31,7 @@ runtime test that tract reproduces PyTorch.
 
     moe-run trace -m M.gguf --text train.txt -o /tmp/pregate/train --no-probs
     moe-run trace -m M.gguf --text eval.txt -o /tmp/pregate/eval
-    python3 scripts/train_pregate.py --train /tmp/pregate/train --eval /tmp/pregate/eval \
+    python3 scripts/train/train_pregate.py --train /tmp/pregate/train --eval /tmp/pregate/eval \
         --hf models/small-moe/hf --onnx models/small-moe/small-moe-q8_0.pregate.onnx \
         --fixture runtime/tests/fixtures/pregate --report /tmp/pregate/report.json
 """

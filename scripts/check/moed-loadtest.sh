@@ -4,12 +4,12 @@
 # complete with the text it gives alone or be refused 503, none may hang, memory must level off,
 # and the daemon must answer afterwards. Prints requests/s, latency p50/p99, rejections and RSS.
 #
-#   scripts/moed-loadtest.sh [--release]
+#   scripts/check/moed-loadtest.sh [--release]
 #
 # Knobs: MOED_LOAD_CLIENTS (16), MOED_LOAD_REQUESTS (200), MOED_LOAD_TOKEN_DELAY_MS (2),
 # MOED_LOAD_MAX_QUEUE (8), MOED_TEST_MODEL=/path/model.gguf (a real model instead of the fixture).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 profile=()
 if [[ "${1:-}" == "--release" ]]; then profile=(--release); fi
 exec timeout 600 cargo test -p moe-daemon "${profile[@]}" --test load -- --nocapture

@@ -7,7 +7,7 @@ session times it: one network step + top-k per layer), one backbone layer's time
 decode time minus the output projection, over the layer count), their ratio, and the RSS the
 predictor added. QEMU timings are not ARM timings; the ratio is what carries over, roughly.
 
-  scripts/qemu_predictor_cost.py --bin target/aarch64-unknown-linux-gnu/release/moe-run \\
+  scripts/bench/qemu_predictor_cost.py --bin target/aarch64-unknown-linux-gnu/release/moe-run \\
       -m models/small-moe/small-moe-q8_0.gguf --cpus cortex-a72,cortex-a76 --rounds 3
   (any build runs the GRU router natively; --cpus native runs the binary directly)
 """

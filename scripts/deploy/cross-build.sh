@@ -2,13 +2,13 @@
 # Release builds of moe-run, moed and moe-convert for 64-bit Raspberry Pi OS (and other aarch64 glibc
 # Linux), cross-compiled on an x86_64 Debian/Ubuntu host. Installs what is missing first.
 #
-#   scripts/cross-build.sh                           build, then report sizes and library needs
-#   scripts/cross-build.sh --setup-only [--qemu]     only install the toolchain (and qemu-user);
-#                                                    scripts/qemu-test.sh uses this
+#   scripts/deploy/cross-build.sh                           build, then report sizes and library needs
+#   scripts/deploy/cross-build.sh --setup-only [--qemu]     only install the toolchain (and qemu-user);
+#                                                    scripts/check/qemu-test.sh uses this
 #
 # The linker and the test runner come from .cargo/config.toml. Honours CARGO_TARGET_DIR.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 TARGET=aarch64-unknown-linux-gnu
 

@@ -4,15 +4,15 @@
 #   cortex-a72  Raspberry Pi 4: NEON without dotprod ("aarch64 neon" table)
 #   cortex-a76  Raspberry Pi 5: dotprod and fp16 ("aarch64 neon+dotprod", and the other table too)
 #
-#   scripts/qemu-test.sh [cortex-a72|cortex-a76|both] [cargo test options]     (default: both)
+#   scripts/check/qemu-test.sh [cortex-a72|cortex-a76|both] [cargo test options]     (default: both)
 #
 # Options are passed to every `cargo test` of the suite, e.g. `--exclude moe-daemon` or
 # `-- --skip some_test`; the summary counts tests filtered out that way.
 #
-# Installs the target, cross toolchain and qemu-user if missing (scripts/cross-build.sh). The
+# Installs the target, cross toolchain and qemu-user if missing (scripts/deploy/cross-build.sh). The
 # runner in .cargo/config.toml reads QEMU_CPU. Honours CARGO_TARGET_DIR.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 TARGET=aarch64-unknown-linux-gnu
 
@@ -30,7 +30,7 @@ if [ "$(uname -m)" = aarch64 ]; then
   echo "this is an aarch64 host: run cargo test --workspace directly (no emulation)" >&2
   exit 2
 fi
-scripts/cross-build.sh --setup-only --qemu
+scripts/deploy/cross-build.sh --setup-only --qemu
 known=$(qemu-aarch64 -cpu help || true) # exits with 1 after listing
 for cpu in "${cpus[@]}"; do
   if ! grep -qw "$cpu" <<<"$known"; then
