@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod calib;
+mod error;
 pub mod hf;
 pub mod plan;
 pub mod router;
@@ -15,46 +16,13 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use moe_runtime::gguf::{GgmlType, GgufError, GgufWriter, Value, PAGE_ALIGNMENT};
+use moe_runtime::gguf::{GgmlType, GgufWriter, Value, PAGE_ALIGNMENT};
 use rayon::prelude::*;
 
 pub use calib::CalibOptions;
+pub use error::ConvertError;
 pub use plan::Options;
 pub use tune::{ExpertTypes, PruneSpec};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConvertError {
-    #[error("{0}")]
-    Input(String),
-    #[error("config.json: `{field}` {why}")]
-    Config { field: String, why: String },
-    #[error("the checkpoint has no tensor `{0}` (is the folder complete, and is config.json's model_type right?)")]
-    MissingTensor(String),
-    #[error("tensor `{name}` has shape {found:?}, expected {expected:?} from config.json")]
-    Shape {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("{path}: {cause}")]
-    Io {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
-    #[error(transparent)]
-    Gguf(#[from] GgufError),
-}
-
-impl ConvertError {
-    pub fn io(path: &Path, cause: std::io::Error) -> Self {
-        Self::Io {
-            path: path.to_path_buf(),
-            cause,
-        }
-    }
-}
 
 /// What a conversion wrote.
 #[derive(Debug, Default)]

@@ -5,7 +5,7 @@ use moe_runtime::gguf::{GgmlType, TensorDecl, Value};
 
 use crate::arch::{ArchConverter, ExpertMlp, ExpertSource, FfnSource};
 use crate::hf::{Checkpoint, Config};
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 /// How the f32 values of one output tensor are produced from the checkpoint.
 #[derive(Clone, Debug)]

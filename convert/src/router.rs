@@ -24,7 +24,7 @@ use moe_runtime::gguf::Value;
 
 use crate::hf::{Checkpoint, Config};
 use crate::plan::Source;
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 /// GGUF prefix of the router's keys and tensors.
 pub const PREFIX: &str = "moe_edge.router.";

@@ -7,7 +7,7 @@ use moe_runtime::gguf::Value;
 use serde_json::Value as Json;
 
 use crate::hf::Checkpoint;
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 const TOKEN_NORMAL: i32 = 1;
 const TOKEN_CONTROL: i32 = 3;

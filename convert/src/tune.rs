@@ -14,7 +14,7 @@ use std::path::Path;
 use moe_runtime::gguf::{GgmlType, GgufFile, GgufWriter, TensorDecl, Value, PAGE_ALIGNMENT};
 use moe_runtime::moe::calib::{self, CalibStats};
 
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 /// Which experts to keep.
 #[derive(Clone, Debug, PartialEq)]

@@ -10,7 +10,7 @@ use moe_runtime::model::Arch;
 use super::{experts_at, ArchConverter, AttnTensor, ExpertMlp, FfnSource, SharedSource};
 use crate::hf::{Checkpoint, Config};
 use crate::plan::Source;
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 /// Which transformers model: V2 routes with softmax (greedy or group-limited by the best expert
 /// of each group), V3 with sigmoid scores, a selection bias and groups scored by their best two.

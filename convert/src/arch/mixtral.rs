@@ -5,7 +5,7 @@ use moe_runtime::model::Arch;
 
 use super::{expert_count, experts_at, ArchConverter, FfnSource};
 use crate::hf::{Checkpoint, Config};
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 pub struct Mixtral;
 

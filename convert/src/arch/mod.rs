@@ -14,7 +14,7 @@ use moe_runtime::model::Arch;
 
 use crate::hf::{Checkpoint, Config};
 use crate::plan::Source;
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 /// One attention tensor of an architecture with its own attention layout: GGUF name within the
 /// block (`blk.{l}.` is prepended), ggml dims, and where the values come from.

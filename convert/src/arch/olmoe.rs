@@ -5,7 +5,7 @@ use moe_runtime::model::Arch;
 
 use super::{mlp_experts, ArchConverter, FfnSource};
 use crate::hf::{Checkpoint, Config};
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 pub struct Olmoe;
 

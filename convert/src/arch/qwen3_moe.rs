@@ -6,7 +6,7 @@ use moe_runtime::model::Arch;
 use super::qwen2_moe::{dense_mlp, is_sparse};
 use super::{mlp_experts, ArchConverter, FfnSource};
 use crate::hf::{Checkpoint, Config};
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 pub struct Qwen3Moe;
 
