@@ -7,6 +7,7 @@ mod error;
 pub mod hf;
 pub mod plan;
 pub mod router;
+pub mod source;
 pub mod tokenizer;
 pub mod tune;
 
@@ -95,7 +96,7 @@ pub fn convert_with_metadata(
         };
         let mut done = 0u64;
         for t in &plan.tensors {
-            let values = plan::load_values(&ckpt, &t.source)?;
+            let values = source::load_values(&ckpt, &t.source)?;
             let expected: usize = t.decl.dims.iter().product();
             if values.len() != expected {
                 return Err(ConvertError::Shape {

@@ -12,9 +12,9 @@ mod qwen3_moe;
 use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
 
-use crate::hf::{Checkpoint, Config};
-use crate::plan::Source;
 use crate::error::ConvertError;
+use crate::hf::{Checkpoint, Config};
+use crate::source::Source;
 
 /// One attention tensor of an architecture with its own attention layout: GGUF name within the
 /// block (`blk.{l}.` is prepended), ggml dims, and where the values come from.
