@@ -20,12 +20,6 @@ pub struct Plan {
     pub tensors: Vec<PlannedTensor>,
 }
 
-/// What the user asked for.
-#[derive(Clone, Copy, Debug)]
-pub struct Options {
-    pub ty: GgmlType,
-}
-
 /// llama.cpp's `general.file_type` (enum llama_ftype) for the main weight type.
 pub(crate) fn file_type(ty: GgmlType) -> u32 {
     match ty {
@@ -66,10 +60,12 @@ pub(crate) fn choose_type(
     ty
 }
 
+/// Plans the conversion of `ckpt` as the architecture `conv` describes, with weights of type
+/// `ty` where they fit.
 pub fn build(
     ckpt: &Checkpoint,
     conv: &dyn ArchConverter,
-    opts: Options,
+    ty: GgmlType,
 ) -> Result<Plan, ConvertError> {
     let cfg = &ckpt.config;
     let arch = conv.arch();
@@ -108,7 +104,7 @@ pub fn build(
                     .unwrap_or_else(|| "model".into()),
             ),
         ),
-        ("general.file_type".into(), Value::U32(file_type(opts.ty))),
+        ("general.file_type".into(), Value::U32(file_type(ty))),
         ("general.quantization_version".into(), Value::U32(2)),
     ];
     let mut put = |k: &str, v: Value| meta.push((format!("{arch_name}.{k}"), v));
@@ -153,7 +149,7 @@ pub fn build(
     let tied = !ckpt.has("lm_head.weight");
     let mut tensors = Vec::new();
     let mut add = |name: String, dims: Vec<usize>, source: Source| {
-        let ty = choose_type(&name, &dims, opts.ty, tied);
+        let ty = choose_type(&name, &dims, ty, tied);
         tensors.push(PlannedTensor {
             decl: TensorDecl { name, dims, ty },
             source,
