@@ -76,7 +76,7 @@ pub fn build(
     let n_head_kv = conv.head_count_kv(cfg)?;
     let head_dim = cfg.opt_usize("head_dim")?.unwrap_or(d / n_head);
     let n_vocab = cfg.usize("vocab_size")?;
-    let n_expert = crate::arch::expert_count(cfg)?;
+    let n_expert = conv.expert_count(cfg)?;
     let n_used = cfg.usize("num_experts_per_tok")?;
     if n_used == 0 || n_used > n_expert || n_used > moe_runtime::moe::router::MAX_EXPERTS_USED {
         return Err(ConvertError::Config {

@@ -146,6 +146,10 @@ impl ArchConverter for Deepseek2 {
         true
     }
 
+    fn expert_count(&self, cfg: &Config) -> Result<usize, ConvertError> {
+        cfg.usize("n_routed_experts")
+    }
+
     /// MLA is cached as a single latent "head" (llama.cpp writes head_count_kv = 1).
     fn head_count_kv(&self, _cfg: &Config) -> Result<usize, ConvertError> {
         Ok(1)
@@ -362,7 +366,7 @@ impl ArchConverter for Deepseek2 {
             experts: experts_at(
                 ckpt,
                 &format!("{p}.experts"),
-                cfg.usize("n_routed_experts")?,
+                self.expert_count(cfg)?,
                 ["gate_proj", "up_proj", "down_proj"],
             )?,
             shared,
