@@ -149,7 +149,7 @@ fn convert_err(dir: &Path) -> String {
     let e = moe_convert::convert(
         dir,
         &out,
-        moe_convert::Options { ty: GgmlType::Q8_0 },
+        &moe_convert::ConvertOptions::new(GgmlType::Q8_0),
         &|_, _, _| {},
     )
     .expect_err("conversion must fail")

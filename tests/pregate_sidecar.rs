@@ -4,13 +4,17 @@
 
 use std::path::Path;
 
-use moe_convert::{convert_with_metadata, Options, PregateSidecar};
+use moe_convert::{convert, ConvertOptions, PregateSidecar};
 use moe_runtime::gguf::{GgmlType, GgufFile};
 use moe_runtime::moe::predictor::{find_sidecar, PREGATE_KEY};
 
 fn convert_with_pregate(hf: &Path, out: &Path, onnx: &Path, ty: GgmlType) -> std::path::PathBuf {
     let side = PregateSidecar::new(out, onnx).unwrap();
-    convert_with_metadata(hf, out, Options { ty }, &[side.metadata()], &|_, _, _| {}).unwrap();
+    let opts = ConvertOptions {
+        extra_metadata: vec![side.metadata()],
+        ..ConvertOptions::new(ty)
+    };
+    convert(hf, out, &opts, &|_, _, _| {}).unwrap();
     side.install().unwrap().to_path_buf()
 }
 

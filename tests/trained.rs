@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use moe_convert::{convert, Options};
+use moe_convert::{convert, ConvertOptions};
 use moe_e2e::{cosine, greedy, max_rel_diff, prompt_logits};
 use moe_runtime::engine::{generate, Request};
 use moe_runtime::gguf::{GgmlType, GgufFile};
@@ -48,7 +48,7 @@ fn convert_checkpoint(ty: GgmlType) -> (tempfile::TempDir, GgufFile) {
     convert(
         &model_dir().join("hf"),
         &path,
-        Options { ty },
+        &ConvertOptions::new(ty),
         &|_, _, _| {},
     )
     .unwrap_or_else(|e| panic!("converting models/small-moe/hf: {e}"));

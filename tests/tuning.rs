@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use moe_convert::{convert_tuned, CalibOptions, ExpertTypes, Options, PruneSpec, Tuning};
+use moe_convert::{convert, CalibOptions, ConvertOptions, ExpertTypes, PruneSpec, Tuning};
 use moe_e2e::{cache_config, cosine, expert_cache, greedy, max_rel_diff, prompt_logits, Fixture};
 use moe_runtime::gguf::{GgmlType, GgufFile, GgufWriter, TensorDecl};
 use moe_runtime::model::{ExpertStreaming, Ffn, KvType, Model, Session};
@@ -25,8 +25,11 @@ struct Pruned {
 
 fn tuned(fx: &Fixture, dir: &Path, name: &str, ty: GgmlType, tuning: &Tuning) -> GgufFile {
     let path = dir.join(name);
-    convert_tuned(&fx.dir, &path, Options { ty }, tuning, &|_, _, _| {})
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let opts = ConvertOptions {
+        tuning: Some(tuning.clone()),
+        ..ConvertOptions::new(ty)
+    };
+    convert(&fx.dir, &path, &opts, &|_, _, _| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
     GgufFile::open(&path).unwrap()
 }
 
@@ -503,13 +506,11 @@ fn pruning_a_grouped_router_keeps_groups_balanced() {
         prune: Some(PruneSpec::parse("drop:1:0,2:0").unwrap()),
         ..Default::default()
     };
-    let Err(err) = convert_tuned(
-        &fx.dir,
-        &dir.path().join("bad.gguf"),
-        Options { ty: GgmlType::F32 },
-        &unbalanced,
-        &|_, _, _| {},
-    ) else {
+    let opts = ConvertOptions {
+        tuning: Some(unbalanced),
+        ..ConvertOptions::new(GgmlType::F32)
+    };
+    let Err(err) = convert(&fx.dir, &dir.path().join("bad.gguf"), &opts, &|_, _, _| {}) else {
         panic!("an unbalanced prune of a grouped router is refused");
     };
     assert!(err.to_string().contains("every group"), "{err}");

@@ -10,7 +10,7 @@ use moe_runtime::model::{KvType, LayerRouting, Model, Session};
 use moe_runtime::moe::calib::CalibStats;
 use moe_runtime::tokenizer::Tokenizer;
 
-use crate::ConvertError;
+use crate::error::ConvertError;
 
 /// How much text to run.
 #[derive(Clone, Debug)]

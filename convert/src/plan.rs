@@ -4,39 +4,9 @@
 use moe_runtime::gguf::{GgmlType, TensorDecl, Value};
 
 use crate::arch::{ArchConverter, ExpertMlp, ExpertSource, FfnSource};
+use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
-use crate::ConvertError;
-
-/// How the f32 values of one output tensor are produced from the checkpoint.
-#[derive(Clone, Debug)]
-pub enum Source {
-    /// One HF tensor as is.
-    Tensor(String),
-    /// One HF q or k projection with its rows permuted for interleaved rope.
-    PermutedQk { name: String, n_head: usize },
-    /// HF tensors concatenated in order (per-expert matrices into one stacked tensor).
-    Stack(Vec<String>),
-    /// From a `[n_expert, 2 * ff, d]` fused tensor: the first (`part` 0) or second half of each
-    /// expert's rows.
-    FusedHalf {
-        name: String,
-        n_expert: usize,
-        part: usize,
-    },
-    /// From a 2-D fused `[2 * ff, d]` matrix: the first (`part` 0) or second half of the rows.
-    MatrixHalf { name: String, part: usize },
-    /// MLA's `kv_b_proj` (`[n_head * (nope + v), rank]`, per head the key rows then the value
-    /// rows) split as llama.cpp does: `key` gives W_kb transposed per head (`[n_head, rank,
-    /// nope]`), otherwise W_vb (`[n_head, v, rank]`).
-    SplitKvB {
-        name: String,
-        n_head: usize,
-        nope: usize,
-        v: usize,
-        rank: usize,
-        key: bool,
-    },
-}
+use crate::source::Source;
 
 #[derive(Clone, Debug)]
 pub struct PlannedTensor {
@@ -48,12 +18,6 @@ pub struct Plan {
     pub arch_name: &'static str,
     pub metadata: Vec<(String, Value)>,
     pub tensors: Vec<PlannedTensor>,
-}
-
-/// What the user asked for.
-#[derive(Clone, Copy, Debug)]
-pub struct Options {
-    pub ty: GgmlType,
 }
 
 /// llama.cpp's `general.file_type` (enum llama_ftype) for the main weight type.
@@ -96,10 +60,12 @@ pub(crate) fn choose_type(
     ty
 }
 
+/// Plans the conversion of `ckpt` as the architecture `conv` describes, with weights of type
+/// `ty` where they fit.
 pub fn build(
     ckpt: &Checkpoint,
     conv: &dyn ArchConverter,
-    opts: Options,
+    ty: GgmlType,
 ) -> Result<Plan, ConvertError> {
     let cfg = &ckpt.config;
     let arch = conv.arch();
@@ -110,7 +76,7 @@ pub fn build(
     let n_head_kv = conv.head_count_kv(cfg)?;
     let head_dim = cfg.opt_usize("head_dim")?.unwrap_or(d / n_head);
     let n_vocab = cfg.usize("vocab_size")?;
-    let n_expert = crate::arch::expert_count(cfg)?;
+    let n_expert = conv.expert_count(cfg)?;
     let n_used = cfg.usize("num_experts_per_tok")?;
     if n_used == 0 || n_used > n_expert || n_used > moe_runtime::moe::router::MAX_EXPERTS_USED {
         return Err(ConvertError::Config {
@@ -138,7 +104,7 @@ pub fn build(
                     .unwrap_or_else(|| "model".into()),
             ),
         ),
-        ("general.file_type".into(), Value::U32(file_type(opts.ty))),
+        ("general.file_type".into(), Value::U32(file_type(ty))),
         ("general.quantization_version".into(), Value::U32(2)),
     ];
     let mut put = |k: &str, v: Value| meta.push((format!("{arch_name}.{k}"), v));
@@ -183,7 +149,7 @@ pub fn build(
     let tied = !ckpt.has("lm_head.weight");
     let mut tensors = Vec::new();
     let mut add = |name: String, dims: Vec<usize>, source: Source| {
-        let ty = choose_type(&name, &dims, opts.ty, tied);
+        let ty = choose_type(&name, &dims, ty, tied);
         tensors.push(PlannedTensor {
             decl: TensorDecl { name, dims, ty },
             source,
@@ -434,112 +400,4 @@ fn check_rope_scaling(cfg: &Config) -> Result<(), ConvertError> {
         }
     }
     Ok(())
-}
-
-/// Produces the f32 values of a planned tensor (row-major in ggml order).
-pub fn load_values(ckpt: &Checkpoint, source: &Source) -> Result<Vec<f32>, ConvertError> {
-    Ok(match source {
-        Source::Tensor(name) => ckpt.read_f32(name)?,
-        Source::PermutedQk { name, n_head } => {
-            let info = ckpt.info(name)?;
-            let rows = info.shape[0];
-            let cols: usize = info.shape[1..].iter().product();
-            permute_qk(&ckpt.read_f32(name)?, rows, cols, *n_head)
-        }
-        Source::Stack(names) => {
-            let mut out = Vec::new();
-            for n in names {
-                ckpt.read_f32_into(n, &mut out)?;
-            }
-            out
-        }
-        Source::FusedHalf {
-            name,
-            n_expert,
-            part,
-        } => {
-            let all = ckpt.read_f32(name)?;
-            let per_expert = all.len() / n_expert;
-            let half = per_expert / 2;
-            all.chunks_exact(per_expert)
-                .flat_map(|e| e[part * half..(part + 1) * half].iter().copied())
-                .collect()
-        }
-        Source::MatrixHalf { name, part } => {
-            let all = ckpt.read_f32(name)?;
-            let half = all.len() / 2;
-            all[part * half..(part + 1) * half].to_vec()
-        }
-        Source::SplitKvB {
-            name,
-            n_head,
-            nope,
-            v,
-            rank,
-            key,
-        } => split_kv_b(&ckpt.read_f32(name)?, *n_head, *nope, *v, *rank, *key),
-    })
-}
-
-/// llama.cpp's `kv_b.view(n_head, nope + v, rank)` split into `k_b.transpose(1, 2)` or `v_b`.
-pub fn split_kv_b(
-    w: &[f32],
-    n_head: usize,
-    nope: usize,
-    v: usize,
-    rank: usize,
-    key: bool,
-) -> Vec<f32> {
-    let per_head = (nope + v) * rank;
-    let mut out = Vec::with_capacity(n_head * if key { nope } else { v } * rank);
-    for h in 0..n_head {
-        let head = &w[h * per_head..(h + 1) * per_head];
-        if key {
-            // [rank, nope]: out[i][j] = k_b[j][i]
-            for i in 0..rank {
-                out.extend((0..nope).map(|j| head[j * rank + i]));
-            }
-        } else {
-            out.extend_from_slice(&head[nope * rank..]);
-        }
-    }
-    out
-}
-
-/// llama.cpp's `LlamaModel.permute`: within each head, rows of the rotate-half layout
-/// `[h, 2, d/2]` are reordered to interleaved pairs `[h, d/2, 2]`.
-pub fn permute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
-    let hd = rows / n_head;
-    let half = hd / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..n_head {
-        for i in 0..half {
-            for j in 0..2 {
-                let dst = h * hd + 2 * i + j;
-                let src = h * hd + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn kv_b_split_transposes_keys_per_head() {
-        // 2 heads, nope 2, v 1, rank 3: per head rows k0 k1 v0 of 3 values.
-        let w: Vec<f32> = (0..18).map(|x| x as f32).collect();
-        let k = super::split_kv_b(&w, 2, 2, 1, 3, true);
-        assert_eq!(k, vec![0., 3., 1., 4., 2., 5., 9., 12., 10., 13., 11., 14.]);
-        let v = super::split_kv_b(&w, 2, 2, 1, 3, false);
-        assert_eq!(v, vec![6., 7., 8., 15., 16., 17.]);
-    }
-
-    #[test]
-    fn permute_matches_llama_cpp_formula() {
-        // One head of 4 rows (d=4, half=2), 1 column: rows [a0 a1 b0 b1] -> [a0 b0 a1 b1].
-        let w = [0.0, 1.0, 2.0, 3.0];
-        assert_eq!(super::permute_qk(&w, 4, 1, 1), vec![0.0, 2.0, 1.0, 3.0]);
-    }
 }

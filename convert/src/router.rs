@@ -22,9 +22,9 @@
 
 use moe_runtime::gguf::Value;
 
+use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
-use crate::plan::Source;
-use crate::ConvertError;
+use crate::source::Source;
 
 /// GGUF prefix of the router's keys and tensors.
 pub const PREFIX: &str = "moe_edge.router.";

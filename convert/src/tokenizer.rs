@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use moe_runtime::gguf::Value;
 use serde_json::Value as Json;
 
+use crate::error::ConvertError;
 use crate::hf::Checkpoint;
-use crate::ConvertError;
 
 const TOKEN_NORMAL: i32 = 1;
 const TOKEN_CONTROL: i32 = 3;

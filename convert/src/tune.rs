@@ -7,14 +7,14 @@
 //! llama.cpp file. Mixed precision uses moe-edge's per-expert layout (see
 //! `moe_runtime::moe::calib`), which llama.cpp does not load; it is written only on request.
 
-use std::fs::File;
-use std::io::BufWriter;
 use std::path::Path;
 
-use moe_runtime::gguf::{GgmlType, GgufFile, GgufWriter, TensorDecl, Value, PAGE_ALIGNMENT};
+use moe_runtime::gguf::{GgmlType, GgufFile, TensorDecl, Value};
 use moe_runtime::moe::calib::{self, CalibStats};
 
-use crate::ConvertError;
+use crate::error::ConvertError;
+use crate::output::{write_gguf, Summary};
+use crate::plan::{choose_type, file_type};
 
 /// Which experts to keep.
 #[derive(Clone, Debug, PartialEq)]
@@ -259,7 +259,7 @@ fn classify(name: &str) -> Option<ExpertTensor> {
 }
 
 /// Writes `out` from the f32 file `src`.
-pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<crate::Summary, ConvertError> {
+pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertError> {
     let file = GgufFile::open(src)?;
     let h = file.header();
     let arch = h
@@ -306,7 +306,7 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<crate::Summary, C
         } else if *k == used_key {
             Value::U32(n_used.min(n_kept) as u32)
         } else if k == "general.file_type" {
-            Value::U32(crate::plan::file_type(rw.ty))
+            Value::U32(file_type(rw.ty))
         } else {
             v.clone()
         };
@@ -365,7 +365,7 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<crate::Summary, C
                 match rw.mixed {
                     None => {
                         let dims = vec![t.dims[0], t.dims[1], n_kept];
-                        let ty = crate::plan::choose_type(&t.name, &dims, rw.ty, tied);
+                        let ty = choose_type(&t.name, &dims, rw.ty, tied);
                         outs.push(Out {
                             decl: TensorDecl {
                                 name: t.name.clone(),
@@ -399,7 +399,7 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<crate::Summary, C
                                     types.cold_ty
                                 };
                                 let dims = vec![sinfo.dims[0], sinfo.dims[1]];
-                                let ty = crate::plan::choose_type(&name, &dims, want, tied);
+                                let ty = choose_type(&name, &dims, want, tied);
                                 outs.push(Out {
                                     decl: TensorDecl { name, dims, ty },
                                     src: *src,
@@ -411,7 +411,7 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<crate::Summary, C
                 }
             }
             None => {
-                let ty = crate::plan::choose_type(&t.name, &t.dims, rw.ty, tied);
+                let ty = choose_type(&t.name, &t.dims, rw.ty, tied);
                 outs.push(Out {
                     decl: TensorDecl {
                         name: t.name.clone(),
@@ -426,57 +426,21 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<crate::Summary, C
     }
 
     let decls: Vec<TensorDecl> = outs.iter().map(|o| o.decl.clone()).collect();
-    let tmp = crate::temp_path(out);
-    let result = (|| -> Result<crate::Summary, ConvertError> {
-        let f = File::create(&tmp).map_err(|e| ConvertError::io(&tmp, e))?;
-        let mut w = GgufWriter::begin(
-            BufWriter::with_capacity(1 << 20, f),
-            &meta,
-            decls,
-            PAGE_ALIGNMENT,
-        )?;
-        let mut summary = crate::Summary {
-            arch: arch.clone(),
-            n_tensors: outs.len(),
-            ..Default::default()
-        };
-        for o in &outs {
-            let info = &h.tensors()[o.src];
-            let all = f32s(file.tensor_bytes(info));
-            let per: usize = info.dims[..info.dims.len() - 1].iter().product();
-            let values: Vec<f32> = match &o.part {
-                Part::All => all,
-                Part::Rows(ids) => ids
-                    .iter()
-                    .flat_map(|&e| all[e * per..(e + 1) * per].iter().copied())
-                    .collect(),
-                Part::Slab(e) => all[e * per..(e + 1) * per].to_vec(),
-            };
-            let bytes = crate::quantize_rows(o.decl.ty, &values, o.decl.dims[0]);
-            w.write_tensor_data(&bytes)?;
-            *summary
-                .bytes_by_type
-                .entry(o.decl.ty.name().to_string())
-                .or_default() += bytes.len() as u64;
-        }
-        let buf = w.finish()?;
-        let f = buf
-            .into_inner()
-            .map_err(|e| ConvertError::io(&tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| ConvertError::io(&tmp, e))?;
-        summary.file_bytes = f.metadata().map_err(|e| ConvertError::io(&tmp, e))?.len();
-        Ok(summary)
-    })();
-    match result {
-        Ok(s) => {
-            std::fs::rename(&tmp, out).map_err(|e| ConvertError::io(out, e))?;
-            Ok(s)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    let values = |i: usize| {
+        let o = &outs[i];
+        let info = &h.tensors()[o.src];
+        let all = f32s(file.tensor_bytes(info));
+        let per: usize = info.dims[..info.dims.len() - 1].iter().product();
+        Ok(match &o.part {
+            Part::All => all,
+            Part::Rows(ids) => ids
+                .iter()
+                .flat_map(|&e| all[e * per..(e + 1) * per].iter().copied())
+                .collect(),
+            Part::Slab(e) => all[e * per..(e + 1) * per].to_vec(),
+        })
+    };
+    write_gguf(out, &arch, &meta, decls, values, &|_, _, _| {})
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {

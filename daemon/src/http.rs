@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
 use crate::api::{self, ApiError, Endpoint, ResponseMeta};
+use crate::conn::ConnState;
 use crate::metrics::Metrics;
-use crate::server::ConnState;
 use crate::worker::{self, Event, GenRequest, Job, Loaded};
 
 pub type BoxedBody = BoxBody<Bytes, Infallible>;

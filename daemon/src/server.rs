@@ -1,26 +1,25 @@
 //! The accept loop, per-connection handling (hyper's HTTP/1.1 with our own request-head timeout
 //! that answers 408, and a connection limit that answers 503), and the shutdown sequence.
 
-use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
+use crate::conn::{ConnState, CountingIo};
 use crate::http::{self, App};
 use crate::metrics::Metrics;
 use crate::socket::{sd_notify, BoundSocket};
@@ -28,132 +27,6 @@ use crate::worker::{self, Control, WorkerConfig};
 
 /// Largest request head hyper buffers (431 beyond).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-
-/// Where a connection is: waiting for a request head since `since`, or inside a request.
-struct Phase {
-    in_request: bool,
-    since: Instant,
-    /// Bytes read when the wait began (to tell an idle keep-alive from a slow client).
-    bytes_at: u64,
-    served: u64,
-}
-
-/// Per-connection state shared by the request handlers and the head-timeout watcher.
-pub struct ConnState {
-    phase: Mutex<Phase>,
-    changed: Notify,
-    bytes_read: AtomicU64,
-}
-
-impl ConnState {
-    fn new() -> Self {
-        Self {
-            phase: Mutex::new(Phase {
-                in_request: false,
-                since: Instant::now(),
-                bytes_at: 0,
-                served: 0,
-            }),
-            changed: Notify::new(),
-            bytes_read: AtomicU64::new(0),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Phase> {
-        self.phase.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn begin_request(&self) {
-        self.lock().in_request = true;
-        self.changed.notify_waiters();
-    }
-
-    pub fn end_request(&self) {
-        {
-            let mut p = self.lock();
-            p.in_request = false;
-            p.since = Instant::now();
-            p.bytes_at = self.bytes_read.load(Relaxed);
-            p.served += 1;
-        }
-        self.changed.notify_waiters();
-    }
-
-    /// Resolves when a request head has been awaited for `timeout`: true if the client owes
-    /// us one (it sent part of a request, or none at all on a fresh connection) and should get
-    /// 408, false for a keep-alive connection that simply went idle.
-    async fn head_timeout(&self, timeout: Duration) -> bool {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (in_request, since) = {
-                let p = self.lock();
-                (p.in_request, p.since)
-            };
-            if in_request {
-                notified.await;
-                continue;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(since + timeout) => {
-                    let p = self.lock();
-                    if p.in_request || p.since != since {
-                        continue;
-                    }
-                    return p.served == 0 || self.bytes_read.load(Relaxed) > p.bytes_at;
-                }
-                _ = &mut notified => {}
-            }
-        }
-    }
-}
-
-/// The socket, counting the bytes read from it.
-struct CountingIo {
-    inner: UnixStream,
-    state: Arc<ConnState>,
-}
-
-impl AsyncRead for CountingIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.state.bytes_read.fetch_add(n as u64, Relaxed);
-        res
-    }
-}
-
-impl AsyncWrite for CountingIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        b: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, b)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 /// A complete response written by hand, for the two cases where hyper is not (or no longer) in
 /// charge of the connection: the head timeout and the connection limit.
@@ -204,11 +77,8 @@ async fn connection(
     header_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let state = Arc::new(ConnState::new());
-    let io = TokioIo::new(CountingIo {
-        inner: stream,
-        state: state.clone(),
-    });
+    let state = Arc::new(ConnState::default());
+    let io = TokioIo::new(CountingIo::new(stream, state.clone()));
     let svc = {
         let (app, state) = (app.clone(), state.clone());
         service_fn(move |req| http::serve(req, app.clone(), state.clone()))
@@ -250,7 +120,7 @@ async fn connection(
                         format!("the request headers did not arrive within {secs} s"),
                     )
                     .with_code("timeout");
-                    let mut stream = conn.into_parts().io.into_inner().inner;
+                    let mut stream = conn.into_parts().io.into_inner().into_inner();
                     write_raw_error(&mut stream, 408, "Request Timeout", &e).await;
                     app.metrics.request("other", 408, header_timeout);
                     info!(status = 408, timeout_s = secs, "request head timed out");

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use moe_convert::{convert, Options};
+use moe_convert::{convert, ConvertOptions};
 use moe_runtime::gguf::{GgmlType, GgufFile};
 use moe_runtime::model::{KvType, Model, Session};
 use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
@@ -69,7 +69,7 @@ impl Fixture {
     pub fn convert(&self, ty: GgmlType) -> Converted {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join(format!("{}-{}.gguf", self.name, ty.name()));
-        convert(&self.dir, &path, Options { ty }, &|_, _, _| {})
+        convert(&self.dir, &path, &ConvertOptions::new(ty), &|_, _, _| {})
             .unwrap_or_else(|e| panic!("converting {}: {e}", self.name));
         Converted { _dir: dir, path }
     }

@@ -7,10 +7,12 @@
 use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
 
+use std::sync::Arc;
+
 use super::{experts_at, ArchConverter, AttnTensor, ExpertMlp, FfnSource, SharedSource};
+use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
-use crate::plan::Source;
-use crate::ConvertError;
+use crate::source::{Rearrange, Source};
 
 /// Which transformers model: V2 routes with softmax (greedy or group-limited by the best expert
 /// of each group), V3 with sigmoid scores, a selection bias and groups scored by their best two.
@@ -142,6 +144,10 @@ impl ArchConverter for Deepseek2 {
 
     fn handles_rope_scaling(&self) -> bool {
         true
+    }
+
+    fn expert_count(&self, cfg: &Config) -> Result<usize, ConvertError> {
+        cfg.usize("n_routed_experts")
     }
 
     /// MLA is cached as a single latent "head" (llama.cpp writes head_count_kv = 1).
@@ -302,13 +308,15 @@ impl ArchConverter for Deepseek2 {
             vec![r],
             t("kv_a_layernorm.weight"),
         ));
-        let kv_b = |part_k: bool| Source::SplitKvB {
+        let kv_b = |part_k: bool| Source::Rearranged {
             name: p("kv_b_proj.weight"),
-            n_head: h,
-            nope: d.nope,
-            v: d.v,
-            rank: r,
-            key: part_k,
+            how: Arc::new(SplitKvB {
+                n_head: h,
+                nope: d.nope,
+                v: d.v,
+                rank: r,
+                key: part_k,
+            }),
         };
         out.push(AttnTensor::new(
             "attn_k_b.weight",
@@ -358,7 +366,7 @@ impl ArchConverter for Deepseek2 {
             experts: experts_at(
                 ckpt,
                 &format!("{p}.experts"),
-                cfg.usize("n_routed_experts")?,
+                self.expert_count(cfg)?,
                 ["gate_proj", "up_proj", "down_proj"],
             )?,
             shared,
@@ -376,5 +384,54 @@ impl ArchConverter for Deepseek2 {
             Version::V2 => false,
             Version::V3 => cfg.opt_bool("norm_topk_prob")?.unwrap_or(true),
         })
+    }
+}
+
+/// MLA's `kv_b_proj` (`[n_head * (nope + v), rank]`, per head the key rows then the value rows)
+/// split as llama.cpp does: `key` gives W_kb transposed per head (`[n_head, rank, nope]`),
+/// otherwise W_vb (`[n_head, v, rank]`).
+#[derive(Debug)]
+struct SplitKvB {
+    n_head: usize,
+    nope: usize,
+    v: usize,
+    rank: usize,
+    key: bool,
+}
+
+impl Rearrange for SplitKvB {
+    fn apply(&self, values: &[f32]) -> Vec<f32> {
+        split_kv_b(values, self.n_head, self.nope, self.v, self.rank, self.key)
+    }
+}
+
+/// llama.cpp's `kv_b.view(n_head, nope + v, rank)` split into `k_b.transpose(1, 2)` or `v_b`.
+fn split_kv_b(w: &[f32], n_head: usize, nope: usize, v: usize, rank: usize, key: bool) -> Vec<f32> {
+    let per_head = (nope + v) * rank;
+    let mut out = Vec::with_capacity(n_head * if key { nope } else { v } * rank);
+    for h in 0..n_head {
+        let head = &w[h * per_head..(h + 1) * per_head];
+        if key {
+            // [rank, nope]: out[i][j] = k_b[j][i]
+            for i in 0..rank {
+                out.extend((0..nope).map(|j| head[j * rank + i]));
+            }
+        } else {
+            out.extend_from_slice(&head[nope * rank..]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kv_b_split_transposes_keys_per_head() {
+        // 2 heads, nope 2, v 1, rank 3: per head rows k0 k1 v0 of 3 values.
+        let w: Vec<f32> = (0..18).map(|x| x as f32).collect();
+        let k = super::split_kv_b(&w, 2, 2, 1, 3, true);
+        assert_eq!(k, vec![0., 3., 1., 4., 2., 5., 9., 12., 10., 13., 11., 14.]);
+        let v = super::split_kv_b(&w, 2, 2, 1, 3, false);
+        assert_eq!(v, vec![6., 7., 8., 15., 16., 17.]);
     }
 }

@@ -4,8 +4,8 @@ use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
 
 use super::{ArchConverter, ExpertSource, FfnSource};
+use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
-use crate::ConvertError;
 
 pub struct GraniteMoe;
 

@@ -12,9 +12,9 @@ mod qwen3_moe;
 use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
 
+use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
-use crate::plan::Source;
-use crate::ConvertError;
+use crate::source::Source;
 
 /// One attention tensor of an architecture with its own attention layout: GGUF name within the
 /// block (`blk.{l}.` is prepended), ggml dims, and where the values come from.
@@ -116,6 +116,11 @@ pub trait ArchConverter {
             .unwrap_or(cfg.usize("num_attention_heads")?))
     }
 
+    /// The routed experts per MoE layer (`{arch}.expert_count`).
+    fn expert_count(&self, cfg: &Config) -> Result<usize, ConvertError> {
+        expert_count(cfg)
+    }
+
     /// Metadata keys beyond the ones every architecture shares, without the `{arch}.` prefix;
     /// a key given here replaces the shared one.
     fn metadata(&self, cfg: &Config) -> Result<Vec<(String, Value)>, ConvertError>;
@@ -161,13 +166,11 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
     })
 }
 
-/// The routed expert count: `num_experts` (transformers 4 Qwen/OLMoE configs),
-/// `num_local_experts` (Mixtral, Granite, and transformers 5 configs) or `n_routed_experts`
-/// (DeepSeek).
+/// The routed expert count: `num_experts` (transformers 4 Qwen/OLMoE configs) or
+/// `num_local_experts` (Mixtral, Granite, and transformers 5 configs).
 pub fn expert_count(cfg: &Config) -> Result<usize, ConvertError> {
     cfg.opt_usize("num_local_experts")?
         .or(cfg.opt_usize("num_experts")?)
-        .or(cfg.opt_usize("n_routed_experts")?)
         .ok_or_else(|| ConvertError::Config {
             field: "num_experts".into(),
             why: "is missing (neither num_experts nor num_local_experts is set)".into(),

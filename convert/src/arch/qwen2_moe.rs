@@ -4,8 +4,8 @@ use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
 
 use super::{expert_count, mlp_experts, ArchConverter, ExpertMlp, FfnSource, SharedSource};
+use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
-use crate::ConvertError;
 
 pub struct Qwen2Moe;
 

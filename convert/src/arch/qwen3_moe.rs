@@ -5,8 +5,8 @@ use moe_runtime::model::Arch;
 
 use super::qwen2_moe::{dense_mlp, is_sparse};
 use super::{mlp_experts, ArchConverter, FfnSource};
+use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
-use crate::ConvertError;
 
 pub struct Qwen3Moe;
 

@@ -7,8 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_convert::{
-    convert_tuned_with_metadata, convert_with_metadata, CalibOptions, ExpertTypes, Options,
-    PregateSidecar, PruneSpec, Tuning,
+    convert, CalibOptions, ConvertOptions, ExpertTypes, PregateSidecar, PruneSpec, Tuning,
 };
 use moe_runtime::gguf::GgmlType;
 
@@ -120,27 +119,15 @@ fn run(args: Args) -> Result<()> {
         .as_deref()
         .map(|p| PregateSidecar::new(&args.out, p))
         .transpose()?;
-    let extra: Vec<_> = pregate.iter().map(PregateSidecar::metadata).collect();
-    let summary = if tuning.is_empty() {
-        convert_with_metadata(
-            &args.hf_dir,
-            &args.out,
-            Options { ty: args.ty },
-            &extra,
-            &progress,
-        )
-        .with_context(|| format!("converting {}", args.hf_dir.display()))?
-    } else {
-        let t = convert_tuned_with_metadata(
-            &args.hf_dir,
-            &args.out,
-            Options { ty: args.ty },
-            &tuning,
-            &extra,
-            &progress,
-        )
+    let opts = ConvertOptions {
+        extra_metadata: pregate.iter().map(PregateSidecar::metadata).collect(),
+        tuning: (!tuning.is_empty()).then_some(tuning),
+        ..ConvertOptions::new(args.ty)
+    };
+    let summary = convert(&args.hf_dir, &args.out, &opts, &progress)
         .with_context(|| format!("converting {}", args.hf_dir.display()))?;
-        bar.finish_and_clear();
+    bar.finish_and_clear();
+    if let Some(t) = &summary.tuned {
         if let Some(stats) = &t.stats {
             print!("{}", moe_convert::calib::report(stats));
             if let Some(path) = &args.calib_json {
@@ -156,9 +143,7 @@ fn run(args: Args) -> Result<()> {
                 println!("  layer {l}: {k:?}");
             }
         }
-        t.summary
-    };
-    bar.finish_and_clear();
+    }
     println!(
         "wrote {} ({} arch, {} tensors, {:.2} MiB) in {:.1}s",
         args.out.display(),

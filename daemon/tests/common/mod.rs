@@ -26,9 +26,7 @@ pub fn model_path() -> &'static Path {
         moe_convert::convert(
             &fixture,
             &tmp,
-            moe_convert::Options {
-                ty: moe_runtime::gguf::GgmlType::F32,
-            },
+            &moe_convert::ConvertOptions::new(moe_runtime::gguf::GgmlType::F32),
             &|_, _, _| {},
         )
         .expect("converting the qwen3_moe fixture");

@@ -312,7 +312,12 @@ pub fn storage_from_sysfs_path(p: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    // Named from this file rather than `super::*`, which file-level import checks read as the
+    // parent `board` module: board uses detection, detection never uses board.
+    use crate::board::detect::{
+        parse_cgroup_limit, parse_meminfo_total, parse_proc_cgroup, storage_from_sysfs_path,
+        CpuInfo,
+    };
 
     const PI5: &str = include_str!("../../../targets/cpuinfo/pi5.txt");
     const PI4: &str = include_str!("../../../targets/cpuinfo/pi4.txt");

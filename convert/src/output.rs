@@ -1,0 +1,132 @@
+//! Writing the GGUF file. The file appears only when complete: data goes to a temporary file in
+//! the same folder, renamed at the end and removed on failure.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use moe_runtime::gguf::{GgmlType, GgufWriter, TensorDecl, Value, PAGE_ALIGNMENT};
+use moe_runtime::moe::calib::CalibStats;
+use rayon::prelude::*;
+
+use crate::error::ConvertError;
+
+/// What a conversion wrote.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub arch: String,
+    pub n_tensors: usize,
+    /// Bytes of tensor data per type.
+    pub bytes_by_type: BTreeMap<String, u64>,
+    pub file_bytes: u64,
+    pub elapsed: Duration,
+    /// What calibration and pruning found, when the conversion was tuned.
+    pub tuned: Option<Tuned>,
+}
+
+/// The outcome of a tuned conversion beyond the file.
+#[derive(Debug)]
+pub struct Tuned {
+    /// Statistics of the unpruned model, when calibrated.
+    pub stats: Option<CalibStats>,
+    /// Per layer, the original indices of the kept experts.
+    pub kept: Vec<Vec<usize>>,
+}
+
+/// Called after each tensor with (bytes done, bytes total, tensor name).
+pub type Progress<'a> = &'a (dyn Fn(u64, u64, &str) + Sync);
+
+/// Writes `metadata` and the tensors `decls` (in order) to `out`, encoding the f32 values that
+/// `values` returns for the tensor at each index. `elapsed` is left to the caller.
+pub(crate) fn write_gguf(
+    out: &Path,
+    arch: &str,
+    metadata: &[(String, Value)],
+    decls: Vec<TensorDecl>,
+    mut values: impl FnMut(usize) -> Result<Vec<f32>, ConvertError>,
+    progress: Progress,
+) -> Result<Summary, ConvertError> {
+    let total: u64 = decls
+        .iter()
+        .map(|d| d.byte_size().map(|s| s as u64))
+        .sum::<Result<u64, _>>()?;
+    let tmp = temp_path(out);
+    let result = (|| -> Result<Summary, ConvertError> {
+        let file = File::create(&tmp).map_err(|e| ConvertError::io(&tmp, e))?;
+        let mut writer = GgufWriter::begin(
+            BufWriter::with_capacity(1 << 20, file),
+            metadata,
+            decls.clone(),
+            PAGE_ALIGNMENT,
+        )?;
+        let mut summary = Summary {
+            arch: arch.to_string(),
+            n_tensors: decls.len(),
+            ..Default::default()
+        };
+        let mut done = 0u64;
+        for (i, decl) in decls.iter().enumerate() {
+            let values = values(i)?;
+            let expected: usize = decl.dims.iter().product();
+            if values.len() != expected {
+                return Err(ConvertError::Shape {
+                    name: decl.name.clone(),
+                    expected: decl.dims.clone(),
+                    found: vec![values.len()],
+                });
+            }
+            let bytes = quantize_rows(decl.ty, &values, decl.dims[0]);
+            writer.write_tensor_data(&bytes)?;
+            done += bytes.len() as u64;
+            *summary
+                .bytes_by_type
+                .entry(decl.ty.name().to_string())
+                .or_default() += bytes.len() as u64;
+            progress(done, total, &decl.name);
+        }
+        let buf = writer.finish()?;
+        let file = buf
+            .into_inner()
+            .map_err(|e| ConvertError::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| ConvertError::io(&tmp, e))?;
+        summary.file_bytes = file
+            .metadata()
+            .map_err(|e| ConvertError::io(&tmp, e))?
+            .len();
+        Ok(summary)
+    })();
+    match result {
+        Ok(summary) => {
+            std::fs::rename(&tmp, out).map_err(|e| ConvertError::io(out, e))?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// A hidden name beside `out`, unique to this process.
+pub(crate) fn temp_path(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out.gguf".into());
+    out.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Encodes rows of `row_len` values in parallel.
+fn quantize_rows(ty: GgmlType, values: &[f32], row_len: usize) -> Vec<u8> {
+    let row_bytes = ty
+        .row_bytes(row_len)
+        .expect("plan chose a type that fits the rows");
+    let n_rows = values.len() / row_len;
+    let mut out = vec![0u8; n_rows * row_bytes];
+    out.par_chunks_mut(row_bytes)
+        .zip(values.par_chunks(row_len))
+        .for_each(|(dst, src)| dst.copy_from_slice(&moe_runtime::tensor::quant::quantize(ty, src)));
+    out
+}
