@@ -2,6 +2,7 @@
 //! hyper-parameters before anything runs.
 
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+pub use crate::moe::experts::Mlp;
 use crate::tensor::QMatrix;
 
 use super::arch::QkNorm;
@@ -69,14 +70,6 @@ impl<'a> StackedExperts<'a> {
             data: s.data,
         }
     }
-}
-
-/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
-#[derive(Clone, Copy)]
-pub struct Mlp<'a> {
-    pub gate: QMatrix<'a>,
-    pub up: QMatrix<'a>,
-    pub down: QMatrix<'a>,
 }
 
 pub struct Experts<'a> {
