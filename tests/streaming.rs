@@ -5,8 +5,8 @@
 use moe_e2e::{cache_config, expert_cache, Fixture, FIXTURES};
 use moe_runtime::gguf::{GgmlType, GgufFile};
 use moe_runtime::model::{ExpertStreaming, KvType, Model, Session};
-use moe_runtime::moe::cache::{CacheConfig, Eviction};
-use moe_runtime::moe::flash::FlashProfile;
+use moe_runtime::moe::cache::flash::FlashProfile;
+use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
 use moe_runtime::sampling::argmax_logits;
 
 /// Logits of every position of `ids` plus 8 greedy tokens.
@@ -162,6 +162,20 @@ fn lookahead_predictions_are_scored() {
     assert!(p[0].precision() <= 1.0 && p[0].recall() <= 1.0);
 }
 
+/// Holds `experts` of `layer` until every one of them is loaded, then lets them go.
+fn use_experts(c: &ExpertCache, layer: usize, experts: &[u32]) {
+    let mut arrivals = c.acquire_each(layer, experts).unwrap();
+    let guards: Vec<_> = (0..experts.len())
+        .map(|i| {
+            arrivals
+                .take(i, true)
+                .unwrap()
+                .expect("a waiting take returns it")
+        })
+        .collect();
+    drop(guards);
+}
+
 /// A guess that did not come true must not keep its expert: once its predicted step has passed
 /// without a use, Belady judges it by its use estimate again. (It used to keep ranking as
 /// "needed now" until its next real use, holding a slot for nothing.)
@@ -182,7 +196,7 @@ fn a_wrong_guess_does_not_keep_its_expert() {
             c.prefetch(layer, &[1], c.step_of(token, layer));
         }
         c.record_use(layer, &[0]);
-        drop(c.acquire(layer, &[0]).unwrap());
+        use_experts(&c, layer, &[0]);
     }
     assert!(c.contains(layer, 0) && c.contains(layer, 1));
     // A slot still being read cannot be evicted: let the guess's read finish first.
@@ -198,7 +212,7 @@ fn a_wrong_guess_does_not_keep_its_expert() {
     // A new expert needs a slot: the wrong guess goes, the expert in use stays.
     c.set_position(4, layer);
     c.record_use(layer, &[2]);
-    drop(c.acquire(layer, &[2]).unwrap());
+    use_experts(&c, layer, &[2]);
     assert!(
         c.contains(layer, 0),
         "the expert used at every visit was evicted"

@@ -14,3 +14,4 @@ pub mod onnx;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;
+pub mod units;

@@ -4,7 +4,7 @@
 //! applies them; explicit flags still win.
 //!
 //! Storage figures are not repeated here: a profile names FlashProfile entries
-//! (runtime/src/moe/flash.rs), the one source of bandwidth and latency.
+//! (runtime/src/moe/cache/flash.rs), the one source of bandwidth and latency.
 
 pub mod detect;
 
@@ -14,8 +14,8 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::model::KvType;
+use crate::moe::cache::flash::FlashProfile;
 use crate::moe::cache::Eviction;
-use crate::moe::flash::FlashProfile;
 pub use detect::Host;
 
 /// The profile files, compiled in so that a binary copied to a board needs nothing else.
@@ -107,7 +107,7 @@ impl BoardProfile {
         for s in &p.storage {
             if FlashProfile::by_name(s).is_none() {
                 return bad(format!(
-                    "storage `{s}` is not a FlashProfile (runtime/src/moe/flash.rs): {}",
+                    "storage `{s}` is not a FlashProfile (runtime/src/moe/cache/flash.rs): {}",
                     flash_names().join(", ")
                 ));
             }

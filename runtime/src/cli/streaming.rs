@@ -7,11 +7,9 @@ use anyhow::{bail, Result};
 
 use crate::board::Defaults;
 use crate::model::{ExpertStreaming, Model};
-use crate::moe::cache::{
-    parse_size, plan_budget, CacheConfig, Eviction, ExpertCache, ExpertKey, ExpertLayout,
-};
+use crate::moe::cache::flash::FlashProfile;
+use crate::moe::cache::{parse_size, plan_budget, CacheConfig, Eviction, ExpertCache, ExpertKey};
 use crate::moe::calib::CalibStats;
-use crate::moe::flash::FlashProfile;
 use crate::moe::lossy::RouteOptions;
 use crate::moe::predictor::{ExpertPredictor, FrequencyPredictor};
 
@@ -134,10 +132,19 @@ impl StreamingArgs {
             }
             return Ok(ExpertStreaming::default());
         }
-        let layout = ExpertLayout::from_model(model);
+        let layout = model.expert_layout();
         let slot_bytes = layout.slot_bytes();
         let slots = match (&self.mem_budget, &self.expert_cache) {
-            (Some(budget), _) => plan_budget(model, slot_bytes, kv_bytes, *budget)?.slots,
+            (Some(budget), _) => {
+                plan_budget(
+                    model.file,
+                    &layout,
+                    model.hp.n_expert_used,
+                    kv_bytes,
+                    *budget,
+                )?
+                .slots
+            }
             (None, Some(spec)) => {
                 let total = layout.total_expert_bytes();
                 let bytes = match spec.strip_suffix('%') {
@@ -163,8 +170,8 @@ impl StreamingArgs {
             .unwrap_or(0);
         let mut cfg = self.config(slots);
         cfg.max_speculative_bytes = 2 * expert;
-        let cache = ExpertCache::new(model, path, cfg)?;
-        crate::moe::cache::advise_resident_only(model, &layout);
+        let cache = ExpertCache::new(layout, model.hp.n_expert_used, path, cfg)?;
+        crate::moe::cache::advise_resident_only(model.file, cache.layout());
         self.apply_calibration(model, &cache)?;
         Ok(ExpertStreaming {
             cache: Some(Arc::new(cache)),
@@ -201,7 +208,7 @@ impl StreamingArgs {
             let want = (cache.slots() as f64 * self.pin_hot.min(1.0)) as usize;
             let keys: Vec<ExpertKey> = keys.into_iter().take(want).map(|(_, k)| k).collect();
             // Two tokens' worth of experts stay evictable so demand reads always find a slot.
-            cache.pin(&keys, 2 * hp.n_expert_used);
+            cache.keep_resident(&keys, 2 * hp.n_expert_used);
         }
         Ok(())
     }

@@ -90,6 +90,11 @@ impl FlashReader {
         })
     }
 
+    /// Whether reads bypass the page cache (`O_DIRECT`).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
     /// Room a slot needs to read `e` with page-aligned I/O: the extent plus the misalignment of
     /// its start, rounded up to whole pages.
     pub fn aligned_span(e: Extent) -> usize {
