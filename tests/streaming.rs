@@ -124,9 +124,10 @@ fn short_read_is_an_error_not_wrong_output() {
         .tensors()
         .iter()
         .find(|t| t.name.ends_with("ffn_gate_exps.weight"))
-        .unwrap()
-        .range
-        .clone();
+        .unwrap();
+    // `blk.N.ffn_gate_exps.weight`: the layer whose experts are read first and fail.
+    let layer = first_experts.name.split('.').nth(1).unwrap().to_owned();
+    let first_experts = first_experts.range.clone();
     let cut = conv.path.with_extension("cut.gguf");
     let bytes = std::fs::read(&conv.path).unwrap();
     std::fs::write(&cut, &bytes[..first_experts.start + 100]).unwrap();
@@ -140,6 +141,13 @@ fn short_read_is_an_error_not_wrong_output() {
         .forward(&fx.expected.prompts[1].ids, true)
         .expect_err("must fail");
     assert!(err.to_string().contains("past the end"), "{err}");
+    // The message names the expert whose read failed and the file it was read from.
+    let named = format!(" of layer {layer} from {} failed", cut.display());
+    assert!(
+        err.to_string().contains("reading expert ") && err.to_string().contains(&named),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("4294967295"), "{err}");
 }
 
 #[test]

@@ -27,6 +27,8 @@ mod policy;
 mod slots;
 mod state;
 mod stats;
+#[cfg(test)]
+mod tests;
 
 pub use crate::units::parse_size;
 pub use arrivals::{Arrivals, ExpertGuard};

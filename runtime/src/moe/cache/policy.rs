@@ -218,6 +218,32 @@ fn victim_rank(eviction: Eviction, freq: f32, last_use: u64, expected: u64) -> (
 mod tests {
     use super::*;
 
+    const N_LAYERS: usize = 4;
+    const N_EXPERT: usize = 8;
+
+    fn key(layer: u32, expert: u32) -> ExpertKey {
+        ExpertKey { layer, expert }
+    }
+
+    /// A ready, unheld slot holding `key`, last used at `last_use`, predicted for `next_use`.
+    fn ready(key: ExpertKey, last_use: u64, next_use: u64) -> Slot {
+        Slot {
+            key: Some(key),
+            last_use,
+            next_use,
+            ..Slot::EMPTY
+        }
+    }
+
+    /// Frequencies of `[(key, frequency)]`, zero for the other experts.
+    fn seeded(policy: &mut Policy, frequencies: &[(ExpertKey, f32)]) {
+        let mut f = vec![0.0; N_LAYERS * N_EXPERT];
+        for &(k, v) in frequencies {
+            f[k.layer as usize * N_EXPERT + k.expert as usize] = v;
+        }
+        policy.seed_frequency(&f);
+    }
+
     #[test]
     fn lfu_evicts_the_rarer_expert_even_if_more_recent() {
         // Expert A: used often, last at step 10; expert B: rarely, last at step 20.
@@ -256,5 +282,152 @@ mod tests {
         assert!((u.next_visit_chance(1) - u.frequency[1]).abs() < 1e-6);
         u.record(0, false);
         assert_eq!(u.next_visit_chance(0), u.frequency[0]);
+    }
+
+    #[test]
+    fn belady_evicts_the_farthest_expected_use() {
+        let mut p = Policy::new(Eviction::Belady, N_LAYERS, N_EXPERT);
+        p.set_position(2, 1);
+        let now = p.step();
+        // Predicted uses: the one predicted last goes, whatever the recency.
+        let slots = [
+            ready(key(1, 0), now, now + 5),
+            ready(key(2, 0), 0, now + 3),
+            ready(key(3, 0), now, now + 20),
+            ready(key(0, 0), now, now + 9),
+        ];
+        assert_eq!(p.victim(&slots), Some(2));
+        // Unpredicted experts are judged by their use frequency: a rare one is expected much
+        // later than a frequent one, later than any of the predictions above.
+        seeded(&mut p, &[(key(1, 1), 0.9), (key(1, 2), 0.02)]);
+        let slots = [
+            ready(key(1, 1), now, NEVER),
+            ready(key(3, 0), now, now + 20),
+            ready(key(1, 2), now, NEVER),
+        ];
+        assert_eq!(p.victim(&slots), Some(2));
+        // A prediction whose step has passed without a use no longer protects its expert.
+        let slots = [ready(key(1, 1), now, NEVER), ready(key(2, 3), now, now - 1)];
+        assert_eq!(p.victim(&slots), Some(1));
+        // Equal expectations: the least recently used goes.
+        let slots = [
+            ready(key(1, 0), now - 2, now + 4),
+            ready(key(2, 0), now - 7, now + 4),
+            ready(key(3, 0), now - 1, now + 4),
+        ];
+        assert_eq!(p.victim(&slots), Some(1));
+    }
+
+    #[test]
+    fn held_loading_and_kept_slots_are_never_chosen() {
+        for eviction in [Eviction::Lru, Eviction::Lfu, Eviction::Belady] {
+            let mut p = Policy::new(eviction, N_LAYERS, N_EXPERT);
+            p.set_position(5, 0);
+            let now = p.step();
+            // Slot 0 is the best victim under every policy (oldest, rarest, farthest).
+            let best = ready(key(1, 0), 0, NEVER);
+            let other = ready(key(2, 0), now, now + 1);
+            seeded(&mut p, &[(key(2, 0), 0.5)]);
+            assert_eq!(p.victim(&[best.clone(), other.clone()]), Some(0));
+            let held = Slot {
+                holds: 1,
+                ..best.clone()
+            };
+            let loading = Slot {
+                loading: true,
+                ..best.clone()
+            };
+            let kept = Slot {
+                kept_resident: true,
+                ..best.clone()
+            };
+            // An empty slot that a failed read left held is not free either.
+            let held_empty = Slot {
+                holds: 1,
+                ..Slot::EMPTY
+            };
+            for blocked in [held, loading, kept, held_empty] {
+                let slots = [blocked.clone(), other.clone()];
+                assert_eq!(p.victim(&slots), Some(1), "{eviction:?} {blocked:?}");
+                assert_eq!(p.victim(&slots[..1]), None, "{eviction:?} {blocked:?}");
+                let newcomer = key(3, 3);
+                assert_eq!(
+                    p.speculative_victim(&slots[..1], newcomer, now + 1),
+                    None,
+                    "{eviction:?} {blocked:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn empty_slots_are_taken_first() {
+        for eviction in [Eviction::Lru, Eviction::Lfu, Eviction::Belady] {
+            let mut p = Policy::new(eviction, N_LAYERS, N_EXPERT);
+            p.set_position(5, 0);
+            let slots = [
+                ready(key(1, 0), 0, NEVER),
+                Slot::EMPTY,
+                ready(key(2, 0), 0, NEVER),
+                Slot::EMPTY,
+            ];
+            assert_eq!(p.victim(&slots), Some(1), "{eviction:?}");
+            // Even a speculative read of a never-used expert takes an empty slot.
+            assert_eq!(
+                p.speculative_victim(&slots, key(3, 7), p.step() + 1_000_000),
+                Some(1),
+                "{eviction:?}"
+            );
+        }
+    }
+
+    /// A guess only displaces an expert expected after the guessed use and not used more often
+    /// than the guessed expert: prefetching never evicts what is about to be used.
+    #[test]
+    fn speculative_reads_displace_only_later_and_rarer_experts() {
+        let mut p = Policy::new(Eviction::Belady, N_LAYERS, N_EXPERT);
+        p.set_position(3, 0);
+        let now = p.step();
+        let newcomer = key(2, 5);
+        seeded(
+            &mut p,
+            &[(newcomer, 0.3), (key(1, 1), 0.6), (key(3, 1), 0.1)],
+        );
+        let wanted_at = now + 6;
+        // Expected before the guessed use (predicted), or at it: kept.
+        let sooner = ready(key(3, 1), now, now + 2);
+        let same_time = ready(key(3, 1), now, wanted_at);
+        assert_eq!(p.speculative_victim(&[sooner], newcomer, wanted_at), None);
+        assert_eq!(
+            p.speculative_victim(std::slice::from_ref(&same_time), newcomer, wanted_at),
+            None
+        );
+        // A demand read takes it all the same.
+        assert_eq!(p.victim(&[same_time]), Some(0));
+        // Expected later but used more often than the newcomer: kept.
+        let frequent_later = ready(key(1, 1), now, now + 40);
+        assert_eq!(
+            p.speculative_victim(std::slice::from_ref(&frequent_later), newcomer, wanted_at),
+            None
+        );
+        // Expected later and rarer: displaced, the farthest of them first.
+        let rare_later = ready(key(3, 1), now, now + 30);
+        let rare_farther = ready(key(3, 1), now, now + 50);
+        let slots = [frequent_later, rare_later, rare_farther];
+        assert_eq!(p.speculative_victim(&slots, newcomer, wanted_at), Some(2));
+        // As frequent as the newcomer still qualifies ("not more frequent").
+        seeded(&mut p, &[(newcomer, 0.1), (key(3, 1), 0.1)]);
+        assert_eq!(
+            p.speculative_victim(&slots[1..2], newcomer, wanted_at),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn the_clock_counts_layers_then_tokens() {
+        let mut p = Policy::new(Eviction::Lru, N_LAYERS, N_EXPERT);
+        p.set_position(3, 2);
+        assert_eq!(p.step(), 14);
+        assert_eq!(step_of(N_LAYERS, 3, 2), 14);
     }
 }
