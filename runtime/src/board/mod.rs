@@ -259,11 +259,10 @@ impl Defaults {
     /// - eviction: belady (layer-aware; measured best at 25% and 50% caches, README).
     /// - lookahead: 0. Measured on the trained model behind the microSD emulator, speculative
     ///   reads cost more than they hid; no board has been measured where it pays yet.
-    /// - token-level predictor (`--predictor`): none on every board. The pre-gating router
-    ///   predicts 75% of the experts, but its wrong guesses queue ahead of needed reads on
-    ///   microSD (0.89x on the trained model, 0.98-1.02x with large experts) and it gains only
-    ///   3-6% on NVMe, and it needs a trained sidecar; models routed by a decoupled router load
-    ///   their exact experts ahead without any predictor.
+    /// - token-level predictor (`--predictor`): none on every board. The pre-gating router's
+    ///   wrong guesses queue ahead of needed reads on microSD, it gains little on NVMe
+    ///   (docs/BENCHMARKS-cache-notes.md), and it needs a trained sidecar; models routed by a
+    ///   decoupled router load their exact experts ahead without any predictor.
     /// - direct I/O: on, so streamed experts do not also fill the page cache (which would count
     ///   against a cgroup limit and evict the resident weights' pages).
     /// - I/O threads: one per request the device serves at once: microSD 1 (one command at a

@@ -52,8 +52,8 @@ pub fn plan_budget(
 
 /// Once experts stream through the cache, the file's map serves only the resident tensors: the
 /// map gets no readahead (with a device readahead of megabytes, each page fault would pull
-/// neighbouring expert bytes into the page cache, which counts against a cgroup's limit; measured
-/// 6.7 vs 1.4 t/s at 128 KiB vs 8 MiB), and the resident tensors are read ahead at once instead.
+/// neighbouring expert bytes into the page cache, which counts against a cgroup's limit; see
+/// docs/BENCHMARKS-cache-notes.md), and the resident tensors are read ahead at once instead.
 pub fn advise_resident_only(file: &GgufFile, layout: &ExpertLayout) {
     // Stacked tensors start with expert 0's slab; per-expert tensors are one slab each.
     let expert_starts: HashSet<u64> = layout.slab_offsets().collect();

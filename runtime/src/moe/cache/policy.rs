@@ -27,12 +27,8 @@ impl Eviction {
     }
 }
 
-/// Rates of the per-expert moving averages, updated once per visit of the expert's layer. Chosen
-/// by an offline study on the trained model's routing of held-out text (14,386 tokens, Belady's
-/// offline minimum as the yardstick, rates fitted on the first half and checked on the second):
-/// with the earlier 0.05 and no stickiness the cache read 1.77x the minimum at a 50% budget and
-/// 1.47x at 25%; with these, 1.62x and 1.42x. Expert use is skewed and drifts slowly, so a slow
-/// average wins; results barely move for frequency rates 0.003-0.01 and stickiness 0.01-0.05.
+/// Slow moving averages (one update per visit of the layer): expert use is skewed and drifts
+/// slowly (fitted offline, docs/BENCHMARKS-cache-notes.md).
 const FREQUENCY_RATE: f32 = 1.0 / 128.0;
 const STICKINESS_RATE: f32 = 1.0 / 64.0;
 
@@ -67,8 +63,7 @@ impl UseStats {
 
     /// The chance that the next visit of its layer uses it: its frequency, or, if the latest
     /// visit used it, how often it is used again right after a use when that is higher (experts
-    /// stick to a few consecutive tokens of real text: 31-45% against a mean of 17% on the
-    /// trained model).
+    /// of real text stick to a few consecutive tokens; docs/BENCHMARKS-cache-notes.md).
     fn next_visit_chance(&self, i: usize) -> f32 {
         if self.used_last[i] {
             self.frequency[i].max(self.stickiness[i])
