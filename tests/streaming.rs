@@ -5,8 +5,8 @@
 use moe_e2e::{cache_config, expert_cache, Fixture, FIXTURES};
 use moe_runtime::gguf::{GgmlType, GgufFile};
 use moe_runtime::model::{ExpertStreaming, KvType, Model, Session};
-use moe_runtime::moe::cache::{CacheConfig, Eviction};
-use moe_runtime::moe::flash::FlashProfile;
+use moe_runtime::moe::cache::flash::FlashProfile;
+use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
 use moe_runtime::sampling::argmax_logits;
 
 /// Logits of every position of `ids` plus 8 greedy tokens.
@@ -124,9 +124,10 @@ fn short_read_is_an_error_not_wrong_output() {
         .tensors()
         .iter()
         .find(|t| t.name.ends_with("ffn_gate_exps.weight"))
-        .unwrap()
-        .range
-        .clone();
+        .unwrap();
+    // `blk.N.ffn_gate_exps.weight`: the layer whose experts are read first and fail.
+    let layer = first_experts.name.split('.').nth(1).unwrap().to_owned();
+    let first_experts = first_experts.range.clone();
     let cut = conv.path.with_extension("cut.gguf");
     let bytes = std::fs::read(&conv.path).unwrap();
     std::fs::write(&cut, &bytes[..first_experts.start + 100]).unwrap();
@@ -140,6 +141,13 @@ fn short_read_is_an_error_not_wrong_output() {
         .forward(&fx.expected.prompts[1].ids, true)
         .expect_err("must fail");
     assert!(err.to_string().contains("past the end"), "{err}");
+    // The message names the expert whose read failed and the file it was read from.
+    let named = format!(" of layer {layer} from {} failed", cut.display());
+    assert!(
+        err.to_string().contains("reading expert ") && err.to_string().contains(&named),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("4294967295"), "{err}");
 }
 
 #[test]
@@ -162,6 +170,20 @@ fn lookahead_predictions_are_scored() {
     assert!(p[0].precision() <= 1.0 && p[0].recall() <= 1.0);
 }
 
+/// Holds `experts` of `layer` until every one of them is loaded, then lets them go.
+fn use_experts(c: &ExpertCache, layer: usize, experts: &[u32]) {
+    let mut arrivals = c.acquire_each(layer, experts).unwrap();
+    let guards: Vec<_> = (0..experts.len())
+        .map(|i| {
+            arrivals
+                .take(i, true)
+                .unwrap()
+                .expect("a waiting take returns it")
+        })
+        .collect();
+    drop(guards);
+}
+
 /// A guess that did not come true must not keep its expert: once its predicted step has passed
 /// without a use, Belady judges it by its use estimate again. (It used to keep ranking as
 /// "needed now" until its next real use, holding a slot for nothing.)
@@ -182,7 +204,7 @@ fn a_wrong_guess_does_not_keep_its_expert() {
             c.prefetch(layer, &[1], c.step_of(token, layer));
         }
         c.record_use(layer, &[0]);
-        drop(c.acquire(layer, &[0]).unwrap());
+        use_experts(&c, layer, &[0]);
     }
     assert!(c.contains(layer, 0) && c.contains(layer, 1));
     // A slot still being read cannot be evicted: let the guess's read finish first.
@@ -198,7 +220,7 @@ fn a_wrong_guess_does_not_keep_its_expert() {
     // A new expert needs a slot: the wrong guess goes, the expert in use stays.
     c.set_position(4, layer);
     c.record_use(layer, &[2]);
-    drop(c.acquire(layer, &[2]).unwrap());
+    use_experts(&c, layer, &[2]);
     assert!(
         c.contains(layer, 0),
         "the expert used at every visit was evicted"

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use moe_runtime::gguf::GgufFile;
 use moe_runtime::model::{ExpertStreaming, KvType, Model, Session};
-use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache, ExpertLayout};
+use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
 #[cfg(feature = "pregate")]
 use moe_runtime::moe::predictor::PregatePredictor;
 use moe_runtime::moe::predictor::{
@@ -270,11 +270,12 @@ fn a_model_of_another_shape_is_refused() {
 
 /// Logits of a prompt and of 24 greedy decode steps, streaming through a quarter of the experts.
 fn run(model: &Model, predictor: Option<Box<dyn ExpertPredictor>>) -> (Vec<f32>, f64) {
-    let layout = ExpertLayout::from_model(model);
+    let layout = model.expert_layout();
     let slots = layout.total_expert_bytes() / 4 / layout.slot_bytes();
     let cache = Arc::new(
         ExpertCache::new(
-            model,
+            model.expert_layout(),
+            model.hp.n_expert_used,
             &model_path(),
             CacheConfig {
                 slots,

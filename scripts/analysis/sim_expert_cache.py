@@ -3,7 +3,7 @@ Usage: python3 scripts/analysis/sim_expert_cache.py TRACE_PREFIX [FREQ_RATE STIC
 TRACE_PREFIX is what `moe-run trace --no-probs -o TRACE_PREFIX` wrote (made for the trained
 model models/small-moe: 24 experts, top-4, 6 layers; cache sizes 72 and 36 slots = 50%/25%).
 Prints misses of online policies against Belady's offline minimum (first half used to fit,
-second half reported); the runtime's Belady estimate (runtime/src/moe/cache.rs) uses the
+second half reported); the runtime's Belady estimate (runtime/src/moe/cache/policy.rs) uses the
 "sticky frequency" rows' formula.
 Keys k = layer*24+expert. Step = token*L + layer. Scores: larger = evict first; ties -> older
 last use -> lower slot index (as the runtime's `victim`)."""

@@ -471,7 +471,7 @@ def gguf_experts(model):
     r = gguf.GGUFReader(model)
     exps = [t for t in r.tensors if t.name.endswith("_exps.weight")]
     n = sum(int(t.shape[-1]) for t in exps if t.name.endswith("ffn_gate_exps.weight"))
-    # One cache slot, as runtime/src/moe/cache.rs sizes it: per slab kind, the largest slab of
+    # One cache slot, as runtime/src/moe/cache/layout.rs sizes it: per slab kind, the largest slab of
     # any layer, plus a page when it is not page-aligned, rounded up to whole pages.
     page, spans = 4096, {}
     for t in exps:

@@ -184,5 +184,6 @@ pub fn cache_config(slots: usize, eviction: Eviction) -> CacheConfig {
 
 /// The expert cache of `model`, read from its file at `path`.
 pub fn expert_cache(model: &Model, path: &Path, cfg: CacheConfig) -> Arc<ExpertCache> {
-    Arc::new(ExpertCache::new(model, path, cfg).unwrap())
+    let layout = model.expert_layout();
+    Arc::new(ExpertCache::new(layout, model.hp.n_expert_used, path, cfg).unwrap())
 }

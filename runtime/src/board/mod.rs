@@ -4,7 +4,7 @@
 //! applies them; explicit flags still win.
 //!
 //! Storage figures are not repeated here: a profile names FlashProfile entries
-//! (runtime/src/moe/flash.rs), the one source of bandwidth and latency.
+//! (runtime/src/moe/cache/flash.rs), the one source of bandwidth and latency.
 
 pub mod detect;
 
@@ -14,8 +14,8 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::model::KvType;
+use crate::moe::cache::flash::FlashProfile;
 use crate::moe::cache::Eviction;
-use crate::moe::flash::FlashProfile;
 pub use detect::Host;
 
 /// The profile files, compiled in so that a binary copied to a board needs nothing else.
@@ -107,7 +107,7 @@ impl BoardProfile {
         for s in &p.storage {
             if FlashProfile::by_name(s).is_none() {
                 return bad(format!(
-                    "storage `{s}` is not a FlashProfile (runtime/src/moe/flash.rs): {}",
+                    "storage `{s}` is not a FlashProfile (runtime/src/moe/cache/flash.rs): {}",
                     flash_names().join(", ")
                 ));
             }
@@ -124,7 +124,7 @@ impl BoardProfile {
             }
         }
         if let Some(b) = &o.mem_budget {
-            if crate::moe::cache::parse_size(b).is_none() {
+            if crate::units::parse_size(b).is_err() {
                 return bad(format!("defaults.mem_budget `{b}` is not a size like 3G"));
             }
         }
@@ -293,9 +293,9 @@ impl Defaults {
         if let Some(b) = o
             .mem_budget
             .as_deref()
-            .and_then(crate::moe::cache::parse_size)
+            .and_then(|b| crate::units::parse_size(b).ok())
         {
-            d.mem_budget = b;
+            d.mem_budget = b as usize;
         }
         if let Some(e) = o.eviction.as_deref().and_then(Eviction::from_name) {
             d.eviction = e;

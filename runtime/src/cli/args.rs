@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use crate::engine::{CacheSize, PredictorChoice, StreamingOptions};
 use crate::model::KvType;
+use crate::moe::cache::flash::FlashProfile;
 use crate::moe::cache::Eviction;
-use crate::moe::flash::FlashProfile;
 use crate::moe::lossy::RouteOptions;
 
 #[derive(clap::Args, Debug, Clone, Default)]

@@ -259,7 +259,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         peak_rss_bytes: peak_rss_bytes(),
         tests,
         lossy: (!engine.options().streaming.route.is_off()).then(|| session.lossy_stats().clone()),
-        pinned_slots: session.expert_cache().map_or(0, |c| c.pinned()),
+        pinned_slots: session.expert_cache().map_or(0, |c| c.kept_resident()),
         predictions: session.prediction_stats().to_vec(),
         predictor: session.predictor_stats().cloned(),
         predictor_rss_bytes,
@@ -423,7 +423,7 @@ fn measure(
 /// the output projection is that same tensor).
 fn dense_weight_bytes(model: &Model) -> usize {
     let file_tensors = model.file.header().tensor_data_bytes();
-    let experts = crate::moe::cache::ExpertLayout::from_model(model).total_expert_bytes();
+    let experts = model.expert_layout().total_expert_bytes();
     let tied = std::ptr::eq(model.output.data.as_ptr(), model.tok_embd.data.as_ptr());
     let embedding = if tied { 0 } else { model.tok_embd.data.len() };
     file_tensors - experts - embedding

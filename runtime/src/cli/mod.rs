@@ -252,7 +252,7 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
             "predictions": session.prediction_stats(),
             "lossy_routing": (!engine.options().streaming.route.is_off())
                 .then(|| session.lossy_stats().clone()),
-            "pinned_slots": session.expert_cache().map_or(0, |c| c.pinned()),
+            "pinned_slots": session.expert_cache().map_or(0, |c| c.kept_resident()),
             "predictor": session.predictor_stats(),
             "peak_rss_bytes": bench::peak_rss_bytes(),
         });

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use super::EngineError;
 use crate::board::Defaults;
 use crate::model::{ExpertStreaming, Ffn, Model};
+use crate::moe::cache::flash::FlashProfile;
 use crate::moe::cache::{
-    plan_budget, CacheConfig, Eviction, ExpertCache, ExpertKey, ExpertLayout, RUNTIME_OVERHEAD,
+    plan_budget, CacheConfig, Eviction, ExpertCache, ExpertKey, RUNTIME_OVERHEAD,
 };
 use crate::moe::calib::CalibStats;
-use crate::moe::flash::FlashProfile;
 use crate::moe::lossy::RouteOptions;
 use crate::moe::predictor::{ExpertPredictor, FrequencyPredictor};
 
@@ -110,11 +110,12 @@ impl StreamingOptions {
                 return Ok(ExpertStreaming::default());
             }
         };
-        let layout = ExpertLayout::from_model(model);
+        let layout = model.expert_layout();
         let slot_bytes = layout.slot_bytes();
+        let per_token = model.hp.n_expert_used;
         let slots = match size {
             CacheSize::Budget(budget) => {
-                plan_budget(model, slot_bytes, kv_bytes, budget as usize)?.slots
+                plan_budget(model.file, &layout, per_token, kv_bytes, budget as usize)?.slots
             }
             CacheSize::Bytes(b) => (b as usize / slot_bytes).max(model.hp.n_expert_used),
             CacheSize::Share(share) => {
@@ -143,8 +144,8 @@ impl StreamingOptions {
                 .max(1),
             max_speculative_bytes: 2 * largest_expert,
         };
-        let cache = ExpertCache::new(model, path, cfg)?;
-        crate::moe::cache::advise_resident_only(model, &layout);
+        crate::moe::cache::advise_resident_only(model.file, &layout);
+        let cache = ExpertCache::new(layout, per_token, path, cfg)?;
         self.apply_calibration(model, &cache)?;
         Ok(ExpertStreaming {
             cache: Some(Arc::new(cache)),
@@ -185,7 +186,7 @@ impl StreamingOptions {
             let want = (cache.slots() as f64 * self.pin_hot.min(1.0)) as usize;
             let keys: Vec<ExpertKey> = keys.into_iter().take(want).map(|(_, k)| k).collect();
             // Two tokens' worth of experts stay evictable so demand reads always find a slot.
-            cache.pin(&keys, 2 * hp.n_expert_used);
+            cache.keep_resident(&keys, 2 * hp.n_expert_used);
         }
         Ok(())
     }

@@ -26,3 +26,26 @@ pub enum ModelError {
     #[error(transparent)]
     Experts(#[from] CacheError),
 }
+
+/// The model reports a router's errors as its own, with the same messages as the backbone's.
+impl From<crate::moe::decoupled::RouterError> for ModelError {
+    fn from(e: crate::moe::decoupled::RouterError) -> Self {
+        use crate::moe::decoupled::RouterError as R;
+        match e {
+            R::MissingTensor(name) => Self::MissingTensor(name),
+            R::Shape {
+                name,
+                expected,
+                found,
+            } => Self::Shape {
+                name,
+                expected,
+                found,
+            },
+            R::Metadata { key, why } => Self::Metadata { key, why },
+            R::Unsupported(why) => Self::Unsupported(why),
+            R::ContextFull { n_ctx, needed } => Self::ContextFull { n_ctx, needed },
+            R::Input(why) => Self::Input(why),
+        }
+    }
+}

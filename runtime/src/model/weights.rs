@@ -2,6 +2,8 @@
 //! hyper-parameters before anything runs.
 
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+use crate::moe::cache::{ExpertLayout, SlabSpec};
+pub use crate::moe::experts::Mlp;
 use crate::tensor::QMatrix;
 
 use super::arch::QkNorm;
@@ -69,14 +71,6 @@ impl<'a> StackedExperts<'a> {
             data: s.data,
         }
     }
-}
-
-/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
-#[derive(Clone, Copy)]
-pub struct Mlp<'a> {
-    pub gate: QMatrix<'a>,
-    pub up: QMatrix<'a>,
-    pub down: QMatrix<'a>,
 }
 
 pub struct Experts<'a> {
@@ -294,6 +288,29 @@ impl<'a> Lookup<'a> {
         } else {
             Ok(None)
         }
+    }
+}
+
+impl Model<'_> {
+    /// Where every routed expert's slabs are in the file: what the expert cache reads.
+    pub fn expert_layout(&self) -> ExpertLayout {
+        let spec = |s: &StackedExperts, e: usize| SlabSpec {
+            ty: s.slabs[e].ty,
+            rows: s.rows,
+            cols: s.cols,
+            file_offset: s.slabs[e].file_offset as u64,
+            bytes: s.slab_bytes(e),
+        };
+        let layers = self.layers.iter().map(|l| match &l.ffn {
+            Ffn::Moe(moe) => {
+                let x = &moe.experts;
+                let experts = (0..x.gate.n_expert)
+                    .map(|e| [spec(&x.gate, e), spec(&x.up, e), spec(&x.down, e)]);
+                Some(experts.collect())
+            }
+            Ffn::Dense(_) => None,
+        });
+        ExpertLayout::new(layers.collect())
     }
 }
 

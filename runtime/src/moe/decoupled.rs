@@ -20,7 +20,27 @@
 //! is plain f32, so the scores match PyTorch to float tolerance.
 
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::model::ModelError;
+
+/// Why a decoupled router cannot be loaded or run (the model's errors wrap these).
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("the model file has no router tensor `{0}` (re-convert it with moe-convert)")]
+    MissingTensor(String),
+    #[error("router tensor `{name}` has ggml shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("metadata `{key}` {why}")]
+    Metadata { key: String, why: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("context is full: {needed} positions needed, the router holds {n_ctx}")]
+    ContextFull { n_ctx: usize, needed: usize },
+    #[error("bad input: {0}")]
+    Input(String),
+}
 
 /// GGUF prefix of the router's keys and tensors.
 pub const PREFIX: &str = "moe_edge.router.";
@@ -75,21 +95,21 @@ impl DecoupledRouter {
         file: &GgufFile,
         n_vocab: usize,
         n_expert: usize,
-    ) -> Result<Option<Self>, ModelError> {
+    ) -> Result<Option<Self>, RouterError> {
         let h = file.header();
         let Some(kind) = h.get(&format!("{PREFIX}kind")) else {
             return Ok(None);
         };
         if kind.as_str() != Some("readme") {
-            return Err(ModelError::Unsupported(format!(
+            return Err(RouterError::Unsupported(format!(
                 "decoupled router kind {kind:?} is not supported (only \"readme\"); use a newer moe-run"
             )));
         }
-        let meta = |k: &str| -> Result<f64, ModelError> {
+        let meta = |k: &str| -> Result<f64, RouterError> {
             let key = format!("{PREFIX}{k}");
             h.get(&key)
                 .and_then(|v| v.as_f64().or_else(|| v.as_u64().map(|u| u as f64)))
-                .ok_or(ModelError::Metadata {
+                .ok_or(RouterError::Metadata {
                     key,
                     why: "is missing or not a number (re-convert the model with moe-convert)"
                         .into(),
@@ -102,24 +122,24 @@ impl DecoupledRouter {
         let theta = meta("rope.freq_base")? as f32;
         let eps = meta("layer_norm_rms_epsilon")? as f32;
         if meta("expert_count")? as usize != n_expert {
-            return Err(ModelError::Metadata {
+            return Err(RouterError::Metadata {
                 key: format!("{PREFIX}expert_count"),
                 why: format!("differs from the backbone's {n_expert} experts"),
             });
         }
         if n_head == 0 || !d.is_multiple_of(n_head) || !(d / n_head).is_multiple_of(2) {
-            return Err(ModelError::Metadata {
+            return Err(RouterError::Metadata {
                 key: format!("{PREFIX}head_count"),
                 why: format!("{n_head} does not split width {d} into even head widths"),
             });
         }
-        let t = |name: &str, dims: &[usize]| -> Result<Vec<f32>, ModelError> {
+        let t = |name: &str, dims: &[usize]| -> Result<Vec<f32>, RouterError> {
             let full = format!("{PREFIX}{name}");
             let info: &TensorInfo = h
                 .tensor(&full)
-                .ok_or_else(|| ModelError::MissingTensor(full.clone()))?;
+                .ok_or_else(|| RouterError::MissingTensor(full.clone()))?;
             if info.dims != dims {
-                return Err(ModelError::Shape {
+                return Err(RouterError::Shape {
                     name: full,
                     expected: dims.to_vec(),
                     found: info.dims.clone(),
@@ -130,7 +150,7 @@ impl DecoupledRouter {
             Ok(out)
         };
         let lin =
-            |name: &str, rows: usize, cols: usize| -> Result<(Vec<f32>, Vec<f32>), ModelError> {
+            |name: &str, rows: usize, cols: usize| -> Result<(Vec<f32>, Vec<f32>), RouterError> {
                 Ok((
                     t(&format!("{name}.weight"), &[cols, rows])?,
                     t(&format!("{name}.bias"), &[rows])?,
@@ -209,10 +229,10 @@ impl DecoupledRouter {
         tokens: &[u32],
         pos: usize,
         out: &mut Vec<f32>,
-    ) -> Result<(), ModelError> {
+    ) -> Result<(), RouterError> {
         let (n, d) = (tokens.len(), self.d);
         if pos + n > st.n_ctx {
-            return Err(ModelError::ContextFull {
+            return Err(RouterError::ContextFull {
                 n_ctx: st.n_ctx,
                 needed: pos + n,
             });
@@ -222,7 +242,7 @@ impl DecoupledRouter {
         for &t in tokens {
             let t = t as usize;
             if t >= n_vocab {
-                return Err(ModelError::Input(format!(
+                return Err(RouterError::Input(format!(
                     "token id {t} is outside the router's vocabulary of {n_vocab}"
                 )));
             }

@@ -7,9 +7,16 @@
 
 use rayon::prelude::*;
 
-use crate::model::Mlp;
 use crate::tensor::matrix::{rows_per_task, rows_times_acts, Activations};
-use crate::tensor::Kernels;
+use crate::tensor::{Kernels, QMatrix};
+
+/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+#[derive(Clone, Copy)]
+pub struct Mlp<'a> {
+    pub gate: QMatrix<'a>,
+    pub up: QMatrix<'a>,
+    pub down: QMatrix<'a>,
+}
 
 /// One expert's share of a batch: its matrices and the (token, weight) pairs that chose it.
 pub struct ExpertJob<'w, 'j> {

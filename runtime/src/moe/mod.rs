@@ -5,7 +5,6 @@ pub mod cache;
 pub mod calib;
 pub mod decoupled;
 pub mod experts;
-pub mod flash;
 pub mod gru;
 pub mod lossy;
 pub mod predictor;

@@ -10,12 +10,8 @@ use std::time::{Duration, Instant};
 
 pub const PAGE: usize = 4096;
 
-/// Largest single read: a longer extent is read in pieces that several I/O threads can have in
-/// flight at once. Large requests are what flash serves best: on this project's virtio test disk
-/// (fio, O_DIRECT random reads) 256 KiB requests ran at 1.0-1.2 GB/s with one or two in flight,
-/// 544-832 KiB ones at 1.3-2.0 GB/s. Streaming the widened trained model (544 KiB slabs), 1024
-/// tokens at a 50% budget, 2 I/O threads, 6 alternating pairs: 256 KiB pieces stalled 2.6-3.4
-/// ms per token, whole slabs 2.0-2.8.
+/// Largest single read: longer extents are split so several I/O threads read them at once, but
+/// flash serves large requests best (docs/BENCHMARKS.md).
 pub const PIECE: usize = 1 << 20;
 
 /// Storage speed to emulate: every read costs `latency + bytes / bandwidth`, one read at a
@@ -88,6 +84,11 @@ impl FlashReader {
             direct,
             throttle: throttle.map(|p| (p, Mutex::new(Instant::now()))),
         })
+    }
+
+    /// Whether reads bypass the page cache (`O_DIRECT`).
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 
     /// Room a slot needs to read `e` with page-aligned I/O: the extent plus the misalignment of

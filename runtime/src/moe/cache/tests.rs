@@ -1,0 +1,169 @@
+//! The cache against a small synthetic file: reads land where the layout says, and a failed
+//! read is reported with its expert and leaves the cache consistent.
+
+use std::path::PathBuf;
+
+use super::*;
+use crate::gguf::GgmlType;
+
+const N_EXPERT: u32 = 8;
+const SLAB: usize = 64;
+
+/// Expert (3, 5)'s down slab lies past the end of the file; its other slabs are not adjacent,
+/// so it is read in several parts.
+const BROKEN: ExpertKey = ExpertKey {
+    layer: 3,
+    expert: 5,
+};
+
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn slab(file_offset: u64) -> SlabSpec {
+    SlabSpec {
+        ty: GgmlType::F32,
+        rows: 1,
+        cols: SLAB / 4,
+        file_offset,
+        bytes: SLAB,
+    }
+}
+
+/// A file of 4 pages and the layout of a 4-layer model (layer 0 dense) whose experts are in it,
+/// except for `BROKEN`.
+fn fixture(name: &str) -> (TempFile, Vec<u8>, ExpertLayout) {
+    let path =
+        std::env::temp_dir().join(format!("moe-edge-cache-{name}-{}.bin", std::process::id()));
+    let data: Vec<u8> = (0..4 * 4096).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let layer = |l: u32| {
+        (0..N_EXPERT)
+            .map(|e| {
+                if (ExpertKey {
+                    layer: l,
+                    expert: e,
+                }) == BROKEN
+                {
+                    return [slab(4096), slab(8192), slab(1 << 20)];
+                }
+                let at = ((l * N_EXPERT + e) as usize * 3 * SLAB) as u64;
+                [slab(at), slab(at + SLAB as u64), slab(at + 2 * SLAB as u64)]
+            })
+            .collect()
+    };
+    let layout = ExpertLayout::new(vec![None, Some(layer(1)), Some(layer(2)), Some(layer(3))]);
+    (TempFile(path), data, layout)
+}
+
+fn config(slots: usize) -> CacheConfig {
+    CacheConfig {
+        slots,
+        eviction: Eviction::Belady,
+        direct_io: false,
+        flash: None,
+        io_threads: 2,
+        max_speculative_bytes: 1 << 20,
+    }
+}
+
+/// Takes every expert of `layer` in `experts`, waiting for each.
+fn use_all(c: &ExpertCache, layer: usize, experts: &[u32]) -> Result<(), CacheError> {
+    let mut arrivals = c.acquire_each(layer, experts)?;
+    for i in 0..experts.len() {
+        arrivals
+            .take(i, true)?
+            .expect("a waiting take returns the expert");
+    }
+    Ok(())
+}
+
+#[test]
+fn experts_are_read_where_the_layout_says() {
+    let (file, data, layout) = fixture("layout");
+    let c = ExpertCache::new(layout, 2, &file.0, config(3)).unwrap();
+    let mut arrivals = c.acquire_each(2, &[6, 1]).unwrap();
+    while let Some((i, guard)) = arrivals.take_any().unwrap() {
+        let expert = [6, 1][i];
+        let at = (2 * N_EXPERT as usize + expert) * 3 * SLAB;
+        let mlp = guard.mlp();
+        for (k, m) in [mlp.gate, mlp.up, mlp.down].iter().enumerate() {
+            let start = at + k * SLAB;
+            assert!(
+                m.data == &data[start..start + SLAB],
+                "expert {expert} slab {k}"
+            );
+            assert_eq!((m.ty, m.rows, m.cols), (GgmlType::F32, 1, SLAB / 4));
+        }
+    }
+    assert_eq!(c.stats().demand_misses, 2);
+}
+
+#[test]
+fn a_failed_read_names_its_expert_and_frees_its_slot() {
+    let (file, _, layout) = fixture("failure");
+    let c = ExpertCache::new(layout, 2, &file.0, config(3)).unwrap();
+    use_all(&c, 1, &[0, 1]).unwrap();
+    let err = use_all(&c, 3, &[2, BROKEN.expert]).expect_err("expert 5's down slab is missing");
+    let check = |err: &CacheError| {
+        let CacheError::Read {
+            layer,
+            expert,
+            path,
+            cause,
+        } = err
+        else {
+            panic!("not a read error: {err}");
+        };
+        assert_eq!((*layer, *expert), (BROKEN.layer, BROKEN.expert), "{err}");
+        assert_eq!(path, &file.0);
+        assert_eq!(cause.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+        let shown = err.to_string();
+        let want = format!(
+            "reading expert 5 of layer 3 from {} failed: ",
+            file.0.display()
+        );
+        assert!(shown.starts_with(&want), "{shown}");
+        assert!(shown.contains("past the end of the model file"), "{shown}");
+        assert!(
+            shown.ends_with(&cause.to_string()),
+            "the I/O error is shown: {shown}"
+        );
+    };
+    check(&err);
+    // Later requests, even of experts that are present, fail with the same expert named.
+    match c.acquire_each(1, &[0]) {
+        Ok(_) => panic!("a cache whose read failed keeps serving"),
+        Err(e) => check(&e),
+    }
+    // The failed expert's slot was given up and nothing is held; the other expert's read, which
+    // may still have been going when the error came, ends.
+    assert!(!c.contains(BROKEN.layer as usize, BROKEN.expert));
+    let t0 = std::time::Instant::now();
+    let mut st = c.shared.lock();
+    while st.table.slots.iter().any(|s| s.loading) {
+        assert!(t0.elapsed().as_secs() < 10, "{:?}", st.table.slots);
+        let wait = std::time::Duration::from_millis(50);
+        st = c.shared.changed.wait_timeout(st, wait).unwrap().0;
+    }
+    assert!(st.table.find(BROKEN).is_none());
+    assert!(
+        st.table.slots.iter().all(|s| s.holds == 0),
+        "{:?}",
+        st.table.slots
+    );
+    assert_eq!(st.speculative_bytes, 0);
+}
+
+#[test]
+fn too_few_slots_for_one_token_is_an_error() {
+    let (file, _, layout) = fixture("few");
+    let err = ExpertCache::new(layout, 4, &file.0, config(3))
+        .err()
+        .expect("3 slots cannot hold 4 experts");
+    assert!(err.to_string().contains("at least 4 slots"), "{err}");
+}
