@@ -12,8 +12,10 @@ use super::vocab::Vocab;
 use super::TokenizerError;
 
 pub(super) struct Bpe {
-    /// Rank by merge text (`"left right"`, as stored in `tokenizer.ggml.merges`).
-    ranks: HashMap<String, u32>,
+    /// Merge rank by the symbol ids of its two sides, as listed in `tokenizer.ggml.merges`.
+    ranks: HashMap<(u32, u32), u32>,
+    /// Merge sides that are not tokens, numbered after the vocabulary.
+    extra_symbols: HashMap<String, u32>,
     pre: PreTokenizer,
     byte_encode: bool,
     ignore_merges: bool,
@@ -24,6 +26,8 @@ pub(super) struct Bpe {
 struct Symbol {
     start: usize,
     len: usize,
+    /// The id of its text as a token or merge side (none: it takes part in no merge).
+    id: Option<u32>,
     prev: Option<usize>,
     next: Option<usize>,
 }
@@ -51,26 +55,50 @@ impl Ord for Bigram {
 }
 
 impl Bpe {
+    /// llama.cpp looks merges up by the text of their two sides; numbering every side (token id,
+    /// or a number after the vocabulary for the rare side that is no token) gives the same
+    /// lookups without building strings.
     pub fn new<'m>(
-        merges: impl IntoIterator<Item = &'m str>,
+        vocab: &Vocab,
+        merges: impl ExactSizeIterator<Item = &'m str>,
         spec: &PreTokenizerSpec,
     ) -> Result<Self, TokenizerError> {
-        let mut ranks = HashMap::new();
-        for (rank, merge) in merges.into_iter().enumerate() {
-            // llama.cpp splits at the first space after the first byte and keeps the first
-            // rank of a repeated merge; a merge without a space can never apply.
-            if merge
-                .as_bytes()
-                .get(1..)
-                .is_some_and(|rest| rest.contains(&b' '))
-            {
-                let rank = u32::try_from(rank)
-                    .map_err(|_| TokenizerError::Invalid("more than 2^32 merges".into()))?;
-                ranks.entry(merge.to_string()).or_insert(rank);
+        let mut ranks = HashMap::with_capacity(merges.len());
+        let mut extra_symbols: HashMap<String, u32> = HashMap::new();
+        let mut symbol = |text: &str| -> Result<u32, TokenizerError> {
+            if let Some(id) = vocab.id(text).or_else(|| extra_symbols.get(text).copied()) {
+                return Ok(id);
             }
+            let id = u32::try_from(vocab.len() + extra_symbols.len())
+                .map_err(|_| TokenizerError::Invalid("too many merge symbols".into()))?;
+            extra_symbols.insert(text.to_string(), id);
+            Ok(id)
+        };
+        for (rank, merge) in merges.enumerate() {
+            // llama.cpp splits at the first space after the first byte and keeps the first rank
+            // of a repeated merge. A merge without that space, or with a side that holds a
+            // space, can never apply: no symbol holds a space.
+            let Some(at) = merge
+                .as_bytes()
+                .iter()
+                .skip(1)
+                .position(|&b| b == b' ')
+                .map(|p| p + 1)
+            else {
+                continue;
+            };
+            let (left, right) = (&merge[..at], &merge[at + 1..]);
+            if left.contains(' ') || right.contains(' ') {
+                continue;
+            }
+            let rank = u32::try_from(rank)
+                .map_err(|_| TokenizerError::Invalid("more than 2^32 merges".into()))?;
+            let key = (symbol(left)?, symbol(right)?);
+            ranks.entry(key).or_insert(rank);
         }
         Ok(Self {
             ranks,
+            extra_symbols,
             pre: PreTokenizer::new(spec.rules)?,
             byte_encode: spec.byte_encode,
             ignore_merges: spec.ignore_merges,
@@ -78,17 +106,10 @@ impl Bpe {
         })
     }
 
-    fn rank(&self, left: &str, right: &str, key: &mut String) -> Option<u32> {
-        // Symbols never hold a space (it is `Ġ` or `▁` by now); were one to, llama.cpp would
-        // assert, and no merge can be meant.
-        if left.contains(' ') || right.contains(' ') {
-            return None;
-        }
-        key.clear();
-        key.push_str(left);
-        key.push(' ');
-        key.push_str(right);
-        self.ranks.get(key.as_str()).copied()
+    fn symbol_id(&self, vocab: &Vocab, text: &str) -> Option<u32> {
+        vocab
+            .id(text)
+            .or_else(|| self.extra_symbols.get(text).copied())
     }
 
     /// Appends the tokens of `text` (one fragment between special tokens) to `out`.
@@ -99,7 +120,6 @@ impl Bpe {
         out: &mut Vec<u32>,
     ) -> Result<(), TokenizerError> {
         let mut word = String::new();
-        let mut key = String::new();
         let mut symbols: Vec<Symbol> = Vec::new();
         let mut queue = BinaryHeap::new();
         for range in self.pre.split(text)? {
@@ -119,28 +139,32 @@ impl Bpe {
                 symbols.push(Symbol {
                     start: 0,
                     len: word.len(),
+                    id: None,
                     prev: None,
                     next: None,
                 });
             } else {
                 let n = word.chars().count();
                 for (i, (start, c)) in word.char_indices().enumerate() {
+                    let len = c.len_utf8();
                     symbols.push(Symbol {
                         start,
-                        len: c.len_utf8(),
+                        len,
+                        id: self.symbol_id(vocab, &word[start..start + len]),
                         prev: i.checked_sub(1),
                         next: (i + 1 < n).then_some(i + 1),
                     });
                 }
             }
-            let add = |symbols: &[Symbol], queue: &mut BinaryHeap<_>, key: &mut String, l, r| {
+            let add = |symbols: &[Symbol], queue: &mut BinaryHeap<_>, l, r| {
                 let (Some(left), Some(right)) = (l, r) else {
                     return;
                 };
                 let (ls, rs): (&Symbol, &Symbol) = (&symbols[left], &symbols[right]);
-                let lt = &word[ls.start..ls.start + ls.len];
-                let rt = &word[rs.start..rs.start + rs.len];
-                if let Some(rank) = self.rank(lt, rt, key) {
+                let (Some(a), Some(b)) = (ls.id, rs.id) else {
+                    return;
+                };
+                if let Some(&rank) = self.ranks.get(&(a, b)) {
                     queue.push(Reverse(Bigram {
                         rank,
                         left,
@@ -150,7 +174,7 @@ impl Bpe {
                 }
             };
             for i in 1..symbols.len() {
-                add(&symbols, &mut queue, &mut key, Some(i - 1), Some(i));
+                add(&symbols, &mut queue, Some(i - 1), Some(i));
             }
             while let Some(Reverse(b)) = queue.pop() {
                 let (l, r) = (symbols[b.left], symbols[b.right]);
@@ -159,14 +183,16 @@ impl Bpe {
                 if l.len == 0 || r.len == 0 || l.len + r.len != b.len {
                     continue;
                 }
-                symbols[b.left].len += r.len;
+                let merged = &mut symbols[b.left];
+                merged.len += r.len;
+                merged.id = self.symbol_id(vocab, &word[l.start..l.start + merged.len]);
+                merged.next = r.next;
                 symbols[b.right].len = 0;
-                symbols[b.left].next = r.next;
                 if let Some(n) = r.next {
                     symbols[n].prev = Some(b.left);
                 }
-                add(&symbols, &mut queue, &mut key, l.prev, Some(b.left));
-                add(&symbols, &mut queue, &mut key, Some(b.left), r.next);
+                add(&symbols, &mut queue, l.prev, Some(b.left));
+                add(&symbols, &mut queue, Some(b.left), r.next);
             }
 
             for s in symbols.iter().filter(|s| s.len > 0) {
@@ -219,10 +245,23 @@ mod tests {
         let spec = pre_tokenizer_spec("gpt-2").unwrap();
         // "b c" ranks before "a b": "abc" -> a + bc; in " ab" "a b" ranks before "Ġ a", which
         // leaves no merge for Ġ + ab.
-        let bpe = Bpe::new(["b c", "a b", "Ġ a", "Ġa b"], &spec).unwrap();
+        let bpe = Bpe::new(&v, ["b c", "a b", "Ġ a", "Ġa b"].into_iter(), &spec).unwrap();
         assert_eq!(pieces(&bpe, &v, "abc ab"), ["a", "bc", "Ġ", "ab"]);
-        let bpe = Bpe::new(["Ġ a", "Ġa b", "a b"], &spec).unwrap();
+        let bpe = Bpe::new(&v, ["Ġ a", "Ġa b", "a b"].into_iter(), &spec).unwrap();
         assert_eq!(pieces(&bpe, &v, " ab"), ["Ġab"]);
+    }
+
+    #[test]
+    fn merge_sides_need_not_be_tokens() {
+        // "ab" is no token, but llama.cpp merges by text, so "ab c" still applies.
+        let v = vocab(&["a", "b", "c", "abc"]);
+        let spec = pre_tokenizer_spec("gpt-2").unwrap();
+        let bpe = Bpe::new(&v, ["a b", "ab c"].into_iter(), &spec).unwrap();
+        assert_eq!(pieces(&bpe, &v, "abc"), ["abc"]);
+        // Without "ab c", the symbol "ab" is left over; it is no token, and its bytes on their
+        // own are, so they are what comes out.
+        let bpe = Bpe::new(&v, ["a b"].into_iter(), &spec).unwrap();
+        assert_eq!(pieces(&bpe, &v, "abc"), ["a", "b", "c"]);
     }
 
     #[test]
@@ -230,10 +269,10 @@ mod tests {
         let v = vocab(&["a", "b", "c", "bc", "abc"]);
         let spec = pre_tokenizer_spec("llama-bpe").unwrap();
         assert!(spec.ignore_merges);
-        let bpe = Bpe::new(["b c"], &spec).unwrap();
+        let bpe = Bpe::new(&v, ["b c"].into_iter(), &spec).unwrap();
         assert_eq!(pieces(&bpe, &v, "abc"), ["abc"]);
         let spec = pre_tokenizer_spec("qwen2").unwrap();
-        let bpe = Bpe::new(["b c"], &spec).unwrap();
+        let bpe = Bpe::new(&v, ["b c"].into_iter(), &spec).unwrap();
         assert_eq!(pieces(&bpe, &v, "abc"), ["a", "bc"]);
     }
 
@@ -241,7 +280,7 @@ mod tests {
     fn raw_utf8_vocabularies_fall_back_to_byte_tokens() {
         let v = vocab(&["h", "i", "hi", "<0xC3>", "<0xA9>"]);
         let spec = pre_tokenizer_spec("gemma4").unwrap();
-        let bpe = Bpe::new(["h i"], &spec).unwrap();
+        let bpe = Bpe::new(&v, ["h i"].into_iter(), &spec).unwrap();
         assert_eq!(pieces(&bpe, &v, "hié"), ["hi", "<0xC3>", "<0xA9>"]);
     }
 }

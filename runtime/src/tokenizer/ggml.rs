@@ -246,7 +246,7 @@ impl GgmlTokenizer {
                         })
                         .collect::<Result<_, _>>()?,
                 };
-                Model::Bpe(Bpe::new(merges, &spec)?)
+                Model::Bpe(Bpe::new(&vocab, merges.into_iter(), &spec)?)
             }
             "no_vocab" | "none" => {
                 return Err(missing(
@@ -324,7 +324,7 @@ impl GgmlTokenizer {
             (&mut fim_sep, FIM_SEP_TEXTS),
         ] {
             if slot.is_none() {
-                if let Some(id) = (0..n_u32).find(|&id| names.contains(&vocab.text(id))) {
+                if let Some(id) = names.iter().filter_map(|t| vocab.id(t)).min() {
                     *slot = Some(id);
                     vocab.set_attr_bits(id, attr::CONTROL, true);
                 }
@@ -332,12 +332,11 @@ impl GgmlTokenizer {
         }
 
         let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
-        for id in 0..n_u32 {
-            if EOG_TEXTS.contains(&vocab.text(id)) {
-                eog.push(id);
-                vocab.set_attr_bits(id, attr::CONTROL, true);
-            }
+        let by_text: Vec<u32> = EOG_TEXTS.iter().filter_map(|t| vocab.id(t)).collect();
+        for &id in &by_text {
+            vocab.set_attr_bits(id, attr::CONTROL, true);
         }
+        eog.extend(by_text);
         // gpt-oss's channel tokens are always rendered.
         for text in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
             if let Some(id) = vocab.id(text) {

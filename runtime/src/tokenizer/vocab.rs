@@ -1,7 +1,9 @@
 //! The token table of a `tokenizer.ggml.*` vocabulary: texts, scores and llama.cpp's token
 //! attributes (`llama_token_attr`).
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::hash_table::{Entry, HashTable};
 
 /// llama.cpp's `LLAMA_TOKEN_ATTR_*` bits.
 pub(super) mod attr {
@@ -32,20 +34,36 @@ pub(super) struct Vocab {
     texts: Vec<String>,
     scores: Vec<f32>,
     attrs: Vec<u32>,
-    ids: HashMap<String, u32>,
+    /// Ids by the hash of their text (the texts are not stored twice).
+    ids: HashTable<u32>,
+    hasher: RandomState,
 }
 
 impl Vocab {
     /// `texts`, `scores` and `attrs` have one entry per token; texts must be distinct.
     pub fn new(texts: Vec<String>, scores: Vec<f32>, attrs: Vec<u32>) -> Result<Self, String> {
         debug_assert!(texts.len() == scores.len() && texts.len() == attrs.len());
-        let mut ids = HashMap::with_capacity(texts.len());
+        if u32::try_from(texts.len()).is_err() {
+            return Err("more than 2^32 tokens".into());
+        }
+        let hasher = RandomState::new();
+        let mut ids = HashTable::with_capacity(texts.len());
         for (id, text) in texts.iter().enumerate() {
-            let id = u32::try_from(id).map_err(|_| "more than 2^32 tokens".to_string())?;
-            if let Some(first) = ids.insert(text.clone(), id) {
-                return Err(format!(
-                    "tokens {first} and {id} are both {text:?} (llama.cpp refuses such a vocabulary too)"
-                ));
+            let hash = hasher.hash_one(text.as_str());
+            match ids.entry(
+                hash,
+                |&other: &u32| texts[other as usize] == *text,
+                |&other: &u32| hasher.hash_one(texts[other as usize].as_str()),
+            ) {
+                Entry::Occupied(first) => {
+                    return Err(format!(
+                        "tokens {} and {id} are both {text:?} (llama.cpp refuses such a vocabulary too)",
+                        first.get()
+                    ))
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(id as u32);
+                }
             }
         }
         Ok(Self {
@@ -53,6 +71,7 @@ impl Vocab {
             scores,
             attrs,
             ids,
+            hasher,
         })
     }
 
@@ -61,7 +80,10 @@ impl Vocab {
     }
 
     pub fn id(&self, text: &str) -> Option<u32> {
-        self.ids.get(text).copied()
+        let hash = self.hasher.hash_one(text);
+        self.ids
+            .find(hash, |&id| self.texts[id as usize] == text)
+            .copied()
     }
 
     /// `id` must be below [`len`](Self::len).
