@@ -38,7 +38,9 @@ pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<
     let file = GgufFile::open(&args.model)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let model = Model::load(&file)?;
-    let tok = Tokenizer::from_gguf(file.header())?;
+    let tok = Tokenizer::from_gguf(file.header()).map_err(|e| {
+        anyhow::anyhow!("{e}: eval reads a text, so it needs the model's tokenizer")
+    })?;
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
     let mut ids = tok.encode(&text, false)?;
