@@ -699,6 +699,56 @@ fn clean_up_spaces(t: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::GgufWriter;
+
+    /// A vocabulary-only header with these `tokenizer.ggml.*` entries.
+    fn header(model: &str, pre: Option<&str>) -> GgufHeader {
+        let mut meta = vec![
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String(model.into()),
+            ),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                Value::string_array(["a", "b", "ab"]),
+            ),
+            (
+                "tokenizer.ggml.merges".to_string(),
+                Value::string_array(["a b"]),
+            ),
+        ];
+        if let Some(pre) = pre {
+            meta.push(("tokenizer.ggml.pre".to_string(), Value::String(pre.into())));
+        }
+        let bytes = GgufWriter::begin(Vec::new(), &meta, Vec::new(), 32)
+            .unwrap()
+            .finish()
+            .unwrap();
+        GgufHeader::parse(&bytes).unwrap()
+    }
+
+    fn error(model: &str, pre: Option<&str>) -> String {
+        match GgmlTokenizer::from_gguf(&header(model, pre)) {
+            Ok(_) => panic!("{model} {pre:?} accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_tokenized_is_named() {
+        let e = error("bert", None);
+        assert!(
+            e.contains("tokenizer.ggml.model = bert") && e.contains("WordPiece"),
+            "{e}"
+        );
+        let e = error("gpt2", Some("no-such-pre"));
+        assert!(e.contains("tokenizer.ggml.pre = no-such-pre"), "{e}");
+        let e = error("none", None);
+        assert!(e.contains("no vocabulary"), "{e}");
+        // A missing pre-tokenizer is llama.cpp's default one.
+        let tok = GgmlTokenizer::from_gguf(&header("gpt2", None)).unwrap();
+        assert_eq!(tok.encode("ab", false, false).unwrap(), [2]);
+    }
 
     fn clean(s: &str) -> String {
         let mut v = s.as_bytes().to_vec();
