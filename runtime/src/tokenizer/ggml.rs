@@ -703,6 +703,10 @@ mod tests {
 
     /// A vocabulary-only header with these `tokenizer.ggml.*` entries.
     fn header(model: &str, pre: Option<&str>) -> GgufHeader {
+        header_with(model, pre, Vec::new())
+    }
+
+    fn header_with(model: &str, pre: Option<&str>, extra: Vec<(String, Value)>) -> GgufHeader {
         let mut meta = vec![
             (
                 "tokenizer.ggml.model".to_string(),
@@ -720,6 +724,7 @@ mod tests {
         if let Some(pre) = pre {
             meta.push(("tokenizer.ggml.pre".to_string(), Value::String(pre.into())));
         }
+        meta.extend(extra);
         let bytes = GgufWriter::begin(Vec::new(), &meta, Vec::new(), 32)
             .unwrap()
             .finish()
@@ -732,6 +737,34 @@ mod tests {
             Ok(_) => panic!("{model} {pre:?} accepted"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn add_bos_and_add_eos_are_honoured() {
+        let key = |k: &str| format!("tokenizer.ggml.{k}");
+        let h = header_with(
+            "gpt2",
+            Some("llama-bpe"),
+            vec![
+                (key("bos_token_id"), Value::U32(0)),
+                (key("eos_token_id"), Value::U32(1)),
+                (key("add_bos_token"), Value::Bool(false)),
+                (key("add_eos_token"), Value::Bool(true)),
+            ],
+        );
+        let tok = GgmlTokenizer::from_gguf(&h).unwrap();
+        assert_eq!(tok.encode("ab", true, false).unwrap(), [2, 1]);
+        assert_eq!(tok.encode("ab", false, false).unwrap(), [2]);
+        // Without the keys, llama.cpp's default for llama3-style vocabularies: BOS, no EOS.
+        let h = header_with(
+            "gpt2",
+            Some("llama-bpe"),
+            vec![(key("bos_token_id"), Value::U32(0))],
+        );
+        let tok = GgmlTokenizer::from_gguf(&h).unwrap();
+        assert_eq!(tok.encode("ab", true, false).unwrap(), [0, 2]);
+        // Decoding without specials drops the leading BOS (here the token "a").
+        assert_eq!(tok.decode(&[0, 2], true, false).unwrap(), "ab");
     }
 
     #[test]
