@@ -210,3 +210,59 @@ fn board_profile_budget_streams_only_when_the_model_does_not_fit() {
     let (_, line) = gen(&["--target-profile", &roomy]);
     assert!(line.contains("expert cache: off"), "{line}");
 }
+
+/// A copy of `src` whose tokenizer is only `tokenizer.ggml.*` with `tokenizer.ggml.model` set to
+/// `model`, as a llama.cpp conversion of a model with that tokenizer would be.
+fn with_ggml_tokenizer_model(src: &std::path::Path, dst: &std::path::Path, model: &str) {
+    use moe_runtime::gguf::{GgufFile, GgufWriter, TensorDecl, Value};
+    let file = GgufFile::open(src).unwrap();
+    let h = file.header();
+    let meta: Vec<(String, Value)> = h
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k != "general.alignment" && k != "tokenizer.huggingface.json")
+        .map(|(k, v)| match k.as_str() {
+            "tokenizer.ggml.model" => (k.clone(), Value::String(model.into())),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    let decls = h
+        .tensors()
+        .iter()
+        .map(|t| TensorDecl {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+        })
+        .collect();
+    let out = std::fs::File::create(dst).unwrap();
+    let mut w = GgufWriter::begin(out, &meta, decls, h.alignment as u32).unwrap();
+    for t in h.tensors() {
+        w.write_tensor_data(file.tensor_bytes(t)).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// A tokenizer moe-edge does not implement: a text prompt is refused with what to do instead,
+/// and a prompt given as ids still runs, printing ids.
+#[test]
+fn unsupported_tokenizer_is_explained() {
+    let fx = Fixture::load("olmoe");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t5-tokenizer.gguf");
+    with_ggml_tokenizer_model(&conv.path, &path, "t5");
+    let model = path.to_str().unwrap();
+
+    let e = run(&["-m", model, "-p", "Hello", "-n", "1"]).unwrap_err();
+    assert!(
+        e.contains("tokenizer.ggml.model = t5") && e.contains("Unigram") && e.contains("--tokens"),
+        "{e}"
+    );
+
+    let case = &fx.expected.prompts[0];
+    let (out, err) = run(&["-m", model, "--tokens", &ids_arg(&case.ids), "-n", "2"]).unwrap();
+    assert!(err.contains("printed as ids"), "{err}");
+    let ids: Vec<u32> = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(ids.len(), 2);
+}

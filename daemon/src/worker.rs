@@ -165,7 +165,7 @@ pub fn spawn(
                 session.reset();
             }
             let token_text = |id: Option<u32>| {
-                id.and_then(|id| tokenizer.inner().id_to_token(id))
+                id.and_then(|id| tokenizer.token_text(id))
                     .unwrap_or_default()
             };
             let file = engine.file();

@@ -128,7 +128,7 @@ pub fn run(
     }
 }
 
-fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
+fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
     let model_path = args.model.clone().context("-m MODEL is required")?;
     let engine = Engine::open(
         &model_path,
@@ -148,7 +148,14 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => tokenizer
             .as_ref()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot turn the prompt into tokens: {e}. The model itself can still run: \
+                     give the prompt as token ids, --tokens 1,2,3 (made with the model's own \
+                     tokenizer, e.g. transformers or llama.cpp's llama-tokenize), and --ids to \
+                     get the generated ids"
+                )
+            })?
             .encode(text, true)?,
         (None, None) => match tokenizer.as_ref().ok().and_then(|t| t.bos()) {
             Some(bos) => vec![bos],
@@ -203,6 +210,14 @@ fn generate_text(args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result
         seed,
     });
 
+    if let Err(e) = &tokenizer {
+        // Without a tokenizer there is no text to show, so the ids are the output.
+        writeln!(
+            err,
+            "note: {e}; the generated tokens are printed as ids instead of text"
+        )?;
+        args.ids = true;
+    }
     if let Some(text) = &args.prompt {
         write!(out, "{text}")?;
         out.flush()?;

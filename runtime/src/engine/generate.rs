@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 use crate::model::{ModelError, Session};
 use crate::sampling::Sampler;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Detokenizer, Tokenizer};
+
+/// Prompt ids decoded as context before the first generated one.
+const DETOKENIZER_CONTEXT: usize = 4;
 
 /// What to generate.
 #[derive(Clone, Copy, Debug)]
@@ -75,7 +78,9 @@ pub fn generate(
     if req.max_tokens == 0 {
         return Ok(stats);
     }
-    let mut detok = tokenizer.map(|t| t.stream(req.skip_special));
+    // The prompt's last ids give the first new word its context (its leading space).
+    let context = &req.prompt[req.prompt.len().saturating_sub(DETOKENIZER_CONTEXT)..];
+    let mut detok = tokenizer.map(|t| Detokenizer::after(t, req.skip_special, context));
     let mut stops = StopMatcher::new(if tokenizer.is_some() { req.stop } else { &[] });
     let mut history = Vec::with_capacity(req.prompt.len() + req.max_tokens);
     history.extend_from_slice(req.prompt);

@@ -115,9 +115,15 @@ impl GgufHeader {
             raw_tensors.push((name, dims, ty, offset));
         }
 
-        let data_start = align_up(cur.pos as u64, alignment)
-            .and_then(|v| usize::try_from(v).ok())
-            .ok_or_else(|| GgufError::Invalid("data section offset overflows".into()))?;
+        // ggml pads to the alignment only when tensor data follows: a vocab-only file (no
+        // tensors) may end right after its metadata, and llama.cpp reads it.
+        let data_start = if raw_tensors.is_empty() {
+            cur.pos
+        } else {
+            align_up(cur.pos as u64, alignment)
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| GgufError::Invalid("data section offset overflows".into()))?
+        };
         if data_start > bytes.len() {
             return Err(GgufError::Truncated {
                 what: "padding before tensor data".into(),
@@ -324,5 +330,71 @@ impl<'a> Cursor<'a> {
                 Value::Array(elem, items)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufWriter, TensorDecl};
+
+    /// A GGUF v3 header as gguf-py writes a vocab-only file: metadata, no tensors, and nothing
+    /// after the last metadata value (no padding to the alignment).
+    fn vocab_only_bytes() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&GGUF_MAGIC.to_le_bytes());
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes()); // tensors
+        b.extend_from_slice(&1u64.to_le_bytes()); // metadata pairs
+        let key = b"tokenizer.ggml.model";
+        b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        b.extend_from_slice(key);
+        b.extend_from_slice(&8u32.to_le_bytes()); // string
+        b.extend_from_slice(&5u64.to_le_bytes());
+        b.extend_from_slice(b"llama");
+        b
+    }
+
+    #[test]
+    fn vocab_only_file_without_padding_parses() {
+        let bytes = vocab_only_bytes();
+        assert_ne!(
+            bytes.len() % DEFAULT_ALIGNMENT as usize,
+            0,
+            "needs no padding"
+        );
+        let h = GgufHeader::parse(&bytes).unwrap();
+        assert!(h.tensors().is_empty());
+        assert_eq!(h.data_start, bytes.len());
+        assert_eq!(
+            h.get("tokenizer.ggml.model").and_then(|v| v.as_str()),
+            Some("llama")
+        );
+        // Cut inside the metadata it is still truncated.
+        for cut in 0..bytes.len() {
+            assert!(GgufHeader::parse(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn file_with_tensors_cut_in_padding_or_data_is_refused() {
+        let meta = vec![(
+            "general.architecture".to_string(),
+            Value::String("x".into()),
+        )];
+        let decls = vec![TensorDecl {
+            name: "t".into(),
+            dims: vec![8],
+            ty: GgmlType::F32,
+        }];
+        let mut w = GgufWriter::begin(Vec::new(), &meta, decls, 64).unwrap();
+        w.write_tensor_data(&[0u8; 32]).unwrap();
+        let bytes = w.finish().unwrap();
+        let h = GgufHeader::parse(&bytes).unwrap();
+        let data_end = h.tensor("t").unwrap().range.end;
+        for cut in [h.data_start - 1, h.data_start, data_end - 1] {
+            let e = GgufHeader::parse(&bytes[..cut]).unwrap_err().to_string();
+            assert!(e.contains("truncated"), "cut at {cut}: {e}");
+        }
     }
 }

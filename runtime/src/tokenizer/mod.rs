@@ -3,15 +3,18 @@
 //! moe-convert embeds the Hugging Face `tokenizer.json` verbatim (`tokenizer.huggingface.json`),
 //! so encoding runs the same normaliser, pre-tokenizer and post-processor (BOS insertion) as
 //! transformers' `tokenizer(text)`. Files from other converters (such as llama.cpp's) carry only
-//! `tokenizer.ggml.*`; for byte-level BPE vocabularies the same tokenizer is rebuilt from the
-//! tokens, merges and llama.cpp's pre-tokenizer regexes.
+//! `tokenizer.ggml.*`; those are tokenized as llama.cpp tokenizes them ([`GgmlTokenizer`]).
 
 use crate::gguf::GgufHeader;
 
+mod bpe;
 mod ggml;
+mod pretokenizer;
+mod spm;
 mod stream;
+mod vocab;
 
-use ggml::rebuild_bpe_json;
+pub use ggml::GgmlTokenizer;
 pub use stream::Detokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +39,15 @@ const END_OF_TURN_TEXTS: &[&str] = &[
     "<end_of_turn>",
 ];
 
+enum Backend {
+    /// The embedded `tokenizer.huggingface.json`.
+    HuggingFace(Box<tokenizers::Tokenizer>),
+    /// `tokenizer.ggml.*` only.
+    Ggml(Box<GgmlTokenizer>),
+}
+
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-    /// Prepend BOS ourselves (rebuilt tokenizers have no post-processor).
-    prepend_bos: bool,
+    backend: Backend,
     bos: Option<u32>,
     eos: Option<u32>,
     end_of_generation: Vec<u32>,
@@ -52,18 +60,16 @@ impl Tokenizer {
                 .and_then(|v| v.as_u64())
                 .and_then(|v| u32::try_from(v).ok())
         };
-        let bos = id("tokenizer.ggml.bos_token_id");
-        let (json, prepend_bos) = match h.get("tokenizer.huggingface.json").and_then(|v| v.as_str())
-        {
-            Some(json) => (json.to_string(), false),
-            None => {
-                let add_bos = h
-                    .get("tokenizer.ggml.add_bos_token")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false);
-                (rebuild_bpe_json(h)?, add_bos && bos.is_some())
-            }
+        let Some(json) = h.get("tokenizer.huggingface.json").and_then(|v| v.as_str()) else {
+            let ggml = GgmlTokenizer::from_gguf(h)?;
+            return Ok(Self {
+                bos: ggml.bos(),
+                eos: ggml.eos(),
+                end_of_generation: ggml.end_of_generation().to_vec(),
+                backend: Backend::Ggml(Box::new(ggml)),
+            });
         };
+        let bos = id("tokenizer.ggml.bos_token_id");
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
             .map_err(|e| TokenizerError::Invalid(e.to_string()))?;
         let eos = id("tokenizer.ggml.eos_token_id");
@@ -86,8 +92,7 @@ impl Tokenizer {
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
         Ok(Self {
-            inner,
-            prepend_bos,
+            backend: Backend::HuggingFace(Box::new(inner)),
             bos,
             eos,
             end_of_generation,
@@ -95,24 +100,25 @@ impl Tokenizer {
     }
 
     /// Encodes like transformers' `tokenizer(text)`: special tokens (such as BOS) are added
-    /// when `add_special` and the tokenizer's post-processor says so.
+    /// when `add_special` and the tokenizer says so, and special tokens written in the text are
+    /// recognised.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        if add_special && self.prepend_bos {
-            ids.extend(self.bos);
+        match &self.backend {
+            Backend::HuggingFace(inner) => inner
+                .encode(text, add_special)
+                .map(|enc| enc.get_ids().to_vec())
+                .map_err(|e| TokenizerError::Encode(e.to_string())),
+            Backend::Ggml(ggml) => ggml.encode(text, add_special, true),
         }
-        ids.extend_from_slice(enc.get_ids());
-        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))
+        match &self.backend {
+            Backend::HuggingFace(inner) => inner
+                .decode(ids, skip_special)
+                .map_err(|e| TokenizerError::Encode(e.to_string())),
+            Backend::Ggml(ggml) => ggml.decode(ids, skip_special, !skip_special),
+        }
     }
 
     /// Incremental decoder that yields text only once it forms whole UTF-8 characters.
@@ -133,10 +139,33 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.backend {
+            Backend::HuggingFace(inner) => inner.get_vocab_size(true),
+            Backend::Ggml(ggml) => ggml.vocab_size(),
+        }
     }
 
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// The token's string in the vocabulary (such as `<|im_end|>`, or `Ġthe`).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        match &self.backend {
+            Backend::HuggingFace(inner) => inner.id_to_token(id),
+            Backend::Ggml(ggml) => ggml.token_text(id).map(str::to_string),
+        }
+    }
+
+    /// The embedded Hugging Face tokenizer, when the file has one.
+    pub fn huggingface(&self) -> Option<&tokenizers::Tokenizer> {
+        match &self.backend {
+            Backend::HuggingFace(inner) => Some(inner),
+            Backend::Ggml(_) => None,
+        }
+    }
+
+    /// The llama.cpp-style tokenizer, when the file has only `tokenizer.ggml.*`.
+    pub fn ggml(&self) -> Option<&GgmlTokenizer> {
+        match &self.backend {
+            Backend::HuggingFace(_) => None,
+            Backend::Ggml(ggml) => Some(ggml),
+        }
     }
 }

@@ -20,12 +20,19 @@ pub struct Detokenizer<'t> {
 
 impl<'t> Detokenizer<'t> {
     pub fn new(tok: &'t Tokenizer, skip_special: bool) -> Self {
+        Self::after(tok, skip_special, &[])
+    }
+
+    /// A detokenizer for ids that follow `context` (the end of the prompt), whose text is not
+    /// emitted: the first new word keeps the space a SentencePiece vocabulary encodes in it,
+    /// which decoding it alone would strip.
+    pub fn after(tok: &'t Tokenizer, skip_special: bool, context: &[u32]) -> Self {
         Self {
             tok,
             skip_special,
-            ids: Vec::new(),
+            ids: context.to_vec(),
             prefix: 0,
-            read: 0,
+            read: context.len(),
         }
     }
 
@@ -106,6 +113,28 @@ mod tests {
                 "the window grew to {longest_window} ids: decoding is not incremental"
             );
         }
+    }
+
+    /// After a context, the pieces are exactly what the new ids add to the context's text.
+    #[test]
+    fn pieces_after_a_context_are_what_the_ids_add() {
+        let tok = bundled();
+        let ids = tok
+            .encode(
+                "Call me Ishmael. Some years ago — never mind how long",
+                false,
+            )
+            .unwrap();
+        let (context, new) = ids.split_at(4);
+        let mut d = Detokenizer::after(&tok, false, context);
+        let mut out = String::new();
+        for &id in new {
+            out += &d.push(id);
+        }
+        out += &d.finish();
+        let whole = tok.decode(&ids, false).unwrap();
+        let before = tok.decode(context, false).unwrap();
+        assert_eq!(out, whole[before.len()..]);
     }
 
     /// A character split over tokens is held back until it is complete, never emitted as
