@@ -10,8 +10,10 @@
 use std::arch::x86_64::*;
 
 use super::{check_k, Kernels};
-use crate::tensor::kquant::{q4_k_scales_mins, Q4_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES};
-use crate::tensor::quant::{f16_at, Q4_0_BYTES, Q8_0_BYTES, QK};
+use crate::tensor::blocks::block32::{f16_at, Q4_0_BYTES, Q8_0_BYTES, QK};
+use crate::tensor::blocks::kquant::{
+    q4_k_scales_mins, Q4_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES,
+};
 
 static AVX2: Kernels = Kernels {
     name: "x86_64 avx2+fma+f16c",
@@ -22,11 +24,24 @@ static AVX2: Kernels = Kernels {
     dot_q8_0_q8_0,
     dot_q4_0_q8_0,
     dot_q5_0_q8_0: super::scalar::dot_q5_0_q8_0,
+    dot_iq4_nl_q8_0: super::scalar::dot_iq4_nl_q8_0,
+    dot_mxfp4_q8_0: super::scalar::dot_mxfp4_q8_0,
     gemm_q8_0,
     gemm_q4_0,
     quantize_q8_0,
+    dot_q2_k_q8_k: super::scalar::kquant::dot_q2_k_q8_k,
+    dot_q3_k_q8_k: super::scalar::kquant::dot_q3_k_q8_k,
     dot_q4_k_q8_k,
+    dot_q5_k_q8_k: super::scalar::kquant::dot_q5_k_q8_k,
     dot_q6_k_q8_k,
+    dot_iq2_xxs_q8_k: super::scalar::iquant::dot_iq2_xxs_q8_k,
+    dot_iq2_xs_q8_k: super::scalar::iquant::dot_iq2_xs_q8_k,
+    dot_iq2_s_q8_k: super::scalar::iquant::dot_iq2_s_q8_k,
+    dot_iq3_xxs_q8_k: super::scalar::iquant::dot_iq3_xxs_q8_k,
+    dot_iq3_s_q8_k: super::scalar::iquant::dot_iq3_s_q8_k,
+    dot_iq1_s_q8_k: super::scalar::iquant::dot_iq1_s_q8_k,
+    dot_iq1_m_q8_k: super::scalar::iquant::dot_iq1_m_q8_k,
+    dot_iq4_xs_q8_k: super::scalar::iquant::dot_iq4_xs_q8_k,
     gemm_q4_k,
 };
 
@@ -39,13 +54,26 @@ static VNNI: Kernels = Kernels {
     dot_q8_0_q8_0: dot_q8_0_q8_0_vnni,
     dot_q4_0_q8_0: dot_q4_0_q8_0_vnni,
     dot_q5_0_q8_0: super::scalar::dot_q5_0_q8_0,
+    dot_iq4_nl_q8_0: super::scalar::dot_iq4_nl_q8_0,
+    dot_mxfp4_q8_0: super::scalar::dot_mxfp4_q8_0,
     gemm_q8_0: gemm_q8_0_vnni,
     gemm_q4_0: gemm_q4_0_vnni,
     quantize_q8_0,
     // `vpdpbusd` would replace maddubs + madd, but the per-sub-block scales then need an i32
     // multiply (`vpmulld`, two uops): no gain, so the k-quants share the AVX2 kernels.
+    dot_q2_k_q8_k: super::scalar::kquant::dot_q2_k_q8_k,
+    dot_q3_k_q8_k: super::scalar::kquant::dot_q3_k_q8_k,
     dot_q4_k_q8_k,
+    dot_q5_k_q8_k: super::scalar::kquant::dot_q5_k_q8_k,
     dot_q6_k_q8_k,
+    dot_iq2_xxs_q8_k: super::scalar::iquant::dot_iq2_xxs_q8_k,
+    dot_iq2_xs_q8_k: super::scalar::iquant::dot_iq2_xs_q8_k,
+    dot_iq2_s_q8_k: super::scalar::iquant::dot_iq2_s_q8_k,
+    dot_iq3_xxs_q8_k: super::scalar::iquant::dot_iq3_xxs_q8_k,
+    dot_iq3_s_q8_k: super::scalar::iquant::dot_iq3_s_q8_k,
+    dot_iq1_s_q8_k: super::scalar::iquant::dot_iq1_s_q8_k,
+    dot_iq1_m_q8_k: super::scalar::iquant::dot_iq1_m_q8_k,
+    dot_iq4_xs_q8_k: super::scalar::iquant::dot_iq4_xs_q8_k,
     gemm_q4_k,
 };
 

@@ -13,8 +13,10 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::{check_k, Kernels};
-use crate::tensor::kquant::{q4_k_scales_mins, Q4_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES};
-use crate::tensor::quant::{f16_at, quantize_row_q8_0, Q4_0_BYTES, Q8_0_BYTES};
+use crate::tensor::blocks::block32::{f16_at, quantize_row_q8_0, Q4_0_BYTES, Q8_0_BYTES};
+use crate::tensor::blocks::kquant::{
+    q4_k_scales_mins, Q4_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES,
+};
 
 static DOTPROD: Kernels = Kernels {
     name: "aarch64 neon+dotprod",
@@ -25,13 +27,26 @@ static DOTPROD: Kernels = Kernels {
     dot_q8_0_q8_0: dot_q8_0_q8_0_sdot,
     dot_q4_0_q8_0: dot_q4_0_q8_0_sdot,
     dot_q5_0_q8_0: super::scalar::dot_q5_0_q8_0,
+    dot_iq4_nl_q8_0: super::scalar::dot_iq4_nl_q8_0,
+    dot_mxfp4_q8_0: super::scalar::dot_mxfp4_q8_0,
     gemm_q8_0: gemm_q8_0_sdot,
     gemm_q4_0: gemm_q4_0_sdot,
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
+    dot_q2_k_q8_k: super::scalar::kquant::dot_q2_k_q8_k,
+    dot_q3_k_q8_k: super::scalar::kquant::dot_q3_k_q8_k,
     dot_q4_k_q8_k: dot_q4_k_q8_k_sdot,
+    dot_q5_k_q8_k: super::scalar::kquant::dot_q5_k_q8_k,
     dot_q6_k_q8_k: dot_q6_k_q8_k_sdot,
+    dot_iq2_xxs_q8_k: super::scalar::iquant::dot_iq2_xxs_q8_k,
+    dot_iq2_xs_q8_k: super::scalar::iquant::dot_iq2_xs_q8_k,
+    dot_iq2_s_q8_k: super::scalar::iquant::dot_iq2_s_q8_k,
+    dot_iq3_xxs_q8_k: super::scalar::iquant::dot_iq3_xxs_q8_k,
+    dot_iq3_s_q8_k: super::scalar::iquant::dot_iq3_s_q8_k,
+    dot_iq1_s_q8_k: super::scalar::iquant::dot_iq1_s_q8_k,
+    dot_iq1_m_q8_k: super::scalar::iquant::dot_iq1_m_q8_k,
+    dot_iq4_xs_q8_k: super::scalar::iquant::dot_iq4_xs_q8_k,
     gemm_q4_k: gemm_q4_k_sdot,
 };
 
@@ -44,11 +59,24 @@ static NEON: Kernels = Kernels {
     dot_q8_0_q8_0: dot_q8_0_q8_0_mull,
     dot_q4_0_q8_0: dot_q4_0_q8_0_mull,
     dot_q5_0_q8_0: super::scalar::dot_q5_0_q8_0,
+    dot_iq4_nl_q8_0: super::scalar::dot_iq4_nl_q8_0,
+    dot_mxfp4_q8_0: super::scalar::dot_mxfp4_q8_0,
     gemm_q8_0: gemm_q8_0_mull,
     gemm_q4_0: gemm_q4_0_mull,
     quantize_q8_0: quantize_row_q8_0,
+    dot_q2_k_q8_k: super::scalar::kquant::dot_q2_k_q8_k,
+    dot_q3_k_q8_k: super::scalar::kquant::dot_q3_k_q8_k,
     dot_q4_k_q8_k: dot_q4_k_q8_k_mull,
+    dot_q5_k_q8_k: super::scalar::kquant::dot_q5_k_q8_k,
     dot_q6_k_q8_k: dot_q6_k_q8_k_mull,
+    dot_iq2_xxs_q8_k: super::scalar::iquant::dot_iq2_xxs_q8_k,
+    dot_iq2_xs_q8_k: super::scalar::iquant::dot_iq2_xs_q8_k,
+    dot_iq2_s_q8_k: super::scalar::iquant::dot_iq2_s_q8_k,
+    dot_iq3_xxs_q8_k: super::scalar::iquant::dot_iq3_xxs_q8_k,
+    dot_iq3_s_q8_k: super::scalar::iquant::dot_iq3_s_q8_k,
+    dot_iq1_s_q8_k: super::scalar::iquant::dot_iq1_s_q8_k,
+    dot_iq1_m_q8_k: super::scalar::iquant::dot_iq1_m_q8_k,
+    dot_iq4_xs_q8_k: super::scalar::iquant::dot_iq4_xs_q8_k,
     gemm_q4_k: gemm_q4_k_mull,
 };
 
