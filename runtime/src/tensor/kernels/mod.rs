@@ -48,8 +48,10 @@ pub struct Kernels {
     /// several tokens and each activation block several rows. Every output value equals the
     /// table's `dot_q8_0_q8_0` of its pair bit for bit, whatever the tile shape.
     pub gemm_q8_0: Gemm,
-    /// The same for Q4_0 weight rows.
+    /// The same for Q4_0, IQ4_NL and MXFP4 weight rows.
     pub gemm_q4_0: Gemm,
+    pub gemm_iq4_nl: Gemm,
+    pub gemm_mxfp4: Gemm,
     pub quantize_q8_0: fn(&[f32], &mut [u8]),
     /// K-quant weight rows against Q8_K activation rows (super-blocks of 256 values), as ggml's
     /// `ggml_vec_dot_q*_K_q8_K`. Activations stay on `kquant::quantize_row_q8_k`: ggml's CPU
@@ -69,9 +71,13 @@ pub struct Kernels {
     pub dot_iq1_s_q8_k: Dot,
     pub dot_iq1_m_q8_k: Dot,
     pub dot_iq4_xs_q8_k: Dot,
-    /// [`Kernels::gemm_q8_0`] for Q4_K weight rows and Q8_K activation rows: equal to the
-    /// table's `dot_q4_k_q8_k` pair by pair, bit for bit.
+    /// [`Kernels::gemm_q8_0`] for k-quant and IQ4_XS weight rows and Q8_K activation rows: equal
+    /// to the table's dot of the type pair by pair, bit for bit.
+    pub gemm_q2_k: Gemm,
+    pub gemm_q3_k: Gemm,
     pub gemm_q4_k: Gemm,
+    pub gemm_q5_k: Gemm,
+    pub gemm_iq4_xs: Gemm,
 }
 
 /// `(w, rows, x, n, out)`: see [`Kernels::gemm_q8_0`].
@@ -114,12 +120,19 @@ impl Kernels {
         })
     }
 
-    /// The tiled product for weights of type `ty`, where the table has one.
+    /// The tiled product for weights of type `ty`, where the table has one (on some CPUs it is
+    /// the dot kernel pair by pair).
     pub fn gemm(&self, ty: GgmlType) -> Option<(Gemm, ActFormat)> {
         Some(match ty {
             GgmlType::Q8_0 => (self.gemm_q8_0, ActFormat::Q8_0),
             GgmlType::Q4_0 => (self.gemm_q4_0, ActFormat::Q8_0),
+            GgmlType::IQ4NL => (self.gemm_iq4_nl, ActFormat::Q8_0),
+            GgmlType::MXFP4 => (self.gemm_mxfp4, ActFormat::Q8_0),
+            GgmlType::Q2K => (self.gemm_q2_k, ActFormat::Q8K),
+            GgmlType::Q3K => (self.gemm_q3_k, ActFormat::Q8K),
             GgmlType::Q4K => (self.gemm_q4_k, ActFormat::Q8K),
+            GgmlType::Q5K => (self.gemm_q5_k, ActFormat::Q8K),
+            GgmlType::IQ4XS => (self.gemm_iq4_xs, ActFormat::Q8K),
             _ => return None,
         })
     }
@@ -152,6 +165,15 @@ fn check_k(w: &[u8], w_block: usize, x: &[u8]) {
     );
 }
 
+/// A [`Gemm`] that runs the dot kernel `$dot` pair by pair ([`gemm_by_pairs`]).
+macro_rules! by_pairs {
+    ($dot:path) => {
+        |w, rows, x, n, out| $crate::tensor::kernels::gemm_by_pairs($dot, w, rows, x, n, out)
+    };
+}
+#[cfg(target_arch = "aarch64")]
+use by_pairs;
+
 pub static SCALAR: Kernels = Kernels {
     name: "scalar",
     dot_f32: scalar::dot_f32,
@@ -165,6 +187,8 @@ pub static SCALAR: Kernels = Kernels {
     dot_mxfp4_q8_0: scalar::dot_mxfp4_q8_0,
     gemm_q8_0: scalar::gemm_q8_0,
     gemm_q4_0: scalar::gemm_q4_0,
+    gemm_iq4_nl: by_pairs!(scalar::dot_iq4_nl_q8_0),
+    gemm_mxfp4: by_pairs!(scalar::dot_mxfp4_q8_0),
     quantize_q8_0: quantize_row_q8_0,
     dot_q2_k_q8_k: scalar::kquant::dot_q2_k_q8_k,
     dot_q3_k_q8_k: scalar::kquant::dot_q3_k_q8_k,
@@ -179,12 +203,12 @@ pub static SCALAR: Kernels = Kernels {
     dot_iq1_s_q8_k: scalar::iquant::dot_iq1_s_q8_k,
     dot_iq1_m_q8_k: scalar::iquant::dot_iq1_m_q8_k,
     dot_iq4_xs_q8_k: scalar::iquant::dot_iq4_xs_q8_k,
-    gemm_q4_k: scalar_gemm_q4_k,
+    gemm_q2_k: by_pairs!(scalar::kquant::dot_q2_k_q8_k),
+    gemm_q3_k: by_pairs!(scalar::kquant::dot_q3_k_q8_k),
+    gemm_q4_k: by_pairs!(scalar::kquant::dot_q4_k_q8_k),
+    gemm_q5_k: by_pairs!(scalar::kquant::dot_q5_k_q8_k),
+    gemm_iq4_xs: by_pairs!(scalar::iquant::dot_iq4_xs_q8_k),
 };
-
-fn scalar_gemm_q4_k(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_by_pairs(scalar::kquant::dot_q4_k_q8_k, w, rows, x, n, out);
-}
 
 /// The fastest table this CPU supports, detected once. `MOE_EDGE_SCALAR=1` forces the scalar
 /// reference (for comparisons).

@@ -31,6 +31,8 @@ static DOTPROD: Kernels = Kernels {
     dot_mxfp4_q8_0: super::scalar::dot_mxfp4_q8_0,
     gemm_q8_0: gemm_q8_0_sdot,
     gemm_q4_0: gemm_q4_0_sdot,
+    gemm_iq4_nl: super::by_pairs!(super::scalar::dot_iq4_nl_q8_0),
+    gemm_mxfp4: super::by_pairs!(super::scalar::dot_mxfp4_q8_0),
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
@@ -47,7 +49,11 @@ static DOTPROD: Kernels = Kernels {
     dot_iq1_s_q8_k: super::scalar::iquant::dot_iq1_s_q8_k,
     dot_iq1_m_q8_k: super::scalar::iquant::dot_iq1_m_q8_k,
     dot_iq4_xs_q8_k: super::scalar::iquant::dot_iq4_xs_q8_k,
+    gemm_q2_k: super::by_pairs!(super::scalar::kquant::dot_q2_k_q8_k),
+    gemm_q3_k: super::by_pairs!(super::scalar::kquant::dot_q3_k_q8_k),
     gemm_q4_k: gemm_q4_k_sdot,
+    gemm_q5_k: super::by_pairs!(super::scalar::kquant::dot_q5_k_q8_k),
+    gemm_iq4_xs: super::by_pairs!(super::scalar::iquant::dot_iq4_xs_q8_k),
 };
 
 static NEON: Kernels = Kernels {
@@ -63,6 +69,8 @@ static NEON: Kernels = Kernels {
     dot_mxfp4_q8_0: super::scalar::dot_mxfp4_q8_0,
     gemm_q8_0: gemm_q8_0_mull,
     gemm_q4_0: gemm_q4_0_mull,
+    gemm_iq4_nl: super::by_pairs!(super::scalar::dot_iq4_nl_q8_0),
+    gemm_mxfp4: super::by_pairs!(super::scalar::dot_mxfp4_q8_0),
     quantize_q8_0: quantize_row_q8_0,
     dot_q2_k_q8_k: super::scalar::kquant::dot_q2_k_q8_k,
     dot_q3_k_q8_k: super::scalar::kquant::dot_q3_k_q8_k,
@@ -77,7 +85,11 @@ static NEON: Kernels = Kernels {
     dot_iq1_s_q8_k: super::scalar::iquant::dot_iq1_s_q8_k,
     dot_iq1_m_q8_k: super::scalar::iquant::dot_iq1_m_q8_k,
     dot_iq4_xs_q8_k: super::scalar::iquant::dot_iq4_xs_q8_k,
+    gemm_q2_k: super::by_pairs!(super::scalar::kquant::dot_q2_k_q8_k),
+    gemm_q3_k: super::by_pairs!(super::scalar::kquant::dot_q3_k_q8_k),
     gemm_q4_k: gemm_q4_k_mull,
+    gemm_q5_k: super::by_pairs!(super::scalar::kquant::dot_q5_k_q8_k),
+    gemm_iq4_xs: super::by_pairs!(super::scalar::iquant::dot_iq4_xs_q8_k),
 };
 
 /// Every NEON table this CPU can run, fastest first (the tests run them all).

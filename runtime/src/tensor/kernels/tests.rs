@@ -103,7 +103,8 @@ pub fn check_table(k: &Kernels) {
         k.name
     );
     check_decode_only_types(k);
-    check_gemm_q4_k(k);
+    check_decode_only_gemms(k);
+    check_vector_blocks(k);
 }
 
 /// A Q8_K row from its int8 values (bsums made from them, as the quantizer does) and scales.
@@ -270,16 +271,20 @@ fn activation_rows(format: ActFormat, nb: usize, seed: u64, low: i8) -> Vec<Vec<
 /// Every quantized type the converter does not encode (k-quants, i-quants, Q5_0, IQ4_NL,
 /// MXFP4): random blocks with scales of both signs and small and large magnitudes, saturated and
 /// empty blocks, block counts around every SIMD loop's step, activations from the quantizer and
-/// extreme ones (all -128, which Q8_K rows never hold but Q8_0 and the Q4_K/Q6_K kernels take,
-/// else all -127; all 127; alternating), against the exact dot of the dequantized operands and
-/// against the scalar table.
+/// extreme ones (all at the lowest quant the type's kernels take, all 127, alternating),
+/// against the exact dot of the dequantized operands and against the scalar table.
 pub fn check_decode_only_types(k: &Kernels) {
     for ty in Q8K_TYPES.into_iter().chain(DECODE_ONLY_32) {
         let (dot, format) = k.quant_dot(ty).expect("a quantized type");
         let (scalar_dot, _) = SCALAR.quant_dot(ty).expect("a quantized type");
-        // The quantizer's Q8_K quants are within -127..=127; the i-quant and the new k-quant
-        // kernels rely on it (as ggml's do), the older ones also take -128.
-        let low = if format == ActFormat::Q8_0 || matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+        // The quantizers' quants are within -127..=127. The k-quant kernels multiply unsigned
+        // weights and take -128 too; the others use the sign trick, as ggml's do, and need the
+        // quantizers' range.
+        let k_quant = matches!(
+            ty,
+            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K
+        );
+        let low = if k_quant || ty == GgmlType::Q5_0 {
             -128
         } else {
             -127
@@ -319,19 +324,68 @@ pub fn check_decode_only_types(k: &Kernels) {
     }
 }
 
-/// The tiled Q4_K product equals the table's dot pair by pair, bit for bit, for every tile
-/// remainder.
-fn check_gemm_q4_k(k: &Kernels) {
-    for nb in [1usize, 3] {
-        for (rows, n) in [(1, 1), (3, 4), (2, 5), (1, 7), (4, 9), (5, 2), (2, 3)] {
-            let w = random_blocks(GgmlType::Q4K, rows * nb, 60 + nb as u64, 0.05);
-            let mut x = vec![0u8; n * nb * Q8_K_BYTES];
-            quantize_row_q8_k(&random_vec(n * nb * QK_K, 61, 2.0), &mut x);
-            let mut got = vec![0f32; rows * n];
-            (k.gemm_q4_k)(&w, rows, &x, n, &mut got);
-            let mut want = vec![0f32; rows * n];
-            gemm_by_pairs(k.dot_q4_k_q8_k, &w, rows, &x, n, &mut want);
-            assert_eq!(got, want, "{} q4_K gemm {rows}x{n} nb={nb}", k.name);
+/// The gguf-py vector blocks (tensor/quant.rs) whose values are finite, as one row per type,
+/// against activations from the quantizer: exact dot and scalar table, as above.
+fn check_vector_blocks(k: &Kernels) {
+    for (ty, blocks, values) in crate::tensor::quant::vectors::cases() {
+        let (dot, format) = k.quant_dot(ty).expect("a quantized type");
+        let (scalar_dot, _) = SCALAR.quant_dot(ty).expect("a quantized type");
+        let finite: Vec<u8> = blocks
+            .chunks_exact(ty.block_bytes())
+            .zip(values.chunks_exact(ty.block_len()))
+            .filter(|(_, v)| v.iter().all(|v| v.is_finite()))
+            .flat_map(|(b, _)| b.iter().copied())
+            .collect();
+        let nb = finite.len() / ty.block_bytes();
+        assert!(nb >= 4, "{ty}: {nb} finite vector blocks");
+        let n = nb * ty.block_len();
+        let per_block = if format == ActFormat::Q8K { QK_K } else { 32 };
+        for (seed, mag) in [(1u64, 1.0f32), (2, 1e-3)] {
+            let v = random_vec(n, seed, mag);
+            let x = match format {
+                ActFormat::Q8K => {
+                    let mut q = vec![0u8; n / per_block * Q8_K_BYTES];
+                    quantize_row_q8_k(&v, &mut q);
+                    q
+                }
+                ActFormat::Q8_0 => quantize(GgmlType::Q8_0, &v),
+            };
+            let xd = dequantized_acts(format, &x);
+            let (want, scale) = quant_reference(ty, &finite, &xd);
+            let got = dot(&finite, &x) as f64;
+            let reference = scalar_dot(&finite, &x) as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * scale + 1e-30,
+                "{} {ty} vectors: {got} vs exact {want} (scale {scale})",
+                k.name
+            );
+            assert!(
+                (got - reference).abs() <= 2e-6 * scale + 1e-30,
+                "{} {ty} vectors: {got} vs scalar {reference}",
+                k.name
+            );
+        }
+    }
+}
+
+/// The tiled products of the types the converter does not encode equal the table's dot pair
+/// by pair, bit for bit, for every tile remainder and block counts with tails.
+fn check_decode_only_gemms(k: &Kernels) {
+    for ty in Q8K_TYPES.into_iter().chain(DECODE_ONLY_32) {
+        let Some((gemm, format)) = k.gemm(ty) else {
+            continue;
+        };
+        let (dot, _) = k.quant_dot(ty).expect("a quantized type");
+        for nb in [1usize, 3, 5] {
+            for (rows, n) in [(1, 1), (3, 4), (2, 5), (1, 7), (4, 9), (9, 2), (5, 3)] {
+                let w = random_blocks(ty, rows * nb, 60 + nb as u64, 0.05);
+                let x = &activation_rows(format, n * nb, 61 + ty.id() as u64, -127)[0];
+                let mut got = vec![0f32; rows * n];
+                gemm(&w, rows, x, n, &mut got);
+                let mut want = vec![0f32; rows * n];
+                gemm_by_pairs(dot, &w, rows, x, n, &mut want);
+                assert_eq!(got, want, "{} {ty} gemm {rows}x{n} nb={nb}", k.name);
+            }
         }
     }
 }
