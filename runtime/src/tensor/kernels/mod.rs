@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use crate::gguf::GgmlType;
 use crate::tensor::blocks::block32::quantize_row_q8_0;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(target_arch = "x86_64")]
 use crate::tensor::blocks::kquant::Q8_K_BYTES;
 
 /// Kept where benchmarks and tests have always found it.
@@ -153,9 +153,9 @@ pub fn gemm_by_pairs(dot: Dot, w: &[u8], rows: usize, x: &[u8], n: usize, out: &
     }
 }
 
-/// The shapes the SIMD k-quant dots rely on: whole blocks of `w_block` bytes, one Q8_K
+/// The shapes the x86 k-quant dots rely on: whole blocks of `w_block` bytes, one Q8_K
 /// activation block per weight block.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(target_arch = "x86_64")]
 fn check_k(w: &[u8], w_block: usize, x: &[u8]) {
     assert_eq!(w.len() % w_block, 0, "whole weight blocks");
     assert_eq!(
@@ -167,7 +167,7 @@ fn check_k(w: &[u8], w_block: usize, x: &[u8]) {
 
 /// A [`Gemm`] that runs the dot kernel `$dot` pair by pair ([`gemm_by_pairs`]).
 macro_rules! by_pairs {
-    ($dot:path) => {
+    ($dot:expr) => {
         |w, rows, x, n, out| $crate::tensor::kernels::gemm_by_pairs($dot, w, rows, x, n, out)
     };
 }

@@ -488,39 +488,51 @@ fn simd_tables_agree_with_scalar() {
     }
 }
 
-/// The NEON k-quant kernels take the same float steps in both tables (exact integer sums,
-/// then ggml's per-block order), so they agree bit for bit; Q6_K's steps are also the scalar
-/// reference's.
+/// The NEON k-quant and IQ4_XS kernels reduce each block to exact integers before any float
+/// step, and take the same float steps in both tables, so they agree bit for bit; Q6_K's steps
+/// are also the scalar reference's. (The 32-value formats convert four lane sums to float, and
+/// the tables group the bytes into lanes differently: those agree within rounding, checked by
+/// `check_table`, and exactly where every partial sum is exact, in `neon_agrees_with_scalar`.)
 #[cfg(target_arch = "aarch64")]
 #[test]
-fn neon_kquants_agree_bit_for_bit() {
+fn neon_quantized_kernels_agree_bit_for_bit() {
     let tables: Vec<&Kernels> = neon::tables().collect();
     for t in &tables {
-        println!("testing k-quants bit for bit: {}", t.name);
+        println!("testing quantized kernels bit for bit: {}", t.name);
     }
-    for nb in [1usize, 2, 7] {
-        let n = nb * QK_K;
-        let mut x = vec![0u8; nb * Q8_K_BYTES];
-        quantize_row_q8_k(&random_vec(n, 90 + nb as u64, 2.0), &mut x);
-        let w4 = random_blocks(GgmlType::Q4K, nb, 91, 0.1);
-        let w6 = random_blocks(GgmlType::Q6K, nb, 92, 0.1);
-        let q6 = (SCALAR.dot_q6_k_q8_k)(&w6, &x);
-        let q4 = (tables[0].dot_q4_k_q8_k)(&w4, &x);
-        for t in &tables {
-            assert_eq!((t.dot_q6_k_q8_k)(&w6, &x), q6, "{} q6_K nb={nb}", t.name);
-            assert_eq!((t.dot_q4_k_q8_k)(&w4, &x), q4, "{} q4_K nb={nb}", t.name);
+    let types = [
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::IQ4XS,
+    ];
+    for ty in types {
+        for nb in [1usize, 2, 7] {
+            let w = random_blocks(ty, nb, 91 + ty.id() as u64, 0.1);
+            for x in activation_rows(ActFormat::Q8K, nb, 90 + nb as u64, -128) {
+                let first = (tables[0].quant_dot(ty).unwrap().0)(&w, &x);
+                for t in &tables {
+                    let got = (t.quant_dot(ty).unwrap().0)(&w, &x);
+                    assert_eq!(got.to_bits(), first.to_bits(), "{} {ty} nb={nb}", t.name);
+                }
+                if ty == GgmlType::Q6K {
+                    assert_eq!(first, (SCALAR.dot_q6_k_q8_k)(&w, &x), "q6_K nb={nb}");
+                }
+            }
         }
     }
 }
 
-/// Compares `t` with the scalar table where the answers must be equal: the integer kernels on
+/// Compares `t` with the scalar table where the answers must be equal: the 32-value kernels on
 /// arbitrary block bytes (including -128, which the quantizer never writes) with power-of-two
 /// scales, where every partial sum is exact in f32; the f16/bf16 kernels against one-hot
 /// activations, which return each converted weight itself (subnormals included); and the
 /// float kernels on lengths around every loop's step.
 #[cfg(target_arch = "aarch64")]
 fn neon_agrees_with_scalar(t: &Kernels) {
-    use crate::tensor::blocks::block32::Q4_0_BYTES;
+    use crate::tensor::blocks::block32::{IQ4_NL_BYTES, MXFP4_BYTES, Q4_0_BYTES};
 
     let mut s = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
@@ -542,6 +554,12 @@ fn neon_agrees_with_scalar(t: &Kernels) {
             v
         };
         let (w8, w4, x) = (blocks(Q8_0_BYTES), blocks(Q4_0_BYTES), blocks(Q8_0_BYTES));
+        let wnl = blocks(IQ4_NL_BYTES);
+        // MXFP4's scale byte: 2^(e - 128) of 1 or 1/2 (bit 2 of the f16 written there).
+        let mut wmx = blocks(MXFP4_BYTES);
+        for b in wmx.chunks_exact_mut(MXFP4_BYTES) {
+            b[0] = 127 + (b[1] >> 2 & 1);
+        }
         let extreme: Vec<u8> = x
             .chunks_exact(Q8_0_BYTES)
             .flat_map(|b| b[..2].iter().copied().chain([0x80u8; 32]))
@@ -557,6 +575,18 @@ fn neon_agrees_with_scalar(t: &Kernels) {
                 (t.dot_q4_0_q8_0)(&w4, xs),
                 (SCALAR.dot_q4_0_q8_0)(&w4, xs),
                 "{} q4_0 nb={nb}",
+                t.name
+            );
+            assert_eq!(
+                (t.dot_iq4_nl_q8_0)(&wnl, xs),
+                (SCALAR.dot_iq4_nl_q8_0)(&wnl, xs),
+                "{} iq4_nl nb={nb}",
+                t.name
+            );
+            assert_eq!(
+                (t.dot_mxfp4_q8_0)(&wmx, xs),
+                (SCALAR.dot_mxfp4_q8_0)(&wmx, xs),
+                "{} mxfp4 nb={nb}",
                 t.name
             );
         }
