@@ -3,6 +3,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod grid;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 pub mod scalar;

@@ -104,6 +104,7 @@ pub fn check_table(k: &Kernels) {
     );
     check_decode_only_types(k);
     check_decode_only_gemms(k);
+    check_grids_bit_for_bit(k);
     check_vector_blocks(k);
 }
 
@@ -364,6 +365,34 @@ fn check_vector_blocks(k: &Kernels) {
                 "{} {ty} vectors: {got} vs scalar {reference}",
                 k.name
             );
+        }
+    }
+}
+
+/// The grid i-quants' SIMD kernels take the scalar reference's exact integer sums and its float
+/// steps: equal to it bit for bit, for activations within the quantizer's -127..=127.
+fn check_grids_bit_for_bit(k: &Kernels) {
+    let grids = [
+        GgmlType::IQ2XXS,
+        GgmlType::IQ2XS,
+        GgmlType::IQ2S,
+        GgmlType::IQ3XXS,
+        GgmlType::IQ3S,
+        GgmlType::IQ1S,
+        GgmlType::IQ1M,
+    ];
+    for ty in grids {
+        let (dot, _) = k.quant_dot(ty).expect("a quantized type");
+        let (scalar_dot, _) = SCALAR.quant_dot(ty).expect("a quantized type");
+        for nb in [1usize, 2, 5] {
+            let mut ws = vec![random_blocks(ty, nb, 300 + nb as u64, 0.1)];
+            ws.extend(saturated_blocks(ty, nb, 301));
+            for w in &ws {
+                for x in activation_rows(ActFormat::Q8K, nb, 302 + ty.id() as u64, -127) {
+                    let (got, want) = (dot(w, &x), scalar_dot(w, &x));
+                    assert_eq!(got.to_bits(), want.to_bits(), "{} {ty} nb={nb}", k.name);
+                }
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ mod block32;
 mod iquant;
 mod kquant;
 
-use super::{scalar, Kernels};
+use super::{grid, scalar, Kernels};
 use crate::tensor::blocks::block32::{f16_at, Q8_0_BYTES, QK};
 
 static AVX2: Kernels = AVX2_KERNELS;
@@ -39,13 +39,13 @@ const AVX2_KERNELS: Kernels = Kernels {
     dot_q4_k_q8_k: kquant::dot::<kquant::Q4K>,
     dot_q5_k_q8_k: kquant::dot::<kquant::Q5K>,
     dot_q6_k_q8_k: kquant::dot_q6_k_q8_k,
-    dot_iq2_xxs_q8_k: scalar::iquant::dot_iq2_xxs_q8_k,
-    dot_iq2_xs_q8_k: scalar::iquant::dot_iq2_xs_q8_k,
-    dot_iq2_s_q8_k: scalar::iquant::dot_iq2_s_q8_k,
-    dot_iq3_xxs_q8_k: scalar::iquant::dot_iq3_xxs_q8_k,
-    dot_iq3_s_q8_k: scalar::iquant::dot_iq3_s_q8_k,
-    dot_iq1_s_q8_k: scalar::iquant::dot_iq1_s_q8_k,
-    dot_iq1_m_q8_k: scalar::iquant::dot_iq1_m_q8_k,
+    dot_iq2_xxs_q8_k: iquant::dot_grid::<grid::Iq2Xxs>,
+    dot_iq2_xs_q8_k: iquant::dot_grid::<grid::Iq2Xs>,
+    dot_iq2_s_q8_k: iquant::dot_grid::<grid::Iq2S>,
+    dot_iq3_xxs_q8_k: iquant::dot_grid::<grid::Iq3Xxs>,
+    dot_iq3_s_q8_k: iquant::dot_grid::<grid::Iq3S>,
+    dot_iq1_s_q8_k: iquant::dot_grid::<grid::Iq1S>,
+    dot_iq1_m_q8_k: iquant::dot_grid::<grid::Iq1M>,
     dot_iq4_xs_q8_k: kquant::dot::<iquant::Iq4Xs>,
     gemm_q2_k: kquant::gemm::<kquant::Q2K>,
     gemm_q3_k: kquant::gemm::<kquant::Q3K>,

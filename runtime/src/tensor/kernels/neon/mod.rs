@@ -3,10 +3,9 @@
 //! (Pi 4's Cortex-A72, Pi Zero 2 W's Cortex-A53) they widen with `smull` and add pairwise. The
 //! integer kernels follow ggml's NEON `ggml_vec_dot_*`; each is written once, generic over
 //! [`I8Dot`], and instantiated for both tables. Their integer sums are exact; the k-quant and
-//! IQ4_XS kernels reduce them to one integer per block before the same float steps in both
+//! i-quant kernels reduce them to one integer per block before the same float steps in both
 //! tables, so those agree bit for bit. Files by format family:
-//! `block32` (Q8_0, Q4_0, IQ4_NL, MXFP4), `kquant`, `iquant` (IQ4_XS; the grid i-quants stay on
-//! the scalar kernels).
+//! `block32` (Q8_0, Q4_0, IQ4_NL, MXFP4), `kquant`, `iquant` (IQ4_XS and the grid i-quants).
 //!
 //! NEON itself is part of the aarch64 Linux baseline, so the float kernels need no detection.
 //! Two instructions are written as `asm!`: `sdot`, because `vdotq_s32` is not stable, and the
@@ -21,7 +20,7 @@ mod block32;
 mod iquant;
 mod kquant;
 
-use super::{by_pairs, scalar, Kernels};
+use super::{by_pairs, grid, scalar, Kernels};
 use crate::tensor::blocks::block32::{f16_at, quantize_row_q8_0};
 
 // The matrix products are each table's dot kernels pair by pair (bit-identical to them).
@@ -48,13 +47,13 @@ static DOTPROD: Kernels = Kernels {
     dot_q4_k_q8_k: dot::<Sdot, kquant::Q4K>,
     dot_q5_k_q8_k: dot::<Sdot, kquant::Q5K>,
     dot_q6_k_q8_k: dot::<Sdot, kquant::Q6K>,
-    dot_iq2_xxs_q8_k: scalar::iquant::dot_iq2_xxs_q8_k,
-    dot_iq2_xs_q8_k: scalar::iquant::dot_iq2_xs_q8_k,
-    dot_iq2_s_q8_k: scalar::iquant::dot_iq2_s_q8_k,
-    dot_iq3_xxs_q8_k: scalar::iquant::dot_iq3_xxs_q8_k,
-    dot_iq3_s_q8_k: scalar::iquant::dot_iq3_s_q8_k,
-    dot_iq1_s_q8_k: scalar::iquant::dot_iq1_s_q8_k,
-    dot_iq1_m_q8_k: scalar::iquant::dot_iq1_m_q8_k,
+    dot_iq2_xxs_q8_k: dot::<Sdot, iquant::Grid<grid::Iq2Xxs>>,
+    dot_iq2_xs_q8_k: dot::<Sdot, iquant::Grid<grid::Iq2Xs>>,
+    dot_iq2_s_q8_k: dot::<Sdot, iquant::Grid<grid::Iq2S>>,
+    dot_iq3_xxs_q8_k: dot::<Sdot, iquant::Grid<grid::Iq3Xxs>>,
+    dot_iq3_s_q8_k: dot::<Sdot, iquant::Grid<grid::Iq3S>>,
+    dot_iq1_s_q8_k: dot::<Sdot, iquant::Grid<grid::Iq1S>>,
+    dot_iq1_m_q8_k: dot::<Sdot, iquant::Grid<grid::Iq1M>>,
     dot_iq4_xs_q8_k: dot::<Sdot, iquant::Iq4Xs>,
     gemm_q2_k: by_pairs!(dot::<Sdot, kquant::Q2K>),
     gemm_q3_k: by_pairs!(dot::<Sdot, kquant::Q3K>),
@@ -86,13 +85,13 @@ static NEON: Kernels = Kernels {
     dot_q4_k_q8_k: dot::<Mull, kquant::Q4K>,
     dot_q5_k_q8_k: dot::<Mull, kquant::Q5K>,
     dot_q6_k_q8_k: dot::<Mull, kquant::Q6K>,
-    dot_iq2_xxs_q8_k: scalar::iquant::dot_iq2_xxs_q8_k,
-    dot_iq2_xs_q8_k: scalar::iquant::dot_iq2_xs_q8_k,
-    dot_iq2_s_q8_k: scalar::iquant::dot_iq2_s_q8_k,
-    dot_iq3_xxs_q8_k: scalar::iquant::dot_iq3_xxs_q8_k,
-    dot_iq3_s_q8_k: scalar::iquant::dot_iq3_s_q8_k,
-    dot_iq1_s_q8_k: scalar::iquant::dot_iq1_s_q8_k,
-    dot_iq1_m_q8_k: scalar::iquant::dot_iq1_m_q8_k,
+    dot_iq2_xxs_q8_k: dot::<Mull, iquant::Grid<grid::Iq2Xxs>>,
+    dot_iq2_xs_q8_k: dot::<Mull, iquant::Grid<grid::Iq2Xs>>,
+    dot_iq2_s_q8_k: dot::<Mull, iquant::Grid<grid::Iq2S>>,
+    dot_iq3_xxs_q8_k: dot::<Mull, iquant::Grid<grid::Iq3Xxs>>,
+    dot_iq3_s_q8_k: dot::<Mull, iquant::Grid<grid::Iq3S>>,
+    dot_iq1_s_q8_k: dot::<Mull, iquant::Grid<grid::Iq1S>>,
+    dot_iq1_m_q8_k: dot::<Mull, iquant::Grid<grid::Iq1M>>,
     dot_iq4_xs_q8_k: dot::<Mull, iquant::Iq4Xs>,
     gemm_q2_k: by_pairs!(dot::<Mull, kquant::Q2K>),
     gemm_q3_k: by_pairs!(dot::<Mull, kquant::Q3K>),
