@@ -296,3 +296,88 @@ impl Value {
         Self::Array(ValueType::U32, items.into_iter().map(Self::U32).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufHeader, GgufWriter, TensorDecl};
+
+    /// A file with one tensor `t` of `ty`, two rows of two blocks, every data byte 0x11; and the
+    /// offset of the tensor's type id in it.
+    fn one_tensor_file(ty: GgmlType) -> (Vec<u8>, usize) {
+        let decl = TensorDecl {
+            name: "t".into(),
+            dims: vec![2 * ty.block_len(), 2],
+            ty,
+        };
+        let size = decl.byte_size().expect("whole blocks");
+        let mut w = GgufWriter::begin(Vec::new(), &[], vec![decl], 32).unwrap();
+        w.write_tensor_data(&vec![0x11; size]).unwrap();
+        let bytes = w.finish().unwrap();
+        // Tensor info: name (u64 length, bytes), u32 dimension count, u64 dimensions, u32 type.
+        let name = [1u8, 0, 0, 0, 0, 0, 0, 0, b't'];
+        let at = bytes
+            .windows(9)
+            .position(|w| w == name)
+            .expect("tensor info");
+        (bytes, at + 9 + 4 + 2 * 8)
+    }
+
+    #[test]
+    fn every_type_round_trips_through_a_file() {
+        for &ty in GgmlType::all() {
+            let (bytes, type_at) = one_tensor_file(ty);
+            assert_eq!(bytes[type_at..type_at + 4], ty.id().to_le_bytes());
+            let h = GgufHeader::parse(&bytes).unwrap();
+            let t = h.tensor("t").unwrap();
+            assert_eq!((t.ty, &t.dims[..]), (ty, &[2 * ty.block_len(), 2][..]));
+            assert_eq!(t.range.len(), 4 * ty.block_bytes(), "{ty}");
+            assert_eq!(GgmlType::from_name(&ty.name().to_uppercase()), Some(ty));
+        }
+    }
+
+    /// A file whose tensor sizes do not fit its types is an error that says why, not a panic.
+    #[test]
+    fn malformed_sizes_are_errors() {
+        let parse_as = |written: GgmlType, read: u32| {
+            let (mut bytes, type_at) = one_tensor_file(written);
+            bytes[type_at..type_at + 4].copy_from_slice(&read.to_le_bytes());
+            GgufHeader::parse(&bytes)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        // Rows of 64 values are not whole 256-value super-blocks.
+        for ty in [
+            GgmlType::Q2K,
+            GgmlType::IQ2XXS,
+            GgmlType::IQ1M,
+            GgmlType::IQ4XS,
+        ] {
+            let err = parse_as(GgmlType::Q8_0, ty.id());
+            assert!(
+                err.contains(&format!("not a multiple of the {ty} block length 256")),
+                "{err}"
+            );
+        }
+        // Two rows of 512 IQ1_S values take 200 bytes; read as F32 they need 4096, past the end
+        // of the file.
+        let err = parse_as(GgmlType::IQ1S, GgmlType::F32.id());
+        assert!(err.contains("runs past the end of the file"), "{err}");
+        // Types this runtime does not read: Q4_1, a removed id, Q8_1, Q8_K, I8, ids since
+        // removed from files, NVFP4, and an id past ggml's list.
+        for id in [3, 4, 9, 15, 24, 31, 36, 40, 1000] {
+            let err = parse_as(GgmlType::Q8_0, id);
+            assert!(err.contains(&format!("ggml type id {id}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn row_bytes_needs_whole_blocks() {
+        assert_eq!(GgmlType::MXFP4.row_bytes(64), Some(34));
+        assert_eq!(GgmlType::MXFP4.row_bytes(48), None);
+        assert_eq!(GgmlType::IQ2XS.row_bytes(512), Some(148));
+        assert_eq!(GgmlType::IQ2XS.row_bytes(32), None);
+        assert_eq!(GgmlType::F32.row_bytes(usize::MAX / 2), None, "overflow");
+    }
+}
