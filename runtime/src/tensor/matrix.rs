@@ -203,9 +203,10 @@ pub fn dot_row(k: &Kernels, w: &QMatrix, r: usize, a: ActRow, buf: &mut Vec<f32>
 }
 
 /// `out[i * n + t] = w_(row0 + i) . x_t` for `len` consecutive rows of `w` and all `n` rows of
-/// `acts`. Types with a tiled product in the table (Q8_0, Q4_0, Q4_K) go through it (each weight
-/// block loaded once for several tokens, and no per-row dispatch); other types pair by pair.
-/// Either way each value equals [`dot_row`] of its pair.
+/// `acts`. Types with a tiled product in the table ([`Kernels::gemm`]: the 32-value formats but
+/// Q5_0, the k-quants but Q6_K, IQ4_XS) go through it (on x86 each weight block is loaded once
+/// for several tokens, and there is no per-row dispatch); other types pair by pair. Either way
+/// each value equals [`dot_row`] of its pair.
 pub fn rows_times_acts(
     k: &Kernels,
     w: &QMatrix,
