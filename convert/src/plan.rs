@@ -28,9 +28,22 @@ pub(crate) fn file_type(ty: GgmlType) -> u32 {
         GgmlType::Q4_0 => 2,
         GgmlType::Q5_0 => 8,
         GgmlType::Q8_0 => 7,
+        GgmlType::Q2K => 10,
+        GgmlType::Q3K => 12,
         GgmlType::Q4K => 15,
+        GgmlType::Q5K => 17,
         GgmlType::Q6K => 18,
+        GgmlType::IQ2XXS => 19,
+        GgmlType::IQ2XS => 20,
+        GgmlType::IQ3XXS => 23,
+        GgmlType::IQ1S => 24,
+        GgmlType::IQ4NL => 25,
+        GgmlType::IQ3S => 26,
+        GgmlType::IQ2S => 28,
+        GgmlType::IQ4XS => 30,
+        GgmlType::IQ1M => 31,
         GgmlType::BF16 => 32,
+        GgmlType::MXFP4 => 38,
     }
 }
 

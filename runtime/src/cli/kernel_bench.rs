@@ -10,8 +10,8 @@ use anyhow::Result;
 
 use crate::gguf::GgmlType;
 use crate::tensor::kernels::{self, random_vec, Kernels};
-use crate::tensor::kquant::{random_k_blocks, Q4_K_BYTES, Q6_K_BYTES, QK_K};
 use crate::tensor::quant::quantize;
+use crate::tensor::random::random_blocks;
 use crate::tensor::{matmul, MatmulScratch, QMatrix};
 
 #[derive(clap::Args, Debug)]
@@ -54,9 +54,8 @@ pub fn run(args: KernelBenchArgs, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |")?;
     for name in &args.types {
         let ty = GgmlType::from_name(name).ok_or_else(|| {
-            anyhow::anyhow!(
-                "unknown weight type `{name}` (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k)"
-            )
+            let known: Vec<&str> = GgmlType::all().iter().map(|t| t.name()).collect();
+            anyhow::anyhow!("unknown weight type `{name}` ({})", known.join(", "))
         })?;
         for &(rows, cols, n) in &shapes {
             if ty.row_bytes(cols).is_none() {
@@ -128,24 +127,13 @@ fn memory_bandwidth(out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-/// `n` random weights of type `ty`. The converter does not encode k-quants, so those are random
-/// blocks (arbitrary quants, small scales): the kernels' speed does not depend on the values.
+/// `n` random weights of type `ty`. The converter encodes only some types; the others are
+/// random blocks (arbitrary quants, small scales): the kernels' speed does not depend on the values.
 fn random_weights(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
-    match ty {
-        GgmlType::Q4K => random_k_blocks(n / QK_K, Q4_K_BYTES, seed, 0.01),
-        GgmlType::Q6K => random_k_blocks(n / QK_K, Q6_K_BYTES, seed, 0.01),
-        // Random bytes are valid Q5_0 blocks once the f16 scale is a small finite number.
-        GgmlType::Q5_0 => {
-            let mut q: Vec<u8> = random_vec(n / 32 * 22, seed, 1.0)
-                .iter()
-                .map(|v| ((v + 1.0) * 127.5) as u8)
-                .collect();
-            for b in q.chunks_exact_mut(22) {
-                b[..2].copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
-            }
-            q
-        }
-        _ => quantize(ty, &random_vec(n, seed, 1.0)),
+    if ty.can_encode() {
+        quantize(ty, &random_vec(n, seed, 1.0))
+    } else {
+        random_blocks(ty, n / ty.block_len(), seed, 0.01)
     }
 }
 

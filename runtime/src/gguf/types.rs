@@ -12,58 +12,106 @@ pub enum GgmlType {
     /// 256-value blocks (e.g. a `Q4_K_M` expert down projection of width 1408).
     Q5_0,
     Q8_0,
+    Q2K,
+    Q3K,
     Q4K,
+    Q5K,
     Q6K,
+    IQ2XXS,
+    IQ2XS,
+    IQ3XXS,
+    IQ1S,
+    /// Non-linear 4-bit levels in 32-value blocks (the i-quant files' fallback for rows that are
+    /// not whole 256-value blocks).
+    IQ4NL,
+    IQ3S,
+    IQ2S,
+    IQ4XS,
+    IQ1M,
     BF16,
+    /// OCP microscaling FP4: E2M1 values with a power-of-two scale per 32 (gpt-oss experts).
+    MXFP4,
 }
 
+/// Every type, in id order.
+const ALL: [GgmlType; 21] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q4_0,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+    GgmlType::IQ2XXS,
+    GgmlType::IQ2XS,
+    GgmlType::IQ3XXS,
+    GgmlType::IQ1S,
+    GgmlType::IQ4NL,
+    GgmlType::IQ3S,
+    GgmlType::IQ2S,
+    GgmlType::IQ4XS,
+    GgmlType::IQ1M,
+    GgmlType::BF16,
+    GgmlType::MXFP4,
+];
+
 impl GgmlType {
-    pub fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            6 => Self::Q5_0,
-            8 => Self::Q8_0,
-            12 => Self::Q4K,
-            14 => Self::Q6K,
-            30 => Self::BF16,
-            _ => return None,
-        })
+    /// Every type this runtime reads.
+    pub fn all() -> &'static [GgmlType] {
+        &ALL
     }
 
+    pub fn from_id(id: u32) -> Option<Self> {
+        ALL.iter().copied().find(|t| t.id() == id)
+    }
+
+    /// ggml's `enum ggml_type` value.
     pub fn id(self) -> u32 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Q4_0 => 2,
-            Self::Q5_0 => 6,
-            Self::Q8_0 => 8,
-            Self::Q4K => 12,
-            Self::Q6K => 14,
-            Self::BF16 => 30,
-        }
+        self.traits().0
     }
 
     /// Number of values in one block (1 for plain float types).
     pub fn block_len(self) -> usize {
-        match self {
-            Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => 32,
-            Self::Q4K | Self::Q6K => 256,
-        }
+        self.traits().1
     }
 
     /// Bytes of one block.
     pub fn block_bytes(self) -> usize {
+        self.traits().2
+    }
+
+    pub fn name(self) -> &'static str {
+        self.traits().3
+    }
+
+    /// (ggml id, values per block, bytes per block, name): ggml's `type_traits` (ggml.c) and
+    /// the block structs of ggml-common.h.
+    fn traits(self) -> (u32, usize, usize, &'static str) {
         match self {
-            Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
-            Self::Q4_0 => 18,
-            Self::Q5_0 => 22,
-            Self::Q8_0 => 34,
-            Self::Q4K => 144,
-            Self::Q6K => 210,
+            Self::F32 => (0, 1, 4, "f32"),
+            Self::F16 => (1, 1, 2, "f16"),
+            Self::Q4_0 => (2, 32, 18, "q4_0"),
+            Self::Q5_0 => (6, 32, 22, "q5_0"),
+            Self::Q8_0 => (8, 32, 34, "q8_0"),
+            Self::Q2K => (10, 256, 84, "q2_K"),
+            Self::Q3K => (11, 256, 110, "q3_K"),
+            Self::Q4K => (12, 256, 144, "q4_K"),
+            Self::Q5K => (13, 256, 176, "q5_K"),
+            Self::Q6K => (14, 256, 210, "q6_K"),
+            Self::IQ2XXS => (16, 256, 66, "iq2_xxs"),
+            Self::IQ2XS => (17, 256, 74, "iq2_xs"),
+            Self::IQ3XXS => (18, 256, 98, "iq3_xxs"),
+            Self::IQ1S => (19, 256, 50, "iq1_s"),
+            Self::IQ4NL => (20, 32, 18, "iq4_nl"),
+            Self::IQ3S => (21, 256, 110, "iq3_s"),
+            Self::IQ2S => (22, 256, 82, "iq2_s"),
+            Self::IQ4XS => (23, 256, 136, "iq4_xs"),
+            Self::IQ1M => (29, 256, 56, "iq1_m"),
+            Self::BF16 => (30, 1, 2, "bf16"),
+            Self::MXFP4 => (39, 32, 17, "mxfp4"),
         }
     }
 
@@ -84,31 +132,11 @@ impl GgmlType {
         )
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Q4_0 => "q4_0",
-            Self::Q5_0 => "q5_0",
-            Self::Q8_0 => "q8_0",
-            Self::Q4K => "q4_K",
-            Self::Q6K => "q6_K",
-            Self::BF16 => "bf16",
-        }
-    }
-
+    /// The type named `name` as ggml spells it (case-insensitive: `q4_K`, `Q4_K`, `iq2_xxs`).
     pub fn from_name(name: &str) -> Option<Self> {
-        Some(match name.to_ascii_lowercase().as_str() {
-            "f32" => Self::F32,
-            "f16" => Self::F16,
-            "bf16" => Self::BF16,
-            "q8_0" => Self::Q8_0,
-            "q4_0" => Self::Q4_0,
-            "q5_0" => Self::Q5_0,
-            "q4_k" => Self::Q4K,
-            "q6_k" => Self::Q6K,
-            _ => return None,
-        })
+        ALL.iter()
+            .copied()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -266,5 +294,90 @@ impl Value {
 
     pub fn u32_array(items: impl IntoIterator<Item = u32>) -> Self {
         Self::Array(ValueType::U32, items.into_iter().map(Self::U32).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufHeader, GgufWriter, TensorDecl};
+
+    /// A file with one tensor `t` of `ty`, two rows of two blocks, every data byte 0x11; and the
+    /// offset of the tensor's type id in it.
+    fn one_tensor_file(ty: GgmlType) -> (Vec<u8>, usize) {
+        let decl = TensorDecl {
+            name: "t".into(),
+            dims: vec![2 * ty.block_len(), 2],
+            ty,
+        };
+        let size = decl.byte_size().expect("whole blocks");
+        let mut w = GgufWriter::begin(Vec::new(), &[], vec![decl], 32).unwrap();
+        w.write_tensor_data(&vec![0x11; size]).unwrap();
+        let bytes = w.finish().unwrap();
+        // Tensor info: name (u64 length, bytes), u32 dimension count, u64 dimensions, u32 type.
+        let name = [1u8, 0, 0, 0, 0, 0, 0, 0, b't'];
+        let at = bytes
+            .windows(9)
+            .position(|w| w == name)
+            .expect("tensor info");
+        (bytes, at + 9 + 4 + 2 * 8)
+    }
+
+    #[test]
+    fn every_type_round_trips_through_a_file() {
+        for &ty in GgmlType::all() {
+            let (bytes, type_at) = one_tensor_file(ty);
+            assert_eq!(bytes[type_at..type_at + 4], ty.id().to_le_bytes());
+            let h = GgufHeader::parse(&bytes).unwrap();
+            let t = h.tensor("t").unwrap();
+            assert_eq!((t.ty, &t.dims[..]), (ty, &[2 * ty.block_len(), 2][..]));
+            assert_eq!(t.range.len(), 4 * ty.block_bytes(), "{ty}");
+            assert_eq!(GgmlType::from_name(&ty.name().to_uppercase()), Some(ty));
+        }
+    }
+
+    /// A file whose tensor sizes do not fit its types is an error that says why, not a panic.
+    #[test]
+    fn malformed_sizes_are_errors() {
+        let parse_as = |written: GgmlType, read: u32| {
+            let (mut bytes, type_at) = one_tensor_file(written);
+            bytes[type_at..type_at + 4].copy_from_slice(&read.to_le_bytes());
+            GgufHeader::parse(&bytes)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        // Rows of 64 values are not whole 256-value super-blocks.
+        for ty in [
+            GgmlType::Q2K,
+            GgmlType::IQ2XXS,
+            GgmlType::IQ1M,
+            GgmlType::IQ4XS,
+        ] {
+            let err = parse_as(GgmlType::Q8_0, ty.id());
+            assert!(
+                err.contains(&format!("not a multiple of the {ty} block length 256")),
+                "{err}"
+            );
+        }
+        // Two rows of 512 IQ1_S values take 200 bytes; read as F32 they need 4096, past the end
+        // of the file.
+        let err = parse_as(GgmlType::IQ1S, GgmlType::F32.id());
+        assert!(err.contains("runs past the end of the file"), "{err}");
+        // Types this runtime does not read: Q4_1, a removed id, Q8_1, Q8_K, I8, ids since
+        // removed from files, NVFP4, and an id past ggml's list.
+        for id in [3, 4, 9, 15, 24, 31, 36, 40, 1000] {
+            let err = parse_as(GgmlType::Q8_0, id);
+            assert!(err.contains(&format!("ggml type id {id}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn row_bytes_needs_whole_blocks() {
+        assert_eq!(GgmlType::MXFP4.row_bytes(64), Some(34));
+        assert_eq!(GgmlType::MXFP4.row_bytes(48), None);
+        assert_eq!(GgmlType::IQ2XS.row_bytes(512), Some(148));
+        assert_eq!(GgmlType::IQ2XS.row_bytes(32), None);
+        assert_eq!(GgmlType::F32.row_bytes(usize::MAX / 2), None, "overflow");
     }
 }

@@ -4,9 +4,11 @@ use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
-use super::kernels::Kernels;
-use super::kquant::{self, Q8_K_BYTES, QK_K};
-use super::quant::{dequantize, Q8_0_BYTES, QK};
+use super::blocks::block32::{Q8_0_BYTES, QK};
+use super::blocks::kquant::{self, Q8_K_BYTES};
+use super::blocks::QK_K;
+use super::kernels::{ActFormat, Kernels};
+use super::quant::dequantize;
 use crate::gguf::GgmlType;
 
 /// A row-major `rows x cols` weight matrix in some GGML type (ggml dims `[cols, rows]`),
@@ -36,8 +38,8 @@ impl<'a> QMatrix<'a> {
 }
 
 /// Activation rows prepared for every weight type: the f32 values and, when the row length is a
-/// whole number of blocks, their Q8_0 encoding (what Q8_0/Q4_0 weights are dotted with) and
-/// Q8_K encoding (for Q4_K/Q6_K weights; made on first use, since most files have none).
+/// whole number of blocks, their Q8_0 encoding (what the 32-value formats are dotted with) and
+/// Q8_K encoding (for the k-quants and i-quants; made on first use, since most files have none).
 #[derive(Default)]
 pub struct Activations {
     pub n: usize,
@@ -62,6 +64,14 @@ impl<'a> ActRow<'a> {
     /// The row's Q8_K encoding (empty when the row is not whole 256-value blocks).
     pub fn q8k(&self) -> &'a [u8] {
         row_of(self.acts.q8k(), self.acts.cols / QK_K * Q8_K_BYTES, self.t)
+    }
+
+    /// The row in the activation format `format`.
+    pub fn encoded(&self, format: ActFormat) -> &'a [u8] {
+        match format {
+            ActFormat::Q8_0 => self.q8,
+            ActFormat::Q8K => self.q8k(),
+        }
     }
 }
 
@@ -185,18 +195,18 @@ pub fn dot_row(k: &Kernels, w: &QMatrix, r: usize, a: ActRow, buf: &mut Vec<f32>
         },
         GgmlType::F16 => (k.dot_f16)(wr, x),
         GgmlType::BF16 => (k.dot_bf16)(wr, x),
-        GgmlType::Q8_0 => (k.dot_q8_0_q8_0)(wr, a.q8),
-        GgmlType::Q4_0 => (k.dot_q4_0_q8_0)(wr, a.q8),
-        GgmlType::Q5_0 => (k.dot_q5_0_q8_0)(wr, a.q8),
-        GgmlType::Q4K => (k.dot_q4_k_q8_k)(wr, a.q8k()),
-        GgmlType::Q6K => (k.dot_q6_k_q8_k)(wr, a.q8k()),
+        quantized => {
+            let (dot, format) = k.quant_dot(quantized).expect("a quantized type");
+            dot(wr, a.encoded(format))
+        }
     }
 }
 
 /// `out[i * n + t] = w_(row0 + i) . x_t` for `len` consecutive rows of `w` and all `n` rows of
-/// `acts`. Q8_0/Q4_0/Q4_K weights go through the table's tiled products (each weight block
-/// loaded once for several tokens, and no per-row dispatch); other types pair by pair. Either way each value equals
-/// [`dot_row`] of its pair.
+/// `acts`. Types with a tiled product in the table ([`Kernels::gemm`]: the 32-value formats but
+/// Q5_0, the k-quants but Q6_K, IQ4_XS) go through it (on x86 each weight block is loaded once
+/// for several tokens, and there is no per-row dispatch); other types pair by pair. Either way
+/// each value equals [`dot_row`] of its pair.
 pub fn rows_times_acts(
     k: &Kernels,
     w: &QMatrix,
@@ -207,12 +217,13 @@ pub fn rows_times_acts(
     buf: &mut Vec<f32>,
 ) {
     let n = acts.n;
-    let gemm = match w.ty {
-        GgmlType::Q8_0 if !acts.q8.is_empty() => Some((k.gemm_q8_0, &acts.q8[..])),
-        GgmlType::Q4_0 if !acts.q8.is_empty() => Some((k.gemm_q4_0, &acts.q8[..])),
-        GgmlType::Q4K if !acts.q8k().is_empty() => Some((k.gemm_q4_k, acts.q8k())),
-        _ => None,
-    };
+    let gemm = k.gemm(w.ty).and_then(|(gemm, format)| {
+        let x = match format {
+            ActFormat::Q8_0 => &acts.q8[..],
+            ActFormat::Q8K => acts.q8k(),
+        };
+        (!x.is_empty()).then_some((gemm, x))
+    });
     match gemm {
         Some((gemm, x)) if len > 0 && n > 0 => {
             let rb = w.row_bytes();
@@ -348,8 +359,8 @@ pub fn rows_per_task(rows: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::kernels::tests::random_vec;
     use crate::tensor::quant::quantize;
+    use crate::tensor::random::{random_blocks, random_vec};
 
     /// A batch gives exactly the rows of one-token products, whatever the batch size: results
     /// must not depend on how work is split.
@@ -391,44 +402,40 @@ mod tests {
         }
     }
 
-    /// Q4_K/Q6_K rows (as Hub files carry them) dot with Q8_K activations to the product of the
-    /// dequantized weights, up to the activations' 8-bit rounding.
+    /// Rows of every type the converter does not write (as Hub files carry them) go through
+    /// `matmul` to the product of the dequantized weights, up to the activations' 8-bit
+    /// rounding (half a step of the largest activation per weight), one token or a batch.
     #[test]
-    fn k_quant_products_match_dequantized_weights() {
-        use crate::tensor::kquant::{Q4_K_BYTES, Q6_K_BYTES};
+    fn decode_only_types_through_matmul() {
         let k = crate::tensor::kernels::best();
-        let (rows, cols) = (6, 512);
-        for (ty, bytes, scale_at) in [
-            (GgmlType::Q4K, Q4_K_BYTES, &[0usize, 2][..]),
-            (GgmlType::Q6K, Q6_K_BYTES, &[208usize][..]),
-        ] {
-            let n_blocks = rows * cols / QK_K;
-            let noise = random_vec(n_blocks * bytes, 77, 1.0);
-            let mut data: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.5) as u8).collect();
-            for b in 0..n_blocks {
-                for &at in scale_at {
-                    let d = half::f16::from_f32(0.02).to_bits().to_le_bytes();
-                    data[b * bytes + at..b * bytes + at + 2].copy_from_slice(&d);
-                }
-            }
+        let (rows, cols, n) = (6, 512, 3);
+        for &ty in GgmlType::all().iter().filter(|t| !t.can_encode()) {
+            let data = random_blocks(ty, rows * cols / ty.block_len(), 77, 0.02);
             let m = QMatrix {
                 ty,
                 rows,
                 cols,
                 data: &data,
             };
-            let x = random_vec(cols, 8, 1.0);
-            let mut got = vec![0f32; rows];
-            matmul(k, &m, &x, 1, &mut got, &mut MatmulScratch::default());
-            for (r, g) in got.iter().enumerate() {
-                let mut wd = vec![0f32; cols];
-                m.dequantize_row(r, &mut wd);
-                let want: f32 = wd.iter().zip(&x).map(|(a, b)| a * b).sum();
-                let scale: f32 = wd.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-                assert!(
-                    (g - want).abs() <= 0.01 * scale,
-                    "{ty} row {r}: {g} vs {want}"
-                );
+            let x = random_vec(n * cols, 8, 1.0);
+            let mut got = vec![0f32; n * rows];
+            matmul(k, &m, &x, n, &mut got, &mut MatmulScratch::default());
+            for (t, xt) in x.chunks_exact(cols).enumerate() {
+                let mut one = vec![0f32; rows];
+                matmul(k, &m, xt, 1, &mut one, &mut MatmulScratch::default());
+                assert_eq!(one, got[t * rows..(t + 1) * rows], "{ty} token {t}");
+                let step = xt.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                for (r, g) in one.iter().enumerate() {
+                    let mut wd = vec![0f32; cols];
+                    m.dequantize_row(r, &mut wd);
+                    let want: f64 = wd.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let l1: f64 = wd.iter().map(|a| a.abs() as f64).sum();
+                    let tol = l1 * step as f64 * 0.5 * 1.01 + 1e-5 * l1;
+                    assert!(
+                        (*g as f64 - want).abs() <= tol,
+                        "{ty} row {r}: {g} vs {want} (tolerance {tol})"
+                    );
+                }
             }
         }
     }

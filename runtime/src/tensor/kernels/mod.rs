@@ -1,19 +1,33 @@
 //! Dot-product kernels behind one function table. `scalar` is the reference; SIMD tables are
-//! chosen at run time from the CPU's features and tested against it.
+//! chosen at run time from the CPU's features and tested against it (`tests`).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod grid;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 pub mod scalar;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use std::sync::OnceLock;
 
-use crate::tensor::kquant;
-use crate::tensor::quant::quantize_row_q8_0;
+use crate::gguf::GgmlType;
+use crate::tensor::blocks::block32::quantize_row_q8_0;
+#[cfg(target_arch = "x86_64")]
+use crate::tensor::blocks::kquant::Q8_K_BYTES;
+
+/// Kept where benchmarks and tests have always found it.
+pub use crate::tensor::random::random_vec;
+
+/// A weight row (raw bytes of its GGML type) dotted with an activation row (raw bytes of the
+/// type's activation format).
+pub type Dot = fn(&[u8], &[u8]) -> f32;
 
 /// The kernels one CPU path provides. Weight rows are raw bytes of their GGML type; activations
-/// are f32 for float weights and Q8_0 blocks for Q8_0/Q4_0 weights.
+/// are f32 for float weights, Q8_0 blocks for the 32-value formats and Q8_K blocks for the
+/// k-quants and i-quants (ggml's `vec_dot_type` of each).
 pub struct Kernels {
     /// Shown at start-up and in benchmarks, e.g. "scalar" or "x86_64 avx2+fma".
     pub name: &'static str,
@@ -22,44 +36,113 @@ pub struct Kernels {
     pub dot_bf16: fn(&[u8], &[f32]) -> f32,
     /// `out += a * v` for a row `v` of f16 values (attention's weighted sum over an f16 KV cache).
     pub axpy_f16: fn(f32, &[u8], &mut [f32]),
-    pub dot_q8_0_q8_0: fn(&[u8], &[u8]) -> f32,
-    pub dot_q4_0_q8_0: fn(&[u8], &[u8]) -> f32,
+    pub dot_q8_0_q8_0: Dot,
+    pub dot_q4_0_q8_0: Dot,
     /// Q5_0 weights (only in files other tools wrote, for a few tensors): the scalar product on
     /// every CPU.
-    pub dot_q5_0_q8_0: fn(&[u8], &[u8]) -> f32,
+    pub dot_q5_0_q8_0: Dot,
+    /// IQ4_NL weights (`ggml_vec_dot_iq4_nl_q8_0`): 4-bit indices into 16 non-linear levels.
+    pub dot_iq4_nl_q8_0: Dot,
+    /// MXFP4 weights (`ggml_vec_dot_mxfp4_q8_0`): E2M1 values with a power-of-two block scale.
+    pub dot_mxfp4_q8_0: Dot,
     /// `out[r * n + t] = w_r . x_t` for `rows` Q8_0 weight rows (`w`, rows back to back) and `n`
     /// Q8_0 activation rows (`x`): a matrix product tiled so that each loaded weight block serves
     /// several tokens and each activation block several rows. Every output value equals the
     /// table's `dot_q8_0_q8_0` of its pair bit for bit, whatever the tile shape.
     pub gemm_q8_0: Gemm,
-    /// The same for Q4_0 weight rows.
+    /// The same for Q4_0, IQ4_NL and MXFP4 weight rows.
     pub gemm_q4_0: Gemm,
+    pub gemm_iq4_nl: Gemm,
+    pub gemm_mxfp4: Gemm,
     pub quantize_q8_0: fn(&[f32], &mut [u8]),
-    /// Q4_K weight rows against Q8_K activation rows (super-blocks of 256 values), as ggml's
-    /// `ggml_vec_dot_q4_K_q8_K`. Activations stay on `kquant::quantize_row_q8_k`: ggml's CPU
+    /// K-quant weight rows against Q8_K activation rows (super-blocks of 256 values), as ggml's
+    /// `ggml_vec_dot_q*_K_q8_K`. Activations stay on `kquant::quantize_row_q8_k`: ggml's CPU
     /// backend uses that reference itself on x86 and ARM, and it runs once per row of
     /// activations, not once per weight row.
-    pub dot_q4_k_q8_k: fn(&[u8], &[u8]) -> f32,
-    /// Q6_K weight rows against Q8_K activation rows (`ggml_vec_dot_q6_K_q8_K`).
-    pub dot_q6_k_q8_k: fn(&[u8], &[u8]) -> f32,
-    /// [`Kernels::gemm_q8_0`] for Q4_K weight rows and Q8_K activation rows: equal to the
-    /// table's `dot_q4_k_q8_k` pair by pair, bit for bit.
+    pub dot_q2_k_q8_k: Dot,
+    pub dot_q3_k_q8_k: Dot,
+    pub dot_q4_k_q8_k: Dot,
+    pub dot_q5_k_q8_k: Dot,
+    pub dot_q6_k_q8_k: Dot,
+    /// I-quant weight rows against Q8_K activation rows (`ggml_vec_dot_iq*_q8_K`).
+    pub dot_iq2_xxs_q8_k: Dot,
+    pub dot_iq2_xs_q8_k: Dot,
+    pub dot_iq2_s_q8_k: Dot,
+    pub dot_iq3_xxs_q8_k: Dot,
+    pub dot_iq3_s_q8_k: Dot,
+    pub dot_iq1_s_q8_k: Dot,
+    pub dot_iq1_m_q8_k: Dot,
+    pub dot_iq4_xs_q8_k: Dot,
+    /// [`Kernels::gemm_q8_0`] for k-quant and IQ4_XS weight rows and Q8_K activation rows: equal
+    /// to the table's dot of the type pair by pair, bit for bit.
+    pub gemm_q2_k: Gemm,
+    pub gemm_q3_k: Gemm,
     pub gemm_q4_k: Gemm,
+    pub gemm_q5_k: Gemm,
+    pub gemm_iq4_xs: Gemm,
 }
 
 /// `(w, rows, x, n, out)`: see [`Kernels::gemm_q8_0`].
 pub type Gemm = fn(&[u8], usize, &[u8], usize, &mut [f32]);
 
+/// The activation encoding a quantized weight type is dotted with (ggml's `vec_dot_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActFormat {
+    /// Blocks of 32 int8 with an f16 scale.
+    Q8_0,
+    /// Super-blocks of 256 int8 with an f32 scale and 16-value sums.
+    Q8K,
+}
+
+impl Kernels {
+    /// The dot kernel for weights of the quantized type `ty` and the activation format it
+    /// takes; None for the float types, which take f32 activations.
+    pub fn quant_dot(&self, ty: GgmlType) -> Option<(Dot, ActFormat)> {
+        use ActFormat::{Q8K, Q8_0};
+        Some(match ty {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
+            GgmlType::Q8_0 => (self.dot_q8_0_q8_0, Q8_0),
+            GgmlType::Q4_0 => (self.dot_q4_0_q8_0, Q8_0),
+            GgmlType::Q5_0 => (self.dot_q5_0_q8_0, Q8_0),
+            GgmlType::IQ4NL => (self.dot_iq4_nl_q8_0, Q8_0),
+            GgmlType::MXFP4 => (self.dot_mxfp4_q8_0, Q8_0),
+            GgmlType::Q2K => (self.dot_q2_k_q8_k, Q8K),
+            GgmlType::Q3K => (self.dot_q3_k_q8_k, Q8K),
+            GgmlType::Q4K => (self.dot_q4_k_q8_k, Q8K),
+            GgmlType::Q5K => (self.dot_q5_k_q8_k, Q8K),
+            GgmlType::Q6K => (self.dot_q6_k_q8_k, Q8K),
+            GgmlType::IQ2XXS => (self.dot_iq2_xxs_q8_k, Q8K),
+            GgmlType::IQ2XS => (self.dot_iq2_xs_q8_k, Q8K),
+            GgmlType::IQ2S => (self.dot_iq2_s_q8_k, Q8K),
+            GgmlType::IQ3XXS => (self.dot_iq3_xxs_q8_k, Q8K),
+            GgmlType::IQ3S => (self.dot_iq3_s_q8_k, Q8K),
+            GgmlType::IQ1S => (self.dot_iq1_s_q8_k, Q8K),
+            GgmlType::IQ1M => (self.dot_iq1_m_q8_k, Q8K),
+            GgmlType::IQ4XS => (self.dot_iq4_xs_q8_k, Q8K),
+        })
+    }
+
+    /// The tiled product for weights of type `ty`, where the table has one (on some CPUs it is
+    /// the dot kernel pair by pair).
+    pub fn gemm(&self, ty: GgmlType) -> Option<(Gemm, ActFormat)> {
+        Some(match ty {
+            GgmlType::Q8_0 => (self.gemm_q8_0, ActFormat::Q8_0),
+            GgmlType::Q4_0 => (self.gemm_q4_0, ActFormat::Q8_0),
+            GgmlType::IQ4NL => (self.gemm_iq4_nl, ActFormat::Q8_0),
+            GgmlType::MXFP4 => (self.gemm_mxfp4, ActFormat::Q8_0),
+            GgmlType::Q2K => (self.gemm_q2_k, ActFormat::Q8K),
+            GgmlType::Q3K => (self.gemm_q3_k, ActFormat::Q8K),
+            GgmlType::Q4K => (self.gemm_q4_k, ActFormat::Q8K),
+            GgmlType::Q5K => (self.gemm_q5_k, ActFormat::Q8K),
+            GgmlType::IQ4XS => (self.gemm_iq4_xs, ActFormat::Q8K),
+            _ => return None,
+        })
+    }
+}
+
 /// A product of every pair by a dot kernel: the reference the tiled kernels are tested against,
 /// and what a table without tiled kernels uses.
-pub fn gemm_by_pairs(
-    dot: fn(&[u8], &[u8]) -> f32,
-    w: &[u8],
-    rows: usize,
-    x: &[u8],
-    n: usize,
-    out: &mut [f32],
-) {
+pub fn gemm_by_pairs(dot: Dot, w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     if rows == 0 || n == 0 {
         return;
     }
@@ -72,17 +155,26 @@ pub fn gemm_by_pairs(
     }
 }
 
-/// The shapes the SIMD k-quant dots rely on: whole k-quant blocks of `w_block` bytes, one Q8_K
+/// The shapes the x86 k-quant dots rely on: whole blocks of `w_block` bytes, one Q8_K
 /// activation block per weight block.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(target_arch = "x86_64")]
 fn check_k(w: &[u8], w_block: usize, x: &[u8]) {
-    assert_eq!(w.len() % w_block, 0, "whole k-quant blocks");
+    assert_eq!(w.len() % w_block, 0, "whole weight blocks");
     assert_eq!(
-        w.len() / w_block * kquant::Q8_K_BYTES,
+        w.len() / w_block * Q8_K_BYTES,
         x.len(),
         "one Q8_K block per weight block"
     );
 }
+
+/// A [`Gemm`] that runs the dot kernel `$dot` pair by pair ([`gemm_by_pairs`]).
+macro_rules! by_pairs {
+    ($dot:expr) => {
+        |w, rows, x, n, out| $crate::tensor::kernels::gemm_by_pairs($dot, w, rows, x, n, out)
+    };
+}
+#[cfg(target_arch = "aarch64")]
+use by_pairs;
 
 pub static SCALAR: Kernels = Kernels {
     name: "scalar",
@@ -93,17 +185,32 @@ pub static SCALAR: Kernels = Kernels {
     dot_q8_0_q8_0: scalar::dot_q8_0_q8_0,
     dot_q4_0_q8_0: scalar::dot_q4_0_q8_0,
     dot_q5_0_q8_0: scalar::dot_q5_0_q8_0,
+    dot_iq4_nl_q8_0: scalar::dot_iq4_nl_q8_0,
+    dot_mxfp4_q8_0: scalar::dot_mxfp4_q8_0,
     gemm_q8_0: scalar::gemm_q8_0,
     gemm_q4_0: scalar::gemm_q4_0,
+    gemm_iq4_nl: by_pairs!(scalar::dot_iq4_nl_q8_0),
+    gemm_mxfp4: by_pairs!(scalar::dot_mxfp4_q8_0),
     quantize_q8_0: quantize_row_q8_0,
-    dot_q4_k_q8_k: kquant::dot_q4_k_q8_k,
-    dot_q6_k_q8_k: kquant::dot_q6_k_q8_k,
-    gemm_q4_k: scalar_gemm_q4_k,
+    dot_q2_k_q8_k: scalar::kquant::dot_q2_k_q8_k,
+    dot_q3_k_q8_k: scalar::kquant::dot_q3_k_q8_k,
+    dot_q4_k_q8_k: scalar::kquant::dot_q4_k_q8_k,
+    dot_q5_k_q8_k: scalar::kquant::dot_q5_k_q8_k,
+    dot_q6_k_q8_k: scalar::kquant::dot_q6_k_q8_k,
+    dot_iq2_xxs_q8_k: scalar::iquant::dot_iq2_xxs_q8_k,
+    dot_iq2_xs_q8_k: scalar::iquant::dot_iq2_xs_q8_k,
+    dot_iq2_s_q8_k: scalar::iquant::dot_iq2_s_q8_k,
+    dot_iq3_xxs_q8_k: scalar::iquant::dot_iq3_xxs_q8_k,
+    dot_iq3_s_q8_k: scalar::iquant::dot_iq3_s_q8_k,
+    dot_iq1_s_q8_k: scalar::iquant::dot_iq1_s_q8_k,
+    dot_iq1_m_q8_k: scalar::iquant::dot_iq1_m_q8_k,
+    dot_iq4_xs_q8_k: scalar::iquant::dot_iq4_xs_q8_k,
+    gemm_q2_k: by_pairs!(scalar::kquant::dot_q2_k_q8_k),
+    gemm_q3_k: by_pairs!(scalar::kquant::dot_q3_k_q8_k),
+    gemm_q4_k: by_pairs!(scalar::kquant::dot_q4_k_q8_k),
+    gemm_q5_k: by_pairs!(scalar::kquant::dot_q5_k_q8_k),
+    gemm_iq4_xs: by_pairs!(scalar::iquant::dot_iq4_xs_q8_k),
 };
-
-fn scalar_gemm_q4_k(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_by_pairs(kquant::dot_q4_k_q8_k, w, rows, x, n, out);
-}
 
 /// The fastest table this CPU supports, detected once. `MOE_EDGE_SCALAR=1` forces the scalar
 /// reference (for comparisons).
@@ -123,500 +230,4 @@ pub fn best() -> &'static Kernels {
         }
         &SCALAR
     })
-}
-
-/// Deterministic pseudo-random values in [-scale, scale] (xorshift): test data and benchmark
-/// weights.
-pub fn random_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
-        })
-        .collect()
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::gguf::GgmlType;
-    use crate::tensor::quant::{dequantize, quantize};
-
-    pub use super::random_vec;
-
-    fn exact_dot(a: &[f32], b: &[f32]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
-    }
-
-    /// Every kernel of `k` equals the dot product of the dequantized operands, for lengths with
-    /// tails and several magnitudes.
-    pub fn check_table(k: &Kernels) {
-        for (i, &n) in [32usize, 64, 96, 256, 1024, 4096, 33 * 32]
-            .iter()
-            .enumerate()
-        {
-            let w = random_vec(n, 1 + i as u64, 1.0 + i as f32);
-            let x = random_vec(n, 100 + i as u64, 3.0);
-            let xq = quantize(GgmlType::Q8_0, &x);
-            let mut xd = vec![0f32; n];
-            dequantize(GgmlType::Q8_0, &xq, &mut xd);
-            for ty in [
-                GgmlType::Q8_0,
-                GgmlType::Q4_0,
-                GgmlType::F16,
-                GgmlType::BF16,
-            ] {
-                let wq = quantize(ty, &w);
-                let mut wd = vec![0f32; n];
-                dequantize(ty, &wq, &mut wd);
-                let (got, want) = match ty {
-                    GgmlType::Q8_0 => ((k.dot_q8_0_q8_0)(&wq, &xq), exact_dot(&wd, &xd)),
-                    GgmlType::Q4_0 => ((k.dot_q4_0_q8_0)(&wq, &xq), exact_dot(&wd, &xd)),
-                    GgmlType::F16 => ((k.dot_f16)(&wq, &x), exact_dot(&wd, &x)),
-                    _ => ((k.dot_bf16)(&wq, &x), exact_dot(&wd, &x)),
-                };
-                let scale = exact_dot(
-                    &wd.iter().map(|v| v.abs()).collect::<Vec<_>>(),
-                    &x.iter().map(|v| v.abs()).collect::<Vec<_>>(),
-                );
-                assert!(
-                    ((got as f64) - want).abs() <= 1e-5 * scale + 1e-6,
-                    "{} {ty} n={n}: {got} vs {want}",
-                    k.name
-                );
-            }
-            // f32 kernel, including lengths that are not multiples of 8.
-            for m in [n, n - 3] {
-                let got = (k.dot_f32)(&w[..m], &x[..m]) as f64;
-                let want = exact_dot(&w[..m], &x[..m]);
-                assert!(
-                    (got - want).abs() <= 1e-5 * m as f64,
-                    "{} f32 n={m}",
-                    k.name
-                );
-            }
-            check_gemm(k, n, i as u64);
-            // axpy over f16 rows, including lengths with tails.
-            for m in [n, n - 3] {
-                let v = quantize(GgmlType::F16, &w[..m]);
-                let mut vd = vec![0f32; m];
-                dequantize(GgmlType::F16, &v, &mut vd);
-                let mut got = x[..m].to_vec();
-                (k.axpy_f16)(0.75, &v, &mut got);
-                for ((g, &x0), &vv) in got.iter().zip(&x[..m]).zip(&vd) {
-                    let want = x0 + 0.75 * vv;
-                    assert!(
-                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{} axpy_f16",
-                        k.name
-                    );
-                }
-            }
-            // Activation quantization is bit-identical to the reference.
-            let mut q = vec![0u8; xq.len()];
-            (k.quantize_q8_0)(&x, &mut q);
-            assert_eq!(q, xq, "{} quantize_q8_0 n={n}", k.name);
-        }
-        // Ties: amax 127 makes the scale exactly 1, so k + 1/2 must round away from zero. Then
-        // blocks with a NaN (skipped by the max), an infinity (scale inf: every value 0), zeros.
-        let mut odd: Vec<f32> = (0..64)
-            .map(|i| match i % 32 {
-                0 => 127.0,
-                j => (j as f32 - 16.0) + 0.5 * (i as f32 / 32.0 - 0.5).signum(),
-            })
-            .collect();
-        odd.extend((0..32).map(|j| if j == 5 { f32::NAN } else { j as f32 - 9.0 }));
-        odd.extend((0..32).map(|j| if j == 7 { f32::INFINITY } else { j as f32 }));
-        odd.extend([0.0; 32]);
-        let mut q = vec![0u8; odd.len() / 32 * 34];
-        (k.quantize_q8_0)(&odd, &mut q);
-        assert_eq!(
-            q,
-            quantize(GgmlType::Q8_0, &odd),
-            "{} ties, NaN, inf",
-            k.name
-        );
-        check_kquants(k);
-        check_gemm_q4_k(k);
-    }
-
-    /// A Q8_K row from its int8 values (bsums made from them, as the quantizer does) and scales.
-    fn q8_k_row(qs: &[i8], d: &[f32]) -> Vec<u8> {
-        use crate::tensor::kquant::{Q8_K_BSUMS_AT, Q8_K_BYTES, QK_K};
-        let mut out = vec![0u8; qs.len() / QK_K * Q8_K_BYTES];
-        for ((b, q), &d) in out
-            .chunks_exact_mut(Q8_K_BYTES)
-            .zip(qs.chunks_exact(QK_K))
-            .zip(d)
-        {
-            b[..4].copy_from_slice(&d.to_le_bytes());
-            for (o, &v) in b[4..4 + QK_K].iter_mut().zip(q) {
-                *o = v as u8;
-            }
-            for (g, vals) in q.chunks_exact(16).enumerate() {
-                let sum: i32 = vals.iter().map(|&v| v as i32).sum();
-                let at = Q8_K_BSUMS_AT + 2 * g;
-                b[at..at + 2].copy_from_slice(&(sum as i16).to_le_bytes());
-            }
-        }
-        out
-    }
-
-    /// The exact dot product of a k-quant row with a Q8_K row from their dequantized values, and
-    /// the sum of the magnitudes of every term any summation order adds (for Q4_K the scaled
-    /// quants and the minimum terms separately, which may cancel in the dequantized value).
-    fn kquant_reference(ty: GgmlType, w: &[u8], x: &[u8]) -> (f64, f64) {
-        use crate::tensor::kquant::*;
-        let n = x.len() / Q8_K_BYTES * QK_K;
-        let xd: Vec<f64> = x
-            .chunks_exact(Q8_K_BYTES)
-            .flat_map(|b| {
-                let d = q8k_d(b) as f64;
-                b[4..4 + QK_K].iter().map(move |&q| q as i8 as f64 * d)
-            })
-            .collect();
-        let deq = |w: &[u8]| {
-            let mut out = vec![0f32; n];
-            if ty == GgmlType::Q4K {
-                dequantize_row_q4_k(w, &mut out);
-            } else {
-                dequantize_row_q6_k(w, &mut out);
-            }
-            out
-        };
-        let dot = |a: &[f32]| -> f64 { a.iter().zip(&xd).map(|(a, b)| *a as f64 * b).sum() };
-        let mag =
-            |a: &[f32]| -> f64 { a.iter().zip(&xd).map(|(a, b)| (*a as f64 * b).abs()).sum() };
-        let want = dot(&deq(w));
-        let scale = if ty == GgmlType::Q4K {
-            // d alone (dmin zeroed) and dmin alone (d zeroed).
-            let zeroed = |at: usize| {
-                let mut c = w.to_vec();
-                for b in c.chunks_exact_mut(Q4_K_BYTES) {
-                    b[at..at + 2].fill(0);
-                }
-                deq(&c)
-            };
-            mag(&zeroed(2)) + mag(&zeroed(0))
-        } else {
-            mag(&deq(w))
-        };
-        (want, scale)
-    }
-
-    /// The tiled Q4_K product equals the table's dot pair by pair, bit for bit, for every tile
-    /// remainder.
-    fn check_gemm_q4_k(k: &Kernels) {
-        use crate::tensor::kquant::*;
-        for nb in [1usize, 3] {
-            for (rows, n) in [(1, 1), (3, 4), (2, 5), (1, 7), (4, 9), (5, 2), (2, 3)] {
-                let w = random_k_blocks(rows * nb, Q4_K_BYTES, 60 + nb as u64, 0.05);
-                let mut x = vec![0u8; n * nb * Q8_K_BYTES];
-                quantize_row_q8_k(&random_vec(n * nb * QK_K, 61, 2.0), &mut x);
-                let mut got = vec![0f32; rows * n];
-                (k.gemm_q4_k)(&w, rows, &x, n, &mut got);
-                let mut want = vec![0f32; rows * n];
-                gemm_by_pairs(k.dot_q4_k_q8_k, &w, rows, &x, n, &mut want);
-                assert_eq!(got, want, "{} q4_K gemm {rows}x{n} nb={nb}", k.name);
-            }
-        }
-    }
-
-    /// Q4_K/Q6_K rows: random bits with scales of both signs (Q6_K's int8 scales include -128),
-    /// several block counts, activations from the quantizer and extreme ones (all -128, all 127
-    /// with large weights), against the exact dot of the dequantized operands and against the
-    /// scalar table.
-    pub fn check_kquants(k: &Kernels) {
-        use crate::tensor::kquant::*;
-        for (i, nb) in [1usize, 2, 3, 5, 8, 16].into_iter().enumerate() {
-            let seed = 1000 + 10 * i as u64;
-            let n = nb * QK_K;
-            let mut xs = Vec::new();
-            for (s, mag) in [(0, 1.0f32), (1, 40.0), (2, 1e-3)] {
-                let mut q = vec![0u8; nb * Q8_K_BYTES];
-                quantize_row_q8_k(&random_vec(n, seed + s, mag), &mut q);
-                xs.push(q);
-            }
-            let ds = random_vec(nb, seed + 7, 0.05);
-            xs.push(q8_k_row(&vec![-128i8; n], &ds));
-            xs.push(q8_k_row(&vec![127i8; n], &ds));
-            let alternating: Vec<i8> = (0..n)
-                .map(|j| if j % 3 == 0 { 127 } else { -128 })
-                .collect();
-            xs.push(q8_k_row(&alternating, &ds));
-
-            for (ty, bytes, dot, scalar_dot) in [
-                (
-                    GgmlType::Q4K,
-                    Q4_K_BYTES,
-                    k.dot_q4_k_q8_k,
-                    SCALAR.dot_q4_k_q8_k,
-                ),
-                (
-                    GgmlType::Q6K,
-                    Q6_K_BYTES,
-                    k.dot_q6_k_q8_k,
-                    SCALAR.dot_q6_k_q8_k,
-                ),
-            ] {
-                let mut ws = vec![
-                    random_k_blocks(nb, bytes, seed + 3, 0.02),
-                    random_k_blocks(nb, bytes, seed + 4, 3.0),
-                ];
-                // Largest quants, scales and mins everywhere (Q6_K scale bytes 0xff are -1).
-                let mut full = random_k_blocks(nb, bytes, seed + 5, 0.5);
-                for b in full.chunks_exact_mut(bytes) {
-                    let keep = if ty == GgmlType::Q4K { 0..4 } else { 208..210 };
-                    let d = b[keep.clone()].to_vec();
-                    b.fill(0xff);
-                    b[keep].copy_from_slice(&d);
-                }
-                ws.push(full);
-                for (wi, w) in ws.iter().enumerate() {
-                    for (xi, x) in xs.iter().enumerate() {
-                        let got = dot(w, x) as f64;
-                        let (want, scale) = kquant_reference(ty, w, x);
-                        assert!(
-                            (got - want).abs() <= 1e-5 * scale + 1e-30,
-                            "{} {ty} nb={nb} w{wi} x{xi}: {got} vs exact {want} (scale {scale})",
-                            k.name
-                        );
-                        let reference = scalar_dot(w, x) as f64;
-                        assert!(
-                            (got - reference).abs() <= 2e-6 * scale + 1e-30,
-                            "{} {ty} nb={nb} w{wi} x{xi}: {got} vs scalar {reference}",
-                            k.name
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// The tiled products equal the table's own dot kernel pair by pair, bit for bit, for every
-    /// tile remainder (rows and tokens 1..=9), and the scalar reference within rounding.
-    fn check_gemm(k: &Kernels, cols: usize, seed: u64) {
-        if cols > 1024 {
-            return;
-        }
-        for (ty, gemm, dot, scalar_dot) in [
-            (
-                GgmlType::Q8_0,
-                k.gemm_q8_0,
-                k.dot_q8_0_q8_0,
-                SCALAR.dot_q8_0_q8_0,
-            ),
-            (
-                GgmlType::Q4_0,
-                k.gemm_q4_0,
-                k.dot_q4_0_q8_0,
-                SCALAR.dot_q4_0_q8_0,
-            ),
-        ] {
-            for (rows, n) in [(1, 1), (4, 4), (9, 7), (5, 1), (8, 9), (3, 2), (1, 6)] {
-                let w = quantize(ty, &random_vec(rows * cols, seed + 11, 2.0));
-                let x = quantize(GgmlType::Q8_0, &random_vec(n * cols, seed + 12, 3.0));
-                let mut got = vec![0f32; rows * n];
-                gemm(&w, rows, &x, n, &mut got);
-                let mut want = vec![0f32; rows * n];
-                gemm_by_pairs(dot, &w, rows, &x, n, &mut want);
-                assert_eq!(got, want, "{} {ty} gemm {rows}x{n} cols={cols}", k.name);
-                let mut reference = vec![0f32; rows * n];
-                gemm_by_pairs(scalar_dot, &w, rows, &x, n, &mut reference);
-                for (g, r) in got.iter().zip(&reference) {
-                    assert!(
-                        (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
-                        "{} {ty} gemm vs scalar: {g} vs {r}",
-                        k.name
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn scalar_kernels_match_dequantized_reference() {
-        check_table(&SCALAR);
-    }
-
-    #[test]
-    fn best_kernels_match_scalar_reference() {
-        println!("kernel path: {}", best().name);
-        check_table(best());
-    }
-
-    /// Every SIMD table this machine can run agrees with the scalar one on random data.
-    #[test]
-    fn simd_tables_agree_with_scalar() {
-        #[cfg(target_arch = "x86_64")]
-        for t in avx2::tables() {
-            println!("testing {}", t.name);
-            check_table(t);
-            for n in [32usize, 64, 1024] {
-                let w = random_vec(n, 5, 1.0);
-                let x = random_vec(n, 6, 1.0);
-                let a = (t.dot_f32)(&w, &x);
-                let b = (SCALAR.dot_f32)(&w, &x);
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()));
-            }
-        }
-        // The x86 tables compute the same lane sums and float steps: equal bit for bit.
-        #[cfg(target_arch = "x86_64")]
-        for t in avx2::tables().skip(1) {
-            let first = avx2::table().expect("a table");
-            for (rows, n, cols) in [(9, 7, 256), (4, 1, 1024), (1, 3, 64)] {
-                for q4 in [false, true] {
-                    let ty = if q4 { GgmlType::Q4_0 } else { GgmlType::Q8_0 };
-                    let w = quantize(ty, &random_vec(rows * cols, 31, 1.5));
-                    let x = quantize(GgmlType::Q8_0, &random_vec(n * cols, 32, 2.5));
-                    let (mut a, mut b) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-                    let (ga, gb) = if q4 {
-                        (first.gemm_q4_0, t.gemm_q4_0)
-                    } else {
-                        (first.gemm_q8_0, t.gemm_q8_0)
-                    };
-                    ga(&w, rows, &x, n, &mut a);
-                    gb(&w, rows, &x, n, &mut b);
-                    assert_eq!(a, b, "{} vs {} {ty}", first.name, t.name);
-                }
-            }
-        }
-        // Both NEON tables when the CPU has dotprod (run under QEMU with `-cpu cortex-a76` and
-        // `-cpu cortex-a72` to cover each alone).
-        #[cfg(target_arch = "aarch64")]
-        for t in neon::tables() {
-            println!("testing {}", t.name);
-            check_table(t);
-            neon_agrees_with_scalar(t);
-        }
-    }
-
-    /// The NEON k-quant kernels take the same float steps in both tables (exact integer sums,
-    /// then ggml's per-block order), so they agree bit for bit; Q6_K's steps are also the scalar
-    /// reference's.
-    #[cfg(target_arch = "aarch64")]
-    #[test]
-    fn neon_kquants_agree_bit_for_bit() {
-        use crate::tensor::kquant::*;
-        let tables: Vec<&Kernels> = neon::tables().collect();
-        for t in &tables {
-            println!("testing k-quants bit for bit: {}", t.name);
-        }
-        for nb in [1usize, 2, 7] {
-            let n = nb * QK_K;
-            let mut x = vec![0u8; nb * Q8_K_BYTES];
-            quantize_row_q8_k(&random_vec(n, 90 + nb as u64, 2.0), &mut x);
-            let w4 = random_k_blocks(nb, Q4_K_BYTES, 91, 0.1);
-            let w6 = random_k_blocks(nb, Q6_K_BYTES, 92, 0.1);
-            let q6 = (SCALAR.dot_q6_k_q8_k)(&w6, &x);
-            let q4 = (tables[0].dot_q4_k_q8_k)(&w4, &x);
-            for t in &tables {
-                assert_eq!((t.dot_q6_k_q8_k)(&w6, &x), q6, "{} q6_K nb={nb}", t.name);
-                assert_eq!((t.dot_q4_k_q8_k)(&w4, &x), q4, "{} q4_K nb={nb}", t.name);
-            }
-        }
-    }
-
-    /// Compares `t` with the scalar table where the answers must be equal: the integer kernels on
-    /// arbitrary block bytes (including -128, which the quantizer never writes) with power-of-two
-    /// scales, where every partial sum is exact in f32; the f16/bf16 kernels against one-hot
-    /// activations, which return each converted weight itself (subnormals included); and the
-    /// float kernels on lengths around every loop's step.
-    #[cfg(target_arch = "aarch64")]
-    fn neon_agrees_with_scalar(t: &Kernels) {
-        use crate::tensor::quant::{Q4_0_BYTES, Q8_0_BYTES};
-
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
-        // Scales of ±1 and ±0.5 make every term a multiple of 1/4 of at most 32 * 128^2 = 2^19:
-        // six blocks stay below 2^24 quarters, so any summation order is exact.
-        let scales = [0x3c00u16, 0xbc00, 0x3800, 0xb800];
-        for nb in 1..=6 {
-            let mut blocks = |bytes: usize| -> Vec<u8> {
-                let mut v: Vec<u8> = (0..nb * bytes).map(|_| next() as u8).collect();
-                for b in v.chunks_exact_mut(bytes) {
-                    let d = scales[next() as usize % scales.len()];
-                    b[..2].copy_from_slice(&d.to_le_bytes());
-                }
-                v
-            };
-            let (w8, w4, x) = (blocks(Q8_0_BYTES), blocks(Q4_0_BYTES), blocks(Q8_0_BYTES));
-            let extreme: Vec<u8> = x
-                .chunks_exact(Q8_0_BYTES)
-                .flat_map(|b| b[..2].iter().copied().chain([0x80u8; 32]))
-                .collect();
-            for xs in [&x, &extreme] {
-                assert_eq!(
-                    (t.dot_q8_0_q8_0)(&w8, xs),
-                    (SCALAR.dot_q8_0_q8_0)(&w8, xs),
-                    "{} q8_0 nb={nb}",
-                    t.name
-                );
-                assert_eq!(
-                    (t.dot_q4_0_q8_0)(&w4, xs),
-                    (SCALAR.dot_q4_0_q8_0)(&w4, xs),
-                    "{} q4_0 nb={nb}",
-                    t.name
-                );
-            }
-            assert_eq!(
-                (t.dot_q8_0_q8_0)(&extreme, &extreme),
-                (SCALAR.dot_q8_0_q8_0)(&extreme, &extreme),
-                "{} q8_0 all -128 nb={nb}",
-                t.name
-            );
-        }
-
-        for n in [1usize, 7, 8, 9, 15, 16, 17, 24, 31, 33, 40] {
-            // Finite bit patterns only: an all-ones exponent (inf/NaN) would make 0 * w NaN. (Values
-            // are compared with `==`, so a zero weight may come back as either signed zero.)
-            let mut weights = |exponent: u16| -> Vec<u8> {
-                (0..n)
-                    .flat_map(|_| {
-                        let b = next() as u16;
-                        let b = if b & exponent == exponent {
-                            b ^ 0x4000
-                        } else {
-                            b
-                        };
-                        b.to_le_bytes()
-                    })
-                    .collect()
-            };
-            let (w16, wb16) = (weights(0x7c00), weights(0x7f80));
-            for i in 0..n {
-                let mut e = vec![0f32; n];
-                e[i] = 1.0;
-                assert_eq!(
-                    (t.dot_f16)(&w16, &e),
-                    (SCALAR.dot_f16)(&w16, &e),
-                    "{} f16 n={n} i={i}",
-                    t.name
-                );
-                assert_eq!(
-                    (t.dot_bf16)(&wb16, &e),
-                    (SCALAR.dot_bf16)(&wb16, &e),
-                    "{} bf16 n={n} i={i}",
-                    t.name
-                );
-            }
-            let a = random_vec(n, 7 + n as u64, 2.0);
-            let b = random_vec(n, 8 + n as u64, 2.0);
-            let want = exact_dot(&a, &b);
-            let got = (t.dot_f32)(&a, &b) as f64;
-            assert!(
-                (got - want).abs() <= 1e-5 * n as f64,
-                "{} f32 n={n}",
-                t.name
-            );
-        }
-    }
 }

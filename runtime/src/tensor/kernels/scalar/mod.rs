@@ -1,8 +1,16 @@
-//! Scalar reference kernels. Every SIMD path is tested against these.
+//! Scalar reference kernels, in ggml's order of arithmetic (its `ggml_vec_dot_*_generic`).
+//! Every SIMD path is tested against these. This file: floats and the 32-value formats; the
+//! k-quants and i-quants are in `kquant` and `iquant`.
+
+pub mod iquant;
+pub mod kquant;
 
 use half::{bf16, f16};
 
-use crate::tensor::quant::{f16_at, q5_0_values, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, QK};
+use crate::tensor::blocks::block32::{
+    e8m0_half, f16_at, q5_0_values, IQ4_NL_BYTES, IQ4_NL_LEVELS, MXFP4_BYTES, MXFP4_LEVELS,
+    Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, QK,
+};
 
 /// Eight independent accumulators: keeps the sum order fixed (so results do not depend on the
 /// machine) while letting the compiler vectorise.
@@ -97,6 +105,38 @@ pub fn dot_q5_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
         sum += sumi as f32 * f16_at(wb, 0) * f16_at(xb, 0);
     }
     sum
+}
+
+/// IQ4_NL weights times Q8_0 activations (`ggml_vec_dot_iq4_nl_q8_0_generic`).
+pub fn dot_iq4_nl_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.chunks_exact(IQ4_NL_BYTES).zip(x.chunks_exact(Q8_0_BYTES)) {
+        let d = f16_at(xb, 0) * f16_at(wb, 0);
+        sum += d * nonlinear4_sum(&wb[2..18], &xb[2..34], &IQ4_NL_LEVELS) as f32;
+    }
+    sum
+}
+
+/// MXFP4 weights times Q8_0 activations (`ggml_vec_dot_mxfp4_q8_0_generic`).
+pub fn dot_mxfp4_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.chunks_exact(MXFP4_BYTES).zip(x.chunks_exact(Q8_0_BYTES)) {
+        let d = f16_at(xb, 0) * e8m0_half(wb[0]);
+        sum += d * nonlinear4_sum(&wb[1..17], &xb[2..34], &MXFP4_LEVELS) as f32;
+    }
+    sum
+}
+
+/// `sum(levels[w_j] * x_j)` over 32 values whose 4-bit level indices are packed as in IQ4_NL
+/// (value j in the low nibble of byte j, value j + 16 in the high one).
+#[inline]
+pub(crate) fn nonlinear4_sum(qs: &[u8], x: &[u8], levels: &[i8; 16]) -> i32 {
+    let (mut lo, mut hi) = (0i32, 0i32);
+    for j in 0..16 {
+        lo += x[j] as i8 as i32 * levels[(qs[j] & 0x0f) as usize] as i32;
+        hi += x[j + 16] as i8 as i32 * levels[(qs[j] >> 4) as usize] as i32;
+    }
+    lo + hi
 }
 
 pub fn gemm_q8_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {

@@ -1,0 +1,491 @@
+//! AVX2 (and AVX-512 VNNI) products of the 32-value block formats against Q8_0 activations:
+//! Q8_0, Q4_0, IQ4_NL, MXFP4.
+//!
+//! The products are tiles of up to 4 weight rows x 4 tokens: each weight block is loaded and
+//! prepared once for all tokens of the tile, each activation block once for all rows, and the
+//! 16 independent accumulators hide the FMA latency that bounds a one-pair loop. Both tables
+//! compute every block product as eight exact i32 lane sums (bytes 4i..4i+3) and then the same
+//! float steps, so they agree bit for bit with each other and with their own dot kernels.
+
+use std::arch::x86_64::*;
+
+use super::hsum;
+use crate::tensor::blocks::block32::{
+    e8m0_half, IQ4_NL_BYTES, IQ4_NL_LEVELS, MXFP4_BYTES, MXFP4_LEVELS, Q4_0_BYTES, Q8_0_BYTES,
+};
+
+pub(super) fn dot_q8_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_q8_0(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+pub(super) fn dot_q4_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_q4_0(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+pub(super) fn dot_q8_0_q8_0_vnni(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_q8_0_vnni(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+pub(super) fn dot_q4_0_q8_0_vnni(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_q4_0_vnni(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+/// Checks the shapes the tile loops rely on: whole rows of whole blocks, the same block count
+/// for weights and activations, room for the output.
+fn check_gemm(w: &[u8], w_block: usize, rows: usize, x: &[u8], n: usize, out: &[f32]) {
+    assert!(rows > 0 && n > 0 && out.len() >= rows * n, "gemm shape");
+    assert_eq!(w.len() % (rows * w_block), 0, "whole weight blocks per row");
+    assert_eq!(
+        x.len() % (n * Q8_0_BYTES),
+        0,
+        "whole activation blocks per row"
+    );
+    assert_eq!(
+        w.len() / rows / w_block,
+        x.len() / n / Q8_0_BYTES,
+        "block counts differ"
+    );
+}
+
+pub(super) fn gemm_q8_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, Q8_0_BYTES, rows, x, n, out);
+    // SAFETY: features checked in `tables()`; shapes checked above.
+    unsafe { gemm_avx2::<Q8Signed>(w, rows, x, n, out) }
+}
+
+pub(super) fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, Q4_0_BYTES, rows, x, n, out);
+    // SAFETY: as above.
+    unsafe { gemm_avx2::<Q4Signed>(w, rows, x, n, out) }
+}
+
+pub(super) fn dot_iq4_nl_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_iq4_nl(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+pub(super) fn dot_mxfp4_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_mxfp4(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+pub(super) fn gemm_iq4_nl(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, IQ4_NL_BYTES, rows, x, n, out);
+    // SAFETY: as above.
+    unsafe { gemm_avx2::<NonLinear4<false>>(w, rows, x, n, out) }
+}
+
+pub(super) fn gemm_mxfp4(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, MXFP4_BYTES, rows, x, n, out);
+    // SAFETY: as above.
+    unsafe { gemm_avx2::<NonLinear4<true>>(w, rows, x, n, out) }
+}
+
+pub(super) fn gemm_q8_0_vnni(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, Q8_0_BYTES, rows, x, n, out);
+    // SAFETY: as above (VNNI checked in `tables()`).
+    unsafe { gemm_vnni::<Q8Vnni>(w, rows, x, n, out) }
+}
+
+pub(super) fn gemm_q4_0_vnni(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    check_gemm(w, Q4_0_BYTES, rows, x, n, out);
+    // SAFETY: as above.
+    unsafe { gemm_vnni::<Q4Vnni>(w, rows, x, n, out) }
+}
+
+/// Two consecutive blocks (b, b + 1) rearranged for 256-bit products: `lo` holds values 0..16
+/// of block b then of block b + 1, `hi` values 16..32 of each, so the eight i32 lanes of a
+/// product are four lanes of block b and four of block b + 1, and one float multiply-add per
+/// pair serves two blocks. `d` holds the matching scales; `aux` what the product needs besides
+/// (absolute values, or an accumulator start). A lone last block leaves the b + 1 half zero.
+#[derive(Clone, Copy)]
+struct BlockPair {
+    lo: __m256i,
+    hi: __m256i,
+    aux_lo: __m256i,
+    aux_hi: __m256i,
+    d: __m256,
+}
+
+/// How one CPU level multiplies weight blocks by Q8_0 activation blocks: weight blocks are
+/// prepared once per tile row, activation blocks once per tile token, and `pair` returns the
+/// exact i32 lane sums of their products.
+trait BlockProduct {
+    /// Bytes of one weight block.
+    const W_BYTES: usize;
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair;
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair;
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i;
+}
+
+/// 16 bytes at `p` and, when `both`, 16 bytes at `p + stride` into the upper half.
+#[inline(always)]
+unsafe fn load_halves(p: *const u8, stride: usize, both: bool) -> __m256i {
+    let lo = _mm_loadu_si128(p as *const __m128i);
+    let hi = if both {
+        _mm_loadu_si128(p.add(stride) as *const __m128i)
+    } else {
+        _mm_setzero_si128()
+    };
+    _mm256_set_m128i(hi, lo)
+}
+
+/// The f16 scales at `p` and `p + stride` as four lanes each (zero for a lone block). The
+/// splat before converting writes whole registers (a single inserted lane let LLVM merge into
+/// a live register: a false dependency that once serialised the block loop).
+#[inline(always)]
+unsafe fn scales(p: *const u8, stride: usize, both: bool) -> __m256 {
+    // Both f16 scales in one register, spread to four lanes each, converted at once.
+    let lo = u16::from_le_bytes([*p, *p.add(1)]) as i32;
+    let hi = if both {
+        u16::from_le_bytes([*p.add(stride), *p.add(stride + 1)]) as i32
+    } else {
+        0
+    };
+    let packed = _mm_cvtsi32_si128(lo | (hi << 16));
+    let spread = _mm_shuffle_epi8(
+        packed,
+        _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3),
+    );
+    _mm256_cvtph_ps(spread)
+}
+
+/// Q8_0 quants of blocks b and b + 1 (block at `p`, `stride` bytes apart).
+#[inline(always)]
+unsafe fn q8_pair(p: *const u8, stride: usize, both: bool) -> (__m256i, __m256i, __m256) {
+    (
+        load_halves(p.add(2), stride, both),
+        load_halves(p.add(18), stride, both),
+        scales(p, stride, both),
+    )
+}
+
+/// Q4_0 nibbles of blocks b and b + 1 as bytes 0..=15: low nibbles are values 0..16.
+#[inline(always)]
+unsafe fn q4_pair(p: *const u8, both: bool) -> (__m256i, __m256i, __m256) {
+    let packed = load_halves(p.add(2), Q4_0_BYTES, both);
+    let low = _mm256_set1_epi8(0x0f);
+    (
+        _mm256_and_si256(packed, low),
+        _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+        scales(p, Q4_0_BYTES, both),
+    )
+}
+
+/// Lane sums of u8 x i8 products without VNNI: maddubs to i16 pairs, madd to i32.
+#[inline(always)]
+unsafe fn maddubs_sum(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+/// Signed weights for AVX2: maddubs needs an unsigned left operand, so |w| times x carrying
+/// w's sign.
+#[inline(always)]
+unsafe fn signed_weights(lo: __m256i, hi: __m256i, d: __m256) -> BlockPair {
+    BlockPair {
+        lo,
+        hi,
+        aux_lo: _mm256_sign_epi8(lo, lo),
+        aux_hi: _mm256_sign_epi8(hi, hi),
+        d,
+    }
+}
+
+#[inline(always)]
+unsafe fn plain(lo: __m256i, hi: __m256i, d: __m256) -> BlockPair {
+    BlockPair {
+        lo,
+        hi,
+        aux_lo: lo,
+        aux_hi: hi,
+        d,
+    }
+}
+
+#[inline(always)]
+unsafe fn signed_pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+    _mm256_add_epi32(
+        maddubs_sum(w.aux_lo, _mm256_sign_epi8(x.lo, w.lo)),
+        maddubs_sum(w.aux_hi, _mm256_sign_epi8(x.hi, w.hi)),
+    )
+}
+
+/// AVX2 Q8_0.
+struct Q8Signed;
+impl BlockProduct for Q8Signed {
+    const W_BYTES: usize = Q8_0_BYTES;
+    #[inline(always)]
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        signed_weights(lo, hi, d)
+    }
+    #[inline(always)]
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        plain(lo, hi, d)
+    }
+    #[inline(always)]
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+        signed_pair(w, x)
+    }
+}
+
+/// AVX2 Q4_0: the nibbles minus 8, then as Q8_0.
+struct Q4Signed;
+impl BlockProduct for Q4Signed {
+    const W_BYTES: usize = Q4_0_BYTES;
+    #[inline(always)]
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q4_pair(p, both);
+        let eight = _mm256_set1_epi8(8);
+        signed_weights(_mm256_sub_epi8(lo, eight), _mm256_sub_epi8(hi, eight), d)
+    }
+    #[inline(always)]
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
+        Q8Signed::activations(p, both)
+    }
+    #[inline(always)]
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+        signed_pair(w, x)
+    }
+}
+
+/// Nibbles of blocks b and b + 1 (`stride` bytes apart) whose 16 quant bytes start at `p`:
+/// low nibbles (values 0..16), high nibbles (values 16..32).
+#[inline(always)]
+unsafe fn nibble_pair(p: *const u8, stride: usize, both: bool) -> (__m256i, __m256i) {
+    let packed = load_halves(p, stride, both);
+    let low = _mm256_set1_epi8(0x0f);
+    (
+        _mm256_and_si256(packed, low),
+        _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+    )
+}
+
+/// Half the E8M0 scales of MXFP4 blocks b and b + 1 (at `p` and `p + stride`) as four lanes
+/// each (zero for a lone block).
+#[inline(always)]
+unsafe fn e8m0_scales(p: *const u8, stride: usize, both: bool) -> __m256 {
+    let d0 = e8m0_half(*p);
+    let d1 = if both { e8m0_half(*p.add(stride)) } else { 0.0 };
+    _mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(d0))
+}
+
+/// IQ4_NL (`MX` false) and MXFP4 (`MX` true): 4-bit indices into 16 signed levels, looked up
+/// with a byte shuffle (ggml's AVX2 `ggml_vec_dot_iq4_nl_q8_0` / `_mxfp4_q8_0`), then as Q8_0.
+/// Like Q8_0's, the sign trick takes activations within -127..=127, which the Q8_0 quantizer
+/// guarantees.
+struct NonLinear4<const MX: bool>;
+impl<const MX: bool> BlockProduct for NonLinear4<MX> {
+    const W_BYTES: usize = if MX { MXFP4_BYTES } else { IQ4_NL_BYTES };
+    #[inline(always)]
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (levels, qs_at) = if MX {
+            (&MXFP4_LEVELS, 1)
+        } else {
+            (&IQ4_NL_LEVELS, 2)
+        };
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(levels.as_ptr() as *const __m128i));
+        let (lo, hi) = nibble_pair(p.add(qs_at), Self::W_BYTES, both);
+        let d = if MX {
+            e8m0_scales(p, Self::W_BYTES, both)
+        } else {
+            scales(p, Self::W_BYTES, both)
+        };
+        signed_weights(
+            _mm256_shuffle_epi8(table, lo),
+            _mm256_shuffle_epi8(table, hi),
+            d,
+        )
+    }
+    #[inline(always)]
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
+        Q8Signed::activations(p, both)
+    }
+    #[inline(always)]
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+        signed_pair(w, x)
+    }
+}
+
+/// `acc + ` lane sums of u8 x i8 products with `vpdpbusd` (AVX-512 VNNI on 256-bit registers).
+#[inline(always)]
+unsafe fn dpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, u, s)
+}
+
+/// Q8_0 activations for unsigned weights that carry an offset `o` (as u8): the accumulator
+/// starts at -o * (lane sums of x), which cancels the offset exactly.
+#[inline(always)]
+unsafe fn offset_activations(p: *const u8, both: bool, o: i8) -> BlockPair {
+    let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+    let k = _mm256_set1_epi8(o);
+    let sum = dpbusd(dpbusd(_mm256_setzero_si256(), k, lo), k, hi);
+    let start = _mm256_sub_epi32(_mm256_setzero_si256(), sum);
+    BlockPair {
+        lo,
+        hi,
+        aux_lo: start,
+        aux_hi: start,
+        d,
+    }
+}
+
+/// Offset weights times activations from [`offset_activations`]: exact lane sums of w . x.
+#[inline(always)]
+unsafe fn offset_pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+    dpbusd(dpbusd(x.aux_lo, w.lo, x.lo), w.hi, x.hi)
+}
+
+/// VNNI Q8_0: `vpdpbusd` multiplies unsigned by signed bytes, so the weights are offset to
+/// w + 128 (a bit flip) and the accumulator starts at -128 * (lane sums of x), prepared once
+/// per activation block pair and shared by every row: exact lane sums, and a weight block
+/// costs only its flip (decode dots each weight block with a single token).
+struct Q8Vnni;
+impl BlockProduct for Q8Vnni {
+    const W_BYTES: usize = Q8_0_BYTES;
+    #[inline(always)]
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        let flip = _mm256_set1_epi8(-128);
+        plain(_mm256_xor_si256(lo, flip), _mm256_xor_si256(hi, flip), d)
+    }
+    #[inline(always)]
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
+        offset_activations(p, both, -128)
+    }
+    #[inline(always)]
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+        offset_pair(w, x)
+    }
+}
+
+/// VNNI Q4_0: the nibbles are already unsigned; the accumulator starts at -8 * (lane sums of
+/// x), prepared once per activation block pair.
+struct Q4Vnni;
+impl BlockProduct for Q4Vnni {
+    const W_BYTES: usize = Q4_0_BYTES;
+    #[inline(always)]
+    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
+        let (lo, hi, d) = q4_pair(p, both);
+        plain(lo, hi, d)
+    }
+    #[inline(always)]
+    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
+        offset_activations(p, both, 8)
+    }
+    #[inline(always)]
+    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
+        offset_pair(w, x)
+    }
+}
+
+/// How far ahead of the block being multiplied its row is prefetched, in bytes (a hint: reading
+/// past the row's end is harmless, and with a tile's rows adjacent in memory it fetches the
+/// rows after them). Decoding streams every weight once, and the distance has to cover the
+/// memory latency of both threads' streams: on the 2-thread benchmark checkpoint, single-token
+/// Q4_0 decode ran 44-48 t/s at 16 blocks ahead (the earlier setting: 288 bytes for Q4_0, 544
+/// for Q8_0), 52-73 at 4096 bytes and 52-68 at 8192; Q8_0 31-33, 38-44 and 38-45 (two rounds,
+/// a noisy machine).
+const PREFETCH_BYTES: usize = 4096;
+
+/// One tile: `R` weight rows (`wb` bytes apart) times `T` activation rows (`xb` bytes apart),
+/// `nb` blocks each, two blocks per step; writes `out[r * n + t]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
+    w: *const u8,
+    wb: usize,
+    x: *const u8,
+    xb: usize,
+    nb: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut b = 0;
+    while b < nb {
+        let both = b + 1 < nb;
+        let mut toks = [P::activations(x.add(b * Q8_0_BYTES), both); T];
+        for (t, tok) in toks.iter_mut().enumerate().skip(1) {
+            *tok = P::activations(x.add(t * xb + b * Q8_0_BYTES), both);
+        }
+        // One weight row at a time, used by every token at once, keeps the live registers to
+        // the accumulators, the tokens and one row.
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // Weights stream from memory once (decode): ask for them a few blocks ahead.
+            _mm_prefetch::<_MM_HINT_T0>(
+                w.add(r * wb + b * P::W_BYTES + PREFETCH_BYTES) as *const i8
+            );
+            let row = P::weights(w.add(r * wb + b * P::W_BYTES), both);
+            for (tok, a) in toks.iter().zip(acc_r.iter_mut()) {
+                let d = _mm256_mul_ps(row.d, tok.d);
+                let sums = _mm256_cvtepi32_ps(P::pair(&row, tok));
+                *a = _mm256_fmadd_ps(d, sums, *a);
+            }
+        }
+        b += 2;
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (t, &a) in acc_r.iter().enumerate() {
+            *out.add(r * n + t) = hsum(a);
+        }
+    }
+}
+
+/// Covers `rows x n` with tiles of 4 rows (then single rows) by up to `MAX_T` tokens (as many
+/// as the register file holds).
+#[inline(always)]
+unsafe fn gemm_tiles<P: BlockProduct, const MAX_T: usize>(
+    w: &[u8],
+    rows: usize,
+    x: &[u8],
+    n: usize,
+    out: &mut [f32],
+) {
+    let (wb, xb) = (w.len() / rows, x.len() / n);
+    let nb = xb / Q8_0_BYTES;
+    let (pw, px, po) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+    let mut r = 0;
+    while r < rows {
+        let tall = rows - r >= 4;
+        let mut t = 0;
+        while t < n {
+            let wide = (n - t).min(MAX_T);
+            let (wr, xt, o) = (pw.add(r * wb), px.add(t * xb), po.add(r * n + t));
+            match (tall, wide) {
+                (true, 4) => tile::<P, 4, 4>(wr, wb, xt, xb, nb, o, n),
+                (true, 3) => tile::<P, 4, 3>(wr, wb, xt, xb, nb, o, n),
+                (true, 2) => tile::<P, 4, 2>(wr, wb, xt, xb, nb, o, n),
+                (true, _) => tile::<P, 4, 1>(wr, wb, xt, xb, nb, o, n),
+                (false, 4) => tile::<P, 1, 4>(wr, wb, xt, xb, nb, o, n),
+                (false, 3) => tile::<P, 1, 3>(wr, wb, xt, xb, nb, o, n),
+                (false, 2) => tile::<P, 1, 2>(wr, wb, xt, xb, nb, o, n),
+                (false, _) => tile::<P, 1, 1>(wr, wb, xt, xb, nb, o, n),
+            }
+            t += wide;
+        }
+        r += if tall { 4 } else { 1 };
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_avx2<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    gemm_tiles::<P, 2>(w, rows, x, n, out)
+}
+
+/// AVX-512VL also gives 32 vector registers: room for 4 x 4 tiles.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn gemm_vnni<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    gemm_tiles::<P, 4>(w, rows, x, n, out)
+}

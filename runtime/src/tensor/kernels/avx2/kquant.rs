@@ -1,0 +1,347 @@
+//! AVX2 k-quant products against Q8_K activations, after ggml's AVX2 `ggml_vec_dot_q*_K_q8_K`.
+//! Q2_K, Q3_K, Q4_K and Q5_K are tiles of one weight row by up to four tokens: a block's quants
+//! and scales are unpacked once for every token of the tile (prefill, an expert's share of a
+//! batch), and each token takes exactly the steps of the one-token dot, so the tiled products
+//! equal the dots bit for bit.
+//!
+//! The weights are unsigned bytes (quants without their offset or sign) so that `maddubs` can
+//! multiply them with the signed activations; pairs of products stay below 2 * 63 * 128, so
+//! nothing saturates, and the integer sums are exact for any activation byte, -128 included.
+
+use std::arch::x86_64::*;
+
+use super::{f16_scalar, f32_at, hsum};
+use crate::tensor::blocks::kquant::{
+    q3_k_scales, q4_k_scales_mins, Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES,
+    Q8_K_BSUMS_AT, Q8_K_BYTES,
+};
+use crate::tensor::kernels::check_k;
+
+/// A k-quant format with a tile kernel: one weight row (`w`, whole blocks) times `T` Q8_K
+/// activation rows (`xb` bytes apart from `x`), writing `out[0..T]`.
+pub(super) trait KTile {
+    const BYTES: usize;
+    unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32);
+}
+
+/// The dot product of one weight row with one activation row.
+pub(super) fn dot<K: KTile>(w: &[u8], x: &[u8]) -> f32 {
+    check_k(w, K::BYTES, x);
+    let mut out = [0f32];
+    // SAFETY: features checked in `tables()`; lengths checked above.
+    unsafe { tile_impl::<K>(w, x, &mut out) };
+    out[0]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_impl<K: KTile>(w: &[u8], x: &[u8], out: &mut [f32; 1]) {
+    K::tile::<1>(w, x.as_ptr(), x.len(), out.as_mut_ptr());
+}
+
+/// `out[r * n + t] = w_r . x_t`, each row against up to four tokens at a time.
+pub(super) fn gemm<K: KTile>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    assert!(rows > 0 && n > 0 && out.len() >= rows * n, "gemm shape");
+    let (wb, xb) = (w.len() / rows, x.len() / n);
+    assert_eq!((wb * rows, xb * n), (w.len(), x.len()), "whole rows");
+    check_k(&w[..wb], K::BYTES, &x[..xb]);
+    // SAFETY: features checked in `tables()`; shapes checked above.
+    unsafe { gemm_impl::<K>(w, rows, x, n, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_impl<K: KTile>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    let (wb, xb) = (w.len() / rows, x.len() / n);
+    for r in 0..rows {
+        let wr = &w[r * wb..(r + 1) * wb];
+        let mut t = 0;
+        while t < n {
+            let (xp, o) = (x.as_ptr().add(t * xb), out.as_mut_ptr().add(r * n + t));
+            let width = (n - t).min(4);
+            match width {
+                1 => K::tile::<1>(wr, xp, xb, o),
+                2 => K::tile::<2>(wr, xp, xb, o),
+                3 => K::tile::<3>(wr, xp, xb, o),
+                _ => K::tile::<4>(wr, xp, xb, o),
+            }
+            t += width;
+        }
+    }
+}
+
+/// A byte-shuffle pattern that copies i16 lane `lo` of the low 128-bit half to all its eight
+/// lanes, and lane `hi` of the high half to all of its (ggml's `get_scale_shuffle_*`).
+#[inline(always)]
+unsafe fn spread_i16(lo: usize, hi: usize) -> __m256i {
+    let pair = |i: usize| ((2 * i as u16) | ((2 * i as u16 + 1) << 8)) as i16;
+    _mm256_set_m128i(_mm_set1_epi16(pair(hi)), _mm_set1_epi16(pair(lo)))
+}
+
+/// Sixteen i16 scales (groups of 16 values) as two registers: groups 0..8 and 8..16, each in
+/// both 128-bit halves, for [`spread_i16`].
+#[inline(always)]
+unsafe fn scales_by_half(s16: __m256i) -> [__m256i; 2] {
+    let lo = _mm256_castsi256_si128(s16);
+    let hi = _mm256_extracti128_si256::<1>(s16);
+    [_mm256_set_m128i(lo, lo), _mm256_set_m128i(hi, hi)]
+}
+
+/// Bits `2k..2k + 2` of every byte of `bits`.
+#[inline(always)]
+unsafe fn crumb(bits: __m256i, k: usize) -> __m256i {
+    let shifted = _mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * k as i32));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(3))
+}
+
+/// Q2_K: per 16 values a 4-bit scale and a 4-bit min. The quants (0..=3) times the activations,
+/// times the scales; the minimum term is the mins times the Q8_K 16-value sums, scaled by
+/// -dmin; both go to one float accumulator per block, as in ggml.
+pub(super) struct Q2K;
+impl KTile for Q2K {
+    const BYTES: usize = Q2_K_BYTES;
+    #[inline(always)]
+    unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
+        let nb = w.len() / Q2_K_BYTES;
+        let m4 = _mm_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); T];
+        for i in 0..nb {
+            let wb = w.as_ptr().add(i * Q2_K_BYTES);
+            let (wd, wdmin) = (f16_scalar(wb.add(80)), f16_scalar(wb.add(82)));
+            let packed = _mm_loadu_si128(wb as *const __m128i);
+            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4));
+            let scales = scales_by_half(_mm256_cvtepu8_epi16(_mm_and_si128(packed, m4)));
+            // Chunk (j, k): values 128j + 32k..+32, crumb k of quant bytes 32j..32j + 32, its
+            // halves in groups 8j + 2k and 8j + 2k + 1.
+            let mut q2 = [[_mm256_setzero_si256(); 4]; 2];
+            let mut sc = [[_mm256_setzero_si256(); 4]; 2];
+            for j in 0..2 {
+                let bits = _mm256_loadu_si256(wb.add(16 + 32 * j) as *const __m256i);
+                for k in 0..4 {
+                    q2[j][k] = crumb(bits, k);
+                    sc[j][k] = _mm256_shuffle_epi8(scales[j], spread_i16(2 * k, 2 * k + 1));
+                }
+            }
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let xp = x.add(t * xb + i * Q8_K_BYTES);
+                let dy = f32_at(xp);
+                let (d, dmin) = (dy * wd, -dy * wdmin);
+                let bsums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
+                let prod = _mm256_madd_epi16(mins, bsums);
+                *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(prod), *acc_t);
+                let mut sumi = _mm256_setzero_si256();
+                for j in 0..2 {
+                    for k in 0..4 {
+                        let q8 = _mm256_loadu_si256(xp.add(4 + 128 * j + 32 * k) as *const __m256i);
+                        let p = _mm256_madd_epi16(sc[j][k], _mm256_maddubs_epi16(q2[j][k], q8));
+                        sumi = _mm256_add_epi32(sumi, p);
+                    }
+                }
+                *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc_t);
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            *out.add(t) = hsum(*a);
+        }
+    }
+}
+
+/// Q3_K: per 16 values a signed 6-bit scale; the values are two low bits minus 4 where the
+/// high-bit mask is clear. Both parts are unsigned (0..=3 and 0 or 4), multiplied with the
+/// activations apart and subtracted in i16 (at most 4 * 2 * 128 each), as in ggml.
+pub(super) struct Q3K;
+impl KTile for Q3K {
+    const BYTES: usize = Q3_K_BYTES;
+    #[inline(always)]
+    unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
+        let nb = w.len() / Q3_K_BYTES;
+        let four = _mm256_set1_epi8(4);
+        let mut acc = [_mm256_setzero_ps(); T];
+        for i in 0..nb {
+            let wb = w.as_ptr().add(i * Q3_K_BYTES);
+            let wd = f16_scalar(wb.add(108));
+            let s8 = q3_k_scales(&w[i * Q3_K_BYTES + 96..i * Q3_K_BYTES + 108]);
+            let scales = scales_by_half(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                s8.as_ptr() as *const __m128i
+            )));
+            let hbits = _mm256_loadu_si256(wb as *const __m256i);
+            // Chunk (j, k) as Q2_K's; its high bit is bit 4j + k of the mask bytes.
+            let mut low = [[_mm256_setzero_si256(); 4]; 2];
+            let mut high = [[_mm256_setzero_si256(); 4]; 2];
+            let mut sc = [[_mm256_setzero_si256(); 4]; 2];
+            for j in 0..2 {
+                let bits = _mm256_loadu_si256(wb.add(32 + 32 * j) as *const __m256i);
+                for k in 0..4 {
+                    low[j][k] = crumb(bits, k);
+                    let bit = _mm256_set1_epi8(1 << (4 * j + k));
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), bit);
+                    high[j][k] = _mm256_andnot_si256(set, four);
+                    sc[j][k] = _mm256_shuffle_epi8(scales[j], spread_i16(2 * k, 2 * k + 1));
+                }
+            }
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let xp = x.add(t * xb + i * Q8_K_BYTES);
+                let d = f32_at(xp) * wd;
+                let mut sumi = _mm256_setzero_si256();
+                for j in 0..2 {
+                    for k in 0..4 {
+                        let q8 = _mm256_loadu_si256(xp.add(4 + 128 * j + 32 * k) as *const __m256i);
+                        let p16 = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(low[j][k], q8),
+                            _mm256_maddubs_epi16(high[j][k], q8),
+                        );
+                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc[j][k], p16));
+                    }
+                }
+                *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc_t);
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            *out.add(t) = hsum(*a);
+        }
+    }
+}
+
+/// Q4_K (`FIVE` false) and Q5_K (`FIVE` true): eight 32-value sub-blocks with 6-bit scales and
+/// mins packed alike. Per sub-block the quants (nibbles, plus the fifth bit as 16 for Q5_K)
+/// times the activations, times the scale, in eight i32 lanes scaled by d once per block; the
+/// minimum term is the mins times the Q8_K sums of each sub-block (pairs of the 16-value sums),
+/// in four lanes scaled by -dmin (ggml's AVX2 `ggml_vec_dot_q4_K_q8_K` and `_q5_K_`).
+pub(super) struct K4<const FIVE: bool>;
+pub(super) type Q4K = K4<false>;
+pub(super) type Q5K = K4<true>;
+impl<const FIVE: bool> KTile for K4<FIVE> {
+    const BYTES: usize = if FIVE { Q5_K_BYTES } else { Q4_K_BYTES };
+    #[inline(always)]
+    unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
+        let bytes = Self::BYTES;
+        let qs_at = if FIVE { 48 } else { 16 };
+        let nb = w.len() / bytes;
+        let m4 = _mm256_set1_epi8(0x0f);
+        let one = _mm256_set1_epi8(1);
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut acc_m = [_mm_setzero_ps(); T];
+        for i in 0..nb {
+            let wb = w.as_ptr().add(i * bytes);
+            let (wd, wdmin) = (f16_scalar(wb), f16_scalar(wb.add(2)));
+            let (sc, mn) = q4_k_scales_mins(&w[i * bytes + 4..i * bytes + 16]);
+            let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+            // The eight scales as i16 in both halves; each sub-block's is spread by one byte
+            // shuffle with a constant pattern (as ggml's get_scale_shuffle_k4).
+            let sc16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr() as *const __m128i));
+            let sc16 = _mm256_set_m128i(sc16, sc16);
+            let qh = _mm256_loadu_si256(wb.add(16) as *const __m256i);
+            let mut q = [[_mm256_setzero_si256(); 2]; 4];
+            let mut scale = [[_mm256_setzero_si256(); 2]; 4];
+            for j in 0..4 {
+                let bits = _mm256_loadu_si256(wb.add(qs_at + 32 * j) as *const __m256i);
+                q[j] = [
+                    _mm256_and_si256(bits, m4),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4),
+                ];
+                if FIVE {
+                    // Bit 2j of each high byte for the low nibbles, bit 2j + 1 for the high.
+                    for (h, qjh) in q[j].iter_mut().enumerate() {
+                        let count = _mm_cvtsi32_si128((2 * j + h) as i32);
+                        let bit = _mm256_and_si256(_mm256_srl_epi16(qh, count), one);
+                        *qjh = _mm256_or_si256(*qjh, _mm256_slli_epi16::<4>(bit));
+                    }
+                }
+                scale[j] = [
+                    _mm256_shuffle_epi8(sc16, spread_i16(2 * j, 2 * j)),
+                    _mm256_shuffle_epi8(sc16, spread_i16(2 * j + 1, 2 * j + 1)),
+                ];
+            }
+            for t in 0..T {
+                let xp = x.add(t * xb + i * Q8_K_BYTES);
+                let dy = f32_at(xp);
+                let d = dy * wd;
+                let dmin = -dy * wdmin;
+
+                let q8sums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
+                let q8s = _mm_hadd_epi16(
+                    _mm256_castsi256_si128(q8sums),
+                    _mm256_extracti128_si256::<1>(q8sums),
+                );
+                let prod = _mm_madd_epi16(mins, q8s);
+                acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[t]);
+
+                let mut sumi = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let q8l = _mm256_loadu_si256(xp.add(4 + 64 * j) as *const __m256i);
+                    let q8h = _mm256_loadu_si256(xp.add(4 + 64 * j + 32) as *const __m256i);
+                    let p16l = _mm256_madd_epi16(scale[j][0], _mm256_maddubs_epi16(q[j][0], q8l));
+                    let p16h = _mm256_madd_epi16(scale[j][1], _mm256_maddubs_epi16(q[j][1], q8h));
+                    sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16l, p16h));
+                }
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[t]);
+            }
+        }
+        for t in 0..T {
+            let m = _mm_add_ps(acc_m[t], _mm_movehl_ps(acc_m[t], acc_m[t]));
+            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            *out.add(t) = hsum(acc[t]) + _mm_cvtss_f32(m);
+        }
+    }
+}
+
+pub(super) fn dot_q6_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
+    check_k(w, Q6_K_BYTES, x);
+    // SAFETY: features checked in `tables()`; lengths checked above.
+    unsafe { dot_q6_k_q8_k_impl(w, x) }
+}
+
+/// ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`: the 6-bit values unsigned (0..=63) times the activations
+/// with maddubs (pairs of at most 2 * 63 * 128, no saturation), times the signed 16-value scales
+/// with madd; the offset of 32 is taken off once per block as 32 * sum(scale * Q8_K block sum).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6_k_q8_k_impl(w: &[u8], x: &[u8]) -> f32 {
+    let nb = w.len() / Q6_K_BYTES;
+    let m3 = _mm256_set1_epi8(3);
+    let m15 = _mm256_set1_epi8(15);
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        let wb = w.as_ptr().add(i * Q6_K_BYTES);
+        let xb = x.as_ptr().add(i * Q8_K_BYTES);
+        let d = f32_at(xb) * f16_scalar(wb.add(208));
+
+        let q8sums = _mm256_loadu_si256(xb.add(Q8_K_BSUMS_AT) as *const __m256i);
+        let scales = _mm_loadu_si128(wb.add(192) as *const __m128i);
+        let scales16 = _mm256_cvtepi8_epi16(scales);
+        let q8sclsub = _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, scales16));
+
+        let mut sumi = _mm256_setzero_si256();
+        for half in 0..2 {
+            let ql = wb.add(64 * half);
+            let qh = _mm256_loadu_si256(wb.add(128 + 32 * half) as *const __m256i);
+            let q4bits1 = _mm256_loadu_si256(ql as *const __m256i);
+            let q4bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+
+            let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
+            let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(12)));
+            let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(48));
+            let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(-64)));
+
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(q4bits1, m15), h0),
+                _mm256_or_si256(_mm256_and_si256(q4bits2, m15), h1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4bits1), m15), h2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4bits2), m15), h3),
+            ];
+            for (k, qk) in q.iter().enumerate() {
+                let q8 = _mm256_loadu_si256(xb.add(4 + 128 * half + 32 * k) as *const __m256i);
+                // Scales 8 * half + 2k (values 0..16 of the chunk) and + 1 (values 16..32),
+                // spread by a byte shuffle and widened (ggml's get_scale_shuffle).
+                let s = 8 * half + 2 * k;
+                let pick = _mm_set_epi64x(
+                    (0x0101_0101_0101_0101u64 * (s as u64 + 1)) as i64,
+                    (0x0101_0101_0101_0101u64 * s as u64) as i64,
+                );
+                let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
+                let p = _mm256_madd_epi16(sc, _mm256_maddubs_epi16(*qk, q8));
+                sumi = _mm256_add_epi32(sumi, p);
+            }
+        }
+        sumi = _mm256_sub_epi32(sumi, q8sclsub);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum(acc)
+}

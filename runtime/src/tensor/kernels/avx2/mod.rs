@@ -1,0 +1,292 @@
+//! x86_64 kernels: AVX2 + FMA + F16C, and the same with AVX-512 VNNI (`vpdpbusd` on 256-bit
+//! registers) where the CPU has it. Selected at run time from the CPU's features.
+//!
+//! The quantized products are tiles of up to 4 weight rows x 4 tokens: each weight block is
+//! loaded and prepared once for all tokens of the tile, each activation block once for all rows,
+//! and the 16 independent accumulators hide the FMA latency that bounds a one-pair loop. Both
+//! tables compute every block product as eight exact i32 lane sums (bytes 4i..4i+3) and then the
+//! same float steps, so they agree bit for bit with each other and with their own dot kernels.
+
+use std::arch::x86_64::*;
+
+mod block32;
+mod iquant;
+mod kquant;
+
+use super::{grid, scalar, Kernels};
+use crate::tensor::blocks::block32::{f16_at, Q8_0_BYTES, QK};
+
+static AVX2: Kernels = AVX2_KERNELS;
+
+const AVX2_KERNELS: Kernels = Kernels {
+    name: "x86_64 avx2+fma+f16c",
+    dot_f32,
+    dot_f16,
+    dot_bf16,
+    axpy_f16,
+    dot_q8_0_q8_0: block32::dot_q8_0_q8_0,
+    dot_q4_0_q8_0: block32::dot_q4_0_q8_0,
+    dot_q5_0_q8_0: scalar::dot_q5_0_q8_0,
+    dot_iq4_nl_q8_0: block32::dot_iq4_nl_q8_0,
+    dot_mxfp4_q8_0: block32::dot_mxfp4_q8_0,
+    gemm_q8_0: block32::gemm_q8_0,
+    gemm_q4_0: block32::gemm_q4_0,
+    gemm_iq4_nl: block32::gemm_iq4_nl,
+    gemm_mxfp4: block32::gemm_mxfp4,
+    quantize_q8_0,
+    dot_q2_k_q8_k: kquant::dot::<kquant::Q2K>,
+    dot_q3_k_q8_k: kquant::dot::<kquant::Q3K>,
+    dot_q4_k_q8_k: kquant::dot::<kquant::Q4K>,
+    dot_q5_k_q8_k: kquant::dot::<kquant::Q5K>,
+    dot_q6_k_q8_k: kquant::dot_q6_k_q8_k,
+    dot_iq2_xxs_q8_k: iquant::dot_grid::<grid::Iq2Xxs>,
+    dot_iq2_xs_q8_k: iquant::dot_grid::<grid::Iq2Xs>,
+    dot_iq2_s_q8_k: iquant::dot_grid::<grid::Iq2S>,
+    dot_iq3_xxs_q8_k: iquant::dot_grid::<grid::Iq3Xxs>,
+    dot_iq3_s_q8_k: iquant::dot_grid::<grid::Iq3S>,
+    dot_iq1_s_q8_k: iquant::dot_grid::<grid::Iq1S>,
+    dot_iq1_m_q8_k: iquant::dot_grid::<grid::Iq1M>,
+    dot_iq4_xs_q8_k: kquant::dot::<iquant::Iq4Xs>,
+    gemm_q2_k: kquant::gemm::<kquant::Q2K>,
+    gemm_q3_k: kquant::gemm::<kquant::Q3K>,
+    gemm_q4_k: kquant::gemm::<kquant::Q4K>,
+    gemm_q5_k: kquant::gemm::<kquant::Q5K>,
+    gemm_iq4_xs: kquant::gemm::<iquant::Iq4Xs>,
+};
+
+/// The AVX2 table with `vpdpbusd` for Q8_0 and Q4_0. `vpdpbusd` would replace maddubs + madd in
+/// the k-quants too, but their per-sub-block scales then need an i32 multiply (`vpmulld`, two
+/// uops): no gain, so they share the AVX2 kernels, as the other formats do.
+static VNNI: Kernels = Kernels {
+    name: "x86_64 avx2+fma+f16c+avx512vnni",
+    dot_q8_0_q8_0: block32::dot_q8_0_q8_0_vnni,
+    dot_q4_0_q8_0: block32::dot_q4_0_q8_0_vnni,
+    gemm_q8_0: block32::gemm_q8_0_vnni,
+    gemm_q4_0: block32::gemm_q4_0_vnni,
+    ..AVX2_KERNELS
+};
+
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+fn has_vnni() -> bool {
+    has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+/// Every x86 table this CPU can run, fastest first (the tests run them all).
+pub fn tables() -> impl Iterator<Item = &'static Kernels> {
+    let vnni = has_vnni().then_some(&VNNI);
+    let avx2 = has_avx2().then_some(&AVX2);
+    vnni.into_iter().chain(avx2)
+}
+
+/// The fastest x86 table this CPU can run.
+pub fn table() -> Option<&'static Kernels> {
+    tables().next()
+}
+
+// The safe wrappers below are reachable only through `table()`, which checked the features.
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // SAFETY: features checked in `table()`; lengths checked above.
+    unsafe { dot_f32_impl(a, b) }
+}
+
+fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+    assert!(w.len() >= 2 * x.len());
+    // SAFETY: as above.
+    unsafe { dot_f16_impl(w, x) }
+}
+
+fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
+    assert!(w.len() >= 2 * x.len());
+    // SAFETY: as above.
+    unsafe { dot_bf16_impl(w, x) }
+}
+
+fn axpy_f16(a: f32, v: &[u8], out: &mut [f32]) {
+    assert!(v.len() >= 2 * out.len());
+    // SAFETY: features checked in `tables()`; lengths checked above.
+    unsafe { axpy_f16_impl(a, v, out) }
+}
+
+/// Activation rows to Q8_0, bit-identical to `quant::quantize_row_q8_0` (ggml's reference). In
+/// one-token decoding on one thread the scalar version, with its `roundf` calls, was 5% of the
+/// time.
+fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    assert_eq!(x.len() % QK, 0);
+    assert_eq!(out.len(), x.len() / QK * Q8_0_BYTES);
+    // SAFETY: features checked in `table()`; lengths checked above.
+    unsafe { quantize_q8_0_impl(x, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_0_impl(x: &[f32], out: &mut [u8]) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let sign_mask = _mm256_set1_ps(-0.0);
+    // The float just below 1/2: truncating `s + copysign(it, s)` rounds half away from zero, as
+    // `f32::round` (ggml's `roundf`) does, for |s| < 2^23: a tie k + 1/2 sums to within half an
+    // ulp of k + 1 and rounds up to it, while anything below a tie sums to below k + 1.
+    let below_half = _mm256_set1_ps(0.499_999_97);
+    // packs interleave the 128-bit lanes; this puts the 4-byte groups back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_0_BYTES)) {
+        let p = xb.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        // max |x|: `max_ps` returns its second operand when the first is NaN, so a NaN is
+        // skipped as `f32::max` skips it.
+        let mut m = _mm256_setzero_ps();
+        for &vi in &v {
+            m = _mm256_max_ps(_mm256_and_ps(vi, abs_mask), m);
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        ob[..2].copy_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
+        let idv = _mm256_set1_ps(id);
+        let mut q = [_mm256_setzero_si256(); 4];
+        for (qi, &vi) in q.iter_mut().zip(&v) {
+            let s = _mm256_mul_ps(vi, idv);
+            let nudge = _mm256_or_ps(below_half, _mm256_and_ps(s, sign_mask));
+            let rounded = _mm256_cvttps_epi32(_mm256_add_ps(s, nudge));
+            // A NaN (x NaN, or inf x 0) converts to i32::MIN here but to 0 in `as i8`.
+            let not_nan = _mm256_castps_si256(_mm256_cmp_ps(s, s, _CMP_ORD_Q));
+            *qi = _mm256_and_si256(rounded, not_nan);
+        }
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+        _mm256_storeu_si256(ob.as_mut_ptr().add(2) as *mut __m256i, bytes);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acc_k) in acc.iter_mut().enumerate() {
+            let va = _mm256_loadu_ps(pa.add(i + 8 * k));
+            let vb = _mm256_loadu_ps(pb.add(i + 8 * k));
+            *acc_k = _mm256_fmadd_ps(va, vb, *acc_k);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i)),
+            _mm256_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = hsum(v);
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_impl(w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        let w0 = _mm256_cvtph_ps(_mm_loadu_si128(pw.add(2 * i) as *const __m128i));
+        let w1 = _mm256_cvtph_ps(_mm_loadu_si128(pw.add(2 * i + 16) as *const __m128i));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(px.add(i)), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(px.add(i + 8)), acc1);
+        i += 16;
+    }
+    let mut sum = hsum(_mm256_add_ps(acc0, acc1));
+    while i < n {
+        sum += f16_at(w, 2 * i) * x[i];
+        i += 1;
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f16_impl(a: f32, v: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let (pv, po) = (v.as_ptr(), out.as_mut_ptr());
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(2 * i) as *const __m128i));
+        _mm256_storeu_ps(
+            po.add(i),
+            _mm256_fmadd_ps(va, x, _mm256_loadu_ps(po.add(i))),
+        );
+        i += 8;
+    }
+    while i < n {
+        out[i] += a * f16_at(v, 2 * i);
+        i += 1;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_impl(w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(pw.add(2 * i) as *const __m128i));
+        let wv = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+        acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i)), acc);
+        i += 8;
+    }
+    let mut sum = hsum(acc);
+    while i < n {
+        let b = u16::from_le_bytes([w[2 * i], w[2 * i + 1]]);
+        sum += half::bf16::from_bits(b).to_f32() * x[i];
+        i += 1;
+    }
+    sum
+}
+
+/// The little-endian f16 at `p` converted with F16C (the `half` crate's software conversion
+/// would cost more than a sub-block's products).
+#[inline(always)]
+unsafe fn f16_scalar(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]) as i32;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+#[inline(always)]
+unsafe fn f32_at(p: *const u8) -> f32 {
+    f32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)])
+}
