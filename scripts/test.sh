@@ -22,6 +22,8 @@ if command -v python3 >/dev/null 2>&1; then
 fi
 
 cargo fmt --all -- --check
+# No import cycles between files, moe-runtime's layers respected, no overlong files.
+python3 scripts/check/check_layout.py
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # llama.cpp's tokenizer test vectors (a git-ignored download, kept between runs); with
 # MOE_EDGE_REQUIRE_VOCAB=1 their test fails instead of skipping when they are missing.
@@ -30,16 +32,17 @@ MOE_EDGE_REQUIRE_VOCAB=1 cargo test --workspace
 
 # The distilled pre-gating GRU runs natively (tested above); tract-onnx, behind the `pregate`
 # feature, runs other predictor networks and checks the native one. Building tract takes about
-# 10 minutes cold on 2 cores, which CI's 30 minutes cannot also afford next to the QEMU suites,
-# so its lints and tests are opt-in here: MOE_EDGE_PREGATE=1 scripts/test.sh
+# 10 minutes cold on 2 cores, more than CI's time budget (well under 45 minutes on a slow
+# machine) can spare next to the QEMU suites, so its lints and tests are opt-in here:
+# MOE_EDGE_PREGATE=1 scripts/test.sh
 if [ "${MOE_EDGE_PREGATE:-0}" = 1 ]; then
   cargo clippy -p moe-runtime --features pregate --all-targets --quiet -- -D warnings
   cargo test -p moe-runtime --features pregate --test pregate
 fi
 
 # aarch64. The complete suite, not a subset: it costs one cross build of the test binaries
-# (about 5 minutes cold on 2 cores) and about 45 s per emulated CPU, which keeps CI well
-# under its 30 minutes, and every test exercises the NEON kernels through the forward pass.
+# (about 5 minutes cold on 2 cores) and about a minute per emulated CPU, and every test
+# exercises the NEON kernels through the forward pass.
 if [ "${MOE_EDGE_QEMU:-1}" != 0 ] && [ "$(uname -m)" = x86_64 ]; then
   start=$(date +%s)
   scripts/check/qemu-test.sh both
