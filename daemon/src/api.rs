@@ -439,6 +439,8 @@ pub struct ResponseMeta {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose KV cache was reused from an earlier request.
+    pub cached_tokens: usize,
 }
 
 impl Usage {
@@ -447,6 +449,7 @@ impl Usage {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         })
     }
 }
@@ -460,10 +463,14 @@ pub struct Timings {
 
 fn timings_json(usage: &Usage, t: &Timings) -> Value {
     let per_s = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
+    // As llama.cpp's server: `prompt_n` counts the prompt tokens evaluated, `cache_n` the ones
+    // taken from the prompt cache.
+    let evaluated = usage.prompt_tokens - usage.cached_tokens;
     json!({
-        "prompt_n": usage.prompt_tokens,
+        "cache_n": usage.cached_tokens,
+        "prompt_n": evaluated,
         "prompt_ms": t.prompt_ms,
-        "prompt_per_second": per_s(usage.prompt_tokens, t.prompt_ms),
+        "prompt_per_second": per_s(evaluated, t.prompt_ms),
         "predicted_n": usage.completion_tokens,
         "predicted_ms": t.predicted_ms,
         "predicted_per_second": per_s(usage.completion_tokens, t.predicted_ms),

@@ -69,6 +69,11 @@ pub struct Config {
     /// Expert streaming (each flag also reads MOED_<FLAG>, e.g. MOED_MEM_BUDGET)
     #[command(flatten)]
     pub streaming: StreamingArgs,
+    /// Conversations whose KV cache is kept so that a request sharing a prompt prefix with one
+    /// of them evaluates only the rest (the one served last included; each takes a whole KV
+    /// cache of memory); 0 evaluates every prompt whole
+    #[arg(long, env = "MOED_PROMPT_CACHE", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub prompt_cache: u32,
     /// Skip the warm-up forward pass after loading
     #[arg(long, env = "MOED_NO_WARMUP")]
     pub no_warmup: bool,
@@ -130,6 +135,7 @@ impl Config {
             n_ctx: self.ctx,
             kv_type: self.kv_type,
             streaming: self.streaming.options(),
+            extra_sequences: self.prompt_cache.saturating_sub(1) as usize,
             profiling: false,
         }
     }

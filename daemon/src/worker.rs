@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use crate::api::{ApiError, Endpoint, Timings, Usage};
 use crate::chat::ChatTemplate;
 use crate::metrics::{GenerationFigures, Metrics, ModelInfo, ProcessStats};
+use crate::prompt_cache::PromptCache;
 
 /// What the worker needs to know to load the model.
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct WorkerConfig {
     pub model_id: String,
     /// Threads, context, KV type, expert streaming, board profile.
     pub session: SessionOptions,
+    /// Conversations kept for prompt-prefix reuse (0: none).
+    pub prompt_cache: usize,
     pub warmup: bool,
     pub token_delay: Duration,
     pub load_delay: Duration,
@@ -222,6 +225,8 @@ pub fn spawn(
                 metrics: &metrics,
                 control: &control,
                 token_delay: cfg.token_delay,
+                prompt_cache: PromptCache::new(cfg.prompt_cache),
+                reuse_prompts: cfg.prompt_cache > 0,
             };
             let mut jobs = jobs;
             while let Some(job) = jobs.blocking_recv() {
@@ -237,6 +242,8 @@ struct Worker<'s, 'm, 'a> {
     metrics: &'s Metrics,
     control: &'s Control,
     token_delay: Duration,
+    prompt_cache: PromptCache,
+    reuse_prompts: bool,
 }
 
 /// How a generation ended.
@@ -305,6 +312,7 @@ impl Worker<'_, '_, '_> {
                     usage: Usage {
                         prompt_tokens: g.prompt_tokens,
                         completion_tokens: g.generated_tokens,
+                        cached_tokens: g.cached_tokens,
                     },
                     timings: Timings {
                         prompt_ms: ms(g.prompt_time),
@@ -345,11 +353,18 @@ impl Worker<'_, '_, '_> {
     ) -> Result<(End, GenerationFigures), moe_runtime::model::ModelError> {
         let req = &job.req;
         let session = &mut self.session;
-        session.reset();
+        let cached = if self.reuse_prompts {
+            self.prompt_cache.prepare(session, &req.prompt)
+        } else {
+            session.reset();
+            0
+        };
         let mut sampler = Sampler::new(req.sampler.clone());
         let mut cut = false;
+        let mut generated = Vec::with_capacity(req.max_tokens);
         let request = Request {
             prompt: &req.prompt,
+            cached,
             max_tokens: req.max_tokens,
             stop: &req.stop,
             ignore_eos: req.ignore_eos,
@@ -362,6 +377,7 @@ impl Worker<'_, '_, '_> {
             Some(self.tokenizer),
             &request,
             |piece: Piece| {
+                generated.extend(piece.id);
                 if piece.id.is_some() && !token_delay.is_zero() {
                     std::thread::sleep(token_delay);
                 }
@@ -376,7 +392,17 @@ impl Worker<'_, '_, '_> {
                 cut = control.cut.load(Relaxed);
                 !cut
             },
-        )?;
+        );
+        let stats = match stats {
+            Ok(s) => {
+                self.prompt_cache.finish(session, &req.prompt, &generated);
+                s
+            }
+            Err(e) => {
+                self.prompt_cache.clear(session);
+                return Err(e);
+            }
+        };
         let end = match stats.stop {
             StopReason::Length => End::Length,
             StopReason::EndOfGeneration | StopReason::StopString => End::Stop,
@@ -386,6 +412,7 @@ impl Worker<'_, '_, '_> {
         let finished = matches!(end, End::Length | End::Stop);
         let g = GenerationFigures {
             prompt_tokens: stats.prompt_tokens,
+            cached_tokens: stats.cached_tokens,
             generated_tokens: stats.generated_tokens,
             prompt_time: stats.prompt_time,
             generation_time: stats.generation_time,

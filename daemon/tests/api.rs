@@ -24,6 +24,7 @@ fn reference(prompt_ids: &[u32], max: usize, cfg: SamplerConfig) -> (String, usi
     let mut ids = Vec::new();
     let request = moe_runtime::engine::Request {
         prompt: prompt_ids,
+        cached: 0,
         max_tokens: max,
         stop: &[],
         ignore_eos: false,
@@ -98,7 +99,15 @@ fn completions_streamed_and_not_agree_with_the_runtime() {
     // include_usage: the chunk before [DONE] has no choices and the usage.
     let u: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(u["choices"], json!([]));
-    assert_eq!(u["usage"], v["usage"]);
+    for count in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(u["usage"][count], v["usage"][count], "{count}");
+    }
+    // The same prompt again: all but its last token come from the prompt cache.
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        u["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(ids.len() as u64 - 1)
+    );
     let first: Value = serde_json::from_str(&events[0]).unwrap();
     assert_eq!(first["object"], "text_completion");
     assert_eq!(first["choices"][0]["finish_reason"], Value::Null);
@@ -588,4 +597,79 @@ fn mem_budget_streams_experts_with_identical_output() {
         assert_eq!(status, 200, "{got}");
         assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
     }
+}
+
+/// Prompt caching: each turn of a growing chat evaluates only what follows the longest prefix
+/// a kept conversation holds (reported as cached tokens and llama.cpp's `timings`), another
+/// conversation in between does not evict it with `--prompt-cache 2`, and every answer is the
+/// one a daemon without a prompt cache gives.
+#[test]
+fn prompt_prefix_reuse_across_turns_and_conversations() {
+    let cached = Daemon::start(&["--prompt-cache", "2"]);
+    let uncached = Daemon::start(&["--prompt-cache", "0"]);
+    let ask = |d: &Daemon, messages: &Value| -> Value {
+        let body = json!({
+            "model": model_id(), "messages": messages, "max_tokens": 12, "seed": 3,
+            "temperature": 0.8,
+        });
+        let (status, v) = d.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        v
+    };
+    let turn = |messages: &mut Value, user: &str, answer: Option<&Value>| {
+        let m = messages.as_array_mut().unwrap();
+        if let Some(a) = answer {
+            let text = a["choices"][0]["message"]["content"].clone();
+            m.push(json!({"role": "assistant", "content": text}));
+        }
+        m.push(json!({"role": "user", "content": user}));
+    };
+    let cached_of = |v: &Value| {
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let prompt_of = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    let mut x = json!([{"role": "system", "content": "You are terse."}]);
+    turn(&mut x, "Tell me about whales.", None);
+    let x1 = ask(&cached, &x);
+    assert_eq!(cached_of(&x1), 0, "a first request finds nothing cached");
+    assert_eq!(x1["timings"]["prompt_n"].as_u64(), Some(prompt_of(&x1)));
+
+    // Another conversation in between.
+    let mut y = json!([{"role": "user", "content": "Something else entirely."}]);
+    let y1 = ask(&cached, &y);
+    assert_eq!(cached_of(&y1), 0);
+
+    turn(&mut x, "And dolphins?", Some(&x1));
+    let x2 = ask(&cached, &x);
+    let x2_uncached = ask(&uncached, &x);
+    assert!(
+        cached_of(&x2) >= prompt_of(&x1),
+        "turn 2 reuses at least turn 1's prompt: {} cached of {}",
+        cached_of(&x2),
+        prompt_of(&x2)
+    );
+    assert_eq!(
+        x2["timings"]["prompt_n"].as_u64().unwrap(),
+        prompt_of(&x2) - cached_of(&x2),
+        "only the new tokens are evaluated"
+    );
+    assert_eq!(x2["timings"]["cache_n"].as_u64(), Some(cached_of(&x2)));
+    assert_eq!(cached_of(&x2_uncached), 0);
+    assert_eq!(
+        x2["choices"][0]["message"]["content"], x2_uncached["choices"][0]["message"]["content"],
+        "the cached prefix gives the same answer"
+    );
+
+    turn(&mut y, "Go on.", Some(&y1));
+    let y2 = ask(&cached, &y);
+    assert!(cached_of(&y2) >= prompt_of(&y1), "{y2}");
+    assert_eq!(
+        y2["choices"][0]["message"]["content"],
+        ask(&uncached, &y)["choices"][0]["message"]["content"]
+    );
+    let m = cached.metrics();
+    assert!(metric(&m, "moed_prompt_tokens_cached_total") > 0.0, "{m}");
 }

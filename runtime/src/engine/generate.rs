@@ -15,6 +15,10 @@ const DETOKENIZER_CONTEXT: usize = 4;
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'r> {
     pub prompt: &'r [u32],
+    /// How many of the prompt's first ids the session already holds (a prefix kept from an
+    /// earlier request, see [`Session::rewind`]); the session must be at that position, and at
+    /// least the last prompt id is evaluated again, for its logits.
+    pub cached: usize,
     /// At most this many new tokens (0: nothing is evaluated).
     pub max_tokens: usize,
     /// Generation stops at the first of these strings; it and anything after it are dropped.
@@ -50,6 +54,8 @@ pub enum StopReason {
 #[derive(Clone, Debug, Default)]
 pub struct GenerationStats {
     pub prompt_tokens: usize,
+    /// Prompt ids the session already held; only the others were evaluated.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     pub prompt_time: Duration,
     pub generation_time: Duration,
@@ -73,10 +79,20 @@ pub fn generate(
 ) -> Result<GenerationStats, ModelError> {
     let mut stats = GenerationStats {
         prompt_tokens: req.prompt.len(),
+        cached_tokens: req.cached,
         ..Default::default()
     };
     if req.max_tokens == 0 {
         return Ok(stats);
+    }
+    if req.cached >= req.prompt.len() || session.position() != req.cached {
+        return Err(ModelError::Input(format!(
+            "{} of the prompt's {} ids are said to be cached, and the session holds {}: at most \
+             all but the last may be",
+            req.cached,
+            req.prompt.len(),
+            session.position()
+        )));
     }
     // The prompt's last ids give the first new word its context (its leading space).
     let context = &req.prompt[req.prompt.len().saturating_sub(DETOKENIZER_CONTEXT)..];
@@ -87,7 +103,7 @@ pub fn generate(
 
     let bytes0 = session.expert_bytes_used();
     let t0 = Instant::now();
-    let mut logits = session.forward(req.prompt, false)?.to_vec();
+    let mut logits = session.forward(&req.prompt[req.cached..], false)?.to_vec();
     stats.prompt_time = t0.elapsed();
     let bytes1 = session.expert_bytes_used();
     stats.prompt_expert_bytes = bytes1 - bytes0;
