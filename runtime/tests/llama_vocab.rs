@@ -294,3 +294,40 @@ fn streamed_text_after_the_prompt_keeps_the_first_space() {
     assert_eq!(stream(after), " Hello world");
     assert_eq!(stream(spm.stream(true)), "Hello world");
 }
+
+/// Every case's ids spell its text in bytes (what grammars match and `logprobs` report), with
+/// the leading space a SentencePiece vocabulary adds; each special token is marked as such.
+#[test]
+fn token_bytes_spell_the_text() {
+    let Some(dir) = vectors_dir() else { return };
+    let mut failures = Vec::new();
+    for name in VOCABS {
+        let tok = load(&dir, name);
+        let cases = read_cases(&dir.join(format!("ggml-vocab-{name}.gguf")));
+        let mut wrong = 0;
+        for (text, ids) in &cases {
+            let bytes: Vec<u8> = ids
+                .iter()
+                .flat_map(|&id| tok.token_bytes(id).expect("ids of the vocabulary"))
+                .collect();
+            let spelled =
+                bytes == text.as_bytes() || bytes.strip_prefix(b" ") == Some(text.as_bytes());
+            if !spelled {
+                wrong += 1;
+                if wrong == 1 {
+                    failures.push(format!(
+                        "{name}: {text:?} spelled {:?}",
+                        String::from_utf8_lossy(&bytes)
+                    ));
+                }
+            }
+        }
+        if wrong > 0 {
+            failures.push(format!("{name}: {wrong}/{} cases misspelled", cases.len()));
+        }
+        if let Some(eos) = tok.eos() {
+            assert!(tok.is_special(eos), "{name}: EOS {eos} is a special token");
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
