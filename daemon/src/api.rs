@@ -136,6 +136,8 @@ pub struct Validated {
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Report generated tokens' log-probabilities with this many alternatives.
+    pub top_logprobs: Option<usize>,
 }
 
 /// Parses a request body, naming the offending field for type errors.
@@ -185,7 +187,11 @@ fn in_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>,
 }
 
 /// Checks everything that does not need the model; defaults are llama.cpp's (as in moe-run).
-pub fn validate(p: &GenParams, random_seed: u64) -> Result<Validated, ApiError> {
+pub fn validate(
+    p: &GenParams,
+    endpoint: Endpoint,
+    random_seed: u64,
+) -> Result<Validated, ApiError> {
     let unsupported = |name: &str, why: &str| {
         Err(ApiError::param(
             name,
@@ -204,13 +210,7 @@ pub fn validate(p: &GenParams, random_seed: u64) -> Result<Validated, ApiError> 
     if p.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return unsupported("suffix", "no insertion (fill-in-the-middle) mode");
     }
-    let truthy = |v: &Option<Value>| {
-        v.as_ref()
-            .is_some_and(|v| !matches!(v, Value::Null | Value::Bool(false)))
-    };
-    if truthy(&p.logprobs) || truthy(&p.top_logprobs) {
-        return unsupported("logprobs", "log-probabilities are not returned yet");
-    }
+    let top_logprobs = logprobs_request(p, endpoint)?;
     if p.logit_bias
         .as_ref()
         .is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty()))
@@ -325,6 +325,109 @@ pub fn validate(p: &GenParams, random_seed: u64) -> Result<Validated, ApiError> 
         },
         stop,
         ignore_eos: p.ignore_eos.unwrap_or(false),
+        top_logprobs,
+    })
+}
+
+/// How many alternatives to report with each token's log-probability: completions take
+/// `logprobs: N` (0-5, OpenAI's legacy form), chat takes `logprobs: true` with `top_logprobs: N`
+/// (0-20).
+fn logprobs_request(p: &GenParams, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+    fn given(v: &Option<Value>) -> Option<&Value> {
+        v.as_ref().filter(|v| !v.is_null())
+    }
+    let count = |name: &str, v: &Value, max: u64| match v.as_u64() {
+        Some(n) if n <= max => Ok(n as usize),
+        _ => Err(ApiError::param(
+            name,
+            format!("`{name}` must be an integer from 0 to {max}, got {v}"),
+        )),
+    };
+    match endpoint {
+        Endpoint::Completions => {
+            if given(&p.top_logprobs).is_some() {
+                return Err(ApiError::param(
+                    "top_logprobs",
+                    "completions take `logprobs: N`; `top_logprobs` is chat's",
+                ));
+            }
+            given(&p.logprobs)
+                .map(|v| count("logprobs", v, 5))
+                .transpose()
+        }
+        Endpoint::Chat => {
+            let on = match given(&p.logprobs) {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(ApiError::param(
+                        "logprobs",
+                        format!("chat's `logprobs` is true or false, got {v}"),
+                    ))
+                }
+            };
+            let top = given(&p.top_logprobs)
+                .map(|v| count("top_logprobs", v, 20))
+                .transpose()?;
+            if top.is_some() && !on {
+                return Err(ApiError::param(
+                    "top_logprobs",
+                    "`top_logprobs` needs `logprobs: true`",
+                ));
+            }
+            Ok(on.then(|| top.unwrap_or(0)))
+        }
+    }
+}
+
+/// One generated token's log-probability and its most likely alternatives, as OpenAI reports
+/// them: the token as text (lossy where it is part of a character), its bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
+/// Chat's `logprobs` object for `entries`.
+fn chat_logprobs(entries: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let top: Vec<Value> = e
+                .top
+                .iter()
+                .map(|(t, b, lp)| json!({"token": t, "logprob": lp, "bytes": b}))
+                .collect();
+            json!({"token": e.token, "logprob": e.logprob, "bytes": e.bytes, "top_logprobs": top})
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Completions' legacy `logprobs` object for `entries`, whose text starts at character
+/// `offset` of the completion.
+fn completion_logprobs(entries: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut tokens = Vec::with_capacity(entries.len());
+    let mut token_logprobs = Vec::with_capacity(entries.len());
+    let mut top_logprobs = Vec::with_capacity(entries.len());
+    let mut text_offset = Vec::with_capacity(entries.len());
+    for e in entries {
+        tokens.push(json!(e.token));
+        token_logprobs.push(json!(e.logprob));
+        let top: serde_json::Map<String, Value> = e
+            .top
+            .iter()
+            .map(|(t, _, lp)| (t.clone(), json!(lp)))
+            .collect();
+        top_logprobs.push(Value::Object(top));
+        text_offset.push(json!(offset));
+        offset += e.token.chars().count();
+    }
+    json!({
+        "tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
     })
 }
 
@@ -497,16 +600,24 @@ impl ResponseMeta {
         })
     }
 
-    /// The whole (non-streamed) response.
-    pub fn response(&self, text: &str, finish: &str, usage: &Usage, t: &Timings) -> Value {
+    /// The whole (non-streamed) response; `logprobs` when they were asked for.
+    pub fn response(
+        &self,
+        text: &str,
+        logprobs: Option<&[TokenLogprob]>,
+        finish: &str,
+        usage: &Usage,
+        t: &Timings,
+    ) -> Value {
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text, "finish_reason": finish,
+                "logprobs": logprobs.map(|l| completion_logprobs(l, 0)),
             }),
             Endpoint::Chat => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": null,
+                "logprobs": logprobs.map(chat_logprobs),
                 "finish_reason": finish,
             }),
         };
@@ -519,9 +630,22 @@ impl ResponseMeta {
     /// A stream chunk: the role announcement (chat only, `role`), a piece of text, or the last
     /// chunk with its `finish` reason.
     pub fn chunk(&self, role: bool, text: Option<&str>, finish: Option<&str>) -> Value {
+        self.chunk_with_logprobs(role, text, None, finish)
+    }
+
+    /// A chunk with the log-probabilities of its tokens (completions: their text starts at
+    /// character `offset` of the completion).
+    pub fn chunk_with_logprobs(
+        &self,
+        role: bool,
+        text: Option<&str>,
+        logprobs: Option<(&[TokenLogprob], usize)>,
+        finish: Option<&str>,
+    ) -> Value {
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text.unwrap_or(""), "finish_reason": finish,
+                "logprobs": logprobs.map(|(l, offset)| completion_logprobs(l, offset)),
             }),
             Endpoint::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -531,7 +655,8 @@ impl ResponseMeta {
                 if let Some(t) = text {
                     delta.insert("content".into(), t.into());
                 }
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                let logprobs = logprobs.map(|(l, _)| chat_logprobs(l));
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         self.envelope(true, json!([choice]))
@@ -578,7 +703,7 @@ mod tests {
 
     #[test]
     fn parameter_ranges_and_unsupported_features() {
-        let ok = |s: &str| validate(&parse(s).unwrap(), 7);
+        let ok = |s: &str| validate(&parse(s).unwrap(), Endpoint::Completions, 7);
         let v = ok(r#"{"temperature": 0, "seed": 5, "stop": "\n", "top_k": 3}"#).unwrap();
         assert_eq!(v.sampler.temperature, 0.0);
         assert_eq!(v.sampler.seed, 5);
@@ -594,7 +719,9 @@ mod tests {
             (r#"{"stop": [1]}"#, "stop"),
             (r#"{"stop": [""]}"#, "stop"),
             (r#"{"n": 2}"#, "n"),
-            (r#"{"logprobs": 2}"#, "logprobs"),
+            (r#"{"logprobs": 9}"#, "logprobs"),
+            (r#"{"logprobs": true}"#, "logprobs"),
+            (r#"{"top_logprobs": 2}"#, "top_logprobs"),
             (r#"{"presence_penalty": 0.5}"#, "presence_penalty"),
             (r#"{"tools": [{"type": "function"}]}"#, "tools"),
         ] {
@@ -602,6 +729,24 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }
         assert!(ok(r#"{"logprobs": null, "n": 1, "presence_penalty": 0}"#).is_ok());
+        assert_eq!(ok(r#"{"logprobs": 3}"#).unwrap().top_logprobs, Some(3));
+        let chat = |s: &str| validate(&parse(s).unwrap(), Endpoint::Chat, 7);
+        assert_eq!(chat(r#"{"logprobs": true}"#).unwrap().top_logprobs, Some(0));
+        assert_eq!(
+            chat(r#"{"logprobs": true, "top_logprobs": 20}"#)
+                .unwrap()
+                .top_logprobs,
+            Some(20)
+        );
+        assert_eq!(chat(r#"{"logprobs": false}"#).unwrap().top_logprobs, None);
+        for (body, param) in [
+            (r#"{"logprobs": 2}"#, "logprobs"),
+            (r#"{"top_logprobs": 2}"#, "top_logprobs"),
+            (r#"{"logprobs": true, "top_logprobs": 21}"#, "top_logprobs"),
+        ] {
+            let e = chat(body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
     }
 
     #[test]

@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_runtime::engine::{generate, Engine, Piece, Request, SessionOptions, StopReason};
+use moe_runtime::engine::{generate, Engine, Logprobs, Piece, Request, SessionOptions, StopReason};
 use moe_runtime::model::Session;
 use moe_runtime::sampling::{Sampler, SamplerConfig};
 use moe_runtime::tokenizer::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::api::{ApiError, Endpoint, Timings, Usage};
+use crate::api::{ApiError, Endpoint, Timings, TokenLogprob, Usage};
 use crate::chat::ChatTemplate;
 use crate::metrics::{GenerationFigures, Metrics, ModelInfo, ProcessStats};
 use crate::prompt_cache::PromptCache;
@@ -59,6 +59,8 @@ pub struct GenRequest {
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Report log-probabilities with this many alternatives.
+    pub top_logprobs: Option<usize>,
 }
 
 pub struct Job {
@@ -76,8 +78,9 @@ pub struct Job {
 pub enum Event {
     /// The job left the queue and the prompt is being evaluated.
     Started,
-    /// Text that became final (stop sequences already removed).
-    Text(String),
+    /// Text that became final (stop sequences already removed), and the log-probabilities of
+    /// the tokens generated since the last event when they were asked for.
+    Text(String, Vec<TokenLogprob>),
     Done(Finish),
     Failed(ApiError),
 }
@@ -369,8 +372,9 @@ impl Worker<'_, '_, '_> {
             stop: &req.stop,
             ignore_eos: req.ignore_eos,
             skip_special: true,
+            top_logprobs: req.top_logprobs,
         };
-        let (control, token_delay) = (self.control, self.token_delay);
+        let (control, token_delay, tokenizer) = (self.control, self.token_delay, self.tokenizer);
         let stats = generate(
             session,
             &mut sampler,
@@ -381,10 +385,14 @@ impl Worker<'_, '_, '_> {
                 if piece.id.is_some() && !token_delay.is_zero() {
                     std::thread::sleep(token_delay);
                 }
-                let sent = piece.text.is_empty()
+                let logprobs: Vec<TokenLogprob> = match (piece.id, piece.logprobs) {
+                    (Some(id), Some(l)) => vec![token_logprob(tokenizer, id, l)],
+                    _ => Vec::new(),
+                };
+                let sent = (piece.text.is_empty() && logprobs.is_empty())
                     || job
                         .events
-                        .try_send(Event::Text(piece.text.to_string()))
+                        .try_send(Event::Text(piece.text.to_string(), logprobs))
                         .is_ok();
                 if !sent || job.events.is_closed() {
                     return false;
@@ -421,6 +429,28 @@ impl Worker<'_, '_, '_> {
                 .then(|| stats.decode_expert_bytes as f64 / stats.decode_steps as f64),
         };
         Ok((end, g))
+    }
+}
+
+/// A generated token's log-probability with the token spelled out as OpenAI reports it.
+fn token_logprob(tok: &Tokenizer, id: u32, l: &Logprobs) -> TokenLogprob {
+    let spell = |id: u32| {
+        let bytes = tok.token_bytes(id).unwrap_or_default();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    let (token, bytes) = spell(id);
+    TokenLogprob {
+        token,
+        bytes,
+        logprob: l.logprob,
+        top: l
+            .top
+            .iter()
+            .map(|&(t, lp)| {
+                let (s, b) = spell(t);
+                (s, b, lp)
+            })
+            .collect(),
     }
 }
 

@@ -231,6 +231,7 @@ fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Re
         stop: &[],
         ignore_eos: args.ignore_eos,
         skip_special: false,
+        top_logprobs: None,
     };
     let stats = generate(
         &mut session,

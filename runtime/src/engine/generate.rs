@@ -27,6 +27,9 @@ pub struct Request<'r> {
     pub ignore_eos: bool,
     /// Leave special tokens out of the text.
     pub skip_special: bool,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (None: no log-probabilities).
+    pub top_logprobs: Option<usize>,
 }
 
 /// New output: a generated token and the text that became final with it (often empty: a
@@ -36,6 +39,43 @@ pub struct Request<'r> {
 pub struct Piece<'p> {
     pub id: Option<u32>,
     pub text: &'p str,
+    /// With `Request::top_logprobs`, the token's log-probability and the alternatives.
+    pub logprobs: Option<&'p Logprobs>,
+}
+
+/// A sampled token's log-probability under the model (the softmax of its raw logits, before
+/// temperature and the other sampling settings), with the most likely tokens at that step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Logprobs {
+    pub logprob: f32,
+    /// (token, log-probability), most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl Logprobs {
+    /// Of token `id` in `logits`, with the `top` most likely tokens.
+    pub fn of(logits: &[f32], id: u32, top: usize) -> Self {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        let log_z = max + sum.ln() as f32;
+        // The `top` largest logits, kept sorted while scanning (the vocabulary is large, `top`
+        // at most a few dozen).
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+        if top > 0 {
+            for (i, &v) in logits.iter().enumerate() {
+                if best.len() == top && v <= best[top - 1].1 {
+                    continue;
+                }
+                let at = best.partition_point(|&(_, b)| b >= v);
+                best.insert(at, (i as u32, v));
+                best.truncate(top);
+            }
+        }
+        Self {
+            logprob: logits[id as usize] - log_z,
+            top: best.into_iter().map(|(i, v)| (i, v - log_z)).collect(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -119,9 +159,11 @@ pub fn generate(
         stats.generated_tokens += 1;
         let text = detok.as_mut().map(|d| d.push(next)).unwrap_or_default();
         let (text, stopped) = stops.push(&text);
+        let logprobs = req.top_logprobs.map(|n| Logprobs::of(&logits, next, n));
         if !on_piece(Piece {
             id: Some(next),
             text: &text,
+            logprobs: logprobs.as_ref(),
         }) {
             stats.stop = StopReason::Cancelled;
             break;
@@ -145,6 +187,7 @@ pub fn generate(
             && !on_piece(Piece {
                 id: None,
                 text: &rest,
+                logprobs: None,
             })
         {
             stats.stop = StopReason::Cancelled;
@@ -216,6 +259,22 @@ impl StopMatcher {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn logprobs_are_log_softmax_with_the_best_alternatives() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let z: f64 = logits.iter().map(|&v| (v as f64).exp()).sum();
+        let lp = |i: usize| (logits[i] as f64 - z.ln()) as f32;
+        let l = super::Logprobs::of(&logits, 4, 3);
+        assert!((l.logprob - lp(4)).abs() < 1e-6);
+        // Ties keep the lower id first; the chosen token need not be among the best.
+        let ids: Vec<u32> = l.top.iter().map(|&(i, _)| i).collect();
+        assert_eq!(ids, [1, 3, 0]);
+        for &(i, v) in &l.top {
+            assert!((v - lp(i as usize)).abs() < 1e-6);
+        }
+        assert!(super::Logprobs::of(&logits, 0, 0).top.is_empty());
+    }
+
     use super::*;
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
