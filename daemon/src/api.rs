@@ -108,7 +108,14 @@ pub struct GenParams {
     pub top_logprobs: Option<Value>,
     pub logit_bias: Option<Value>,
     pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<Value>,
+    /// gpt-oss's `reasoning_effort` (`low`, `medium`, `high`), passed to the chat template.
+    pub reasoning_effort: Option<String>,
+    /// Variables for the chat template, such as `{"enable_thinking": false}` (llama.cpp's and
+    /// vLLM's extension).
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// llama.cpp's extension: do not stop at end-of-generation tokens.
     pub ignore_eos: Option<bool>,
 }
@@ -118,12 +125,19 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     /// A string, an array of `{"type": "text", "text": ...}` parts, or null.
     pub content: Option<Value>,
     pub name: Option<String>,
+    /// An assistant message's calls: `[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`.
+    pub tool_calls: Option<Value>,
+    /// A tool message's answer to this call.
+    pub tool_call_id: Option<String>,
+    /// An assistant message's reasoning, for templates that show earlier reasoning.
+    pub reasoning_content: Option<String>,
 }
 
 /// Validated sampling and stopping parameters.
@@ -217,12 +231,7 @@ pub fn validate(
     {
         return unsupported("logit_bias", "no logit bias");
     }
-    if p.tools
-        .as_ref()
-        .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return unsupported("tools", "no tool calling yet");
-    }
+    check_tools(p.tools.as_ref())?;
     if let Some(rf) = &p.response_format {
         if rf.get("type").and_then(Value::as_str) != Some("text") {
             return unsupported("response_format", "only {\"type\": \"text\"}");
@@ -378,6 +387,50 @@ fn logprobs_request(p: &GenParams, endpoint: Endpoint) -> Result<Option<usize>, 
             Ok(on.then(|| top.unwrap_or(0)))
         }
     }
+}
+
+/// `tools` must be OpenAI's list of functions, each with a name.
+fn check_tools(tools: Option<&Value>) -> Result<(), ApiError> {
+    let Some(tools) = tools.filter(|t| !t.is_null()) else {
+        return Ok(());
+    };
+    let Some(list) = tools.as_array() else {
+        return Err(ApiError::param("tools", "`tools` must be an array"));
+    };
+    for (i, t) in list.iter().enumerate() {
+        let name = t
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str);
+        if t.get("type").and_then(Value::as_str) != Some("function") || name.is_none() {
+            return Err(ApiError::param(
+                &format!("tools[{i}]"),
+                "a tool must be `{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}`",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a chat request passes to the template besides its messages.
+pub fn render_options(p: &GenParams) -> Result<crate::chat::RenderOptions<'_>, ApiError> {
+    let mut kwargs = p.chat_template_kwargs.clone().unwrap_or_default();
+    if let Some(effort) = &p.reasoning_effort {
+        if !matches!(effort.as_str(), "low" | "medium" | "high") {
+            return Err(ApiError::param(
+                "reasoning_effort",
+                "`reasoning_effort` is low, medium or high",
+            ));
+        }
+        kwargs.insert("reasoning_effort".into(), Value::String(effort.clone()));
+    }
+    Ok(crate::chat::RenderOptions {
+        tools: p
+            .tools
+            .as_ref()
+            .filter(|t| t.as_array().is_some_and(|a| !a.is_empty())),
+        kwargs,
+    })
 }
 
 /// One generated token's log-probability and its most likely alternatives, as OpenAI reports
@@ -723,7 +776,8 @@ mod tests {
             (r#"{"logprobs": true}"#, "logprobs"),
             (r#"{"top_logprobs": 2}"#, "top_logprobs"),
             (r#"{"presence_penalty": 0.5}"#, "presence_penalty"),
-            (r#"{"tools": [{"type": "function"}]}"#, "tools"),
+            (r#"{"tools": [{"type": "function"}]}"#, "tools[0]"),
+            (r#"{"tools": {"type": "function"}}"#, "tools"),
         ] {
             let e = ok(body).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
@@ -785,7 +839,7 @@ mod tests {
         let m = |c: Value| ChatMessage {
             role: "user".into(),
             content: Some(c),
-            name: None,
+            ..Default::default()
         };
         assert_eq!(message_text(0, &m(json!("hi"))).unwrap(), "hi");
         let parts = json!([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]);

@@ -3,8 +3,22 @@
 //! methods, `raise_exception`), with `add_generation_prompt = true`.
 
 use minijinja::{context, Environment, Error, ErrorKind, Value};
+use serde_json::Value as Json;
 
 use crate::api::{message_text, ApiError, ChatMessage};
+
+/// ChatML, the llama.cpp server's template for a model file without one.
+pub const CHATML: &str = "{%- for message in messages -%}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}";
+
+/// What a conversation is rendered with besides its messages.
+#[derive(Debug, Default)]
+pub struct RenderOptions<'a> {
+    /// The request's `tools` (OpenAI's `[{"type": "function", "function": {...}}]`).
+    pub tools: Option<&'a Json>,
+    /// Further template variables: `enable_thinking`, `reasoning_effort`, and whatever a request
+    /// passes in `chat_template_kwargs` (as llama.cpp's server does).
+    pub kwargs: serde_json::Map<String, Json>,
+}
 
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -31,40 +45,31 @@ impl ChatTemplate {
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opening.
-    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ApiError> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        opts: &RenderOptions,
+    ) -> Result<String, ApiError> {
         if messages.is_empty() {
             return Err(ApiError::param("messages", "`messages` must not be empty"));
         }
         let mut msgs = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
-            if !matches!(
-                m.role.as_str(),
-                "system" | "user" | "assistant" | "tool" | "developer"
-            ) {
-                return Err(ApiError::param(
-                    &format!("messages[{i}].role"),
-                    format!(
-                        "unknown role `{}` (system, developer, user, assistant or tool)",
-                        m.role
-                    ),
-                ));
-            }
-            let content = message_text(i, m)?;
-            msgs.push(match &m.name {
-                Some(name) => context! { role => m.role, content => content, name => name },
-                None => context! { role => m.role, content => content },
-            });
+            msgs.push(message_context(i, m)?);
         }
         let tmpl = self.env.get_template("chat").map_err(|e| {
             ApiError::status(hyper::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         })?;
-        tmpl.render(context! {
+        let tools = opts.tools.map(Value::from_serialize);
+        let ctx = context! {
             messages => msgs,
+            tools => tools,
             add_generation_prompt => true,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
-        })
-        .map_err(|e| {
+            ..Value::from_serialize(&opts.kwargs)
+        };
+        tmpl.render(ctx).map_err(|e| {
             // The template refusing the conversation (e.g. roles out of order) is the client's
             // error; anything else is the template's.
             let msg = match e.kind() {
@@ -79,6 +84,66 @@ impl ChatTemplate {
     }
 }
 
+/// One message as templates see it: `role`, `content` (text), and where given `name`,
+/// `tool_calls` (with JSON-text arguments parsed into objects, as transformers' templates
+/// expect and llama.cpp's server passes them), `tool_call_id` and `reasoning_content`.
+fn message_context(i: usize, m: &ChatMessage) -> Result<Value, ApiError> {
+    if !matches!(
+        m.role.as_str(),
+        "system" | "user" | "assistant" | "tool" | "developer"
+    ) {
+        return Err(ApiError::param(
+            &format!("messages[{i}].role"),
+            format!(
+                "unknown role `{}` (system, developer, user, assistant or tool)",
+                m.role
+            ),
+        ));
+    }
+    let mut obj = serde_json::Map::new();
+    obj.insert("role".into(), Json::String(m.role.clone()));
+    obj.insert("content".into(), Json::String(message_text(i, m)?));
+    if let Some(name) = &m.name {
+        obj.insert("name".into(), Json::String(name.clone()));
+    }
+    if let Some(calls) = &m.tool_calls {
+        obj.insert("tool_calls".into(), tool_calls_context(i, calls)?);
+    }
+    if let Some(id) = &m.tool_call_id {
+        obj.insert("tool_call_id".into(), Json::String(id.clone()));
+    }
+    if let Some(r) = &m.reasoning_content {
+        obj.insert("reasoning_content".into(), Json::String(r.clone()));
+    }
+    Ok(Value::from_serialize(&obj))
+}
+
+fn tool_calls_context(i: usize, calls: &Json) -> Result<Json, ApiError> {
+    let param = format!("messages[{i}].tool_calls");
+    let bad = |why: &str| ApiError::param(&param, format!("`{param}` {why}"));
+    let Json::Array(calls) = calls else {
+        return Err(bad("must be an array"));
+    };
+    let mut out = Vec::with_capacity(calls.len());
+    for call in calls {
+        let mut call = call.clone();
+        let function = call
+            .get_mut("function")
+            .and_then(Json::as_object_mut)
+            .ok_or_else(|| bad("entries need a `function` object"))?;
+        if !function.get("name").is_some_and(Json::is_string) {
+            return Err(bad("entries need `function.name`"));
+        }
+        if let Some(Json::String(args)) = function.get("arguments") {
+            if let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(args) {
+                function.insert("arguments".into(), parsed);
+            }
+        }
+        out.push(call);
+    }
+    Ok(Json::Array(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,31 +153,34 @@ mod tests {
         ChatMessage {
             role: role.into(),
             content: Some(json!(content)),
-            name: None,
+            ..Default::default()
         }
     }
 
+    fn render(t: &ChatTemplate, messages: &[ChatMessage]) -> Result<String, ApiError> {
+        t.render(messages, &RenderOptions::default())
+    }
+
     /// The fixtures' ChatML template, as moe-convert stores it.
-    const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    const FIXTURE_CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
     #[test]
     fn chatml() {
-        let t = ChatTemplate::new(CHATML, String::new(), "<|im_end|>".into()).unwrap();
-        let out = t
-            .render(&[msg("system", "Be brief."), msg("user", "Hi")])
-            .unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
-        assert!(t.render(&[]).is_err());
-        assert_eq!(
-            t.render(&[msg("wizard", "x")])
-                .unwrap_err()
-                .param
-                .as_deref(),
-            Some("messages[0].role")
-        );
+        let want = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n";
+        // The fixtures' template and the built-in fallback render alike.
+        for src in [FIXTURE_CHATML, CHATML] {
+            let t = ChatTemplate::new(src, String::new(), "<|im_end|>".into()).unwrap();
+            let out = render(&t, &[msg("system", "Be brief."), msg("user", "Hi")]).unwrap();
+            assert_eq!(out, want);
+            assert!(render(&t, &[]).is_err());
+            assert_eq!(
+                render(&t, &[msg("wizard", "x")])
+                    .unwrap_err()
+                    .param
+                    .as_deref(),
+                Some("messages[0].role")
+            );
+        }
     }
 
     #[test]
@@ -120,16 +188,62 @@ mod tests {
         // Shaped like Mistral/Llama templates: strip(), bos_token, raise_exception, loop.index0.
         let src = "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate user/assistant') }}{% endif %}{% if m['role'] == 'user' %}[INST] {{ m['content'].strip() }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}";
         let t = ChatTemplate::new(src, "<s>".into(), "</s>".into()).unwrap();
-        let out = t
-            .render(&[
+        let out = render(
+            &t,
+            &[
                 msg("user", "  hi  "),
                 msg("assistant", "yo"),
                 msg("user", "q"),
-            ])
-            .unwrap();
+            ],
+        )
+        .unwrap();
         assert_eq!(out, "<s>[INST] hi [/INST]yo</s>[INST] q [/INST]");
-        let e = t.render(&[msg("assistant", "x")]).unwrap_err();
+        let e = render(&t, &[msg("assistant", "x")]).unwrap_err();
         assert!(e.message.contains("roles must alternate"), "{}", e.message);
         assert_eq!(e.status, hyper::StatusCode::BAD_REQUEST);
+    }
+
+    /// Tools, tool calls (JSON-text arguments become objects) and tool results reach the
+    /// template, and request variables such as `enable_thinking` too.
+    #[test]
+    fn tools_tool_calls_and_variables() {
+        let src = "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}{% for m in messages %}{{ m.role }}:{% if m.tool_calls %}{% for c in m.tool_calls %}{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}{% else %}{{ m.content }}{% endif %}{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}\n{% endfor %}{% if enable_thinking is false %}no-think{% endif %}";
+        let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
+        let tools =
+            json!([{"type": "function", "function": {"name": "weather", "parameters": {}}}]);
+        let call = ChatMessage {
+            role: "assistant".into(),
+            content: None,
+            tool_calls: Some(json!([{"id": "c1", "type": "function",
+                "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}])),
+            ..Default::default()
+        };
+        let result = ChatMessage {
+            role: "tool".into(),
+            content: Some(json!("12 C")),
+            tool_call_id: Some("c1".into()),
+            ..Default::default()
+        };
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("enable_thinking".into(), json!(false));
+        let opts = RenderOptions {
+            tools: Some(&tools),
+            kwargs,
+        };
+        let out = t
+            .render(&[msg("user", "Weather?"), call, result], &opts)
+            .unwrap();
+        assert_eq!(
+            out,
+            // (trim_blocks drops the newline after each block tag, as transformers does)
+            "TOOLS:weather;user:Weather?assistant:weather(Oslo)tool:12 C#c1no-think"
+        );
+        let bad = ChatMessage {
+            role: "assistant".into(),
+            tool_calls: Some(json!([{"function": {}}])),
+            ..Default::default()
+        };
+        let e = t.render(&[bad], &opts).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls"));
     }
 }

@@ -74,6 +74,10 @@ pub struct Config {
     /// cache of memory); 0 evaluates every prompt whole
     #[arg(long, env = "MOED_PROMPT_CACHE", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub prompt_cache: u32,
+    /// A Jinja chat template to use instead of the model's (e.g. one of llama.cpp's
+    /// models/templates); without either, chat uses ChatML
+    #[arg(long, env = "MOED_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Skip the warm-up forward pass after loading
     #[arg(long, env = "MOED_NO_WARMUP")]
     pub no_warmup: bool,
@@ -125,6 +129,16 @@ impl Config {
             bail!("--threads must be at least 1");
         }
         Ok(())
+    }
+
+    /// `--chat-template`'s path and text.
+    pub fn chat_template_source(&self) -> Result<Option<(PathBuf, String)>> {
+        let Some(path) = &self.chat_template else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--chat-template {}: {e}", path.display()))?;
+        Ok(Some((path.clone(), text)))
     }
 
     /// What the runtime needs to set up the model's session.

@@ -29,6 +29,8 @@ pub struct WorkerConfig {
     pub session: SessionOptions,
     /// Conversations kept for prompt-prefix reuse (0: none).
     pub prompt_cache: usize,
+    /// `--chat-template FILE`: its path and text, instead of the model's template.
+    pub chat_template: Option<(PathBuf, String)>,
     pub warmup: bool,
     pub token_delay: Duration,
     pub load_delay: Duration,
@@ -175,21 +177,22 @@ pub fn spawn(
                     .unwrap_or_default()
             };
             let file = engine.file();
-            let chat = match file
-                .header()
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.as_str())
-            {
-                Some(src) => ChatTemplate::new(
-                    src,
-                    token_text(tokenizer.bos()),
-                    token_text(tokenizer.eos()),
-                )
-                .map_err(|e| format!("the model's chat template does not compile: {e:#}")),
-                None => {
-                    Err("the model file has no tokenizer.chat_template; use /v1/completions".into())
+            // The template: --chat-template, else the model's, else ChatML as the llama.cpp
+            // server does for a file without one.
+            let (source, origin) = match (&cfg.chat_template, file.header().get("tokenizer.chat_template").and_then(|v| v.as_str())) {
+                (Some((path, src)), _) => (src.as_str(), format!("{}", path.display())),
+                (None, Some(src)) => (src, "the model's chat template".to_string()),
+                (None, None) => {
+                    warn!("the model file has no tokenizer.chat_template: chat uses ChatML (pass --chat-template FILE for another)");
+                    (crate::chat::CHATML, "ChatML".to_string())
                 }
             };
+            let chat = ChatTemplate::new(
+                source,
+                token_text(tokenizer.bos()),
+                token_text(tokenizer.eos()),
+            )
+            .map_err(|e| format!("{origin} does not compile: {e:#}"));
             if let Err(e) = &chat {
                 warn!("chat completions unavailable: {e}");
             }
