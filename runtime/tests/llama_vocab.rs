@@ -2,7 +2,7 @@
 //! as llama.cpp's `tests/test-tokenizer-0.cpp` runs them: every case of every vocabulary must give
 //! exactly the expected ids.
 //!
-//! The vectors are fetched by `scripts/fixtures/fetch_llama_vocab.sh` (which `scripts/test.sh`
+//! The vectors are fetched by `scripts/fixtures/fetch_llama_cpp_files.sh` (which `scripts/test.sh`
 //! runs) into `tests/fixtures/vocab` or `$MOE_EDGE_VOCAB_DIR`. Without them the test prints a
 //! note and passes, unless `MOE_EDGE_REQUIRE_VOCAB=1` (as in CI), when it fails.
 
@@ -13,7 +13,7 @@ use moe_runtime::gguf::GgufFile;
 use moe_runtime::tokenizer::Tokenizer;
 
 /// The vocabularies of the MoE families moe-edge runs (what each stands for: the fetch script).
-/// Keep in step with VOCABS in scripts/fixtures/fetch_llama_vocab.sh.
+/// Keep in step with VOCABS in scripts/fixtures/fetch_llama_cpp_files.sh.
 const VOCABS: &[&str] = &[
     "llama-spm",
     "phi-3",
@@ -98,7 +98,7 @@ fn vectors_dir() -> Option<PathBuf> {
     }
     let note = format!(
         "llama.cpp's tokenizer vectors {missing:?} are not in {}: run \
-         scripts/fixtures/fetch_llama_vocab.sh",
+         scripts/fixtures/fetch_llama_cpp_files.sh",
         dir.display()
     );
     assert!(!required, "{note} (MOE_EDGE_REQUIRE_VOCAB=1)");

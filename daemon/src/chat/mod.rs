@@ -7,6 +7,8 @@ use serde_json::Value as Json;
 
 use crate::api::{message_text, ApiError, ChatMessage};
 
+mod pycompat;
+
 /// ChatML, the llama.cpp server's template for a model file without one.
 pub const CHATML: &str = "{%- for message in messages -%}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}";
 
@@ -36,7 +38,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", source.to_string())?;
+        pycompat::install(&mut env);
+        env.add_template_owned("chat", pycompat::preprocess(source))?;
         Ok(Self {
             env,
             bos_token,
@@ -53,9 +56,26 @@ impl ChatTemplate {
         if messages.is_empty() {
             return Err(ApiError::param("messages", "`messages` must not be empty"));
         }
+        // Tool-call arguments as objects, as transformers' templates expect; a template that
+        // fails on them may want the JSON text instead (llama.cpp's server tries both too).
+        let first = self.render_with(messages, opts, true);
+        match first {
+            Err(e) if messages.iter().any(|m| m.tool_calls.is_some()) => {
+                self.render_with(messages, opts, false).map_err(|_| e)
+            }
+            r => r,
+        }
+    }
+
+    fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        opts: &RenderOptions,
+        object_arguments: bool,
+    ) -> Result<String, ApiError> {
         let mut msgs = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
-            msgs.push(message_context(i, m)?);
+            msgs.push(message_context(i, m, object_arguments)?);
         }
         let tmpl = self.env.get_template("chat").map_err(|e| {
             ApiError::status(hyper::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -87,7 +107,7 @@ impl ChatTemplate {
 /// One message as templates see it: `role`, `content` (text), and where given `name`,
 /// `tool_calls` (with JSON-text arguments parsed into objects, as transformers' templates
 /// expect and llama.cpp's server passes them), `tool_call_id` and `reasoning_content`.
-fn message_context(i: usize, m: &ChatMessage) -> Result<Value, ApiError> {
+fn message_context(i: usize, m: &ChatMessage, object_arguments: bool) -> Result<Value, ApiError> {
     if !matches!(
         m.role.as_str(),
         "system" | "user" | "assistant" | "tool" | "developer"
@@ -107,7 +127,10 @@ fn message_context(i: usize, m: &ChatMessage) -> Result<Value, ApiError> {
         obj.insert("name".into(), Json::String(name.clone()));
     }
     if let Some(calls) = &m.tool_calls {
-        obj.insert("tool_calls".into(), tool_calls_context(i, calls)?);
+        obj.insert(
+            "tool_calls".into(),
+            tool_calls_context(i, calls, object_arguments)?,
+        );
     }
     if let Some(id) = &m.tool_call_id {
         obj.insert("tool_call_id".into(), Json::String(id.clone()));
@@ -118,7 +141,7 @@ fn message_context(i: usize, m: &ChatMessage) -> Result<Value, ApiError> {
     Ok(Value::from_serialize(&obj))
 }
 
-fn tool_calls_context(i: usize, calls: &Json) -> Result<Json, ApiError> {
+fn tool_calls_context(i: usize, calls: &Json, object_arguments: bool) -> Result<Json, ApiError> {
     let param = format!("messages[{i}].tool_calls");
     let bad = |why: &str| ApiError::param(&param, format!("`{param}` {why}"));
     let Json::Array(calls) = calls else {
@@ -134,10 +157,17 @@ fn tool_calls_context(i: usize, calls: &Json) -> Result<Json, ApiError> {
         if !function.get("name").is_some_and(Json::is_string) {
             return Err(bad("entries need `function.name`"));
         }
-        if let Some(Json::String(args)) = function.get("arguments") {
-            if let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(args) {
-                function.insert("arguments".into(), parsed);
+        match function.get("arguments") {
+            Some(Json::String(args)) if object_arguments => {
+                if let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(args) {
+                    function.insert("arguments".into(), parsed);
+                }
             }
+            Some(args @ Json::Object(_)) if !object_arguments => {
+                let text = args.to_string();
+                function.insert("arguments".into(), Json::String(text));
+            }
+            _ => {}
         }
         out.push(call);
     }
