@@ -118,7 +118,7 @@ impl JsonStyle {
                     None => Vec::new(),
                 };
                 if self.sort_keys {
-                    pairs.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+                    pairs.sort_by_key(|p| p.0.to_string());
                 }
                 self.container(out, '{', '}', pairs.len(), depth, |out, i, d| {
                     let (k, val) = &pairs[i];
