@@ -77,6 +77,16 @@ fn deepseek_v3_mla_q_lora_sigmoid_bias_groups_yarn() {
     check_parity("deepseek_v3", GgmlType::F32);
 }
 
+#[test]
+fn glm4_moe_partial_rotary_biases_qk_norm_sigmoid_bias_shared_expert() {
+    check_parity("glm4_moe", GgmlType::F32);
+}
+
+#[test]
+fn ernie4_5_moe_interleaved_rope_softmax_bias_shared_experts_spm_vocab() {
+    check_parity("ernie4_5_moe", GgmlType::F32);
+}
+
 /// MLA caches the normalised latent plus the shared rotary key, one "head" per token and layer,
 /// instead of per-head keys and values.
 #[test]

@@ -21,6 +21,8 @@ pub const FIXTURES: &[&str] = &[
     "granitemoe",
     "deepseek_v2",
     "deepseek_v3",
+    "glm4_moe",
+    "ernie4_5_moe",
 ];
 
 #[derive(Debug, Deserialize)]
