@@ -87,6 +87,44 @@ fn ernie4_5_moe_interleaved_rope_softmax_bias_shared_experts_spm_vocab() {
     check_parity("ernie4_5_moe", GgmlType::F32);
 }
 
+/// llama.cpp's converter appends GLM-4.5's next-token-prediction block after the trunk
+/// (`block_count` one more, `nextn_predict_layers` 1, its tensors in `blk.{n_layer}`, or none when
+/// the checkpoint has none, as here). Generation runs the trunk only; a count that leaves no trunk
+/// is an error.
+#[test]
+fn glm4_moe_files_with_a_prediction_block_run_the_trunk() {
+    use moe_runtime::gguf::{GgufFile, Value};
+    use moe_runtime::model::Model;
+    let fx = Fixture::load("glm4_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let with_mtp = |nextn: u32, path: &std::path::Path| {
+        moe_e2e::rewrite_gguf_metadata(&conv.path, path, |meta| {
+            for (k, v) in meta.iter_mut() {
+                if k == "glm4moe.block_count" {
+                    *v = Value::U32(3 + nextn);
+                }
+            }
+            meta.push(("glm4moe.nextn_predict_layers".into(), Value::U32(nextn)));
+        });
+    };
+    let path = conv.path.with_extension("mtp.gguf");
+    with_mtp(1, &path);
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(Model::load(&file).unwrap().layers.len(), 3);
+    let case = &fx.expected.prompts[2];
+    let (want, _, vocab) = fx.logits(2);
+    let diff = max_rel_diff(&prompt_logits(&file, &case.ids), &want, vocab);
+    assert!(diff < TOLERANCE, "logits differ by {diff:e}");
+
+    let bad = conv.path.with_extension("bad.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &bad, |meta| {
+        meta.push(("glm4moe.nextn_predict_layers".into(), Value::U32(3)));
+    });
+    let file = GgufFile::open(&bad).unwrap();
+    let err = Model::load(&file).err().expect("no trunk left").to_string();
+    assert!(err.contains("glm4moe.nextn_predict_layers"), "{err}");
+}
+
 /// MLA caches the normalised latent plus the shared rotary key, one "head" per token and layer,
 /// instead of per-head keys and values.
 #[test]
