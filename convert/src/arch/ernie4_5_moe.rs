@@ -116,3 +116,35 @@ impl ArchConverter for Ernie45Moe {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(json: serde_json::Value) -> Config {
+        Config { json }
+    }
+
+    #[test]
+    fn sparse_layers_follow_start_interval_and_end() {
+        let sparse =
+            |c: &Config| -> Vec<usize> { (0..8).filter(|&l| is_sparse(c, l).unwrap()).collect() };
+        let released = cfg(
+            serde_json::json!({"num_hidden_layers": 8, "moe_layer_start_index": 1,
+            "moe_layer_interval": 1, "moe_layer_end_index": -1}),
+        );
+        assert_eq!(sparse(&released), [1, 2, 3, 4, 5, 6, 7]);
+        let every_other = cfg(
+            serde_json::json!({"num_hidden_layers": 8, "moe_layer_start_index": 2,
+            "moe_layer_interval": 2, "moe_layer_end_index": 5}),
+        );
+        assert_eq!(sparse(&every_other), [3, 5]);
+    }
+
+    #[test]
+    fn biased_checkpoints_are_refused() {
+        let c = cfg(serde_json::json!({"use_bias": true, "moe_intermediate_size": 8}));
+        let err = Ernie45Moe.metadata(&c).unwrap_err().to_string();
+        assert!(err.contains("use_bias"), "{err}");
+    }
+}

@@ -155,3 +155,36 @@ impl ArchConverter for Glm4Moe {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(json: serde_json::Value) -> Config {
+        Config { json }
+    }
+
+    #[test]
+    fn rotary_dims_from_either_config_layout() {
+        let hub = cfg(serde_json::json!({"head_dim": 128, "hidden_size": 4096,
+            "num_attention_heads": 96, "partial_rotary_factor": 0.5}));
+        assert_eq!(rope_dims(&hub).unwrap(), 64);
+        let tf5 = cfg(
+            serde_json::json!({"hidden_size": 64, "num_attention_heads": 2,
+            "rope_parameters": {"rope_theta": 1e6, "partial_rotary_factor": 0.25}}),
+        );
+        assert_eq!(rope_dims(&tf5).unwrap(), 8);
+        let odd = cfg(serde_json::json!({"head_dim": 10, "hidden_size": 64,
+            "num_attention_heads": 2, "partial_rotary_factor": 0.5}));
+        assert!(rope_dims(&odd).is_err());
+    }
+
+    #[test]
+    fn llama_cpp_names_the_glm_tokenizer() {
+        assert_eq!(Glm4Moe.tokenizer_pre("llama-bpe"), "glm4");
+        assert_eq!(Glm4Moe.tokenizer_pre("gpt-2"), "gpt-2");
+        assert!(Glm4Moe
+            .special_tokens()
+            .contains(&("eom", "<|observation|>")));
+    }
+}
