@@ -230,6 +230,10 @@ pub fn metadata(
     for (key, gguf) in [
         ("unk_token", "tokenizer.ggml.unknown_token_id"),
         ("pad_token", "tokenizer.ggml.padding_token_id"),
+        // gguf-py's SpecialVocab also reads these (ERNIE's <|end_of_sentence|>, <mask:1>); the
+        // key's spelling is llama.cpp's.
+        ("sep_token", "tokenizer.ggml.seperator_token_id"),
+        ("mask_token", "tokenizer.ggml.mask_token_id"),
     ] {
         if let Some(id) = id_of(key) {
             meta.push((gguf.into(), Value::U32(id)));
