@@ -37,7 +37,7 @@ fn rope_dims(cfg: &Config) -> Result<usize, ConvertError> {
     };
     let factor = partial_rotary_factor(cfg)?;
     let dims = (head_dim as f64 * factor) as usize;
-    if !(0.0..=1.0).contains(&factor) || dims == 0 || dims % 2 != 0 {
+    if !(0.0..=1.0).contains(&factor) || dims == 0 || !dims.is_multiple_of(2) {
         return Err(ConvertError::Config {
             field: "partial_rotary_factor".into(),
             why: format!("{factor} of head_dim {head_dim} is not an even number of rotary dims"),
