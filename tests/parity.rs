@@ -243,3 +243,44 @@ fn f16_kv_cache_stays_close() {
         }
     }
 }
+
+/// GLM's special tokens are set by their text, as llama.cpp's converter sets them: `[gMASK]` as
+/// BOS, `<|user|>` as end of turn, `<|observation|>` as end of message (a tool call), and
+/// generation stops at both. The fixture's tokenizer gets GLM's token texts in place of three of
+/// its own.
+#[test]
+fn glm4_moe_special_tokens_are_llama_cpp_s() {
+    let fx = Fixture::load("glm4_moe");
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&fx.dir).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let tok = dir.path().join("tokenizer.json");
+    let text = std::fs::read_to_string(&tok).unwrap();
+    let text = text
+        .replace("<|im_start|>", "[gMASK]")
+        .replace("<|im_end|>", "<|user|>")
+        .replace("\"<s>\"", "\"<|observation|>\"");
+    std::fs::write(&tok, text).unwrap();
+    let out = dir.path().join("glm.gguf");
+    moe_convert::convert(
+        dir.path(),
+        &out,
+        &moe_convert::ConvertOptions::new(GgmlType::Q8_0),
+        &|_, _, _| {},
+    )
+    .unwrap();
+    let file = moe_runtime::gguf::GgufFile::open(&out).unwrap();
+    let id = |k: &str| file.header().get(k).and_then(|v| v.as_u64());
+    assert_eq!(id("tokenizer.ggml.bos_token_id"), Some(1));
+    assert_eq!(id("tokenizer.ggml.eot_token_id"), Some(2));
+    assert_eq!(id("tokenizer.ggml.eom_token_id"), Some(3));
+    assert_eq!(id("tokenizer.ggml.unknown_token_id"), Some(0));
+    assert_eq!(id("tokenizer.ggml.eos_token_id"), Some(0));
+    let tok = Tokenizer::from_gguf(file.header()).unwrap();
+    for stop in [0, 2, 3] {
+        assert!(tok.is_end_of_generation(stop), "{stop}");
+    }
+    assert!(!tok.is_end_of_generation(1));
+}
