@@ -213,6 +213,106 @@ mod tests {
         }
     }
 
+    /// A folder of the repository's `tests/`, from this crate.
+    fn repo_tests() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests")
+    }
+
+    /// GLM-4.5/4.6's template as llama.cpp ships it (`models/templates/GLM-4.6.jinja`, fetched
+    /// beside llama.cpp's tokenizer vectors by scripts/fixtures/fetch_llama_cpp_files.sh). The
+    /// expected texts are transformers' renderings of the same messages: an earlier turn's
+    /// reasoning dropped, `<|observation|>` before tool output, no newline after a turn.
+    #[test]
+    fn glm_4_6_template_renders_as_transformers() {
+        let dir = match std::env::var_os("MOE_EDGE_TEMPLATE_DIR") {
+            Some(d) => std::path::PathBuf::from(d),
+            None => repo_tests().join("fixtures/templates"),
+        };
+        let path = dir.join("GLM-4.6.jinja");
+        let Ok(source) = std::fs::read_to_string(&path) else {
+            let note = format!(
+                "{} is missing: run scripts/fixtures/fetch_llama_cpp_files.sh",
+                path.display()
+            );
+            assert!(
+                std::env::var("MOE_EDGE_REQUIRE_VOCAB").as_deref() != Ok("1"),
+                "{note} (MOE_EDGE_REQUIRE_VOCAB=1)"
+            );
+            eprintln!("note: skipping: {note}");
+            return;
+        };
+        let t = ChatTemplate::new(&source, String::new(), "<|endoftext|>".into()).unwrap();
+        let out = render(
+            &t,
+            &[
+                msg("system", "Be brief."),
+                msg("user", "Hi"),
+                msg("assistant", "<think>greet back</think>Hello!"),
+                msg("user", "What is 2+2?"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\n<think></think>\nHello!\
+             <|user|>\nWhat is 2+2?<|assistant|>"
+        );
+        let out = render(
+            &t,
+            &[
+                msg("user", "Hi"),
+                msg("assistant", "Hello!"),
+                msg("tool", "42"),
+                msg("user", "ok"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nHello!<|observation|>\n\
+             <tool_response>\n42\n</tool_response><|user|>\nok<|assistant|>"
+        );
+    }
+
+    /// ERNIE-4.5's template, as the `ernie4_5_moe` fixture's tokenizer_config.json carries it;
+    /// its expected.json holds transformers' rendering of the fixture's chat example.
+    #[test]
+    fn ernie_4_5_template_renders_as_transformers() {
+        let dir = repo_tests().join("fixtures/ernie4_5_moe");
+        let read = |f: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+        };
+        let (cfg, expected) = (read("tokenizer_config.json"), read("expected.json"));
+        let source = cfg["chat_template"].as_str().unwrap();
+        let t = ChatTemplate::new(source, "<s>".into(), "</s>".into()).unwrap();
+        let example = &expected["chat_example"];
+        let messages: Vec<ChatMessage> = example["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| msg(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            render(&t, &messages).unwrap(),
+            example["rendered"].as_str().unwrap()
+        );
+        let out = render(
+            &t,
+            &[
+                msg("system", "Be brief."),
+                msg("user", "Hi"),
+                msg("assistant", "Hello!"),
+                msg("user", "Bye"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "<|begin_of_sentence|>Be brief.\nUser: Hi\nAssistant: Hello!<|end_of_sentence|>\
+             User: Bye\nAssistant: "
+        );
+    }
+
     #[test]
     fn python_methods_and_raise_exception() {
         // Shaped like Mistral/Llama templates: strip(), bos_token, raise_exception, loop.index0.
