@@ -404,7 +404,7 @@ fn chat_prompt(p: &api::GenParams, l: &Loaded) -> Result<Vec<u32>, ApiError> {
         .messages
         .as_deref()
         .ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
-    let text = template.render(messages, &api::render_options(p)?)?;
+    let text = template.render(messages, &crate::chat::render_options(p)?)?;
     let ids = l
         .tokenizer
         .encode(&text, false)

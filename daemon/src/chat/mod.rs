@@ -5,7 +5,7 @@
 use minijinja::{context, Environment, Error, ErrorKind, Value};
 use serde_json::Value as Json;
 
-use crate::api::{message_text, ApiError, ChatMessage};
+use crate::api::{message_text, ApiError, ChatMessage, GenParams};
 
 mod pycompat;
 
@@ -20,6 +20,27 @@ pub struct RenderOptions<'a> {
     /// Further template variables: `enable_thinking`, `reasoning_effort`, and whatever a request
     /// passes in `chat_template_kwargs` (as llama.cpp's server does).
     pub kwargs: serde_json::Map<String, Json>,
+}
+
+/// What a chat request passes to the template besides its messages.
+pub fn render_options(p: &GenParams) -> Result<RenderOptions<'_>, ApiError> {
+    let mut kwargs = p.chat_template_kwargs.clone().unwrap_or_default();
+    if let Some(effort) = &p.reasoning_effort {
+        if !matches!(effort.as_str(), "low" | "medium" | "high") {
+            return Err(ApiError::param(
+                "reasoning_effort",
+                "`reasoning_effort` is low, medium or high",
+            ));
+        }
+        kwargs.insert("reasoning_effort".into(), Json::String(effort.clone()));
+    }
+    Ok(RenderOptions {
+        tools: p
+            .tools
+            .as_ref()
+            .filter(|t| t.as_array().is_some_and(|a| !a.is_empty())),
+        kwargs,
+    })
 }
 
 pub struct ChatTemplate {
