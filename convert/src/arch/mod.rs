@@ -3,6 +3,7 @@
 //! files of this module; `plan.rs` handles what they share.
 
 mod deepseek2;
+mod gpt_oss;
 mod granitemoe;
 mod mixtral;
 mod olmoe;
@@ -16,8 +17,9 @@ use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
 use crate::source::Source;
 
-/// One attention tensor of an architecture with its own attention layout: GGUF name within the
-/// block (`blk.{l}.` is prepended), ggml dims, and where the values come from.
+/// One tensor of a layer that an architecture describes itself (its own attention layout, or
+/// tensors beyond the shared ones): GGUF name within the block (`blk.{l}.` is prepended), ggml
+/// dims, and where the values come from.
 pub struct AttnTensor {
     pub name: String,
     pub dims: Vec<usize>,
@@ -62,6 +64,15 @@ pub enum ExpertSource {
     /// 3-D tensors for all experts: `gate_up` is `[n_expert, 2 * ff, d]` with the gate rows
     /// first, `down` is `[n_expert, d, ff]` (GraniteMoE, and transformers v5's fused layout).
     Fused { gate_up: String, down: String },
+    /// Stacked tensors the architecture builds itself (shapes checked by it): gate and up of
+    /// ggml dims `[d, ff, n_expert]`, down `[ff, d, n_expert]` (gpt-oss's interleaved and MXFP4
+    /// layouts).
+    Prepared {
+        gate: Source,
+        up: Source,
+        down: Source,
+        ff: usize,
+    },
 }
 
 pub struct SharedSource {
@@ -101,6 +112,17 @@ pub trait ArchConverter {
         _l: usize,
     ) -> Result<Option<Vec<AttnTensor>>, ConvertError> {
         Ok(None)
+    }
+
+    /// Tensors of layer `l` beyond the shared ones (biases, attention sinks), written after
+    /// its attention.
+    fn extra_layer_tensors(
+        &self,
+        _cfg: &Config,
+        _ckpt: &Checkpoint,
+        _l: usize,
+    ) -> Result<Vec<AttnTensor>, ConvertError> {
+        Ok(Vec::new())
     }
 
     /// Whether `metadata` writes the rope scaling keys itself (otherwise only unscaled rope is
@@ -154,12 +176,13 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "granitemoe" => Box::new(granitemoe::GraniteMoe),
         "deepseek_v2" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V2)),
         "deepseek_v3" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V3)),
+        "gpt_oss" => Box::new(gpt_oss::GptOss),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
-                     qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3)"
+                     qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, gpt_oss)"
                 ),
             })
         }

@@ -2,6 +2,8 @@
 //! traits; it never tests the architecture name.
 
 use crate::gguf::GgufHeader;
+use crate::moe::experts::Glu;
+use crate::moe::router::Gating;
 
 use super::error::ModelError;
 
@@ -15,6 +17,8 @@ pub enum Arch {
     GraniteMoe,
     /// llama.cpp's `deepseek2`: DeepSeek-V2/V2-Lite and the V3 architecture (Moonlight, Kimi-K2).
     Deepseek2,
+    /// OpenAI's gpt-oss (llama.cpp's `gpt-oss`, `LLM_ARCH_OPENAI_MOE`).
+    GptOss,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -59,14 +63,47 @@ pub struct ArchTraits {
     pub has_granite_scales: bool,
 }
 
+/// What an architecture leaves to code rather than to keys or tensors in the file: llama.cpp
+/// hard-codes these per architecture, so files from its converter do not carry them. A file
+/// may still override some (`{arch}.attention.sliding_window_pattern`,
+/// `{arch}.expert_gating_func`, moe-edge's `{arch}.rope.scaling.yarn_truncate`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ArchRules {
+    /// With a sliding window: in each group of this many layers the last attends to the whole
+    /// context and the others to the window (llama.cpp's `set_swa_pattern`); 0 = every layer
+    /// uses the window.
+    pub swa_pattern: usize,
+    /// Expert scoring when the file names none.
+    pub gating: Gating,
+    /// The experts' gated activation.
+    pub expert_glu: Glu,
+    /// Whether YaRN's correction range is rounded to whole dimensions (transformers'
+    /// `truncate`, true unless a config says otherwise).
+    pub yarn_truncate: bool,
+    /// The GGUF name (`blk.N.<name>.weight`) of the norm before the feed-forward.
+    pub ffn_norm: &'static str,
+}
+
+impl ArchRules {
+    /// The rules of every architecture without special ones.
+    pub const NONE: ArchRules = ArchRules {
+        swa_pattern: 0,
+        gating: Gating::Softmax,
+        expert_glu: Glu::Silu,
+        yarn_truncate: true,
+        ffn_norm: "ffn_norm",
+    };
+}
+
 impl Arch {
-    pub const ALL: [Arch; 6] = [
+    pub const ALL: [Arch; 7] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
         Arch::Olmoe,
         Arch::GraniteMoe,
         Arch::Deepseek2,
+        Arch::GptOss,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -78,6 +115,7 @@ impl Arch {
             Arch::Olmoe => "olmoe",
             Arch::GraniteMoe => "granitemoe",
             Arch::Deepseek2 => "deepseek2",
+            Arch::GptOss => "gpt-oss",
         }
     }
 
@@ -133,6 +171,37 @@ impl Arch {
                 default_norm_topk: false,
                 has_granite_scales: false,
             },
+            Arch::GptOss => ArchTraits {
+                attention: AttentionKind::Gqa,
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::None,
+                // The softmax over the selected logits already sums to one.
+                default_norm_topk: false,
+                has_granite_scales: false,
+            },
+        }
+    }
+
+    /// What llama.cpp decides in code for the architecture rather than reading from the file.
+    pub fn rules(self) -> ArchRules {
+        match self {
+            // llama.cpp's llama_model_openai_moe: load_swa_pattern(ml, 2), the softmax over the
+            // selected logits (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT), and
+            // LLM_FFN_SWIGLU_OAI_MOE with alpha 1.702 and limit 7 (transformers' GptOssConfig
+            // defaults); the FFN norm is `post_attention_norm`. Both released checkpoints set
+            // YaRN's `truncate: false`, which transformers honours (llama.cpp rounds the
+            // correction range outward in any case).
+            Arch::GptOss => ArchRules {
+                swa_pattern: 2,
+                gating: Gating::SoftmaxWeight,
+                expert_glu: Glu::SwigluOai {
+                    alpha: 1.702,
+                    limit: 7.0,
+                },
+                yarn_truncate: false,
+                ffn_norm: "post_attention_norm",
+            },
+            _ => ArchRules::NONE,
         }
     }
 

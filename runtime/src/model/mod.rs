@@ -26,6 +26,6 @@ pub use hparams::{HParams, MlaParams, Yarn};
 pub use observe::LayerRouting;
 pub use state::{KvLayer, KvShape, KvType, LayerState, SequenceState};
 pub use weights::{
-    Attention, ExpertSlab, Experts, Ffn, Layer, Mixer, MlaAttention, Mlp, Model, MoeBlock,
-    QkNormWeights, QueryProj, SharedExpert, StackedExperts,
+    Attention, ExpertBiases, ExpertSlab, Experts, Ffn, Layer, Mixer, MlaAttention, Mlp, Model,
+    MoeBlock, QkNormWeights, QueryProj, SharedExpert, StackedExperts,
 };
