@@ -124,6 +124,9 @@ pub struct ChatMessage {
     /// A string, an array of `{"type": "text", "text": ...}` parts, or null.
     pub content: Option<Value>,
     pub name: Option<String>,
+    /// An earlier assistant turn's reasoning (also accepted as `thinking` or `reasoning`).
+    #[serde(alias = "thinking", alias = "reasoning")]
+    pub reasoning_content: Option<String>,
 }
 
 /// Validated sampling and stopping parameters.
@@ -490,18 +493,32 @@ impl ResponseMeta {
         })
     }
 
-    /// The whole (non-streamed) response.
-    pub fn response(&self, text: &str, finish: &str, usage: &Usage, t: &Timings) -> Value {
+    /// The whole (non-streamed) response; a chat reply may carry the model's reasoning apart
+    /// from its answer (`reasoning_content`, as llama.cpp's server returns it).
+    pub fn response(
+        &self,
+        text: &str,
+        reasoning: Option<&str>,
+        finish: &str,
+        usage: &Usage,
+        t: &Timings,
+    ) -> Value {
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
                 "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
             }),
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": finish,
-            }),
+            Endpoint::Chat => {
+                let mut message = json!({"role": "assistant", "content": text});
+                if let Some(r) = reasoning.filter(|r| !r.is_empty()) {
+                    message["reasoning_content"] = r.into();
+                }
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "logprobs": null,
+                    "finish_reason": finish,
+                })
+            }
         };
         let mut v = self.envelope(false, json!([choice]));
         v["usage"] = usage.json();
@@ -527,6 +544,20 @@ impl ResponseMeta {
                 json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
             }
         };
+        self.envelope(true, json!([choice]))
+    }
+
+    /// A chat stream chunk carrying pieces of the reasoning and of the answer (either may be
+    /// empty and is then left out of the delta).
+    pub fn parts_chunk(&self, reasoning: &str, content: &str) -> Value {
+        let mut delta = serde_json::Map::new();
+        if !reasoning.is_empty() {
+            delta.insert("reasoning_content".into(), reasoning.into());
+        }
+        if !content.is_empty() {
+            delta.insert("content".into(), content.into());
+        }
+        let choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null});
         self.envelope(true, json!([choice]))
     }
 
@@ -634,6 +665,7 @@ mod tests {
             role: "user".into(),
             content: Some(c),
             name: None,
+            reasoning_content: None,
         };
         assert_eq!(message_text(0, &m(json!("hi"))).unwrap(), "hi");
         let parts = json!([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]);

@@ -21,6 +21,7 @@ use tracing::{debug, info};
 
 use crate::api::{self, ApiError, Endpoint, ResponseMeta};
 use crate::conn::ConnState;
+use crate::harmony::{Delta, HarmonyParser};
 use crate::metrics::Metrics;
 use crate::worker::{self, Event, GenRequest, Job, Loaded};
 
@@ -429,6 +430,10 @@ async fn generate(
         }
     }
     let v = api::validate(&p, random_seed())?;
+    // gpt-oss's Harmony replies keep their channel markers, and are split into reasoning and
+    // answer here.
+    let harmony =
+        endpoint == Endpoint::Chat && app.loaded()?.chat.as_ref().is_ok_and(|c| c.is_harmony());
     // Tokenizing and templating are CPU work: keep them off the thread that moves the bytes.
     let worker_app = app.clone();
     let prompt = tokio::task::spawn_blocking(move || {
@@ -471,6 +476,7 @@ async fn generate(
             sampler: v.sampler.clone(),
             stop: v.stop.clone(),
             ignore_eos: v.ignore_eos,
+            keep_special: harmony,
         },
         events: tx,
         enqueued: Instant::now(),
@@ -498,6 +504,7 @@ async fn generate(
             rx,
             meta: meta.clone(),
             include_usage: v.include_usage,
+            harmony: harmony.then(HarmonyParser::new),
             out: VecDeque::new(),
             done: false,
         };
@@ -517,10 +524,14 @@ async fn generate(
             Some(Event::Text(t)) => text.push_str(&t),
             Some(Event::Started) => {}
             Some(Event::Done(f)) => {
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &meta.response(&text, f.reason, &f.usage, &f.timings),
-                ))
+                let body = if harmony {
+                    let parts = HarmonyParser::parse(&text);
+                    let reasoning = Some(parts.reasoning.as_str());
+                    meta.response(&parts.content, reasoning, f.reason, &f.usage, &f.timings)
+                } else {
+                    meta.response(&text, None, f.reason, &f.usage, &f.timings)
+                };
+                return Ok(json_response(StatusCode::OK, &body));
             }
             Some(Event::Failed(e)) => return Err(e),
             None => return Err(worker_gone()),
@@ -542,6 +553,8 @@ struct SseBody {
     rx: mpsc::Receiver<Event>,
     meta: ResponseMeta,
     include_usage: bool,
+    /// Splits a Harmony reply into `reasoning_content` and `content` deltas.
+    harmony: Option<HarmonyParser>,
     out: VecDeque<Bytes>,
     done: bool,
 }
@@ -556,14 +569,30 @@ impl SseBody {
         self.done = true;
     }
 
+    fn push_parts(&mut self, d: &Delta) {
+        if !d.is_empty() {
+            let chunk = self.meta.parts_chunk(&d.reasoning, &d.content);
+            self.push(&chunk);
+        }
+    }
+
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
             Some(Event::Started) => {}
-            Some(Event::Text(t)) => {
-                let chunk = self.meta.chunk(false, Some(&t), None);
-                self.push(&chunk);
-            }
+            Some(Event::Text(t)) => match &mut self.harmony {
+                Some(parser) => {
+                    let d = parser.push(&t);
+                    self.push_parts(&d);
+                }
+                None => {
+                    let chunk = self.meta.chunk(false, Some(&t), None);
+                    self.push(&chunk);
+                }
+            },
             Some(Event::Done(f)) => {
+                if let Some(d) = self.harmony.as_mut().map(HarmonyParser::finish) {
+                    self.push_parts(&d);
+                }
                 let last = self.meta.chunk(false, None, Some(f.reason));
                 self.push(&last);
                 if self.include_usage {

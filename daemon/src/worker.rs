@@ -56,6 +56,8 @@ pub struct GenRequest {
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Keep control tokens in the text (Harmony replies mark their channels with them).
+    pub keep_special: bool,
 }
 
 pub struct Job {
@@ -353,7 +355,7 @@ impl Worker<'_, '_, '_> {
             max_tokens: req.max_tokens,
             stop: &req.stop,
             ignore_eos: req.ignore_eos,
-            skip_special: true,
+            skip_special: !req.keep_special,
         };
         let (control, token_delay) = (self.control, self.token_delay);
         let stats = generate(
