@@ -704,3 +704,127 @@ impl Body for Tracked {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Timings, Usage};
+    use crate::worker::Finish;
+
+    /// The server-sent events of a chat reply whose generated text arrives in `pieces`.
+    fn stream(pieces: &[&str], harmony: bool) -> Vec<Value> {
+        let (tx, rx) = mpsc::channel(64);
+        for p in pieces {
+            tx.try_send(Event::Text(p.to_string())).unwrap();
+        }
+        let finish = Finish {
+            reason: "stop",
+            usage: Usage::default(),
+            timings: Timings::default(),
+        };
+        tx.try_send(Event::Done(finish)).unwrap();
+        let mut sse = SseBody {
+            rx,
+            meta: ResponseMeta {
+                endpoint: Endpoint::Chat,
+                id: "chatcmpl-1".into(),
+                created: 0,
+                model: "m".into(),
+            },
+            include_usage: false,
+            harmony: harmony.then(HarmonyParser::new),
+            out: VecDeque::new(),
+            done: false,
+        };
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut events = Vec::new();
+        while let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut sse).poll_frame(&mut cx) {
+            let data = frame.into_data().unwrap();
+            let text = std::str::from_utf8(&data).unwrap();
+            let body = text.strip_prefix("data: ").unwrap().trim_end();
+            if body != "[DONE]" {
+                events.push(serde_json::from_str(body).unwrap());
+            }
+        }
+        events
+    }
+
+    /// A Harmony reply streams its analysis channel as `reasoning_content` deltas and its final
+    /// channel as `content` deltas; no channel marker reaches the client.
+    #[test]
+    fn harmony_stream_separates_reasoning_from_content() {
+        let pieces = [
+            "<|channel|>",
+            "analysis",
+            "<|message|>",
+            "Greeting",
+            "; be brief.",
+            "<|end|>",
+            "<|start|>",
+            "assistant",
+            "<|channel|>",
+            "final",
+            "<|message|>",
+            "Hel",
+            "lo!",
+        ];
+        let events = stream(&pieces, true);
+        let (mut reasoning, mut content) = (String::new(), String::new());
+        for e in &events {
+            let delta = &e["choices"][0]["delta"];
+            if let Some(r) = delta.get("reasoning_content") {
+                reasoning.push_str(r.as_str().unwrap());
+            }
+            if let Some(c) = delta.get("content") {
+                content.push_str(c.as_str().unwrap());
+            }
+        }
+        assert_eq!(reasoning, "Greeting; be brief.");
+        assert_eq!(content, "Hello!");
+        assert_eq!(
+            events.last().unwrap()["choices"][0]["finish_reason"],
+            "stop"
+        );
+        // Reasoning streams as it is generated, before the answer starts.
+        let first = events
+            .iter()
+            .position(|e| e["choices"][0]["delta"].get("reasoning_content").is_some())
+            .unwrap();
+        let answer = events
+            .iter()
+            .position(|e| e["choices"][0]["delta"].get("content").is_some())
+            .unwrap();
+        assert!(first < answer);
+        // Other templates stream the text as it is.
+        let plain = stream(&["<|channel|>x"], false);
+        assert_eq!(plain[0]["choices"][0]["delta"]["content"], "<|channel|>x");
+    }
+
+    #[test]
+    fn harmony_response_carries_reasoning_content() {
+        let meta = ResponseMeta {
+            endpoint: Endpoint::Chat,
+            id: "chatcmpl-1".into(),
+            created: 0,
+            model: "m".into(),
+        };
+        let parts = HarmonyParser::parse(
+            "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Done.",
+        );
+        let v = meta.response(
+            &parts.content,
+            Some(&parts.reasoning),
+            "stop",
+            &Usage::default(),
+            &Timings::default(),
+        );
+        let m = &v["choices"][0]["message"];
+        assert_eq!(m["content"], "Done.");
+        assert_eq!(m["reasoning_content"], "Think.");
+        let v = meta.response("x", None, "stop", &Usage::default(), &Timings::default());
+        assert!(v["choices"][0]["message"]
+            .get("reasoning_content")
+            .is_none());
+    }
+}
