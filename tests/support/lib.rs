@@ -21,6 +21,8 @@ pub const FIXTURES: &[&str] = &[
     "granitemoe",
     "deepseek_v2",
     "deepseek_v3",
+    "gpt_oss",
+    "gpt_oss_bf16",
 ];
 
 #[derive(Debug, Deserialize)]
