@@ -135,6 +135,14 @@ impl Checkpoint {
         let info = self.info(name)?;
         let map = &self.shards[info.file].1;
         let bytes = &map[info.range.clone()];
+        // Exactly once: growing by doubling would hold two copies of a large tensor (an
+        // embedding) at once.
+        let elem = match info.dtype {
+            SourceDtype::F32 => 4,
+            SourceDtype::F16 | SourceDtype::BF16 => 2,
+            SourceDtype::U8 => 1,
+        };
+        out.reserve_exact(bytes.len() / elem);
         match info.dtype {
             SourceDtype::F32 => out.extend(
                 bytes
@@ -166,6 +174,16 @@ impl Checkpoint {
     pub fn bytes(&self, name: &str) -> Result<&[u8], ConvertError> {
         let info = self.info(name)?;
         Ok(&self.shards[info.file].1[info.range.clone()])
+    }
+
+    /// Runs `f` on a tensor's raw bytes, then drops its pages from this process's resident set
+    /// (as reading values does), so packing every layer's experts does not keep them all.
+    pub fn with_bytes<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> R) -> Result<R, ConvertError> {
+        let info = self.info(name)?;
+        let map = &self.shards[info.file].1;
+        let r = f(&map[info.range.clone()]);
+        release_pages(map, info.range.clone());
+        Ok(r)
     }
 
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, ConvertError> {

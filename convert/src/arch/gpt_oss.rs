@@ -74,7 +74,14 @@ impl Pack for Mxfp4Experts {
     }
 
     fn bytes(&self, ckpt: &Checkpoint) -> Result<Vec<u8>, ConvertError> {
-        let (blocks, scales) = (ckpt.bytes(&self.blocks)?, ckpt.bytes(&self.scales)?);
+        ckpt.with_bytes(&self.blocks, |blocks| {
+            ckpt.with_bytes(&self.scales, |scales| self.repack(blocks, scales))
+        })?
+    }
+}
+
+impl Mxfp4Experts {
+    fn repack(&self, blocks: &[u8], scales: &[u8]) -> Vec<u8> {
         let per_row = self.cols / QK_MXFP4;
         let out_rows = self.pick.count(self.rows);
         let block = GgmlType::MXFP4.block_bytes();
@@ -90,7 +97,7 @@ impl Pack for Mxfp4Experts {
                 }
             }
         }
-        Ok(out)
+        out
     }
 }
 
