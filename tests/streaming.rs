@@ -245,7 +245,7 @@ fn mxfp4_experts_stream_with_direct_io() {
         .range
         .clone();
     assert!(
-        (slab.end - slab.start) / model.hp.n_expert % 4096 != 0,
+        !((slab.end - slab.start) / model.hp.n_expert).is_multiple_of(4096),
         "the test needs slabs that are not whole pages"
     );
     let ids = &fx.expected.prompts[3].ids;

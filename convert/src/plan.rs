@@ -3,7 +3,7 @@
 
 use moe_runtime::gguf::{GgmlType, TensorDecl, Value};
 
-use crate::arch::{ArchConverter, ExpertMlp, ExpertSource, FfnSource};
+use crate::arch::{ArchConverter, ExpertMlp, ExpertSource, FfnSource, PreparedExperts};
 use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
 use crate::source::Source;
@@ -90,7 +90,7 @@ pub fn build(
     let head_dim = cfg.opt_usize("head_dim")?.unwrap_or(d / n_head);
     let n_vocab = cfg.usize("vocab_size")?;
     let n_expert = conv.expert_count(cfg)?;
-    let n_used = cfg.usize("num_experts_per_tok")?;
+    let n_used = conv.expert_used_count(cfg)?;
     if n_used == 0 || n_used > n_expert || n_used > moe_runtime::moe::router::MAX_EXPERTS_USED {
         return Err(ConvertError::Config {
             field: "num_experts_per_tok".into(),
@@ -250,7 +250,7 @@ pub fn build(
         }
         ckpt.expect_shape(&hf("post_attention_layernorm.weight"), &[d])?;
         add(
-            gg(&format!("{}.weight", arch.rules().ffn_norm)),
+            gg(&format!("{}.weight", arch.traits().ffn_norm_tensor)),
             vec![d],
             t(&hf("post_attention_layernorm.weight")),
         );
@@ -274,7 +274,10 @@ pub fn build(
                 ckpt.expect_shape(&router, &[n_expert, d])?;
                 add(gg("ffn_gate_inp.weight"), vec![d, n_expert], t(&router));
                 if let Some(b) = selection_bias {
-                    ckpt.expect_shape(&b, &[n_expert])?;
+                    // ERNIE stores it as one row of a [1, n_expert] matrix.
+                    if ckpt.info(&b)?.shape != [1, n_expert] {
+                        ckpt.expect_shape(&b, &[n_expert])?;
+                    }
                     add(gg("exp_probs_b.bias"), vec![n_expert], t(&b));
                 }
                 match experts {
@@ -320,7 +323,8 @@ pub fn build(
                         }
                         add(gg("ffn_down_exps.weight"), vec![ff, d, n_expert], t(&down));
                     }
-                    ExpertSource::Prepared { gate, up, down, ff } => {
+                    ExpertSource::Prepared(prepared) => {
+                        let PreparedExperts { gate, up, down, ff } = *prepared;
                         add(gg("ffn_gate_exps.weight"), vec![d, ff, n_expert], gate);
                         add(gg("ffn_up_exps.weight"), vec![d, ff, n_expert], up);
                         add(gg("ffn_down_exps.weight"), vec![ff, d, n_expert], down);

@@ -21,9 +21,13 @@ use tracing::{debug, info};
 
 use crate::api::{self, ApiError, Endpoint, ResponseMeta};
 use crate::conn::ConnState;
-use crate::harmony::{Delta, HarmonyParser};
+use crate::harmony::HarmonyParser;
 use crate::metrics::Metrics;
 use crate::worker::{self, Event, GenRequest, Job, Loaded};
+
+mod sse;
+
+use sse::SseBody;
 
 pub type BoxedBody = BoxBody<Bytes, Infallible>;
 
@@ -405,7 +409,7 @@ fn chat_prompt(p: &api::GenParams, l: &Loaded) -> Result<Vec<u32>, ApiError> {
         .messages
         .as_deref()
         .ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
-    let text = template.render(messages)?;
+    let text = template.render(messages, &crate::chat::render_options(p)?)?;
     let ids = l
         .tokenizer
         .encode(&text, false)
@@ -429,7 +433,7 @@ async fn generate(
             return Err(unknown_model(m));
         }
     }
-    let v = api::validate(&p, random_seed())?;
+    let v = api::validate(&p, endpoint, random_seed())?;
     // gpt-oss's Harmony replies keep their channel markers, and are split into reasoning and
     // answer here.
     let harmony =
@@ -477,6 +481,7 @@ async fn generate(
             stop: v.stop.clone(),
             ignore_eos: v.ignore_eos,
             keep_special: harmony,
+            top_logprobs: v.top_logprobs,
         },
         events: tx,
         enqueued: Instant::now(),
@@ -496,7 +501,7 @@ async fn generate(
     match first {
         Some(Event::Started) => worker_logged.store(true, Relaxed),
         Some(Event::Failed(e)) => return Err(e),
-        _ => return Err(worker_gone()),
+        _ => return Err(worker::gone()),
     }
 
     if v.stream {
@@ -505,6 +510,9 @@ async fn generate(
             meta: meta.clone(),
             include_usage: v.include_usage,
             harmony: harmony.then(HarmonyParser::new),
+            logprobs: v.top_logprobs.is_some(),
+            chars: 0,
+            pending_logprobs: Vec::new(),
             out: VecDeque::new(),
             done: false,
         };
@@ -519,124 +527,29 @@ async fn generate(
     }
 
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     loop {
         match rx.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Text(t, l)) => {
+                text.push_str(&t);
+                logprobs.extend(l);
+            }
             Some(Event::Started) => {}
             Some(Event::Done(f)) => {
+                let logprobs = v.top_logprobs.map(|_| &logprobs[..]);
                 let body = if harmony {
                     let parts = HarmonyParser::parse(&text);
                     let reasoning = Some(parts.reasoning.as_str());
-                    meta.response(&parts.content, reasoning, f.reason, &f.usage, &f.timings)
+                    let (t, u) = (&f.timings, &f.usage);
+                    meta.response(&parts.content, reasoning, logprobs, f.reason, u, t)
                 } else {
-                    meta.response(&text, None, f.reason, &f.usage, &f.timings)
+                    meta.response(&text, None, logprobs, f.reason, &f.usage, &f.timings)
                 };
                 return Ok(json_response(StatusCode::OK, &body));
             }
             Some(Event::Failed(e)) => return Err(e),
-            None => return Err(worker_gone()),
+            None => return Err(worker::gone()),
         }
-    }
-}
-
-fn worker_gone() -> ApiError {
-    ApiError::status(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the generation ended without a result",
-    )
-}
-
-/// Server-sent events from a job's event channel: a chunk per piece of text, the final chunk,
-/// then `data: [DONE]`; a failure (such as a shutdown cutting the generation) becomes an
-/// `{"error": ...}` event before `[DONE]`.
-struct SseBody {
-    rx: mpsc::Receiver<Event>,
-    meta: ResponseMeta,
-    include_usage: bool,
-    /// Splits a Harmony reply into `reasoning_content` and `content` deltas.
-    harmony: Option<HarmonyParser>,
-    out: VecDeque<Bytes>,
-    done: bool,
-}
-
-impl SseBody {
-    fn push(&mut self, v: &Value) {
-        self.out.push_back(Bytes::from(format!("data: {v}\n\n")));
-    }
-
-    fn finish(&mut self) {
-        self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
-        self.done = true;
-    }
-
-    fn push_parts(&mut self, d: &Delta) {
-        if !d.is_empty() {
-            let chunk = self.meta.parts_chunk(&d.reasoning, &d.content);
-            self.push(&chunk);
-        }
-    }
-
-    fn on_event(&mut self, ev: Option<Event>) {
-        match ev {
-            Some(Event::Started) => {}
-            Some(Event::Text(t)) => match &mut self.harmony {
-                Some(parser) => {
-                    let d = parser.push(&t);
-                    self.push_parts(&d);
-                }
-                None => {
-                    let chunk = self.meta.chunk(false, Some(&t), None);
-                    self.push(&chunk);
-                }
-            },
-            Some(Event::Done(f)) => {
-                if let Some(d) = self.harmony.as_mut().map(HarmonyParser::finish) {
-                    self.push_parts(&d);
-                }
-                let last = self.meta.chunk(false, None, Some(f.reason));
-                self.push(&last);
-                if self.include_usage {
-                    let u = self.meta.usage_chunk(&f.usage, &f.timings);
-                    self.push(&u);
-                }
-                self.finish();
-            }
-            Some(Event::Failed(e)) => {
-                self.push(&e.body());
-                self.finish();
-            }
-            None => {
-                self.push(&worker_gone().body());
-                self.finish();
-            }
-        }
-    }
-}
-
-impl Body for SseBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        loop {
-            if let Some(b) = self.out.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(b))));
-            }
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match self.rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(ev) => self.on_event(ev),
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done && self.out.is_empty()
     }
 }
 
@@ -702,129 +615,5 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::api::{Timings, Usage};
-    use crate::worker::Finish;
-
-    /// The server-sent events of a chat reply whose generated text arrives in `pieces`.
-    fn stream(pieces: &[&str], harmony: bool) -> Vec<Value> {
-        let (tx, rx) = mpsc::channel(64);
-        for p in pieces {
-            tx.try_send(Event::Text(p.to_string())).unwrap();
-        }
-        let finish = Finish {
-            reason: "stop",
-            usage: Usage::default(),
-            timings: Timings::default(),
-        };
-        tx.try_send(Event::Done(finish)).unwrap();
-        let mut sse = SseBody {
-            rx,
-            meta: ResponseMeta {
-                endpoint: Endpoint::Chat,
-                id: "chatcmpl-1".into(),
-                created: 0,
-                model: "m".into(),
-            },
-            include_usage: false,
-            harmony: harmony.then(HarmonyParser::new),
-            out: VecDeque::new(),
-            done: false,
-        };
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
-        let mut events = Vec::new();
-        while let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut sse).poll_frame(&mut cx) {
-            let data = frame.into_data().unwrap();
-            let text = std::str::from_utf8(&data).unwrap();
-            let body = text.strip_prefix("data: ").unwrap().trim_end();
-            if body != "[DONE]" {
-                events.push(serde_json::from_str(body).unwrap());
-            }
-        }
-        events
-    }
-
-    /// A Harmony reply streams its analysis channel as `reasoning_content` deltas and its final
-    /// channel as `content` deltas; no channel marker reaches the client.
-    #[test]
-    fn harmony_stream_separates_reasoning_from_content() {
-        let pieces = [
-            "<|channel|>",
-            "analysis",
-            "<|message|>",
-            "Greeting",
-            "; be brief.",
-            "<|end|>",
-            "<|start|>",
-            "assistant",
-            "<|channel|>",
-            "final",
-            "<|message|>",
-            "Hel",
-            "lo!",
-        ];
-        let events = stream(&pieces, true);
-        let (mut reasoning, mut content) = (String::new(), String::new());
-        for e in &events {
-            let delta = &e["choices"][0]["delta"];
-            if let Some(r) = delta.get("reasoning_content") {
-                reasoning.push_str(r.as_str().unwrap());
-            }
-            if let Some(c) = delta.get("content") {
-                content.push_str(c.as_str().unwrap());
-            }
-        }
-        assert_eq!(reasoning, "Greeting; be brief.");
-        assert_eq!(content, "Hello!");
-        assert_eq!(
-            events.last().unwrap()["choices"][0]["finish_reason"],
-            "stop"
-        );
-        // Reasoning streams as it is generated, before the answer starts.
-        let first = events
-            .iter()
-            .position(|e| e["choices"][0]["delta"].get("reasoning_content").is_some())
-            .unwrap();
-        let answer = events
-            .iter()
-            .position(|e| e["choices"][0]["delta"].get("content").is_some())
-            .unwrap();
-        assert!(first < answer);
-        // Other templates stream the text as it is.
-        let plain = stream(&["<|channel|>x"], false);
-        assert_eq!(plain[0]["choices"][0]["delta"]["content"], "<|channel|>x");
-    }
-
-    #[test]
-    fn harmony_response_carries_reasoning_content() {
-        let meta = ResponseMeta {
-            endpoint: Endpoint::Chat,
-            id: "chatcmpl-1".into(),
-            created: 0,
-            model: "m".into(),
-        };
-        let parts = HarmonyParser::parse(
-            "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Done.",
-        );
-        let v = meta.response(
-            &parts.content,
-            Some(&parts.reasoning),
-            "stop",
-            &Usage::default(),
-            &Timings::default(),
-        );
-        let m = &v["choices"][0]["message"];
-        assert_eq!(m["content"], "Done.");
-        assert_eq!(m["reasoning_content"], "Think.");
-        let v = meta.response("x", None, "stop", &Usage::default(), &Timings::default());
-        assert!(v["choices"][0]["message"]
-            .get("reasoning_content")
-            .is_none());
     }
 }

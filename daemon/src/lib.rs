@@ -16,6 +16,8 @@ pub mod conn;
 pub mod harmony;
 pub mod http;
 pub mod metrics;
+pub mod prompt_cache;
+pub mod reply;
 pub mod server;
 pub mod socket;
 pub mod worker;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use moe_runtime::gguf::{GgmlType, Value, ValueType};
 use moe_runtime::model::Arch;
 
-use super::{expert_count, ArchConverter, AttnTensor, ExpertSource, FfnSource};
+use super::{expert_count, ArchConverter, AttnTensor, ExpertSource, FfnSource, PreparedExperts};
 use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config, SourceDtype};
 use crate::source::{Pack, Rearrange, Source};
@@ -106,7 +106,7 @@ impl Mxfp4Experts {
 fn ggml_nibbles(packed: &[u8]) -> [u8; 16] {
     let value = |k: usize| {
         let b = packed[k / 2];
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             b & 0x0f
         } else {
             b >> 4
@@ -248,8 +248,7 @@ impl GptOss {
                 why: format!("lists {} layers, the model has {n_layer}", sliding.len()),
             });
         }
-        let rules = Arch::GptOss.rules();
-        let p = rules.swa_pattern;
+        let p = Arch::GptOss.traits().default_swa_pattern;
         let default = (0..n_layer).all(|i| sliding[i] == (i % p < p - 1));
         Ok((!default).then(|| {
             Value::Array(
@@ -305,12 +304,12 @@ impl GptOss {
                     pick,
                 })))
             };
-            return Ok(ExpertSource::Prepared {
+            return Ok(ExpertSource::Prepared(Box::new(PreparedExperts {
                 gate: packed("gate_up_proj", 2 * ff, d, Rows::Interleaved { part: 0 })?,
                 up: packed("gate_up_proj", 2 * ff, d, Rows::Interleaved { part: 1 })?,
                 down: packed("down_proj", d, ff, Rows::All)?,
                 ff,
-            });
+            })));
         }
         let (gate_up, down) = (format!("{p}.gate_up_proj"), format!("{p}.down_proj"));
         ckpt.expect_shape(&gate_up, &[n_expert, d, 2 * ff])?;
@@ -324,12 +323,12 @@ impl GptOss {
                 pick,
             }),
         };
-        Ok(ExpertSource::Prepared {
+        Ok(ExpertSource::Prepared(Box::new(PreparedExperts {
             gate: transposed(&gate_up, d, 2 * ff, Rows::Interleaved { part: 0 }),
             up: transposed(&gate_up, d, 2 * ff, Rows::Interleaved { part: 1 }),
             down: transposed(&down, ff, d, Rows::All),
             ff,
-        })
+        })))
     }
 }
 

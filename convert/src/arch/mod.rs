@@ -3,6 +3,8 @@
 //! files of this module; `plan.rs` handles what they share.
 
 mod deepseek2;
+mod ernie4_5_moe;
+mod glm4_moe;
 mod gpt_oss;
 mod granitemoe;
 mod mixtral;
@@ -67,12 +69,15 @@ pub enum ExpertSource {
     /// Stacked tensors the architecture builds itself (shapes checked by it): gate and up of
     /// ggml dims `[d, ff, n_expert]`, down `[ff, d, n_expert]` (gpt-oss's interleaved and MXFP4
     /// layouts).
-    Prepared {
-        gate: Source,
-        up: Source,
-        down: Source,
-        ff: usize,
-    },
+    Prepared(Box<PreparedExperts>),
+}
+
+/// [`ExpertSource::Prepared`]'s tensors.
+pub struct PreparedExperts {
+    pub gate: Source,
+    pub up: Source,
+    pub down: Source,
+    pub ff: usize,
 }
 
 pub struct SharedSource {
@@ -143,6 +148,24 @@ pub trait ArchConverter {
         expert_count(cfg)
     }
 
+    /// The experts each token uses (`{arch}.expert_used_count`).
+    fn expert_used_count(&self, cfg: &Config) -> Result<usize, ConvertError> {
+        cfg.usize("num_experts_per_tok")
+    }
+
+    /// `tokenizer.ggml.pre` for a byte-level BPE tokenizer whose pre-tokenizer was recognised
+    /// as `detected`, when llama.cpp names it differently for this architecture.
+    fn tokenizer_pre(&self, detected: &'static str) -> &'static str {
+        detected
+    }
+
+    /// Special tokens llama.cpp's converter sets by their text for this architecture:
+    /// (`tokenizer.ggml.<name>_token_id` name, token text). Each replaces what the tokenizer
+    /// files say when the text is in the vocabulary.
+    fn special_tokens(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
+
     /// Metadata keys beyond the ones every architecture shares, without the `{arch}.` prefix;
     /// a key given here replaces the shared one.
     fn metadata(&self, cfg: &Config) -> Result<Vec<(String, Value)>, ConvertError>;
@@ -176,13 +199,16 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "granitemoe" => Box::new(granitemoe::GraniteMoe),
         "deepseek_v2" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V2)),
         "deepseek_v3" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V3)),
+        "glm4_moe" => Box::new(glm4_moe::Glm4Moe),
+        "ernie4_5_moe" => Box::new(ernie4_5_moe::Ernie45Moe),
         "gpt_oss" => Box::new(gpt_oss::GptOss),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
-                     qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, gpt_oss)"
+                     qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, \
+                     glm4_moe, ernie4_5_moe, gpt_oss)"
                 ),
             })
         }

@@ -17,6 +17,10 @@ pub enum Arch {
     GraniteMoe,
     /// llama.cpp's `deepseek2`: DeepSeek-V2/V2-Lite and the V3 architecture (Moonlight, Kimi-K2).
     Deepseek2,
+    /// llama.cpp's `glm4moe`: GLM-4.5, GLM-4.5-Air, GLM-4.6.
+    Glm4Moe,
+    /// llama.cpp's `ernie4_5-moe`: ERNIE-4.5 MoE (21B-A3B, 300B-A47B).
+    Ernie45Moe,
     /// OpenAI's gpt-oss (llama.cpp's `gpt-oss`, `LLM_ARCH_OPENAI_MOE`).
     GptOss,
 }
@@ -37,6 +41,8 @@ pub enum QkNorm {
     None,
     /// One weight vector of `head_dim`, applied to each head (Qwen3-MoE).
     PerHead,
+    /// As `PerHead` in the layers whose file has the weights (GLM-4.5's `use_qk_norm`).
+    PerHeadIfPresent,
     /// One weight vector over the whole projection (OLMoE).
     WholeProjection,
 }
@@ -61,48 +67,33 @@ pub struct ArchTraits {
     pub default_norm_topk: bool,
     /// Granite's multipliers are stored under their own keys.
     pub has_granite_scales: bool,
-}
-
-/// What an architecture leaves to code rather than to keys or tensors in the file: llama.cpp
-/// hard-codes these per architecture, so files from its converter do not carry them. A file
-/// may still override some (`{arch}.attention.sliding_window_pattern`,
-/// `{arch}.expert_gating_func`, moe-edge's `{arch}.rope.scaling.yarn_truncate`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ArchRules {
-    /// With a sliding window: in each group of this many layers the last attends to the whole
-    /// context and the others to the window (llama.cpp's `set_swa_pattern`); 0 = every layer
-    /// uses the window.
-    pub swa_pattern: usize,
-    /// Expert scoring when the file names none.
-    pub gating: Gating,
+    /// How router scores are computed when the file does not say (`{arch}.expert_gating_func`);
+    /// what llama.cpp assumes for the architecture.
+    pub default_gating: Gating,
+    /// The block's tensor holding the norm before the feed-forward half (`blk.N.<name>.weight`).
+    pub ffn_norm_tensor: &'static str,
+    /// With a sliding window, when the file does not say
+    /// (`{arch}.attention.sliding_window_pattern`): in each group of this many layers the last
+    /// attends to the whole context and the others to the window (llama.cpp's
+    /// `set_swa_pattern`); 0 = every layer uses the window.
+    pub default_swa_pattern: usize,
     /// The experts' gated activation.
     pub expert_glu: Glu,
-    /// Whether YaRN's correction range is rounded to whole dimensions (transformers'
-    /// `truncate`, true unless a config says otherwise).
-    pub yarn_truncate: bool,
-    /// The GGUF name (`blk.N.<name>.weight`) of the norm before the feed-forward.
-    pub ffn_norm: &'static str,
-}
-
-impl ArchRules {
-    /// The rules of every architecture without special ones.
-    pub const NONE: ArchRules = ArchRules {
-        swa_pattern: 0,
-        gating: Gating::Softmax,
-        expert_glu: Glu::Silu,
-        yarn_truncate: true,
-        ffn_norm: "ffn_norm",
-    };
+    /// Whether YaRN's correction range is rounded to whole dimensions when the file does not say
+    /// (moe-edge's `{arch}.rope.scaling.yarn_truncate`; transformers' `truncate`).
+    pub default_yarn_truncate: bool,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 7] = [
+    pub const ALL: [Arch; 9] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
         Arch::Olmoe,
         Arch::GraniteMoe,
         Arch::Deepseek2,
+        Arch::Glm4Moe,
+        Arch::Ernie45Moe,
         Arch::GptOss,
     ];
 
@@ -115,6 +106,8 @@ impl Arch {
             Arch::Olmoe => "olmoe",
             Arch::GraniteMoe => "granitemoe",
             Arch::Deepseek2 => "deepseek2",
+            Arch::Glm4Moe => "glm4moe",
+            Arch::Ernie45Moe => "ernie4_5-moe",
             Arch::GptOss => "gpt-oss",
         }
     }
@@ -131,6 +124,11 @@ impl Arch {
                 qk_norm: QkNorm::None,
                 default_norm_topk: true,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Qwen2Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -138,6 +136,11 @@ impl Arch {
                 qk_norm: QkNorm::None,
                 default_norm_topk: false,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Qwen3Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -145,6 +148,11 @@ impl Arch {
                 qk_norm: QkNorm::PerHead,
                 default_norm_topk: true,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Olmoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -152,6 +160,11 @@ impl Arch {
                 qk_norm: QkNorm::WholeProjection,
                 default_norm_topk: false,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::GraniteMoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -160,6 +173,11 @@ impl Arch {
                 // Granite takes the softmax over the top-k logits, which is the same thing.
                 default_norm_topk: true,
                 has_granite_scales: true,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Deepseek2 => ArchTraits {
                 attention: AttentionKind::Mla,
@@ -170,7 +188,46 @@ impl Arch {
                 // llama.cpp writes expert_weights_norm only when true.
                 default_norm_topk: false,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
+            Arch::Glm4Moe => ArchTraits {
+                attention: AttentionKind::Gqa,
+                // Partial rotary: the first `rope.dimension_count` dims of a head, NeoX pairs.
+                rope: RopeStyle::Neox,
+                // GLM-4.5 (355B) normalises q/k per head, GLM-4.5-Air does not.
+                qk_norm: QkNorm::PerHeadIfPresent,
+                default_norm_topk: false,
+                has_granite_scales: false,
+                default_gating: Gating::Sigmoid,
+                ffn_norm_tensor: "post_attention_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
+            },
+            Arch::Ernie45Moe => ArchTraits {
+                attention: AttentionKind::Gqa,
+                // transformers' ERNIE rotates interleaved pairs; llama.cpp's converter does not
+                // permute q/k for it.
+                rope: RopeStyle::Interleaved,
+                qk_norm: QkNorm::None,
+                // llama.cpp's graph always renormalises ERNIE's top-k weights.
+                default_norm_topk: true,
+                has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
+            },
+            // llama.cpp's llama_model_openai_moe: load_swa_pattern(ml, 2), the softmax over the
+            // selected logits (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT), and
+            // LLM_FFN_SWIGLU_OAI_MOE with alpha 1.702 and limit 7 (transformers' GptOssConfig
+            // defaults). Both released checkpoints set YaRN's `truncate: false`, which
+            // transformers honours (llama.cpp rounds the correction range outward in any case).
             Arch::GptOss => ArchTraits {
                 attention: AttentionKind::Gqa,
                 rope: RopeStyle::Neox,
@@ -178,30 +235,15 @@ impl Arch {
                 // The softmax over the selected logits already sums to one.
                 default_norm_topk: false,
                 has_granite_scales: false,
-            },
-        }
-    }
-
-    /// What llama.cpp decides in code for the architecture rather than reading from the file.
-    pub fn rules(self) -> ArchRules {
-        match self {
-            // llama.cpp's llama_model_openai_moe: load_swa_pattern(ml, 2), the softmax over the
-            // selected logits (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT), and
-            // LLM_FFN_SWIGLU_OAI_MOE with alpha 1.702 and limit 7 (transformers' GptOssConfig
-            // defaults); the FFN norm is `post_attention_norm`. Both released checkpoints set
-            // YaRN's `truncate: false`, which transformers honours (llama.cpp rounds the
-            // correction range outward in any case).
-            Arch::GptOss => ArchRules {
-                swa_pattern: 2,
-                gating: Gating::SoftmaxWeight,
+                default_gating: Gating::SoftmaxWeight,
+                ffn_norm_tensor: "post_attention_norm",
+                default_swa_pattern: 2,
                 expert_glu: Glu::SwigluOai {
                     alpha: 1.702,
                     limit: 7.0,
                 },
-                yarn_truncate: false,
-                ffn_norm: "post_attention_norm",
+                default_yarn_truncate: false,
             },
-            _ => ArchRules::NONE,
         }
     }
 

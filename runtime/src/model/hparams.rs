@@ -2,7 +2,7 @@
 
 use crate::gguf::{GgufHeader, Value};
 
-use super::arch::{Arch, ArchRules, ArchTraits, AttentionKind};
+use super::arch::{Arch, ArchTraits, AttentionKind};
 use super::error::ModelError;
 use crate::moe::experts::Glu;
 use crate::moe::router::{Gating, GroupLimit, GroupScore, RoutingSpec, MAX_EXPERTS_USED};
@@ -150,7 +150,6 @@ impl HParams {
     pub fn from_header(h: &GgufHeader, n_vocab: usize) -> Result<Self, ModelError> {
         let arch = Arch::from_header(h)?;
         let traits = arch.traits();
-        let rules = arch.rules();
         let m = Meta {
             h,
             prefix: arch.gguf_name(),
@@ -175,7 +174,7 @@ impl HParams {
                 why: format!("{rope_dim} must be even and at most the head size {head_dim_k}"),
             });
         }
-        let (yarn, rope_attn_factor, yarn_mscale) = rope_scaling(&m, &rules)?;
+        let (yarn, rope_attn_factor, yarn_mscale) = rope_scaling(&m, &traits)?;
         let n_expert = m.usize("expert_count")?;
         let n_expert_used = m.usize("expert_used_count")?;
         if n_expert == 0
@@ -194,8 +193,8 @@ impl HParams {
         let norm_topk = m
             .opt_bool("expert_weights_norm")?
             .unwrap_or(traits.default_norm_topk);
-        let routing = routing_spec(&m, &rules, n_expert, n_expert_used, norm_topk)?;
-        let n_layer = m.usize("block_count")?;
+        let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk, traits)?;
+        let n_layer = trunk_layers(&m)?;
         let mla = match traits.attention {
             AttentionKind::Gqa => None,
             AttentionKind::Mla => Some(mla_params(&m, head_dim_k, head_dim_v, rope_dim)?),
@@ -241,12 +240,12 @@ impl HParams {
             logit_divisor,
             clamp_qkv: m.opt_f32("attention.clamp_kqv")?.filter(|c| *c > 0.0),
             sliding_window: m.opt_usize("attention.sliding_window")?.filter(|w| *w > 0),
-            swa_layers: swa_layers(&m, &rules, n_layer)?,
+            swa_layers: swa_layers(&m, &traits, n_layer)?,
             mla,
             yarn,
             rope_attn_factor,
             routing,
-            expert_glu: rules.expert_glu,
+            expert_glu: traits.expert_glu,
         })
     }
 
@@ -294,6 +293,20 @@ impl HParams {
     }
 }
 
+/// The blocks the forward pass runs: `block_count` less the next-token-prediction (MTP) blocks
+/// that llama.cpp's converter appends after them (GLM-4.5), which only speculative decoding uses.
+fn trunk_layers(m: &Meta) -> Result<usize, ModelError> {
+    let blocks = m.usize("block_count")?;
+    let nextn = m.opt_usize("nextn_predict_layers")?.unwrap_or(0);
+    if nextn >= blocks {
+        return Err(ModelError::Metadata {
+            key: m.key("nextn_predict_layers"),
+            why: format!("{nextn} prediction blocks leave none of the {blocks} blocks to run"),
+        });
+    }
+    Ok(blocks - nextn)
+}
+
 /// transformers' `yarn_get_mscale`.
 fn yarn_get_mscale(scale: f32, mscale: f32) -> f32 {
     if scale <= 1.0 {
@@ -305,7 +318,7 @@ fn yarn_get_mscale(scale: f32, mscale: f32) -> f32 {
 
 /// Which layers use the sliding window: llama.cpp's `{arch}.attention.sliding_window_pattern`
 /// (a period, or one bool per layer) when the file has it, else the architecture's period.
-fn swa_layers(m: &Meta, rules: &ArchRules, n_layer: usize) -> Result<Vec<bool>, ModelError> {
+fn swa_layers(m: &Meta, traits: &ArchTraits, n_layer: usize) -> Result<Vec<bool>, ModelError> {
     let key = "attention.sliding_window_pattern";
     let bad = |why: String| ModelError::Metadata {
         key: m.key(key),
@@ -325,7 +338,7 @@ fn swa_layers(m: &Meta, rules: &ArchRules, n_layer: usize) -> Result<Vec<bool>, 
             .as_u64()
             .and_then(|p| usize::try_from(p).ok())
             .ok_or_else(|| bad(format!("must be a period or a bool array, found {v:?}")))?,
-        None => rules.swa_pattern,
+        None => traits.default_swa_pattern,
     };
     // llama.cpp's llama_hparams::set_swa_pattern.
     Ok((0..n_layer)
@@ -335,7 +348,7 @@ fn swa_layers(m: &Meta, rules: &ArchRules, n_layer: usize) -> Result<Vec<bool>, 
 
 /// Reads rope scaling as llama.cpp's converter writes it. Returns (YaRN parameters, cos/sin
 /// factor, the mscale that enters the softmax scale squared).
-fn rope_scaling(m: &Meta, rules: &ArchRules) -> Result<(Option<Yarn>, f32, f32), ModelError> {
+fn rope_scaling(m: &Meta, traits: &ArchTraits) -> Result<(Option<Yarn>, f32, f32), ModelError> {
     let kind = m.get("rope.scaling.type").and_then(|v| v.as_str());
     match kind {
         None | Some("none") => return Ok((None, 1.0, 1.0)),
@@ -364,7 +377,7 @@ fn rope_scaling(m: &Meta, rules: &ArchRules) -> Result<(Option<Yarn>, f32, f32),
         // moe-edge's key, written from the config's `truncate`.
         truncate: m
             .opt_bool("rope.scaling.yarn_truncate")?
-            .unwrap_or(rules.yarn_truncate),
+            .unwrap_or(traits.default_yarn_truncate),
     };
     // llama.cpp's DeepSeek converter stores 0.1 * mscale_all_dim here and, like llama.cpp's
     // runtime, the file implies mscale == mscale_all_dim, so cos/sin are unscaled; a different
@@ -387,15 +400,15 @@ fn rope_scaling(m: &Meta, rules: &ArchRules) -> Result<(Option<Yarn>, f32, f32),
 /// Expert selection from the `expert_*` keys; absent keys give the classic softmax top-k.
 fn routing_spec(
     m: &Meta,
-    rules: &ArchRules,
     n_expert: usize,
     k: usize,
     norm_topk: bool,
+    traits: ArchTraits,
 ) -> Result<RoutingSpec, ModelError> {
-    // llama.cpp's enum llama_expert_gating_func_type: 1 softmax, 2 sigmoid, 3 softmax over
-    // the selected logits.
+    // llama.cpp's enum llama_expert_gating_func_type: 0 none (the architecture's default),
+    // 1 softmax, 2 sigmoid, 3 softmax over the selected logits.
     let gating = match m.opt_usize("expert_gating_func")? {
-        None | Some(0) => rules.gating,
+        None | Some(0) => traits.default_gating,
         Some(1) => Gating::Softmax,
         Some(2) => Gating::Sigmoid,
         Some(3) => Gating::SoftmaxWeight,

@@ -393,10 +393,8 @@ impl BlockProduct for Q4Vnni {
 /// How far ahead of the block being multiplied its row is prefetched, in bytes (a hint: reading
 /// past the row's end is harmless, and with a tile's rows adjacent in memory it fetches the
 /// rows after them). Decoding streams every weight once, and the distance has to cover the
-/// memory latency of both threads' streams: on the 2-thread benchmark checkpoint, single-token
-/// Q4_0 decode ran 44-48 t/s at 16 blocks ahead (the earlier setting: 288 bytes for Q4_0, 544
-/// for Q8_0), 52-73 at 4096 bytes and 52-68 at 8192; Q8_0 31-33, 38-44 and 38-45 (two rounds,
-/// a noisy machine).
+/// memory latency of both threads' streams; 16 blocks ahead was too short, 4096 and 8192 bytes
+/// about equal (docs/BENCHMARKS.md).
 const PREFETCH_BYTES: usize = 4096;
 
 /// One tile: `R` weight rows (`wb` bytes apart) times `T` activation rows (`xb` bytes apart),
