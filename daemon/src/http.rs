@@ -21,8 +21,13 @@ use tracing::{debug, info};
 
 use crate::api::{self, ApiError, Endpoint, ResponseMeta};
 use crate::conn::ConnState;
+use crate::harmony::HarmonyParser;
 use crate::metrics::Metrics;
 use crate::worker::{self, Event, GenRequest, Job, Loaded};
+
+mod sse;
+
+use sse::SseBody;
 
 pub type BoxedBody = BoxBody<Bytes, Infallible>;
 
@@ -429,6 +434,10 @@ async fn generate(
         }
     }
     let v = api::validate(&p, endpoint, random_seed())?;
+    // gpt-oss's Harmony replies keep their channel markers, and are split into reasoning and
+    // answer here.
+    let harmony =
+        endpoint == Endpoint::Chat && app.loaded()?.chat.as_ref().is_ok_and(|c| c.is_harmony());
     // Tokenizing and templating are CPU work: keep them off the thread that moves the bytes.
     let worker_app = app.clone();
     let prompt = tokio::task::spawn_blocking(move || {
@@ -471,6 +480,7 @@ async fn generate(
             sampler: v.sampler.clone(),
             stop: v.stop.clone(),
             ignore_eos: v.ignore_eos,
+            keep_special: harmony,
             top_logprobs: v.top_logprobs,
         },
         events: tx,
@@ -491,7 +501,7 @@ async fn generate(
     match first {
         Some(Event::Started) => worker_logged.store(true, Relaxed),
         Some(Event::Failed(e)) => return Err(e),
-        _ => return Err(worker_gone()),
+        _ => return Err(worker::gone()),
     }
 
     if v.stream {
@@ -499,8 +509,10 @@ async fn generate(
             rx,
             meta: meta.clone(),
             include_usage: v.include_usage,
+            harmony: harmony.then(HarmonyParser::new),
             logprobs: v.top_logprobs.is_some(),
             chars: 0,
+            pending_logprobs: Vec::new(),
             out: VecDeque::new(),
             done: false,
         };
@@ -525,103 +537,19 @@ async fn generate(
             Some(Event::Started) => {}
             Some(Event::Done(f)) => {
                 let logprobs = v.top_logprobs.map(|_| &logprobs[..]);
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &meta.response(&text, logprobs, f.reason, &f.usage, &f.timings),
-                ));
+                let body = if harmony {
+                    let parts = HarmonyParser::parse(&text);
+                    let reasoning = Some(parts.reasoning.as_str());
+                    let (t, u) = (&f.timings, &f.usage);
+                    meta.response(&parts.content, reasoning, logprobs, f.reason, u, t)
+                } else {
+                    meta.response(&text, None, logprobs, f.reason, &f.usage, &f.timings)
+                };
+                return Ok(json_response(StatusCode::OK, &body));
             }
             Some(Event::Failed(e)) => return Err(e),
-            None => return Err(worker_gone()),
+            None => return Err(worker::gone()),
         }
-    }
-}
-
-fn worker_gone() -> ApiError {
-    ApiError::status(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the generation ended without a result",
-    )
-}
-
-/// Server-sent events from a job's event channel: a chunk per piece of text, the final chunk,
-/// then `data: [DONE]`; a failure (such as a shutdown cutting the generation) becomes an
-/// `{"error": ...}` event before `[DONE]`.
-struct SseBody {
-    rx: mpsc::Receiver<Event>,
-    meta: ResponseMeta,
-    include_usage: bool,
-    /// Chunks carry their tokens' log-probabilities.
-    logprobs: bool,
-    /// Characters of completion text sent so far (completions' `text_offset`).
-    chars: usize,
-    out: VecDeque<Bytes>,
-    done: bool,
-}
-
-impl SseBody {
-    fn push(&mut self, v: &Value) {
-        self.out.push_back(Bytes::from(format!("data: {v}\n\n")));
-    }
-
-    fn finish(&mut self) {
-        self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
-        self.done = true;
-    }
-
-    fn on_event(&mut self, ev: Option<Event>) {
-        match ev {
-            Some(Event::Started) => {}
-            Some(Event::Text(t, logprobs)) => {
-                let l = (self.logprobs).then_some((&logprobs[..], self.chars));
-                let chunk = self.meta.chunk_with_logprobs(false, Some(&t), l, None);
-                self.chars += t.chars().count();
-                self.push(&chunk);
-            }
-            Some(Event::Done(f)) => {
-                let last = self.meta.chunk(false, None, Some(f.reason));
-                self.push(&last);
-                if self.include_usage {
-                    let u = self.meta.usage_chunk(&f.usage, &f.timings);
-                    self.push(&u);
-                }
-                self.finish();
-            }
-            Some(Event::Failed(e)) => {
-                self.push(&e.body());
-                self.finish();
-            }
-            None => {
-                self.push(&worker_gone().body());
-                self.finish();
-            }
-        }
-    }
-}
-
-impl Body for SseBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        loop {
-            if let Some(b) = self.out.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(b))));
-            }
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match self.rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(ev) => self.on_event(ev),
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done && self.out.is_empty()
     }
 }
 

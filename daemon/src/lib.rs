@@ -5,19 +5,22 @@
 //! Modules by concern: [`config`] (flags), [`socket`] (the socket file and systemd readiness),
 //! [`server`] (accept loop, connections, timeouts, shutdown), [`conn`] (one connection's
 //! request phase and bytes read), [`http`] (routing, handlers, server-sent events), [`api`]
-//! (OpenAI request/response shapes and validation), [`chat`] (chat templates), [`worker`] (the
-//! generation thread and its queue), [`model_file`] (the mapped model file changing under the
-//! daemon), [`metrics`] (Prometheus), [`alloc`] (live heap bytes).
+//! (OpenAI request/response shapes and validation), [`chat`] (chat templates), [`harmony`]
+//! (gpt-oss's reply channels), [`worker`] (the generation thread and its queue), [`model_file`]
+//! (the mapped model file changing under the daemon), [`metrics`] (Prometheus), [`alloc`] (live
+//! heap bytes).
 
 pub mod alloc;
 pub mod api;
 pub mod chat;
 pub mod config;
 pub mod conn;
+pub mod harmony;
 pub mod http;
 pub mod metrics;
 pub mod model_file;
 pub mod prompt_cache;
+pub mod reply;
 pub mod server;
 pub mod socket;
 pub mod worker;

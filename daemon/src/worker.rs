@@ -76,6 +76,8 @@ pub struct GenRequest {
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Keep control tokens in the text (Harmony replies mark their channels with them).
+    pub keep_special: bool,
     /// Report log-probabilities with this many alternatives.
     pub top_logprobs: Option<usize>,
 }
@@ -425,7 +427,7 @@ impl Worker<'_, '_, '_> {
             max_tokens: req.max_tokens,
             stop: &req.stop,
             ignore_eos: req.ignore_eos,
-            skip_special: true,
+            skip_special: !req.keep_special,
             top_logprobs: req.top_logprobs,
         };
         let (control, token_delay, tokenizer) = (self.control, self.token_delay, self.tokenizer);
@@ -524,6 +526,14 @@ pub fn shutting_down() -> ApiError {
 /// A request refused (or dropped from the queue) because the server is shutting down.
 pub fn draining() -> ApiError {
     ApiError::unavailable("the server is shutting down", "shutting_down", 5)
+}
+
+/// A job's events ended without its result (the worker is gone).
+pub fn gone() -> ApiError {
+    ApiError::status(
+        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        "the generation ended without a result",
+    )
 }
 
 /// Incremental detokenizer (the scheme of Hugging Face's text-generation-inference): decodes a

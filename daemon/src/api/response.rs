@@ -127,10 +127,13 @@ impl ResponseMeta {
         })
     }
 
-    /// The whole (non-streamed) response; `logprobs` when they were asked for.
+    /// The whole (non-streamed) response; `logprobs` when they were asked for. A chat reply may
+    /// carry the model's `reasoning` apart from its answer (`reasoning_content`, as llama.cpp's
+    /// server returns it).
     pub fn response(
         &self,
         text: &str,
+        reasoning: Option<&str>,
         logprobs: Option<&[TokenLogprob]>,
         finish: &str,
         usage: &Usage,
@@ -141,12 +144,18 @@ impl ResponseMeta {
                 "index": 0, "text": text, "finish_reason": finish,
                 "logprobs": logprobs.map(|l| completion_logprobs(l, 0)),
             }),
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs.map(chat_logprobs),
-                "finish_reason": finish,
-            }),
+            Endpoint::Chat => {
+                let mut message = json!({"role": "assistant", "content": text});
+                if let Some(r) = reasoning.filter(|r| !r.is_empty()) {
+                    message["reasoning_content"] = r.into();
+                }
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "logprobs": logprobs.map(chat_logprobs),
+                    "finish_reason": finish,
+                })
+            }
         };
         let mut v = self.envelope(false, json!([choice]));
         v["usage"] = usage.json();
@@ -189,11 +198,73 @@ impl ResponseMeta {
         self.envelope(true, json!([choice]))
     }
 
+    /// A chat stream chunk carrying pieces of the reasoning and of the answer (either may be
+    /// empty and is then left out of the delta), with the log-probabilities of their tokens.
+    pub fn parts_chunk(
+        &self,
+        reasoning: &str,
+        content: &str,
+        logprobs: Option<&[TokenLogprob]>,
+    ) -> Value {
+        let mut delta = serde_json::Map::new();
+        if !reasoning.is_empty() {
+            delta.insert("reasoning_content".into(), reasoning.into());
+        }
+        if !content.is_empty() {
+            delta.insert("content".into(), content.into());
+        }
+        let logprobs = logprobs.map(chat_logprobs);
+        let choice =
+            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": null});
+        self.envelope(true, json!([choice]))
+    }
+
     /// The chunk `stream_options.include_usage` asks for: no choices, the usage.
     pub fn usage_chunk(&self, usage: &Usage, t: &Timings) -> Value {
         let mut v = self.envelope(true, json!([]));
         v["usage"] = usage.json();
         v["timings"] = timings_json(usage, t);
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harmony::HarmonyParser;
+
+    #[test]
+    fn harmony_response_carries_reasoning_content() {
+        let meta = ResponseMeta {
+            endpoint: Endpoint::Chat,
+            id: "chatcmpl-1".into(),
+            created: 0,
+            model: "m".into(),
+        };
+        let parts = HarmonyParser::parse(
+            "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Done.",
+        );
+        let v = meta.response(
+            &parts.content,
+            Some(&parts.reasoning),
+            None,
+            "stop",
+            &Usage::default(),
+            &Timings::default(),
+        );
+        let m = &v["choices"][0]["message"];
+        assert_eq!(m["content"], "Done.");
+        assert_eq!(m["reasoning_content"], "Think.");
+        let v = meta.response(
+            "x",
+            None,
+            None,
+            "stop",
+            &Usage::default(),
+            &Timings::default(),
+        );
+        assert!(v["choices"][0]["message"]
+            .get("reasoning_content")
+            .is_none());
     }
 }
