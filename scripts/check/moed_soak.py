@@ -86,6 +86,21 @@ class Result:
         self.detail, self.t, self.generation = detail, time.monotonic(), generation
 
 
+def read_status(s):
+    """The status code of the answer waiting on socket `s` (0 if none)."""
+    buf = b""
+    try:
+        while b"\r\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    except OSError:
+        pass
+    m = re.match(rb"HTTP/1\.1 (\d{3})", buf)
+    return int(m.group(1)) if m else 0
+
+
 def raw(sock_path, data, read=True, timeout=30):
     """Sends raw bytes; returns the status code of the answer (0 if none)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -131,6 +146,11 @@ class Client:
                 if not payload.rstrip().endswith(b"data: [DONE]"):
                     status, detail = -1, "stream did not end with [DONE]"
             self.record(kind, status, t0, allowed, detail, generation and status == 200)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            # moed answered (413 for a body over the limit) and closed before the whole body was
+            # sent: its answer is still there to read.
+            status = read_status(c.sock) if c.sock else 0
+            self.record(kind, status or -1, t0, allowed, "" if status in allowed else repr(e))
         except Exception as e:  # a connection error where an answer was due
             self.record(kind, -1, t0, allowed, repr(e))
         finally:
