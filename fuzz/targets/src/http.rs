@@ -133,12 +133,16 @@ fn harness() -> &'static Harness {
     })
 }
 
-/// The status codes of the responses in `raw` (each `HTTP/1.1 NNN` at a line start).
+/// The status codes of the responses in `raw` (each `HTTP/1.1 NNN` at a line start, or
+/// `HTTP/1.0 NNN`: hyper answers an HTTP/1.0 request in HTTP/1.0; fuzz/regressions/http).
 pub fn statuses(raw: &[u8]) -> Vec<u16> {
     let text = String::from_utf8_lossy(raw);
     let mut out = Vec::new();
-    for (i, _) in text.match_indices("HTTP/1.1 ") {
+    for (i, _) in text.match_indices("HTTP/1.") {
         if i != 0 && !text[..i].ends_with('\n') {
+            continue;
+        }
+        if !matches!(text[i + 7..].get(..2), Some("0 " | "1 ")) {
             continue;
         }
         let code = text[i + 9..].get(..3).and_then(|c| c.parse().ok());
