@@ -57,16 +57,18 @@ done
 printf '\n%-10s %12s %8s %8s %8s %8s  %s\n' target executions seconds exec/s cov corpus crashes
 for t in "${targets[@]}"; do
   log=$logs/$t.log
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-  secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' | tail -1)
-  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*')
+  # A run that crashed prints no final stats: its figures are the last status line's.
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+  [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log" | tr -d '#' | tail -1 || true)
+  secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' | tail -1 || true)
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*' || true)
   corpus=$(find "fuzz/corpus-run/$t" -type f | wc -l)
   rc=$(cat "$logs/$t.rc")
   crash=none
   if [ "$rc" != 0 ]; then
     crashed=1
     crash="$(grep -m1 -oE 'ERROR: libFuzzer: [a-z-]+|ERROR: AddressSanitizer: [a-z-]+|panicked at [^ ]+' "$log" || echo "exit $rc")"
-    crash="$crash -> $(grep -o "$fuzz_dir/artifacts/$t/[^ ]*" "$log" | tail -1)"
+    crash="$crash -> $(grep -o "$fuzz_dir/artifacts/$t/[^ ]*" "$log" | tail -1 || true)"
     cp "$log" "$fuzz_dir/artifacts/$t/last.log"
   fi
   printf '%-10s %12s %8s %8s %8s %8s  %s\n' "$t" "${execs:-?}" "${secs:-$seconds}" \
