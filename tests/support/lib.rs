@@ -23,6 +23,7 @@ pub const FIXTURES: &[&str] = &[
     "deepseek_v3",
     "glm4_moe",
     "ernie4_5_moe",
+    "smallthinker",
 ];
 
 #[derive(Debug, Deserialize)]

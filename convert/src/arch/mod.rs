@@ -10,6 +10,7 @@ mod mixtral;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_moe;
+mod smallthinker;
 
 use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
@@ -176,13 +177,14 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "deepseek_v3" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V3)),
         "glm4_moe" => Box::new(glm4_moe::Glm4Moe),
         "ernie4_5_moe" => Box::new(ernie4_5_moe::Ernie45Moe),
+        "smallthinker" => Box::new(smallthinker::SmallThinker),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
                      qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, \
-                     glm4_moe, ernie4_5_moe)"
+                     glm4_moe, ernie4_5_moe, smallthinker)"
                 ),
             })
         }

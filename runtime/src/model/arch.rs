@@ -2,6 +2,7 @@
 //! traits; it never tests the architecture name.
 
 use crate::gguf::GgufHeader;
+use crate::moe::experts::Activation;
 use crate::moe::router::Gating;
 
 use super::error::ModelError;
@@ -20,6 +21,8 @@ pub enum Arch {
     Glm4Moe,
     /// llama.cpp's `ernie4_5-moe`: ERNIE-4.5 MoE (21B-A3B, 300B-A47B).
     Ernie45Moe,
+    /// llama.cpp's `smallthinker`: PowerInfer's SmallThinker (4B-A0.6B, 21B-A3B).
+    SmallThinker,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -42,6 +45,16 @@ pub enum QkNorm {
     PerHeadIfPresent,
     /// One weight vector over the whole projection (OLMoE).
     WholeProjection,
+}
+
+/// What a MoE layer's router reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterInput {
+    /// The feed-forward input: the post-attention state after the FFN norm.
+    FfnInput,
+    /// The layer's input, un-normalised, before attention (SmallThinker): a layer's experts are
+    /// known one attention block before its feed-forward runs.
+    LayerInput,
 }
 
 /// Which attention the layers use.
@@ -69,10 +82,17 @@ pub struct ArchTraits {
     pub default_gating: Gating,
     /// The block's tensor holding the norm before the feed-forward half (`blk.N.<name>.weight`).
     pub ffn_norm_tensor: &'static str,
+    pub router_input: RouterInput,
+    /// The gate's activation in the experts (SwiGLU or ReGLU).
+    pub activation: Activation,
+    /// When the file has `attention.sliding_window`: layers `l % step == 0` attend to every
+    /// position without rope, the others within the window with rope (llama.cpp's SmallThinker
+    /// rule). None: the window, when there is one, applies to every layer, all with rope.
+    pub nope_full_attention_step: Option<usize>,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 8] = [
+    pub const ALL: [Arch; 9] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
@@ -81,6 +101,7 @@ impl Arch {
         Arch::Deepseek2,
         Arch::Glm4Moe,
         Arch::Ernie45Moe,
+        Arch::SmallThinker,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -94,6 +115,7 @@ impl Arch {
             Arch::Deepseek2 => "deepseek2",
             Arch::Glm4Moe => "glm4moe",
             Arch::Ernie45Moe => "ernie4_5-moe",
+            Arch::SmallThinker => "smallthinker",
         }
     }
 
@@ -111,6 +133,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                router_input: RouterInput::FfnInput,
+                activation: Activation::Silu,
+                nope_full_attention_step: None,
             },
             Arch::Qwen2Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -120,6 +145,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                router_input: RouterInput::FfnInput,
+                activation: Activation::Silu,
+                nope_full_attention_step: None,
             },
             Arch::Qwen3Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -129,6 +157,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                router_input: RouterInput::FfnInput,
+                activation: Activation::Silu,
+                nope_full_attention_step: None,
             },
             Arch::Olmoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -138,6 +169,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                router_input: RouterInput::FfnInput,
+                activation: Activation::Silu,
+                nope_full_attention_step: None,
             },
             Arch::GraniteMoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -148,6 +182,9 @@ impl Arch {
                 has_granite_scales: true,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                router_input: RouterInput::FfnInput,
+                activation: Activation::Silu,
+                nope_full_attention_step: None,
             },
             Arch::Deepseek2 => ArchTraits {
                 attention: AttentionKind::Mla,
@@ -160,6 +197,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                router_input: RouterInput::FfnInput,
+                activation: Activation::Silu,
+                nope_full_attention_step: None,
             },
             Arch::Glm4Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -171,6 +211,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Sigmoid,
                 ffn_norm_tensor: "post_attention_norm",
+                router_input: RouterInput::FfnInput,
+                activation: Activation::Silu,
+                nope_full_attention_step: None,
             },
             Arch::Ernie45Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -183,6 +226,23 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                router_input: RouterInput::FfnInput,
+                activation: Activation::Silu,
+                nope_full_attention_step: None,
+            },
+            Arch::SmallThinker => ArchTraits {
+                attention: AttentionKind::Gqa,
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::None,
+                // llama.cpp's graph always renormalises SmallThinker's top-k weights.
+                default_norm_topk: true,
+                has_granite_scales: false,
+                // The released models route by sigmoid (moe_primary_router_apply_softmax false).
+                default_gating: Gating::Sigmoid,
+                ffn_norm_tensor: "ffn_norm",
+                router_input: RouterInput::LayerInput,
+                activation: Activation::Relu,
+                nope_full_attention_step: Some(4),
             },
         }
     }

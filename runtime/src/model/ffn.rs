@@ -12,7 +12,9 @@ use super::ops::sigmoid;
 use super::profile::{Phase, Profiler};
 use super::weights::{Ffn, MoeBlock};
 use crate::moe::cache::{ExpertCache, ExpertGuard};
-use crate::moe::experts::{add_transposed, run_experts, Assignment, ExpertJob, ExpertScratch};
+use crate::moe::experts::{
+    add_transposed, run_experts, Activation, Assignment, ExpertJob, ExpertScratch,
+};
 use crate::moe::lossy::{self, LossyStats, RouteOptions};
 use crate::moe::router::{route_with, Route};
 use crate::tensor::matrix::Activations;
@@ -86,7 +88,8 @@ impl FfnScratch {
 const JOBS_PER_PASS: usize = 64;
 
 /// `out = ffn(xn)` for the batch `xn` (`[n, d]`). `decided` holds router logits computed before
-/// the backbone ran (a decoupled router), used instead of the layer's own router. Returns the
+/// the feed-forward (a decoupled router before the backbone, or a router reading the layer's
+/// input before its attention), used instead of applying the layer's router to `xn`. Returns the
 /// bytes of routed-expert weights the batch used (each selected expert once).
 #[allow(clippy::too_many_arguments)]
 pub fn feed_forward(
@@ -103,7 +106,7 @@ pub fn feed_forward(
     out: &mut Vec<f32>,
     prof: &mut Profiler,
 ) -> Result<u64, ModelError> {
-    let d = hp.n_embd;
+    let (d, act) = (hp.n_embd, hp.traits.activation);
     s.input.prepare(k, xn, n, d);
     s.out_t.clear();
     s.out_t.resize(d * n, 0.0);
@@ -114,7 +117,7 @@ pub fn feed_forward(
             let slot = hp.n_expert;
             s.assigned
                 .build(slot + 1, || (0..n as u32).map(|t| (slot, t, 1.0)));
-            run_always_on(k, slot, mlp, s);
+            run_always_on(k, act, slot, mlp, s);
         }
         Ffn::Moe(moe) => {
             route_batch(k, hp, layer, moe, n, decided, source, control, s);
@@ -126,19 +129,19 @@ pub fn feed_forward(
             prof.lap(Phase::Routing);
             // Routed experts in index order, then the shared expert: a fixed summation order.
             match source {
-                ExpertSource::Resident => run_resident(k, moe, s),
+                ExpertSource::Resident => run_resident(k, act, moe, s),
                 ExpertSource::Streamed(cache) => {
                     cache.record_use(layer, &s.active);
                     let active = std::mem::take(&mut s.active);
                     let ran = active
                         .chunks(cache.slots())
-                        .try_for_each(|group| run_arriving(k, cache, layer, group, s, prof));
+                        .try_for_each(|group| run_arriving(k, act, cache, layer, group, s, prof));
                     s.active = active;
                     ran?;
                 }
             }
             if let Some(shared) = &moe.shared {
-                run_always_on(k, hp.n_expert, &shared.mlp, s);
+                run_always_on(k, act, hp.n_expert, &shared.mlp, s);
             }
         }
     }
@@ -150,12 +153,12 @@ pub fn feed_forward(
 }
 
 /// A dense MLP or shared expert over the tokens and weights of `s.assigned`'s `slot`.
-fn run_always_on(k: &Kernels, slot: usize, mlp: &Mlp, s: &mut FfnScratch) {
+fn run_always_on(k: &Kernels, act: Activation, slot: usize, mlp: &Mlp, s: &mut FfnScratch) {
     let jobs = [ExpertJob {
         mlp: *mlp,
         tokens: s.assigned.tokens(slot),
     }];
-    run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
+    run_experts(k, act, &jobs, &s.input, &mut s.out_t, &mut s.experts);
 }
 
 /// Router logits (the layer's own, or `decided`), the expert mask and lossy options, each
@@ -243,7 +246,7 @@ fn route_batch(
 
 /// The active experts from the memory map, in groups of a fixed-capacity list: no allocation
 /// per step, and consecutive groups sum exactly as one call would.
-fn run_resident(k: &Kernels, moe: &MoeBlock, s: &mut FfnScratch) {
+fn run_resident(k: &Kernels, act: Activation, moe: &MoeBlock, s: &mut FfnScratch) {
     for group in s.active.chunks(JOBS_PER_PASS) {
         let jobs: heapless::Vec<ExpertJob, JOBS_PER_PASS> = group
             .iter()
@@ -256,7 +259,7 @@ fn run_resident(k: &Kernels, moe: &MoeBlock, s: &mut FfnScratch) {
                 tokens: s.assigned.tokens(e as usize),
             })
             .collect();
-        run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
+        run_experts(k, act, &jobs, &s.input, &mut s.out_t, &mut s.experts);
     }
 }
 
@@ -272,6 +275,7 @@ const EARLY_OUT_FLOATS: usize = 1 << 22;
 /// same additions in the same order.
 fn run_arriving(
     k: &Kernels,
+    act: Activation,
     cache: &ExpertCache,
     layer: usize,
     group: &[u32],
@@ -303,7 +307,7 @@ fn run_arriving(
                 mlp: first.mlp(),
                 tokens: s.assigned.tokens(group[i] as usize),
             }];
-            run_experts(k, &job, &s.input, out, &mut s.experts);
+            run_experts(k, act, &job, &s.input, out, &mut s.experts);
             s.early_done[i] = true;
             prof.lap(Phase::Experts);
             continue;
@@ -330,7 +334,7 @@ fn run_arriving(
                 tokens: s.assigned.tokens(e as usize),
             })
             .collect();
-        run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
+        run_experts(k, act, &jobs, &s.input, &mut s.out_t, &mut s.experts);
         next += guards.len();
         while next < group.len() && s.early_done[next] {
             let early = &s.early_out[next * block..(next + 1) * block];

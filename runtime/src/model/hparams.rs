@@ -63,7 +63,8 @@ pub struct HParams {
     pub logit_divisor: f32,
     /// Clamp q, k, v to [-c, c] (OLMoE's clip_qkv).
     pub clamp_qkv: Option<f32>,
-    /// Keys older than this many positions are masked (Mixtral's sliding_window).
+    /// Keys older than this many positions are masked (Mixtral's sliding_window); in which
+    /// layers, see [`HParams::window`].
     pub sliding_window: Option<usize>,
     /// Latent attention dimensions when the architecture uses MLA.
     pub mla: Option<MlaParams>,
@@ -235,6 +236,22 @@ impl HParams {
             rope_attn_factor,
             routing,
         })
+    }
+
+    /// The attention window of `layer` (None: every earlier position).
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        match self.traits.nope_full_attention_step {
+            Some(step) if layer.is_multiple_of(step) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Whether `layer` rotates queries and keys (false: a NoPE layer).
+    pub fn uses_rope(&self, layer: usize) -> bool {
+        match (self.traits.nope_full_attention_step, self.sliding_window) {
+            (Some(step), Some(_)) => !layer.is_multiple_of(step),
+            _ => true,
+        }
     }
 
     /// Rope inverse frequencies, `[rope_dim / 2]`, with transformers' f32 arithmetic.

@@ -10,7 +10,16 @@ use rayon::prelude::*;
 use crate::tensor::matrix::{rows_per_task, rows_times_acts, Activations};
 use crate::tensor::{Kernels, QMatrix};
 
-/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+/// The gate's activation: `down(act(gate x) * up x)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU: silu(g) = g / (1 + e^-g).
+    Silu,
+    /// ReGLU (SmallThinker): max(g, 0).
+    Relu,
+}
+
+/// Gated feed-forward: `down(act(gate x) * up x)`.
 #[derive(Clone, Copy)]
 pub struct Mlp<'a> {
     pub gate: QMatrix<'a>,
@@ -30,7 +39,7 @@ pub struct ExpertScratch {
     inputs: Vec<Activations>,
     /// Where each job's block starts in `hidden_t` (one entry more than there are jobs).
     offsets: Vec<usize>,
-    /// Per job, `[ff, m]`: silu(gate x) * up x for its m tokens, row by row.
+    /// Per job, `[ff, m]`: act(gate x) * up x for its m tokens, row by row.
     hidden_t: Vec<f32>,
     /// The up projections, laid out like `hidden_t`.
     up_t: Vec<f32>,
@@ -41,12 +50,13 @@ pub struct ExpertScratch {
     hidden: Vec<Activations>,
 }
 
-/// Accumulates `out_t[r, t] += w_tj * down_j(silu(gate_j x_t) * up_j x_t)[r]` over the jobs, in
+/// Accumulates `out_t[r, t] += w_tj * down_j(act(gate_j x_t) * up_j x_t)[r]` over the jobs, in
 /// job order. `x` holds the batch's `n` input rows; `out_t` is `[d, n]` (transposed), so that
 /// calling this once with all jobs or several times with consecutive groups of them gives
 /// bit-identical sums (the expert cache runs a layer's experts in groups that fit its slots).
 pub fn run_experts(
     k: &Kernels,
+    act: Activation,
     jobs: &[ExpertJob],
     x: &Activations,
     out_t: &mut [f32],
@@ -78,6 +88,7 @@ pub fn run_experts(
     s.up_t.resize(end, 0.0);
     gate_up(
         k,
+        act,
         jobs,
         &s.inputs[..jobs.len()],
         (&mut s.hidden_t, &mut s.up_t),
@@ -149,12 +160,13 @@ pub fn run_experts(
         });
 }
 
-/// Fills `hidden_t` (the jobs' blocks back to back) with silu(gate x) * up x, using `up_t`
+/// Fills `hidden_t` (the jobs' blocks back to back) with act(gate x) * up x, using `up_t`
 /// (the same layout) for the up projections. The jobs are halved recursively with
 /// `rayon::join` and each job's rows are split into tasks, so threads share the work without a
 /// task list being built (and allocated) on every call.
 fn gate_up(
     k: &Kernels,
+    act: Activation,
     jobs: &[ExpertJob],
     inputs: &[Activations],
     (hidden_t, up_t): (&mut [f32], &mut [f32]),
@@ -178,8 +190,17 @@ fn gate_up(
                     let no_scratch = &mut Vec::new();
                     rows_times_acts(k, &job.mlp.gate, row0, len, input, gate, no_scratch);
                     rows_times_acts(k, &job.mlp.up, row0, len, input, up, no_scratch);
-                    for (g, &u) in gate.iter_mut().zip(up.iter()) {
-                        *g = *g / (1.0 + (-*g).exp()) * u;
+                    match act {
+                        Activation::Silu => {
+                            for (g, &u) in gate.iter_mut().zip(up.iter()) {
+                                *g = *g / (1.0 + (-*g).exp()) * u;
+                            }
+                        }
+                        Activation::Relu => {
+                            for (g, &u) in gate.iter_mut().zip(up.iter()) {
+                                *g = g.max(0.0) * u;
+                            }
+                        }
                     }
                 });
         }
@@ -195,6 +216,7 @@ fn gate_up(
                 || {
                     gate_up(
                         k,
+                        act,
                         &jobs[..mid],
                         &inputs[..mid],
                         (hidden_left, up_left),
@@ -204,6 +226,7 @@ fn gate_up(
                 || {
                     gate_up(
                         k,
+                        act,
                         &jobs[mid..],
                         &inputs[mid..],
                         (hidden_right, up_right),
