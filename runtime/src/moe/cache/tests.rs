@@ -247,6 +247,8 @@ fn injected_read_errors_and_slow_reads_fail_only_their_requests() {
     // Each failed request had a read of its own fail (one request at a time, no prefetching).
     assert!(c.stats().read_errors >= failed as u64, "{:?}", c.stats());
     assert_idle(&c);
+}
+
 /// Experts known to be needed (a router that ran before the layer's attention) are read past
 /// the speculative cap, without holding their slots, and never by evicting one another; the
 /// layer then finds them loaded (or loading) instead of missing.
