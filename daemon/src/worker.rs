@@ -376,6 +376,7 @@ impl Worker<'_, '_, '_> {
             ignore_eos: req.ignore_eos,
             skip_special: true,
             top_logprobs: req.top_logprobs,
+            constraint: None,
         };
         let (control, token_delay, tokenizer) = (self.control, self.token_delay, self.tokenizer);
         let stats = generate(

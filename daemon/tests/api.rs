@@ -30,6 +30,7 @@ fn reference(prompt_ids: &[u32], max: usize, cfg: SamplerConfig) -> (String, usi
         ignore_eos: false,
         skip_special: true,
         top_logprobs: None,
+        constraint: None,
     };
     moe_runtime::engine::generate(&mut session, &mut sampler, Some(&tok), &request, |piece| {
         ids.extend(piece.id);
