@@ -309,6 +309,12 @@ fn tool_calls_in_special_token_wrappers() {
 
     let required = tools("<tool_call>", "</tool_call>", ToolChoice::Required, false);
     assert!(tool_accepts(&v, &required, &good));
+    // A call is one line of JSON.
+    assert!(!tool_accepts(
+        &v,
+        &required,
+        &call("{\"city\":\n\n  \"Paris\"}")
+    ));
     assert!(!tool_accepts(&v, &required, b"No call."));
     assert!(!tool_accepts(&v, &required, &text_then(&good)));
     assert!(!tool_accepts(

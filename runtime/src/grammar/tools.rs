@@ -11,7 +11,10 @@
 
 use serde_json::{json, Value};
 
-use super::{GrammarError, GrammarVocab, JSON_WHITESPACE};
+use super::{GrammarError, GrammarVocab};
+
+/// JSON whitespace inside a call: at most one space.
+const CALL_WHITESPACE: &str = r"\x20?";
 
 /// Whether the model may answer in text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,11 +64,12 @@ impl ToolCallGrammar {
             json!({"anyOf": self.calls})
         };
         // Tool schemas from clients are often loose: keywords llguidance cannot enforce are
-        // ignored rather than refused.
+        // ignored rather than refused. Calls are one line of JSON, as the families' templates
+        // write them, so a model cannot spend its tokens on whitespace.
         if let Some(obj) = schema.as_object_mut() {
             obj.insert(
                 "x-guidance".into(),
-                json!({"whitespace_pattern": JSON_WHITESPACE, "lenient": true}),
+                json!({"whitespace_pattern": CALL_WHITESPACE, "lenient": true}),
             );
         }
         let marker = |m: &str| match vocab.special_token(m) {
