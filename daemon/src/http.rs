@@ -1,7 +1,6 @@
 //! Routing and handlers: the OpenAI endpoints, `/health`, `/metrics`, and the server-sent-event
 //! body that streams a generation.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -19,9 +18,12 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
+use crate::answer::Answer;
 use crate::api::{self, ApiError, Endpoint, ResponseMeta};
 use crate::conn::ConnState;
 use crate::metrics::Metrics;
+use crate::prepare::{self, Prepared};
+use crate::respond::{self, worker_gone, SseBody};
 use crate::worker::{self, Event, GenRequest, Job, Loaded};
 
 pub type BoxedBody = BoxBody<Bytes, Infallible>;
@@ -334,84 +336,6 @@ async fn read_body(req: Request<Incoming>, app: &App) -> Result<Bytes, ApiError>
     }
 }
 
-/// The prompt of a completion request as token ids.
-fn completion_prompt(p: &api::GenParams, l: &Loaded) -> Result<Vec<u32>, ApiError> {
-    let bad = || {
-        ApiError::param(
-            "prompt",
-            "`prompt` must be a string, an array holding one string, or an array of token ids",
-        )
-    };
-    let one = || ApiError::param("prompt", "moed takes one prompt per request");
-    let ids_of = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
-        items
-            .iter()
-            .map(|v| {
-                v.as_u64()
-                    .filter(|&t| (t as usize) < l.n_vocab)
-                    .map(|t| t as u32)
-                    .ok_or_else(|| {
-                        ApiError::param(
-                            "prompt",
-                            format!(
-                                "token ids must be integers below the vocabulary size {}",
-                                l.n_vocab
-                            ),
-                        )
-                    })
-            })
-            .collect()
-    };
-    let encode = |text: &str| {
-        l.tokenizer
-            .encode(text, true)
-            .map_err(|e| ApiError::param("prompt", e.to_string()))
-    };
-    let ids = match &p.prompt {
-        None | Some(Value::Null) => return Err(ApiError::param("prompt", "`prompt` is required")),
-        Some(Value::String(s)) => encode(s)?,
-        Some(Value::Array(items)) => match items.first() {
-            None => Vec::new(),
-            Some(Value::String(_)) if items.len() > 1 => return Err(one()),
-            Some(Value::String(s)) => encode(s)?,
-            Some(Value::Number(_)) => ids_of(items)?,
-            Some(Value::Array(_)) if items.len() > 1 => return Err(one()),
-            Some(Value::Array(inner)) => ids_of(inner)?,
-            Some(_) => return Err(bad()),
-        },
-        Some(_) => return Err(bad()),
-    };
-    empty_to_bos(ids, l, "prompt")
-}
-
-fn empty_to_bos(ids: Vec<u32>, l: &Loaded, param: &str) -> Result<Vec<u32>, ApiError> {
-    if !ids.is_empty() {
-        return Ok(ids);
-    }
-    match l.tokenizer.bos() {
-        Some(b) => Ok(vec![b]),
-        None => Err(ApiError::param(param, "the prompt is empty")),
-    }
-}
-
-/// The chat prompt: messages through the model's template, then token ids (no special tokens
-/// added: the template writes them, as with transformers' `apply_chat_template`).
-fn chat_prompt(p: &api::GenParams, l: &Loaded) -> Result<Vec<u32>, ApiError> {
-    let template = l.chat.as_ref().map_err(|why| {
-        ApiError::status(StatusCode::NOT_IMPLEMENTED, why.clone()).with_code("no_chat_template")
-    })?;
-    let messages = p
-        .messages
-        .as_deref()
-        .ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
-    let text = template.render(messages, &crate::chat::render_options(p)?)?;
-    let ids = l
-        .tokenizer
-        .encode(&text, false)
-        .map_err(|e| ApiError::param("messages", e.to_string()))?;
-    empty_to_bos(ids, l, "messages")
-}
-
 async fn generate(
     req: Request<Incoming>,
     app: &Arc<App>,
@@ -429,17 +353,21 @@ async fn generate(
         }
     }
     let v = api::validate(&p, endpoint, random_seed())?;
-    // Tokenizing and templating are CPU work: keep them off the thread that moves the bytes.
+    // Tokenizing, templating and compiling a grammar are CPU work: keep them off the thread
+    // that moves the bytes. A grammar that does not compile is refused before queuing.
     let worker_app = app.clone();
-    let prompt = tokio::task::spawn_blocking(move || {
-        let l = worker_app.loaded()?;
-        match endpoint {
-            Endpoint::Completions => completion_prompt(&p, l),
-            Endpoint::Chat => chat_prompt(&p, l),
-        }
+    let valid = v.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        prepare::prepare(&p, &valid, endpoint, worker_app.loaded()?)
     })
     .await
     .map_err(|e| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let keep_special = prepared.keep_special();
+    let Prepared {
+        prompt,
+        constraint,
+        reply,
+    } = prepared;
     let l = app.loaded()?;
     let (default_max, prompt_param) = match endpoint {
         // OpenAI's default for completions; chat runs to the end of the context.
@@ -472,6 +400,8 @@ async fn generate(
             stop: v.stop.clone(),
             ignore_eos: v.ignore_eos,
             top_logprobs: v.top_logprobs,
+            constraint,
+            keep_special,
         },
         events: tx,
         enqueued: Instant::now(),
@@ -494,135 +424,18 @@ async fn generate(
         _ => return Err(worker_gone()),
     }
 
+    let answer = reply.map(|(syntax, tail)| Answer::new(&syntax, &tail, random_seed()));
+    let logprobs = v.top_logprobs.is_some();
     if v.stream {
-        let mut sse = SseBody {
-            rx,
-            meta: meta.clone(),
-            include_usage: v.include_usage,
-            logprobs: v.top_logprobs.is_some(),
-            chars: 0,
-            out: VecDeque::new(),
-            done: false,
-        };
-        if endpoint == Endpoint::Chat {
-            sse.push(&meta.chunk(true, Some(""), None));
-        }
+        let sse = SseBody::new(rx, meta, answer, v.include_usage, logprobs);
         let mut r = Response::new(BodyExt::boxed(sse));
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(r);
     }
-
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    loop {
-        match rx.recv().await {
-            Some(Event::Text(t, l)) => {
-                text.push_str(&t);
-                logprobs.extend(l);
-            }
-            Some(Event::Started) => {}
-            Some(Event::Done(f)) => {
-                let logprobs = v.top_logprobs.map(|_| &logprobs[..]);
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &meta.response(&text, logprobs, f.reason, &f.usage, &f.timings),
-                ));
-            }
-            Some(Event::Failed(e)) => return Err(e),
-            None => return Err(worker_gone()),
-        }
-    }
-}
-
-fn worker_gone() -> ApiError {
-    ApiError::status(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the generation ended without a result",
-    )
-}
-
-/// Server-sent events from a job's event channel: a chunk per piece of text, the final chunk,
-/// then `data: [DONE]`; a failure (such as a shutdown cutting the generation) becomes an
-/// `{"error": ...}` event before `[DONE]`.
-struct SseBody {
-    rx: mpsc::Receiver<Event>,
-    meta: ResponseMeta,
-    include_usage: bool,
-    /// Chunks carry their tokens' log-probabilities.
-    logprobs: bool,
-    /// Characters of completion text sent so far (completions' `text_offset`).
-    chars: usize,
-    out: VecDeque<Bytes>,
-    done: bool,
-}
-
-impl SseBody {
-    fn push(&mut self, v: &Value) {
-        self.out.push_back(Bytes::from(format!("data: {v}\n\n")));
-    }
-
-    fn finish(&mut self) {
-        self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
-        self.done = true;
-    }
-
-    fn on_event(&mut self, ev: Option<Event>) {
-        match ev {
-            Some(Event::Started) => {}
-            Some(Event::Text(t, logprobs)) => {
-                let l = (self.logprobs).then_some((&logprobs[..], self.chars));
-                let chunk = self.meta.chunk_with_logprobs(false, Some(&t), l, None);
-                self.chars += t.chars().count();
-                self.push(&chunk);
-            }
-            Some(Event::Done(f)) => {
-                let last = self.meta.chunk(false, None, Some(f.reason));
-                self.push(&last);
-                if self.include_usage {
-                    let u = self.meta.usage_chunk(&f.usage, &f.timings);
-                    self.push(&u);
-                }
-                self.finish();
-            }
-            Some(Event::Failed(e)) => {
-                self.push(&e.body());
-                self.finish();
-            }
-            None => {
-                self.push(&worker_gone().body());
-                self.finish();
-            }
-        }
-    }
-}
-
-impl Body for SseBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        loop {
-            if let Some(b) = self.out.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(b))));
-            }
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match self.rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(ev) => self.on_event(ev),
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done && self.out.is_empty()
-    }
+    let body = respond::collect(&mut rx, &meta, answer, logprobs).await?;
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// Counts a request when its response is done (or dropped because the client left).

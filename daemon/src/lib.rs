@@ -4,18 +4,24 @@
 //!
 //! Modules by concern: [`config`] (flags), [`socket`] (the socket file and systemd readiness),
 //! [`server`] (accept loop, connections, timeouts, shutdown), [`conn`] (one connection's
-//! request phase and bytes read), [`http`] (routing, handlers, server-sent events), [`api`]
-//! (OpenAI request/response shapes and validation), [`chat`] (chat templates), [`worker`] (the
+//! request phase and bytes read), [`http`] (routing, handlers), [`prepare`] (prompt, grammar and
+//! reply syntax of a request), [`respond`] (the JSON response or server-sent events),
+//! [`answer`] (a chat reply's reasoning, content and tool calls in OpenAI's shape), [`reply`]
+//! (each model family's reply markup), [`api`] (OpenAI request/response shapes and
+//! validation), [`chat`] (chat templates), [`worker`] (the
 //! generation thread and its queue), [`metrics`] (Prometheus).
 
+pub mod answer;
 pub mod api;
 pub mod chat;
 pub mod config;
 pub mod conn;
 pub mod http;
 pub mod metrics;
+pub mod prepare;
 pub mod prompt_cache;
 pub mod reply;
+pub mod respond;
 pub mod server;
 pub mod socket;
 pub mod worker;

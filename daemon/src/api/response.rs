@@ -141,17 +141,55 @@ impl ResponseMeta {
                 "index": 0, "text": text, "finish_reason": finish,
                 "logprobs": logprobs.map(|l| completion_logprobs(l, 0)),
             }),
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs.map(chat_logprobs),
-                "finish_reason": finish,
-            }),
+            Endpoint::Chat => {
+                return self.chat_response(
+                    json!({"role": "assistant", "content": text}),
+                    logprobs,
+                    finish,
+                    usage,
+                    t,
+                )
+            }
         };
         let mut v = self.envelope(false, json!([choice]));
         v["usage"] = usage.json();
         v["timings"] = timings_json(usage, t);
         v
+    }
+
+    /// A whole chat response with this `message` (content, reasoning, tool calls).
+    pub fn chat_response(
+        &self,
+        message: Value,
+        logprobs: Option<&[TokenLogprob]>,
+        finish: &str,
+        usage: &Usage,
+        t: &Timings,
+    ) -> Value {
+        let choice = json!({
+            "index": 0,
+            "message": message,
+            "logprobs": logprobs.map(chat_logprobs),
+            "finish_reason": finish,
+        });
+        let mut v = self.envelope(false, json!([choice]));
+        v["usage"] = usage.json();
+        v["timings"] = timings_json(usage, t);
+        v
+    }
+
+    /// A chat stream chunk with this `delta`, the log-probabilities of the tokens it carries.
+    pub fn chat_chunk(
+        &self,
+        delta: Value,
+        logprobs: Option<&[TokenLogprob]>,
+        finish: Option<&str>,
+    ) -> Value {
+        let choice = json!({
+            "index": 0, "delta": delta, "logprobs": logprobs.map(chat_logprobs),
+            "finish_reason": finish,
+        });
+        self.envelope(true, json!([choice]))
     }
 
     /// A stream chunk: the role announcement (chat only, `role`), a piece of text, or the last

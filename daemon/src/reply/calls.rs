@@ -64,6 +64,16 @@ impl ToolSyntax {
         }
     }
 
+    /// The markers around one call written as JSON `{"name": ..., "arguments": {...}}`, for
+    /// the families whose calls a tool-call grammar can force (None: calls are written
+    /// otherwise, or not at all).
+    pub fn json_call_markers(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::TaggedBlock => Some(TOOL_CALL),
+            _ => None,
+        }
+    }
+
     /// The markers that start a block.
     pub fn starts(self) -> Vec<&'static str> {
         match self {

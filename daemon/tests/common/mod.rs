@@ -71,6 +71,15 @@ impl Daemon {
         Self::spawn_env(dir, socket, args, &[])
     }
 
+    /// Starts moed on another model file, and waits until /health says ready.
+    pub fn start_model(model: &Path, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run/moed.sock");
+        let d = Self::spawn_model(model, dir, socket, args, &[]);
+        d.wait_ready(Duration::from_secs(60));
+        d
+    }
+
     /// Starts moed with extra environment variables.
     pub fn spawn_env(
         dir: tempfile::TempDir,
@@ -78,9 +87,19 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, &Path)],
     ) -> Daemon {
+        Self::spawn_model(model_path(), dir, socket, args, env)
+    }
+
+    fn spawn_model(
+        model: &Path,
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_moed"))
             .arg("-m")
-            .arg(model_path())
+            .arg(model)
             .arg("--socket")
             .arg(&socket)
             .args(["--threads", "1"])
