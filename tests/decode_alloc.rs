@@ -139,6 +139,44 @@ fn every_ffn_kind_decodes_without_allocating() {
     }
 }
 
+/// gpt-oss: attention sinks, biases, the clamped SwiGLU, MXFP4 experts, and sliding-window
+/// layers whose ring of keys wraps around during the counted steps (window 8: a prompt of 40
+/// positions and 18 more pass the ring's 39 slots), resident and streamed.
+#[test]
+fn gpt_oss_decodes_without_allocating() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let converted = Fixture::load("gpt_oss").convert(GgmlType::Q8_0);
+    let file = converted.open();
+    let model = Model::load(&file).expect("model loads");
+    let prompt: Vec<u32> = (1..41).collect();
+    for streamed in [false, true] {
+        let mut s = Session::with_kv_type(&model, 128, KvType::F16);
+        if streamed {
+            let cache = expert_cache(&model, &converted.path, cache_config(3, Eviction::Belady));
+            s.set_streaming(ExpertStreaming {
+                cache: Some(cache),
+                lookahead: 1,
+            });
+        }
+        let mut next = argmax_logits(s.forward(&prompt, false).expect("prompt"));
+        for _ in 0..2 {
+            next = argmax_logits(s.forward(&[next], false).expect("warm-up step"));
+        }
+        let mut n = 0;
+        rayon::scope(|_| {
+            n = allocations_in(|| {
+                for _ in 0..16 {
+                    next = argmax_logits(s.forward(&[next], false).expect("decode step"));
+                }
+            })
+        });
+        assert_eq!(
+            n, 0,
+            "streamed {streamed}: {n} allocations in 16 decode steps"
+        );
+    }
+}
+
 #[test]
 fn streamed_experts_decode_without_allocating() {
     // Misses, evictions, demand reads overtaking queued guesses: the cache's bookkeeping and the

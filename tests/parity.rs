@@ -125,6 +125,122 @@ fn glm4_moe_files_with_a_prediction_block_run_the_trunk() {
     assert!(err.contains("glm4moe.nextn_predict_layers"), "{err}");
 }
 
+/// gpt-oss from the Hub's MXFP4 checkpoint layout: the experts stay MXFP4 in every file (their
+/// products take Q8_0 activations, as in ggml), everything else is f32; sinks, biases, YaRN
+/// without rounded correction range, a sliding window of 8 on layers 0 and 2 (the long prompt
+/// wraps its ring).
+#[test]
+fn gpt_oss_mxfp4_experts_f32() {
+    check_parity("gpt_oss", GgmlType::F32);
+}
+
+/// The same architecture from a checkpoint whose experts transformers dequantized (bf16, the
+/// fused `gate_up_proj` with gate and up columns interleaved): written in the requested type.
+#[test]
+fn gpt_oss_dequantized_experts_bf16_source() {
+    check_parity("gpt_oss_bf16", GgmlType::F32);
+    check_parity("gpt_oss_bf16", GgmlType::BF16);
+}
+
+/// MXFP4 experts are copied, not requantised: whatever `--type`, the expert tensors are MXFP4
+/// and hold exactly the checkpoint's values; dequantized experts take the requested type.
+#[test]
+fn gpt_oss_mxfp4_experts_are_kept() {
+    use moe_runtime::model::{Ffn, Model};
+    for (name, ty, want) in [
+        ("gpt_oss", GgmlType::F32, GgmlType::MXFP4),
+        ("gpt_oss", GgmlType::Q8_0, GgmlType::MXFP4),
+        ("gpt_oss_bf16", GgmlType::Q8_0, GgmlType::Q8_0),
+    ] {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(ty);
+        let file = conv.open();
+        let model = Model::load(&file).unwrap();
+        for layer in &model.layers {
+            let Ffn::Moe(moe) = &layer.ffn else {
+                panic!("{name}: every gpt-oss layer is MoE")
+            };
+            for m in [&moe.experts.gate, &moe.experts.up, &moe.experts.down] {
+                assert!(m.slabs.iter().all(|s| s.ty == want), "{name} {ty}");
+            }
+            assert!(moe.router_bias.is_some() && moe.expert_biases.is_some());
+        }
+    }
+    // No requantisation: every block keeps the checkpoint's E8M0 exponent byte, and its 32
+    // values are the checkpoint's (decoded here from the Hub layout as the OCP MX spec defines
+    // it: byte i of a block holds values 2i and 2i+1, low nibble first).
+    const FP4: [f32; 16] = [
+        0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+    ];
+    let fx = Fixture::load("gpt_oss");
+    let ckpt = moe_convert::hf::Checkpoint::open(&fx.dir).unwrap();
+    let conv = fx.convert(GgmlType::Q8_0);
+    let file = conv.open();
+    let (n_expert, ff, d) = (8, 32, 64);
+    for (gguf, stem, part, rows, cols) in [
+        ("ffn_gate_exps", "gate_up_proj", Some(0), ff, d),
+        ("ffn_up_exps", "gate_up_proj", Some(1), ff, d),
+        ("ffn_down_exps", "down_proj", None, d, ff),
+    ] {
+        let info = file
+            .header()
+            .tensor(&format!("blk.2.{gguf}.weight"))
+            .unwrap();
+        assert_eq!(info.ty, GgmlType::MXFP4);
+        let bytes = file.tensor_bytes(info);
+        let mut got = vec![0f32; n_expert * rows * cols];
+        moe_runtime::tensor::quant::dequantize(info.ty, bytes, &mut got);
+        let hf = |s: &str| format!("model.layers.2.mlp.experts.{stem}_{s}");
+        let (blocks, scales) = (
+            ckpt.bytes(&hf("blocks")).unwrap(),
+            ckpt.bytes(&hf("scales")).unwrap(),
+        );
+        let hf_rows = if part.is_some() { 2 * rows } else { rows };
+        let per_row = cols / 32;
+        for e in 0..n_expert {
+            for r in 0..rows {
+                let src = e * hf_rows + part.map_or(r, |p| 2 * r + p);
+                for b in 0..per_row {
+                    let scale = scales[src * per_row + b];
+                    let block = (e * rows + r) * per_row + b;
+                    assert_eq!(
+                        bytes[block * 17],
+                        scale,
+                        "{gguf} expert {e} row {r} block {b}"
+                    );
+                    let packed = &blocks[(src * per_row + b) * 16..][..16];
+                    for (k, &v) in got[block * 32..(block + 1) * 32].iter().enumerate() {
+                        let code = (packed[k / 2] >> (4 * (k % 2))) & 0x0f;
+                        let want = FP4[code as usize] * 2f32.powi(scale as i32 - 127);
+                        assert_eq!(v, want, "{gguf} expert {e} row {r} value {}", b * 32 + k);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A sliding-window layer keeps a ring of its window (plus one batch chunk), so the session's
+/// KV memory grows with the context only in the full-attention layers.
+#[test]
+fn gpt_oss_sliding_layers_do_not_grow_with_the_context() {
+    use moe_runtime::model::{KvType, Model, Session};
+    let fx = Fixture::load("gpt_oss");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let hp = &model.hp;
+    let windowed: Vec<bool> = (0..hp.n_layer)
+        .map(|l| hp.layer_window(l).is_some())
+        .collect();
+    assert_eq!(windowed, [true, false, true], "layer_types' alternation");
+    let per_pos = hp.n_head_kv * (hp.head_dim_k + hp.head_dim_v) * 4;
+    let bytes = |ctx| Session::with_kv_type(&model, ctx, KvType::F32).kv_bytes();
+    let ring = hp.sliding_window.unwrap() + moe_runtime::model::SWA_CHUNK - 1;
+    assert_eq!(bytes(512), (512 + 2 * ring) * per_pos);
+    assert_eq!(bytes(4096) - bytes(512), (4096 - 512) * per_pos);
+}
+
 /// MLA caches the normalised latent plus the shared rotary key, one "head" per token and layer,
 /// instead of per-head keys and values.
 #[test]

@@ -17,6 +17,9 @@ pub enum SourceDtype {
     F32,
     F16,
     BF16,
+    /// Raw bytes: packed quantized blocks and their scales (gpt-oss's MXFP4 `*_blocks` and
+    /// `*_scales`), read with [`Checkpoint::bytes`] by the architecture that knows their layout.
+    U8,
 }
 
 #[derive(Clone, Debug)]
@@ -61,10 +64,12 @@ impl Checkpoint {
                     Dtype::F32 => SourceDtype::F32,
                     Dtype::F16 => SourceDtype::F16,
                     Dtype::BF16 => SourceDtype::BF16,
+                    Dtype::U8 => SourceDtype::U8,
                     other => {
                         return Err(ConvertError::Input(format!(
                             "{}: tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 \
-                             checkpoints can be converted",
+                             checkpoints (and MXFP4 experts as U8 blocks and scales) can be \
+                             converted",
                             path.display()
                         )))
                     }
@@ -130,6 +135,14 @@ impl Checkpoint {
         let info = self.info(name)?;
         let map = &self.shards[info.file].1;
         let bytes = &map[info.range.clone()];
+        // Exactly once: growing by doubling would hold two copies of a large tensor (an
+        // embedding) at once.
+        let elem = match info.dtype {
+            SourceDtype::F32 => 4,
+            SourceDtype::F16 | SourceDtype::BF16 => 2,
+            SourceDtype::U8 => 1,
+        };
+        out.reserve_exact(bytes.len() / elem);
         match info.dtype {
             SourceDtype::F32 => out.extend(
                 bytes
@@ -146,9 +159,31 @@ impl Checkpoint {
                     .chunks_exact(2)
                     .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             ),
+            SourceDtype::U8 => {
+                return Err(ConvertError::Input(format!(
+                    "tensor `{name}` holds packed bytes (U8), not weights this architecture \
+                     reads as numbers; is config.json's model_type right?"
+                )))
+            }
         }
         release_pages(map, info.range.clone());
         Ok(())
+    }
+
+    /// A tensor's raw little-endian bytes (U8 tensors: packed blocks and scales).
+    pub fn bytes(&self, name: &str) -> Result<&[u8], ConvertError> {
+        let info = self.info(name)?;
+        Ok(&self.shards[info.file].1[info.range.clone()])
+    }
+
+    /// Runs `f` on a tensor's raw bytes, then drops its pages from this process's resident set
+    /// (as reading values does), so packing every layer's experts does not keep them all.
+    pub fn with_bytes<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> R) -> Result<R, ConvertError> {
+        let info = self.info(name)?;
+        let map = &self.shards[info.file].1;
+        let r = f(&map[info.range.clone()]);
+        release_pages(map, info.range.clone());
+        Ok(r)
     }
 
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, ConvertError> {

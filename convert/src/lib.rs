@@ -119,7 +119,7 @@ fn convert_plain(
             )));
         }
     }
-    let values = |i: usize| source::load_values(&ckpt, &plan.tensors[i].source);
+    let values = |i: usize| source::load(&ckpt, &plan.tensors[i].source);
     let mut summary =
         output::write_gguf(out, plan.arch_name, &plan.metadata, decls, values, progress)?;
     summary.elapsed = t0.elapsed();

@@ -12,6 +12,7 @@ use moe_runtime::moe::calib::CalibStats;
 use rayon::prelude::*;
 
 use crate::error::ConvertError;
+use crate::source::TensorData;
 
 /// What a conversion wrote.
 #[derive(Debug, Default)]
@@ -39,13 +40,14 @@ pub struct Tuned {
 pub type Progress<'a> = &'a (dyn Fn(u64, u64, &str) + Sync);
 
 /// Writes `metadata` and the tensors `decls` (in order) to `out`, encoding the f32 values that
-/// `values` returns for the tensor at each index. `elapsed` is left to the caller.
+/// `data` returns for the tensor at each index (or copying bytes already encoded).
+/// `elapsed` is left to the caller.
 pub(crate) fn write_gguf(
     out: &Path,
     arch: &str,
     metadata: &[(String, Value)],
     decls: Vec<TensorDecl>,
-    mut values: impl FnMut(usize) -> Result<Vec<f32>, ConvertError>,
+    mut data: impl FnMut(usize) -> Result<TensorData, ConvertError>,
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let total: u64 = decls
@@ -68,16 +70,32 @@ pub(crate) fn write_gguf(
         };
         let mut done = 0u64;
         for (i, decl) in decls.iter().enumerate() {
-            let values = values(i)?;
             let expected: usize = decl.dims.iter().product();
-            if values.len() != expected {
-                return Err(ConvertError::Shape {
-                    name: decl.name.clone(),
-                    expected: decl.dims.clone(),
-                    found: vec![values.len()],
-                });
-            }
-            let bytes = quantize_rows(decl.ty, &values, decl.dims[0]);
+            let bytes = match data(i)? {
+                TensorData::Values(values) => {
+                    if values.len() != expected {
+                        return Err(ConvertError::Shape {
+                            name: decl.name.clone(),
+                            expected: decl.dims.clone(),
+                            found: vec![values.len()],
+                        });
+                    }
+                    quantize_rows(decl.ty, &values, decl.dims[0])
+                }
+                TensorData::Encoded(bytes) => {
+                    if Some(bytes.len()) != decl.byte_size().ok() {
+                        return Err(ConvertError::Input(format!(
+                            "internal: `{}` was packed into {} bytes, its {} shape {:?} takes {:?}",
+                            decl.name,
+                            bytes.len(),
+                            decl.ty,
+                            decl.dims,
+                            decl.byte_size().ok()
+                        )));
+                    }
+                    bytes
+                }
+            };
             writer.write_tensor_data(&bytes)?;
             done += bytes.len() as u64;
             *summary

@@ -3,7 +3,7 @@
 
 use moe_runtime::gguf::{GgmlType, TensorDecl, Value};
 
-use crate::arch::{ArchConverter, ExpertMlp, ExpertSource, FfnSource};
+use crate::arch::{ArchConverter, ExpertMlp, ExpertSource, FfnSource, PreparedExperts};
 use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
 use crate::source::Source;
@@ -162,7 +162,10 @@ pub fn build(
     let tied = !ckpt.has("lm_head.weight");
     let mut tensors = Vec::new();
     let mut add = |name: String, dims: Vec<usize>, source: Source| {
-        let ty = choose_type(&name, &dims, ty, tied);
+        let ty = match &source {
+            Source::Packed(p) => p.ty(),
+            _ => choose_type(&name, &dims, ty, tied),
+        };
         tensors.push(PlannedTensor {
             decl: TensorDecl { name, dims, ty },
             source,
@@ -221,6 +224,11 @@ pub fn build(
             let o = hf("self_attn.o_proj.weight");
             ckpt.expect_shape(&o, &[d, q_dim])?;
             add(gg("attn_output.weight"), vec![q_dim, d], t(&o));
+            let ob = hf("self_attn.o_proj.bias");
+            if ckpt.has(&ob) {
+                ckpt.expect_shape(&ob, &[d])?;
+                add(gg("attn_output.bias"), vec![d], t(&ob));
+            }
             for (which, full) in [("q", q_dim), ("k", kv_dim)] {
                 let w = hf(&format!("self_attn.{which}_norm.weight"));
                 if ckpt.has(&w) {
@@ -236,6 +244,9 @@ pub fn build(
                     add(gg(&format!("attn_{which}_norm.weight")), vec![len], t(&w));
                 }
             }
+        }
+        for extra in conv.extra_layer_tensors(cfg, ckpt, l)? {
+            add(gg(&extra.name), extra.dims, extra.source);
         }
         ckpt.expect_shape(&hf("post_attention_layernorm.weight"), &[d])?;
         add(
@@ -311,6 +322,12 @@ pub fn build(
                             );
                         }
                         add(gg("ffn_down_exps.weight"), vec![ff, d, n_expert], t(&down));
+                    }
+                    ExpertSource::Prepared(prepared) => {
+                        let PreparedExperts { gate, up, down, ff } = *prepared;
+                        add(gg("ffn_gate_exps.weight"), vec![d, ff, n_expert], gate);
+                        add(gg("ffn_up_exps.weight"), vec![d, ff, n_expert], up);
+                        add(gg("ffn_down_exps.weight"), vec![ff, d, n_expert], down);
                     }
                 }
                 if let Some(sh) = shared {

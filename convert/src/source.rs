@@ -31,6 +31,26 @@ pub enum Source {
         name: String,
         how: Arc<dyn Rearrange>,
     },
+    /// Bytes already in a GGML block type, copied into the file as they are (no
+    /// requantisation): an architecture's pre-quantized weights, such as gpt-oss's MXFP4
+    /// experts. The planned tensor takes the packer's type whatever `--type` asks for.
+    Packed(Arc<dyn Pack>),
+}
+
+/// What one output tensor holds: f32 values the writer encodes in the planned type, or bytes
+/// already in it.
+pub enum TensorData {
+    Values(Vec<f32>),
+    Encoded(Vec<u8>),
+}
+
+/// Builds a tensor's bytes directly in a GGML block type from checkpoint tensors.
+pub trait Pack: Debug + Send + Sync {
+    /// The type of the bytes.
+    fn ty(&self) -> moe_runtime::gguf::GgmlType;
+
+    /// The tensor's bytes, rows in ggml order.
+    fn bytes(&self, ckpt: &Checkpoint) -> Result<Vec<u8>, ConvertError>;
 }
 
 /// A reordering of one checkpoint tensor's values that a single architecture needs.
@@ -38,6 +58,14 @@ pub trait Rearrange: Debug + Send + Sync {
     /// The output tensor's values (ggml order) from the whole HF tensor's (row-major). The plan
     /// has checked the HF tensor's shape.
     fn apply(&self, values: &[f32]) -> Vec<f32>;
+}
+
+/// Produces a planned tensor's data: packed bytes as they are, everything else as f32 values.
+pub fn load(ckpt: &Checkpoint, source: &Source) -> Result<TensorData, ConvertError> {
+    match source {
+        Source::Packed(p) => p.bytes(ckpt).map(TensorData::Encoded),
+        other => load_values(ckpt, other).map(TensorData::Values),
+    }
 }
 
 /// Produces the f32 values of a planned tensor (row-major in ggml order).
@@ -75,6 +103,12 @@ pub fn load_values(ckpt: &Checkpoint, source: &Source) -> Result<Vec<f32>, Conve
             all[part * half..(part + 1) * half].to_vec()
         }
         Source::Rearranged { name, how } => how.apply(&ckpt.read_f32(name)?),
+        Source::Packed(p) => {
+            let bytes = p.bytes(ckpt)?;
+            let mut out = vec![0f32; bytes.len() / p.ty().block_bytes() * p.ty().block_len()];
+            moe_runtime::tensor::quant::dequantize(p.ty(), &bytes, &mut out);
+            out
+        }
     })
 }
 

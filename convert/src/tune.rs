@@ -429,25 +429,32 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
     let values = |i: usize| {
         let o = &outs[i];
         let info = &h.tensors()[o.src];
-        let all = f32s(file.tensor_bytes(info));
+        // Packed experts (MXFP4) come back as their values; the rewrite encodes them in the
+        // type it chose.
+        let all = f32s(info.ty, file.tensor_bytes(info));
         let per: usize = info.dims[..info.dims.len() - 1].iter().product();
-        Ok(match &o.part {
+        Ok(crate::source::TensorData::Values(match &o.part {
             Part::All => all,
             Part::Rows(ids) => ids
                 .iter()
                 .flat_map(|&e| all[e * per..(e + 1) * per].iter().copied())
                 .collect(),
             Part::Slab(e) => all[e * per..(e + 1) * per].to_vec(),
-        })
+        }))
     };
     write_gguf(out, &arch, &meta, decls, values, &|_, _, _| {})
 }
 
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+fn f32s(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    if ty == GgmlType::F32 {
+        return bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+    }
+    let mut out = vec![0f32; bytes.len() / ty.block_bytes() * ty.block_len()];
+    moe_runtime::tensor::quant::dequantize(ty, bytes, &mut out);
+    out
 }
 
 #[cfg(test)]

@@ -186,6 +186,7 @@ mod tests {
         ReplySyntax {
             reasoning: Some(("<think>", "</think>")),
             tools: ToolSyntax::TaggedBlock,
+            harmony: false,
         }
     }
 
@@ -284,6 +285,34 @@ mod tests {
             (&json!("Hmm."), &json!("Yes."))
         );
         assert!(m.get("tool_calls").is_none());
+    }
+
+    /// gpt-oss's Harmony goes through the same path: analysis is reasoning, a message to a
+    /// function is a call (its `<|call|>` ends the generation as an end token).
+    #[test]
+    fn harmony_replies() {
+        let harmony = ReplySyntax::of_template("<|start|>{{ x }}<|channel|>final<|message|>");
+        assert!(harmony.harmony);
+        let reply = "<|channel|>analysis<|message|>Weather.<|end|><|start|>assistant<|channel|>\
+                     commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\":\"Oslo\"}";
+        let (deltas, a) = run(
+            &harmony,
+            "<|start|>assistant",
+            &[&reply[..30], &reply[30..]],
+        );
+        let m = a.message();
+        assert_eq!(m["reasoning_content"], "Weather.");
+        assert_eq!(m["content"], Value::Null);
+        assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather");
+        assert_eq!(a.finish_reason("stop"), "tool_calls");
+        assert!(!format!("{deltas:?}").contains("<|"));
+        // Without tools (tool_choice none, or none given), the message is text.
+        let no_tools = ReplySyntax {
+            tools: ToolSyntax::None,
+            ..harmony
+        };
+        let (_, a) = run(&no_tools, "", &[reply]);
+        assert_eq!(a.message()["content"], "{\"city\":\"Oslo\"}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::api::{self, ApiError, Endpoint, ResponseMeta};
 use crate::conn::ConnState;
 use crate::metrics::Metrics;
 use crate::prepare::{self, Prepared};
-use crate::respond::{self, worker_gone, SseBody};
+use crate::respond::{self, SseBody};
 use crate::worker::{self, Event, GenRequest, Job, Loaded};
 
 pub type BoxedBody = BoxBody<Bytes, Infallible>;
@@ -421,7 +421,7 @@ async fn generate(
     match first {
         Some(Event::Started) => worker_logged.store(true, Relaxed),
         Some(Event::Failed(e)) => return Err(e),
-        _ => return Err(worker_gone()),
+        _ => return Err(worker::gone()),
     }
 
     let answer = reply.map(|(syntax, tail)| Answer::new(&syntax, &tail, random_seed()));

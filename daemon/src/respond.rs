@@ -9,20 +9,12 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use hyper::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::answer::Answer;
 use crate::api::{ApiError, ResponseMeta, TokenLogprob};
-use crate::worker::Event;
-
-pub fn worker_gone() -> ApiError {
-    ApiError::status(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the generation ended without a result",
-    )
-}
+use crate::worker::{self, Event};
 
 /// Waits for the whole generation; the response JSON. `answer` is the chat reply's parser
 /// (None: completions); `logprobs`: they were asked for.
@@ -56,7 +48,7 @@ pub async fn collect(
                 });
             }
             Some(Event::Failed(e)) => return Err(e),
-            None => return Err(worker_gone()),
+            None => return Err(worker::gone()),
         }
     }
 }
@@ -166,7 +158,7 @@ impl SseBody {
                 self.finish();
             }
             None => {
-                self.push(&worker_gone().body());
+                self.push(&worker::gone().body());
                 self.finish();
             }
         }

@@ -88,12 +88,13 @@ pub struct GenRequest {
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Keep special tokens in the text (the reply parser reads markers some models write as
+    /// special tokens, such as Harmony's channels).
+    pub keep_special: bool,
     /// Report log-probabilities with this many alternatives.
     pub top_logprobs: Option<usize>,
     /// The grammar the output must match, compiled for this request.
     pub constraint: Option<Constraint>,
-    /// Special tokens stay in the text (for the reply parser).
-    pub keep_special: bool,
 }
 
 pub struct Job {
@@ -512,6 +513,14 @@ pub fn shutting_down() -> ApiError {
 /// A request refused (or dropped from the queue) because the server is shutting down.
 pub fn draining() -> ApiError {
     ApiError::unavailable("the server is shutting down", "shutting_down", 5)
+}
+
+/// A job's events ended without its result (the worker is gone).
+pub fn gone() -> ApiError {
+    ApiError::status(
+        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        "the generation ended without a result",
+    )
 }
 
 /// Incremental detokenizer (the scheme of Hugging Face's text-generation-inference): decodes a

@@ -9,11 +9,17 @@ without q LoRA with kv_lora_rank 256, qk nope/rope/v 64/32/64, 64 experts top-6 
 one group with sigmoid routing and a correction bias, 2 shared experts, layer 0 dense with FFN
 5632, vocab 32000), 12 layers by default: about 1.6 B parameters (Q8_0 about 1.7 GB).
 
+--arch gpt_oss: gpt-oss-20b's layer shapes (hidden 2880, 64 query / 8 KV heads of 64, 32
+experts top-4 of FFN 2880, vocab 201088, sliding window 128 on every other layer, YaRN, sinks
+and biases) with fewer layers (8 by default: about 3.6 B parameters, Q8_0 with MXFP4 experts
+about 4.9 GB). The experts are written as the Hub checkpoint stores them, MXFP4 blocks (random
+codes) and scales, everything else bf16.
+
 Weights are random (seeded), so routing is unrealistic: use it for speed in the resident case,
 not for caching studies. bf16 on disk by default, written layer by layer into shards so memory
 stays small.
 
-    python3 scripts/bench/make_bench_checkpoint.py OUT_DIR [--arch qwen3_moe|deepseek_v3] [--dtype bf16|f32] [--layers N]
+    python3 scripts/bench/make_bench_checkpoint.py OUT_DIR [--arch qwen3_moe|deepseek_v3|gpt_oss] [--dtype bf16|f32] [--layers N]
 """
 import argparse
 import json
@@ -37,14 +43,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
-    ap.add_argument("--arch", choices=["qwen3_moe", "deepseek_v3"], default="qwen3_moe")
-    ap.add_argument("--layers", type=int, default=None, help="default 24 (qwen3_moe) or 12 (deepseek_v3)")
+    ap.add_argument("--arch", choices=["qwen3_moe", "deepseek_v3", "gpt_oss"], default="qwen3_moe")
+    ap.add_argument("--layers", type=int, default=None, help="default 24 (qwen3_moe), 12 (deepseek_v3), 8 (gpt_oss)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.layers is None:
-        args.layers = 24 if args.arch == "qwen3_moe" else 12
+        args.layers = {"qwen3_moe": 24, "deepseek_v3": 12, "gpt_oss": 8}[args.arch]
     if args.arch == "deepseek_v3":
         return deepseek_v3(args)
+    if args.arch == "gpt_oss":
+        return gpt_oss(args)
 
     d, n_head, n_kv, hd, n_exp, top_k, ff, vocab = 1024, 16, 4, 64, 64, 8, 384, 32000
     os.makedirs(args.out, exist_ok=True)
@@ -248,6 +256,97 @@ def deepseek_v3(args):
             sf = ff * n_shared
             for n, shape in (("gate_proj", (sf, d)), ("up_proj", (sf, d)), ("down_proj", (d, sf))):
                 t[f"{p}.mlp.shared_experts.{n}.weight"] = tensor(shape, std)
+        w.write(f"model-layer-{l:03d}.safetensors", t)
+        print(f"layer {l + 1}/{args.layers}", flush=True)
+    w.finish()
+
+
+def gpt_oss(args):
+    d, n_head, n_kv, hd, n_exp, top_k, ff, vocab, window = 2880, 64, 8, 64, 32, 4, 2880, 201088, 128
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    config = {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "hidden_size": d,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": hd,
+        "num_local_experts": n_exp,
+        "num_experts_per_tok": top_k,
+        "intermediate_size": ff,
+        "vocab_size": vocab,
+        "sliding_window": window,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(args.layers)],
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 150000,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 4096},
+        "attention_bias": True,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16" if args.dtype == "bf16" else "float32",
+        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+    def tensor(shape, std):
+        a = rng.standard_normal(shape, dtype=np.float32) * std
+        return bf16_bits(a) if args.dtype == "bf16" else a
+
+    def ones(n):
+        a = np.ones(n, np.float32)
+        return bf16_bits(a) if args.dtype == "bf16" else a
+
+    def mxfp4(rows, cols):
+        # Random E2M1 codes; exponents around 2^-7, so values have a std near 0.02 like the rest.
+        blocks = rng.integers(0, 256, (n_exp, rows, cols // 32, 16), dtype=np.uint8)
+        scales = rng.integers(119, 122, (n_exp, rows, cols // 32), dtype=np.uint8)
+        return blocks, scales
+
+    w = Writer(args.out, args.dtype)
+    std = 0.02
+    w.write("model-embed.safetensors", {
+        "model.embed_tokens.weight": tensor((vocab, d), std),
+        "model.norm.weight": ones(d),
+        "lm_head.weight": tensor((vocab, d), std),
+    })
+    for l in range(args.layers):
+        p = f"model.layers.{l}"
+        a = f"{p}.self_attn"
+        e = f"{p}.mlp.experts"
+        t = {
+            f"{p}.input_layernorm.weight": ones(d),
+            f"{p}.post_attention_layernorm.weight": ones(d),
+            f"{a}.q_proj.weight": tensor((n_head * hd, d), std),
+            f"{a}.q_proj.bias": tensor((n_head * hd,), std),
+            f"{a}.k_proj.weight": tensor((n_kv * hd, d), std),
+            f"{a}.k_proj.bias": tensor((n_kv * hd,), std),
+            f"{a}.v_proj.weight": tensor((n_kv * hd, d), std),
+            f"{a}.v_proj.bias": tensor((n_kv * hd,), std),
+            f"{a}.o_proj.weight": tensor((d, n_head * hd), std),
+            f"{a}.o_proj.bias": tensor((d,), std),
+            f"{a}.sinks": tensor((n_head,), 1.0),
+            f"{p}.mlp.router.weight": tensor((n_exp, d), std),
+            f"{p}.mlp.router.bias": tensor((n_exp,), std),
+            f"{e}.gate_up_proj_bias": tensor((n_exp, 2 * ff), std),
+            f"{e}.down_proj_bias": tensor((n_exp, d), std),
+        }
+        # The MXFP4 bytes go in their own shard: safetensors.numpy writes them as U8 as they are.
+        blocks, scales = mxfp4(2 * ff, d)
+        down_blocks, down_scales = mxfp4(d, ff)
+        save_file({f"{e}.gate_up_proj_blocks": blocks, f"{e}.gate_up_proj_scales": scales,
+                   f"{e}.down_proj_blocks": down_blocks, f"{e}.down_proj_scales": down_scales},
+                  os.path.join(args.out, f"model-experts-{l:03d}.safetensors"))
+        for k in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"):
+            w.weight_map[f"{e}.{k}"] = f"model-experts-{l:03d}.safetensors"
         w.write(f"model-layer-{l:03d}.safetensors", t)
         print(f"layer {l + 1}/{args.layers}", flush=True)
     w.finish()

@@ -14,6 +14,10 @@ Usage:
   python scripts/check/llamacpp_parity.py /tmp/out                 # folder of <fixture>.gguf
   python scripts/check/llamacpp_parity.py a.gguf qwen3_moe_q8_0.gguf  # explicit files
 
+With --moe-run BIN, every prompt is also run by moe-run on the same file (`--dump-logits`, f32 KV
+cache) and the largest |moe-run - llama.cpp| / max |llama.cpp logit| is printed ("vs moe-run"):
+the two engines compared directly, whatever transformers says.
+
 A file maps to the fixture whose name is its stem, or the longest fixture name
 that prefixes the stem followed by "_", "-" or "." (qwen3_moe_q8_0.gguf ->
 qwen3_moe; name a bf16 conversion qwen3_moe.bf16.gguf, since qwen3_moe_bf16 is a fixture).
@@ -55,7 +59,11 @@ KNOWN_GRAPH_DIFFERENCES = {
     "deepseek_v2": (0.05, "llama.cpp scores expert groups by the sum of their best two experts (DeepSeek-V3's "
                           "rule) also for V2's group_limited_greedy, which takes the best expert; moe-edge "
                           "reads moe-edge's deepseek2.expert_group_score=max, llama.cpp ignores it"),
+    "gpt_oss_bf16": (5e-3, "llama.cpp rounds YaRN's correction range to whole dimensions (ggml_rope_yarn_corr_dims); "
+                           "gpt-oss's config says truncate=false, which transformers (and moe-edge, from "
+                           "gpt-oss.rope.scaling.yarn_truncate) honour: positions > 0 rotate slightly differently"),
 }
+KNOWN_GRAPH_DIFFERENCES["gpt_oss"] = KNOWN_GRAPH_DIFFERENCES["gpt_oss_bf16"]
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 GGML_TYPE_F32 = 0
 WARN, ERROR, CONT = 3, 4, 5  # ggml_log_level (ggml.h)
@@ -74,7 +82,18 @@ def fixture_for(path, names):
     return max(prefixes, key=len) if prefixes else None
 
 
-def run_file(llama_cpp, path, exp, fixture_dir, log):
+def moe_run_logits(moe_run, path, ids):
+    """moe-run's logits of every position of `ids` on `path` (f32 KV cache, like llama.cpp's here)."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "logits.npy"
+        subprocess.run([moe_run, "-m", str(path), "--tokens", ",".join(map(str, ids)), "-n", "0", "--dump-logits",
+                        str(out), "--kv-type", "f32", "--target-profile", "none"], check=True, capture_output=True)
+        return np.load(out)
+
+
+def run_file(llama_cpp, path, exp, fixture_dir, log, moe_run=None):
     """Per-prompt results and llama.cpp's load warnings; RuntimeError with llama.cpp's error if it won't load."""
     log.clear()
     try:
@@ -96,7 +115,12 @@ def run_file(llama_cpp, path, exp, fixture_dir, log):
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             greedy.append(tok)
             llm.eval([tok])
+        vs_ours = None
+        if moe_run:
+            ours = moe_run_logits(moe_run, path, ids)
+            vs_ours = float(np.abs(ours - got).max() / np.abs(got).max())
         results.append({
+            "vs_moe_run": vs_ours,
             "rel": float(np.abs(got - ref).max() / np.abs(ref).max()),
             "top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),
             "cos": float(((got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)).min()),
@@ -112,6 +136,7 @@ def main():
     ap.add_argument("--fixtures", type=Path, default=FIXTURES)
     ap.add_argument("--tol", type=float, default=1e-4, help="max rel diff for f32 files")
     ap.add_argument("--half-tol", type=float, default=2e-2, help="max rel diff for files with f16/bf16 tensors")
+    ap.add_argument("--moe-run", help="moe-run binary: also compare llama.cpp with moe-run on each file")
     args = ap.parse_args()
 
     try:
@@ -154,7 +179,7 @@ def main():
         kind = "quant" if quantized and "?" not in types else "/".join(sorted(t.lower() for t in types))
         exp = json.loads((args.fixtures / fx / "expected.json").read_text())
         try:
-            results, warnings = run_file(llama_cpp, path, exp, args.fixtures / fx, log)
+            results, warnings = run_file(llama_cpp, path, exp, args.fixtures / fx, log, args.moe_run)
         except RuntimeError as e:
             needle, reason = KNOWN_UNSUPPORTED.get(fx, (None, None))
             known = needle is not None and needle in str(e)
@@ -172,8 +197,9 @@ def main():
             file_ok &= ok or known or quantized
             verdict = ("ok" if ok else "differs, known llama.cpp graph difference" if known
                        else "differs (quantized: informational)" if quantized else "MISMATCH")
+            vs = "" if r["vs_moe_run"] is None else f"  (vs moe-run {r['vs_moe_run']:.2e})"
             print(f"{path.name:<26} {fx:<20} {kind:<10} {i:>6} {r['rel']:>10.2e} {r['top1']:>6.0%} {r['cos']:>8.5f} "
-                  f"{'yes' if r['greedy'] else 'no':>6}  {verdict}")
+                  f"{'yes' if r['greedy'] else 'no':>6}  {verdict}{vs}")
         for w in warnings:
             print(f"    llama.cpp warning: {w}")
         if known_reason and any(not (r["rel"] <= tol) for r in results):

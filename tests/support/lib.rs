@@ -23,6 +23,8 @@ pub const FIXTURES: &[&str] = &[
     "deepseek_v3",
     "glm4_moe",
     "ernie4_5_moe",
+    "gpt_oss",
+    "gpt_oss_bf16",
 ];
 
 #[derive(Debug, Deserialize)]

@@ -5,6 +5,7 @@
 mod deepseek2;
 mod ernie4_5_moe;
 mod glm4_moe;
+mod gpt_oss;
 mod granitemoe;
 mod mixtral;
 mod olmoe;
@@ -18,8 +19,9 @@ use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
 use crate::source::Source;
 
-/// One attention tensor of an architecture with its own attention layout: GGUF name within the
-/// block (`blk.{l}.` is prepended), ggml dims, and where the values come from.
+/// One tensor of a layer that an architecture describes itself (its own attention layout, or
+/// tensors beyond the shared ones): GGUF name within the block (`blk.{l}.` is prepended), ggml
+/// dims, and where the values come from.
 pub struct AttnTensor {
     pub name: String,
     pub dims: Vec<usize>,
@@ -64,6 +66,18 @@ pub enum ExpertSource {
     /// 3-D tensors for all experts: `gate_up` is `[n_expert, 2 * ff, d]` with the gate rows
     /// first, `down` is `[n_expert, d, ff]` (GraniteMoE, and transformers v5's fused layout).
     Fused { gate_up: String, down: String },
+    /// Stacked tensors the architecture builds itself (shapes checked by it): gate and up of
+    /// ggml dims `[d, ff, n_expert]`, down `[ff, d, n_expert]` (gpt-oss's interleaved and MXFP4
+    /// layouts).
+    Prepared(Box<PreparedExperts>),
+}
+
+/// [`ExpertSource::Prepared`]'s tensors.
+pub struct PreparedExperts {
+    pub gate: Source,
+    pub up: Source,
+    pub down: Source,
+    pub ff: usize,
 }
 
 pub struct SharedSource {
@@ -103,6 +117,17 @@ pub trait ArchConverter {
         _l: usize,
     ) -> Result<Option<Vec<AttnTensor>>, ConvertError> {
         Ok(None)
+    }
+
+    /// Tensors of layer `l` beyond the shared ones (biases, attention sinks), written after
+    /// its attention.
+    fn extra_layer_tensors(
+        &self,
+        _cfg: &Config,
+        _ckpt: &Checkpoint,
+        _l: usize,
+    ) -> Result<Vec<AttnTensor>, ConvertError> {
+        Ok(Vec::new())
     }
 
     /// Whether `metadata` writes the rope scaling keys itself (otherwise only unscaled rope is
@@ -176,13 +201,14 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "deepseek_v3" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V3)),
         "glm4_moe" => Box::new(glm4_moe::Glm4Moe),
         "ernie4_5_moe" => Box::new(ernie4_5_moe::Ernie45Moe),
+        "gpt_oss" => Box::new(gpt_oss::GptOss),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
                      qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, \
-                     glm4_moe, ernie4_5_moe)"
+                     glm4_moe, ernie4_5_moe, gpt_oss)"
                 ),
             })
         }

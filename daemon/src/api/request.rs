@@ -74,7 +74,9 @@ pub struct ChatMessage {
     pub tool_calls: Option<Value>,
     /// A tool message's answer to this call.
     pub tool_call_id: Option<String>,
-    /// An assistant message's reasoning, for templates that show earlier reasoning.
+    /// An assistant message's reasoning, for templates that show earlier reasoning (also
+    /// accepted as `thinking` or `reasoning`).
+    #[serde(alias = "thinking", alias = "reasoning")]
     pub reasoning_content: Option<String>,
 }
 

@@ -47,6 +47,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    harmony: bool,
 }
 
 impl ChatTemplate {
@@ -65,7 +66,13 @@ impl ChatTemplate {
             env,
             bos_token,
             eos_token,
+            harmony: crate::reply::is_harmony_template(source),
         })
+    }
+
+    /// Whether replies come in gpt-oss's Harmony format (reasoning and answer on channels).
+    pub fn is_harmony(&self) -> bool {
+        self.harmony
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opening.
@@ -96,7 +103,7 @@ impl ChatTemplate {
     ) -> Result<String, ApiError> {
         let mut msgs = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
-            msgs.push(message_context(i, m, object_arguments)?);
+            msgs.push(message_context(i, m, object_arguments, self.harmony)?);
         }
         let tmpl = self.env.get_template("chat").map_err(|e| {
             ApiError::status(hyper::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -127,8 +134,14 @@ impl ChatTemplate {
 
 /// One message as templates see it: `role`, `content` (text), and where given `name`,
 /// `tool_calls` (with JSON-text arguments parsed into objects, as transformers' templates
-/// expect and llama.cpp's server passes them), `tool_call_id` and `reasoning_content`.
-fn message_context(i: usize, m: &ChatMessage, object_arguments: bool) -> Result<Value, ApiError> {
+/// expect and llama.cpp's server passes them), `tool_call_id` and `reasoning_content` (also as
+/// `thinking` for a Harmony template).
+fn message_context(
+    i: usize,
+    m: &ChatMessage,
+    object_arguments: bool,
+    harmony: bool,
+) -> Result<Value, ApiError> {
     if !matches!(
         m.role.as_str(),
         "system" | "user" | "assistant" | "tool" | "developer"
@@ -158,6 +171,11 @@ fn message_context(i: usize, m: &ChatMessage, object_arguments: bool) -> Result<
     }
     if let Some(r) = &m.reasoning_content {
         obj.insert("reasoning_content".into(), Json::String(r.clone()));
+        // gpt-oss's template reads an earlier turn's reasoning as `thinking`; llama.cpp's
+        // server copies it there for that template.
+        if harmony {
+            obj.insert("thinking".into(), Json::String(r.clone()));
+        }
     }
     Ok(Value::from_serialize(&obj))
 }
@@ -396,5 +414,62 @@ mod tests {
         };
         let e = t.render(&[bad], &opts).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls"));
+    }
+
+    /// gpt-oss's template as llama.cpp ships it (`models/templates/openai-gpt-oss-120b.jinja`,
+    /// fetched by scripts/fixtures/fetch_llama_cpp_files.sh; it calls transformers'
+    /// `strftime_now`) renders exactly as transformers' apply_chat_template renders it (the
+    /// expected text is transformers 5.24's output, today's date aside), an earlier turn's
+    /// `reasoning_content` reaching it as `thinking`; it is recognised as Harmony.
+    #[test]
+    fn gpt_oss_template_renders_as_transformers() {
+        let dir = match std::env::var_os("MOE_EDGE_TEMPLATE_DIR") {
+            Some(d) => std::path::PathBuf::from(d),
+            None => repo_tests().join("fixtures/templates"),
+        };
+        let path = dir.join("openai-gpt-oss-120b.jinja");
+        let Ok(source) = std::fs::read_to_string(&path) else {
+            let note = format!(
+                "{} is missing: run scripts/fixtures/fetch_llama_cpp_files.sh",
+                path.display()
+            );
+            assert!(
+                std::env::var("MOE_EDGE_REQUIRE_VOCAB").as_deref() != Ok("1"),
+                "{note} (MOE_EDGE_REQUIRE_VOCAB=1)"
+            );
+            eprintln!("note: skipping: {note}");
+            return;
+        };
+        let t = ChatTemplate::new(&source, "<|startoftext|>".into(), "<|return|>".into()).unwrap();
+        assert!(t.is_harmony());
+        let mut answer = msg("assistant", "Hi!");
+        answer.reasoning_content = Some("User greets.".into());
+        let out = render(
+            &t,
+            &[
+                msg("system", "You are terse."),
+                msg("user", "Say hi"),
+                answer,
+                msg("user", "Again <b>&</b>"),
+            ],
+        )
+        .unwrap();
+        let date = ChatTemplate::new(
+            "{{ strftime_now('%Y-%m-%d') }}",
+            String::new(),
+            String::new(),
+        );
+        let today = render(&date.unwrap(), &[msg("user", "u")]).unwrap();
+        let want = "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\nCurrent date: DATE\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|><|start|>developer<|message|># Instructions\n\nYou are terse.\n\n<|end|><|start|>user<|message|>Say hi<|end|><|start|>assistant<|channel|>final<|message|>Hi!<|end|><|start|>user<|message|>Again <b>&</b><|end|><|start|>assistant";
+        assert_eq!(out, want.replace("DATE", &today));
+        let out = render(&t, &[msg("user", "x")]).unwrap();
+        assert!(out.ends_with("<|end|><|start|>user<|message|>x<|end|><|start|>assistant"));
+        assert!(!out.contains("<|start|>developer"));
+        // Not Harmony: the fixtures' ChatML.
+        assert!(
+            !ChatTemplate::new(FIXTURE_CHATML, String::new(), String::new())
+                .unwrap()
+                .is_harmony()
+        );
     }
 }

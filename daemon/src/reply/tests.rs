@@ -48,7 +48,11 @@ fn reasoning(s: &str) -> ReplyEvent {
 }
 
 fn syntax(reasoning: Option<(&'static str, &'static str)>, tools: ToolSyntax) -> ReplySyntax {
-    ReplySyntax { reasoning, tools }
+    ReplySyntax {
+        reasoning,
+        tools,
+        harmony: false,
+    }
 }
 
 const THINK: Option<(&str, &str)> = Some(("<think>", "</think>"));

@@ -2,6 +2,7 @@
 //! traits; it never tests the architecture name.
 
 use crate::gguf::GgufHeader;
+use crate::moe::experts::Glu;
 use crate::moe::router::Gating;
 
 use super::error::ModelError;
@@ -20,6 +21,8 @@ pub enum Arch {
     Glm4Moe,
     /// llama.cpp's `ernie4_5-moe`: ERNIE-4.5 MoE (21B-A3B, 300B-A47B).
     Ernie45Moe,
+    /// OpenAI's gpt-oss (llama.cpp's `gpt-oss`, `LLM_ARCH_OPENAI_MOE`).
+    GptOss,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -69,10 +72,20 @@ pub struct ArchTraits {
     pub default_gating: Gating,
     /// The block's tensor holding the norm before the feed-forward half (`blk.N.<name>.weight`).
     pub ffn_norm_tensor: &'static str,
+    /// With a sliding window, when the file does not say
+    /// (`{arch}.attention.sliding_window_pattern`): in each group of this many layers the last
+    /// attends to the whole context and the others to the window (llama.cpp's
+    /// `set_swa_pattern`); 0 = every layer uses the window.
+    pub default_swa_pattern: usize,
+    /// The experts' gated activation.
+    pub expert_glu: Glu,
+    /// Whether YaRN's correction range is rounded to whole dimensions when the file does not say
+    /// (moe-edge's `{arch}.rope.scaling.yarn_truncate`; transformers' `truncate`).
+    pub default_yarn_truncate: bool,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 8] = [
+    pub const ALL: [Arch; 9] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
@@ -81,6 +94,7 @@ impl Arch {
         Arch::Deepseek2,
         Arch::Glm4Moe,
         Arch::Ernie45Moe,
+        Arch::GptOss,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -94,6 +108,7 @@ impl Arch {
             Arch::Deepseek2 => "deepseek2",
             Arch::Glm4Moe => "glm4moe",
             Arch::Ernie45Moe => "ernie4_5-moe",
+            Arch::GptOss => "gpt-oss",
         }
     }
 
@@ -111,6 +126,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Qwen2Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -120,6 +138,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Qwen3Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -129,6 +150,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Olmoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -138,6 +162,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::GraniteMoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -148,6 +175,9 @@ impl Arch {
                 has_granite_scales: true,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Deepseek2 => ArchTraits {
                 attention: AttentionKind::Mla,
@@ -160,6 +190,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Glm4Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -171,6 +204,9 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Sigmoid,
                 ffn_norm_tensor: "post_attention_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
             },
             Arch::Ernie45Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -183,6 +219,30 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
+            },
+            // llama.cpp's llama_model_openai_moe: load_swa_pattern(ml, 2), the softmax over the
+            // selected logits (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT), and
+            // LLM_FFN_SWIGLU_OAI_MOE with alpha 1.702 and limit 7 (transformers' GptOssConfig
+            // defaults). Both released checkpoints set YaRN's `truncate: false`, which
+            // transformers honours (llama.cpp rounds the correction range outward in any case).
+            Arch::GptOss => ArchTraits {
+                attention: AttentionKind::Gqa,
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::None,
+                // The softmax over the selected logits already sums to one.
+                default_norm_topk: false,
+                has_granite_scales: false,
+                default_gating: Gating::SoftmaxWeight,
+                ffn_norm_tensor: "post_attention_norm",
+                default_swa_pattern: 2,
+                expert_glu: Glu::SwigluOai {
+                    alpha: 1.702,
+                    limit: 7.0,
+                },
+                default_yarn_truncate: false,
             },
         }
     }

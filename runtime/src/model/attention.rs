@@ -82,25 +82,36 @@ pub fn attention(
             rope(head, cos_sin, hp.traits.rope, hp.rope_dim);
         }
     }
-    kv.store(pos0, &s.k, &s.v, n);
 
     // softmax(q K^T * scale) V over the cached positions      [n, hq * dv]
+    // A sliding-window layer's ring has room for one chunk of the batch beyond its window, so
+    // the batch is stored and attended chunk by chunk (decoding is one chunk of one token).
+    let chunk = match a.window {
+        Some(w) if kv.slots() < pos0 + n => kv.slots() + 1 - w,
+        _ => n,
+    };
     s.attended.resize(n * hq * dv, 0.0);
-    attend(
-        k,
-        kv,
-        &s.q,
-        (hq, hkv, dk, dv),
-        pos0,
-        hp.sliding_window,
-        hp.attention_scale,
-        &mut s.attended,
-        &mut s.scores,
-    );
+    for c0 in (0..n).step_by(chunk) {
+        let c = chunk.min(n - c0);
+        kv.store(pos0 + c0, &s.k[c0 * hkv * dk..], &s.v[c0 * hkv * dv..], c);
+        attend(
+            k,
+            kv,
+            &s.q[c0 * hq * dk..(c0 + c) * hq * dk],
+            (hq, hkv, dk, dv),
+            pos0 + c0,
+            a.window,
+            a.sinks.as_deref(),
+            hp.attention_scale,
+            &mut s.attended[c0 * hq * dv..(c0 + c) * hq * dv],
+            &mut s.scores,
+        );
+    }
     prof.lap(Phase::AttnCore);
 
-    // out = W_o attended                                      [n, d]
+    // out = W_o attended (+ b)                                [n, d]
     out.resize(n * hp.n_embd, 0.0);
     matmul(k, &a.wo, &s.attended, n, out, &mut s.mm);
+    add_bias_rows(out, a.bo.as_deref());
     prof.lap(Phase::AttnProjections);
 }

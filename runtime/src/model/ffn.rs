@@ -8,11 +8,11 @@
 
 use super::error::ModelError;
 use super::hparams::HParams;
-use super::ops::sigmoid;
+use super::ops::{add_bias_rows, sigmoid};
 use super::profile::{Phase, Profiler};
 use super::weights::{Ffn, MoeBlock};
 use crate::moe::cache::{ExpertCache, ExpertGuard};
-use crate::moe::experts::{add_transposed, run_experts, Assignment, ExpertJob, ExpertScratch};
+use crate::moe::experts::{add_transposed, run_experts, Assignment, ExpertJob, ExpertScratch, Glu};
 use crate::moe::lossy::{self, LossyStats, RouteOptions};
 use crate::moe::router::{route_with, Route};
 use crate::tensor::matrix::Activations;
@@ -126,13 +126,13 @@ pub fn feed_forward(
             prof.lap(Phase::Routing);
             // Routed experts in index order, then the shared expert: a fixed summation order.
             match source {
-                ExpertSource::Resident => run_resident(k, moe, s),
+                ExpertSource::Resident => run_resident(k, hp.expert_glu, moe, s),
                 ExpertSource::Streamed(cache) => {
                     cache.record_use(layer, &s.active);
                     let active = std::mem::take(&mut s.active);
-                    let ran = active
-                        .chunks(cache.slots())
-                        .try_for_each(|group| run_arriving(k, cache, layer, group, s, prof));
+                    let ran = active.chunks(cache.slots()).try_for_each(|group| {
+                        run_arriving(k, cache, (layer, hp.expert_glu), moe, group, s, prof)
+                    });
                     s.active = active;
                     ran?;
                 }
@@ -154,6 +154,8 @@ fn run_always_on(k: &Kernels, slot: usize, mlp: &Mlp, s: &mut FfnScratch) {
     let jobs = [ExpertJob {
         mlp: *mlp,
         tokens: s.assigned.tokens(slot),
+        glu: Glu::Silu,
+        bias: None,
     }];
     run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
 }
@@ -176,14 +178,18 @@ fn route_batch(
     let n_expert = hp.n_expert;
     s.router_logits.resize(n * n_expert, 0.0);
     match decided {
-        None => matmul(
-            k,
-            &moe.router,
-            &s.input.x,
-            n,
-            &mut s.router_logits,
-            &mut s.mm,
-        ),
+        None => {
+            matmul(
+                k,
+                &moe.router,
+                &s.input.x,
+                n,
+                &mut s.router_logits,
+                &mut s.mm,
+            );
+            // gpt-oss's router is a linear layer with a bias.
+            add_bias_rows(&mut s.router_logits, moe.router_bias.as_deref());
+        }
         Some(logits) => s.router_logits.copy_from_slice(&logits[..n * n_expert]),
     }
     if let Some(mask) = &control.mask {
@@ -243,7 +249,7 @@ fn route_batch(
 
 /// The active experts from the memory map, in groups of a fixed-capacity list: no allocation
 /// per step, and consecutive groups sum exactly as one call would.
-fn run_resident(k: &Kernels, moe: &MoeBlock, s: &mut FfnScratch) {
+fn run_resident(k: &Kernels, glu: Glu, moe: &MoeBlock, s: &mut FfnScratch) {
     for group in s.active.chunks(JOBS_PER_PASS) {
         let jobs: heapless::Vec<ExpertJob, JOBS_PER_PASS> = group
             .iter()
@@ -254,6 +260,8 @@ fn run_resident(k: &Kernels, moe: &MoeBlock, s: &mut FfnScratch) {
                     down: moe.experts.down.expert(e as usize),
                 },
                 tokens: s.assigned.tokens(e as usize),
+                glu,
+                bias: moe.expert_biases.as_ref().map(|b| b.of(e as usize)),
             })
             .collect();
         run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
@@ -273,7 +281,8 @@ const EARLY_OUT_FLOATS: usize = 1 << 22;
 fn run_arriving(
     k: &Kernels,
     cache: &ExpertCache,
-    layer: usize,
+    (layer, glu): (usize, Glu),
+    moe: &MoeBlock,
     group: &[u32],
     s: &mut FfnScratch,
     prof: &mut Profiler,
@@ -302,6 +311,8 @@ fn run_arriving(
             let job = [ExpertJob {
                 mlp: first.mlp(),
                 tokens: s.assigned.tokens(group[i] as usize),
+                glu,
+                bias: moe.expert_biases.as_ref().map(|b| b.of(group[i] as usize)),
             }];
             run_experts(k, &job, &s.input, out, &mut s.experts);
             s.early_done[i] = true;
@@ -328,6 +339,8 @@ fn run_arriving(
             .map(|(g, &e)| ExpertJob {
                 mlp: g.mlp(),
                 tokens: s.assigned.tokens(e as usize),
+                glu,
+                bias: moe.expert_biases.as_ref().map(|b| b.of(e as usize)),
             })
             .collect();
         run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);

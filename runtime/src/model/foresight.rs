@@ -234,6 +234,12 @@ impl Foresight {
                     &mut self.predict_logits,
                     &mut self.mm,
                 );
+                if let Some(b) = &moe.router_bias {
+                    self.predict_logits
+                        .iter_mut()
+                        .zip(b)
+                        .for_each(|(v, b)| *v += b);
+                }
                 let r = route_with(
                     &hp.routing,
                     &self.predict_logits,

@@ -4,6 +4,7 @@ use crate::gguf::{GgufHeader, Value};
 
 use super::arch::{Arch, ArchTraits, AttentionKind};
 use super::error::ModelError;
+use crate::moe::experts::Glu;
 use crate::moe::router::{Gating, GroupLimit, GroupScore, RoutingSpec, MAX_EXPERTS_USED};
 
 /// Multi-head latent attention dimensions (DeepSeek-V2/V3). In the file, `head_dim_k` /
@@ -25,14 +26,16 @@ impl MlaParams {
     }
 }
 
-/// YaRN context extension as transformers' `_compute_yarn_parameters` applies it (truncated
-/// correction range).
+/// YaRN context extension as transformers' `_compute_yarn_parameters` applies it.
 #[derive(Clone, Copy, Debug)]
 pub struct Yarn {
     pub factor: f32,
     pub original_ctx: usize,
     pub beta_fast: f32,
     pub beta_slow: f32,
+    /// Whether the correction range is rounded outward to whole dimensions (transformers'
+    /// `truncate`; llama.cpp always rounds).
+    pub truncate: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -63,14 +66,20 @@ pub struct HParams {
     pub logit_divisor: f32,
     /// Clamp q, k, v to [-c, c] (OLMoE's clip_qkv).
     pub clamp_qkv: Option<f32>,
-    /// Keys older than this many positions are masked (Mixtral's sliding_window).
+    /// Keys older than this many positions are masked (Mixtral's sliding_window), in the
+    /// layers `swa_layers` marks.
     pub sliding_window: Option<usize>,
+    /// Per layer, whether it attends within `sliding_window` only (all layers unless the
+    /// architecture or the file gives a pattern).
+    pub swa_layers: Vec<bool>,
     /// Latent attention dimensions when the architecture uses MLA.
     pub mla: Option<MlaParams>,
     pub yarn: Option<Yarn>,
     /// Multiplies rope's cos and sin (YaRN's attention factor; 1 without scaling).
     pub rope_attn_factor: f32,
     pub routing: RoutingSpec,
+    /// The routed experts' gated activation.
+    pub expert_glu: Glu,
 }
 
 pub(crate) struct Meta<'h> {
@@ -165,7 +174,7 @@ impl HParams {
                 why: format!("{rope_dim} must be even and at most the head size {head_dim_k}"),
             });
         }
-        let (yarn, rope_attn_factor, yarn_mscale) = rope_scaling(&m)?;
+        let (yarn, rope_attn_factor, yarn_mscale) = rope_scaling(&m, &traits)?;
         let n_expert = m.usize("expert_count")?;
         let n_expert_used = m.usize("expert_used_count")?;
         if n_expert == 0
@@ -185,6 +194,7 @@ impl HParams {
             .opt_bool("expert_weights_norm")?
             .unwrap_or(traits.default_norm_topk);
         let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk, traits)?;
+        let n_layer = trunk_layers(&m)?;
         let mla = match traits.attention {
             AttentionKind::Gqa => None,
             AttentionKind::Mla => Some(mla_params(&m, head_dim_k, head_dim_v, rope_dim)?),
@@ -205,7 +215,7 @@ impl HParams {
             traits,
             n_vocab,
             n_embd,
-            n_layer: trunk_layers(&m)?,
+            n_layer,
             n_head,
             n_head_kv,
             head_dim_k,
@@ -230,11 +240,19 @@ impl HParams {
             logit_divisor,
             clamp_qkv: m.opt_f32("attention.clamp_kqv")?.filter(|c| *c > 0.0),
             sliding_window: m.opt_usize("attention.sliding_window")?.filter(|w| *w > 0),
+            swa_layers: swa_layers(&m, &traits, n_layer)?,
             mla,
             yarn,
             rope_attn_factor,
             routing,
+            expert_glu: traits.expert_glu,
         })
+    }
+
+    /// The window layer `layer` attends within, if any.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.swa_layers.get(layer).copied().unwrap_or(true))
     }
 
     /// Rope inverse frequencies, `[rope_dim / 2]`, with transformers' f32 arithmetic.
@@ -247,13 +265,18 @@ impl HParams {
         let Some(y) = self.yarn else {
             return plain;
         };
-        // transformers: find_correction_range in f64, floor/ceil (truncate), clamped to [0, dim-1].
+        // transformers: find_correction_range in f64, floor/ceil when truncating, clamped to
+        // [0, dim-1].
         let corr = |rot: f64| {
             (dim as f64 * (y.original_ctx as f64 / (rot * 2.0 * std::f64::consts::PI)).ln())
                 / (2.0 * (base as f64).ln())
         };
-        let low = corr(y.beta_fast as f64).floor().max(0.0) as f32;
-        let mut high = corr(y.beta_slow as f64).ceil().min(dim as f64 - 1.0) as f32;
+        let (mut low, mut high) = (corr(y.beta_fast as f64), corr(y.beta_slow as f64));
+        if y.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let low = low.max(0.0) as f32;
+        let mut high = high.min(dim as f64 - 1.0) as f32;
         if low == high {
             high += 0.001;
         }
@@ -293,9 +316,39 @@ fn yarn_get_mscale(scale: f32, mscale: f32) -> f32 {
     }
 }
 
+/// Which layers use the sliding window: llama.cpp's `{arch}.attention.sliding_window_pattern`
+/// (a period, or one bool per layer) when the file has it, else the architecture's period.
+fn swa_layers(m: &Meta, traits: &ArchTraits, n_layer: usize) -> Result<Vec<bool>, ModelError> {
+    let key = "attention.sliding_window_pattern";
+    let bad = |why: String| ModelError::Metadata {
+        key: m.key(key),
+        why,
+    };
+    let period = match m.get(key) {
+        Some(Value::Array(_, items)) => {
+            let flags: Option<Vec<bool>> = items.iter().map(Value::as_bool).collect();
+            return match flags {
+                Some(f) if f.len() >= n_layer => Ok(f[..n_layer].to_vec()),
+                _ => Err(bad(format!(
+                    "must be a period or one bool per layer ({n_layer}), found {items:?}"
+                ))),
+            };
+        }
+        Some(v) => v
+            .as_u64()
+            .and_then(|p| usize::try_from(p).ok())
+            .ok_or_else(|| bad(format!("must be a period or a bool array, found {v:?}")))?,
+        None => traits.default_swa_pattern,
+    };
+    // llama.cpp's llama_hparams::set_swa_pattern.
+    Ok((0..n_layer)
+        .map(|il| period == 0 || il % period < period - 1)
+        .collect())
+}
+
 /// Reads rope scaling as llama.cpp's converter writes it. Returns (YaRN parameters, cos/sin
 /// factor, the mscale that enters the softmax scale squared).
-fn rope_scaling(m: &Meta) -> Result<(Option<Yarn>, f32, f32), ModelError> {
+fn rope_scaling(m: &Meta, traits: &ArchTraits) -> Result<(Option<Yarn>, f32, f32), ModelError> {
     let kind = m.get("rope.scaling.type").and_then(|v| v.as_str());
     match kind {
         None | Some("none") => return Ok((None, 1.0, 1.0)),
@@ -321,6 +374,10 @@ fn rope_scaling(m: &Meta) -> Result<(Option<Yarn>, f32, f32), ModelError> {
         original_ctx: m.usize("rope.scaling.original_context_length")?,
         beta_fast: m.opt_f32("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
         beta_slow: m.opt_f32("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+        // moe-edge's key, written from the config's `truncate`.
+        truncate: m
+            .opt_bool("rope.scaling.yarn_truncate")?
+            .unwrap_or(traits.default_yarn_truncate),
     };
     // llama.cpp's DeepSeek converter stores 0.1 * mscale_all_dim here and, like llama.cpp's
     // runtime, the file implies mscale == mscale_all_dim, so cos/sin are unscaled; a different
@@ -349,14 +406,16 @@ fn routing_spec(
     traits: ArchTraits,
 ) -> Result<RoutingSpec, ModelError> {
     // llama.cpp's enum llama_expert_gating_func_type: 0 none (the architecture's default),
-    // 1 softmax, 2 sigmoid.
+    // 1 softmax, 2 sigmoid, 3 softmax over the selected logits.
     let gating = match m.opt_usize("expert_gating_func")? {
         None | Some(0) => traits.default_gating,
         Some(1) => Gating::Softmax,
         Some(2) => Gating::Sigmoid,
+        Some(3) => Gating::SoftmaxWeight,
         Some(other) => {
             return Err(ModelError::Unsupported(format!(
-                "expert gating function {other} is not implemented (1 softmax, 2 sigmoid)"
+                "expert gating function {other} is not implemented (1 softmax, 2 sigmoid, 3 \
+                 softmax over the selected)"
             )))
         }
     };

@@ -130,6 +130,7 @@ pub fn mla_attention(
         (h, 1, dc, r),
         pos0,
         hp.sliding_window,
+        None,
         hp.attention_scale,
         &mut s.lat,
         &mut s.scores,

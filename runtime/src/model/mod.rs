@@ -24,8 +24,8 @@ pub use foresight::PredictionStats;
 pub use forward::{ExpertStreaming, SavedSequence, Session};
 pub use hparams::{HParams, MlaParams, Yarn};
 pub use observe::LayerRouting;
-pub use state::{KvLayer, KvShape, KvType, LayerState, SequenceState};
+pub use state::{KvLayer, KvShape, KvType, LayerState, SequenceState, SWA_CHUNK};
 pub use weights::{
-    Attention, ExpertSlab, Experts, Ffn, Layer, Mixer, MlaAttention, Mlp, Model, MoeBlock,
-    QkNormWeights, QueryProj, SharedExpert, StackedExperts,
+    Attention, ExpertBiases, ExpertSlab, Experts, Ffn, Layer, Mixer, MlaAttention, Mlp, Model,
+    MoeBlock, QkNormWeights, QueryProj, SharedExpert, StackedExperts,
 };

@@ -116,7 +116,9 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// The attention core: `out[t, h, :] = softmax(q[t, h] . K^T * scale) V` over positions
 /// `0..=pos0 + t` (within the window): `q` is `[n, hq, dk]`, `out` is `[n, hq, dv]`, query head
-/// `h` reads KV head `h / (hq / hkv)`.
+/// `h` reads KV head `h / (hq / hkv)`. With `sinks`, head `h`'s softmax also takes the logit
+/// `sinks[h]`, which has no value (gpt-oss's attention sinks: the probabilities sum to less
+/// than one).
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     k: &Kernels,
@@ -125,6 +127,7 @@ pub fn attend(
     (hq, hkv, dk, dv): (usize, usize, usize, usize),
     pos0: usize,
     window: Option<usize>,
+    sinks: Option<&[f32]>,
     scale: f32,
     out: &mut [f32],
     scores: &mut Vec<f32>,
@@ -136,7 +139,7 @@ pub fn attend(
     // thread balance a prompt's causal rows, whose lengths differ.
     let tasks = (rayon::current_num_threads() * 8).clamp(1, pairs.max(1));
     let per_task = pairs.div_ceil(tasks);
-    let ctx = kv.n_ctx();
+    let ctx = kv.slots();
     scores.resize(tasks * ctx, 0.0);
     out.par_chunks_mut(per_task * dv)
         .zip(scores.par_chunks_mut(ctx))
@@ -149,7 +152,8 @@ pub fn attend(
                 let end = pos0 + t + 1;
                 let start = window.map_or(0, |w| end.saturating_sub(w));
                 let scores = &mut scores[..end - start];
-                let mut max = f32::NEG_INFINITY;
+                let sink = sinks.map(|s| s[h]);
+                let mut max = sink.unwrap_or(f32::NEG_INFINITY);
                 for (sc, j) in scores.iter_mut().zip(start..end) {
                     *sc = kv.key_dot(k, j, kvh, qh) * scale;
                     max = max.max(*sc);
@@ -158,6 +162,9 @@ pub fn attend(
                 for sc in scores.iter_mut() {
                     *sc = (*sc - max).exp();
                     sum += *sc;
+                }
+                if let Some(sink) = sink {
+                    sum += (sink - max).exp();
                 }
                 let inv = 1.0 / sum;
                 out.fill(0.0);

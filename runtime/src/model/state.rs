@@ -1,7 +1,9 @@
 //! What a session keeps per layer between forward passes, in one store: the KV cache of
 //! attention layers (f16 by default, half the memory like llama.cpp; f32 on request for
 //! bit-exact comparisons against references). Allocated once for the whole context, so decoding
-//! allocates nothing. Recurrent layer kinds add their fixed-size state here.
+//! allocates nothing; a sliding-window layer keeps only a ring of its window (plus room for one
+//! chunk of a batch), so its memory does not grow with the context. Recurrent layer kinds add
+//! their fixed-size state here.
 
 use half::f16;
 
@@ -31,7 +33,13 @@ impl KvType {
     }
 }
 
-/// `[n_ctx, width]` keys and values.
+/// A sliding-window layer's ring holds its window plus `SWA_CHUNK - 1` positions, and attention
+/// stores and attends a batch in chunks of at most `SWA_CHUNK` tokens: the oldest key the first
+/// token of a chunk needs is still there when the chunk's last one is stored (llama.cpp sizes
+/// its SWA cache the same way, window plus a micro-batch).
+pub const SWA_CHUNK: usize = 32;
+
+/// `[slots, width]` keys and values.
 enum Store {
     F32 {
         keys: Vec<f32>,
@@ -55,9 +63,10 @@ pub struct KvShape {
     pub values_in_keys: bool,
 }
 
-/// One attention layer's KV cache.
+/// One attention layer's KV cache: position `p` lives in slot `p % slots` (every position of the
+/// context has its own slot unless the layer keeps a sliding-window ring).
 pub struct KvLayer {
-    n_ctx: usize,
+    slots: usize,
     /// Width of one position's keys (`n_head_kv * head_dim_k`) and values.
     k_width: usize,
     v_width: usize,
@@ -68,7 +77,8 @@ pub struct KvLayer {
 }
 
 impl KvLayer {
-    pub fn new(shape: KvShape, n_ctx: usize, ty: KvType) -> Self {
+    /// A cache of `slots` positions.
+    pub fn new(shape: KvShape, slots: usize, ty: KvType) -> Self {
         let k_width = shape.n_head_kv * shape.head_dim_k;
         let v_width = if shape.values_in_keys {
             0
@@ -77,16 +87,16 @@ impl KvLayer {
         };
         let store = match ty {
             KvType::F32 => Store::F32 {
-                keys: vec![0.0; n_ctx * k_width],
-                values: vec![0.0; n_ctx * v_width],
+                keys: vec![0.0; slots * k_width],
+                values: vec![0.0; slots * v_width],
             },
             KvType::F16 => Store::F16 {
-                keys: vec![0; n_ctx * k_width],
-                values: vec![0; n_ctx * v_width],
+                keys: vec![0; slots * k_width],
+                values: vec![0; slots * v_width],
             },
         };
         Self {
-            n_ctx,
+            slots,
             k_width,
             v_width,
             head_dim_k: shape.head_dim_k,
@@ -96,9 +106,18 @@ impl KvLayer {
         }
     }
 
-    /// Positions the cache holds.
-    pub fn n_ctx(&self) -> usize {
-        self.n_ctx
+    /// Positions the cache holds at once.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    #[inline]
+    fn slot(&self, pos: usize) -> usize {
+        if pos < self.slots {
+            pos
+        } else {
+            pos % self.slots
+        }
     }
 
     pub fn kv_type(&self) -> KvType {
@@ -110,28 +129,31 @@ impl KvLayer {
 
     /// Bytes held, for reporting.
     pub fn bytes(&self) -> usize {
-        self.n_ctx * (self.k_width + self.v_width) * self.kv_type().bytes_per_value()
+        self.slots * (self.k_width + self.v_width) * self.kv_type().bytes_per_value()
     }
 
-    /// Writes `n` positions starting at `pos` (the caller checked the bounds). With values kept
-    /// in the keys (MLA), `v` is ignored.
+    /// Writes `n` positions starting at `pos` (the caller checked the bounds; at most `slots`
+    /// positions, which then overwrite the oldest). With values kept in the keys (MLA), `v` is
+    /// ignored.
     pub fn store(&mut self, pos: usize, k: &[f32], v: &[f32], n: usize) {
-        let (kr, vr) = (
-            pos * self.k_width..(pos + n) * self.k_width,
-            pos * self.v_width..(pos + n) * self.v_width,
-        );
-        let v = &v[..n * self.v_width];
-        match &mut self.store {
-            Store::F32 { keys, values } => {
-                keys[kr].copy_from_slice(&k[..n * self.k_width]);
-                values[vr].copy_from_slice(v);
-            }
-            Store::F16 { keys, values } => {
-                for (d, s) in keys[kr].iter_mut().zip(k) {
-                    *d = f16::from_f32(*s).to_bits();
+        debug_assert!(n <= self.slots);
+        let (kw, vw) = (self.k_width, self.v_width);
+        for i in 0..n {
+            let at = self.slot(pos + i);
+            let (kr, vr) = (at * kw..(at + 1) * kw, at * vw..(at + 1) * vw);
+            let (ks, vs) = (&k[i * kw..(i + 1) * kw], &v[i * vw..(i + 1) * vw]);
+            match &mut self.store {
+                Store::F32 { keys, values } => {
+                    keys[kr].copy_from_slice(ks);
+                    values[vr].copy_from_slice(vs);
                 }
-                for (d, s) in values[vr].iter_mut().zip(v) {
-                    *d = f16::from_f32(*s).to_bits();
+                Store::F16 { keys, values } => {
+                    for (d, s) in keys[kr].iter_mut().zip(ks) {
+                        *d = f16::from_f32(*s).to_bits();
+                    }
+                    for (d, s) in values[vr].iter_mut().zip(vs) {
+                        *d = f16::from_f32(*s).to_bits();
+                    }
                 }
             }
         }
@@ -140,7 +162,7 @@ impl KvLayer {
     /// `q . key[pos, kv_head]`.
     #[inline]
     pub fn key_dot(&self, k: &Kernels, pos: usize, kv_head: usize, q: &[f32]) -> f32 {
-        let at = pos * self.k_width + kv_head * self.head_dim_k;
+        let at = self.slot(pos) * self.k_width + kv_head * self.head_dim_k;
         let r = at..at + self.head_dim_k;
         match &self.store {
             Store::F32 { keys, .. } => (k.dot_f32)(q, &keys[r]),
@@ -151,10 +173,11 @@ impl KvLayer {
     /// `out += w * value[pos, kv_head]`.
     #[inline]
     pub fn add_value(&self, k: &Kernels, pos: usize, kv_head: usize, w: f32, out: &mut [f32]) {
+        let slot = self.slot(pos);
         let (rows_are_keys, at) = if self.values_in_keys {
-            (true, pos * self.k_width + kv_head * self.head_dim_k)
+            (true, slot * self.k_width + kv_head * self.head_dim_k)
         } else {
-            (false, pos * self.v_width + kv_head * self.head_dim_v)
+            (false, slot * self.v_width + kv_head * self.head_dim_v)
         };
         let r = at..at + self.head_dim_v;
         match &self.store {
@@ -193,14 +216,14 @@ impl SequenceState {
             .layers
             .iter()
             .map(|layer| match &layer.mixer {
-                Mixer::Attention(_) => LayerState::Kv(KvLayer::new(
+                Mixer::Attention(a) => LayerState::Kv(KvLayer::new(
                     KvShape {
                         n_head_kv: hp.n_head_kv,
                         head_dim_k: hp.head_dim_k,
                         head_dim_v: hp.head_dim_v,
                         values_in_keys: false,
                     },
-                    n_ctx,
+                    a.window.map_or(n_ctx, |w| (w + SWA_CHUNK - 1).min(n_ctx)),
                     kv_type,
                 )),
                 // The cache holds one latent and shared rotary key per token (the MQA view of

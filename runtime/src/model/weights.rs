@@ -92,12 +92,35 @@ pub struct SharedExpert<'a> {
     pub gate: Option<Vec<f32>>,
 }
 
+/// Per-expert biases of the gate/up projections (`[n_expert, ff]`) and of the output
+/// (`[n_expert, n_embd]`), kept resident (gpt-oss).
+pub struct ExpertBiases {
+    pub ff: usize,
+    pub d: usize,
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    pub down: Vec<f32>,
+}
+
+impl ExpertBiases {
+    pub fn of(&self, e: usize) -> crate::moe::experts::MlpBias<'_> {
+        crate::moe::experts::MlpBias {
+            gate: &self.gate[e * self.ff..(e + 1) * self.ff],
+            up: &self.up[e * self.ff..(e + 1) * self.ff],
+            down: &self.down[e * self.d..(e + 1) * self.d],
+        }
+    }
+}
+
 pub struct MoeBlock<'a> {
     /// `[n_expert, n_embd]` router.
     pub router: QMatrix<'a>,
+    /// Added to the router logits (gpt-oss's `ffn_gate_inp.bias`).
+    pub router_bias: Option<Vec<f32>>,
     /// DeepSeek-V3's e_score_correction_bias (`exp_probs_b`): added to the scores for selection.
     pub selection_bias: Option<Vec<f32>>,
     pub experts: Experts<'a>,
+    pub expert_biases: Option<ExpertBiases>,
     pub shared: Option<SharedExpert<'a>>,
 }
 
@@ -115,8 +138,15 @@ pub struct Attention<'a> {
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
     pub bv: Option<Vec<f32>>,
+    /// Bias of the output projection (gpt-oss).
+    pub bo: Option<Vec<f32>>,
     /// RMSNorm of queries and keys before rope.
     pub qk_norm: Option<QkNormWeights>,
+    /// Per query head, a learned logit that joins every softmax and takes its share of the
+    /// probability without a value (gpt-oss's attention sinks).
+    pub sinks: Option<Vec<f32>>,
+    /// Keys older than this many positions are masked (this layer's sliding window).
+    pub window: Option<usize>,
 }
 
 /// Query and key norm weights: `head_dim_k` long, applied to each head (Qwen3-MoE), or as long as
@@ -282,6 +312,15 @@ impl<'a> Lookup<'a> {
         Ok(out)
     }
 
+    /// A small `[rows, cols]` tensor decoded to f32 once at load (per-expert biases).
+    fn matrix_f32(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, ModelError> {
+        let info = self.require(name)?;
+        Self::check_dims(info, &[cols, rows])?;
+        let mut out = vec![0f32; rows * cols];
+        crate::tensor::quant::dequantize(info.ty, self.file.tensor_bytes(info), &mut out);
+        Ok(out)
+    }
+
     fn opt_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
         if self.has(name) {
             self.vector(name, len).map(Some)
@@ -366,14 +405,27 @@ impl<'a> Model<'a> {
                 } else {
                     None
                 };
+                let expert_biases = if lk.has(&n("ffn_gate_exps.bias")) {
+                    Some(ExpertBiases {
+                        ff,
+                        d,
+                        gate: lk.matrix_f32(&n("ffn_gate_exps.bias"), e, ff)?,
+                        up: lk.matrix_f32(&n("ffn_up_exps.bias"), e, ff)?,
+                        down: lk.matrix_f32(&n("ffn_down_exps.bias"), e, d)?,
+                    })
+                } else {
+                    None
+                };
                 Ffn::Moe(Box::new(MoeBlock {
                     router: lk.matrix(&n("ffn_gate_inp.weight"), e, d)?,
+                    router_bias: lk.opt_vector(&n("ffn_gate_inp.bias"), e)?,
                     selection_bias: lk.opt_vector(&n("exp_probs_b.bias"), e)?,
                     experts: Experts {
                         gate: lk.stacked(&n("ffn_gate_exps.weight"), ff, d, e)?,
                         up: lk.stacked(&n("ffn_up_exps.weight"), ff, d, e)?,
                         down: lk.stacked(&n("ffn_down_exps.weight"), d, ff, e)?,
                     },
+                    expert_biases,
                     shared,
                 }))
             } else {
@@ -436,7 +488,10 @@ fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attentio
         bq: lk.opt_vector(&n("attn_q.bias"), q_dim)?,
         bk: lk.opt_vector(&n("attn_k.bias"), k_dim)?,
         bv: lk.opt_vector(&n("attn_v.bias"), v_dim)?,
+        bo: lk.opt_vector(&n("attn_output.bias"), d)?,
         qk_norm,
+        sinks: lk.opt_vector(&n("attn_sinks.weight"), hp.n_head)?,
+        window: hp.layer_window(i),
     })
 }
 

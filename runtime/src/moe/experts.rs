@@ -18,10 +18,46 @@ pub struct Mlp<'a> {
     pub down: QMatrix<'a>,
 }
 
+/// The gated activation between an MLP's gate/up and down projections.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Glu {
+    /// `silu(gate) * up`.
+    Silu,
+    /// gpt-oss's clamped SwiGLU, as transformers' `GptOssExperts._apply_gate` and ggml's
+    /// `swiglu_oai` compute it: with `g = min(gate, limit)` and `u = clamp(up, -limit, limit)`,
+    /// `g * sigmoid(alpha * g) * (u + 1)`.
+    SwigluOai { alpha: f32, limit: f32 },
+}
+
+impl Glu {
+    #[inline]
+    pub fn apply(self, gate: f32, up: f32) -> f32 {
+        match self {
+            Glu::Silu => gate / (1.0 + (-gate).exp()) * up,
+            Glu::SwigluOai { alpha, limit } => {
+                let g = gate.min(limit);
+                let u = up.clamp(-limit, limit);
+                g / (1.0 + (-(g * alpha)).exp()) * (u + 1.0)
+            }
+        }
+    }
+}
+
+/// Biases an MLP adds to its gate and up projections (`[ff]` each) and to its output (`[d]`),
+/// the output's before the routing weight scales it (gpt-oss's experts).
+#[derive(Clone, Copy)]
+pub struct MlpBias<'a> {
+    pub gate: &'a [f32],
+    pub up: &'a [f32],
+    pub down: &'a [f32],
+}
+
 /// One expert's share of a batch: its matrices and the (token, weight) pairs that chose it.
 pub struct ExpertJob<'w, 'j> {
     pub mlp: Mlp<'w>,
     pub tokens: &'j [(u32, f32)],
+    pub glu: Glu,
+    pub bias: Option<MlpBias<'j>>,
 }
 
 #[derive(Default)]
@@ -41,7 +77,7 @@ pub struct ExpertScratch {
     hidden: Vec<Activations>,
 }
 
-/// Accumulates `out_t[r, t] += w_tj * down_j(silu(gate_j x_t) * up_j x_t)[r]` over the jobs, in
+/// Accumulates `out_t[r, t] += w_tj * down_j(glu(gate_j x_t, up_j x_t))[r]` over the jobs, in
 /// job order. `x` holds the batch's `n` input rows; `out_t` is `[d, n]` (transposed), so that
 /// calling this once with all jobs or several times with consecutive groups of them gives
 /// bit-identical sums (the expert cache runs a layer's experts in groups that fit its slots).
@@ -140,16 +176,22 @@ pub fn run_experts(
                     dots,
                     no_scratch,
                 );
-                for (row, d) in dst.chunks_exact_mut(n).zip(dots.chunks_exact(m.max(1))) {
+                let bias = job.bias.map(|b| &b.down[ci * chunk..ci * chunk + len]);
+                for (i, (row, d)) in dst
+                    .chunks_exact_mut(n)
+                    .zip(dots.chunks_exact(m.max(1)))
+                    .enumerate()
+                {
+                    let b = bias.map_or(0.0, |b| b[i]);
                     for (&(t, w), &v) in job.tokens.iter().zip(d) {
-                        row[t as usize] += w * v;
+                        row[t as usize] += w * (v + b);
                     }
                 }
             }
         });
 }
 
-/// Fills `hidden_t` (the jobs' blocks back to back) with silu(gate x) * up x, using `up_t`
+/// Fills `hidden_t` (the jobs' blocks back to back) with glu(gate x, up x), using `up_t`
 /// (the same layout) for the up projections. The jobs are halved recursively with
 /// `rayon::join` and each job's rows are split into tasks, so threads share the work without a
 /// task list being built (and allocated) on every call.
@@ -178,8 +220,16 @@ fn gate_up(
                     let no_scratch = &mut Vec::new();
                     rows_times_acts(k, &job.mlp.gate, row0, len, input, gate, no_scratch);
                     rows_times_acts(k, &job.mlp.up, row0, len, input, up, no_scratch);
+                    if let Some(b) = job.bias {
+                        let rows = gate.chunks_exact_mut(m).zip(up.chunks_exact_mut(m));
+                        for (i, (g, u)) in rows.enumerate() {
+                            g.iter_mut().for_each(|v| *v += b.gate[row0 + i]);
+                            u.iter_mut().for_each(|v| *v += b.up[row0 + i]);
+                        }
+                    }
+                    let glu = job.glu;
                     for (g, &u) in gate.iter_mut().zip(up.iter()) {
-                        *g = *g / (1.0 + (-*g).exp()) * u;
+                        *g = glu.apply(*g, u);
                     }
                 });
         }

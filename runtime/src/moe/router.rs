@@ -71,6 +71,9 @@ pub enum Gating {
     Softmax,
     /// Independent sigmoid per expert (DeepSeek-V3).
     Sigmoid,
+    /// Top-k of the logits themselves, then a softmax over the k selected (gpt-oss; llama.cpp's
+    /// `LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT`).
+    SoftmaxWeight,
 }
 
 /// How a group of experts is scored when selection is limited to the best groups.
@@ -138,6 +141,7 @@ pub fn route_with(spec: &RoutingSpec, logits: &[f32], bias: Option<&[f32]>) -> R
                 scores.extend(logits.iter().map(|&v| (v - max).exp() / sum));
             }
             Gating::Sigmoid => scores.extend(logits.iter().map(|&v| 1.0 / (1.0 + (-v).exp()))),
+            Gating::SoftmaxWeight => scores.extend_from_slice(logits),
         }
         choice.clear();
         match bias {
@@ -193,6 +197,13 @@ fn route_scores(spec: &RoutingSpec, logits: &[f32], scores: &[f32], choice: &mut
     for e in top_indices(choice, spec.k) {
         let _ = r.experts.push(e as u32);
         let _ = r.weights.push(scores[e]);
+    }
+    if spec.gating == Gating::SoftmaxWeight {
+        // transformers' GptOssTopKRouter: softmax over the selected logits.
+        let max = r.weights.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        r.weights.iter_mut().for_each(|w| *w = (*w - max).exp());
+        let sum: f32 = r.weights.iter().sum();
+        r.weights.iter_mut().for_each(|w| *w /= sum);
     }
     if spec.norm_topk {
         // transformers' DeepSeek-V3 adds 1e-20 to the denominator.
@@ -283,6 +294,24 @@ mod tests {
         spec.groups.as_mut().unwrap().score = GroupScore::Max;
         let r = route_with(&spec, &logits, None);
         assert_eq!(&r.experts[..], &[4, 5]);
+    }
+
+    #[test]
+    fn softmax_weight_selects_by_logit_and_weighs_the_selected() {
+        let logits = [0.5, 3.0, -1.0, 2.0];
+        let spec = RoutingSpec {
+            gating: Gating::SoftmaxWeight,
+            ..RoutingSpec::plain(2, false)
+        };
+        let r = route_with(&spec, &logits, None);
+        assert_eq!(&r.experts[..], &[1, 3]);
+        let (a, b) = (3f32.exp(), 2f32.exp());
+        assert!((r.weights[0] - a / (a + b)).abs() < 1e-6);
+        assert!((r.weights[1] - b / (a + b)).abs() < 1e-6);
+        // The same choice and weights as a softmax over all experts renormalised over the top-k.
+        let plain = route(&logits, 2, true);
+        assert_eq!(plain.experts, r.experts);
+        assert!((plain.weights[0] - r.weights[0]).abs() < 1e-6);
     }
 
     #[test]

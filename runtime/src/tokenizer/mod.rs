@@ -97,12 +97,18 @@ impl Tokenizer {
         .into_iter()
         .flatten()
         .collect();
-        for text in END_OF_TURN_TEXTS {
-            if let Some(t) = inner
+        let added_id = |text: &str| {
+            inner
                 .get_added_vocabulary()
                 .token_to_id(text, inner.get_model())
-            {
-                end_of_generation.push(t);
+        };
+        end_of_generation.extend(END_OF_TURN_TEXTS.iter().filter_map(|t| added_id(t)));
+        // gpt-oss's o200k_harmony, as llama.cpp treats it: `<|end|>` closes a message (the
+        // reasoning, before the answer), `<|return|>` and `<|call|>` end the generation.
+        if let (Some(ret), Some(call)) = (added_id("<|return|>"), added_id("<|call|>")) {
+            end_of_generation.extend([ret, call]);
+            if let Some(end) = added_id("<|end|>") {
+                end_of_generation.retain(|&t| t != end);
             }
         }
         end_of_generation.sort_unstable();
@@ -215,5 +221,56 @@ impl Tokenizer {
             Backend::HuggingFace(_) => None,
             Backend::Ggml(ggml) => Some(ggml),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufWriter, Value};
+
+    /// A file carrying only an embedded tokenizer.json with these added special tokens.
+    fn tokenizer_with(specials: &[&str]) -> Tokenizer {
+        let added: Vec<serde_json::Value> = specials
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::json!({"id": i + 2, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let mut vocab = serde_json::json!({"a": 0, "b": 1});
+        for (i, t) in specials.iter().enumerate() {
+            vocab[*t] = (i + 2).into();
+        }
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "vocab": vocab, "merges": []}
+        });
+        let meta = vec![(
+            "tokenizer.huggingface.json".to_string(),
+            Value::String(json.to_string()),
+        )];
+        let bytes = GgufWriter::begin(Vec::new(), &meta, Vec::new(), 32)
+            .unwrap()
+            .finish()
+            .unwrap();
+        Tokenizer::from_gguf(&crate::gguf::GgufHeader::parse(&bytes).unwrap()).unwrap()
+    }
+
+    /// gpt-oss's `<|end|>` closes the reasoning message, not the reply: with `<|return|>` and
+    /// `<|call|>` in the vocabulary those end the generation instead (as in llama.cpp).
+    #[test]
+    fn harmony_ends_at_return_and_call_not_end() {
+        let t = tokenizer_with(&["<|end|>", "<|return|>", "<|call|>"]);
+        let id = |s| t.huggingface().unwrap().token_to_id(s).unwrap();
+        assert!(!t.is_end_of_generation(id("<|end|>")));
+        assert!(t.is_end_of_generation(id("<|return|>")));
+        assert!(t.is_end_of_generation(id("<|call|>")));
+        // Elsewhere (Phi-3's chat format) `<|end|>` ends the turn.
+        let t = tokenizer_with(&["<|end|>"]);
+        let end = t.huggingface().unwrap().token_to_id("<|end|>").unwrap();
+        assert!(t.is_end_of_generation(end));
     }
 }
