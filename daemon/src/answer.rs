@@ -187,6 +187,7 @@ mod tests {
             reasoning: Some(("<think>", "</think>")),
             tools: ToolSyntax::TaggedBlock,
             harmony: false,
+            json_calls: true,
         }
     }
 

@@ -109,14 +109,12 @@ fn tool_grammar(
             format!("`{param}` cannot be combined with a forced tool call (`tool_choice`)"),
         ));
     }
-    let Some((open, close)) = syntax.tools.json_call_markers() else {
+    let Some((open, close)) = syntax.forced_call_markers() else {
         return Err(ApiError::param(
             "tool_choice",
-            format!(
-                "moed cannot force a tool call in this model's tool-call format ({:?}, from its \
-                 chat template); use `tool_choice: \"auto\"`",
-                syntax.tools
-            ),
+            "moed can force tool calls only for chat templates that write them as JSON in \
+             <tool_call> tags (Hermes, Qwen2.5/3); this model's template writes them otherwise \
+             or not at all: use `tool_choice: \"auto\"`",
         ));
     };
     let named = matches!(v.tool_use, ToolUse::Function(_));

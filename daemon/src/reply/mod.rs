@@ -23,6 +23,9 @@ pub struct ReplySyntax {
     /// gpt-oss's Harmony: reasoning, answer and calls are messages on channels (tool calls are
     /// parsed when `tools` is [`ToolSyntax::Harmony`]).
     pub harmony: bool,
+    /// The template writes a call as JSON `{"name", "arguments"}` in its block (Hermes,
+    /// Qwen2.5/3, Granite 4; not Qwen3-Coder's or GLM's tags), so a grammar can force calls.
+    pub json_calls: bool,
 }
 
 impl ReplySyntax {
@@ -31,6 +34,7 @@ impl ReplySyntax {
         reasoning: None,
         tools: ToolSyntax::None,
         harmony: false,
+        json_calls: false,
     };
 
     /// The syntax a chat template's markers reveal.
@@ -40,6 +44,7 @@ impl ReplySyntax {
                 reasoning: None,
                 tools: ToolSyntax::Harmony,
                 harmony: true,
+                json_calls: false,
             };
         }
         let has = |m: &str| source.contains(m);
@@ -55,7 +60,15 @@ impl ReplySyntax {
             reasoning,
             tools,
             harmony: false,
+            json_calls: tools.json_call_markers().is_some()
+                && !has("<function=")
+                && !has("<arg_key>"),
         }
+    }
+
+    /// The markers around a call a grammar can force, when calls are JSON in them.
+    pub fn forced_call_markers(&self) -> Option<(&'static str, &'static str)> {
+        self.tools.json_call_markers().filter(|_| self.json_calls)
     }
 
     /// Whether the reply is parsed at all (otherwise it is plain text).
