@@ -253,6 +253,45 @@ fn reasoning_is_separated_from_the_answer() {
     );
 }
 
+/// gpt-oss's Harmony channels go through the same reply path: the analysis channel is
+/// reasoning, a message to `functions.NAME` a call (a grammar writes the channels here).
+#[test]
+fn harmony_channels_become_reasoning_content_and_calls() {
+    let t = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/harmony_min.jinja");
+    let d = Daemon::start_model(&small_moe(), &["--chat-template", t.to_str().unwrap()]);
+    let grammar = r#"root ::= "<|channel|>analysis<|message|>" [a-z ]{3,12} "<|end|><|start|>assistant<|channel|>final<|message|>" [a-z]{1,8} [.]"#;
+    let body = chat(json!({"grammar": grammar, "max_tokens": 90}));
+    let (status, v) = d.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    let reasoning = m["reasoning_content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!((3..=12).contains(&reasoning.len()), "{v}");
+    assert!(m["content"].as_str().unwrap().ends_with('.'), "{v}");
+    assert!(!v.to_string().contains("<|"), "{v}");
+
+    let call = r#"root ::= "<|channel|>commentary to=functions.get_weather<|message|>{\"city\": \"" ("Oslo" | "Lima") "\", \"unit\": \"c\"}""#;
+    let body = chat(json!({"grammar": call, "tools": [weather_tool()], "max_tokens": 90}));
+    let (status, v) = d.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{v}");
+    assert_eq!(check_call(&calls[0]).0, "get_weather");
+    // Without tools the same message is text.
+    let body = chat(json!({"grammar": call, "max_tokens": 90}));
+    let (_, v) = d.post("/v1/chat/completions", &body);
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("{\"city\""),
+        "{v}"
+    );
+}
+
 #[test]
 fn tool_requests_that_cannot_be_served_get_400() {
     let d = start();
