@@ -7,10 +7,12 @@
 //! request phase and bytes read), [`http`] (routing, handlers), [`prepare`] (prompt, grammar and
 //! reply syntax of a request), [`respond`] (the JSON response or server-sent events),
 //! [`answer`] (a chat reply's reasoning, content and tool calls in OpenAI's shape), [`reply`]
-//! (each model family's reply markup), [`api`] (OpenAI request/response shapes and
-//! validation), [`chat`] (chat templates), [`worker`] (the
-//! generation thread and its queue), [`metrics`] (Prometheus).
+//! (each model family's reply markup, gpt-oss's Harmony included), [`api`] (OpenAI
+//! request/response shapes and validation), [`chat`] (chat templates), [`worker`] (the
+//! generation thread and its queue), [`model_file`] (the mapped model file changing under the
+//! daemon), [`metrics`] (Prometheus), [`alloc`] (live heap bytes).
 
+pub mod alloc;
 pub mod answer;
 pub mod api;
 pub mod chat;
@@ -18,6 +20,7 @@ pub mod config;
 pub mod conn;
 pub mod http;
 pub mod metrics;
+pub mod model_file;
 pub mod prepare;
 pub mod prompt_cache;
 pub mod reply;

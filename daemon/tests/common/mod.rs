@@ -75,7 +75,7 @@ impl Daemon {
     pub fn start_model(model: &Path, args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/moed.sock");
-        let d = Self::spawn_model(model, dir, socket, args, &[]);
+        let d = Self::spawn_model(dir, socket, model, args, &[]);
         d.wait_ready(Duration::from_secs(60));
         d
     }
@@ -87,13 +87,14 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, &Path)],
     ) -> Daemon {
-        Self::spawn_model(model_path(), dir, socket, args, env)
+        Self::spawn_model(dir, socket, model_path(), args, env)
     }
 
-    fn spawn_model(
-        model: &Path,
+    /// Starts moed on another model file.
+    pub fn spawn_model(
         dir: tempfile::TempDir,
         socket: PathBuf,
+        model: &Path,
         args: &[&str],
         env: &[(&str, &Path)],
     ) -> Daemon {
