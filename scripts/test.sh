@@ -30,6 +30,15 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 scripts/fixtures/fetch_llama_cpp_files.sh
 MOE_EDGE_REQUIRE_VOCAB=1 cargo test --workspace
 
+# Fuzzing: the `cargo test --workspace` above replays every fuzz seed and every input that ever
+# crashed a target (fuzz/targets/tests/replay.rs). The coverage-guided runs need the nightly
+# toolchain, cargo-fuzz and an AddressSanitizer build of all the crates; they are
+# scripts/check/fuzz.sh, here only on request: MOE_EDGE_FUZZ=SECONDS scripts/test.sh runs every
+# target for SECONDS.
+if [ -n "${MOE_EDGE_FUZZ:-}" ]; then
+  scripts/check/fuzz.sh "$MOE_EDGE_FUZZ"
+fi
+
 # The distilled pre-gating GRU runs natively (tested above); tract-onnx, behind the `pregate`
 # feature, runs other predictor networks and checks the native one. Building tract takes about
 # 10 minutes cold on 2 cores, more than CI's time budget (well under 45 minutes on a slow

@@ -82,6 +82,7 @@ fn emulated_slow_flash_changes_time_not_results() {
         name: "test",
         bytes_per_second: 20e6,
         latency: std::time::Duration::from_millis(1),
+        faults: Default::default(),
     };
     let c = expert_cache(
         &model,

@@ -14,6 +14,7 @@ pub mod calib;
 pub mod error;
 pub mod hf;
 pub mod output;
+pub mod pending;
 pub mod plan;
 pub mod pregate;
 pub mod router;
@@ -88,6 +89,7 @@ pub fn convert(
     opts: &ConvertOptions,
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
+    pending::remove_stale(out);
     match &opts.tuning {
         None => convert_plain(src_dir, out, opts.ty, &opts.extra_metadata, progress),
         Some(tuning) => convert_tuned(src_dir, out, opts, tuning, progress),
@@ -134,7 +136,7 @@ fn convert_tuned(
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
-    let f32_path = output::temp_path(&out.with_extension("f32.gguf"));
+    let f32_path = pending::temp_path(&out.with_extension("f32.gguf"));
     let result = (|| {
         convert_plain(src_dir, &f32_path, GgmlType::F32, &[], progress)?;
         let stats = match &tuning.calib {

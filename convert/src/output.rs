@@ -1,17 +1,18 @@
-//! Writing the GGUF file. The file appears only when complete: data goes to a temporary file in
-//! the same folder, renamed at the end and removed on failure.
+//! Writing the GGUF file. The file appears only when complete: data goes to a file with no name
+//! in the same folder, named at the end, and nothing is left on failure or when the process is
+//! killed ([`crate::pending`]).
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::BufWriter;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use moe_runtime::gguf::{GgmlType, GgufWriter, TensorDecl, Value, PAGE_ALIGNMENT};
+use moe_runtime::gguf::{GgmlType, GgufError, GgufWriter, TensorDecl, Value, PAGE_ALIGNMENT};
 use moe_runtime::moe::calib::CalibStats;
 use rayon::prelude::*;
 
 use crate::error::ConvertError;
+use crate::pending::PendingFile;
 use crate::source::TensorData;
 
 /// What a conversion wrote.
@@ -54,9 +55,9 @@ pub(crate) fn write_gguf(
         .iter()
         .map(|d| d.byte_size().map(|s| s as u64))
         .sum::<Result<u64, _>>()?;
-    let tmp = temp_path(out);
+    let pending = PendingFile::beside(out)?;
     let result = (|| -> Result<Summary, ConvertError> {
-        let file = File::create(&tmp).map_err(|e| ConvertError::io(&tmp, e))?;
+        let file = pending.file();
         let mut writer = GgufWriter::begin(
             BufWriter::with_capacity(1 << 20, file),
             metadata,
@@ -107,33 +108,19 @@ pub(crate) fn write_gguf(
         let buf = writer.finish()?;
         let file = buf
             .into_inner()
-            .map_err(|e| ConvertError::io(&tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| ConvertError::io(&tmp, e))?;
-        summary.file_bytes = file
-            .metadata()
-            .map_err(|e| ConvertError::io(&tmp, e))?
-            .len();
+            .map_err(|e| ConvertError::io(out, e.into_error()))?;
+        file.sync_all().map_err(|e| ConvertError::io(out, e))?;
+        summary.file_bytes = file.metadata().map_err(|e| ConvertError::io(out, e))?.len();
         Ok(summary)
     })();
-    match result {
-        Ok(summary) => {
-            std::fs::rename(&tmp, out).map_err(|e| ConvertError::io(out, e))?;
-            Ok(summary)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
-}
-
-/// A hidden name beside `out`, unique to this process.
-pub(crate) fn temp_path(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out.gguf".into());
-    out.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    // On failure the pending file is dropped: an unnamed one vanishes, a named one is removed.
+    // A write that failed (a full disk) is the output's error: name it.
+    let summary = result.map_err(|e| match e {
+        ConvertError::Gguf(GgufError::Io(cause)) => ConvertError::io(out, cause),
+        e => e,
+    })?;
+    pending.commit(out)?;
+    Ok(summary)
 }
 
 /// Encodes rows of `row_len` values in parallel.

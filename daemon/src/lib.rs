@@ -6,9 +6,11 @@
 //! [`server`] (accept loop, connections, timeouts, shutdown), [`conn`] (one connection's
 //! request phase and bytes read), [`http`] (routing, handlers, server-sent events), [`api`]
 //! (OpenAI request/response shapes and validation), [`chat`] (chat templates), [`harmony`]
-//! (gpt-oss's reply channels), [`worker`] (the generation thread and its queue), [`metrics`]
-//! (Prometheus).
+//! (gpt-oss's reply channels), [`worker`] (the generation thread and its queue), [`model_file`]
+//! (the mapped model file changing under the daemon), [`metrics`] (Prometheus), [`alloc`] (live
+//! heap bytes).
 
+pub mod alloc;
 pub mod api;
 pub mod chat;
 pub mod config;
@@ -16,6 +18,7 @@ pub mod conn;
 pub mod harmony;
 pub mod http;
 pub mod metrics;
+pub mod model_file;
 pub mod prompt_cache;
 pub mod reply;
 pub mod server;

@@ -308,6 +308,12 @@ impl Metrics {
                 "Experts evicted from the cache.",
                 &one(st.evictions.to_string()),
             );
+            metric(
+                "moed_expert_read_errors_total",
+                "counter",
+                "Expert reads that failed (each failed the request that needed the expert).",
+                &one(st.read_errors.to_string()),
+            );
         }
         if let Some(m) = self.model.get() {
             metric(
@@ -342,6 +348,20 @@ impl Metrics {
                 "gauge",
                 "Time taken to load the model and warm up.",
                 &one(m.load_seconds.to_string()),
+            );
+        }
+        if let Some((live, peak)) = crate::alloc::heap_bytes() {
+            metric(
+                "moed_heap_bytes",
+                "gauge",
+                "Bytes allocated on the heap now (counted by moed's allocator; unlike RSS, not distorted by mapped model pages or an emulator's code cache).",
+                &one(live.to_string()),
+            );
+            metric(
+                "moed_heap_peak_bytes",
+                "gauge",
+                "The most bytes ever allocated on the heap at once.",
+                &one(peak.to_string()),
             );
         }
         let p = ProcessStats::read();

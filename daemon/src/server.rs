@@ -71,7 +71,9 @@ async fn read_head_briefly(stream: &mut UnixStream) {
     .await;
 }
 
-async fn connection(
+/// Serves one accepted connection until it closes, times out or the daemon drains. Public so
+/// that the fuzz harness (fuzz/targets) can drive it over a socket pair in-process.
+pub async fn connection(
     stream: UnixStream,
     app: Arc<App>,
     header_timeout: Duration,
@@ -174,6 +176,7 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
             biased;
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = control.fatal_raised.notified() => { error!("stopping: the model file changed"); break; }
             res = &mut loaded_rx, if loading => {
                 loading = false;
                 match res {
@@ -258,5 +261,13 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
         error!("the worker did not stop in time");
     }
     info!("stopped");
-    Ok(())
+    let fatal = control
+        .fatal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    match fatal {
+        Some(why) => Err(anyhow!(why)),
+        None => Ok(()),
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moe_runtime::engine::{generate, Engine, Logprobs, Piece, Request, SessionOptions, StopReason};
@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use crate::api::{ApiError, Endpoint, Timings, TokenLogprob, Usage};
 use crate::chat::ChatTemplate;
 use crate::metrics::{GenerationFigures, Metrics, ModelInfo, ProcessStats};
+use crate::model_file::ModelFile;
 use crate::prompt_cache::PromptCache;
 
 /// What the worker needs to know to load the model.
@@ -46,11 +47,25 @@ pub struct Loaded {
     pub arch: String,
 }
 
-/// Flags the HTTP side raises for the worker.
+/// Flags the HTTP side raises for the worker, and the worker's call to stop the daemon.
 #[derive(Default)]
 pub struct Control {
     /// Shutdown grace is over: stop the running generation at the next token.
     pub cut: AtomicBool,
+    /// Why the daemon must stop (the model file changed under it), once the worker finds out.
+    pub fatal: Mutex<Option<String>>,
+    /// Raised with `fatal`.
+    pub fatal_raised: tokio::sync::Notify,
+}
+
+impl Control {
+    fn raise_fatal(&self, why: &str) {
+        let mut f = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(why.to_string());
+            self.fatal_raised.notify_one();
+        }
+    }
 }
 
 /// A generation to run.
@@ -217,6 +232,13 @@ pub fn spawn(
                 "model loaded"
             );
             let _ = metrics.model.set(info);
+            let model_file = match ModelFile::watch(&cfg.model, file.bytes()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    warn!("cannot watch the model file for changes: {e}");
+                    None
+                }
+            };
             let ready = Loaded {
                 tokenizer: tokenizer.clone(),
                 chat,
@@ -235,6 +257,7 @@ pub fn spawn(
                 token_delay: cfg.token_delay,
                 prompt_cache: PromptCache::new(cfg.prompt_cache),
                 reuse_prompts: cfg.prompt_cache > 0,
+                model_file,
             };
             let mut jobs = jobs;
             while let Some(job) = jobs.blocking_recv() {
@@ -252,6 +275,7 @@ struct Worker<'s, 'm, 'a> {
     token_delay: Duration,
     prompt_cache: PromptCache,
     reuse_prompts: bool,
+    model_file: Option<ModelFile>,
 }
 
 /// How a generation ended.
@@ -282,6 +306,10 @@ impl Worker<'_, '_, '_> {
             let _ = job.events.try_send(Event::Failed(draining()));
             return;
         }
+        if let Err(e) = self.check_model_file() {
+            let _ = job.events.try_send(Event::Failed(e));
+            return;
+        }
         let _ = job.events.try_send(Event::Started);
         self.metrics.generating.store(1, Relaxed);
         // Process-wide, but only this thread touches the weights.
@@ -292,6 +320,16 @@ impl Worker<'_, '_, '_> {
         let delta = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
         let read_kib = delta(io0.storage_read_bytes, io1.storage_read_bytes).map(|b| b / 1024);
         let major_faults = delta(io0.major_faults, io1.major_faults);
+        // A generation during which the file changed used weights that were not the model's.
+        let result = match self.check_model_file() {
+            Ok(()) => result,
+            Err(e) => {
+                warn!(id = %job.id, endpoint = job.endpoint.name(), status = 500, "{}", e.message);
+                self.prompt_cache.clear(&mut self.session);
+                let _ = job.events.try_send(Event::Failed(e));
+                return;
+            }
+        };
         let (end, g) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -352,6 +390,19 @@ impl Worker<'_, '_, '_> {
         );
     }
 
+    /// Whether the mapped model file is still the one loaded; if not, the error for the request
+    /// at hand, and the daemon is told to stop (see `model_file`).
+    fn check_model_file(&self) -> Result<(), ApiError> {
+        let Some(Err(why)) = self.model_file.as_ref().map(ModelFile::check) else {
+            return Ok(());
+        };
+        self.control.raise_fatal(&why);
+        Err(
+            ApiError::status(hyper::StatusCode::INTERNAL_SERVER_ERROR, why)
+                .with_code("model_file_changed"),
+        )
+    }
+
     /// The runtime's generation loop (so the same seed gives the same tokens as moe-run),
     /// with each piece of text sent as it becomes final and the client's departure or a
     /// shutdown checked after every token.
@@ -399,7 +450,7 @@ impl Worker<'_, '_, '_> {
                         .events
                         .try_send(Event::Text(piece.text.to_string(), logprobs))
                         .is_ok();
-                if !sent || job.events.is_closed() {
+                if !sent || job.events.is_closed() || ModelFile::faulted() {
                     return false;
                 }
                 cut = control.cut.load(Relaxed);

@@ -1,8 +1,14 @@
 //! Load test: 16 concurrent clients send 200 requests in total (completions and chat, streamed
 //! and not, one in ten hanging up early) to the real daemon. Every request must either complete
 //! with exactly the text the same request gave when run alone, or be refused with 503 and
-//! Retry-After; none may hang; resident memory must not grow across the run; the daemon must
-//! answer afterwards. Prints requests/s, latency percentiles, rejections and memory.
+//! Retry-After; none may hang; the daemon's live heap (`moed_heap_bytes`, counted by its
+//! allocator) must come back to where it was; the daemon must answer afterwards. Prints
+//! requests/s, latency percentiles, rejections and memory.
+//!
+//! Why the heap and not the resident set size: RSS also counts mapped model pages and, under
+//! qemu-user (the aarch64 suite), the emulator's translated-code cache, which grows as new code
+//! runs: there the same daemon's RSS grows by megabytes over the run without any leak. The live
+//! heap is the same figure natively and under emulation. RSS is still printed.
 //!
 //! Knobs (environment): MOED_LOAD_CLIENTS (16), MOED_LOAD_REQUESTS (200),
 //! MOED_LOAD_MAX_QUEUE (8), MOED_LOAD_TOKEN_DELAY_MS (2; a per-token sleep that makes the random-weight fixture about as
@@ -142,6 +148,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[at]
 }
 
+/// The daemon's live heap bytes, from /metrics.
+fn heap(socket: &std::path::Path) -> u64 {
+    let mut s = connect(socket).unwrap();
+    common::write_request(&mut s, "GET", "/metrics", None).unwrap();
+    s.flush().unwrap();
+    let mut r = BufReader::new(s);
+    let head = common::read_response(&mut r).unwrap();
+    let text = String::from_utf8_lossy(&head.body).into_owned();
+    let v = metric(&text, "moed_heap_bytes");
+    assert!(v > 0.0, "moed_heap_bytes is missing from /metrics");
+    v as u64
+}
+
 #[test]
 fn sixteen_clients_two_hundred_requests() {
     let clients = knob("MOED_LOAD_CLIENTS", 16);
@@ -192,6 +211,7 @@ fn sixteen_clients_two_hundred_requests() {
     }
     std::thread::sleep(Duration::from_millis(100));
     let rss_before = d.rss();
+    let heap_before = heap(&socket);
 
     let next = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new(Vec::new()));
@@ -199,9 +219,12 @@ fn sixteen_clients_two_hundred_requests() {
     let running = Arc::new(AtomicBool::new(true));
     let sampler = {
         let (peak, running, pid) = (peak.clone(), running.clone(), d.pid());
+        let socket = socket.clone();
         std::thread::spawn(move || {
             let mut samples = Vec::new();
+            let mut heaps = Vec::new();
             while running.load(Relaxed) {
+                heaps.push(heap(&socket));
                 if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
                     if let Some(kb) = s
                         .lines()
@@ -214,7 +237,7 @@ fn sixteen_clients_two_hundred_requests() {
                 }
                 std::thread::sleep(Duration::from_millis(25));
             }
-            samples
+            (samples, heaps)
         })
     };
     let t0 = Instant::now();
@@ -241,7 +264,7 @@ fn sixteen_clients_two_hundred_requests() {
     }
     let elapsed = t0.elapsed();
     running.store(false, Relaxed);
-    let samples = sampler.join().unwrap();
+    let (samples, heaps) = sampler.join().unwrap();
 
     let results = std::mem::take(&mut *results.lock().unwrap());
     assert_eq!(results.len(), total);
@@ -271,6 +294,7 @@ fn sixteen_clients_two_hundred_requests() {
     }
     std::thread::sleep(Duration::from_millis(100));
     let rss_after = d.rss();
+    let heap_after = heap(&socket);
     let text = d.metrics();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let mid = samples
@@ -300,8 +324,16 @@ fn sixteen_clients_two_hundred_requests() {
         metric(&text, "moed_requests_cancelled_total"),
         metric(&text, "moed_queue_rejections_total"),
     );
+    let heap_mid = heaps.get(heaps.len() / 2).copied().unwrap_or(heap_before);
     println!(
-        "  RSS: before {:.1} MiB | mid-run {:.1} MiB | peak {:.1} MiB | after {:.1} MiB",
+        "  heap (moed_heap_bytes): before {:.2} MiB | mid-run {:.2} MiB | peak {:.2} MiB | after {:.2} MiB",
+        mib(heap_before),
+        mib(heap_mid),
+        mib(heaps.iter().copied().max().unwrap_or(heap_before)),
+        mib(heap_after)
+    );
+    println!(
+        "  RSS (not asserted): before {:.1} MiB | mid-run {:.1} MiB | peak {:.1} MiB | after {:.1} MiB",
         mib(rss_before),
         mib(mid),
         mib(peak.load(Relaxed)),
@@ -320,14 +352,15 @@ fn sixteen_clients_two_hundred_requests() {
     // before reading their answer.
     let refused = metric(&text, "moed_queue_rejections_total") as usize;
     assert!((rejected.len()..=rejected.len() + hung_up).contains(&refused));
-    // Memory does not grow: it levels off once the connections and queue have been at their
-    // busiest (the allocator keeps that high-water mark), and stays there to the end.
+    // Memory does not grow: once idle again, the heap holds what it held before the run (the
+    // model, KV cache and prompt cache were all allocated by then), within a small slack for
+    // the runtime's own bookkeeping (tokio's slabs, metric label maps).
     assert!(
-        rss_after <= mid + (1 << 20) && rss_after <= rss_before + (4 << 20),
-        "RSS grew: {:.1} MiB before, {:.1} mid-run, {:.1} after",
-        mib(rss_before),
-        mib(mid),
-        mib(rss_after)
+        heap_after <= heap_before + (512 << 10),
+        "the heap grew: {:.2} MiB before, {:.2} mid-run, {:.2} after",
+        mib(heap_before),
+        mib(heap_mid),
+        mib(heap_after)
     );
     // Still answering, with the same text as before the run.
     let c = &cases[0];

@@ -78,9 +78,20 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, &Path)],
     ) -> Daemon {
+        Self::spawn_model(dir, socket, model_path(), args, env)
+    }
+
+    /// Starts moed on another model file.
+    pub fn spawn_model(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        model: &Path,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_moed"))
             .arg("-m")
-            .arg(model_path())
+            .arg(model)
             .arg("--socket")
             .arg(&socket)
             .args(["--threads", "1"])

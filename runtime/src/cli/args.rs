@@ -28,7 +28,8 @@ pub struct StreamingArgs {
     /// Read experts with O_DIRECT (bypass the page cache; a board profile turns it on)
     #[arg(long)]
     pub direct_io: bool,
-    /// Emulate a storage device's speed for expert reads: microsd, microsd-pi4, usb-ssd or nvme
+    /// Emulate a storage device's speed for expert reads: microsd, microsd-pi4, usb-ssd or nvme,
+    /// optionally with injected faults (`usb-ssd,fail-every=50,slow-every=7,slow-ms=20`)
     #[arg(long, value_parser = parse_flash)]
     pub flash_profile: Option<FlashProfile>,
     /// Threads reading experts [default: 2, or the board profile's]
@@ -114,8 +115,7 @@ fn parse_eviction(s: &str) -> Result<Eviction, String> {
 }
 
 fn parse_flash(s: &str) -> Result<FlashProfile, String> {
-    FlashProfile::by_name(s)
-        .ok_or_else(|| format!("`{s}` is not microsd, microsd-pi4, usb-ssd or nvme"))
+    FlashProfile::parse(s)
 }
 
 pub fn parse_kv_type(s: &str) -> Result<KvType, String> {

@@ -54,14 +54,18 @@ impl<'c> Arrivals<'c> {
         let mut waited: Option<Instant> = None;
         let mut st = shared.lock();
         let result = loop {
-            if let Err(e) = shared.failed(&st) {
-                break Err(e);
-            }
             let open = |j: &usize| !taken[*j] && wanted(*j);
             if let Some(j) = (0..slots.len())
                 .filter(open)
                 .find(|&j| !st.table.slots[slots[j]].loading)
             {
+                let key = ExpertKey {
+                    layer: self.layer,
+                    expert: experts[j],
+                };
+                if let Err(e) = shared.lost(&st, slots[j], key) {
+                    break Err(e);
+                }
                 if taken[..j].contains(&false) {
                     Counters::add(&shared.counters.overtakes, 1);
                 }
@@ -70,10 +74,7 @@ impl<'c> Arrivals<'c> {
                 let guard = ExpertGuard {
                     shared,
                     slot,
-                    key: ExpertKey {
-                        layer: self.layer,
-                        expert: experts[j],
-                    },
+                    key,
                     leads: st.table.slots[slot].leads,
                 };
                 break Ok(Some((j, guard)));

@@ -66,7 +66,6 @@ impl ExpertCache {
             speculative_bytes: 0,
             queue: VecDeque::with_capacity(io::queue_capacity(cfg.slots, slot_span)),
             spare: Vec::with_capacity(SPARE_ARRIVALS),
-            failure: None,
             shutdown: false,
         };
         let shared = Arc::new(Shared {
@@ -207,7 +206,6 @@ impl ExpertCache {
         }
         let counters = &shared.counters;
         let mut st = shared.lock();
-        shared.failed(&st)?;
         let now = st.policy.step();
         let mut waited: Option<Instant> = None;
         let mut bufs = st.spare.pop().unwrap_or_default();

@@ -1,10 +1,12 @@
 //! Reading expert slabs from the model file with `pread` (optionally `O_DIRECT`), and an
-//! optional flash emulator that throttles reads to a board's storage bandwidth and latency.
+//! optional flash emulator that throttles reads to a board's storage bandwidth and latency and
+//! can inject faults (failed and slow reads) to test how errors travel.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,18 @@ pub struct FlashProfile {
     pub name: &'static str,
     pub bytes_per_second: f64,
     pub latency: Duration,
+    /// Injected faults (none in the named profiles).
+    pub faults: Faults,
+}
+
+/// Faults the emulator injects, counted over all reads of the file: every `fail_every`-th read
+/// fails with an I/O error, every `slow_every`-th read takes `slow` longer (0: never). For
+/// tests of error handling (`--flash-profile usb-ssd,fail-every=50,slow-every=7,slow-ms=20`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Faults {
+    pub fail_every: u64,
+    pub slow_every: u64,
+    pub slow: Duration,
 }
 
 impl FlashProfile {
@@ -32,28 +46,62 @@ impl FlashProfile {
             name: "microsd",
             bytes_per_second: 90e6,
             latency: Duration::from_micros(500),
+            faults: Faults::NONE,
         },
         // The Pi 4's, Pi 3's and Zero 2 W's SD host (DDR50): about half the Pi 5's speed.
         FlashProfile {
             name: "microsd-pi4",
             bytes_per_second: 45e6,
             latency: Duration::from_micros(500),
+            faults: Faults::NONE,
         },
         FlashProfile {
             name: "usb-ssd",
             bytes_per_second: 350e6,
             latency: Duration::from_micros(150),
+            faults: Faults::NONE,
         },
         FlashProfile {
             name: "nvme",
             bytes_per_second: 800e6,
             latency: Duration::from_micros(60),
+            faults: Faults::NONE,
         },
     ];
 
     pub fn by_name(name: &str) -> Option<Self> {
         Self::PROFILES.into_iter().find(|p| p.name == name)
     }
+
+    /// A profile name, optionally followed by injected faults: `NAME[,fail-every=N]
+    /// [,slow-every=N][,slow-ms=MS]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let name = parts.next().unwrap_or_default();
+        let mut p = Self::by_name(name)
+            .ok_or_else(|| format!("`{name}` is not microsd, microsd-pi4, usb-ssd or nvme"))?;
+        for part in parts {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            let n: u64 = v.parse().map_err(|_| {
+                format!("`{part}`: expected fail-every=N, slow-every=N or slow-ms=MS")
+            })?;
+            match k {
+                "fail-every" => p.faults.fail_every = n,
+                "slow-every" => p.faults.slow_every = n,
+                "slow-ms" => p.faults.slow = Duration::from_millis(n),
+                _ => return Err(format!("`{k}` is not fail-every, slow-every or slow-ms")),
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl Faults {
+    pub const NONE: Faults = Faults {
+        fail_every: 0,
+        slow_every: 0,
+        slow: Duration::ZERO,
+    };
 }
 
 /// Where one slab lives in the file.
@@ -67,6 +115,8 @@ pub struct FlashReader {
     file: File,
     direct: bool,
     throttle: Option<(FlashProfile, Mutex<Instant>)>,
+    /// Reads done, for injected faults.
+    reads: AtomicU64,
 }
 
 impl FlashReader {
@@ -83,6 +133,7 @@ impl FlashReader {
             file,
             direct,
             throttle: throttle.map(|p| (p, Mutex::new(Instant::now()))),
+            reads: AtomicU64::new(0),
         })
     }
 
@@ -125,6 +176,19 @@ impl FlashReader {
         let range = self.piece_range(e, piece);
         debug_assert_eq!(dst.len(), range.len());
         let t0 = Instant::now();
+        if let Some((p, _)) = &self.throttle {
+            let n = self.reads.fetch_add(1, Relaxed) + 1;
+            let every = |k: u64| k > 0 && n.is_multiple_of(k);
+            if every(p.faults.slow_every) {
+                std::thread::sleep(p.faults.slow);
+            }
+            if every(p.faults.fail_every) {
+                return Err(io::Error::other(format!(
+                    "read error injected by the flash emulator (read {n}, fail-every={})",
+                    p.faults.fail_every
+                )));
+            }
+        }
         let from = e.offset - lead as u64 + range.start as u64;
         // With O_DIRECT the aligned span may run past the end of a file whose size is not a
         // whole number of pages; only the extent itself must be there.

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use super::flash::{Extent, FlashReader, PAGE, PIECE};
 use super::layout::ExpertKey;
-use super::state::{QueuedRead, ReadFailure, Shared, State};
+use super::state::{QueuedRead, Shared, State};
 use super::stats::Counters;
 
 /// Starts `n` I/O threads; they run until the state's `shutdown` is set.
@@ -111,10 +111,17 @@ fn worker(shared: &Shared) {
         if !is_current(&st, read) {
             continue;
         }
+        st.table.slots[read.slot].in_flight += 1;
         drop(st);
         let result = load_part(shared, read, &mut whole_buf);
         st = shared.lock();
+        st.table.slots[read.slot].in_flight -= 1;
         if !is_current(&st, read) {
+            // The filling was given up (another of its reads failed): once its last read in
+            // flight is done, the slot may go to another expert.
+            if st.table.slots[read.slot].in_flight == 0 {
+                shared.changed.notify_all();
+            }
             continue;
         }
         let s = &mut st.table.slots[read.slot];
@@ -133,11 +140,10 @@ fn worker(shared: &Shared) {
             }
             Ok(()) => continue,
             Err(error) => {
-                st.table.free(read.slot);
-                st.failure.get_or_insert(ReadFailure {
-                    key: read.key,
-                    error: Arc::new(error),
-                });
+                // The request waiting for this expert gets the error (Arrivals::take); the
+                // slot is given up, so a later request reads the expert again.
+                Counters::add(&shared.counters.read_errors, 1);
+                st.table.fail(read.slot, Arc::new(error));
             }
         }
         shared.changed.notify_all();

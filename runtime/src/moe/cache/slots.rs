@@ -40,6 +40,12 @@ pub(super) struct Slot {
     pub parts_left: u32,
     /// Bytes this slot's speculative read adds to the speculative bytes in flight until it ends.
     pub speculative_in_flight: usize,
+    /// Why the slot's last filling failed (it was given up); cleared when it is filled again.
+    pub error: Option<std::sync::Arc<std::io::Error>>,
+    /// Reads an I/O thread is doing into the slot's memory right now. A filling that failed is
+    /// given up while its other reads may still be writing: the slot is not given to another
+    /// expert until they are done.
+    pub in_flight: u32,
 }
 
 impl Slot {
@@ -55,12 +61,14 @@ impl Slot {
         leads: [0; 3],
         parts_left: 0,
         speculative_in_flight: 0,
+        error: None,
+        in_flight: 0,
     };
 
-    /// Whether the slot may be given to another expert: nothing holds it, no read fills it and
-    /// it is not kept resident.
+    /// Whether the slot may be given to another expert: nothing holds it, no read fills it (or
+    /// is still writing to it) and it is not kept resident.
     pub fn evictable(&self) -> bool {
-        self.holds == 0 && !self.loading && !self.kept_resident
+        self.holds == 0 && !self.loading && self.in_flight == 0 && !self.kept_resident
     }
 }
 
@@ -95,6 +103,7 @@ impl SlotTable {
         s.next_use = NEVER;
         s.speculative = false;
         s.fill = s.fill.wrapping_add(1);
+        s.error = None;
         self.index.insert(key, slot);
         evicted.is_some()
     }
@@ -108,6 +117,12 @@ impl SlotTable {
         s.loading = false;
         s.speculative = false;
         s.kept_resident = false;
+    }
+
+    /// Gives up `slot` after its read failed with `error` (see [`Slot::error`]).
+    pub fn fail(&mut self, slot: usize, error: std::sync::Arc<std::io::Error>) {
+        self.free(slot);
+        self.slots[slot].error = Some(error);
     }
 
     /// Slots holding experts kept resident.

@@ -35,8 +35,6 @@ pub(super) struct State {
     pub queue: VecDeque<QueuedRead>,
     /// Buffers of dropped arrivals, reused so that a decode step allocates nothing.
     pub spare: Vec<ArrivalBuffers>,
-    /// The first read that failed: the cache refuses every request after it.
-    pub failure: Option<ReadFailure>,
     pub shutdown: bool,
 }
 
@@ -49,12 +47,6 @@ pub(super) struct QueuedRead {
     pub fill: u32,
     /// Which of the expert's reads (see `io::read_parts`).
     pub part: u32,
-}
-
-#[derive(Clone, Debug)]
-pub(super) struct ReadFailure {
-    pub key: ExpertKey,
-    pub error: Arc<io::Error>,
 }
 
 /// The experts of one hold, their slots and which were handed out.
@@ -78,16 +70,23 @@ impl Shared {
         self.changed.wait(st).unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The error of every request once a read failed.
-    pub fn failed(&self, st: &State) -> Result<(), CacheError> {
-        match &st.failure {
-            None => Ok(()),
-            Some(f) => Err(CacheError::Read {
-                layer: f.key.layer,
-                expert: f.key.expert,
-                path: self.path.clone(),
-                cause: Arc::clone(&f.error),
-            }),
+    /// The error of a request holding `slot` for `key` when the slot's read failed (the slot
+    /// was given up, so it no longer holds `key`).
+    pub fn lost(&self, st: &State, slot: usize, key: ExpertKey) -> Result<(), CacheError> {
+        let s = &st.table.slots[slot];
+        if s.key == Some(key) {
+            return Ok(());
         }
+        let cause = s.error.clone().unwrap_or_else(|| {
+            Arc::new(io::Error::other(
+                "the expert's slot was given up while it was held",
+            ))
+        });
+        Err(CacheError::Read {
+            layer: key.layer,
+            expert: key.expert,
+            path: self.path.clone(),
+            cause,
+        })
     }
 }

@@ -24,6 +24,8 @@ pub(super) struct Counters {
     pub stall_nanos: AtomicU64,
     /// Experts handed out while an earlier one of their group was still loading.
     pub overtakes: AtomicU64,
+    /// Reads that failed (each failed the request waiting for its expert).
+    pub read_errors: AtomicU64,
 }
 
 impl Counters {
@@ -53,6 +55,7 @@ impl Counters {
             demand_bytes_read: get(&self.demand_bytes_read),
             stall_seconds: get(&self.stall_nanos) as f64 * 1e-9,
             overtakes: get(&self.overtakes),
+            read_errors: get(&self.read_errors),
         }
     }
 }
@@ -75,6 +78,8 @@ pub struct CacheStats {
     pub stall_seconds: f64,
     /// Experts computed while an earlier one of their layer was still being read.
     pub overtakes: u64,
+    /// Reads that failed.
+    pub read_errors: u64,
 }
 
 impl CacheStats {
