@@ -15,10 +15,11 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
-# The daemon's test with the official Python `openai` client runs when the package is there.
+# The daemon's tests with the official Python `openai` client (and `jsonschema` to check
+# structured output) run when the packages are there.
 if command -v python3 >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check openai >/dev/null 2>&1 || \
-    echo "note: could not install the Python openai package; its daemon test will be skipped"
+  python3 -m pip install --quiet --disable-pip-version-check openai jsonschema >/dev/null 2>&1 || \
+    echo "note: could not install the Python openai/jsonschema packages; their daemon tests will be skipped"
 fi
 
 cargo fmt --all -- --check

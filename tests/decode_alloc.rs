@@ -122,7 +122,8 @@ fn every_ffn_kind_decodes_without_allocating() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Shared experts (qwen2_moe), MLA and group routing (deepseek_v3), a plain MoE (mixtral),
     // routing decided by a decoupled router (qwen3_moe_readme), partial rotary with biases and
-    // q/k norm (glm4_moe), softmax routing with a selection bias (ernie4_5_moe).
+    // q/k norm (glm4_moe), softmax routing with a selection bias (ernie4_5_moe), routing from
+    // the layer input, ReGLU and NoPE/sliding layers (smallthinker).
     for name in [
         "qwen2_moe",
         "deepseek_v3",
@@ -130,6 +131,7 @@ fn every_ffn_kind_decodes_without_allocating() {
         "qwen3_moe_readme",
         "glm4_moe",
         "ernie4_5_moe",
+        "smallthinker",
     ] {
         for ty in [GgmlType::Q8_0, GgmlType::F32] {
             let converted = Fixture::load(name).convert(ty);
@@ -217,6 +219,36 @@ fn streamed_experts_decode_without_allocating() {
              streamed decode steps"
         );
     }
+}
+
+/// SmallThinker's experts read at router time, before attention (`fetch_ahead`), through a
+/// cache holding half of them.
+#[test]
+fn router_time_reads_decode_without_allocating() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let converted = Fixture::load("smallthinker").convert(GgmlType::Q8_0);
+    let file = converted.open();
+    let model = Model::load(&file).expect("model loads");
+    let experts = model.hp.n_layer * model.hp.n_expert;
+    let cache = expert_cache(
+        &model,
+        &converted.path,
+        cache_config(experts / 2, Eviction::Belady),
+    );
+    let mut s = Session::with_kv_type(&model, 128, KvType::F16);
+    s.set_streaming(ExpertStreaming {
+        cache: Some(cache.clone()),
+        lookahead: 0,
+    });
+    let n = count_decode(&mut s);
+    assert!(
+        cache.stats().prefetches_issued > 0,
+        "experts read at router time"
+    );
+    assert_eq!(
+        n, 0,
+        "{n} allocations in 16 streamed SmallThinker decode steps"
+    );
 }
 
 #[test]

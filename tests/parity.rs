@@ -87,6 +87,61 @@ fn ernie4_5_moe_interleaved_rope_softmax_bias_shared_experts_spm_vocab() {
     check_parity("ernie4_5_moe", GgmlType::F32);
 }
 
+#[test]
+fn smallthinker_router_on_layer_input_reglu_nope_and_sliding_layers() {
+    check_parity("smallthinker", GgmlType::F32);
+}
+
+/// The SmallThinker fixture's window is longer than its prompts (llama.cpp replaces the file's
+/// window by 4096, so its parity needs that); `logits_window.npy` is the same model's reference
+/// with a short window, reached here by rewriting the key: the sliding layers must apply it and
+/// the NoPE layer (layer 0) must not.
+#[test]
+fn smallthinker_short_window_applies_to_the_sliding_layers() {
+    use moe_runtime::gguf::{GgufFile, Value};
+    #[derive(serde::Deserialize)]
+    struct WindowCheck {
+        sliding_window: u32,
+        prompt: usize,
+        logits_file: String,
+        greedy_ids: Vec<u32>,
+    }
+    let fx = Fixture::load("smallthinker");
+    let text = std::fs::read_to_string(fx.dir.join("expected.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let check: WindowCheck = serde_json::from_value(json["window_check"].clone()).unwrap();
+    let f = std::fs::File::open(fx.dir.join(&check.logits_file)).unwrap();
+    let (want, n, vocab) = moe_runtime::npy::read_f32_2d(std::io::BufReader::new(f)).unwrap();
+    let case = &fx.expected.prompts[check.prompt];
+    assert!(n > check.sliding_window as usize, "the window must bite");
+    let conv = fx.convert(GgmlType::F32);
+    let path = conv.path.with_extension("window.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &path, |meta| {
+        for (k, v) in meta.iter_mut() {
+            if k == "smallthinker.attention.sliding_window" {
+                *v = Value::U32(check.sliding_window);
+            }
+        }
+    });
+    let file = GgufFile::open(&path).unwrap();
+    let got = prompt_logits(&file, &case.ids);
+    let diff = max_rel_diff(&got, &want, vocab);
+    println!(
+        "smallthinker window {}: max |diff| / max |logit| = {diff:.2e}",
+        check.sliding_window
+    );
+    assert!(diff < TOLERANCE, "logits differ by {diff:e}");
+    let full = max_rel_diff(&got, &fx.logits(check.prompt).0, vocab);
+    assert!(full > 1e-2, "the short window changed nothing ({full:e})");
+    assert_eq!(
+        greedy(&file, &case.ids, check.greedy_ids.len()),
+        check.greedy_ids
+    );
+    let stepwise = stepwise_logits(&file, &case.ids);
+    let diff = max_rel_diff(&stepwise, &want, vocab);
+    assert!(diff < TOLERANCE, "stepwise logits differ by {diff:e}");
+}
+
 /// llama.cpp's converter appends GLM-4.5's next-token-prediction block after the trunk
 /// (`block_count` one more, `nextn_predict_layers` 1, its tensors in `blk.{n_layer}`, or none when
 /// the checkpoint has none, as here). Generation runs the trunk only; a count that leaves no trunk

@@ -171,6 +171,59 @@ fn lookahead_predictions_are_scored() {
     assert!(p[0].precision() <= 1.0 && p[0].recall() <= 1.0);
 }
 
+/// SmallThinker's router reads the layer input: each layer's experts are read as soon as it has
+/// routed, before its attention. Those reads are exactly the experts the layer then uses (every
+/// one, none more), the slow device's time is partly hidden behind the attention, and the
+/// output is bit for bit the demand-loaded one and the resident one.
+#[test]
+fn smallthinker_reads_experts_at_router_time_exactly() {
+    let fx = Fixture::load("smallthinker");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let ids = &fx.expected.prompts[2].ids;
+    let resident = run(&model, ids, None);
+    let n_used = model.hp.n_expert_used;
+    for router_prefetch in [false, true] {
+        let c = expert_cache(
+            &model,
+            &conv.path,
+            cache_config(n_used + 1, Eviction::Belady),
+        );
+        let mut s = Session::with_kv_type(&model, 256, KvType::F32);
+        s.set_streaming(ExpertStreaming {
+            cache: Some(c.clone()),
+            lookahead: 0,
+        });
+        s.set_router_prefetch(router_prefetch);
+        let mut logits = s.forward(ids, true).unwrap().to_vec();
+        let vocab = model.hp.n_vocab;
+        let mut next = argmax_logits(&logits[logits.len() - vocab..]);
+        let mut tokens = vec![next];
+        for _ in 0..7 {
+            let l = s.forward(&[next], false).unwrap().to_vec();
+            next = argmax_logits(&l);
+            logits.extend_from_slice(&l);
+            tokens.push(next);
+        }
+        assert!(
+            logits == resident.0 && tokens == resident.1,
+            "router prefetch {router_prefetch}: streamed run differs"
+        );
+        let p = s.router_prefetch_stats();
+        let st = c.stats();
+        if router_prefetch {
+            // 3 layers x (1 prompt batch + 7 decode steps), every layer MoE.
+            assert_eq!(p.by_layer.len(), 3);
+            assert!(p.actual > 0);
+            assert_eq!((p.correct, p.predicted), (p.actual, p.actual), "{p:?}");
+            assert!(st.prefetches_issued > 0 && st.prefetches_used > 0, "{st:?}");
+        } else {
+            assert_eq!((p.predicted, st.prefetches_issued), (0, 0));
+        }
+    }
+}
+
 /// Holds `experts` of `layer` until every one of them is loaded, then lets them go.
 fn use_experts(c: &ExpertCache, layer: usize, experts: &[u32]) {
     let mut arrivals = c.acquire_each(layer, experts).unwrap();

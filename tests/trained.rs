@@ -79,6 +79,7 @@ fn sample(file: &GgufFile, prompt: &[u32], seed: u64, n: usize) -> Vec<u32> {
         ignore_eos: true,
         skip_special: false,
         top_logprobs: None,
+        constraint: None,
     };
     generate(&mut session, &mut sampler, None, &request, |piece| {
         out.extend(piece.id);

@@ -1,7 +1,6 @@
 //! Routing and handlers: the OpenAI endpoints, `/health`, `/metrics`, and the server-sent-event
 //! body that streams a generation.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -19,15 +18,13 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
+use crate::answer::Answer;
 use crate::api::{self, ApiError, Endpoint, ResponseMeta};
 use crate::conn::ConnState;
-use crate::harmony::HarmonyParser;
 use crate::metrics::Metrics;
+use crate::prepare::{self, Prepared};
+use crate::respond::{self, SseBody};
 use crate::worker::{self, Event, GenRequest, Job, Loaded};
-
-mod sse;
-
-use sse::SseBody;
 
 pub type BoxedBody = BoxBody<Bytes, Infallible>;
 
@@ -339,84 +336,6 @@ async fn read_body(req: Request<Incoming>, app: &App) -> Result<Bytes, ApiError>
     }
 }
 
-/// The prompt of a completion request as token ids.
-fn completion_prompt(p: &api::GenParams, l: &Loaded) -> Result<Vec<u32>, ApiError> {
-    let bad = || {
-        ApiError::param(
-            "prompt",
-            "`prompt` must be a string, an array holding one string, or an array of token ids",
-        )
-    };
-    let one = || ApiError::param("prompt", "moed takes one prompt per request");
-    let ids_of = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
-        items
-            .iter()
-            .map(|v| {
-                v.as_u64()
-                    .filter(|&t| (t as usize) < l.n_vocab)
-                    .map(|t| t as u32)
-                    .ok_or_else(|| {
-                        ApiError::param(
-                            "prompt",
-                            format!(
-                                "token ids must be integers below the vocabulary size {}",
-                                l.n_vocab
-                            ),
-                        )
-                    })
-            })
-            .collect()
-    };
-    let encode = |text: &str| {
-        l.tokenizer
-            .encode(text, true)
-            .map_err(|e| ApiError::param("prompt", e.to_string()))
-    };
-    let ids = match &p.prompt {
-        None | Some(Value::Null) => return Err(ApiError::param("prompt", "`prompt` is required")),
-        Some(Value::String(s)) => encode(s)?,
-        Some(Value::Array(items)) => match items.first() {
-            None => Vec::new(),
-            Some(Value::String(_)) if items.len() > 1 => return Err(one()),
-            Some(Value::String(s)) => encode(s)?,
-            Some(Value::Number(_)) => ids_of(items)?,
-            Some(Value::Array(_)) if items.len() > 1 => return Err(one()),
-            Some(Value::Array(inner)) => ids_of(inner)?,
-            Some(_) => return Err(bad()),
-        },
-        Some(_) => return Err(bad()),
-    };
-    empty_to_bos(ids, l, "prompt")
-}
-
-fn empty_to_bos(ids: Vec<u32>, l: &Loaded, param: &str) -> Result<Vec<u32>, ApiError> {
-    if !ids.is_empty() {
-        return Ok(ids);
-    }
-    match l.tokenizer.bos() {
-        Some(b) => Ok(vec![b]),
-        None => Err(ApiError::param(param, "the prompt is empty")),
-    }
-}
-
-/// The chat prompt: messages through the model's template, then token ids (no special tokens
-/// added: the template writes them, as with transformers' `apply_chat_template`).
-fn chat_prompt(p: &api::GenParams, l: &Loaded) -> Result<Vec<u32>, ApiError> {
-    let template = l.chat.as_ref().map_err(|why| {
-        ApiError::status(StatusCode::NOT_IMPLEMENTED, why.clone()).with_code("no_chat_template")
-    })?;
-    let messages = p
-        .messages
-        .as_deref()
-        .ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
-    let text = template.render(messages, &crate::chat::render_options(p)?)?;
-    let ids = l
-        .tokenizer
-        .encode(&text, false)
-        .map_err(|e| ApiError::param("messages", e.to_string()))?;
-    empty_to_bos(ids, l, "messages")
-}
-
 async fn generate(
     req: Request<Incoming>,
     app: &Arc<App>,
@@ -434,21 +353,21 @@ async fn generate(
         }
     }
     let v = api::validate(&p, endpoint, random_seed())?;
-    // gpt-oss's Harmony replies keep their channel markers, and are split into reasoning and
-    // answer here.
-    let harmony =
-        endpoint == Endpoint::Chat && app.loaded()?.chat.as_ref().is_ok_and(|c| c.is_harmony());
-    // Tokenizing and templating are CPU work: keep them off the thread that moves the bytes.
+    // Tokenizing, templating and compiling a grammar are CPU work: keep them off the thread
+    // that moves the bytes. A grammar that does not compile is refused before queuing.
     let worker_app = app.clone();
-    let prompt = tokio::task::spawn_blocking(move || {
-        let l = worker_app.loaded()?;
-        match endpoint {
-            Endpoint::Completions => completion_prompt(&p, l),
-            Endpoint::Chat => chat_prompt(&p, l),
-        }
+    let valid = v.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        prepare::prepare(&p, &valid, endpoint, worker_app.loaded()?)
     })
     .await
     .map_err(|e| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let keep_special = prepared.keep_special();
+    let Prepared {
+        prompt,
+        constraint,
+        reply,
+    } = prepared;
     let l = app.loaded()?;
     let (default_max, prompt_param) = match endpoint {
         // OpenAI's default for completions; chat runs to the end of the context.
@@ -480,8 +399,9 @@ async fn generate(
             sampler: v.sampler.clone(),
             stop: v.stop.clone(),
             ignore_eos: v.ignore_eos,
-            keep_special: harmony,
             top_logprobs: v.top_logprobs,
+            constraint,
+            keep_special,
         },
         events: tx,
         enqueued: Instant::now(),
@@ -504,53 +424,18 @@ async fn generate(
         _ => return Err(worker::gone()),
     }
 
+    let answer = reply.map(|(syntax, tail)| Answer::new(&syntax, &tail, random_seed()));
+    let logprobs = v.top_logprobs.is_some();
     if v.stream {
-        let mut sse = SseBody {
-            rx,
-            meta: meta.clone(),
-            include_usage: v.include_usage,
-            harmony: harmony.then(HarmonyParser::new),
-            logprobs: v.top_logprobs.is_some(),
-            chars: 0,
-            pending_logprobs: Vec::new(),
-            out: VecDeque::new(),
-            done: false,
-        };
-        if endpoint == Endpoint::Chat {
-            sse.push(&meta.chunk(true, Some(""), None));
-        }
+        let sse = SseBody::new(rx, meta, answer, v.include_usage, logprobs);
         let mut r = Response::new(BodyExt::boxed(sse));
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(r);
     }
-
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    loop {
-        match rx.recv().await {
-            Some(Event::Text(t, l)) => {
-                text.push_str(&t);
-                logprobs.extend(l);
-            }
-            Some(Event::Started) => {}
-            Some(Event::Done(f)) => {
-                let logprobs = v.top_logprobs.map(|_| &logprobs[..]);
-                let body = if harmony {
-                    let parts = HarmonyParser::parse(&text);
-                    let reasoning = Some(parts.reasoning.as_str());
-                    let (t, u) = (&f.timings, &f.usage);
-                    meta.response(&parts.content, reasoning, logprobs, f.reason, u, t)
-                } else {
-                    meta.response(&text, None, logprobs, f.reason, &f.usage, &f.timings)
-                };
-                return Ok(json_response(StatusCode::OK, &body));
-            }
-            Some(Event::Failed(e)) => return Err(e),
-            None => return Err(worker::gone()),
-        }
-    }
+    let body = respond::collect(&mut rx, &meta, answer, logprobs).await?;
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// Counts a request when its response is done (or dropped because the client left).

@@ -4,23 +4,27 @@
 //!
 //! Modules by concern: [`config`] (flags), [`socket`] (the socket file and systemd readiness),
 //! [`server`] (accept loop, connections, timeouts, shutdown), [`conn`] (one connection's
-//! request phase and bytes read), [`http`] (routing, handlers, server-sent events), [`api`]
-//! (OpenAI request/response shapes and validation), [`chat`] (chat templates), [`harmony`]
-//! (gpt-oss's reply channels), [`worker`] (the generation thread and its queue), [`model_file`]
-//! (the mapped model file changing under the daemon), [`metrics`] (Prometheus), [`alloc`] (live
-//! heap bytes).
+//! request phase and bytes read), [`http`] (routing, handlers), [`prepare`] (prompt, grammar and
+//! reply syntax of a request), [`respond`] (the JSON response or server-sent events),
+//! [`answer`] (a chat reply's reasoning, content and tool calls in OpenAI's shape), [`reply`]
+//! (each model family's reply markup, gpt-oss's Harmony included), [`api`] (OpenAI
+//! request/response shapes and validation), [`chat`] (chat templates), [`worker`] (the
+//! generation thread and its queue), [`model_file`] (the mapped model file changing under the
+//! daemon), [`metrics`] (Prometheus), [`alloc`] (live heap bytes).
 
 pub mod alloc;
+pub mod answer;
 pub mod api;
 pub mod chat;
 pub mod config;
 pub mod conn;
-pub mod harmony;
 pub mod http;
 pub mod metrics;
 pub mod model_file;
+pub mod prepare;
 pub mod prompt_cache;
 pub mod reply;
+pub mod respond;
 pub mod server;
 pub mod socket;
 pub mod worker;

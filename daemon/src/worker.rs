@@ -5,10 +5,11 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use moe_runtime::engine::{generate, Engine, Logprobs, Piece, Request, SessionOptions, StopReason};
+use moe_runtime::grammar::{Constraint, GrammarVocab};
 use moe_runtime::model::Session;
 use moe_runtime::sampling::{Sampler, SamplerConfig};
 use moe_runtime::tokenizer::Tokenizer;
@@ -20,6 +21,7 @@ use crate::chat::ChatTemplate;
 use crate::metrics::{GenerationFigures, Metrics, ModelInfo, ProcessStats};
 use crate::model_file::ModelFile;
 use crate::prompt_cache::PromptCache;
+use crate::reply::ReplySyntax;
 
 /// What the worker needs to know to load the model.
 #[derive(Debug, Clone)]
@@ -45,6 +47,31 @@ pub struct Loaded {
     pub n_ctx: usize,
     pub n_vocab: usize,
     pub arch: String,
+    /// How the chat template's model marks reasoning and tool calls in its replies.
+    pub reply: ReplySyntax,
+    /// The vocabulary prepared for grammars, built by the first request with one.
+    pub grammar_vocab: OnceLock<Result<Arc<GrammarVocab>, String>>,
+}
+
+impl Loaded {
+    /// The vocabulary prepared for grammars. Building it walks every token once (up to seconds
+    /// for large vocabularies on a small board), so it waits for the first request that needs
+    /// it; requests arriving meanwhile wait for the same build.
+    pub fn grammar_vocab(&self) -> Result<&Arc<GrammarVocab>, String> {
+        self.grammar_vocab
+            .get_or_init(|| {
+                info!("preparing the vocabulary for grammars (first constrained request)");
+                let t0 = Instant::now();
+                let vocab = GrammarVocab::new(&self.tokenizer, self.n_vocab);
+                match &vocab {
+                    Ok(_) => info!(ms = ms(t0.elapsed()), "grammar vocabulary ready"),
+                    Err(e) => warn!("grammars are unavailable: {e}"),
+                }
+                vocab.map(Arc::new).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
 }
 
 /// Flags the HTTP side raises for the worker, and the worker's call to stop the daemon.
@@ -76,10 +103,13 @@ pub struct GenRequest {
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
-    /// Keep control tokens in the text (Harmony replies mark their channels with them).
+    /// Keep special tokens in the text (the reply parser reads markers some models write as
+    /// special tokens, such as Harmony's channels).
     pub keep_special: bool,
     /// Report log-probabilities with this many alternatives.
     pub top_logprobs: Option<usize>,
+    /// The grammar the output must match, compiled for this request.
+    pub constraint: Option<Constraint>,
 }
 
 pub struct Job {
@@ -213,6 +243,11 @@ pub fn spawn(
             if let Err(e) = &chat {
                 warn!("chat completions unavailable: {e}");
             }
+            let reply = ReplySyntax::of_template(source);
+            if !reply.is_plain() {
+                info!(reasoning = ?reply.reasoning.map(|(open, _)| open), tools = ?reply.tools,
+                      "chat replies are parsed for reasoning and tool calls");
+            }
             let info = ModelInfo {
                 id: cfg.model_id.clone(),
                 n_ctx,
@@ -245,6 +280,8 @@ pub fn spawn(
                 n_ctx,
                 n_vocab: hp.n_vocab,
                 arch: format!("{:?}", hp.arch),
+                reply,
+                grammar_vocab: OnceLock::new(),
             };
             if loaded.send(Ok(ready)).is_err() {
                 return;
@@ -429,6 +466,7 @@ impl Worker<'_, '_, '_> {
             ignore_eos: req.ignore_eos,
             skip_special: !req.keep_special,
             top_logprobs: req.top_logprobs,
+            constraint: req.constraint.as_ref(),
         };
         let (control, token_delay, tokenizer) = (self.control, self.token_delay, self.tokenizer);
         let stats = generate(

@@ -30,6 +30,7 @@ fn reference(prompt_ids: &[u32], max: usize, cfg: SamplerConfig) -> (String, usi
         ignore_eos: false,
         skip_special: true,
         top_logprobs: None,
+        constraint: None,
     };
     moe_runtime::engine::generate(&mut session, &mut sampler, Some(&tok), &request, |piece| {
         ids.extend(piece.id);
@@ -775,4 +776,182 @@ fn logprobs_for_chat_and_completions() {
         (status, v["error"]["param"].as_str()),
         (400, Some("top_logprobs"))
     );
+}
+
+/// A schema the fixture's random weights can finish: every value bounded.
+fn bounded_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "answer": {"enum": ["yes", "no", "maybe"]},
+            "score": {"type": "integer", "minimum": 0, "maximum": 9},
+            "ok": {"type": "boolean"},
+            "tag": {"type": "string", "maxLength": 6},
+        },
+        "required": ["answer", "score", "ok", "tag"],
+        "additionalProperties": false,
+    })
+}
+
+/// The object `bounded_schema` describes.
+fn check_bounded(text: &str) {
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    let o = v.as_object().unwrap_or_else(|| panic!("{text}"));
+    let keys: Vec<&str> = o.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["answer", "score", "ok", "tag"], "{text}");
+    assert!(["yes", "no", "maybe"].contains(&o["answer"].as_str().unwrap()));
+    assert!(o["score"].as_u64().is_some_and(|s| s <= 9), "{text}");
+    assert!(o["ok"].is_boolean(), "{text}");
+    assert!(
+        o["tag"].as_str().is_some_and(|t| t.chars().count() <= 6),
+        "{text}"
+    );
+}
+
+#[test]
+fn structured_output_follows_the_schema_or_grammar() {
+    let d = Daemon::start(&[]);
+    let format = json!({"type": "json_schema", "json_schema": {
+        "name": "verdict", "schema": bounded_schema(), "strict": true}});
+    let body = json!({
+        "model": model_id(), "prompt": "Verdict:", "max_tokens": 80, "seed": 3,
+        "temperature": 0.9, "response_format": format,
+    });
+    let (status, v) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    check_bounded(&text);
+    // Streamed: the same text.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let (_, mut sse) = d.stream("/v1/completions", &sbody);
+    let (stext, finish, _) = collect_stream(&sse.all(), false);
+    assert_eq!((stext.as_str(), finish.as_str()), (text.as_str(), "stop"));
+
+    // Chat, several seeds.
+    for seed in 0..3 {
+        let body = json!({
+            "model": model_id(), "messages": [{"role": "user", "content": "Judge."}],
+            "max_tokens": 80, "seed": seed, "response_format": format,
+        });
+        let (status, v) = d.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        check_bounded(v["choices"][0]["message"]["content"].as_str().unwrap());
+    }
+
+    // json_object: an object, or its beginning when the tokens run out.
+    let body = json!({
+        "model": model_id(), "prompt": "x", "max_tokens": 40, "seed": 1,
+        "response_format": {"type": "json_object"},
+    });
+    let (status, v) = d.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    match serde_json::from_str::<Value>(text) {
+        Ok(o) => assert!(o.is_object() && v["choices"][0]["finish_reason"] == "stop"),
+        Err(e) => assert!(
+            e.is_eof() && v["choices"][0]["finish_reason"] == "length",
+            "{e}: {text:?}"
+        ),
+    }
+
+    // llama.cpp's `grammar` (GBNF).
+    for seed in 0..3 {
+        let body = json!({
+            "model": model_id(), "prompt": "Answer:", "max_tokens": 10, "seed": seed,
+            "grammar": "root ::= (\"yes\" | \"no\") \"!\"",
+        });
+        let (status, v) = d.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        let text = v["choices"][0]["text"].as_str().unwrap();
+        assert!(text == "yes!" || text == "no!", "{text:?}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+    // The vocabulary was prepared once, for the first request with a grammar.
+    assert_eq!(
+        d.log()
+            .matches("preparing the vocabulary for grammars")
+            .count(),
+        1,
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn schemas_and_grammars_that_do_not_compile_get_400() {
+    let d = Daemon::start(&[]);
+    let post = |extra: Value| {
+        let mut body = json!({"model": model_id(), "prompt": "x", "max_tokens": 4});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        d.post("/v1/completions", &body)
+    };
+    let schema = |s: Value, strict: bool| {
+        json!({"response_format": {"type": "json_schema",
+               "json_schema": {"name": "x", "schema": s, "strict": strict}}})
+    };
+    for (extra, param, says) in [
+        (
+            schema(json!({"type": "nope"}), true),
+            "response_format",
+            "schema",
+        ),
+        (
+            schema(json!({"type": "string", "format": "no-such"}), true),
+            "response_format",
+            "no-such",
+        ),
+        (
+            schema(json!("a string"), false),
+            "response_format",
+            "object",
+        ),
+        (
+            json!({"response_format": {"type": "xml"}}),
+            "response_format",
+            "xml",
+        ),
+        (
+            json!({"grammar": "root ::= \"unterminated"}),
+            "grammar",
+            "line 1",
+        ),
+        (
+            json!({"grammar": "root ::= missing"}),
+            "grammar",
+            "undefined rule `missing`",
+        ),
+        (
+            json!({"grammar": "%llguidance {}\nstart: nope"}),
+            "grammar",
+            "nope",
+        ),
+        (
+            json!({"grammar": "root ::= <[999999]>"}),
+            "grammar",
+            "vocabulary size",
+        ),
+        (
+            json!({"grammar": "root ::= \"a\"", "response_format": {"type": "json_object"}}),
+            "grammar",
+            "not both",
+        ),
+    ] {
+        let (status, v) = post(extra.clone());
+        assert_error(status, &v, 400, Some(param));
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(says), "{extra}: {msg}");
+    }
+    // Unsupported keywords are ignored without `strict`.
+    let (status, v) = post(schema(
+        json!({"type": "string", "format": "no-such", "maxLength": 3}),
+        false,
+    ));
+    assert_eq!(status, 200, "{v}");
+    // Still serving.
+    let (status, _) = post(json!({}));
+    assert_eq!(status, 200);
 }

@@ -7,6 +7,8 @@
 //! - [`gguf`]: the file format;
 //! - [`tensor`]: block formats, the kernel table and matrix products;
 //! - [`tokenizer`], [`sampling`];
+//! - [`grammar`]: constrained decoding (JSON schemas, Lark and GBNF grammars) over the
+//!   tokenizer's vocabulary;
 //! - [`moe`]: routing, running experts, the expert cache and its flash reads, predictors;
 //! - [`model`]: architectures, weights, layers (mixers and feed-forwards), per-session state
 //!   and the forward pass;
@@ -18,6 +20,7 @@ pub mod board;
 pub mod cli;
 pub mod engine;
 pub mod gguf;
+pub mod grammar;
 pub mod model;
 pub mod moe;
 pub mod npy;

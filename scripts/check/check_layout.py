@@ -93,6 +93,7 @@ LAYERS = [
     ["gguf"],
     ["tensor"],
     ["tokenizer", "sampling"],
+    ["grammar"],
     ["moe"],
     ["model"],
     ["board"],

@@ -25,6 +25,7 @@ pub const FIXTURES: &[&str] = &[
     "ernie4_5_moe",
     "gpt_oss",
     "gpt_oss_bf16",
+    "smallthinker",
 ];
 
 #[derive(Debug, Deserialize)]

@@ -11,6 +11,7 @@ mod mixtral;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_moe;
+mod smallthinker;
 
 use moe_runtime::gguf::Value;
 use moe_runtime::model::Arch;
@@ -202,13 +203,14 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "glm4_moe" => Box::new(glm4_moe::Glm4Moe),
         "ernie4_5_moe" => Box::new(ernie4_5_moe::Ernie45Moe),
         "gpt_oss" => Box::new(gpt_oss::GptOss),
+        "smallthinker" => Box::new(smallthinker::SmallThinker),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
                      qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, \
-                     glm4_moe, ernie4_5_moe, gpt_oss)"
+                     glm4_moe, ernie4_5_moe, gpt_oss, smallthinker)"
                 ),
             })
         }

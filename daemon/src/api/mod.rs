@@ -4,6 +4,7 @@
 mod error;
 mod request;
 mod response;
+mod tools;
 
 pub use error::ApiError;
 pub use request::{
@@ -11,6 +12,7 @@ pub use request::{
     Validated, MAX_STOP,
 };
 pub use response::{ResponseMeta, Timings, TokenLogprob, Usage};
+pub use tools::{call_schemas, ToolUse};
 
 /// Which endpoint a generation serves; decides the JSON shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,10 +1,12 @@
 //! Requests: the parameters of both generation endpoints, their parsing and validation.
 
+use moe_runtime::grammar::Grammar;
 use moe_runtime::sampling::SamplerConfig;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::tools::ToolUse;
 use super::Endpoint;
 
 /// The most stop sequences a request may give (OpenAI's limit).
@@ -41,7 +43,12 @@ pub struct GenParams {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
+    /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema",
+    /// "json_schema": {"name", "schema", "strict"}}` (OpenAI's shapes).
     pub response_format: Option<Value>,
+    /// llama.cpp's extension: a GBNF grammar (or llguidance Lark, starting with `%llguidance`)
+    /// the output must match.
+    pub grammar: Option<String>,
     /// gpt-oss's `reasoning_effort` (`low`, `medium`, `high`), passed to the chat template.
     pub reasoning_effort: Option<String>,
     /// Variables for the chat template, such as `{"enable_thinking": false}` (llama.cpp's and
@@ -85,6 +92,11 @@ pub struct Validated {
     pub ignore_eos: bool,
     /// Report generated tokens' log-probabilities with this many alternatives.
     pub top_logprobs: Option<usize>,
+    /// The output's grammar and the parameter that asked for it (compiled against the model's
+    /// vocabulary once the model is known).
+    pub grammar: Option<(Grammar, &'static str)>,
+    /// What `tools` and `tool_choice` ask of the reply.
+    pub tool_use: ToolUse,
 }
 
 /// Parses a request body, naming the offending field for type errors.
@@ -164,12 +176,8 @@ pub fn validate(
     {
         return unsupported("logit_bias", "no logit bias");
     }
-    check_tools(p.tools.as_ref())?;
-    if let Some(rf) = &p.response_format {
-        if rf.get("type").and_then(Value::as_str) != Some("text") {
-            return unsupported("response_format", "only {\"type\": \"text\"}");
-        }
-    }
+    let tool_use = super::tools::tool_use(p.tools.as_ref(), p.tool_choice.as_ref())?;
+    let grammar = grammar_request(p)?;
     for (name, v) in [
         ("presence_penalty", p.presence_penalty),
         ("frequency_penalty", p.frequency_penalty),
@@ -268,7 +276,68 @@ pub fn validate(
         stop,
         ignore_eos: p.ignore_eos.unwrap_or(false),
         top_logprobs,
+        grammar,
+        tool_use,
     })
+}
+
+/// The grammar `response_format` or `grammar` asks for (not both).
+fn grammar_request(p: &GenParams) -> Result<Option<(Grammar, &'static str)>, ApiError> {
+    const RF: &str = "response_format";
+    let format = match p.response_format.as_ref().filter(|v| !v.is_null()) {
+        None => None,
+        Some(rf) => {
+            let bad = |why: &str| Err(ApiError::param(RF, format!("`response_format` {why}")));
+            let Some(obj) = rf.as_object() else {
+                return bad("must be an object such as {\"type\": \"json_object\"}");
+            };
+            match obj.get("type").and_then(Value::as_str) {
+                Some("text") => None,
+                // llama.cpp's server also takes a schema here.
+                Some("json_object") => Some(match obj.get("schema") {
+                    Some(schema) => Grammar::JsonSchema {
+                        schema: schema.clone(),
+                        strict: true,
+                    },
+                    None => Grammar::JsonObject,
+                }),
+                Some("json_schema") => {
+                    let Some(js) = obj.get("json_schema").and_then(Value::as_object) else {
+                        return bad(
+                            "of type json_schema needs `json_schema`: {\"name\": ..., \"schema\": {...}}",
+                        );
+                    };
+                    if js.get("name").is_some_and(|n| !n.is_string()) {
+                        return bad("`json_schema.name` must be a string");
+                    }
+                    let strict = match js.get("strict") {
+                        None | Some(Value::Null) => false,
+                        Some(Value::Bool(b)) => *b,
+                        Some(_) => return bad("`json_schema.strict` must be true or false"),
+                    };
+                    // OpenAI's schema is optional: without one, any JSON value.
+                    let schema = js.get("schema").cloned().unwrap_or_else(|| json!({}));
+                    Some(Grammar::JsonSchema { schema, strict })
+                }
+                Some(t) => {
+                    return bad(&format!(
+                        "type `{t}` is not one of text, json_object, json_schema"
+                    ))
+                }
+                None => return bad("needs a `type`: text, json_object or json_schema"),
+            }
+        }
+    };
+    let grammar = p.grammar.as_deref().filter(|g| !g.trim().is_empty());
+    match (format, grammar) {
+        (Some(_), Some(_)) => Err(ApiError::param(
+            "grammar",
+            "give either `grammar` or a JSON `response_format`, not both",
+        )),
+        (Some(g), None) => Ok(Some((g, RF))),
+        (None, Some(text)) => Ok(Some((Grammar::from_llama_cpp(text), "grammar"))),
+        (None, None) => Ok(None),
+    }
 }
 
 /// How many alternatives to report with each token's log-probability: completions take
@@ -320,29 +389,6 @@ fn logprobs_request(p: &GenParams, endpoint: Endpoint) -> Result<Option<usize>, 
             Ok(on.then(|| top.unwrap_or(0)))
         }
     }
-}
-
-/// `tools` must be OpenAI's list of functions, each with a name.
-fn check_tools(tools: Option<&Value>) -> Result<(), ApiError> {
-    let Some(tools) = tools.filter(|t| !t.is_null()) else {
-        return Ok(());
-    };
-    let Some(list) = tools.as_array() else {
-        return Err(ApiError::param("tools", "`tools` must be an array"));
-    };
-    for (i, t) in list.iter().enumerate() {
-        let name = t
-            .get("function")
-            .and_then(|f| f.get("name"))
-            .and_then(Value::as_str);
-        if t.get("type").and_then(Value::as_str) != Some("function") || name.is_none() {
-            return Err(ApiError::param(
-                &format!("tools[{i}]"),
-                "a tool must be `{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}`",
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// How many tokens to generate: `requested` must lie in `1..=n_ctx` and fit after the prompt
@@ -475,6 +521,57 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }
         assert!(ok(r#"{"logprobs": null, "n": 1, "presence_penalty": 0}"#).is_ok());
+        for (body, param) in [
+            (
+                r#"{"response_format": {"type": "yaml"}}"#,
+                "response_format",
+            ),
+            (r#"{"response_format": "json"}"#, "response_format"),
+            (r#"{"response_format": {}}"#, "response_format"),
+            (
+                r#"{"response_format": {"type": "json_schema"}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"response_format": {"type": "json_schema", "json_schema": {"name": 3}}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"response_format": {"type": "json_schema", "json_schema": {"strict": "yes"}}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"response_format": {"type": "json_object"}, "grammar": "root ::= \"a\""}"#,
+                "grammar",
+            ),
+        ] {
+            let e = ok(body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+        let grammar = |body: &str| ok(body).unwrap().grammar;
+        assert_eq!(grammar(r#"{"response_format": {"type": "text"}}"#), None);
+        assert_eq!(grammar(r#"{"grammar": " "}"#), None);
+        assert_eq!(
+            grammar(r#"{"response_format": {"type": "json_object"}}"#),
+            Some((Grammar::JsonObject, "response_format"))
+        );
+        assert_eq!(
+            grammar(
+                r#"{"response_format": {"type": "json_schema", "json_schema":
+                    {"name": "x", "schema": {"type": "integer"}, "strict": true}}}"#
+            ),
+            Some((
+                Grammar::JsonSchema {
+                    schema: json!({"type": "integer"}),
+                    strict: true
+                },
+                "response_format"
+            ))
+        );
+        assert_eq!(
+            grammar(r#"{"grammar": "root ::= \"a\""}"#),
+            Some((Grammar::Gbnf("root ::= \"a\"".into()), "grammar"))
+        );
         assert_eq!(ok(r#"{"logprobs": 3}"#).unwrap().top_logprobs, Some(3));
         let chat = |s: &str| validate(&parse(s).unwrap(), Endpoint::Chat, 7);
         assert_eq!(chat(r#"{"logprobs": true}"#).unwrap().top_logprobs, Some(0));

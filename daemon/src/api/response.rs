@@ -127,13 +127,10 @@ impl ResponseMeta {
         })
     }
 
-    /// The whole (non-streamed) response; `logprobs` when they were asked for. A chat reply may
-    /// carry the model's `reasoning` apart from its answer (`reasoning_content`, as llama.cpp's
-    /// server returns it).
+    /// The whole (non-streamed) response; `logprobs` when they were asked for.
     pub fn response(
         &self,
         text: &str,
-        reasoning: Option<&str>,
         logprobs: Option<&[TokenLogprob]>,
         finish: &str,
         usage: &Usage,
@@ -145,22 +142,54 @@ impl ResponseMeta {
                 "logprobs": logprobs.map(|l| completion_logprobs(l, 0)),
             }),
             Endpoint::Chat => {
-                let mut message = json!({"role": "assistant", "content": text});
-                if let Some(r) = reasoning.filter(|r| !r.is_empty()) {
-                    message["reasoning_content"] = r.into();
-                }
-                json!({
-                    "index": 0,
-                    "message": message,
-                    "logprobs": logprobs.map(chat_logprobs),
-                    "finish_reason": finish,
-                })
+                return self.chat_response(
+                    json!({"role": "assistant", "content": text}),
+                    logprobs,
+                    finish,
+                    usage,
+                    t,
+                )
             }
         };
         let mut v = self.envelope(false, json!([choice]));
         v["usage"] = usage.json();
         v["timings"] = timings_json(usage, t);
         v
+    }
+
+    /// A whole chat response with this `message` (content, reasoning, tool calls).
+    pub fn chat_response(
+        &self,
+        message: Value,
+        logprobs: Option<&[TokenLogprob]>,
+        finish: &str,
+        usage: &Usage,
+        t: &Timings,
+    ) -> Value {
+        let choice = json!({
+            "index": 0,
+            "message": message,
+            "logprobs": logprobs.map(chat_logprobs),
+            "finish_reason": finish,
+        });
+        let mut v = self.envelope(false, json!([choice]));
+        v["usage"] = usage.json();
+        v["timings"] = timings_json(usage, t);
+        v
+    }
+
+    /// A chat stream chunk with this `delta`, the log-probabilities of the tokens it carries.
+    pub fn chat_chunk(
+        &self,
+        delta: Value,
+        logprobs: Option<&[TokenLogprob]>,
+        finish: Option<&str>,
+    ) -> Value {
+        let choice = json!({
+            "index": 0, "delta": delta, "logprobs": logprobs.map(chat_logprobs),
+            "finish_reason": finish,
+        });
+        self.envelope(true, json!([choice]))
     }
 
     /// A stream chunk: the role announcement (chat only, `role`), a piece of text, or the last
@@ -198,73 +227,11 @@ impl ResponseMeta {
         self.envelope(true, json!([choice]))
     }
 
-    /// A chat stream chunk carrying pieces of the reasoning and of the answer (either may be
-    /// empty and is then left out of the delta), with the log-probabilities of their tokens.
-    pub fn parts_chunk(
-        &self,
-        reasoning: &str,
-        content: &str,
-        logprobs: Option<&[TokenLogprob]>,
-    ) -> Value {
-        let mut delta = serde_json::Map::new();
-        if !reasoning.is_empty() {
-            delta.insert("reasoning_content".into(), reasoning.into());
-        }
-        if !content.is_empty() {
-            delta.insert("content".into(), content.into());
-        }
-        let logprobs = logprobs.map(chat_logprobs);
-        let choice =
-            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": null});
-        self.envelope(true, json!([choice]))
-    }
-
     /// The chunk `stream_options.include_usage` asks for: no choices, the usage.
     pub fn usage_chunk(&self, usage: &Usage, t: &Timings) -> Value {
         let mut v = self.envelope(true, json!([]));
         v["usage"] = usage.json();
         v["timings"] = timings_json(usage, t);
         v
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::harmony::HarmonyParser;
-
-    #[test]
-    fn harmony_response_carries_reasoning_content() {
-        let meta = ResponseMeta {
-            endpoint: Endpoint::Chat,
-            id: "chatcmpl-1".into(),
-            created: 0,
-            model: "m".into(),
-        };
-        let parts = HarmonyParser::parse(
-            "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Done.",
-        );
-        let v = meta.response(
-            &parts.content,
-            Some(&parts.reasoning),
-            None,
-            "stop",
-            &Usage::default(),
-            &Timings::default(),
-        );
-        let m = &v["choices"][0]["message"];
-        assert_eq!(m["content"], "Done.");
-        assert_eq!(m["reasoning_content"], "Think.");
-        let v = meta.response(
-            "x",
-            None,
-            None,
-            "stop",
-            &Usage::default(),
-            &Timings::default(),
-        );
-        assert!(v["choices"][0]["message"]
-            .get("reasoning_content")
-            .is_none());
     }
 }

@@ -66,7 +66,7 @@ impl ChatTemplate {
             env,
             bos_token,
             eos_token,
-            harmony: crate::harmony::is_harmony_template(source),
+            harmony: crate::reply::is_harmony_template(source),
         })
     }
 

@@ -29,6 +29,8 @@ pub enum ToolSyntax {
     Granite,
     /// LFM2: `<|tool_call_start|>[name(key="value", ...), ...]<|tool_call_end|>`.
     Lfm2,
+    /// gpt-oss: a Harmony message to `functions.NAME` (parsed by the Harmony parser).
+    Harmony,
 }
 
 const TOOL_CALL: (&str, &str) = ("<tool_call>", "</tool_call>");
@@ -64,10 +66,20 @@ impl ToolSyntax {
         }
     }
 
+    /// The markers around one call written as JSON `{"name": ..., "arguments": {...}}`, for
+    /// the families whose calls a tool-call grammar can force (None: calls are written
+    /// otherwise, or not at all).
+    pub fn json_call_markers(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::TaggedBlock => Some(TOOL_CALL),
+            _ => None,
+        }
+    }
+
     /// The markers that start a block.
     pub fn starts(self) -> Vec<&'static str> {
         match self {
-            Self::None => vec![],
+            Self::None | Self::Harmony => vec![],
             Self::TaggedBlock => vec![TOOL_CALL.0],
             // Some DeepSeek and Kimi replies omit the section marker around a single call.
             Self::DeepSeek => vec![DEEPSEEK.0, DEEPSEEK_CALL.0],
@@ -87,7 +99,7 @@ impl ToolSyntax {
                 .map(|at| start.len() + at + end.len())
         };
         match self {
-            Self::None => Some(0),
+            Self::None | Self::Harmony => Some(0),
             Self::TaggedBlock => closed_by(TOOL_CALL.0, TOOL_CALL.1),
             Self::DeepSeek | Self::Kimi => {
                 let (section, call) = if self == Self::DeepSeek {
@@ -119,7 +131,7 @@ impl ToolSyntax {
     /// The calls a complete block holds (None: it is not a well-formed block).
     pub fn parse(self, block: &str) -> Option<Vec<ToolCall>> {
         match self {
-            Self::None => None,
+            Self::None | Self::Harmony => None,
             Self::TaggedBlock => {
                 let inner = block.strip_prefix(TOOL_CALL.0)?.strip_suffix(TOOL_CALL.1)?;
                 tagged_call(inner.trim()).map(|c| vec![c])

@@ -1,11 +1,18 @@
 //! A model's reply split into reasoning, answer and tool calls, as each model family marks them
 //! (the formats llama.cpp's `common/chat.cpp` parses). The family is recognised from the chat
 //! template's own markers; the parser runs on text as it streams, holding back only what could
-//! be the start of a marker.
+//! be the start of a marker. gpt-oss's Harmony channels are one of these syntaxes
+//! ([`harmony`]).
 
 mod calls;
+mod event;
+mod harmony;
 
 pub use calls::{ToolCall, ToolSyntax};
+pub use event::ReplyEvent;
+pub use harmony::is_harmony_template;
+
+use harmony::HarmonyParser;
 
 /// How a family marks reasoning and tool calls.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,6 +20,12 @@ pub struct ReplySyntax {
     /// Markers around reasoning, e.g. `<think>` and `</think>`.
     pub reasoning: Option<(&'static str, &'static str)>,
     pub tools: ToolSyntax,
+    /// gpt-oss's Harmony: reasoning, answer and calls are messages on channels (tool calls are
+    /// parsed when `tools` is [`ToolSyntax::Harmony`]).
+    pub harmony: bool,
+    /// The template writes a call as JSON `{"name", "arguments"}` in its block (Hermes,
+    /// Qwen2.5/3, Granite 4; not Qwen3-Coder's or GLM's tags), so a grammar can force calls.
+    pub json_calls: bool,
 }
 
 impl ReplySyntax {
@@ -20,10 +33,20 @@ impl ReplySyntax {
     pub const PLAIN: Self = Self {
         reasoning: None,
         tools: ToolSyntax::None,
+        harmony: false,
+        json_calls: false,
     };
 
     /// The syntax a chat template's markers reveal.
     pub fn of_template(source: &str) -> Self {
+        if is_harmony_template(source) {
+            return Self {
+                reasoning: None,
+                tools: ToolSyntax::Harmony,
+                harmony: true,
+                json_calls: false,
+            };
+        }
         let has = |m: &str| source.contains(m);
         let tools = ToolSyntax::of_template(source);
         let reasoning = if has("[THINK]") {
@@ -33,21 +56,25 @@ impl ReplySyntax {
         } else {
             None
         };
-        Self { reasoning, tools }
+        Self {
+            reasoning,
+            tools,
+            harmony: false,
+            json_calls: tools.json_call_markers().is_some()
+                && !has("<function=")
+                && !has("<arg_key>"),
+        }
+    }
+
+    /// The markers around a call a grammar can force, when calls are JSON in them.
+    pub fn forced_call_markers(&self) -> Option<(&'static str, &'static str)> {
+        self.tools.json_call_markers().filter(|_| self.json_calls)
     }
 
     /// Whether the reply is parsed at all (otherwise it is plain text).
     pub fn is_plain(&self) -> bool {
         *self == Self::PLAIN
     }
-}
-
-/// What a piece of the reply turned out to be.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ReplyEvent {
-    Reasoning(String),
-    Content(String),
-    ToolCall(ToolCall),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,12 +94,17 @@ pub struct ReplyParser {
     /// Reasoning just ended: the answer's leading whitespace is dropped.
     after_reasoning: bool,
     calls: usize,
+    /// Harmony replies are parsed by their own parser.
+    harmony: Option<HarmonyParser>,
 }
 
 impl ReplyParser {
     /// A parser for a reply whose prompt ended with `prompt_tail` (when it ends inside an open
     /// reasoning block, as templates that start the model thinking do, the reply starts there).
     pub fn new(syntax: ReplySyntax, prompt_tail: &str) -> Self {
+        let syntax_harmony = syntax
+            .harmony
+            .then(|| HarmonyParser::new(syntax.tools == ToolSyntax::Harmony));
         let in_reasoning = syntax.reasoning.is_some_and(|(open, close)| {
             let tail = prompt_tail.trim_end();
             tail.ends_with(open) && !tail.ends_with(close)
@@ -87,6 +119,7 @@ impl ReplyParser {
             pending: String::new(),
             after_reasoning: false,
             calls: 0,
+            harmony: syntax_harmony,
         }
     }
 
@@ -97,14 +130,31 @@ impl ReplyParser {
 
     /// Adds `text`; returns what it completed.
     pub fn push(&mut self, text: &str) -> Vec<ReplyEvent> {
+        if let Some(h) = &mut self.harmony {
+            let out = h.push(text);
+            self.count_calls(&out);
+            return out;
+        }
         self.pending.push_str(text);
         let mut out = Vec::new();
         self.drain(false, &mut out);
         out
     }
 
+    fn count_calls(&mut self, events: &[ReplyEvent]) {
+        self.calls += events
+            .iter()
+            .filter(|e| matches!(e, ReplyEvent::ToolCall(_)))
+            .count();
+    }
+
     /// The end of the reply: whatever is held back, and a tool block the end closes.
     pub fn finish(&mut self) -> Vec<ReplyEvent> {
+        if let Some(h) = &mut self.harmony {
+            let out = h.finish();
+            self.count_calls(&out);
+            return out;
+        }
         let mut out = Vec::new();
         self.drain(true, &mut out);
         out

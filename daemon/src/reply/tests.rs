@@ -48,7 +48,12 @@ fn reasoning(s: &str) -> ReplyEvent {
 }
 
 fn syntax(reasoning: Option<(&'static str, &'static str)>, tools: ToolSyntax) -> ReplySyntax {
-    ReplySyntax { reasoning, tools }
+    ReplySyntax {
+        reasoning,
+        tools,
+        harmony: false,
+        json_calls: tools == ToolSyntax::TaggedBlock,
+    }
 }
 
 const THINK: Option<(&str, &str)> = Some(("<think>", "</think>"));
@@ -211,4 +216,13 @@ fn templates_name_their_syntax() {
         Some(("[THINK]", "[/THINK]"))
     );
     assert_eq!(of("<|tool_call_start|>").tools, ToolSyntax::Lfm2);
+    // Calls a grammar can force: JSON in <tool_call> tags, not Qwen3-Coder's or GLM's tags.
+    let forced = |src: &str| of(src).forced_call_markers();
+    assert_eq!(
+        forced("<tool_call>\n{\"name\": <function-name>}"),
+        Some(("<tool_call>", "</tool_call>"))
+    );
+    assert_eq!(forced("<tool_call>\n<function={{ name }}>"), None);
+    assert_eq!(forced("<tool_call>{{ name }}<arg_key>"), None);
+    assert_eq!(forced("<｜tool▁calls▁begin｜>"), None);
 }

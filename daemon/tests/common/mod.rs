@@ -71,6 +71,15 @@ impl Daemon {
         Self::spawn_env(dir, socket, args, &[])
     }
 
+    /// Starts moed on another model file, and waits until /health says ready.
+    pub fn start_model(model: &Path, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run/moed.sock");
+        let d = Self::spawn_model(dir, socket, model, args, &[]);
+        d.wait_ready(Duration::from_secs(60));
+        d
+    }
+
     /// Starts moed with extra environment variables.
     pub fn spawn_env(
         dir: tempfile::TempDir,

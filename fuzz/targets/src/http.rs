@@ -60,6 +60,8 @@ pub fn loaded() -> Loaded {
         n_ctx: 256,
         n_vocab,
         arch: "qwen3moe".into(),
+        reply: moe_daemon::reply::ReplySyntax::of_template(source),
+        grammar_vocab: Default::default(),
     }
 }
 

@@ -25,6 +25,10 @@ pub struct StreamingArgs {
     /// or the board profile's]
     #[arg(long)]
     pub lookahead: Option<usize>,
+    /// Do not read a layer's experts as soon as its router has run (models whose router reads
+    /// the layer's input before attention, SmallThinker): wait for its feed-forward instead
+    #[arg(long)]
+    pub no_router_prefetch: bool,
     /// Read experts with O_DIRECT (bypass the page cache; a board profile turns it on)
     #[arg(long)]
     pub direct_io: bool,
@@ -71,6 +75,7 @@ impl StreamingArgs {
             size: self.mem_budget.or(self.expert_cache),
             eviction: self.eviction,
             lookahead: self.lookahead,
+            no_router_prefetch: self.no_router_prefetch,
             direct_io: self.direct_io,
             flash: self.flash_profile,
             io_threads: self.io_threads.map(usize::from),

@@ -128,6 +128,9 @@ struct Report {
     /// Lookahead gate quality per depth and the token-level predictor's, over the whole run.
     predictions: Vec<crate::model::PredictionStats>,
     predictor: Option<crate::model::PredictionStats>,
+    /// Experts read as soon as their layer's router ran on the layer input (SmallThinker), against
+    /// those then used; None when the model has no such router, nothing streams or it is off.
+    router_prefetch: Option<crate::model::PredictionStats>,
     /// Resident memory the token-level predictor added when it was loaded.
     predictor_rss_bytes: Option<u64>,
 }
@@ -263,6 +266,10 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         pinned_slots: session.expert_cache().map_or(0, |c| c.kept_resident()),
         predictions: session.prediction_stats().to_vec(),
         predictor: session.predictor_stats().cloned(),
+        router_prefetch: (model.hp.traits.router_input == crate::model::RouterInput::LayerInput
+            && session.router_prefetch()
+            && session.expert_cache().is_some())
+        .then(|| session.router_prefetch_stats().clone()),
         predictor_rss_bytes,
     };
     if args.json {
@@ -322,6 +329,14 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
                 .collect();
             writeln!(out, "{}{} time: {}", t.test, t.n_tokens, parts.join(", "))?;
         }
+    }
+    if let Some(r) = &report.router_prefetch {
+        writeln!(
+            out,
+            "read at router time: {} experts, {:.1}% of those then used",
+            r.predicted,
+            100.0 * r.recall()
+        )?;
     }
     if let Some(o) = &report.optimum {
         writeln!(

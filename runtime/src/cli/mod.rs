@@ -232,6 +232,7 @@ fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Re
         ignore_eos: args.ignore_eos,
         skip_special: false,
         top_logprobs: None,
+        constraint: None,
     };
     let stats = generate(
         &mut session,

@@ -1,9 +1,15 @@
 //! The generation loop shared by moe-run, moed and the tests: evaluate a prompt, then sample
 //! token after token, turning them into text incrementally and watching for end-of-generation
 //! tokens, stop strings and cancellation.
+//!
+//! With a grammar, each sampled token is checked against it (cheap); only a token it rejects
+//! costs the full mask, after which the token is drawn again from the allowed ones (as llama.cpp
+//! and mistral.rs do). A grammar that is complete ends generation as an end-of-generation token
+//! would.
 
 use std::time::{Duration, Instant};
 
+use crate::grammar::{Constraint, ConstraintState, GrammarError};
 use crate::model::{ModelError, Session};
 use crate::sampling::Sampler;
 use crate::tokenizer::{Detokenizer, Tokenizer};
@@ -30,6 +36,9 @@ pub struct Request<'r> {
     /// Report each generated token's log-probability and this many most likely alternatives
     /// (None: no log-probabilities).
     pub top_logprobs: Option<usize>,
+    /// Hold the output to this grammar. End-of-generation tokens are then allowed only where
+    /// the grammar may end (never with `ignore_eos`, until it is complete).
+    pub constraint: Option<&'r Constraint>,
 }
 
 /// New output: a generated token and the text that became final with it (often empty: a
@@ -148,9 +157,24 @@ pub fn generate(
     let bytes1 = session.expert_bytes_used();
     stats.prompt_expert_bytes = bytes1 - bytes0;
 
+    let mut grammar = req.constraint.map(|c| Grammar {
+        state: c.start(),
+        masked: Vec::new(),
+    });
+
     let t1 = Instant::now();
     loop {
-        let next = sampler.sample(&logits, &history);
+        let mut next = sampler.sample(&logits, &history);
+        if let Some(g) = &mut grammar {
+            match g.check(next, &logits, &history, sampler, req.ignore_eos) {
+                Ok(Some(allowed)) => next = allowed,
+                Ok(None) => {
+                    stats.stop = StopReason::EndOfGeneration;
+                    break;
+                }
+                Err(e) => return Err(ModelError::Grammar(e.to_string())),
+            }
+        }
         if !req.ignore_eos && tokenizer.is_some_and(|t| t.is_end_of_generation(next)) {
             stats.stop = StopReason::EndOfGeneration;
             break;
@@ -196,6 +220,55 @@ pub fn generate(
     stats.generation_time = t1.elapsed();
     stats.decode_expert_bytes = session.expert_bytes_used() - bytes1;
     Ok(stats)
+}
+
+/// A generation's grammar and the logits buffer its rejections mask.
+struct Grammar {
+    state: ConstraintState,
+    masked: Vec<f32>,
+}
+
+impl Grammar {
+    /// The token to take instead of `sampled` (itself when the grammar allows it), or None when
+    /// the grammar ends here. Logits (and so log-probabilities) stay the model's.
+    fn check(
+        &mut self,
+        sampled: u32,
+        logits: &[f32],
+        history: &[u32],
+        sampler: &mut Sampler,
+        ignore_eos: bool,
+    ) -> Result<Option<u32>, GrammarError> {
+        let s = &mut self.state;
+        if s.is_finished()? {
+            return Ok(None);
+        }
+        let end = s.is_end_of_generation(sampled);
+        let mut next = sampled;
+        if (end && ignore_eos) || !s.allows(sampled)? {
+            self.masked.clear();
+            self.masked.extend_from_slice(logits);
+            if s.mask(&mut self.masked, !ignore_eos)? == 0 {
+                // Only an end was allowed, and `ignore_eos` took it away: the grammar is done.
+                if ignore_eos && s.is_accepting()? {
+                    return Ok(None);
+                }
+                return Err(GrammarError::Decoding(
+                    "the grammar allows no token of the vocabulary here".into(),
+                ));
+            }
+            next = sampler.sample(&self.masked, history);
+            // Rounding in the sampler's draw may land on a masked token: take the best allowed.
+            if self.masked.get(next as usize) == Some(&f32::NEG_INFINITY) {
+                next = crate::sampling::argmax_logits(&self.masked);
+            }
+        }
+        if s.is_end_of_generation(next) {
+            return Ok(None);
+        }
+        s.accept(next)?;
+        Ok(Some(next))
+    }
 }
 
 /// Finds stop sequences in generated text, holding back any tail that could begin one.

@@ -189,6 +189,7 @@ impl Engine {
         let kv_bytes = session.kv_bytes() * (1 + self.options.extra_sequences);
         let streaming = streaming_options.build(model, &self.path, kv_bytes, self.board())?;
         session.set_streaming(streaming);
+        session.set_router_prefetch(!streaming_options.no_router_prefetch);
         session.set_route_options(streaming_options.route);
         session.set_predictor(streaming_options.predictor(model, &self.path)?);
         session.set_profiling(self.options.profiling);

@@ -64,6 +64,9 @@ pub struct StreamingOptions {
     pub eviction: Option<Eviction>,
     /// Predict the experts of this many following layers and prefetch them (0 = off).
     pub lookahead: Option<usize>,
+    /// Do not read a layer's experts as soon as its router has run (when the router reads the
+    /// layer's input, SmallThinker); they are then read when its feed-forward asks.
+    pub no_router_prefetch: bool,
     /// Read experts with O_DIRECT (bypassing the page cache).
     pub direct_io: bool,
     /// Emulate a storage device's speed (measurement only).

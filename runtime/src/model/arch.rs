@@ -23,6 +23,8 @@ pub enum Arch {
     Ernie45Moe,
     /// OpenAI's gpt-oss (llama.cpp's `gpt-oss`, `LLM_ARCH_OPENAI_MOE`).
     GptOss,
+    /// llama.cpp's `smallthinker`: PowerInfer's SmallThinker (4B-A0.6B, 21B-A3B).
+    SmallThinker,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -45,6 +47,16 @@ pub enum QkNorm {
     PerHeadIfPresent,
     /// One weight vector over the whole projection (OLMoE).
     WholeProjection,
+}
+
+/// What a MoE layer's router reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterInput {
+    /// The feed-forward input: the post-attention state after the FFN norm.
+    FfnInput,
+    /// The layer's input, un-normalised, before attention (SmallThinker): a layer's experts are
+    /// known one attention block before its feed-forward runs.
+    LayerInput,
 }
 
 /// Which attention the layers use.
@@ -77,15 +89,23 @@ pub struct ArchTraits {
     /// attends to the whole context and the others to the window (llama.cpp's
     /// `set_swa_pattern`); 0 = every layer uses the window.
     pub default_swa_pattern: usize,
+    /// The full-attention layer comes first in each group instead of last (llama.cpp's
+    /// `dense_first`).
+    pub swa_dense_first: bool,
     /// The experts' gated activation.
     pub expert_glu: Glu,
     /// Whether YaRN's correction range is rounded to whole dimensions when the file does not say
     /// (moe-edge's `{arch}.rope.scaling.yarn_truncate`; transformers' `truncate`).
     pub default_yarn_truncate: bool,
+    pub router_input: RouterInput,
+    /// When the file has `attention.sliding_window`: layers `l % step == 0` skip rope
+    /// (llama.cpp's `n_no_rope_layer_step`, SmallThinker's full-attention layers). None: every
+    /// layer uses rope.
+    pub nope_full_attention_step: Option<usize>,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 9] = [
+    pub const ALL: [Arch; 10] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
@@ -95,6 +115,7 @@ impl Arch {
         Arch::Glm4Moe,
         Arch::Ernie45Moe,
         Arch::GptOss,
+        Arch::SmallThinker,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -109,6 +130,7 @@ impl Arch {
             Arch::Glm4Moe => "glm4moe",
             Arch::Ernie45Moe => "ernie4_5-moe",
             Arch::GptOss => "gpt-oss",
+            Arch::SmallThinker => "smallthinker",
         }
     }
 
@@ -127,8 +149,11 @@ impl Arch {
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
                 default_swa_pattern: 0,
+                swa_dense_first: false,
                 expert_glu: Glu::Silu,
                 default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
             },
             Arch::Qwen2Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -139,8 +164,11 @@ impl Arch {
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
                 default_swa_pattern: 0,
+                swa_dense_first: false,
                 expert_glu: Glu::Silu,
                 default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
             },
             Arch::Qwen3Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -151,8 +179,11 @@ impl Arch {
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
                 default_swa_pattern: 0,
+                swa_dense_first: false,
                 expert_glu: Glu::Silu,
                 default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
             },
             Arch::Olmoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -163,8 +194,11 @@ impl Arch {
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
                 default_swa_pattern: 0,
+                swa_dense_first: false,
                 expert_glu: Glu::Silu,
                 default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
             },
             Arch::GraniteMoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -176,8 +210,11 @@ impl Arch {
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
                 default_swa_pattern: 0,
+                swa_dense_first: false,
                 expert_glu: Glu::Silu,
                 default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
             },
             Arch::Deepseek2 => ArchTraits {
                 attention: AttentionKind::Mla,
@@ -191,8 +228,11 @@ impl Arch {
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
                 default_swa_pattern: 0,
+                swa_dense_first: false,
                 expert_glu: Glu::Silu,
                 default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
             },
             Arch::Glm4Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -205,8 +245,11 @@ impl Arch {
                 default_gating: Gating::Sigmoid,
                 ffn_norm_tensor: "post_attention_norm",
                 default_swa_pattern: 0,
+                swa_dense_first: false,
                 expert_glu: Glu::Silu,
                 default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
             },
             Arch::Ernie45Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -220,8 +263,11 @@ impl Arch {
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
                 default_swa_pattern: 0,
+                swa_dense_first: false,
                 expert_glu: Glu::Silu,
                 default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
             },
             // llama.cpp's llama_model_openai_moe: load_swa_pattern(ml, 2), the softmax over the
             // selected logits (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT), and
@@ -238,11 +284,33 @@ impl Arch {
                 default_gating: Gating::SoftmaxWeight,
                 ffn_norm_tensor: "post_attention_norm",
                 default_swa_pattern: 2,
+                swa_dense_first: false,
                 expert_glu: Glu::SwigluOai {
                     alpha: 1.702,
                     limit: 7.0,
                 },
                 default_yarn_truncate: false,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
+            },
+            Arch::SmallThinker => ArchTraits {
+                attention: AttentionKind::Gqa,
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::None,
+                // llama.cpp's graph always renormalises SmallThinker's top-k weights.
+                default_norm_topk: true,
+                has_granite_scales: false,
+                // The released models route by sigmoid (moe_primary_router_apply_softmax false).
+                default_gating: Gating::Sigmoid,
+                ffn_norm_tensor: "ffn_norm",
+                router_input: RouterInput::LayerInput,
+                // llama.cpp's load_swa_pattern(ml, 4, true): with a window, layers l % 4 == 0
+                // attend to everything (and without rope), the others within the window.
+                default_swa_pattern: 4,
+                swa_dense_first: true,
+                expert_glu: Glu::Relu,
+                default_yarn_truncate: true,
+                nope_full_attention_step: Some(4),
             },
         }
     }

@@ -24,12 +24,14 @@ pub struct AttentionScratch {
     mm: MatmulScratch,
 }
 
-/// Self-attention of the batch `xn` (`[n, d]`) at positions `pos0..pos0 + n`: stores the
-/// batch's keys and values in `kv` and writes the projected output to `out` (`[n, d]`).
+/// Self-attention of layer `layer` over the batch `xn` (`[n, d]`) at positions
+/// `pos0..pos0 + n`: stores the batch's keys and values in `kv` and writes the projected output
+/// to `out` (`[n, d]`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     k: &Kernels,
     hp: &HParams,
+    layer: usize,
     a: &Attention,
     xn: &[f32],
     n: usize,
@@ -73,7 +75,9 @@ pub fn attention(
         }
     }
 
-    for t in 0..n {
+    // NoPE layers (SmallThinker's full-attention layers) leave q and k unrotated.
+    let rope_positions = if hp.uses_rope(layer) { 0..n } else { 0..0 };
+    for t in rope_positions {
         let cos_sin = rope_table.at(pos0 + t);
         for head in s.q[t * hq * dk..(t + 1) * hq * dk].chunks_exact_mut(dk) {
             rope(head, cos_sin, hp.traits.rope, hp.rope_dim);

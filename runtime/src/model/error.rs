@@ -22,6 +22,9 @@ pub enum ModelError {
     ContextFull { n_ctx: usize, needed: usize },
     #[error("bad input: {0}")]
     Input(String),
+    /// The request's grammar failed during generation (see `grammar::GrammarError`).
+    #[error("{0}")]
+    Grammar(String),
     /// Streamed experts could not be read.
     #[error(transparent)]
     Experts(#[from] CacheError),

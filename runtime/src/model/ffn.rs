@@ -86,7 +86,8 @@ impl FfnScratch {
 const JOBS_PER_PASS: usize = 64;
 
 /// `out = ffn(xn)` for the batch `xn` (`[n, d]`). `decided` holds router logits computed before
-/// the backbone ran (a decoupled router), used instead of the layer's own router. Returns the
+/// the feed-forward (a decoupled router before the backbone, or a router reading the layer's
+/// input before its attention), used instead of applying the layer's router to `xn`. Returns the
 /// bytes of routed-expert weights the batch used (each selected expert once).
 #[allow(clippy::too_many_arguments)]
 pub fn feed_forward(

@@ -1,12 +1,15 @@
 //! Knowing experts before they are computed (Read-ME's core idea): a decoupled router deciding
-//! every layer's experts before layer 0, a token-level predictor guessing them, or the lookahead
+//! every layer's experts before layer 0, a router reading the layer's input (SmallThinker,
+//! known one attention block early), a token-level predictor guessing them, or the lookahead
 //! gate applying later layers' routers to the current hidden state. What is known or guessed is
 //! prefetched into the expert cache and tells Belady eviction when it is needed; the model's own
 //! routing still decides, so predictions only move reads earlier.
 //!
 //! The forward pass calls in at named points: [`Foresight::before_batch`], then per layer
-//! [`Foresight::layer_start`], [`Foresight::after_mixer`] and [`Foresight::on_routing`].
+//! [`Foresight::layer_start`], [`Foresight::routed_before_mixer`], [`Foresight::after_mixer`]
+//! and [`Foresight::on_routing`].
 
+use super::arch::RouterInput;
 use super::error::ModelError;
 use super::hparams::HParams;
 use super::ops::rms_norm_rows;
@@ -88,14 +91,43 @@ pub struct Foresight {
     decided: Vec<f32>,
     /// Time spent in the decoupled router.
     router_seconds: f64,
+    /// Read a layer's experts as soon as its router has run on the layer's input (models whose
+    /// router reads it); on unless turned off.
+    router_prefetch: bool,
+    /// The experts read ahead that way for `early_layer`, scored when the layer routes.
+    early: Vec<u32>,
+    early_layer: Option<usize>,
+    router_prefetch_stats: PredictionStats,
 }
 
 impl Foresight {
     pub fn new(model: &Model, n_ctx: usize) -> Self {
         Self {
             router_state: model.router.as_ref().map(|r| r.new_state(n_ctx)),
+            router_prefetch: true,
+            early: Vec::with_capacity(model.hp.n_expert),
+            router_prefetch_stats: PredictionStats {
+                predictor: "router",
+                ..Default::default()
+            },
             ..Default::default()
         }
+    }
+
+    /// Reads each layer's experts as soon as its router has run on the layer's input (on by
+    /// default; only models whose router reads the layer input have that moment).
+    pub fn set_router_prefetch(&mut self, on: bool) {
+        self.router_prefetch = on;
+    }
+
+    pub fn router_prefetch(&self) -> bool {
+        self.router_prefetch
+    }
+
+    /// How the experts read at router time compared with those the layers then used (exact
+    /// unless lossy routing options or an expert mask change the routes afterwards).
+    pub fn router_prefetch_stats(&self) -> &PredictionStats {
+        &self.router_prefetch_stats
     }
 
     pub fn lookahead(&self) -> usize {
@@ -182,6 +214,38 @@ impl Foresight {
         }
     }
 
+    /// A layer whose router reads its input has routed before its mixer (`logits`, `[n, E]`):
+    /// its experts are known one attention block before the feed-forward needs them. Their reads
+    /// start now, ahead of speculative ones (not a guess, so not capped like one).
+    pub fn routed_before_mixer(
+        &mut self,
+        model: &Model,
+        layer: usize,
+        logits: &[f32],
+        last_pos: usize,
+        cache: Option<&ExpertCache>,
+    ) {
+        let (Some(cache), true) = (cache, self.router_prefetch) else {
+            return;
+        };
+        let Ffn::Moe(moe) = &model.layers[layer].ffn else {
+            return;
+        };
+        let hp = &model.hp;
+        self.early.clear();
+        for row in logits.chunks_exact(hp.n_expert) {
+            let r = route_with(&hp.routing, row, moe.selection_bias.as_deref());
+            for &e in &r.experts {
+                if !self.early.contains(&e) {
+                    self.early.push(e);
+                }
+            }
+        }
+        self.early.sort_unstable();
+        cache.fetch_ahead(layer, &self.early, cache.step_of(last_pos, layer));
+        self.early_layer = Some(layer);
+    }
+
     /// After a layer's mixer, the lookahead gate: applies the routers of the next `lookahead`
     /// layers to the post-mixer state `x` (`[n, d]`, normalised as each of those layers would)
     /// and prefetches the experts they pick. With a decoupled router every layer's experts are
@@ -218,13 +282,13 @@ impl Foresight {
             union.clear();
             for t in 0..n {
                 self.predict_norm.resize(d, 0.0);
-                rms_norm_rows(
-                    &x[t * d..(t + 1) * d],
-                    &ahead.ffn_norm,
-                    hp.norm_eps,
-                    &mut self.predict_norm,
-                    k,
-                );
+                let row = &x[t * d..(t + 1) * d];
+                match hp.traits.router_input {
+                    RouterInput::FfnInput => {
+                        rms_norm_rows(row, &ahead.ffn_norm, hp.norm_eps, &mut self.predict_norm, k)
+                    }
+                    RouterInput::LayerInput => self.predict_norm.copy_from_slice(row),
+                }
                 self.predict_logits.resize(hp.n_expert, 0.0);
                 matmul(
                     k,
@@ -264,6 +328,10 @@ impl Foresight {
     /// After a MoE layer routed: scores the predictions made for it against the experts it
     /// used (`active`) and lets the token-level predictor see the routes.
     pub fn on_routing(&mut self, layer: usize, active: &[u32], routes: &[Route]) {
+        if self.early_layer == Some(layer) {
+            self.router_prefetch_stats.add(layer, &self.early, active);
+            self.early_layer = None;
+        }
         let mut i = 0;
         while i < self.pending.len() {
             if self.pending[i].0 != layer {

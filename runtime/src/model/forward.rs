@@ -4,6 +4,7 @@
 //! ```text
 //! x = embed(tokens) * embedding_scale                    [n, d]
 //! for each layer:
+//!     (router logits from x, when the router reads the layer input: SmallThinker)
 //!     x += mixer(norm(x)) * residual_scale               attention / MLA, state in `state`
 //!     x += ffn(norm(x)) * residual_scale                 dense, or routed experts (+ shared)
 //! logits = output(norm(x)) / logit_divisor               [n or 1, n_vocab]
@@ -14,6 +15,7 @@
 
 use std::sync::Arc;
 
+use super::arch::RouterInput;
 use super::attention::{attention, AttentionScratch};
 use super::error::ModelError;
 use super::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
@@ -72,6 +74,9 @@ struct Scratch {
     attention: AttentionScratch,
     mla: MlaScratch,
     ffn: FfnScratch,
+    /// `[n, E]` router logits of a router reading the layer input, computed before the mixer.
+    early_logits: Vec<f32>,
+    early_mm: MatmulScratch,
     logits: Vec<f32>,
     output_mm: MatmulScratch,
 }
@@ -148,6 +153,22 @@ impl<'m, 'a> Session<'m, 'a> {
     /// The expert cache, shared (for reporting from other threads).
     pub fn expert_cache_handle(&self) -> Option<Arc<ExpertCache>> {
         self.cache.clone()
+    }
+
+    /// Reads each layer's experts as soon as its router has run, for models whose router reads
+    /// the layer's input (on by default; only moves reads earlier).
+    pub fn set_router_prefetch(&mut self, on: bool) {
+        self.foresight.set_router_prefetch(on);
+    }
+
+    /// Whether experts are read at router time (for models whose router reads the layer input).
+    pub fn router_prefetch(&self) -> bool {
+        self.foresight.router_prefetch()
+    }
+
+    /// The experts read at router time against those then used.
+    pub fn router_prefetch_stats(&self) -> &PredictionStats {
+        self.foresight.router_prefetch_stats()
     }
 
     /// Lookahead prediction quality per depth.
@@ -358,6 +379,30 @@ impl<'m, 'a> Session<'m, 'a> {
             }
             self.foresight.layer_start(li, last_pos, cache);
 
+            // Router logits from the layer's input, before attention        [n, E]
+            let routed_early = match &layer.ffn {
+                Ffn::Moe(moe)
+                    if hp.traits.router_input == RouterInput::LayerInput
+                        && model.router.is_none() =>
+                {
+                    prof.lap(Phase::Other);
+                    s.early_logits.resize(n * hp.n_expert, 0.0);
+                    matmul(
+                        k,
+                        &moe.router,
+                        &s.x,
+                        n,
+                        &mut s.early_logits,
+                        &mut s.early_mm,
+                    );
+                    prof.lap(Phase::Routing);
+                    self.foresight
+                        .routed_before_mixer(model, li, &s.early_logits, last_pos, cache);
+                    true
+                }
+                _ => false,
+            };
+
             // x += mixer(norm(x)) * residual_scale
             rms_norm_rows(&s.x, &layer.mixer_norm, hp.norm_eps, &mut s.xn, k);
             prof.lap(Phase::Other);
@@ -365,6 +410,7 @@ impl<'m, 'a> Session<'m, 'a> {
                 (Mixer::Attention(a), LayerState::Kv(kv)) => attention(
                     k,
                     hp,
+                    li,
                     a,
                     &s.xn,
                     n,
@@ -385,6 +431,10 @@ impl<'m, 'a> Session<'m, 'a> {
 
             // x += ffn(norm(x)) * residual_scale
             rms_norm_rows(&s.x, &layer.ffn_norm, hp.norm_eps, &mut s.xn, k);
+            let decided = match routed_early {
+                true => Some(&s.early_logits[..]),
+                false => self.foresight.decided(),
+            };
             self.expert_bytes += feed_forward(
                 k,
                 hp,
@@ -392,7 +442,7 @@ impl<'m, 'a> Session<'m, 'a> {
                 &layer.ffn,
                 &s.xn,
                 n,
-                self.foresight.decided(),
+                decided,
                 source,
                 &mut self.routing,
                 &mut s.ffn,

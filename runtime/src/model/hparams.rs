@@ -255,6 +255,14 @@ impl HParams {
             .filter(|_| self.swa_layers.get(layer).copied().unwrap_or(true))
     }
 
+    /// Whether `layer` rotates queries and keys (false: a NoPE layer).
+    pub fn uses_rope(&self, layer: usize) -> bool {
+        match (self.traits.nope_full_attention_step, self.sliding_window) {
+            (Some(step), Some(_)) => !layer.is_multiple_of(step),
+            _ => true,
+        }
+    }
+
     /// Rope inverse frequencies, `[rope_dim / 2]`, with transformers' f32 arithmetic.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let dim = self.rope_dim;
@@ -340,9 +348,14 @@ fn swa_layers(m: &Meta, traits: &ArchTraits, n_layer: usize) -> Result<Vec<bool>
             .ok_or_else(|| bad(format!("must be a period or a bool array, found {v:?}")))?,
         None => traits.default_swa_pattern,
     };
-    // llama.cpp's llama_hparams::set_swa_pattern.
+    // llama.cpp's llama_hparams::set_swa_pattern: the full-attention layer comes last in each
+    // group of `period` layers, or first (`dense_first`).
     Ok((0..n_layer)
-        .map(|il| period == 0 || il % period < period - 1)
+        .map(|il| match traits.swa_dense_first {
+            _ if period == 0 => true,
+            true => il % period != 0,
+            false => il % period < period - 1,
+        })
         .collect())
 }
 

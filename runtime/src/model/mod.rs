@@ -18,7 +18,7 @@ pub mod profile;
 mod state;
 mod weights;
 
-pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RopeStyle};
+pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RopeStyle, RouterInput};
 pub use error::ModelError;
 pub use foresight::PredictionStats;
 pub use forward::{ExpertStreaming, SavedSequence, Session};

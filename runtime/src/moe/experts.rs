@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::tensor::matrix::{rows_per_task, rows_times_acts, Activations};
 use crate::tensor::{Kernels, QMatrix};
 
-/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+/// Gated feed-forward: `down(glu(gate x, up x))`.
 #[derive(Clone, Copy)]
 pub struct Mlp<'a> {
     pub gate: QMatrix<'a>,
@@ -21,8 +21,10 @@ pub struct Mlp<'a> {
 /// The gated activation between an MLP's gate/up and down projections.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Glu {
-    /// `silu(gate) * up`.
+    /// `silu(gate) * up` (SwiGLU).
     Silu,
+    /// `max(gate, 0) * up` (ReGLU, SmallThinker's experts).
+    Relu,
     /// gpt-oss's clamped SwiGLU, as transformers' `GptOssExperts._apply_gate` and ggml's
     /// `swiglu_oai` compute it: with `g = min(gate, limit)` and `u = clamp(up, -limit, limit)`,
     /// `g * sigmoid(alpha * g) * (u + 1)`.
@@ -34,6 +36,7 @@ impl Glu {
     pub fn apply(self, gate: f32, up: f32) -> f32 {
         match self {
             Glu::Silu => gate / (1.0 + (-gate).exp()) * up,
+            Glu::Relu => gate.max(0.0) * up,
             Glu::SwigluOai { alpha, limit } => {
                 let g = gate.min(limit);
                 let u = up.clamp(-limit, limit);
@@ -66,7 +69,7 @@ pub struct ExpertScratch {
     inputs: Vec<Activations>,
     /// Where each job's block starts in `hidden_t` (one entry more than there are jobs).
     offsets: Vec<usize>,
-    /// Per job, `[ff, m]`: silu(gate x) * up x for its m tokens, row by row.
+    /// Per job, `[ff, m]`: glu(gate x, up x) for its m tokens, row by row.
     hidden_t: Vec<f32>,
     /// The up projections, laid out like `hidden_t`.
     up_t: Vec<f32>,

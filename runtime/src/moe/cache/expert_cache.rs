@@ -312,6 +312,49 @@ impl ExpertCache {
         }
     }
 
+    /// Reads ahead the experts `layer` is known to use at `step` (its router has run, its
+    /// feed-forward has not): unlike [`prefetch`](Self::prefetch) these are certainties, so
+    /// their reads go ahead of speculative ones and are not limited by the speculative cap. The
+    /// slots are not held: the feed-forward acquires them as usual, finding them loaded or
+    /// loading. Only evictable slots holding none of these experts are taken; what does not
+    /// fit is left to the demand path.
+    pub fn fetch_ahead(&self, layer: usize, experts: &[u32], step: u64) {
+        let shared = &*self.shared;
+        if !shared.layout.is_moe_layer(layer) {
+            return;
+        }
+        let counters = &shared.counters;
+        let mut st = shared.lock();
+        let now = st.policy.step();
+        let wanted = |k: ExpertKey| k.layer as usize == layer && experts.contains(&k.expert);
+        for &e in experts {
+            let key = ExpertKey {
+                layer: layer as u32,
+                expert: e,
+            };
+            if let Some(i) = st.table.find(key) {
+                let s = &mut st.table.slots[i];
+                s.next_use = s.next_use.min(step);
+                s.last_use = s.last_use.max(now);
+                continue;
+            }
+            let victim = st.policy.victim(&st.table.slots);
+            let Some(i) = victim.filter(|&i| !st.table.slots[i].key.is_some_and(wanted)) else {
+                Counters::add(&counters.prefetches_skipped, 1);
+                continue;
+            };
+            assign(shared, &mut st, i, key);
+            let s = &mut st.table.slots[i];
+            s.next_use = step;
+            s.last_use = now;
+            s.speculative = true;
+            io::enqueue(shared, &mut st, key, i, true);
+            Counters::add(&counters.prefetches_issued, 1);
+        }
+        drop(st);
+        shared.changed.notify_all();
+    }
+
     /// Starts (or restarts) recording demand requests.
     pub fn record_trace(&self) {
         *self.shared.trace.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());

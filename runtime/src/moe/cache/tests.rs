@@ -248,3 +248,40 @@ fn injected_read_errors_and_slow_reads_fail_only_their_requests() {
     assert!(c.stats().read_errors >= failed as u64, "{:?}", c.stats());
     assert_idle(&c);
 }
+
+/// Experts known to be needed (a router that ran before the layer's attention) are read past
+/// the speculative cap, without holding their slots, and never by evicting one another; the
+/// layer then finds them loaded (or loading) instead of missing.
+#[test]
+fn reads_ahead_of_a_known_use_ignore_the_speculative_cap() {
+    let (file, data, layout) = fixture("ahead");
+    let cfg = CacheConfig {
+        max_speculative_bytes: 0,
+        ..config(3)
+    };
+    let c = ExpertCache::new(layout, 2, &file.0, cfg).unwrap();
+    c.prefetch(1, &[4], c.step_of(0, 1));
+    assert_eq!(
+        c.stats().prefetches_skipped,
+        1,
+        "the cap turns guesses away"
+    );
+    // Four experts, three slots: the fourth is left to the demand path.
+    c.fetch_ahead(1, &[0, 2, 6, 7], c.step_of(0, 1));
+    let st = c.stats();
+    assert_eq!(
+        (st.prefetches_issued, st.prefetches_skipped),
+        (3, 2),
+        "{st:?}"
+    );
+    assert!(c.shared.lock().table.slots.iter().all(|s| s.holds == 0));
+    let mut arrivals = c.acquire_each(1, &[0, 2, 6]).unwrap();
+    while let Some((i, guard)) = arrivals.take_any().unwrap() {
+        let at = (N_EXPERT as usize + [0, 2, 6][i]) * 3 * SLAB;
+        assert!(guard.mlp().gate.data == &data[at..at + SLAB]);
+    }
+    drop(arrivals);
+    let st = c.stats();
+    assert_eq!(st.demand_misses, 0, "{st:?}");
+    assert_eq!(st.prefetches_used, 3, "{st:?}");
+}

@@ -406,7 +406,16 @@ fn check_decode_only_gemms(k: &Kernels) {
         };
         let (dot, _) = k.quant_dot(ty).expect("a quantized type");
         for nb in [1usize, 3, 5] {
-            for (rows, n) in [(1, 1), (3, 4), (2, 5), (1, 7), (4, 9), (9, 2), (5, 3)] {
+            for (rows, n) in [
+                (1, 1),
+                (6, 1),
+                (3, 4),
+                (2, 5),
+                (1, 7),
+                (4, 9),
+                (9, 2),
+                (5, 3),
+            ] {
                 let w = random_blocks(ty, rows * nb, 60 + nb as u64, 0.05);
                 let x = &activation_rows(format, n * nb, 61 + ty.id() as u64, -127)[0];
                 let mut got = vec![0f32; rows * n];

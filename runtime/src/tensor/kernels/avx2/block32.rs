@@ -442,9 +442,12 @@ unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
 }
 
 /// Covers `rows x n` with tiles of 4 rows (then single rows) by up to `MAX_T` tokens (as many
-/// as the register file holds).
+/// as the register file holds). With `ONE_ROW_DECODE`, a single token's product goes one row at
+/// a time, each row streamed from start to end, as ggml's dot products do: decoding reads every
+/// weight from memory once, and on AVX2 four interleaved row streams cost more CPU time per
+/// token than one (docs/BENCHMARKS.md).
 #[inline(always)]
-unsafe fn gemm_tiles<P: BlockProduct, const MAX_T: usize>(
+unsafe fn gemm_tiles<P: BlockProduct, const MAX_T: usize, const ONE_ROW_DECODE: bool>(
     w: &[u8],
     rows: usize,
     x: &[u8],
@@ -456,7 +459,7 @@ unsafe fn gemm_tiles<P: BlockProduct, const MAX_T: usize>(
     let (pw, px, po) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
     let mut r = 0;
     while r < rows {
-        let tall = rows - r >= 4;
+        let tall = rows - r >= 4 && !(ONE_ROW_DECODE && n == 1);
         let mut t = 0;
         while t < n {
             let wide = (n - t).min(MAX_T);
@@ -479,11 +482,12 @@ unsafe fn gemm_tiles<P: BlockProduct, const MAX_T: usize>(
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm_avx2<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_tiles::<P, 2>(w, rows, x, n, out)
+    gemm_tiles::<P, 2, true>(w, rows, x, n, out)
 }
 
-/// AVX-512VL also gives 32 vector registers: room for 4 x 4 tiles.
+/// AVX-512VL also gives 32 vector registers: room for 4 x 4 tiles (and 4-row decode tiles,
+/// not measured against one row: no AVX-512 machine at hand).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn gemm_vnni<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_tiles::<P, 4>(w, rows, x, n, out)
+    gemm_tiles::<P, 4, false>(w, rows, x, n, out)
 }
