@@ -46,9 +46,9 @@ pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<
     )?;
     let file = engine.file();
     let model = engine.load_model()?;
-    let tok = engine.tokenizer().map_err(|e| {
-        anyhow::anyhow!("{e}: eval reads a text, so it needs the model's tokenizer")
-    })?;
+    let tok = engine
+        .tokenizer()
+        .map_err(|e| super::needs_tokenizer(e, "eval", ""))?;
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
     let mut ids = tok.encode(&text, false)?;
