@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 
-use moe_e2e::{max_rel_diff, Fixture};
+use moe_e2e::{max_rel_diff, prompt_logits, Fixture};
 use moe_runtime::gguf::GgmlType;
 
 fn run(args: &[&str]) -> Result<(String, String), String> {
@@ -381,5 +381,69 @@ fn what_moe_run_cannot_run_is_explained() {
             e.contains("WordPiece") && e.contains(what) && e.contains("moe-convert"),
             "{e}"
         );
+    }
+}
+
+/// `eval --like-llama-perplexity` scores the tokens llama-perplexity scores: the text with its
+/// special tokens, whole windows only, BOS first in every window (Mixtral's tokenizer adds one;
+/// Qwen's does not), the second half of each window; the perplexity is that of the logits the
+/// model gives each window.
+#[test]
+fn eval_scores_like_llama_perplexity() {
+    use moe_runtime::tokenizer::Tokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let text_path = dir.path().join("text.txt");
+    let text = "It is a truth universally acknowledged, that a single man in possession of a \
+                good fortune, must be in want of a wife. However little known the feelings or \
+                views of such a man may be on his first entering a neighbourhood.\n";
+    std::fs::write(&text_path, text).unwrap();
+    for name in ["mixtral", "qwen3_moe"] {
+        let conv = Fixture::load(name).convert(GgmlType::F32);
+        let file = conv.open();
+        let tok = Tokenizer::from_gguf(file.header()).unwrap();
+        let window = 8;
+        let (out, _) = run(&[
+            "eval",
+            "-m",
+            conv.path.to_str().unwrap(),
+            "--text",
+            text_path.to_str().unwrap(),
+            "--window",
+            &window.to_string(),
+            "--like-llama-perplexity",
+        ])
+        .unwrap();
+        let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+
+        let mut ids = tok.encode(text.trim_end_matches('\n'), true).unwrap();
+        let adds_bos = name == "mixtral";
+        assert_eq!(ids.first() == tok.bos().as_ref(), adds_bos, "{name}");
+        ids.truncate(ids.len() / window * window);
+        let (mut nll, mut scored) = (0f64, 0);
+        for chunk in ids.chunks(window) {
+            let mut chunk = chunk.to_vec();
+            if adds_bos {
+                chunk[0] = tok.bos().unwrap();
+            }
+            let logits = prompt_logits(&file, &chunk);
+            let vocab = logits.len() / window;
+            for i in window / 2..window - 1 {
+                let row = &logits[i * vocab..(i + 1) * vocab];
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                nll += lse - row[chunk[i + 1] as usize] as f64;
+                scored += 1;
+            }
+        }
+        assert_eq!(report["scored"], scored, "{name}");
+        assert_eq!(report["tokens"], ids.len(), "{name}");
+        let want = (nll / scored as f64).exp();
+        let got = report["perplexity"].as_f64().unwrap();
+        assert!((got / want - 1.0).abs() < 1e-5, "{name}: {got} vs {want}");
     }
 }
