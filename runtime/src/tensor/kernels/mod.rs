@@ -79,6 +79,7 @@ pub struct Kernels {
     pub gemm_q3_k: Gemm,
     pub gemm_q4_k: Gemm,
     pub gemm_q5_k: Gemm,
+    pub gemm_q6_k: Gemm,
     pub gemm_iq4_xs: Gemm,
 }
 
@@ -134,6 +135,7 @@ impl Kernels {
             GgmlType::Q3K => (self.gemm_q3_k, ActFormat::Q8K),
             GgmlType::Q4K => (self.gemm_q4_k, ActFormat::Q8K),
             GgmlType::Q5K => (self.gemm_q5_k, ActFormat::Q8K),
+            GgmlType::Q6K => (self.gemm_q6_k, ActFormat::Q8K),
             GgmlType::IQ4XS => (self.gemm_iq4_xs, ActFormat::Q8K),
             _ => return None,
         })
@@ -209,6 +211,7 @@ pub static SCALAR: Kernels = Kernels {
     gemm_q3_k: by_pairs!(scalar::kquant::dot_q3_k_q8_k),
     gemm_q4_k: by_pairs!(scalar::kquant::dot_q4_k_q8_k),
     gemm_q5_k: by_pairs!(scalar::kquant::dot_q5_k_q8_k),
+    gemm_q6_k: by_pairs!(scalar::kquant::dot_q6_k_q8_k),
     gemm_iq4_xs: by_pairs!(scalar::iquant::dot_iq4_xs_q8_k),
 };
 

@@ -398,7 +398,8 @@ fn check_grids_bit_for_bit(k: &Kernels) {
 }
 
 /// The tiled products of the types the converter does not encode equal the table's dot pair
-/// by pair, bit for bit, for every tile remainder and block counts with tails.
+/// by pair, bit for bit, for every tile remainder (single tokens by several rows included) and
+/// block counts with tails.
 fn check_decode_only_gemms(k: &Kernels) {
     for ty in Q8K_TYPES.into_iter().chain(DECODE_ONLY_32) {
         let Some((gemm, format)) = k.gemm(ty) else {
@@ -406,7 +407,17 @@ fn check_decode_only_gemms(k: &Kernels) {
         };
         let (dot, _) = k.quant_dot(ty).expect("a quantized type");
         for nb in [1usize, 3, 5] {
-            for (rows, n) in [(1, 1), (3, 4), (2, 5), (1, 7), (4, 9), (9, 2), (5, 3)] {
+            for (rows, n) in [
+                (1, 1),
+                (4, 1),
+                (9, 1),
+                (3, 4),
+                (2, 5),
+                (1, 7),
+                (4, 9),
+                (9, 2),
+                (5, 3),
+            ] {
                 let w = random_blocks(ty, rows * nb, 60 + nb as u64, 0.05);
                 let x = &activation_rows(format, n * nb, 61 + ty.id() as u64, -127)[0];
                 let mut got = vec![0f32; rows * n];

@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::hsum;
+use super::{hsum, PREFETCH_BYTES};
 use crate::tensor::blocks::block32::{
     e8m0_half, IQ4_NL_BYTES, IQ4_NL_LEVELS, MXFP4_BYTES, MXFP4_LEVELS, Q4_0_BYTES, Q8_0_BYTES,
 };
@@ -390,15 +390,6 @@ impl BlockProduct for Q4Vnni {
     }
 }
 
-/// How far ahead of the block being multiplied its row is prefetched, in bytes (a hint: reading
-/// past the row's end is harmless, and with a tile's rows adjacent in memory it fetches the
-/// rows after them). Decoding streams every weight once, and the distance has to cover the
-/// memory latency of both threads' streams: on the 2-thread benchmark checkpoint, single-token
-/// Q4_0 decode ran 44-48 t/s at 16 blocks ahead (the earlier setting: 288 bytes for Q4_0, 544
-/// for Q8_0), 52-73 at 4096 bytes and 52-68 at 8192; Q8_0 31-33, 38-44 and 38-45 (two rounds,
-/// a noisy machine).
-const PREFETCH_BYTES: usize = 4096;
-
 /// One tile: `R` weight rows (`wb` bytes apart) times `T` activation rows (`xb` bytes apart),
 /// `nb` blocks each, two blocks per step; writes `out[r * n + t]`.
 #[inline(always)]
@@ -425,7 +416,7 @@ unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
         for (r, acc_r) in acc.iter_mut().enumerate() {
             // Weights stream from memory once (decode): ask for them a few blocks ahead.
             _mm_prefetch::<_MM_HINT_T0>(
-                w.add(r * wb + b * P::W_BYTES + PREFETCH_BYTES) as *const i8
+                w.wrapping_add(r * wb + b * P::W_BYTES + PREFETCH_BYTES) as *const i8
             );
             let row = P::weights(w.add(r * wb + b * P::W_BYTES), both);
             for (tok, a) in toks.iter().zip(acc_r.iter_mut()) {

@@ -38,7 +38,7 @@ const AVX2_KERNELS: Kernels = Kernels {
     dot_q3_k_q8_k: kquant::dot::<kquant::Q3K>,
     dot_q4_k_q8_k: kquant::dot::<kquant::Q4K>,
     dot_q5_k_q8_k: kquant::dot::<kquant::Q5K>,
-    dot_q6_k_q8_k: kquant::dot_q6_k_q8_k,
+    dot_q6_k_q8_k: kquant::dot::<kquant::Q6K>,
     dot_iq2_xxs_q8_k: iquant::dot_grid::<grid::Iq2Xxs>,
     dot_iq2_xs_q8_k: iquant::dot_grid::<grid::Iq2Xs>,
     dot_iq2_s_q8_k: iquant::dot_grid::<grid::Iq2S>,
@@ -51,6 +51,7 @@ const AVX2_KERNELS: Kernels = Kernels {
     gemm_q3_k: kquant::gemm::<kquant::Q3K>,
     gemm_q4_k: kquant::gemm::<kquant::Q4K>,
     gemm_q5_k: kquant::gemm::<kquant::Q5K>,
+    gemm_q6_k: kquant::gemm::<kquant::Q6K>,
     gemm_iq4_xs: kquant::gemm::<iquant::Iq4Xs>,
 };
 
@@ -170,6 +171,23 @@ unsafe fn quantize_q8_0_impl(x: &[f32], out: &mut [u8]) {
         );
         let bytes = _mm256_permutevar8x32_epi32(bytes, order);
         _mm256_storeu_si256(ob.as_mut_ptr().add(2) as *mut __m256i, bytes);
+    }
+}
+
+/// How far ahead of the block being multiplied a weight row is prefetched, in bytes (a hint:
+/// reading past the row's end is harmless, and with a tile's rows adjacent in memory it fetches
+/// the rows after them). Decoding streams every weight once, and the distance has to cover the
+/// memory latency of both threads' streams (docs/BENCHMARKS.md, "Prefetch distance").
+const PREFETCH_BYTES: usize = 4096;
+
+/// Prefetches the cache lines [`PREFETCH_BYTES`] ahead of a weight block of `bytes` bytes at
+/// `p`: one per 64 bytes, so that consecutive blocks fetch every line of the row.
+#[inline(always)]
+unsafe fn prefetch_block(p: *const u8, bytes: usize) {
+    let mut off = 0;
+    while off < bytes {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + off) as *const i8);
+        off += 64;
     }
 }
 

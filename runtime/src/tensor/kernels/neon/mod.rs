@@ -59,6 +59,7 @@ static DOTPROD: Kernels = Kernels {
     gemm_q3_k: by_pairs!(dot::<Sdot, kquant::Q3K>),
     gemm_q4_k: by_pairs!(dot::<Sdot, kquant::Q4K>),
     gemm_q5_k: by_pairs!(dot::<Sdot, kquant::Q5K>),
+    gemm_q6_k: by_pairs!(dot::<Sdot, kquant::Q6K>),
     gemm_iq4_xs: by_pairs!(dot::<Sdot, iquant::Iq4Xs>),
 };
 
@@ -97,6 +98,7 @@ static NEON: Kernels = Kernels {
     gemm_q3_k: by_pairs!(dot::<Mull, kquant::Q3K>),
     gemm_q4_k: by_pairs!(dot::<Mull, kquant::Q4K>),
     gemm_q5_k: by_pairs!(dot::<Mull, kquant::Q5K>),
+    gemm_q6_k: by_pairs!(dot::<Mull, kquant::Q6K>),
     gemm_iq4_xs: by_pairs!(dot::<Mull, iquant::Iq4Xs>),
 };
 
