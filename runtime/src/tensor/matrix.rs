@@ -49,6 +49,8 @@ pub struct Activations {
     q8k: OnceLock<Vec<u8>>,
     /// The last Q8_K buffer, kept for the next encoding so that decoding allocates nothing.
     q8k_spare: Mutex<Vec<u8>>,
+    /// The kernel table's Q8_K quantizer (the reference until a table quantizes these rows).
+    quantize_q8k: Option<fn(&[f32], &mut [u8])>,
 }
 
 /// One activation row in every encoding a weight type may need.
@@ -93,6 +95,7 @@ impl Activations {
     /// was a tenth of prompt processing).
     pub fn quantize(&mut self, k: &Kernels) {
         self.reset_q8k();
+        self.quantize_q8k = Some(k.quantize_q8_k);
         if !self.cols.is_multiple_of(QK) {
             self.q8.clear();
             return;
@@ -134,8 +137,9 @@ impl Activations {
                 std::mem::take(&mut *self.q8k_spare.lock().unwrap_or_else(|e| e.into_inner()));
             q.clear();
             q.resize(self.n * rb, 0);
+            let quantize = self.quantize_q8k.unwrap_or(kquant::quantize_row_q8_k);
             for (xr, qr) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(rb)) {
-                kquant::quantize_row_q8_k(xr, qr);
+                quantize(xr, qr);
             }
             q
         })
@@ -157,6 +161,7 @@ impl Activations {
         self.x.clear();
         self.q8.clear();
         self.reset_q8k();
+        self.quantize_q8k = src.quantize_q8k;
         let src_q8k = src.q8k.get().filter(|q| !q.is_empty());
         let mut q8k = src_q8k.map(|_| {
             let mut q = std::mem::take(self.q8k_spare.get_mut().unwrap_or_else(|e| e.into_inner()));

@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 
 use crate::gguf::GgmlType;
 use crate::tensor::blocks::block32::quantize_row_q8_0;
+use crate::tensor::blocks::kquant::quantize_row_q8_k;
 #[cfg(target_arch = "x86_64")]
 use crate::tensor::blocks::kquant::Q8_K_BYTES;
 
@@ -55,10 +56,12 @@ pub struct Kernels {
     pub gemm_iq4_nl: Gemm,
     pub gemm_mxfp4: Gemm,
     pub quantize_q8_0: fn(&[f32], &mut [u8]),
+    /// f32 -> Q8_K (rows of whole 256-value blocks), bit-identical to ggml's reference
+    /// `quantize_row_q8_K_ref` (`kquant::quantize_row_q8_k`), which ggml's CPU backend uses on
+    /// every CPU.
+    pub quantize_q8_k: fn(&[f32], &mut [u8]),
     /// K-quant weight rows against Q8_K activation rows (super-blocks of 256 values), as ggml's
-    /// `ggml_vec_dot_q*_K_q8_K`. Activations stay on `kquant::quantize_row_q8_k`: ggml's CPU
-    /// backend uses that reference itself on x86 and ARM, and it runs once per row of
-    /// activations, not once per weight row.
+    /// `ggml_vec_dot_q*_K_q8_K`.
     pub dot_q2_k_q8_k: Dot,
     pub dot_q3_k_q8_k: Dot,
     pub dot_q4_k_q8_k: Dot,
@@ -194,6 +197,7 @@ pub static SCALAR: Kernels = Kernels {
     gemm_iq4_nl: by_pairs!(scalar::dot_iq4_nl_q8_0),
     gemm_mxfp4: by_pairs!(scalar::dot_mxfp4_q8_0),
     quantize_q8_0: quantize_row_q8_0,
+    quantize_q8_k: quantize_row_q8_k,
     dot_q2_k_q8_k: scalar::kquant::dot_q2_k_q8_k,
     dot_q3_k_q8_k: scalar::kquant::dot_q3_k_q8_k,
     dot_q4_k_q8_k: scalar::kquant::dot_q4_k_q8_k,
