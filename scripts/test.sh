@@ -25,9 +25,9 @@ cargo fmt --all -- --check
 # No import cycles between files, moe-runtime's layers respected, no overlong files.
 python3 scripts/check/check_layout.py
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-# llama.cpp's tokenizer test vectors (a git-ignored download, kept between runs); with
-# MOE_EDGE_REQUIRE_VOCAB=1 their test fails instead of skipping when they are missing.
-scripts/fixtures/fetch_llama_vocab.sh
+# llama.cpp's tokenizer test vectors and chat templates (a git-ignored download, kept between
+# runs); with MOE_EDGE_REQUIRE_VOCAB=1 their tests fail instead of skipping when they are missing.
+scripts/fixtures/fetch_llama_cpp_files.sh
 MOE_EDGE_REQUIRE_VOCAB=1 cargo test --workspace
 
 # The distilled pre-gating GRU runs natively (tested above); tract-onnx, behind the `pregate`

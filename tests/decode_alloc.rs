@@ -121,8 +121,16 @@ fn k_quant_file_decodes_without_allocating() {
 fn every_ffn_kind_decodes_without_allocating() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Shared experts (qwen2_moe), MLA and group routing (deepseek_v3), a plain MoE (mixtral),
-    // routing decided by a decoupled router (qwen3_moe_readme).
-    for name in ["qwen2_moe", "deepseek_v3", "mixtral", "qwen3_moe_readme"] {
+    // routing decided by a decoupled router (qwen3_moe_readme), partial rotary with biases and
+    // q/k norm (glm4_moe), softmax routing with a selection bias (ernie4_5_moe).
+    for name in [
+        "qwen2_moe",
+        "deepseek_v3",
+        "mixtral",
+        "qwen3_moe_readme",
+        "glm4_moe",
+        "ernie4_5_moe",
+    ] {
         for ty in [GgmlType::Q8_0, GgmlType::F32] {
             let converted = Fixture::load(name).convert(ty);
             let n = decode_allocations(&converted.open(), KvType::F16);

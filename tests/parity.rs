@@ -77,6 +77,54 @@ fn deepseek_v3_mla_q_lora_sigmoid_bias_groups_yarn() {
     check_parity("deepseek_v3", GgmlType::F32);
 }
 
+#[test]
+fn glm4_moe_partial_rotary_biases_qk_norm_sigmoid_bias_shared_expert() {
+    check_parity("glm4_moe", GgmlType::F32);
+}
+
+#[test]
+fn ernie4_5_moe_interleaved_rope_softmax_bias_shared_experts_spm_vocab() {
+    check_parity("ernie4_5_moe", GgmlType::F32);
+}
+
+/// llama.cpp's converter appends GLM-4.5's next-token-prediction block after the trunk
+/// (`block_count` one more, `nextn_predict_layers` 1, its tensors in `blk.{n_layer}`, or none when
+/// the checkpoint has none, as here). Generation runs the trunk only; a count that leaves no trunk
+/// is an error.
+#[test]
+fn glm4_moe_files_with_a_prediction_block_run_the_trunk() {
+    use moe_runtime::gguf::{GgufFile, Value};
+    use moe_runtime::model::Model;
+    let fx = Fixture::load("glm4_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let with_mtp = |nextn: u32, path: &std::path::Path| {
+        moe_e2e::rewrite_gguf_metadata(&conv.path, path, |meta| {
+            for (k, v) in meta.iter_mut() {
+                if k == "glm4moe.block_count" {
+                    *v = Value::U32(3 + nextn);
+                }
+            }
+            meta.push(("glm4moe.nextn_predict_layers".into(), Value::U32(nextn)));
+        });
+    };
+    let path = conv.path.with_extension("mtp.gguf");
+    with_mtp(1, &path);
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(Model::load(&file).unwrap().layers.len(), 3);
+    let case = &fx.expected.prompts[2];
+    let (want, _, vocab) = fx.logits(2);
+    let diff = max_rel_diff(&prompt_logits(&file, &case.ids), &want, vocab);
+    assert!(diff < TOLERANCE, "logits differ by {diff:e}");
+
+    let bad = conv.path.with_extension("bad.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &bad, |meta| {
+        meta.push(("glm4moe.nextn_predict_layers".into(), Value::U32(3)));
+    });
+    let file = GgufFile::open(&bad).unwrap();
+    let err = Model::load(&file).err().expect("no trunk left").to_string();
+    assert!(err.contains("glm4moe.nextn_predict_layers"), "{err}");
+}
+
 /// MLA caches the normalised latent plus the shared rotary key, one "head" per token and layer,
 /// instead of per-head keys and values.
 #[test]
@@ -194,4 +242,45 @@ fn f16_kv_cache_stays_close() {
             );
         }
     }
+}
+
+/// GLM's special tokens are set by their text, as llama.cpp's converter sets them: `[gMASK]` as
+/// BOS, `<|user|>` as end of turn, `<|observation|>` as end of message (a tool call), and
+/// generation stops at both. The fixture's tokenizer gets GLM's token texts in place of three of
+/// its own.
+#[test]
+fn glm4_moe_special_tokens_are_llama_cpp_s() {
+    let fx = Fixture::load("glm4_moe");
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&fx.dir).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let tok = dir.path().join("tokenizer.json");
+    let text = std::fs::read_to_string(&tok).unwrap();
+    let text = text
+        .replace("<|im_start|>", "[gMASK]")
+        .replace("<|im_end|>", "<|user|>")
+        .replace("\"<s>\"", "\"<|observation|>\"");
+    std::fs::write(&tok, text).unwrap();
+    let out = dir.path().join("glm.gguf");
+    moe_convert::convert(
+        dir.path(),
+        &out,
+        &moe_convert::ConvertOptions::new(GgmlType::Q8_0),
+        &|_, _, _| {},
+    )
+    .unwrap();
+    let file = moe_runtime::gguf::GgufFile::open(&out).unwrap();
+    let id = |k: &str| file.header().get(k).and_then(|v| v.as_u64());
+    assert_eq!(id("tokenizer.ggml.bos_token_id"), Some(1));
+    assert_eq!(id("tokenizer.ggml.eot_token_id"), Some(2));
+    assert_eq!(id("tokenizer.ggml.eom_token_id"), Some(3));
+    assert_eq!(id("tokenizer.ggml.unknown_token_id"), Some(0));
+    assert_eq!(id("tokenizer.ggml.eos_token_id"), Some(0));
+    let tok = Tokenizer::from_gguf(file.header()).unwrap();
+    for stop in [0, 2, 3] {
+        assert!(tok.is_end_of_generation(stop), "{stop}");
+    }
+    assert!(!tok.is_end_of_generation(1));
 }

@@ -73,10 +73,12 @@ fn sample(file: &GgufFile, prompt: &[u32], seed: u64, n: usize) -> Vec<u32> {
     // No tokenizer: nothing ends generation early.
     let request = Request {
         prompt,
+        cached: 0,
         max_tokens: n,
         stop: &[],
         ignore_eos: true,
         skip_special: false,
+        top_logprobs: None,
     };
     generate(&mut session, &mut sampler, None, &request, |piece| {
         out.extend(piece.id);

@@ -4,7 +4,7 @@
 //! Modules from the bottom up (each uses only those before it): [`error`]; [`hf`] (reading the
 //! checkpoint); [`source`] (where an output tensor's values come from); [`arch`] (one file per
 //! architecture: how its tensors and config map onto llama.cpp's names and keys), [`router`]
-//! (a Read-ME decoupled router beside any backbone) and [`tokenizer`]; [`plan`] (every output
+//! (a Read-ME decoupled router beside any backbone), [`sentencepiece`] and [`tokenizer`]; [`plan`] (every output
 //! tensor and the metadata, architecture-independent); [`output`] (writing the file);
 //! [`calib`] and [`tune`] (calibration, pruning, per-expert types); [`pregate`] (the pre-gating
 //! network beside the file); and here [`convert`], the one entry point.
@@ -17,6 +17,7 @@ pub mod output;
 pub mod plan;
 pub mod pregate;
 pub mod router;
+pub mod sentencepiece;
 pub mod source;
 pub mod tokenizer;
 pub mod tune;
@@ -105,7 +106,8 @@ fn convert_plain(
     let conv = arch::for_config(&ckpt.config)?;
     let mut plan = plan::build(&ckpt, conv.as_ref(), ty)?;
     let n_vocab = ckpt.config.usize("vocab_size")?;
-    plan.metadata.extend(tokenizer::metadata(&ckpt, n_vocab)?);
+    plan.metadata
+        .extend(tokenizer::metadata(&ckpt, n_vocab, conv.as_ref())?);
     plan.metadata.extend(extra.iter().cloned());
 
     let decls: Vec<_> = plan.tensors.iter().map(|t| t.decl.clone()).collect();

@@ -90,7 +90,7 @@ pub fn build(
     let head_dim = cfg.opt_usize("head_dim")?.unwrap_or(d / n_head);
     let n_vocab = cfg.usize("vocab_size")?;
     let n_expert = conv.expert_count(cfg)?;
-    let n_used = cfg.usize("num_experts_per_tok")?;
+    let n_used = conv.expert_used_count(cfg)?;
     if n_used == 0 || n_used > n_expert || n_used > moe_runtime::moe::router::MAX_EXPERTS_USED {
         return Err(ConvertError::Config {
             field: "num_experts_per_tok".into(),
@@ -239,7 +239,7 @@ pub fn build(
         }
         ckpt.expect_shape(&hf("post_attention_layernorm.weight"), &[d])?;
         add(
-            gg("ffn_norm.weight"),
+            gg(&format!("{}.weight", arch.traits().ffn_norm_tensor)),
             vec![d],
             t(&hf("post_attention_layernorm.weight")),
         );
@@ -263,7 +263,10 @@ pub fn build(
                 ckpt.expect_shape(&router, &[n_expert, d])?;
                 add(gg("ffn_gate_inp.weight"), vec![d, n_expert], t(&router));
                 if let Some(b) = selection_bias {
-                    ckpt.expect_shape(&b, &[n_expert])?;
+                    // ERNIE stores it as one row of a [1, n_expert] matrix.
+                    if ckpt.info(&b)?.shape != [1, n_expert] {
+                        ckpt.expect_shape(&b, &[n_expert])?;
+                    }
                     add(gg("exp_probs_b.bias"), vec![n_expert], t(&b));
                 }
                 match experts {

@@ -1,13 +1,18 @@
 //! Tokenizer metadata: llama.cpp's `tokenizer.ggml.*` keys, the chat template, and the verbatim
 //! `tokenizer.json` (which moe-edge's runtime uses, so encoding matches transformers exactly).
+//! Byte-level BPE vocabularies are written as llama.cpp's `gpt2` model from `tokenizer.json`;
+//! SentencePiece ones (a BPE with byte fallback, beside `tokenizer.model`) as its `llama` model
+//! from `tokenizer.model`, as llama.cpp's converter reads them.
 
 use std::collections::HashMap;
 
 use moe_runtime::gguf::Value;
 use serde_json::Value as Json;
 
+use crate::arch::ArchConverter;
 use crate::error::ConvertError;
 use crate::hf::Checkpoint;
+use crate::sentencepiece;
 
 const TOKEN_NORMAL: i32 = 1;
 const TOKEN_CONTROL: i32 = 3;
@@ -26,7 +31,11 @@ const KNOWN_PRE_REGEXES: &[(&str, &str)] = &[
     ),
 ];
 
-pub fn metadata(ckpt: &Checkpoint, n_vocab: usize) -> Result<Vec<(String, Value)>, ConvertError> {
+pub fn metadata(
+    ckpt: &Checkpoint,
+    n_vocab: usize,
+    conv: &dyn ArchConverter,
+) -> Result<Vec<(String, Value)>, ConvertError> {
     let Some(tok_text) = ckpt.read_text("tokenizer.json")? else {
         return Err(ConvertError::Input(format!(
             "{} has no tokenizer.json; moe-convert needs the fast tokenizer file",
@@ -129,24 +138,52 @@ pub fn metadata(ckpt: &Checkpoint, n_vocab: usize) -> Result<Vec<(String, Value)
 
     let byte_level = json_mentions_type(&tok["pre_tokenizer"], "ByteLevel")
         || json_mentions_type(&tok["decoder"], "ByteLevel");
-    if !byte_level {
+    let byte_fallback = model.get("byte_fallback").and_then(Json::as_bool) == Some(true);
+    let mut meta: Vec<(String, Value)> = if byte_level {
+        vec![
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            (
+                "tokenizer.ggml.pre".into(),
+                Value::String(conv.tokenizer_pre(pre_name(&tok)).into()),
+            ),
+            ("tokenizer.ggml.tokens".into(), Value::string_array(texts)),
+            ("tokenizer.ggml.token_type".into(), Value::i32_array(types)),
+            ("tokenizer.ggml.merges".into(), Value::string_array(merges)),
+        ]
+    } else if byte_fallback && ckpt.dir.join("tokenizer.model").is_file() {
+        let spm = sentencepiece::read(ckpt, n_vocab)?;
+        let mut m = vec![
+            ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::string_array(spm.tokens),
+            ),
+            ("tokenizer.ggml.scores".into(), Value::f32_array(spm.scores)),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::i32_array(spm.types),
+            ),
+        ];
+        // llama.cpp's ERNIE converter copies it; SentencePiece otherwise prepends a space.
+        if let Some(b) = tok_cfg.get("add_prefix_space").and_then(Json::as_bool) {
+            m.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(b)));
+        }
+        m
+    } else if byte_fallback {
+        return Err(ConvertError::Input(format!(
+            "{} has a SentencePiece-style tokenizer.json but no tokenizer.model, which holds the \
+             vocabulary scores llama.cpp's `llama` tokenizer needs: copy tokenizer.model from the \
+             model's repository into the folder",
+            ckpt.dir.display()
+        )));
+    } else {
         return Err(ConvertError::Unsupported(
-            "only byte-level BPE tokenizers (GPT-2 style) are supported yet; SentencePiece-style \
-             BPE (byte_fallback) is not"
+            "only byte-level BPE (GPT-2 style) and SentencePiece BPE (byte fallback, with \
+             tokenizer.model) tokenizers are supported"
                 .into(),
         ));
-    }
-
-    let mut meta: Vec<(String, Value)> = vec![
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        (
-            "tokenizer.ggml.pre".into(),
-            Value::String(pre_name(&tok).into()),
-        ),
-        ("tokenizer.ggml.tokens".into(), Value::string_array(texts)),
-        ("tokenizer.ggml.token_type".into(), Value::i32_array(types)),
-        ("tokenizer.ggml.merges".into(), Value::string_array(merges)),
-    ];
+    };
 
     // Special tokens: tokenizer_config's strings first, then config.json / generation_config ids.
     let id_of = |key: &str| -> Option<u32> {
@@ -193,9 +230,20 @@ pub fn metadata(ckpt: &Checkpoint, n_vocab: usize) -> Result<Vec<(String, Value)
     for (key, gguf) in [
         ("unk_token", "tokenizer.ggml.unknown_token_id"),
         ("pad_token", "tokenizer.ggml.padding_token_id"),
+        // gguf-py's SpecialVocab also reads these (ERNIE's <|end_of_sentence|>, <mask:1>); the
+        // key's spelling is llama.cpp's.
+        ("sep_token", "tokenizer.ggml.seperator_token_id"),
+        ("mask_token", "tokenizer.ggml.mask_token_id"),
     ] {
         if let Some(id) = id_of(key) {
             meta.push((gguf.into(), Value::U32(id)));
+        }
+    }
+    for (name, text) in conv.special_tokens() {
+        if let Some(&id) = by_content.get(*text) {
+            let key = format!("tokenizer.ggml.{name}_token_id");
+            meta.retain(|(k, _)| *k != key);
+            meta.push((key, Value::U32(id)));
         }
     }
     let adds_bos = tok_cfg

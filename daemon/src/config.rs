@@ -69,6 +69,15 @@ pub struct Config {
     /// Expert streaming (each flag also reads MOED_<FLAG>, e.g. MOED_MEM_BUDGET)
     #[command(flatten)]
     pub streaming: StreamingArgs,
+    /// Conversations whose KV cache is kept so that a request sharing a prompt prefix with one
+    /// of them evaluates only the rest (the one served last included; each takes a whole KV
+    /// cache of memory); 0 evaluates every prompt whole
+    #[arg(long, env = "MOED_PROMPT_CACHE", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub prompt_cache: u32,
+    /// A Jinja chat template to use instead of the model's (e.g. one of llama.cpp's
+    /// models/templates); without either, chat uses ChatML
+    #[arg(long, env = "MOED_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Skip the warm-up forward pass after loading
     #[arg(long, env = "MOED_NO_WARMUP")]
     pub no_warmup: bool,
@@ -122,6 +131,16 @@ impl Config {
         Ok(())
     }
 
+    /// `--chat-template`'s path and text.
+    pub fn chat_template_source(&self) -> Result<Option<(PathBuf, String)>> {
+        let Some(path) = &self.chat_template else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--chat-template {}: {e}", path.display()))?;
+        Ok(Some((path.clone(), text)))
+    }
+
     /// What the runtime needs to set up the model's session.
     pub fn session_options(&self) -> SessionOptions {
         SessionOptions {
@@ -130,6 +149,7 @@ impl Config {
             n_ctx: self.ctx,
             kv_type: self.kv_type,
             streaming: self.streaming.options(),
+            extra_sequences: self.prompt_cache.saturating_sub(1) as usize,
             profiling: false,
         }
     }

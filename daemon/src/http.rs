@@ -404,7 +404,7 @@ fn chat_prompt(p: &api::GenParams, l: &Loaded) -> Result<Vec<u32>, ApiError> {
         .messages
         .as_deref()
         .ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
-    let text = template.render(messages)?;
+    let text = template.render(messages, &crate::chat::render_options(p)?)?;
     let ids = l
         .tokenizer
         .encode(&text, false)
@@ -428,7 +428,7 @@ async fn generate(
             return Err(unknown_model(m));
         }
     }
-    let v = api::validate(&p, random_seed())?;
+    let v = api::validate(&p, endpoint, random_seed())?;
     // Tokenizing and templating are CPU work: keep them off the thread that moves the bytes.
     let worker_app = app.clone();
     let prompt = tokio::task::spawn_blocking(move || {
@@ -471,6 +471,7 @@ async fn generate(
             sampler: v.sampler.clone(),
             stop: v.stop.clone(),
             ignore_eos: v.ignore_eos,
+            top_logprobs: v.top_logprobs,
         },
         events: tx,
         enqueued: Instant::now(),
@@ -498,6 +499,8 @@ async fn generate(
             rx,
             meta: meta.clone(),
             include_usage: v.include_usage,
+            logprobs: v.top_logprobs.is_some(),
+            chars: 0,
             out: VecDeque::new(),
             done: false,
         };
@@ -512,15 +515,20 @@ async fn generate(
     }
 
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     loop {
         match rx.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Text(t, l)) => {
+                text.push_str(&t);
+                logprobs.extend(l);
+            }
             Some(Event::Started) => {}
             Some(Event::Done(f)) => {
+                let logprobs = v.top_logprobs.map(|_| &logprobs[..]);
                 return Ok(json_response(
                     StatusCode::OK,
-                    &meta.response(&text, f.reason, &f.usage, &f.timings),
-                ))
+                    &meta.response(&text, logprobs, f.reason, &f.usage, &f.timings),
+                ));
             }
             Some(Event::Failed(e)) => return Err(e),
             None => return Err(worker_gone()),
@@ -542,6 +550,10 @@ struct SseBody {
     rx: mpsc::Receiver<Event>,
     meta: ResponseMeta,
     include_usage: bool,
+    /// Chunks carry their tokens' log-probabilities.
+    logprobs: bool,
+    /// Characters of completion text sent so far (completions' `text_offset`).
+    chars: usize,
     out: VecDeque<Bytes>,
     done: bool,
 }
@@ -559,8 +571,10 @@ impl SseBody {
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
             Some(Event::Started) => {}
-            Some(Event::Text(t)) => {
-                let chunk = self.meta.chunk(false, Some(&t), None);
+            Some(Event::Text(t, logprobs)) => {
+                let l = (self.logprobs).then_some((&logprobs[..], self.chars));
+                let chunk = self.meta.chunk_with_logprobs(false, Some(&t), l, None);
+                self.chars += t.chars().count();
                 self.push(&chunk);
             }
             Some(Event::Done(f)) => {

@@ -14,6 +14,8 @@ pub mod config;
 pub mod conn;
 pub mod http;
 pub mod metrics;
+pub mod prompt_cache;
+pub mod reply;
 pub mod server;
 pub mod socket;
 pub mod worker;

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub queue_rejections: AtomicU64,
     pub cancelled: AtomicU64,
     prompt_tokens: AtomicU64,
+    cached_prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     prompt_us: AtomicU64,
     generation_us: AtomicU64,
@@ -69,6 +70,8 @@ pub struct Metrics {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GenerationFigures {
     pub prompt_tokens: usize,
+    /// Prompt ids taken from the prompt cache instead of evaluated.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     pub prompt_time: Duration,
     pub generation_time: Duration,
@@ -105,8 +108,10 @@ impl Metrics {
     }
 
     pub fn generation(&self, g: &GenerationFigures) {
-        self.prompt_tokens
-            .fetch_add(g.prompt_tokens as u64, Relaxed);
+        let evaluated = g.prompt_tokens - g.cached_tokens;
+        self.prompt_tokens.fetch_add(evaluated as u64, Relaxed);
+        self.cached_prompt_tokens
+            .fetch_add(g.cached_tokens as u64, Relaxed);
         self.generated_tokens
             .fetch_add(g.generated_tokens as u64, Relaxed);
         self.prompt_us
@@ -120,9 +125,8 @@ impl Metrics {
                 n as f64 / t.as_secs_f64()
             }
         };
-        if g.prompt_tokens > 0 && !g.prompt_time.is_zero() {
-            self.last_prompt_tps
-                .set(rate(g.prompt_tokens, g.prompt_time));
+        if evaluated > 0 && !g.prompt_time.is_zero() {
+            self.last_prompt_tps.set(rate(evaluated, g.prompt_time));
         }
         if g.generated_tokens > 0 && !g.generation_time.is_zero() {
             self.last_generation_tps
@@ -222,6 +226,12 @@ impl Metrics {
             "counter",
             "Prompt tokens evaluated.",
             &one(self.prompt_tokens.load(Relaxed).to_string()),
+        );
+        metric(
+            "moed_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens taken from the prompt cache instead of evaluated.",
+            &one(self.cached_prompt_tokens.load(Relaxed).to_string()),
         );
         metric(
             "moed_generated_tokens_total",
@@ -399,6 +409,7 @@ mod tests {
         m.request("completions", 503, Duration::from_millis(1));
         m.generation(&GenerationFigures {
             prompt_tokens: 5,
+            cached_tokens: 0,
             generated_tokens: 10,
             prompt_time: Duration::from_millis(5),
             generation_time: Duration::from_millis(100),

@@ -157,6 +157,8 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
         model: cfg.model.clone(),
         model_id: cfg.model_id(),
         session: cfg.session_options(),
+        prompt_cache: cfg.prompt_cache as usize,
+        chat_template: cfg.chat_template_source()?,
         warmup: !cfg.no_warmup,
         token_delay: Duration::from_millis(cfg.test_token_delay_ms),
         load_delay: Duration::from_millis(cfg.test_load_delay_ms),

@@ -8,16 +8,17 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_runtime::engine::{generate, Engine, Piece, Request, SessionOptions, StopReason};
+use moe_runtime::engine::{generate, Engine, Logprobs, Piece, Request, SessionOptions, StopReason};
 use moe_runtime::model::Session;
 use moe_runtime::sampling::{Sampler, SamplerConfig};
 use moe_runtime::tokenizer::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::api::{ApiError, Endpoint, Timings, Usage};
+use crate::api::{ApiError, Endpoint, Timings, TokenLogprob, Usage};
 use crate::chat::ChatTemplate;
 use crate::metrics::{GenerationFigures, Metrics, ModelInfo, ProcessStats};
+use crate::prompt_cache::PromptCache;
 
 /// What the worker needs to know to load the model.
 #[derive(Debug, Clone)]
@@ -26,6 +27,10 @@ pub struct WorkerConfig {
     pub model_id: String,
     /// Threads, context, KV type, expert streaming, board profile.
     pub session: SessionOptions,
+    /// Conversations kept for prompt-prefix reuse (0: none).
+    pub prompt_cache: usize,
+    /// `--chat-template FILE`: its path and text, instead of the model's template.
+    pub chat_template: Option<(PathBuf, String)>,
     pub warmup: bool,
     pub token_delay: Duration,
     pub load_delay: Duration,
@@ -56,6 +61,8 @@ pub struct GenRequest {
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Report log-probabilities with this many alternatives.
+    pub top_logprobs: Option<usize>,
 }
 
 pub struct Job {
@@ -73,8 +80,9 @@ pub struct Job {
 pub enum Event {
     /// The job left the queue and the prompt is being evaluated.
     Started,
-    /// Text that became final (stop sequences already removed).
-    Text(String),
+    /// Text that became final (stop sequences already removed), and the log-probabilities of
+    /// the tokens generated since the last event when they were asked for.
+    Text(String, Vec<TokenLogprob>),
     Done(Finish),
     Failed(ApiError),
 }
@@ -169,21 +177,22 @@ pub fn spawn(
                     .unwrap_or_default()
             };
             let file = engine.file();
-            let chat = match file
-                .header()
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.as_str())
-            {
-                Some(src) => ChatTemplate::new(
-                    src,
-                    token_text(tokenizer.bos()),
-                    token_text(tokenizer.eos()),
-                )
-                .map_err(|e| format!("the model's chat template does not compile: {e:#}")),
-                None => {
-                    Err("the model file has no tokenizer.chat_template; use /v1/completions".into())
+            // The template: --chat-template, else the model's, else ChatML as the llama.cpp
+            // server does for a file without one.
+            let (source, origin) = match (&cfg.chat_template, file.header().get("tokenizer.chat_template").and_then(|v| v.as_str())) {
+                (Some((path, src)), _) => (src.as_str(), format!("{}", path.display())),
+                (None, Some(src)) => (src, "the model's chat template".to_string()),
+                (None, None) => {
+                    warn!("the model file has no tokenizer.chat_template: chat uses ChatML (pass --chat-template FILE for another)");
+                    (crate::chat::CHATML, "ChatML".to_string())
                 }
             };
+            let chat = ChatTemplate::new(
+                source,
+                token_text(tokenizer.bos()),
+                token_text(tokenizer.eos()),
+            )
+            .map_err(|e| format!("{origin} does not compile: {e:#}"));
             if let Err(e) = &chat {
                 warn!("chat completions unavailable: {e}");
             }
@@ -222,6 +231,8 @@ pub fn spawn(
                 metrics: &metrics,
                 control: &control,
                 token_delay: cfg.token_delay,
+                prompt_cache: PromptCache::new(cfg.prompt_cache),
+                reuse_prompts: cfg.prompt_cache > 0,
             };
             let mut jobs = jobs;
             while let Some(job) = jobs.blocking_recv() {
@@ -237,6 +248,8 @@ struct Worker<'s, 'm, 'a> {
     metrics: &'s Metrics,
     control: &'s Control,
     token_delay: Duration,
+    prompt_cache: PromptCache,
+    reuse_prompts: bool,
 }
 
 /// How a generation ended.
@@ -305,6 +318,7 @@ impl Worker<'_, '_, '_> {
                     usage: Usage {
                         prompt_tokens: g.prompt_tokens,
                         completion_tokens: g.generated_tokens,
+                        cached_tokens: g.cached_tokens,
                     },
                     timings: Timings {
                         prompt_ms: ms(g.prompt_time),
@@ -345,30 +359,43 @@ impl Worker<'_, '_, '_> {
     ) -> Result<(End, GenerationFigures), moe_runtime::model::ModelError> {
         let req = &job.req;
         let session = &mut self.session;
-        session.reset();
+        let cached = if self.reuse_prompts {
+            self.prompt_cache.prepare(session, &req.prompt)
+        } else {
+            session.reset();
+            0
+        };
         let mut sampler = Sampler::new(req.sampler.clone());
         let mut cut = false;
+        let mut generated = Vec::with_capacity(req.max_tokens);
         let request = Request {
             prompt: &req.prompt,
+            cached,
             max_tokens: req.max_tokens,
             stop: &req.stop,
             ignore_eos: req.ignore_eos,
             skip_special: true,
+            top_logprobs: req.top_logprobs,
         };
-        let (control, token_delay) = (self.control, self.token_delay);
+        let (control, token_delay, tokenizer) = (self.control, self.token_delay, self.tokenizer);
         let stats = generate(
             session,
             &mut sampler,
             Some(self.tokenizer),
             &request,
             |piece: Piece| {
+                generated.extend(piece.id);
                 if piece.id.is_some() && !token_delay.is_zero() {
                     std::thread::sleep(token_delay);
                 }
-                let sent = piece.text.is_empty()
+                let logprobs: Vec<TokenLogprob> = match (piece.id, piece.logprobs) {
+                    (Some(id), Some(l)) => vec![token_logprob(tokenizer, id, l)],
+                    _ => Vec::new(),
+                };
+                let sent = (piece.text.is_empty() && logprobs.is_empty())
                     || job
                         .events
-                        .try_send(Event::Text(piece.text.to_string()))
+                        .try_send(Event::Text(piece.text.to_string(), logprobs))
                         .is_ok();
                 if !sent || job.events.is_closed() {
                     return false;
@@ -376,7 +403,17 @@ impl Worker<'_, '_, '_> {
                 cut = control.cut.load(Relaxed);
                 !cut
             },
-        )?;
+        );
+        let stats = match stats {
+            Ok(s) => {
+                self.prompt_cache.finish(session, &req.prompt, &generated);
+                s
+            }
+            Err(e) => {
+                self.prompt_cache.clear(session);
+                return Err(e);
+            }
+        };
         let end = match stats.stop {
             StopReason::Length => End::Length,
             StopReason::EndOfGeneration | StopReason::StopString => End::Stop,
@@ -386,6 +423,7 @@ impl Worker<'_, '_, '_> {
         let finished = matches!(end, End::Length | End::Stop);
         let g = GenerationFigures {
             prompt_tokens: stats.prompt_tokens,
+            cached_tokens: stats.cached_tokens,
             generated_tokens: stats.generated_tokens,
             prompt_time: stats.prompt_time,
             generation_time: stats.generation_time,
@@ -394,6 +432,28 @@ impl Worker<'_, '_, '_> {
                 .then(|| stats.decode_expert_bytes as f64 / stats.decode_steps as f64),
         };
         Ok((end, g))
+    }
+}
+
+/// A generated token's log-probability with the token spelled out as OpenAI reports it.
+fn token_logprob(tok: &Tokenizer, id: u32, l: &Logprobs) -> TokenLogprob {
+    let spell = |id: u32| {
+        let bytes = tok.token_bytes(id).unwrap_or_default();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    let (token, bytes) = spell(id);
+    TokenLogprob {
+        token,
+        bytes,
+        logprob: l.logprob,
+        top: l
+            .top
+            .iter()
+            .map(|&(t, lp)| {
+                let (s, b) = spell(t);
+                (s, b, lp)
+            })
+            .collect(),
     }
 }
 

@@ -24,10 +24,12 @@ fn reference(prompt_ids: &[u32], max: usize, cfg: SamplerConfig) -> (String, usi
     let mut ids = Vec::new();
     let request = moe_runtime::engine::Request {
         prompt: prompt_ids,
+        cached: 0,
         max_tokens: max,
         stop: &[],
         ignore_eos: false,
         skip_special: true,
+        top_logprobs: None,
     };
     moe_runtime::engine::generate(&mut session, &mut sampler, Some(&tok), &request, |piece| {
         ids.extend(piece.id);
@@ -98,7 +100,15 @@ fn completions_streamed_and_not_agree_with_the_runtime() {
     // include_usage: the chunk before [DONE] has no choices and the usage.
     let u: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(u["choices"], json!([]));
-    assert_eq!(u["usage"], v["usage"]);
+    for count in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(u["usage"][count], v["usage"][count], "{count}");
+    }
+    // The same prompt again: all but its last token come from the prompt cache.
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        u["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(ids.len() as u64 - 1)
+    );
     let first: Value = serde_json::from_str(&events[0]).unwrap();
     assert_eq!(first["object"], "text_completion");
     assert_eq!(first["choices"][0]["finish_reason"], Value::Null);
@@ -588,4 +598,181 @@ fn mem_budget_streams_experts_with_identical_output() {
         assert_eq!(status, 200, "{got}");
         assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
     }
+}
+
+/// Prompt caching: each turn of a growing chat evaluates only what follows the longest prefix
+/// a kept conversation holds (reported as cached tokens and llama.cpp's `timings`), another
+/// conversation in between does not evict it with `--prompt-cache 2`, and every answer is the
+/// one a daemon without a prompt cache gives.
+#[test]
+fn prompt_prefix_reuse_across_turns_and_conversations() {
+    let cached = Daemon::start(&["--prompt-cache", "2"]);
+    let uncached = Daemon::start(&["--prompt-cache", "0"]);
+    let ask = |d: &Daemon, messages: &Value| -> Value {
+        let body = json!({
+            "model": model_id(), "messages": messages, "max_tokens": 12, "seed": 3,
+            "temperature": 0.8,
+        });
+        let (status, v) = d.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        v
+    };
+    let turn = |messages: &mut Value, user: &str, answer: Option<&Value>| {
+        let m = messages.as_array_mut().unwrap();
+        if let Some(a) = answer {
+            let text = a["choices"][0]["message"]["content"].clone();
+            m.push(json!({"role": "assistant", "content": text}));
+        }
+        m.push(json!({"role": "user", "content": user}));
+    };
+    let cached_of = |v: &Value| {
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let prompt_of = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    let mut x = json!([{"role": "system", "content": "You are terse."}]);
+    turn(&mut x, "Tell me about whales.", None);
+    let x1 = ask(&cached, &x);
+    assert_eq!(cached_of(&x1), 0, "a first request finds nothing cached");
+    assert_eq!(x1["timings"]["prompt_n"].as_u64(), Some(prompt_of(&x1)));
+
+    // Another conversation in between.
+    let mut y = json!([{"role": "user", "content": "Something else entirely."}]);
+    let y1 = ask(&cached, &y);
+    assert_eq!(cached_of(&y1), 0);
+
+    turn(&mut x, "And dolphins?", Some(&x1));
+    let x2 = ask(&cached, &x);
+    let x2_uncached = ask(&uncached, &x);
+    assert!(
+        cached_of(&x2) >= prompt_of(&x1),
+        "turn 2 reuses at least turn 1's prompt: {} cached of {}",
+        cached_of(&x2),
+        prompt_of(&x2)
+    );
+    assert_eq!(
+        x2["timings"]["prompt_n"].as_u64().unwrap(),
+        prompt_of(&x2) - cached_of(&x2),
+        "only the new tokens are evaluated"
+    );
+    assert_eq!(x2["timings"]["cache_n"].as_u64(), Some(cached_of(&x2)));
+    assert_eq!(cached_of(&x2_uncached), 0);
+    assert_eq!(
+        x2["choices"][0]["message"]["content"], x2_uncached["choices"][0]["message"]["content"],
+        "the cached prefix gives the same answer"
+    );
+
+    turn(&mut y, "Go on.", Some(&y1));
+    let y2 = ask(&cached, &y);
+    assert!(cached_of(&y2) >= prompt_of(&y1), "{y2}");
+    assert_eq!(
+        y2["choices"][0]["message"]["content"],
+        ask(&uncached, &y)["choices"][0]["message"]["content"]
+    );
+    let m = cached.metrics();
+    assert!(metric(&m, "moed_prompt_tokens_cached_total") > 0.0, "{m}");
+}
+
+/// Log-probabilities: chat's `logprobs`/`top_logprobs` and completions' `logprobs: N`, streamed
+/// and not, agree with the model's logits; greedy picks the most likely token; the tokens'
+/// bytes spell the text.
+#[test]
+fn logprobs_for_chat_and_completions() {
+    let d = Daemon::start(&["--prompt-cache", "0"]);
+    let body = json!({
+        "model": model_id(), "messages": [{"role": "user", "content": "Count: one two"}],
+        "max_tokens": 8, "temperature": 0, "logprobs": true, "top_logprobs": 3,
+        "ignore_eos": true,
+    });
+    let (status, v) = d.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 8);
+    let mut spelled = Vec::new();
+    for e in content {
+        let lp = e["logprob"].as_f64().unwrap();
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], e["token"], "{e}");
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(
+            lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0,
+            "{lps:?}"
+        );
+        assert!(
+            lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-4,
+            "{lps:?}"
+        );
+        spelled.extend(
+            e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+    }
+    assert_eq!(String::from_utf8_lossy(&spelled), text);
+
+    // The first token's log-probability is the runtime's log-softmax of its logits.
+    let rendered = "<|im_start|>user\nCount: one two<|im_end|>\n<|im_start|>assistant\n";
+    let ids = encode(rendered, false);
+    let file = GgufFile::open(common::model_path()).unwrap();
+    let model = Model::load(&file).unwrap();
+    let mut s = Session::with_kv_type(&model, 256, KvType::F16);
+    let logits = s.forward(&ids, false).unwrap().to_vec();
+    let first = moe_runtime::sampling::argmax_logits(&logits);
+    let want = moe_runtime::engine::Logprobs::of(&logits, first, 3);
+    assert!((content[0]["logprob"].as_f64().unwrap() - want.logprob as f64).abs() < 1e-5);
+
+    // Streamed: the same entries, chunk by chunk.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let (_, mut sse) = d.stream("/v1/chat/completions", &sbody);
+    let streamed: Vec<Value> = sse
+        .all()
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&streamed, content);
+
+    // Completions: the legacy form.
+    let (status, v) = d.post(
+        "/v1/completions",
+        &json!({"prompt": "Once upon", "max_tokens": 5, "temperature": 0, "logprobs": 2,
+                "ignore_eos": true}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let l = &v["choices"][0]["logprobs"];
+    assert_eq!(l["tokens"].as_array().unwrap().len(), 5);
+    assert_eq!(l["token_logprobs"].as_array().unwrap().len(), 5);
+    assert!(l["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t.as_object().unwrap().len() <= 2));
+    let joined: String = l["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(joined, v["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(l["text_offset"][0], 0);
+
+    // Bad values are refused with the parameter named.
+    let (status, v) = d.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+    );
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("top_logprobs"))
+    );
 }

@@ -2,7 +2,7 @@
 //! as llama.cpp's `tests/test-tokenizer-0.cpp` runs them: every case of every vocabulary must give
 //! exactly the expected ids.
 //!
-//! The vectors are fetched by `scripts/fixtures/fetch_llama_vocab.sh` (which `scripts/test.sh`
+//! The vectors are fetched by `scripts/fixtures/fetch_llama_cpp_files.sh` (which `scripts/test.sh`
 //! runs) into `tests/fixtures/vocab` or `$MOE_EDGE_VOCAB_DIR`. Without them the test prints a
 //! note and passes, unless `MOE_EDGE_REQUIRE_VOCAB=1` (as in CI), when it fails.
 
@@ -13,7 +13,7 @@ use moe_runtime::gguf::GgufFile;
 use moe_runtime::tokenizer::Tokenizer;
 
 /// The vocabularies of the MoE families moe-edge runs (what each stands for: the fetch script).
-/// Keep in step with VOCABS in scripts/fixtures/fetch_llama_vocab.sh.
+/// Keep in step with VOCABS in scripts/fixtures/fetch_llama_cpp_files.sh.
 const VOCABS: &[&str] = &[
     "llama-spm",
     "phi-3",
@@ -98,7 +98,7 @@ fn vectors_dir() -> Option<PathBuf> {
     }
     let note = format!(
         "llama.cpp's tokenizer vectors {missing:?} are not in {}: run \
-         scripts/fixtures/fetch_llama_vocab.sh",
+         scripts/fixtures/fetch_llama_cpp_files.sh",
         dir.display()
     );
     assert!(!required, "{note} (MOE_EDGE_REQUIRE_VOCAB=1)");
@@ -293,4 +293,41 @@ fn streamed_text_after_the_prompt_keeps_the_first_space() {
     let after = moe_runtime::tokenizer::Detokenizer::after(&spm, true, &prompt);
     assert_eq!(stream(after), " Hello world");
     assert_eq!(stream(spm.stream(true)), "Hello world");
+}
+
+/// Every case's ids spell its text in bytes (what grammars match and `logprobs` report), with
+/// the leading space a SentencePiece vocabulary adds; each special token is marked as such.
+#[test]
+fn token_bytes_spell_the_text() {
+    let Some(dir) = vectors_dir() else { return };
+    let mut failures = Vec::new();
+    for name in VOCABS {
+        let tok = load(&dir, name);
+        let cases = read_cases(&dir.join(format!("ggml-vocab-{name}.gguf")));
+        let mut wrong = 0;
+        for (text, ids) in &cases {
+            let bytes: Vec<u8> = ids
+                .iter()
+                .flat_map(|&id| tok.token_bytes(id).expect("ids of the vocabulary"))
+                .collect();
+            let spelled =
+                bytes == text.as_bytes() || bytes.strip_prefix(b" ") == Some(text.as_bytes());
+            if !spelled {
+                wrong += 1;
+                if wrong == 1 {
+                    failures.push(format!(
+                        "{name}: {text:?} spelled {:?}",
+                        String::from_utf8_lossy(&bytes)
+                    ));
+                }
+            }
+        }
+        if wrong > 0 {
+            failures.push(format!("{name}: {wrong}/{} cases misspelled", cases.len()));
+        }
+        if let Some(eos) = tok.eos() {
+            assert!(tok.is_special(eos), "{name}: EOS {eos} is a special token");
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -27,6 +27,9 @@ The bindings load libllama from LLAMA_CPP_LIB_PATH when set, so a llama.cpp
 built elsewhere can be used with a pure-Python install of llama-cpp-python:
   CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install llama-cpp-python
   LLAMA_CPP_LIB_PATH=/path/to/llama.cpp/build/bin python scripts/check/llamacpp_parity.py ...
+or, without installing, with the bindings from the unpacked llama-cpp-python source package
+(pip install diskcache first) and the libllama built from its vendored tree:
+  PYTHONPATH=llama_cpp_python-0.3.36 LLAMA_CPP_LIB_PATH=build/bin python scripts/check/llamacpp_parity.py ...
 """
 import argparse
 import ctypes

@@ -21,6 +21,8 @@ pub const FIXTURES: &[&str] = &[
     "granitemoe",
     "deepseek_v2",
     "deepseek_v3",
+    "glm4_moe",
+    "ernie4_5_moe",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +154,39 @@ pub fn rewrite_gguf(src: &Path, dst: &Path, keep: impl Fn(&str) -> bool) {
         .filter(|(k, _)| k != "general.alignment" && keep(k))
         .cloned()
         .collect();
+    let decls = h
+        .tensors()
+        .iter()
+        .map(|t| TensorDecl {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+        })
+        .collect();
+    let out = std::fs::File::create(dst).expect("create");
+    let mut w = GgufWriter::begin(out, &meta, decls, h.alignment as u32).expect("header");
+    for t in h.tensors() {
+        w.write_tensor_data(file.tensor_bytes(t)).expect("data");
+    }
+    w.finish().expect("finish");
+}
+
+/// Copies a GGUF file with its metadata changed by `edit` (tensors unchanged).
+pub fn rewrite_gguf_metadata(
+    src: &Path,
+    dst: &Path,
+    edit: impl Fn(&mut Vec<(String, moe_runtime::gguf::Value)>),
+) {
+    use moe_runtime::gguf::{GgufWriter, TensorDecl};
+    let file = GgufFile::open(src).expect("source opens");
+    let h = file.header();
+    let mut meta: Vec<_> = h
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k != "general.alignment")
+        .cloned()
+        .collect();
+    edit(&mut meta);
     let decls = h
         .tensors()
         .iter()

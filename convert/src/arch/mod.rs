@@ -3,6 +3,8 @@
 //! files of this module; `plan.rs` handles what they share.
 
 mod deepseek2;
+mod ernie4_5_moe;
+mod glm4_moe;
 mod granitemoe;
 mod mixtral;
 mod olmoe;
@@ -121,6 +123,24 @@ pub trait ArchConverter {
         expert_count(cfg)
     }
 
+    /// The experts each token uses (`{arch}.expert_used_count`).
+    fn expert_used_count(&self, cfg: &Config) -> Result<usize, ConvertError> {
+        cfg.usize("num_experts_per_tok")
+    }
+
+    /// `tokenizer.ggml.pre` for a byte-level BPE tokenizer whose pre-tokenizer was recognised
+    /// as `detected`, when llama.cpp names it differently for this architecture.
+    fn tokenizer_pre(&self, detected: &'static str) -> &'static str {
+        detected
+    }
+
+    /// Special tokens llama.cpp's converter sets by their text for this architecture:
+    /// (`tokenizer.ggml.<name>_token_id` name, token text). Each replaces what the tokenizer
+    /// files say when the text is in the vocabulary.
+    fn special_tokens(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
+
     /// Metadata keys beyond the ones every architecture shares, without the `{arch}.` prefix;
     /// a key given here replaces the shared one.
     fn metadata(&self, cfg: &Config) -> Result<Vec<(String, Value)>, ConvertError>;
@@ -154,12 +174,15 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "granitemoe" => Box::new(granitemoe::GraniteMoe),
         "deepseek_v2" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V2)),
         "deepseek_v3" => Box::new(deepseek2::Deepseek2(deepseek2::Version::V3)),
+        "glm4_moe" => Box::new(glm4_moe::Glm4Moe),
+        "ernie4_5_moe" => Box::new(ernie4_5_moe::Ernie45Moe),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
-                     qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3)"
+                     qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, \
+                     glm4_moe, ernie4_5_moe)"
                 ),
             })
         }

@@ -144,6 +144,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
                 predictor: PredictorChoice::None,
                 ..args.streaming.options()
             },
+            extra_sequences: 0,
             profiling: args.profile,
         },
     )?;

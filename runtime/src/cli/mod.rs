@@ -151,6 +151,7 @@ fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Re
             n_ctx: args.ctx,
             kv_type: args.kv_type,
             streaming: args.streaming.options(),
+            extra_sequences: 0,
             profiling: false,
         },
     )?;
@@ -238,10 +239,12 @@ fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Re
     let mut generated = Vec::new();
     let request = Request {
         prompt: &prompt,
+        cached: 0,
         max_tokens: args.n_predict,
         stop: &[],
         ignore_eos: args.ignore_eos,
         skip_special: false,
+        top_logprobs: None,
     };
     let stats = generate(
         &mut session,

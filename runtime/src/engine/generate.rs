@@ -15,6 +15,10 @@ const DETOKENIZER_CONTEXT: usize = 4;
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'r> {
     pub prompt: &'r [u32],
+    /// How many of the prompt's first ids the session already holds (a prefix kept from an
+    /// earlier request, see [`Session::rewind`]); the session must be at that position, and at
+    /// least the last prompt id is evaluated again, for its logits.
+    pub cached: usize,
     /// At most this many new tokens (0: nothing is evaluated).
     pub max_tokens: usize,
     /// Generation stops at the first of these strings; it and anything after it are dropped.
@@ -23,6 +27,9 @@ pub struct Request<'r> {
     pub ignore_eos: bool,
     /// Leave special tokens out of the text.
     pub skip_special: bool,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (None: no log-probabilities).
+    pub top_logprobs: Option<usize>,
 }
 
 /// New output: a generated token and the text that became final with it (often empty: a
@@ -32,6 +39,43 @@ pub struct Request<'r> {
 pub struct Piece<'p> {
     pub id: Option<u32>,
     pub text: &'p str,
+    /// With `Request::top_logprobs`, the token's log-probability and the alternatives.
+    pub logprobs: Option<&'p Logprobs>,
+}
+
+/// A sampled token's log-probability under the model (the softmax of its raw logits, before
+/// temperature and the other sampling settings), with the most likely tokens at that step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Logprobs {
+    pub logprob: f32,
+    /// (token, log-probability), most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl Logprobs {
+    /// Of token `id` in `logits`, with the `top` most likely tokens.
+    pub fn of(logits: &[f32], id: u32, top: usize) -> Self {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        let log_z = max + sum.ln() as f32;
+        // The `top` largest logits, kept sorted while scanning (the vocabulary is large, `top`
+        // at most a few dozen).
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+        if top > 0 {
+            for (i, &v) in logits.iter().enumerate() {
+                if best.len() == top && v <= best[top - 1].1 {
+                    continue;
+                }
+                let at = best.partition_point(|&(_, b)| b >= v);
+                best.insert(at, (i as u32, v));
+                best.truncate(top);
+            }
+        }
+        Self {
+            logprob: logits[id as usize] - log_z,
+            top: best.into_iter().map(|(i, v)| (i, v - log_z)).collect(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,6 +94,8 @@ pub enum StopReason {
 #[derive(Clone, Debug, Default)]
 pub struct GenerationStats {
     pub prompt_tokens: usize,
+    /// Prompt ids the session already held; only the others were evaluated.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     pub prompt_time: Duration,
     pub generation_time: Duration,
@@ -73,10 +119,20 @@ pub fn generate(
 ) -> Result<GenerationStats, ModelError> {
     let mut stats = GenerationStats {
         prompt_tokens: req.prompt.len(),
+        cached_tokens: req.cached,
         ..Default::default()
     };
     if req.max_tokens == 0 {
         return Ok(stats);
+    }
+    if req.cached >= req.prompt.len() || session.position() != req.cached {
+        return Err(ModelError::Input(format!(
+            "{} of the prompt's {} ids are said to be cached, and the session holds {}: at most \
+             all but the last may be",
+            req.cached,
+            req.prompt.len(),
+            session.position()
+        )));
     }
     // The prompt's last ids give the first new word its context (its leading space).
     let context = &req.prompt[req.prompt.len().saturating_sub(DETOKENIZER_CONTEXT)..];
@@ -87,7 +143,7 @@ pub fn generate(
 
     let bytes0 = session.expert_bytes_used();
     let t0 = Instant::now();
-    let mut logits = session.forward(req.prompt, false)?.to_vec();
+    let mut logits = session.forward(&req.prompt[req.cached..], false)?.to_vec();
     stats.prompt_time = t0.elapsed();
     let bytes1 = session.expert_bytes_used();
     stats.prompt_expert_bytes = bytes1 - bytes0;
@@ -103,9 +159,11 @@ pub fn generate(
         stats.generated_tokens += 1;
         let text = detok.as_mut().map(|d| d.push(next)).unwrap_or_default();
         let (text, stopped) = stops.push(&text);
+        let logprobs = req.top_logprobs.map(|n| Logprobs::of(&logits, next, n));
         if !on_piece(Piece {
             id: Some(next),
             text: &text,
+            logprobs: logprobs.as_ref(),
         }) {
             stats.stop = StopReason::Cancelled;
             break;
@@ -129,6 +187,7 @@ pub fn generate(
             && !on_piece(Piece {
                 id: None,
                 text: &rest,
+                logprobs: None,
             })
         {
             stats.stop = StopReason::Cancelled;
@@ -200,6 +259,22 @@ impl StopMatcher {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn logprobs_are_log_softmax_with_the_best_alternatives() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let z: f64 = logits.iter().map(|&v| (v as f64).exp()).sum();
+        let lp = |i: usize| (logits[i] as f64 - z.ln()) as f32;
+        let l = super::Logprobs::of(&logits, 4, 3);
+        assert!((l.logprob - lp(4)).abs() < 1e-6);
+        // Ties keep the lower id first; the chosen token need not be among the best.
+        let ids: Vec<u32> = l.top.iter().map(|&(i, _)| i).collect();
+        assert_eq!(ids, [1, 3, 0]);
+        for &(i, v) in &l.top {
+            assert!((v - lp(i as usize)).abs() < 1e-6);
+        }
+        assert!(super::Logprobs::of(&logits, 0, 0).top.is_empty());
+    }
+
     use super::*;
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {

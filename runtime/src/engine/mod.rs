@@ -17,7 +17,7 @@ mod streaming;
 
 use std::path::{Path, PathBuf};
 
-pub use generate::{generate, GenerationStats, Piece, Request, StopMatcher, StopReason};
+pub use generate::{generate, GenerationStats, Logprobs, Piece, Request, StopMatcher, StopReason};
 pub use streaming::{describe, CacheSize, PredictorChoice, StreamingOptions};
 
 use crate::board::{BoardError, Defaults};
@@ -68,6 +68,9 @@ pub struct SessionOptions {
     /// KV cache type (default: the board's, else f16).
     pub kv_type: Option<KvType>,
     pub streaming: StreamingOptions,
+    /// Sequences kept besides the session's own (prompt caching), whose KV caches the memory
+    /// budget must leave room for.
+    pub extra_sequences: usize,
     /// Time the phases of every forward pass.
     pub profiling: bool,
 }
@@ -80,6 +83,7 @@ impl Default for SessionOptions {
             n_ctx: None,
             kv_type: None,
             streaming: StreamingOptions::default(),
+            extra_sequences: 0,
             profiling: false,
         }
     }
@@ -181,8 +185,8 @@ impl Engine {
     ) -> Result<Session<'m, 'e>, EngineError> {
         let streaming_options = &self.options.streaming;
         let mut session = Session::with_kv_type(model, n_ctx, self.kv_type());
-        let streaming =
-            streaming_options.build(model, &self.path, session.kv_bytes(), self.board())?;
+        let kv_bytes = session.kv_bytes() * (1 + self.options.extra_sequences);
+        let streaming = streaming_options.build(model, &self.path, kv_bytes, self.board())?;
         session.set_streaming(streaming);
         session.set_route_options(streaming_options.route);
         session.set_predictor(streaming_options.predictor(model, &self.path)?);

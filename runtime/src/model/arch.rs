@@ -2,6 +2,7 @@
 //! traits; it never tests the architecture name.
 
 use crate::gguf::GgufHeader;
+use crate::moe::router::Gating;
 
 use super::error::ModelError;
 
@@ -15,6 +16,10 @@ pub enum Arch {
     GraniteMoe,
     /// llama.cpp's `deepseek2`: DeepSeek-V2/V2-Lite and the V3 architecture (Moonlight, Kimi-K2).
     Deepseek2,
+    /// llama.cpp's `glm4moe`: GLM-4.5, GLM-4.5-Air, GLM-4.6.
+    Glm4Moe,
+    /// llama.cpp's `ernie4_5-moe`: ERNIE-4.5 MoE (21B-A3B, 300B-A47B).
+    Ernie45Moe,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -33,6 +38,8 @@ pub enum QkNorm {
     None,
     /// One weight vector of `head_dim`, applied to each head (Qwen3-MoE).
     PerHead,
+    /// As `PerHead` in the layers whose file has the weights (GLM-4.5's `use_qk_norm`).
+    PerHeadIfPresent,
     /// One weight vector over the whole projection (OLMoE).
     WholeProjection,
 }
@@ -57,16 +64,23 @@ pub struct ArchTraits {
     pub default_norm_topk: bool,
     /// Granite's multipliers are stored under their own keys.
     pub has_granite_scales: bool,
+    /// How router scores are computed when the file does not say (`{arch}.expert_gating_func`);
+    /// what llama.cpp assumes for the architecture.
+    pub default_gating: Gating,
+    /// The block's tensor holding the norm before the feed-forward half (`blk.N.<name>.weight`).
+    pub ffn_norm_tensor: &'static str,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 6] = [
+    pub const ALL: [Arch; 8] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
         Arch::Olmoe,
         Arch::GraniteMoe,
         Arch::Deepseek2,
+        Arch::Glm4Moe,
+        Arch::Ernie45Moe,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -78,6 +92,8 @@ impl Arch {
             Arch::Olmoe => "olmoe",
             Arch::GraniteMoe => "granitemoe",
             Arch::Deepseek2 => "deepseek2",
+            Arch::Glm4Moe => "glm4moe",
+            Arch::Ernie45Moe => "ernie4_5-moe",
         }
     }
 
@@ -93,6 +109,8 @@ impl Arch {
                 qk_norm: QkNorm::None,
                 default_norm_topk: true,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
             },
             Arch::Qwen2Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -100,6 +118,8 @@ impl Arch {
                 qk_norm: QkNorm::None,
                 default_norm_topk: false,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
             },
             Arch::Qwen3Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -107,6 +127,8 @@ impl Arch {
                 qk_norm: QkNorm::PerHead,
                 default_norm_topk: true,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
             },
             Arch::Olmoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -114,6 +136,8 @@ impl Arch {
                 qk_norm: QkNorm::WholeProjection,
                 default_norm_topk: false,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
             },
             Arch::GraniteMoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -122,6 +146,8 @@ impl Arch {
                 // Granite takes the softmax over the top-k logits, which is the same thing.
                 default_norm_topk: true,
                 has_granite_scales: true,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
             },
             Arch::Deepseek2 => ArchTraits {
                 attention: AttentionKind::Mla,
@@ -132,6 +158,31 @@ impl Arch {
                 // llama.cpp writes expert_weights_norm only when true.
                 default_norm_topk: false,
                 has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
+            },
+            Arch::Glm4Moe => ArchTraits {
+                attention: AttentionKind::Gqa,
+                // Partial rotary: the first `rope.dimension_count` dims of a head, NeoX pairs.
+                rope: RopeStyle::Neox,
+                // GLM-4.5 (355B) normalises q/k per head, GLM-4.5-Air does not.
+                qk_norm: QkNorm::PerHeadIfPresent,
+                default_norm_topk: false,
+                has_granite_scales: false,
+                default_gating: Gating::Sigmoid,
+                ffn_norm_tensor: "post_attention_norm",
+            },
+            Arch::Ernie45Moe => ArchTraits {
+                attention: AttentionKind::Gqa,
+                // transformers' ERNIE rotates interleaved pairs; llama.cpp's converter does not
+                // permute q/k for it.
+                rope: RopeStyle::Interleaved,
+                qk_norm: QkNorm::None,
+                // llama.cpp's graph always renormalises ERNIE's top-k weights.
+                default_norm_topk: true,
+                has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
             },
         }
     }

@@ -62,7 +62,7 @@ pub fn attention(
     if let Some(w) = &a.qk_norm {
         let (q_width, k_width) = match hp.traits.qk_norm {
             QkNorm::WholeProjection => (hq * dk, hkv * dk),
-            QkNorm::PerHead | QkNorm::None => (dk, dk),
+            QkNorm::PerHead | QkNorm::PerHeadIfPresent | QkNorm::None => (dk, dk),
         };
         norm_in_place(&mut s.q, &w.q, q_width, hp.norm_eps, k);
         norm_in_place(&mut s.k, &w.k, k_width, hp.norm_eps, k);

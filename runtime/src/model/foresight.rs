@@ -134,6 +134,16 @@ impl Foresight {
         self.router_seconds
     }
 
+    /// A decoupled router state for another sequence (None when the model has no such router).
+    pub fn blank_router_state(&self, model: &Model, n_ctx: usize) -> Option<RouterState> {
+        model.router.as_ref().map(|r| r.new_state(n_ctx))
+    }
+
+    /// Exchanges the decoupled router's state with another sequence's.
+    pub fn swap_router_state(&mut self, other: &mut Option<RouterState>) {
+        std::mem::swap(&mut self.router_state, other);
+    }
+
     /// Router logits decided before the backbone ran, when a decoupled router routes the model.
     pub fn decided(&self) -> Option<&[f32]> {
         self.router_state.as_ref().map(|_| &self.decided[..])

@@ -25,6 +25,7 @@ use super::profile::Phase;
 use super::state::{KvType, LayerState, SequenceState};
 use super::weights::{Ffn, Mixer, Model};
 use crate::moe::cache::ExpertCache;
+use crate::moe::decoupled::RouterState;
 use crate::moe::lossy::{LossyStats, RouteOptions};
 use crate::moe::predictor::ExpertPredictor;
 use crate::tensor::{matmul, Kernels, MatmulScratch};
@@ -37,6 +38,26 @@ pub struct ExpertStreaming {
     /// Apply the routers of this many following layers to each layer's post-attention state
     /// and prefetch what they pick (0 = no prediction).
     pub lookahead: usize,
+}
+
+/// A sequence's state held outside a session (its layers' state and how many positions it
+/// holds), to be swapped in later: prompt caching keeps several conversations this way.
+pub struct SavedSequence {
+    state: SequenceState,
+    router: Option<RouterState>,
+    pos: usize,
+}
+
+impl SavedSequence {
+    /// Positions it holds.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Bytes its KV caches hold.
+    pub fn kv_bytes(&self) -> usize {
+        self.state.kv_bytes()
+    }
 }
 
 /// Buffers reused across calls, grown to the largest batch seen.
@@ -234,6 +255,48 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Forgets the sequence (the cache is kept allocated).
     pub fn reset(&mut self) {
         self.pos = 0;
+    }
+
+    /// Keeps the first `pos` positions of the sequence and forgets the rest, so that the next
+    /// tokens continue from there (a new request sharing a prompt prefix with the last one).
+    pub fn rewind(&mut self, pos: usize) -> Result<(), ModelError> {
+        if pos > self.pos {
+            return Err(ModelError::Input(format!(
+                "cannot rewind to position {pos}: the sequence holds {}",
+                self.pos
+            )));
+        }
+        if !self.state.can_rewind(self.pos, pos) {
+            return Err(ModelError::Unsupported(format!(
+                "this model's layer state cannot go back from position {} to {pos}",
+                self.pos
+            )));
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
+    /// Whether [`rewind`](Self::rewind) to `pos` would succeed.
+    pub fn can_rewind(&self, pos: usize) -> bool {
+        self.state.can_rewind(self.pos, pos)
+    }
+
+    /// Empty state for another sequence of this session's shape (allocates its KV caches).
+    pub fn blank_sequence(&self) -> SavedSequence {
+        let n_ctx = self.n_ctx();
+        SavedSequence {
+            state: SequenceState::new(self.model, n_ctx, self.state.kv_type()),
+            router: self.foresight.blank_router_state(self.model, n_ctx),
+            pos: 0,
+        }
+    }
+
+    /// Exchanges the session's sequence with `saved`: the session continues that sequence, and
+    /// `saved` keeps the one it had.
+    pub fn swap_sequence(&mut self, saved: &mut SavedSequence) {
+        std::mem::swap(&mut self.state, &mut saved.state);
+        self.foresight.swap_router_state(&mut saved.router);
+        std::mem::swap(&mut self.pos, &mut saved.pos);
     }
 
     /// Runs `tokens` at the next positions. Returns the logits of every token (`[n, n_vocab]`)

@@ -184,7 +184,7 @@ impl HParams {
         let norm_topk = m
             .opt_bool("expert_weights_norm")?
             .unwrap_or(traits.default_norm_topk);
-        let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk)?;
+        let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk, traits)?;
         let mla = match traits.attention {
             AttentionKind::Gqa => None,
             AttentionKind::Mla => Some(mla_params(&m, head_dim_k, head_dim_v, rope_dim)?),
@@ -205,7 +205,7 @@ impl HParams {
             traits,
             n_vocab,
             n_embd,
-            n_layer: m.usize("block_count")?,
+            n_layer: trunk_layers(&m)?,
             n_head,
             n_head_kv,
             head_dim_k,
@@ -270,6 +270,20 @@ impl HParams {
     }
 }
 
+/// The blocks the forward pass runs: `block_count` less the next-token-prediction (MTP) blocks
+/// that llama.cpp's converter appends after them (GLM-4.5), which only speculative decoding uses.
+fn trunk_layers(m: &Meta) -> Result<usize, ModelError> {
+    let blocks = m.usize("block_count")?;
+    let nextn = m.opt_usize("nextn_predict_layers")?.unwrap_or(0);
+    if nextn >= blocks {
+        return Err(ModelError::Metadata {
+            key: m.key("nextn_predict_layers"),
+            why: format!("{nextn} prediction blocks leave none of the {blocks} blocks to run"),
+        });
+    }
+    Ok(blocks - nextn)
+}
+
 /// transformers' `yarn_get_mscale`.
 fn yarn_get_mscale(scale: f32, mscale: f32) -> f32 {
     if scale <= 1.0 {
@@ -332,10 +346,13 @@ fn routing_spec(
     n_expert: usize,
     k: usize,
     norm_topk: bool,
+    traits: ArchTraits,
 ) -> Result<RoutingSpec, ModelError> {
-    // llama.cpp's enum llama_expert_gating_func_type: 1 softmax, 2 sigmoid.
+    // llama.cpp's enum llama_expert_gating_func_type: 0 none (the architecture's default),
+    // 1 softmax, 2 sigmoid.
     let gating = match m.opt_usize("expert_gating_func")? {
-        None | Some(0) | Some(1) => Gating::Softmax,
+        None | Some(0) => traits.default_gating,
+        Some(1) => Gating::Softmax,
         Some(2) => Gating::Sigmoid,
         Some(other) => {
             return Err(ModelError::Unsupported(format!(

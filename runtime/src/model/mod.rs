@@ -21,7 +21,7 @@ mod weights;
 pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RopeStyle};
 pub use error::ModelError;
 pub use foresight::PredictionStats;
-pub use forward::{ExpertStreaming, Session};
+pub use forward::{ExpertStreaming, SavedSequence, Session};
 pub use hparams::{HParams, MlaParams, Yarn};
 pub use observe::LayerRouting;
 pub use state::{KvLayer, KvShape, KvType, LayerState, SequenceState};

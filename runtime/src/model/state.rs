@@ -182,6 +182,7 @@ pub enum LayerState {
 pub struct SequenceState {
     layers: Vec<LayerState>,
     n_ctx: usize,
+    kv_type: KvType,
 }
 
 impl SequenceState {
@@ -216,7 +217,24 @@ impl SequenceState {
                 )),
             })
             .collect();
-        Self { layers, n_ctx }
+        Self {
+            layers,
+            n_ctx,
+            kv_type,
+        }
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// Whether a sequence of `from` positions can be cut back to its first `to` (every layer
+    /// still holds what it needs for them). A KV cache keeps every position, so it always can.
+    pub fn can_rewind(&self, from: usize, to: usize) -> bool {
+        to <= from
+            && self.layers.iter().all(|l| match l {
+                LayerState::Kv(_) => true,
+            })
     }
 
     /// Positions every layer holds.

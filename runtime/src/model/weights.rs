@@ -388,7 +388,7 @@ impl<'a> Model<'a> {
             layers.push(Layer {
                 mixer_norm: lk.vector(&n("attn_norm.weight"), d)?,
                 mixer,
-                ffn_norm: lk.vector(&n("ffn_norm.weight"), d)?,
+                ffn_norm: lk.vector(&n(&format!("{}.weight", hp.traits.ffn_norm_tensor)), d)?,
                 ffn,
             });
         }
@@ -415,6 +415,11 @@ fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attentio
     let qk_norm = match hp.traits.qk_norm {
         QkNorm::None => None,
         QkNorm::PerHead => Some(QkNormWeights {
+            q: lk.vector(&n("attn_q_norm.weight"), hp.head_dim_k)?,
+            k: lk.vector(&n("attn_k_norm.weight"), hp.head_dim_k)?,
+        }),
+        QkNorm::PerHeadIfPresent if !lk.has(&n("attn_q_norm.weight")) => None,
+        QkNorm::PerHeadIfPresent => Some(QkNormWeights {
             q: lk.vector(&n("attn_q_norm.weight"), hp.head_dim_k)?,
             k: lk.vector(&n("attn_k_norm.weight"), hp.head_dim_k)?,
         }),

@@ -308,7 +308,7 @@ mod onnx {
                 .model_for_proto_model(&proto)
                 // tests/pregate.rs checks the optimised plan against PyTorch: tract 0.21.10
                 // fused `(1 - z) * n` wrongly, so the exporter writes the GRU update without a
-                // broadcast constant. The unoptimised plan is exact but ~100x slower.
+                // broadcast constant. The unoptimised plan is exact but far slower.
                 .and_then(|m| m.into_optimized())
                 .and_then(|m| m.into_runnable())
                 .map_err(|e| err(format!("tract cannot run it: {e}")))?;

@@ -8,6 +8,7 @@
 use crate::gguf::GgufHeader;
 
 mod bpe;
+mod bytes;
 mod ggml;
 mod pretokenizer;
 mod spm;
@@ -48,6 +49,10 @@ enum Backend {
 
 pub struct Tokenizer {
     backend: Backend,
+    /// How the embedded vocabulary spells bytes (unused for `tokenizer.ggml.*` files).
+    spelling: bytes::Spelling,
+    /// The embedded vocabulary's added tokens, by id, and whether each is special.
+    added: Vec<(u32, bool)>,
     bos: Option<u32>,
     eos: Option<u32>,
     end_of_generation: Vec<u32>,
@@ -63,6 +68,8 @@ impl Tokenizer {
         let Some(json) = h.get("tokenizer.huggingface.json").and_then(|v| v.as_str()) else {
             let ggml = GgmlTokenizer::from_gguf(h)?;
             return Ok(Self {
+                spelling: bytes::Spelling::Plain,
+                added: Vec::new(),
                 bos: ggml.bos(),
                 eos: ggml.eos(),
                 end_of_generation: ggml.end_of_generation().to_vec(),
@@ -72,6 +79,15 @@ impl Tokenizer {
         let bos = id("tokenizer.ggml.bos_token_id");
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
             .map_err(|e| TokenizerError::Invalid(e.to_string()))?;
+        let spelling = serde_json::from_str::<serde_json::Value>(json)
+            .map(|doc| bytes::Spelling::of_decoder(&doc["decoder"]))
+            .unwrap_or(bytes::Spelling::Plain);
+        let mut added: Vec<(u32, bool)> = inner
+            .get_added_tokens_decoder()
+            .iter()
+            .map(|(&id, t)| (id, t.special))
+            .collect();
+        added.sort_unstable();
         let eos = id("tokenizer.ggml.eos_token_id");
         let mut end_of_generation: Vec<u32> = [
             eos,
@@ -93,6 +109,8 @@ impl Tokenizer {
         end_of_generation.dedup();
         Ok(Self {
             backend: Backend::HuggingFace(Box::new(inner)),
+            spelling,
+            added,
             bos,
             eos,
             end_of_generation,
@@ -151,6 +169,36 @@ impl Tokenizer {
             Backend::HuggingFace(inner) => inner.id_to_token(id),
             Backend::Ggml(ggml) => ggml.token_text(id).map(str::to_string),
         }
+    }
+
+    /// The bytes token `id` stands for in text (an added or special token: its text); None
+    /// outside the vocabulary. Concatenated, they are a sequence's text before any decoder
+    /// clean-up (a SentencePiece vocabulary's leading space included).
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        match &self.backend {
+            Backend::HuggingFace(inner) => {
+                let token = inner.id_to_token(id)?;
+                if self.added(id).is_some() {
+                    return Some(token.into_bytes());
+                }
+                Some(self.spelling.bytes(&token))
+            }
+            Backend::Ggml(ggml) => ggml.token_to_piece(id, true).ok(),
+        }
+    }
+
+    /// Whether `id` is a special (control) token rather than text, such as `<|im_end|>`.
+    pub fn is_special(&self, id: u32) -> bool {
+        match &self.backend {
+            Backend::HuggingFace(_) => self.added(id) == Some(true),
+            Backend::Ggml(ggml) => ggml.is_control(id),
+        }
+    }
+
+    /// Whether `id` is an added token of the embedded vocabulary, and if so whether special.
+    fn added(&self, id: u32) -> Option<bool> {
+        let i = self.added.binary_search_by_key(&id, |&(a, _)| a).ok()?;
+        Some(self.added[i].1)
     }
 
     /// The embedded Hugging Face tokenizer, when the file has one.

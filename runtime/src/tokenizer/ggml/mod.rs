@@ -187,6 +187,11 @@ impl GgmlTokenizer {
         self.vocab.len()
     }
 
+    /// Whether `id` is a control token (or unknown, which llama.cpp treats alike).
+    pub fn is_control(&self, id: u32) -> bool {
+        self.vocab.contains(id) && self.vocab.attr(id) & (attr::CONTROL | attr::UNKNOWN) != 0
+    }
+
     /// The token's text as the vocabulary spells it (`Ġ`, `▁`, `<0x0A>` and all).
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.vocab.contains(id).then(|| self.vocab.text(id))

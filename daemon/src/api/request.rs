@@ -1,83 +1,14 @@
-//! OpenAI's API shapes: request parameters (serde), their validation, the error body, and the
-//! JSON of responses and stream chunks for `/v1/completions` and `/v1/chat/completions`.
+//! Requests: the parameters of both generation endpoints, their parsing and validation.
 
-use hyper::StatusCode;
 use moe_runtime::sampling::SamplerConfig;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::Endpoint;
 
 /// The most stop sequences a request may give (OpenAI's limit).
 pub const MAX_STOP: usize = 4;
-
-/// An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-    pub kind: &'static str,
-    pub param: Option<String>,
-    pub code: Option<&'static str>,
-    /// Seconds for a `Retry-After` header.
-    pub retry_after: Option<u32>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            kind,
-            param: None,
-            code: None,
-            retry_after: None,
-        }
-    }
-
-    /// 400, `invalid_request_error`.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
-    }
-
-    /// 400 about one parameter.
-    pub fn param(param: &str, message: impl Into<String>) -> Self {
-        Self::invalid(message).with_param(param)
-    }
-
-    pub fn status(status: StatusCode, message: impl Into<String>) -> Self {
-        let kind = match status.as_u16() {
-            503 => "unavailable_error",
-            s if s >= 500 => "server_error",
-            _ => "invalid_request_error",
-        };
-        Self::new(status, kind, message)
-    }
-
-    /// 503 with `Retry-After`.
-    pub fn unavailable(message: impl Into<String>, code: &'static str, retry_after: u32) -> Self {
-        let mut e = Self::status(StatusCode::SERVICE_UNAVAILABLE, message).with_code(code);
-        e.retry_after = Some(retry_after);
-        e
-    }
-
-    pub fn with_param(mut self, param: &str) -> Self {
-        self.param = Some(param.to_string());
-        self
-    }
-
-    pub fn with_code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
-        self
-    }
-
-    pub fn body(&self) -> Value {
-        json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }})
-    }
-}
 
 /// The parameters of both generation endpoints (`prompt` for completions, `messages` for chat).
 /// Unknown fields are ignored, as llama.cpp's server does; known but unsupported ones are refused.
@@ -108,7 +39,14 @@ pub struct GenParams {
     pub top_logprobs: Option<Value>,
     pub logit_bias: Option<Value>,
     pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<Value>,
+    /// gpt-oss's `reasoning_effort` (`low`, `medium`, `high`), passed to the chat template.
+    pub reasoning_effort: Option<String>,
+    /// Variables for the chat template, such as `{"enable_thinking": false}` (llama.cpp's and
+    /// vLLM's extension).
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// llama.cpp's extension: do not stop at end-of-generation tokens.
     pub ignore_eos: Option<bool>,
 }
@@ -118,12 +56,19 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     /// A string, an array of `{"type": "text", "text": ...}` parts, or null.
     pub content: Option<Value>,
     pub name: Option<String>,
+    /// An assistant message's calls: `[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`.
+    pub tool_calls: Option<Value>,
+    /// A tool message's answer to this call.
+    pub tool_call_id: Option<String>,
+    /// An assistant message's reasoning, for templates that show earlier reasoning.
+    pub reasoning_content: Option<String>,
 }
 
 /// Validated sampling and stopping parameters.
@@ -136,6 +81,8 @@ pub struct Validated {
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Report generated tokens' log-probabilities with this many alternatives.
+    pub top_logprobs: Option<usize>,
 }
 
 /// Parses a request body, naming the offending field for type errors.
@@ -185,7 +132,11 @@ fn in_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>,
 }
 
 /// Checks everything that does not need the model; defaults are llama.cpp's (as in moe-run).
-pub fn validate(p: &GenParams, random_seed: u64) -> Result<Validated, ApiError> {
+pub fn validate(
+    p: &GenParams,
+    endpoint: Endpoint,
+    random_seed: u64,
+) -> Result<Validated, ApiError> {
     let unsupported = |name: &str, why: &str| {
         Err(ApiError::param(
             name,
@@ -204,25 +155,14 @@ pub fn validate(p: &GenParams, random_seed: u64) -> Result<Validated, ApiError> 
     if p.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return unsupported("suffix", "no insertion (fill-in-the-middle) mode");
     }
-    let truthy = |v: &Option<Value>| {
-        v.as_ref()
-            .is_some_and(|v| !matches!(v, Value::Null | Value::Bool(false)))
-    };
-    if truthy(&p.logprobs) || truthy(&p.top_logprobs) {
-        return unsupported("logprobs", "log-probabilities are not returned yet");
-    }
+    let top_logprobs = logprobs_request(p, endpoint)?;
     if p.logit_bias
         .as_ref()
         .is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty()))
     {
         return unsupported("logit_bias", "no logit bias");
     }
-    if p.tools
-        .as_ref()
-        .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return unsupported("tools", "no tool calling yet");
-    }
+    check_tools(p.tools.as_ref())?;
     if let Some(rf) = &p.response_format {
         if rf.get("type").and_then(Value::as_str) != Some("text") {
             return unsupported("response_format", "only {\"type\": \"text\"}");
@@ -325,7 +265,82 @@ pub fn validate(p: &GenParams, random_seed: u64) -> Result<Validated, ApiError> 
         },
         stop,
         ignore_eos: p.ignore_eos.unwrap_or(false),
+        top_logprobs,
     })
+}
+
+/// How many alternatives to report with each token's log-probability: completions take
+/// `logprobs: N` (0-5, OpenAI's legacy form), chat takes `logprobs: true` with `top_logprobs: N`
+/// (0-20).
+fn logprobs_request(p: &GenParams, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+    fn given(v: &Option<Value>) -> Option<&Value> {
+        v.as_ref().filter(|v| !v.is_null())
+    }
+    let count = |name: &str, v: &Value, max: u64| match v.as_u64() {
+        Some(n) if n <= max => Ok(n as usize),
+        _ => Err(ApiError::param(
+            name,
+            format!("`{name}` must be an integer from 0 to {max}, got {v}"),
+        )),
+    };
+    match endpoint {
+        Endpoint::Completions => {
+            if given(&p.top_logprobs).is_some() {
+                return Err(ApiError::param(
+                    "top_logprobs",
+                    "completions take `logprobs: N`; `top_logprobs` is chat's",
+                ));
+            }
+            given(&p.logprobs)
+                .map(|v| count("logprobs", v, 5))
+                .transpose()
+        }
+        Endpoint::Chat => {
+            let on = match given(&p.logprobs) {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(ApiError::param(
+                        "logprobs",
+                        format!("chat's `logprobs` is true or false, got {v}"),
+                    ))
+                }
+            };
+            let top = given(&p.top_logprobs)
+                .map(|v| count("top_logprobs", v, 20))
+                .transpose()?;
+            if top.is_some() && !on {
+                return Err(ApiError::param(
+                    "top_logprobs",
+                    "`top_logprobs` needs `logprobs: true`",
+                ));
+            }
+            Ok(on.then(|| top.unwrap_or(0)))
+        }
+    }
+}
+
+/// `tools` must be OpenAI's list of functions, each with a name.
+fn check_tools(tools: Option<&Value>) -> Result<(), ApiError> {
+    let Some(tools) = tools.filter(|t| !t.is_null()) else {
+        return Ok(());
+    };
+    let Some(list) = tools.as_array() else {
+        return Err(ApiError::param("tools", "`tools` must be an array"));
+    };
+    for (i, t) in list.iter().enumerate() {
+        let name = t
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str);
+        if t.get("type").and_then(Value::as_str) != Some("function") || name.is_none() {
+            return Err(ApiError::param(
+                &format!("tools[{i}]"),
+                "a tool must be `{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}`",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// How many tokens to generate: `requested` must lie in `1..=n_ctx` and fit after the prompt
@@ -403,151 +418,11 @@ pub fn message_text(i: usize, m: &ChatMessage) -> Result<String, ApiError> {
     }
 }
 
-/// Which endpoint a generation serves; decides the JSON shapes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    Completions,
-    Chat,
-}
-
-impl Endpoint {
-    pub fn name(self) -> &'static str {
-        match self {
-            Endpoint::Completions => "completions",
-            Endpoint::Chat => "chat_completions",
-        }
-    }
-
-    pub fn id_prefix(self) -> &'static str {
-        match self {
-            Endpoint::Completions => "cmpl",
-            Endpoint::Chat => "chatcmpl",
-        }
-    }
-}
-
-/// What identifies one response across its chunks.
-#[derive(Clone, Debug)]
-pub struct ResponseMeta {
-    pub endpoint: Endpoint,
-    pub id: String,
-    pub created: u64,
-    pub model: String,
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-}
-
-impl Usage {
-    pub fn json(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        })
-    }
-}
-
-/// llama.cpp server's `timings` object, added to final responses.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Timings {
-    pub prompt_ms: f64,
-    pub predicted_ms: f64,
-}
-
-fn timings_json(usage: &Usage, t: &Timings) -> Value {
-    let per_s = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
-    json!({
-        "prompt_n": usage.prompt_tokens,
-        "prompt_ms": t.prompt_ms,
-        "prompt_per_second": per_s(usage.prompt_tokens, t.prompt_ms),
-        "predicted_n": usage.completion_tokens,
-        "predicted_ms": t.predicted_ms,
-        "predicted_per_second": per_s(usage.completion_tokens, t.predicted_ms),
-    })
-}
-
-impl ResponseMeta {
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.endpoint, chunk) {
-            (Endpoint::Completions, _) => "text_completion",
-            (Endpoint::Chat, false) => "chat.completion",
-            (Endpoint::Chat, true) => "chat.completion.chunk",
-        }
-    }
-
-    fn envelope(&self, chunk: bool, choices: Value) -> Value {
-        json!({
-            "id": self.id,
-            "object": self.object(chunk),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": format!("moed-{}", env!("CARGO_PKG_VERSION")),
-            "choices": choices,
-        })
-    }
-
-    /// The whole (non-streamed) response.
-    pub fn response(&self, text: &str, finish: &str, usage: &Usage, t: &Timings) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
-            }),
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": finish,
-            }),
-        };
-        let mut v = self.envelope(false, json!([choice]));
-        v["usage"] = usage.json();
-        v["timings"] = timings_json(usage, t);
-        v
-    }
-
-    /// A stream chunk: the role announcement (chat only, `role`), a piece of text, or the last
-    /// chunk with its `finish` reason.
-    pub fn chunk(&self, role: bool, text: Option<&str>, finish: Option<&str>) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Completions => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
-            }),
-            Endpoint::Chat => {
-                let mut delta = serde_json::Map::new();
-                if role {
-                    delta.insert("role".into(), "assistant".into());
-                }
-                if let Some(t) = text {
-                    delta.insert("content".into(), t.into());
-                }
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
-            }
-        };
-        self.envelope(true, json!([choice]))
-    }
-
-    /// The chunk `stream_options.include_usage` asks for: no choices, the usage.
-    pub fn usage_chunk(&self, usage: &Usage, t: &Timings) -> Value {
-        let mut v = self.envelope(true, json!([]));
-        v["usage"] = usage.json();
-        v["timings"] = timings_json(usage, t);
-        v
-    }
-}
-
-impl PartialEq for ApiError {
-    fn eq(&self, other: &Self) -> bool {
-        self.status == other.status && self.message == other.message && self.code == other.code
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::StatusCode;
+    use serde_json::json;
 
     fn parse(s: &str) -> Result<GenParams, ApiError> {
         parse_body(s.as_bytes())
@@ -571,7 +446,7 @@ mod tests {
 
     #[test]
     fn parameter_ranges_and_unsupported_features() {
-        let ok = |s: &str| validate(&parse(s).unwrap(), 7);
+        let ok = |s: &str| validate(&parse(s).unwrap(), Endpoint::Completions, 7);
         let v = ok(r#"{"temperature": 0, "seed": 5, "stop": "\n", "top_k": 3}"#).unwrap();
         assert_eq!(v.sampler.temperature, 0.0);
         assert_eq!(v.sampler.seed, 5);
@@ -587,14 +462,35 @@ mod tests {
             (r#"{"stop": [1]}"#, "stop"),
             (r#"{"stop": [""]}"#, "stop"),
             (r#"{"n": 2}"#, "n"),
-            (r#"{"logprobs": 2}"#, "logprobs"),
+            (r#"{"logprobs": 9}"#, "logprobs"),
+            (r#"{"logprobs": true}"#, "logprobs"),
+            (r#"{"top_logprobs": 2}"#, "top_logprobs"),
             (r#"{"presence_penalty": 0.5}"#, "presence_penalty"),
-            (r#"{"tools": [{"type": "function"}]}"#, "tools"),
+            (r#"{"tools": [{"type": "function"}]}"#, "tools[0]"),
+            (r#"{"tools": {"type": "function"}}"#, "tools"),
         ] {
             let e = ok(body).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
         }
         assert!(ok(r#"{"logprobs": null, "n": 1, "presence_penalty": 0}"#).is_ok());
+        assert_eq!(ok(r#"{"logprobs": 3}"#).unwrap().top_logprobs, Some(3));
+        let chat = |s: &str| validate(&parse(s).unwrap(), Endpoint::Chat, 7);
+        assert_eq!(chat(r#"{"logprobs": true}"#).unwrap().top_logprobs, Some(0));
+        assert_eq!(
+            chat(r#"{"logprobs": true, "top_logprobs": 20}"#)
+                .unwrap()
+                .top_logprobs,
+            Some(20)
+        );
+        assert_eq!(chat(r#"{"logprobs": false}"#).unwrap().top_logprobs, None);
+        for (body, param) in [
+            (r#"{"logprobs": 2}"#, "logprobs"),
+            (r#"{"top_logprobs": 2}"#, "top_logprobs"),
+            (r#"{"logprobs": true, "top_logprobs": 21}"#, "top_logprobs"),
+        ] {
+            let e = chat(body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
     }
 
     #[test]
@@ -633,7 +529,7 @@ mod tests {
         let m = |c: Value| ChatMessage {
             role: "user".into(),
             content: Some(c),
-            name: None,
+            ..Default::default()
         };
         assert_eq!(message_text(0, &m(json!("hi"))).unwrap(), "hi");
         let parts = json!([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]);

@@ -1,0 +1,400 @@
+//! Chat templates: the GGUF's `tokenizer.chat_template`, rendered by minijinja the way
+//! transformers' `apply_chat_template` renders it (trim_blocks, lstrip_blocks, Python string
+//! methods, `raise_exception`), with `add_generation_prompt = true`.
+
+use minijinja::{context, Environment, Error, ErrorKind, Value};
+use serde_json::Value as Json;
+
+use crate::api::{message_text, ApiError, ChatMessage, GenParams};
+
+mod pycompat;
+
+/// ChatML, the llama.cpp server's template for a model file without one.
+pub const CHATML: &str = "{%- for message in messages -%}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}";
+
+/// What a conversation is rendered with besides its messages.
+#[derive(Debug, Default)]
+pub struct RenderOptions<'a> {
+    /// The request's `tools` (OpenAI's `[{"type": "function", "function": {...}}]`).
+    pub tools: Option<&'a Json>,
+    /// Further template variables: `enable_thinking`, `reasoning_effort`, and whatever a request
+    /// passes in `chat_template_kwargs` (as llama.cpp's server does).
+    pub kwargs: serde_json::Map<String, Json>,
+}
+
+/// What a chat request passes to the template besides its messages.
+pub fn render_options(p: &GenParams) -> Result<RenderOptions<'_>, ApiError> {
+    let mut kwargs = p.chat_template_kwargs.clone().unwrap_or_default();
+    if let Some(effort) = &p.reasoning_effort {
+        if !matches!(effort.as_str(), "low" | "medium" | "high") {
+            return Err(ApiError::param(
+                "reasoning_effort",
+                "`reasoning_effort` is low, medium or high",
+            ));
+        }
+        kwargs.insert("reasoning_effort".into(), Json::String(effort.clone()));
+    }
+    Ok(RenderOptions {
+        tools: p
+            .tools
+            .as_ref()
+            .filter(|t| t.as_array().is_some_and(|a| !a.is_empty())),
+        kwargs,
+    })
+}
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos_token`/`eos_token` are the texts templates may refer to.
+    pub fn new(source: &str, bos_token: String, eos_token: String) -> Result<Self, Error> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        pycompat::install(&mut env);
+        env.add_template_owned("chat", pycompat::preprocess(source))?;
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// The prompt text for `messages`, ending with the assistant's turn opening.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        opts: &RenderOptions,
+    ) -> Result<String, ApiError> {
+        if messages.is_empty() {
+            return Err(ApiError::param("messages", "`messages` must not be empty"));
+        }
+        // Tool-call arguments as objects, as transformers' templates expect; a template that
+        // fails on them may want the JSON text instead (llama.cpp's server tries both too).
+        let first = self.render_with(messages, opts, true);
+        match first {
+            Err(e) if messages.iter().any(|m| m.tool_calls.is_some()) => {
+                self.render_with(messages, opts, false).map_err(|_| e)
+            }
+            r => r,
+        }
+    }
+
+    fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        opts: &RenderOptions,
+        object_arguments: bool,
+    ) -> Result<String, ApiError> {
+        let mut msgs = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            msgs.push(message_context(i, m, object_arguments)?);
+        }
+        let tmpl = self.env.get_template("chat").map_err(|e| {
+            ApiError::status(hyper::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        })?;
+        let tools = opts.tools.map(Value::from_serialize);
+        let ctx = context! {
+            messages => msgs,
+            tools => tools,
+            add_generation_prompt => true,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+            ..Value::from_serialize(&opts.kwargs)
+        };
+        tmpl.render(ctx).map_err(|e| {
+            // The template refusing the conversation (e.g. roles out of order) is the client's
+            // error; anything else is the template's.
+            let msg = match e.kind() {
+                ErrorKind::InvalidOperation => e.detail().unwrap_or("invalid").to_string(),
+                _ => format!("{e:#}"),
+            };
+            ApiError::param(
+                "messages",
+                format!("the model's chat template rejected the messages: {msg}"),
+            )
+        })
+    }
+}
+
+/// One message as templates see it: `role`, `content` (text), and where given `name`,
+/// `tool_calls` (with JSON-text arguments parsed into objects, as transformers' templates
+/// expect and llama.cpp's server passes them), `tool_call_id` and `reasoning_content`.
+fn message_context(i: usize, m: &ChatMessage, object_arguments: bool) -> Result<Value, ApiError> {
+    if !matches!(
+        m.role.as_str(),
+        "system" | "user" | "assistant" | "tool" | "developer"
+    ) {
+        return Err(ApiError::param(
+            &format!("messages[{i}].role"),
+            format!(
+                "unknown role `{}` (system, developer, user, assistant or tool)",
+                m.role
+            ),
+        ));
+    }
+    let mut obj = serde_json::Map::new();
+    obj.insert("role".into(), Json::String(m.role.clone()));
+    obj.insert("content".into(), Json::String(message_text(i, m)?));
+    if let Some(name) = &m.name {
+        obj.insert("name".into(), Json::String(name.clone()));
+    }
+    if let Some(calls) = &m.tool_calls {
+        obj.insert(
+            "tool_calls".into(),
+            tool_calls_context(i, calls, object_arguments)?,
+        );
+    }
+    if let Some(id) = &m.tool_call_id {
+        obj.insert("tool_call_id".into(), Json::String(id.clone()));
+    }
+    if let Some(r) = &m.reasoning_content {
+        obj.insert("reasoning_content".into(), Json::String(r.clone()));
+    }
+    Ok(Value::from_serialize(&obj))
+}
+
+fn tool_calls_context(i: usize, calls: &Json, object_arguments: bool) -> Result<Json, ApiError> {
+    let param = format!("messages[{i}].tool_calls");
+    let bad = |why: &str| ApiError::param(&param, format!("`{param}` {why}"));
+    let Json::Array(calls) = calls else {
+        return Err(bad("must be an array"));
+    };
+    let mut out = Vec::with_capacity(calls.len());
+    for call in calls {
+        let mut call = call.clone();
+        let function = call
+            .get_mut("function")
+            .and_then(Json::as_object_mut)
+            .ok_or_else(|| bad("entries need a `function` object"))?;
+        if !function.get("name").is_some_and(Json::is_string) {
+            return Err(bad("entries need `function.name`"));
+        }
+        match function.get("arguments") {
+            Some(Json::String(args)) if object_arguments => {
+                if let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(args) {
+                    function.insert("arguments".into(), parsed);
+                }
+            }
+            Some(args @ Json::Object(_)) if !object_arguments => {
+                let text = args.to_string();
+                function.insert("arguments".into(), Json::String(text));
+            }
+            _ => {}
+        }
+        out.push(call);
+    }
+    Ok(Json::Array(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: Some(json!(content)),
+            ..Default::default()
+        }
+    }
+
+    fn render(t: &ChatTemplate, messages: &[ChatMessage]) -> Result<String, ApiError> {
+        t.render(messages, &RenderOptions::default())
+    }
+
+    /// The fixtures' ChatML template, as moe-convert stores it.
+    const FIXTURE_CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    #[test]
+    fn chatml() {
+        let want = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n";
+        // The fixtures' template and the built-in fallback render alike.
+        for src in [FIXTURE_CHATML, CHATML] {
+            let t = ChatTemplate::new(src, String::new(), "<|im_end|>".into()).unwrap();
+            let out = render(&t, &[msg("system", "Be brief."), msg("user", "Hi")]).unwrap();
+            assert_eq!(out, want);
+            assert!(render(&t, &[]).is_err());
+            assert_eq!(
+                render(&t, &[msg("wizard", "x")])
+                    .unwrap_err()
+                    .param
+                    .as_deref(),
+                Some("messages[0].role")
+            );
+        }
+    }
+
+    /// A folder of the repository's `tests/`, from this crate.
+    fn repo_tests() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests")
+    }
+
+    /// GLM-4.5/4.6's template as llama.cpp ships it (`models/templates/GLM-4.6.jinja`, fetched
+    /// beside llama.cpp's tokenizer vectors by scripts/fixtures/fetch_llama_cpp_files.sh). The
+    /// expected texts are transformers' renderings of the same messages: an earlier turn's
+    /// reasoning dropped, `<|observation|>` before tool output, no newline after a turn.
+    #[test]
+    fn glm_4_6_template_renders_as_transformers() {
+        let dir = match std::env::var_os("MOE_EDGE_TEMPLATE_DIR") {
+            Some(d) => std::path::PathBuf::from(d),
+            None => repo_tests().join("fixtures/templates"),
+        };
+        let path = dir.join("GLM-4.6.jinja");
+        let Ok(source) = std::fs::read_to_string(&path) else {
+            let note = format!(
+                "{} is missing: run scripts/fixtures/fetch_llama_cpp_files.sh",
+                path.display()
+            );
+            assert!(
+                std::env::var("MOE_EDGE_REQUIRE_VOCAB").as_deref() != Ok("1"),
+                "{note} (MOE_EDGE_REQUIRE_VOCAB=1)"
+            );
+            eprintln!("note: skipping: {note}");
+            return;
+        };
+        let t = ChatTemplate::new(&source, String::new(), "<|endoftext|>".into()).unwrap();
+        let out = render(
+            &t,
+            &[
+                msg("system", "Be brief."),
+                msg("user", "Hi"),
+                msg("assistant", "<think>greet back</think>Hello!"),
+                msg("user", "What is 2+2?"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\n<think></think>\nHello!\
+             <|user|>\nWhat is 2+2?<|assistant|>"
+        );
+        let out = render(
+            &t,
+            &[
+                msg("user", "Hi"),
+                msg("assistant", "Hello!"),
+                msg("tool", "42"),
+                msg("user", "ok"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nHello!<|observation|>\n\
+             <tool_response>\n42\n</tool_response><|user|>\nok<|assistant|>"
+        );
+    }
+
+    /// ERNIE-4.5's template, as the `ernie4_5_moe` fixture's tokenizer_config.json carries it;
+    /// its expected.json holds transformers' rendering of the fixture's chat example.
+    #[test]
+    fn ernie_4_5_template_renders_as_transformers() {
+        let dir = repo_tests().join("fixtures/ernie4_5_moe");
+        let read = |f: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+        };
+        let (cfg, expected) = (read("tokenizer_config.json"), read("expected.json"));
+        let source = cfg["chat_template"].as_str().unwrap();
+        let t = ChatTemplate::new(source, "<s>".into(), "</s>".into()).unwrap();
+        let example = &expected["chat_example"];
+        let messages: Vec<ChatMessage> = example["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| msg(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            render(&t, &messages).unwrap(),
+            example["rendered"].as_str().unwrap()
+        );
+        let out = render(
+            &t,
+            &[
+                msg("system", "Be brief."),
+                msg("user", "Hi"),
+                msg("assistant", "Hello!"),
+                msg("user", "Bye"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "<|begin_of_sentence|>Be brief.\nUser: Hi\nAssistant: Hello!<|end_of_sentence|>\
+             User: Bye\nAssistant: "
+        );
+    }
+
+    #[test]
+    fn python_methods_and_raise_exception() {
+        // Shaped like Mistral/Llama templates: strip(), bos_token, raise_exception, loop.index0.
+        let src = "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate user/assistant') }}{% endif %}{% if m['role'] == 'user' %}[INST] {{ m['content'].strip() }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}";
+        let t = ChatTemplate::new(src, "<s>".into(), "</s>".into()).unwrap();
+        let out = render(
+            &t,
+            &[
+                msg("user", "  hi  "),
+                msg("assistant", "yo"),
+                msg("user", "q"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(out, "<s>[INST] hi [/INST]yo</s>[INST] q [/INST]");
+        let e = render(&t, &[msg("assistant", "x")]).unwrap_err();
+        assert!(e.message.contains("roles must alternate"), "{}", e.message);
+        assert_eq!(e.status, hyper::StatusCode::BAD_REQUEST);
+    }
+
+    /// Tools, tool calls (JSON-text arguments become objects) and tool results reach the
+    /// template, and request variables such as `enable_thinking` too.
+    #[test]
+    fn tools_tool_calls_and_variables() {
+        let src = "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}{% for m in messages %}{{ m.role }}:{% if m.tool_calls %}{% for c in m.tool_calls %}{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}{% else %}{{ m.content }}{% endif %}{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}\n{% endfor %}{% if enable_thinking is false %}no-think{% endif %}";
+        let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
+        let tools =
+            json!([{"type": "function", "function": {"name": "weather", "parameters": {}}}]);
+        let call = ChatMessage {
+            role: "assistant".into(),
+            content: None,
+            tool_calls: Some(json!([{"id": "c1", "type": "function",
+                "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}])),
+            ..Default::default()
+        };
+        let result = ChatMessage {
+            role: "tool".into(),
+            content: Some(json!("12 C")),
+            tool_call_id: Some("c1".into()),
+            ..Default::default()
+        };
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("enable_thinking".into(), json!(false));
+        let opts = RenderOptions {
+            tools: Some(&tools),
+            kwargs,
+        };
+        let out = t
+            .render(&[msg("user", "Weather?"), call, result], &opts)
+            .unwrap();
+        assert_eq!(
+            out,
+            // (trim_blocks drops the newline after each block tag, as transformers does)
+            "TOOLS:weather;user:Weather?assistant:weather(Oslo)tool:12 C#c1no-think"
+        );
+        let bad = ChatMessage {
+            role: "assistant".into(),
+            tool_calls: Some(json!([{"function": {}}])),
+            ..Default::default()
+        };
+        let e = t.render(&[bad], &opts).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls"));
+    }
+}

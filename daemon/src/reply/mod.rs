@@ -1,0 +1,239 @@
+//! A model's reply split into reasoning, answer and tool calls, as each model family marks them
+//! (the formats llama.cpp's `common/chat.cpp` parses). The family is recognised from the chat
+//! template's own markers; the parser runs on text as it streams, holding back only what could
+//! be the start of a marker.
+
+mod calls;
+
+pub use calls::{ToolCall, ToolSyntax};
+
+/// How a family marks reasoning and tool calls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplySyntax {
+    /// Markers around reasoning, e.g. `<think>` and `</think>`.
+    pub reasoning: Option<(&'static str, &'static str)>,
+    pub tools: ToolSyntax,
+}
+
+impl ReplySyntax {
+    /// Plain text: no reasoning markers, no tool calls.
+    pub const PLAIN: Self = Self {
+        reasoning: None,
+        tools: ToolSyntax::None,
+    };
+
+    /// The syntax a chat template's markers reveal.
+    pub fn of_template(source: &str) -> Self {
+        let has = |m: &str| source.contains(m);
+        let tools = ToolSyntax::of_template(source);
+        let reasoning = if has("[THINK]") {
+            Some(("[THINK]", "[/THINK]"))
+        } else if has("<think>") {
+            Some(("<think>", "</think>"))
+        } else {
+            None
+        };
+        Self { reasoning, tools }
+    }
+
+    /// Whether the reply is parsed at all (otherwise it is plain text).
+    pub fn is_plain(&self) -> bool {
+        *self == Self::PLAIN
+    }
+}
+
+/// What a piece of the reply turned out to be.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReplyEvent {
+    Reasoning(String),
+    Content(String),
+    ToolCall(ToolCall),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Content,
+    Reasoning,
+    /// Inside a tool-call block, collecting it whole.
+    Tool,
+}
+
+/// Splits a reply, streamed in pieces of text, into [`ReplyEvent`]s.
+pub struct ReplyParser {
+    syntax: ReplySyntax,
+    state: State,
+    /// Text not yet classified: a possible marker's beginning, or a tool block being collected.
+    pending: String,
+    /// Reasoning just ended: the answer's leading whitespace is dropped.
+    after_reasoning: bool,
+    calls: usize,
+}
+
+impl ReplyParser {
+    /// A parser for a reply whose prompt ended with `prompt_tail` (when it ends inside an open
+    /// reasoning block, as templates that start the model thinking do, the reply starts there).
+    pub fn new(syntax: ReplySyntax, prompt_tail: &str) -> Self {
+        let in_reasoning = syntax.reasoning.is_some_and(|(open, close)| {
+            let tail = prompt_tail.trim_end();
+            tail.ends_with(open) && !tail.ends_with(close)
+        });
+        Self {
+            state: if in_reasoning {
+                State::Reasoning
+            } else {
+                State::Content
+            },
+            syntax,
+            pending: String::new(),
+            after_reasoning: false,
+            calls: 0,
+        }
+    }
+
+    /// Tool calls seen so far.
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+
+    /// Adds `text`; returns what it completed.
+    pub fn push(&mut self, text: &str) -> Vec<ReplyEvent> {
+        self.pending.push_str(text);
+        let mut out = Vec::new();
+        self.drain(false, &mut out);
+        out
+    }
+
+    /// The end of the reply: whatever is held back, and a tool block the end closes.
+    pub fn finish(&mut self) -> Vec<ReplyEvent> {
+        let mut out = Vec::new();
+        self.drain(true, &mut out);
+        out
+    }
+
+    fn drain(&mut self, last: bool, out: &mut Vec<ReplyEvent>) {
+        loop {
+            match self.state {
+                State::Content => {
+                    let mut markers: Vec<&str> = Vec::new();
+                    if let Some((open, _)) = self.syntax.reasoning {
+                        markers.push(open);
+                    }
+                    markers.extend(self.syntax.tools.starts());
+                    match find_first(&self.pending, &markers) {
+                        Some((at, marker)) => {
+                            let before: String = self.pending.drain(..at).collect();
+                            self.content(before, out);
+                            if Some(marker) == self.syntax.reasoning.map(|(o, _)| o) {
+                                self.pending.drain(..marker.len());
+                                self.state = State::Reasoning;
+                            } else {
+                                // The tool block keeps its start marker: the block parser reads
+                                // it (some formats put the first name in it).
+                                self.state = State::Tool;
+                            }
+                        }
+                        None => {
+                            let keep = if last {
+                                0
+                            } else {
+                                partial_marker(&self.pending, &markers)
+                            };
+                            let n = self.pending.len() - keep;
+                            let text: String = self.pending.drain(..n).collect();
+                            self.content(text, out);
+                            return;
+                        }
+                    }
+                }
+                State::Reasoning => {
+                    let close = self.syntax.reasoning.map_or("", |(_, c)| c);
+                    match self.pending.find(close).filter(|_| !close.is_empty()) {
+                        Some(at) => {
+                            let text: String = self.pending.drain(..at).collect();
+                            self.pending.drain(..close.len());
+                            if !text.is_empty() {
+                                out.push(ReplyEvent::Reasoning(text));
+                            }
+                            self.state = State::Content;
+                            self.after_reasoning = true;
+                        }
+                        None => {
+                            let keep = if last {
+                                0
+                            } else {
+                                partial_marker(&self.pending, &[close])
+                            };
+                            let n = self.pending.len() - keep;
+                            let text: String = self.pending.drain(..n).collect();
+                            if !text.is_empty() {
+                                out.push(ReplyEvent::Reasoning(text));
+                            }
+                            return;
+                        }
+                    }
+                }
+                State::Tool => match self.syntax.tools.block_end(&self.pending, last) {
+                    Some(end) => {
+                        let block: String = self.pending.drain(..end).collect();
+                        match self.syntax.tools.parse(&block) {
+                            Some(calls) if !calls.is_empty() => {
+                                self.calls += calls.len();
+                                out.extend(calls.into_iter().map(ReplyEvent::ToolCall));
+                            }
+                            // What does not parse as a call is the answer's text, as llama.cpp
+                            // leaves it.
+                            _ => self.content(block, out),
+                        }
+                        self.state = State::Content;
+                    }
+                    None if last => {
+                        let block = std::mem::take(&mut self.pending);
+                        self.content(block, out);
+                        return;
+                    }
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn content(&mut self, mut text: String, out: &mut Vec<ReplyEvent>) {
+        if self.after_reasoning {
+            let trimmed = text.trim_start();
+            if trimmed.is_empty() {
+                return;
+            }
+            text = trimmed.to_string();
+            self.after_reasoning = false;
+        }
+        if !text.is_empty() {
+            out.push(ReplyEvent::Content(text));
+        }
+    }
+}
+
+/// The earliest of `markers` in `text`, and which.
+fn find_first<'m>(text: &str, markers: &[&'m str]) -> Option<(usize, &'m str)> {
+    markers
+        .iter()
+        .filter(|m| !m.is_empty())
+        .filter_map(|m| text.find(m).map(|at| (at, *m)))
+        .min_by_key(|&(at, m)| (at, usize::MAX - m.len()))
+}
+
+/// The length of the longest end of `text` that begins one of `markers`.
+fn partial_marker(text: &str, markers: &[&str]) -> usize {
+    let longest = markers.iter().map(|m| m.len()).max().unwrap_or(0);
+    (1..longest.min(text.len() + 1))
+        .rev()
+        .find(|&k| {
+            text.is_char_boundary(text.len() - k)
+                && markers
+                    .iter()
+                    .any(|m| m.len() > k && m.starts_with(&text[text.len() - k..]))
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;
