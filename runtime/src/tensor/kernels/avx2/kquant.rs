@@ -12,8 +12,7 @@ use std::arch::x86_64::*;
 
 use super::{f16_scalar, f32_at, hsum, prefetch_block};
 use crate::tensor::blocks::kquant::{
-    q3_k_scales, Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT,
-    Q8_K_BYTES,
+    Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES,
 };
 use crate::tensor::kernels::check_k;
 
@@ -126,13 +125,36 @@ impl KTile for Q2K {
     const BYTES: usize = Q2_K_BYTES;
     #[inline(always)]
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
-        let nb = w.len() / Q2_K_BYTES;
-        let m4 = _mm_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); T];
-        for i in 0..nb {
-            let wb = w.as_ptr().add(i * Q2_K_BYTES);
+        q2k_tile::<1, T>(w.as_ptr(), w.len(), x, xb, out, T);
+    }
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
+        q2k_tile::<R, 1>(w, row_bytes, x, 0, out, 1);
+    }
+}
+
+/// `R` Q2_K rows (`row_bytes` apart) times `T` Q8_K activation rows (`xb` bytes apart), writing
+/// `out[r * n + t]`, every pair by the same steps.
+#[inline(always)]
+unsafe fn q2k_tile<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const u8,
+    xb: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let nb = row_bytes / Q2_K_BYTES;
+    let m4 = _mm_set1_epi8(0x0f);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for i in 0..nb {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wb = w.add(r * row_bytes + i * Q2_K_BYTES);
             prefetch_block(wb, Q2_K_BYTES);
-            let (wd, wdmin) = (f16_scalar(wb.add(80)), f16_scalar(wb.add(82)));
+            // (d, dmin) of the block, converted together.
+            let dmin = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                wb.add(80) as *const i32
+            )));
             let packed = _mm_loadu_si128(wb as *const __m128i);
             let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4));
             let scales = scales_by_half(_mm256_cvtepu8_epi16(_mm_and_si128(packed, m4)));
@@ -147,13 +169,14 @@ impl KTile for Q2K {
                     sc[j][k] = _mm256_shuffle_epi8(scales[j], spread_i16(2 * k, 2 * k + 1));
                 }
             }
-            for (t, acc_t) in acc.iter_mut().enumerate() {
+            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
                 let xp = x.add(t * xb + i * Q8_K_BYTES);
                 let dy = f32_at(xp);
-                let (d, dmin) = (dy * wd, -dy * wdmin);
+                let ds = _mm_mul_ps(dmin, _mm_setr_ps(dy, -dy, 0.0, 0.0));
                 let bsums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
                 let prod = _mm256_madd_epi16(mins, bsums);
-                *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(prod), *acc_t);
+                let neg_dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(ds));
+                *acc_rt = _mm256_fmadd_ps(neg_dmin, _mm256_cvtepi32_ps(prod), *acc_rt);
                 let mut sumi = _mm256_setzero_si256();
                 for j in 0..2 {
                     for k in 0..4 {
@@ -162,68 +185,160 @@ impl KTile for Q2K {
                         sumi = _mm256_add_epi32(sumi, p);
                     }
                 }
-                *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc_t);
+                let d = _mm256_broadcastss_ps(ds);
+                *acc_rt = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), *acc_rt);
             }
         }
-        for (t, a) in acc.iter().enumerate() {
-            *out.add(t) = hsum(*a);
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (t, a) in acc_r.iter().enumerate() {
+            *out.add(r * n + t) = hsum(*a);
         }
     }
 }
 
 /// Q3_K: per 16 values a signed 6-bit scale; the values are two low bits minus 4 where the
-/// high-bit mask is clear. Both parts are unsigned (0..=3 and 0 or 4), multiplied with the
-/// activations apart and subtracted in i16 (at most 4 * 2 * 128 each), as in ggml.
+/// high-bit mask is clear. The quants are taken as two low bits plus 4 where the mask is set
+/// (0..=7, unsigned for maddubs) and the 4 is taken off once per block as
+/// 4 * sum(scale * Q8_K 16-value sum), as Q6_K's offset is: the same exact integer sums as
+/// ggml's two products per chunk, with one.
 pub(super) struct Q3K;
 impl KTile for Q3K {
     const BYTES: usize = Q3_K_BYTES;
     #[inline(always)]
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
-        let nb = w.len() / Q3_K_BYTES;
-        let four = _mm256_set1_epi8(4);
-        let mut acc = [_mm256_setzero_ps(); T];
-        for i in 0..nb {
-            let wb = w.as_ptr().add(i * Q3_K_BYTES);
+        q3k_tile::<1, T>(w.as_ptr(), w.len(), x, xb, out, T);
+    }
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
+        q3k_tile::<R, 1>(w, row_bytes, x, 0, out, 1);
+    }
+}
+
+/// The sixteen signed 6-bit scales of a Q3_K block from its 12 packed bytes at `p`
+/// (`q3_k_scales`, with shuffles): low nibbles of bytes 0..8 then their high nibbles, with two
+/// bits of bytes 8..12 above them (bits 2g..2g + 2 for scales 4g..4g + 4, g of each byte
+/// k % 4), minus 32.
+#[inline(always)]
+unsafe fn q3k_scales(p: *const u8) -> __m128i {
+    let s = _mm_insert_epi32::<2>(
+        _mm_loadl_epi64(p as *const __m128i),
+        std::ptr::read_unaligned(p.add(8) as *const i32),
+    );
+    let nibbles = _mm_shuffle_epi8(
+        s,
+        _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let low = _mm_or_si128(
+        _mm_and_si128(
+            nibbles,
+            _mm_setr_epi8(15, 15, 15, 15, 15, 15, 15, 15, 0, 0, 0, 0, 0, 0, 0, 0),
+        ),
+        _mm_and_si128(
+            _mm_srli_epi16::<4>(nibbles),
+            _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15, 15, 15, 15, 15),
+        ),
+    );
+    let h = _mm_shuffle_epi8(
+        s,
+        _mm_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11),
+    );
+    // Bits 2g..2g + 2 of group g's bytes moved to bits 4..6.
+    let group = |g: i8| {
+        let v = |i: i8| if i / 4 == g { 0x30 } else { 0 };
+        _mm_setr_epi8(
+            v(0),
+            v(1),
+            v(2),
+            v(3),
+            v(4),
+            v(5),
+            v(6),
+            v(7),
+            v(8),
+            v(9),
+            v(10),
+            v(11),
+            v(12),
+            v(13),
+            v(14),
+            v(15),
+        )
+    };
+    let high = _mm_or_si128(
+        _mm_or_si128(
+            _mm_and_si128(_mm_slli_epi16::<4>(h), group(0)),
+            _mm_and_si128(_mm_slli_epi16::<2>(h), group(1)),
+        ),
+        _mm_or_si128(
+            _mm_and_si128(h, group(2)),
+            _mm_and_si128(_mm_srli_epi16::<2>(h), group(3)),
+        ),
+    );
+    _mm_sub_epi8(_mm_or_si128(low, high), _mm_set1_epi8(32))
+}
+
+/// `R` Q3_K rows (`row_bytes` apart) times `T` Q8_K activation rows (`xb` bytes apart), writing
+/// `out[r * n + t]`, every pair by the same steps.
+#[inline(always)]
+unsafe fn q3k_tile<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const u8,
+    xb: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let nb = row_bytes / Q3_K_BYTES;
+    let four = _mm256_set1_epi8(4);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for i in 0..nb {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wb = w.add(r * row_bytes + i * Q3_K_BYTES);
             prefetch_block(wb, Q3_K_BYTES);
             let wd = f16_scalar(wb.add(108));
-            let s8 = q3_k_scales(&w[i * Q3_K_BYTES + 96..i * Q3_K_BYTES + 108]);
-            let scales = scales_by_half(_mm256_cvtepi8_epi16(_mm_loadu_si128(
-                s8.as_ptr() as *const __m128i
-            )));
+            let scales16 = _mm256_cvtepi8_epi16(q3k_scales(wb.add(96)));
+            let scales = scales_by_half(scales16);
             let hbits = _mm256_loadu_si256(wb as *const __m256i);
-            // Chunk (j, k) as Q2_K's; its high bit is bit 4j + k of the mask bytes.
-            let mut low = [[_mm256_setzero_si256(); 4]; 2];
-            let mut high = [[_mm256_setzero_si256(); 4]; 2];
+            // Chunk (j, k) as Q2_K's; its high bit is bit 4j + k of the mask bytes, moved to
+            // bit 2 (4) of each byte by a shift within 16-bit lanes that brings no other bit
+            // there.
+            let mut q = [[_mm256_setzero_si256(); 4]; 2];
             let mut sc = [[_mm256_setzero_si256(); 4]; 2];
             for j in 0..2 {
                 let bits = _mm256_loadu_si256(wb.add(32 + 32 * j) as *const __m256i);
                 for k in 0..4 {
-                    low[j][k] = crumb(bits, k);
-                    let bit = _mm256_set1_epi8(1 << (4 * j + k));
-                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), bit);
-                    high[j][k] = _mm256_andnot_si256(set, four);
+                    let b = 4 * j + k;
+                    let moved = if b < 2 {
+                        _mm256_sll_epi16(hbits, _mm_cvtsi32_si128(2 - b as i32))
+                    } else {
+                        _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(b as i32 - 2))
+                    };
+                    q[j][k] = _mm256_or_si256(crumb(bits, k), _mm256_and_si256(moved, four));
                     sc[j][k] = _mm256_shuffle_epi8(scales[j], spread_i16(2 * k, 2 * k + 1));
                 }
             }
-            for (t, acc_t) in acc.iter_mut().enumerate() {
+            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
                 let xp = x.add(t * xb + i * Q8_K_BYTES);
                 let d = f32_at(xp) * wd;
+                let q8sums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
+                let offset = _mm256_slli_epi32::<2>(_mm256_madd_epi16(q8sums, scales16));
                 let mut sumi = _mm256_setzero_si256();
                 for j in 0..2 {
                     for k in 0..4 {
                         let q8 = _mm256_loadu_si256(xp.add(4 + 128 * j + 32 * k) as *const __m256i);
-                        let p16 = _mm256_sub_epi16(
-                            _mm256_maddubs_epi16(low[j][k], q8),
-                            _mm256_maddubs_epi16(high[j][k], q8),
-                        );
-                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc[j][k], p16));
+                        let p = _mm256_madd_epi16(sc[j][k], _mm256_maddubs_epi16(q[j][k], q8));
+                        sumi = _mm256_add_epi32(sumi, p);
                     }
                 }
-                *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc_t);
+                sumi = _mm256_sub_epi32(sumi, offset);
+                *acc_rt = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc_rt);
             }
         }
-        for (t, a) in acc.iter().enumerate() {
-            *out.add(t) = hsum(*a);
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (t, a) in acc_r.iter().enumerate() {
+            *out.add(r * n + t) = hsum(*a);
         }
     }
 }
@@ -295,6 +410,9 @@ unsafe fn k4_tile<const FIVE: bool, const R: usize, const T: usize>(
     let nb = row_bytes / bytes;
     let m4 = _mm256_set1_epi8(0x0f);
     let one = _mm256_set1_epi8(1);
+    // One byte shuffle per sub-block's scale: hidden from the optimizer, which would otherwise
+    // turn most of them into a shift and a broadcast each.
+    let spread: [__m256i; 8] = std::hint::black_box(std::array::from_fn(|j| spread_i16(j, j)));
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for i in 0..nb {
         // Per token: (dy, -dy) to scale both of a block's f16 scales at once, and the sums of
@@ -341,8 +459,8 @@ unsafe fn k4_tile<const FIVE: bool, const R: usize, const T: usize>(
                     }
                 }
                 scale[j] = [
-                    _mm256_shuffle_epi8(sc16, spread_i16(2 * j, 2 * j)),
-                    _mm256_shuffle_epi8(sc16, spread_i16(2 * j + 1, 2 * j + 1)),
+                    _mm256_shuffle_epi8(sc16, spread[2 * j]),
+                    _mm256_shuffle_epi8(sc16, spread[2 * j + 1]),
                 ];
             }
             for (t, acc_rt) in acc_r.iter_mut().enumerate() {
