@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::blocks::block32::{Q8_0_BYTES, QK};
 use super::blocks::kquant::{self, Q8_K_BYTES};
 use super::blocks::QK_K;
-use super::kernels::{ActFormat, Kernels};
+use super::kernels::{ActFormat, Kernels, Quantize};
 use super::quant::dequantize;
 use crate::gguf::GgmlType;
 
@@ -50,7 +50,7 @@ pub struct Activations {
     /// The last Q8_K buffer, kept for the next encoding so that decoding allocates nothing.
     q8k_spare: Mutex<Vec<u8>>,
     /// The kernel table's Q8_K quantizer (the reference until a table quantizes these rows).
-    quantize_q8k: Option<fn(&[f32], &mut [u8])>,
+    quantize_q8k: Option<Quantize>,
 }
 
 /// One activation row in every encoding a weight type may need.

@@ -55,11 +55,11 @@ pub struct Kernels {
     pub gemm_q4_0: Gemm,
     pub gemm_iq4_nl: Gemm,
     pub gemm_mxfp4: Gemm,
-    pub quantize_q8_0: fn(&[f32], &mut [u8]),
+    pub quantize_q8_0: Quantize,
     /// f32 -> Q8_K (rows of whole 256-value blocks), bit-identical to ggml's reference
     /// `quantize_row_q8_K_ref` (`kquant::quantize_row_q8_k`), which ggml's CPU backend uses on
     /// every CPU.
-    pub quantize_q8_k: fn(&[f32], &mut [u8]),
+    pub quantize_q8_k: Quantize,
     /// K-quant weight rows against Q8_K activation rows (super-blocks of 256 values), as ggml's
     /// `ggml_vec_dot_q*_K_q8_K`.
     pub dot_q2_k_q8_k: Dot,
@@ -88,6 +88,9 @@ pub struct Kernels {
 
 /// `(w, rows, x, n, out)`: see [`Kernels::gemm_q8_0`].
 pub type Gemm = fn(&[u8], usize, &[u8], usize, &mut [f32]);
+
+/// Activation rows (f32) to a block encoding (Q8_0 or Q8_K).
+pub type Quantize = fn(&[f32], &mut [u8]);
 
 /// The activation encoding a quantized weight type is dotted with (ggml's `vec_dot_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
