@@ -7,6 +7,8 @@ mod avx2;
 mod grid;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(test)]
+mod quantize_tests;
 pub mod scalar;
 #[cfg(test)]
 pub(crate) mod tests;
