@@ -76,7 +76,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="speed rounds per thread count (0: perplexity only)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("-p", type=int, default=128)
     ap.add_argument("-n", type=int, default=32)
@@ -105,7 +105,7 @@ def main():
             r["ppl"] = {"moe_run": ours[0], "scored": ours[1], "llama_cpp": theirs}
             print(f"{name}: perplexity moe-run {ours[0]:.2f} llama.cpp {theirs:.2f} ratio {ours[0] / theirs:.4f} "
                   f"({ours[1]} tokens scored)", flush=True)
-        for t in threads:
+        for t in threads if args.rounds > 0 else []:
             s = r["speed"].setdefault(str(t), {"moe_pp": [], "moe_tg": [], "llama_pp": [], "llama_tg": []})
             for i in range(args.rounds):
                 load = os.getloadavg()[0]
@@ -130,10 +130,13 @@ def main():
           "| pp t/s moe-run | pp llama.cpp | pp ratio | tg t/s moe-run | tg llama.cpp | tg ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        bpw = r["size"] * 8 / r["params"]
         ppl = r.get("ppl")
         ppl_cell = (f"{ppl['moe_run']:.1f} / {ppl['llama_cpp']:.1f} ({ppl['moe_run'] / ppl['llama_cpp']:.4f})"
                     if ppl else "-")
+        if not r["speed"]:
+            print(f"| {name} | - | - | - | {ppl_cell} | - | - | - | - | - | - | - |")
+            continue
+        bpw = r["size"] * 8 / r["params"]
         for t, s in r["speed"].items():
             ratio = {k: [a / b for a, b in zip(s[f"moe_{k}"], s[f"llama_{k}"])] for k in ("pp", "tg")}
             print(f"| {name} | {r['type']} | {r['size'] / 2**30:.2f} | {bpw:.2f} | {ppl_cell} | {t} "
