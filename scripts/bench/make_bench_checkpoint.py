@@ -2,7 +2,10 @@
 """Writes a benchmark-sized random-weight MoE checkpoint as a real Hugging Face folder.
 
 --arch qwen3_moe (the project's benchmark model): hidden 1024, 24 layers, 16 heads / 4 KV heads
-of dim 64, 64 experts with top-8, expert FFN 384, vocab 32000 (bf16 about 3.9 GB).
+of dim 64, 64 experts with top-8, expert FFN 384 (`--expert-ff`), vocab 32000 (bf16 about 3.9 GB).
+llama-quantize stores a k-quant or i-quant only in tensors whose rows are whole 256-value
+blocks, so with FFN 384 the expert down projections fall back to other types (Q5_0, IQ4_NL, ...);
+`--expert-ff 512` keeps every expert tensor in the requested type.
 
 --arch deepseek_v3: Moonlight-16B-A3B's proportions halved in width (hidden 1024, 16 heads, MLA
 without q LoRA with kv_lora_rank 256, qk nope/rope/v 64/32/64, 64 experts top-6 of FFN 704 in
@@ -20,6 +23,7 @@ not for caching studies. bf16 on disk by default, written layer by layer into sh
 stays small.
 
     python3 scripts/bench/make_bench_checkpoint.py OUT_DIR [--arch qwen3_moe|deepseek_v3|gpt_oss] [--dtype bf16|f32] [--layers N]
+        [--expert-ff N]
 """
 import argparse
 import json
@@ -46,6 +50,8 @@ def main():
     ap.add_argument("--arch", choices=["qwen3_moe", "deepseek_v3", "gpt_oss"], default="qwen3_moe")
     ap.add_argument("--layers", type=int, default=None, help="default 24 (qwen3_moe), 12 (deepseek_v3), 8 (gpt_oss)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--expert-ff", type=int, default=None,
+                    help="expert FFN width (moe_intermediate_size); default 384 (qwen3_moe) or 704 (deepseek_v3)")
     args = ap.parse_args()
     if args.layers is None:
         args.layers = {"qwen3_moe": 24, "deepseek_v3": 12, "gpt_oss": 8}[args.arch]
@@ -54,7 +60,8 @@ def main():
     if args.arch == "gpt_oss":
         return gpt_oss(args)
 
-    d, n_head, n_kv, hd, n_exp, top_k, ff, vocab = 1024, 16, 4, 64, 64, 8, 384, 32000
+    d, n_head, n_kv, hd, n_exp, top_k, vocab = 1024, 16, 4, 64, 64, 8, 32000
+    ff = args.expert_ff or 384
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     config = {
@@ -175,7 +182,8 @@ class Writer:
 def deepseek_v3(args):
     d, n_head, vocab = 1024, 16, 32000
     rank, nope, rope, vd = 256, 64, 32, 64
-    n_exp, top_k, ff, n_shared, dense_ff = 64, 6, 704, 2, 5632
+    n_exp, top_k, n_shared, dense_ff = 64, 6, 2, 5632
+    ff = args.expert_ff or 704
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     config = {

@@ -169,7 +169,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         Some(path) => {
             let tok = engine
                 .tokenizer()
-                .map_err(|e| anyhow::anyhow!("{e}: --text needs the model's tokenizer"))?;
+                .map_err(|e| super::needs_tokenizer(e, "bench --text", ", or leave out --text"))?;
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let ids = tok.encode(&text, false)?;

@@ -26,6 +26,12 @@ pub struct EvalArgs {
     /// Tokens per window; each window starts from an empty context
     #[arg(long, default_value_t = 256)]
     window: usize,
+    /// Score as llama.cpp's `llama-perplexity -c WINDOW` does, so that the two report the
+    /// perplexity of the same tokens: the text tokenized with special tokens (one trailing
+    /// newline dropped, as its `-f` does), whole windows only, each window's first token replaced
+    /// by BOS when the tokenizer adds one, and only the second half of each window scored.
+    #[arg(long)]
+    like_llama_perplexity: bool,
     /// Worker threads (default: all cores)
     #[arg(short = 't', long)]
     threads: Option<usize>,
@@ -46,18 +52,35 @@ pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<
     )?;
     let file = engine.file();
     let model = engine.load_model()?;
-    let tok = engine.tokenizer().map_err(|e| {
-        anyhow::anyhow!("{e}: eval reads a text, so it needs the model's tokenizer")
-    })?;
-    let text = std::fs::read_to_string(&args.text)
+    let tok = engine
+        .tokenizer()
+        .map_err(|e| super::needs_tokenizer(e, "eval", ""))?;
+    let mut text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
-    let mut ids = tok.encode(&text, false)?;
-    ids.truncate(args.max_tokens);
     let window = args.window.min(model.hp.n_ctx_train).max(2);
+    let like_llama = args.like_llama_perplexity;
+    if like_llama && text.ends_with('\n') {
+        text.pop();
+    }
+    let mut ids = tok.encode(&text, like_llama)?;
+    ids.truncate(args.max_tokens);
+    // Positions scored within a window: all, or llama-perplexity's second half.
+    let first_scored = if like_llama {
+        ids.truncate(ids.len() / window * window);
+        window / 2
+    } else {
+        0
+    };
+    // llama-perplexity puts BOS first in every window when the tokenizer adds one.
+    let window_bos = match tok.bos() {
+        Some(bos) if like_llama && tok.encode("a", true)?.first() == Some(&bos) => Some(bos),
+        _ => None,
+    };
     if ids.len() < 2 {
         bail!(
-            "the text encodes to {} tokens; give a longer one",
-            ids.len()
+            "the text encodes to {} tokens{}; give a longer one",
+            ids.len(),
+            if like_llama { " in whole windows" } else { "" }
         );
     }
     let mut session = engine.session_with_ctx(&model, window)?;
@@ -68,8 +91,15 @@ pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<
     for chunk in ids.chunks(window) {
         session.reset();
         for (i, &t) in chunk.iter().enumerate() {
+            let t = match window_bos {
+                Some(bos) if i == 0 => bos,
+                _ => t,
+            };
             let logits = session.forward(&[t], false)?;
             argmax.push(crate::sampling::argmax_logits(&logits[..vocab]));
+            if i < first_scored {
+                continue;
+            }
             if let Some(&next) = chunk.get(i + 1) {
                 let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
                 let lse = max
@@ -89,6 +119,7 @@ pub fn run(args: EvalArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result<
         "file_bytes": file.bytes().len(),
         "tokens": ids.len(),
         "scored": scored,
+        "protocol": if like_llama { "llama-perplexity" } else { "all positions" },
         "nll": nll / scored.max(1) as f64,
         "perplexity": (nll / scored.max(1) as f64).exp(),
         "seconds": secs,

@@ -128,6 +128,19 @@ pub fn run(
     }
 }
 
+/// A command that reads text cannot run without a tokenizer: what to do instead. `alternative`
+/// is the command's own way around it, if it has one.
+fn needs_tokenizer(
+    e: crate::tokenizer::TokenizerError,
+    what: &str,
+    alternative: &str,
+) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{e}. {what} reads a text, so it needs a tokenizer moe-run can run: convert the model's \
+         Hugging Face checkpoint with moe-convert, which embeds its tokenizer.json{alternative}"
+    )
+}
+
 fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
     let model_path = args.model.clone().context("-m MODEL is required")?;
     let engine = Engine::open(

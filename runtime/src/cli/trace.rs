@@ -58,7 +58,7 @@ pub fn run(args: TraceArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Result
     let model = engine.load_model()?;
     let tokenizer = engine
         .tokenizer()
-        .map_err(|e| anyhow::anyhow!("{e}: tracing a text needs the model's tokenizer"))?;
+        .map_err(|e| super::needs_tokenizer(e, "trace", ""))?;
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
     let mut tokens = tokenizer.encode(&text, false)?;

@@ -21,8 +21,8 @@ pub use generate::{generate, GenerationStats, Logprobs, Piece, Request, StopMatc
 pub use streaming::{describe, CacheSize, PredictorChoice, StreamingOptions};
 
 use crate::board::{BoardError, Defaults};
-use crate::gguf::{GgufError, GgufFile};
-use crate::model::{KvType, Model, ModelError, Session};
+use crate::gguf::{GgufError, GgufFile, GgufHeader};
+use crate::model::{Arch, KvType, Model, ModelError, Session};
 use crate::moe::cache::CacheError;
 use crate::moe::calib::CalibError;
 use crate::moe::predictor::PredictorError;
@@ -30,18 +30,12 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("loading model {path}: {source}")]
-    Open {
-        path: String,
-        #[source]
-        source: GgufError,
-    },
-    #[error("{path}: {source}")]
-    Model {
-        path: String,
-        #[source]
-        source: ModelError,
-    },
+    // The causes are part of the messages and not `#[source]`s, so that a report of the error
+    // chain (anyhow's `{:#}`, as moe-run prints errors) does not repeat them.
+    #[error("loading model {path}: {cause}")]
+    Open { path: String, cause: GgufError },
+    #[error("{path}: {cause}")]
+    Model { path: String, cause: ModelError },
     #[error(transparent)]
     Board(#[from] BoardError),
     #[error(transparent)]
@@ -52,6 +46,10 @@ pub enum EngineError {
     Calibration(#[from] CalibError),
     #[error(transparent)]
     Predictor(#[from] PredictorError),
+    /// A file of a kind moe-run does not run at all (not a malformed one): what it is and what
+    /// to do instead.
+    #[error("{path}: {why}")]
+    CannotRun { path: String, why: String },
     /// Options that do not go together.
     #[error("{0}")]
     Options(String),
@@ -111,9 +109,9 @@ impl Engine {
         let host_line = crate::board::summary(&host, resolved.as_ref());
         let board = resolved.map(|r| r.defaults);
         crate::threads::set_global_threads(options.threads.or(board.as_ref().map(|b| b.threads)));
-        let file = GgufFile::open(&path).map_err(|source| EngineError::Open {
+        let file = GgufFile::open(&path).map_err(|cause| EngineError::Open {
             path: path.display().to_string(),
-            source,
+            cause,
         })?;
         Ok(Self {
             path,
@@ -147,9 +145,10 @@ impl Engine {
     }
 
     pub fn load_model(&self) -> Result<Model<'_>, EngineError> {
-        Model::load(&self.file).map_err(|source| EngineError::Model {
-            path: self.path.display().to_string(),
-            source,
+        let path = self.path.display().to_string();
+        Model::load(&self.file).map_err(|cause| match cannot_run(self.file.header(), &cause) {
+            Some(why) => EngineError::CannotRun { path, why },
+            None => EngineError::Model { path, cause },
         })
     }
 
@@ -204,4 +203,30 @@ impl Engine {
             describe(session.expert_cache(), session.lookahead())
         )
     }
+}
+
+/// Why a file that failed to load is one moe-run does not run at all, said plainly, when it is:
+/// an architecture it does not know, or a dense model (no experts) of one it does.
+fn cannot_run(h: &GgufHeader, error: &ModelError) -> Option<String> {
+    let arch = h.get("general.architecture").and_then(|v| v.as_str())?;
+    let known: Vec<&str> = Arch::ALL.iter().map(|a| a.gguf_name()).collect();
+    if matches!(error, ModelError::UnsupportedArch(_)) {
+        return Some(format!(
+            "its architecture is `{arch}`, which moe-run does not run. moe-run runs \
+             Mixture-of-Experts models of the llama.cpp architectures {}; run this file with \
+             llama.cpp, or take a model of one of those",
+            known.join(", ")
+        ));
+    }
+    let experts = h
+        .get(&format!("{arch}.expert_count"))
+        .and_then(|v| v.as_u64());
+    if matches!(experts, None | Some(0)) {
+        return Some(format!(
+            "this `{arch}` model has no experts ({arch}.expert_count is {}): it is a dense model, \
+             and moe-run runs only Mixture-of-Experts models; run it with llama.cpp",
+            experts.map_or("missing".to_string(), |n| n.to_string())
+        ));
+    }
+    None
 }

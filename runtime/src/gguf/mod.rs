@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub use reader::{align_up, GgufHeader, TensorInfo, DEFAULT_ALIGNMENT};
-pub use types::{GgmlType, Value, ValueType};
+pub use types::{ggml_type_name, GgmlType, Value, ValueType};
 pub use writer::{GgufWriter, TensorDecl};
 
 /// "GGUF" read as a little-endian u32.
@@ -34,6 +34,9 @@ pub enum GgufError {
     Truncated { what: String, at: usize },
     #[error("tensor `{name}` {why}")]
     Tensor { name: String, why: String },
+    /// A tensor in a block format this runtime has no kernels for.
+    #[error("{}", unsupported_type_message(name, *id))]
+    UnsupportedType { name: String, id: u32 },
     #[error("invalid GGUF: {0}")]
     Invalid(String),
     #[error("cannot read {path}: {cause}")]
@@ -43,6 +46,30 @@ pub enum GgufError {
     },
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// What moe-run says about a tensor type it cannot read, and what to do instead.
+fn unsupported_type_message(name: &str, id: u32) -> String {
+    let readable: Vec<String> = GgmlType::all()
+        .iter()
+        .map(|t| t.name().to_uppercase())
+        .collect();
+    let what = match ggml_type_name(id) {
+        Some(ty) => format!(
+            "is stored as {} (ggml type {id}), a format moe-run does not read",
+            ty.to_uppercase()
+        ),
+        None => format!(
+            "has ggml type id {id}, which no ggml version known to moe-run defines (a corrupt \
+             file, or one from a newer llama.cpp)"
+        ),
+    };
+    format!(
+        "tensor `{name}` {what}. moe-run reads {}. Use a file of this model in one of those \
+         (Hub repositories usually carry Q4_K_M and Q8_0), make one from its f16/bf16 GGUF with \
+         llama-quantize, or convert its Hugging Face checkpoint with moe-convert",
+        readable.join(", ")
+    )
 }
 
 /// A memory-mapped GGUF file with its validated header.

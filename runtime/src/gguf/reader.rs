@@ -107,9 +107,9 @@ impl GgufHeader {
                 dims.push(d);
             }
             let type_id = cur.u32("tensor type")?;
-            let ty = GgmlType::from_id(type_id).ok_or_else(|| GgufError::Tensor {
+            let ty = GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnsupportedType {
                 name: name.clone(),
-                why: format!("has ggml type id {type_id}, which this runtime does not support"),
+                id: type_id,
             })?;
             let offset = cur.u64("tensor offset")?;
             raw_tensors.push((name, dims, ty, offset));

@@ -140,6 +140,37 @@ impl GgmlType {
     }
 }
 
+/// The name of every type id ggml's `enum ggml_type` defines (ggml.h), including those this
+/// runtime does not read, so that an error can name the format a file uses.
+pub fn ggml_type_name(id: u32) -> Option<&'static str> {
+    if let Some(t) = GgmlType::from_id(id) {
+        return Some(t.name());
+    }
+    Some(match id {
+        3 => "q4_1",
+        7 => "q5_1",
+        9 => "q8_1",
+        15 => "q8_K",
+        24 => "i8",
+        25 => "i16",
+        26 => "i32",
+        27 => "i64",
+        28 => "f64",
+        31 => "q4_0_4_4",
+        32 => "q4_0_4_8",
+        33 => "q4_0_8_8",
+        34 => "tq1_0",
+        35 => "tq2_0",
+        36 => "iq4_nl_4_4",
+        37 => "iq4_nl_4_8",
+        38 => "iq4_nl_8_8",
+        40 => "nvfp4",
+        41 => "q1_0",
+        42 => "q2_0",
+        _ => return None,
+    })
+}
+
 impl fmt::Display for GgmlType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -368,7 +399,13 @@ mod tests {
         // removed from files, NVFP4, and an id past ggml's list.
         for id in [3, 4, 9, 15, 24, 31, 36, 40, 1000] {
             let err = parse_as(GgmlType::Q8_0, id);
-            assert!(err.contains(&format!("ggml type id {id}")), "{err}");
+            let named = err.contains(&format!("(ggml type {id}), a format moe-run does not read"));
+            let unknown = err.contains(&format!("ggml type id {id}, which no ggml version"));
+            assert!(named != unknown, "{err}");
+            if id == 3 {
+                assert!(err.contains("stored as Q4_1"), "{err}");
+            }
+            assert!(unknown || id != 1000, "{err}");
         }
     }
 

@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use crate::tensor::kernels::ActFormat;
 use crate::tensor::matrix::{rows_per_task, rows_times_acts, Activations};
 use crate::tensor::{Kernels, QMatrix};
 
@@ -97,7 +98,15 @@ pub fn run_experts(
     }
     let d = out_t.len() / n;
 
-    // Each job's tokens, contiguous for the tiled products.
+    // Each job's tokens, contiguous for the tiled products, in the encodings their weights take
+    // (made once for the batch, not once per expert).
+    let takes_q8k = |m: &QMatrix| k.quant_dot(m.ty).is_some_and(|(_, f)| f == ActFormat::Q8K);
+    if jobs
+        .iter()
+        .any(|j| takes_q8k(&j.mlp.gate) || takes_q8k(&j.mlp.up))
+    {
+        x.encode(ActFormat::Q8K);
+    }
     if s.inputs.len() < jobs.len() {
         s.inputs.resize_with(jobs.len(), Activations::default);
     }

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::blocks::block32::{Q8_0_BYTES, QK};
 use super::blocks::kquant::{self, Q8_K_BYTES};
 use super::blocks::QK_K;
-use super::kernels::{ActFormat, Kernels};
+use super::kernels::{ActFormat, Kernels, Quantize};
 use super::quant::dequantize;
 use crate::gguf::GgmlType;
 
@@ -49,6 +49,8 @@ pub struct Activations {
     q8k: OnceLock<Vec<u8>>,
     /// The last Q8_K buffer, kept for the next encoding so that decoding allocates nothing.
     q8k_spare: Mutex<Vec<u8>>,
+    /// The kernel table's Q8_K quantizer (the reference until a table quantizes these rows).
+    quantize_q8k: Option<Quantize>,
 }
 
 /// One activation row in every encoding a weight type may need.
@@ -93,6 +95,7 @@ impl Activations {
     /// was a tenth of prompt processing).
     pub fn quantize(&mut self, k: &Kernels) {
         self.reset_q8k();
+        self.quantize_q8k = Some(k.quantize_q8_k);
         if !self.cols.is_multiple_of(QK) {
             self.q8.clear();
             return;
@@ -134,26 +137,49 @@ impl Activations {
                 std::mem::take(&mut *self.q8k_spare.lock().unwrap_or_else(|e| e.into_inner()));
             q.clear();
             q.resize(self.n * rb, 0);
+            let quantize = self.quantize_q8k.unwrap_or(kquant::quantize_row_q8_k);
             for (xr, qr) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(rb)) {
-                kquant::quantize_row_q8_k(xr, qr);
+                quantize(xr, qr);
             }
             q
         })
     }
 
-    /// Copies rows `tokens` of `src` (every encoding), so that one expert's tokens are contiguous
-    /// for the tiled products.
+    /// Makes the encoding in `format` now (the Q8_K one is otherwise made on first use), so that
+    /// [`Activations::gather`] copies it instead of every gathered set encoding its rows again.
+    pub fn encode(&self, format: ActFormat) {
+        if format == ActFormat::Q8K {
+            self.q8k();
+        }
+    }
+
+    /// Copies rows `tokens` of `src` (every encoding `src` has made), so that one expert's
+    /// tokens are contiguous for the tiled products.
     pub fn gather(&mut self, src: &Activations, tokens: impl Iterator<Item = usize>) {
         self.cols = src.cols;
         self.n = 0;
         self.x.clear();
         self.q8.clear();
         self.reset_q8k();
+        self.quantize_q8k = src.quantize_q8k;
+        let src_q8k = src.q8k.get().filter(|q| !q.is_empty());
+        let mut q8k = src_q8k.map(|_| {
+            let mut q = std::mem::take(self.q8k_spare.get_mut().unwrap_or_else(|e| e.into_inner()));
+            q.clear();
+            q
+        });
         for t in tokens {
             let r = src.row(t);
             self.x.extend_from_slice(r.x);
             self.q8.extend_from_slice(r.q8);
+            if let Some(q) = q8k.as_mut() {
+                q.extend_from_slice(r.q8k());
+            }
             self.n += 1;
+        }
+        if let Some(q) = q8k {
+            // Empty: `reset_q8k` above took any earlier encoding out.
+            let _ = self.q8k.set(q);
         }
     }
 
@@ -204,7 +230,7 @@ pub fn dot_row(k: &Kernels, w: &QMatrix, r: usize, a: ActRow, buf: &mut Vec<f32>
 
 /// `out[i * n + t] = w_(row0 + i) . x_t` for `len` consecutive rows of `w` and all `n` rows of
 /// `acts`. Types with a tiled product in the table ([`Kernels::gemm`]: the 32-value formats but
-/// Q5_0, the k-quants but Q6_K, IQ4_XS) go through it (on x86 each weight block is loaded once
+/// Q5_0, the k-quants, IQ4_XS) go through it (on x86 each weight block is loaded once
 /// for several tokens, and there is no per-row dispatch); other types pair by pair. Either way
 /// each value equals [`dot_row`] of its pair.
 pub fn rows_times_acts(
@@ -437,6 +463,33 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Gathered rows carry the source's Q8_K encoding when it was made, and it is the one the
+    /// gathered rows would have made themselves.
+    #[test]
+    fn gathered_rows_keep_their_encodings() {
+        let k = crate::tensor::kernels::best();
+        let (n, cols) = (5, 512);
+        let x = random_vec(n * cols, 4, 1.0);
+        let mut src = Activations::default();
+        src.prepare(k, &x, n, cols);
+        let picks = [3, 0, 3, 4];
+        let mut fresh = Activations::default();
+        fresh.gather(&src, picks.iter().copied());
+        src.encode(ActFormat::Q8K);
+        let mut copied = Activations::default();
+        // Twice, so that the second gather reuses the first one's buffers.
+        copied.gather(&src, [1, 2].into_iter());
+        copied.gather(&src, picks.iter().copied());
+        assert_eq!(copied.n, picks.len());
+        for (t, &p) in picks.iter().enumerate() {
+            let mut want = vec![0u8; cols / QK_K * Q8_K_BYTES];
+            kquant::quantize_row_q8_k(&x[p * cols..(p + 1) * cols], &mut want);
+            assert_eq!(copied.row(t).q8k(), &want[..], "row {t}");
+            assert_eq!(fresh.row(t).q8k(), &want[..], "row {t}");
+            assert_eq!(copied.row(t).q8, src.row(p).q8, "row {t}");
         }
     }
 

@@ -7,6 +7,8 @@ mod avx2;
 mod grid;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(test)]
+mod quantize_tests;
 pub mod scalar;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -15,6 +17,7 @@ use std::sync::OnceLock;
 
 use crate::gguf::GgmlType;
 use crate::tensor::blocks::block32::quantize_row_q8_0;
+use crate::tensor::blocks::kquant::quantize_row_q8_k;
 #[cfg(target_arch = "x86_64")]
 use crate::tensor::blocks::kquant::Q8_K_BYTES;
 
@@ -54,11 +57,13 @@ pub struct Kernels {
     pub gemm_q4_0: Gemm,
     pub gemm_iq4_nl: Gemm,
     pub gemm_mxfp4: Gemm,
-    pub quantize_q8_0: fn(&[f32], &mut [u8]),
+    pub quantize_q8_0: Quantize,
+    /// f32 -> Q8_K (rows of whole 256-value blocks), bit-identical to ggml's reference
+    /// `quantize_row_q8_K_ref` (`kquant::quantize_row_q8_k`), which ggml's CPU backend uses on
+    /// every CPU.
+    pub quantize_q8_k: Quantize,
     /// K-quant weight rows against Q8_K activation rows (super-blocks of 256 values), as ggml's
-    /// `ggml_vec_dot_q*_K_q8_K`. Activations stay on `kquant::quantize_row_q8_k`: ggml's CPU
-    /// backend uses that reference itself on x86 and ARM, and it runs once per row of
-    /// activations, not once per weight row.
+    /// `ggml_vec_dot_q*_K_q8_K`.
     pub dot_q2_k_q8_k: Dot,
     pub dot_q3_k_q8_k: Dot,
     pub dot_q4_k_q8_k: Dot,
@@ -79,11 +84,15 @@ pub struct Kernels {
     pub gemm_q3_k: Gemm,
     pub gemm_q4_k: Gemm,
     pub gemm_q5_k: Gemm,
+    pub gemm_q6_k: Gemm,
     pub gemm_iq4_xs: Gemm,
 }
 
 /// `(w, rows, x, n, out)`: see [`Kernels::gemm_q8_0`].
 pub type Gemm = fn(&[u8], usize, &[u8], usize, &mut [f32]);
+
+/// Activation rows (f32) to a block encoding (Q8_0 or Q8_K).
+pub type Quantize = fn(&[f32], &mut [u8]);
 
 /// The activation encoding a quantized weight type is dotted with (ggml's `vec_dot_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +143,7 @@ impl Kernels {
             GgmlType::Q3K => (self.gemm_q3_k, ActFormat::Q8K),
             GgmlType::Q4K => (self.gemm_q4_k, ActFormat::Q8K),
             GgmlType::Q5K => (self.gemm_q5_k, ActFormat::Q8K),
+            GgmlType::Q6K => (self.gemm_q6_k, ActFormat::Q8K),
             GgmlType::IQ4XS => (self.gemm_iq4_xs, ActFormat::Q8K),
             _ => return None,
         })
@@ -192,6 +202,7 @@ pub static SCALAR: Kernels = Kernels {
     gemm_iq4_nl: by_pairs!(scalar::dot_iq4_nl_q8_0),
     gemm_mxfp4: by_pairs!(scalar::dot_mxfp4_q8_0),
     quantize_q8_0: quantize_row_q8_0,
+    quantize_q8_k: quantize_row_q8_k,
     dot_q2_k_q8_k: scalar::kquant::dot_q2_k_q8_k,
     dot_q3_k_q8_k: scalar::kquant::dot_q3_k_q8_k,
     dot_q4_k_q8_k: scalar::kquant::dot_q4_k_q8_k,
@@ -209,6 +220,7 @@ pub static SCALAR: Kernels = Kernels {
     gemm_q3_k: by_pairs!(scalar::kquant::dot_q3_k_q8_k),
     gemm_q4_k: by_pairs!(scalar::kquant::dot_q4_k_q8_k),
     gemm_q5_k: by_pairs!(scalar::kquant::dot_q5_k_q8_k),
+    gemm_q6_k: by_pairs!(scalar::kquant::dot_q6_k_q8_k),
     gemm_iq4_xs: by_pairs!(scalar::iquant::dot_iq4_xs_q8_k),
 };
 

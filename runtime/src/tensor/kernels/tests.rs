@@ -102,6 +102,7 @@ pub fn check_table(k: &Kernels) {
         "{} ties, NaN, inf",
         k.name
     );
+    super::quantize_tests::check_quantize_q8_k(k);
     check_decode_only_types(k);
     check_decode_only_gemms(k);
     check_grids_bit_for_bit(k);
@@ -398,7 +399,8 @@ fn check_grids_bit_for_bit(k: &Kernels) {
 }
 
 /// The tiled products of the types the converter does not encode equal the table's dot pair
-/// by pair, bit for bit, for every tile remainder and block counts with tails.
+/// by pair, bit for bit, for every tile remainder (single tokens by several rows included) and
+/// block counts with tails.
 fn check_decode_only_gemms(k: &Kernels) {
     for ty in Q8K_TYPES.into_iter().chain(DECODE_ONLY_32) {
         let Some((gemm, format)) = k.gemm(ty) else {
@@ -408,7 +410,9 @@ fn check_decode_only_gemms(k: &Kernels) {
         for nb in [1usize, 3, 5] {
             for (rows, n) in [
                 (1, 1),
+                (4, 1),
                 (6, 1),
+                (9, 1),
                 (3, 4),
                 (2, 5),
                 (1, 7),

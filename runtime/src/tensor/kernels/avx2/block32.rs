@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::hsum;
+use super::{hsum, PREFETCH_BYTES};
 use crate::tensor::blocks::block32::{
     e8m0_half, IQ4_NL_BYTES, IQ4_NL_LEVELS, MXFP4_BYTES, MXFP4_LEVELS, Q4_0_BYTES, Q8_0_BYTES,
 };
@@ -390,13 +390,6 @@ impl BlockProduct for Q4Vnni {
     }
 }
 
-/// How far ahead of the block being multiplied its row is prefetched, in bytes (a hint: reading
-/// past the row's end is harmless, and with a tile's rows adjacent in memory it fetches the
-/// rows after them). Decoding streams every weight once, and the distance has to cover the
-/// memory latency of both threads' streams; 16 blocks ahead was too short, 4096 and 8192 bytes
-/// about equal (docs/BENCHMARKS.md).
-const PREFETCH_BYTES: usize = 4096;
-
 /// One tile: `R` weight rows (`wb` bytes apart) times `T` activation rows (`xb` bytes apart),
 /// `nb` blocks each, two blocks per step; writes `out[r * n + t]`.
 #[inline(always)]
@@ -423,7 +416,7 @@ unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
         for (r, acc_r) in acc.iter_mut().enumerate() {
             // Weights stream from memory once (decode): ask for them a few blocks ahead.
             _mm_prefetch::<_MM_HINT_T0>(
-                w.add(r * wb + b * P::W_BYTES + PREFETCH_BYTES) as *const i8
+                w.wrapping_add(r * wb + b * P::W_BYTES + PREFETCH_BYTES) as *const i8
             );
             let row = P::weights(w.add(r * wb + b * P::W_BYTES), both);
             for (tok, a) in toks.iter().zip(acc_r.iter_mut()) {

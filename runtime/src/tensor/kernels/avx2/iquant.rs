@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::kquant::KTile;
-use super::{f16_scalar, f32_at, hsum};
+use super::{f16_scalar, f32_at, hsum, prefetch_block};
 use crate::tensor::blocks::block32::IQ4_NL_LEVELS;
 use crate::tensor::blocks::iquant::{iq4_xs_scale, IQ4_XS_BYTES};
 use crate::tensor::blocks::kquant::Q8_K_BYTES;
@@ -27,6 +27,7 @@ impl KTile for Iq4Xs {
         for i in 0..nb {
             let block = &w[i * IQ4_XS_BYTES..(i + 1) * IQ4_XS_BYTES];
             let wb = block.as_ptr();
+            prefetch_block(wb, IQ4_XS_BYTES);
             let wd = f16_scalar(wb);
             // Sub-block ib: values 0..16 from the low nibbles of its 16 bytes, 16..32 from the
             // high ones, which is the order of its 32 activations.
@@ -86,6 +87,7 @@ unsafe fn dot_grid_impl<G: GridFormat>(w: &[u8], x: &[u8]) -> f32 {
     let mut sum = 0f32;
     for i in 0..nb {
         let b = &w[i * G::BYTES..(i + 1) * G::BYTES];
+        prefetch_block(b.as_ptr(), G::BYTES);
         let xp = x.as_ptr().add(i * Q8_K_BYTES);
         let mut acc = _mm256_setzero_si256();
         let mut acc_delta = _mm256_setzero_si256();

@@ -10,10 +10,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{f16_scalar, f32_at, hsum};
+use super::{f16_scalar, f32_at, hsum, prefetch_block};
 use crate::tensor::blocks::kquant::{
-    q3_k_scales, q4_k_scales_mins, Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES,
-    Q8_K_BSUMS_AT, Q8_K_BYTES,
+    Q2_K_BYTES, Q3_K_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS_AT, Q8_K_BYTES,
 };
 use crate::tensor::kernels::check_k;
 
@@ -22,6 +21,18 @@ use crate::tensor::kernels::check_k;
 pub(super) trait KTile {
     const BYTES: usize;
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32);
+
+    /// `R` weight rows (`row_bytes` apart from `w`) times one activation row, writing
+    /// `out[0..R]`: a single token's product (decode), where a format may share the
+    /// activations' loads and its loop's overhead between rows. Each row takes exactly the steps
+    /// of `tile::<1>`.
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
+        for r in 0..R {
+            let row = std::slice::from_raw_parts(w.add(r * row_bytes), row_bytes);
+            Self::tile::<1>(row, x, 0, out.add(r));
+        }
+    }
 }
 
 /// The dot product of one weight row with one activation row.
@@ -38,7 +49,8 @@ unsafe fn tile_impl<K: KTile>(w: &[u8], x: &[u8], out: &mut [f32; 1]) {
     K::tile::<1>(w, x.as_ptr(), x.len(), out.as_mut_ptr());
 }
 
-/// `out[r * n + t] = w_r . x_t`, each row against up to four tokens at a time.
+/// `out[r * n + t] = w_r . x_t`: a single token four rows at a time, a batch each row against up
+/// to four tokens at a time.
 pub(super) fn gemm<K: KTile>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     assert!(rows > 0 && n > 0 && out.len() >= rows * n, "gemm shape");
     let (wb, xb) = (w.len() / rows, x.len() / n);
@@ -51,6 +63,19 @@ pub(super) fn gemm<K: KTile>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mu
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm_impl<K: KTile>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     let (wb, xb) = (w.len() / rows, x.len() / n);
+    if n == 1 {
+        let (w, x, out) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+        let mut r = 0;
+        while r + 4 <= rows {
+            K::rows::<4>(w.add(r * wb), wb, x, out.add(r));
+            r += 4;
+        }
+        while r < rows {
+            K::rows::<1>(w.add(r * wb), wb, x, out.add(r));
+            r += 1;
+        }
+        return;
+    }
     for r in 0..rows {
         let wr = &w[r * wb..(r + 1) * wb];
         let mut t = 0;
@@ -100,12 +125,36 @@ impl KTile for Q2K {
     const BYTES: usize = Q2_K_BYTES;
     #[inline(always)]
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
-        let nb = w.len() / Q2_K_BYTES;
-        let m4 = _mm_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); T];
-        for i in 0..nb {
-            let wb = w.as_ptr().add(i * Q2_K_BYTES);
-            let (wd, wdmin) = (f16_scalar(wb.add(80)), f16_scalar(wb.add(82)));
+        q2k_tile::<1, T>(w.as_ptr(), w.len(), x, xb, out, T);
+    }
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
+        q2k_tile::<R, 1>(w, row_bytes, x, 0, out, 1);
+    }
+}
+
+/// `R` Q2_K rows (`row_bytes` apart) times `T` Q8_K activation rows (`xb` bytes apart), writing
+/// `out[r * n + t]`, every pair by the same steps.
+#[inline(always)]
+unsafe fn q2k_tile<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const u8,
+    xb: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let nb = row_bytes / Q2_K_BYTES;
+    let m4 = _mm_set1_epi8(0x0f);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for i in 0..nb {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wb = w.add(r * row_bytes + i * Q2_K_BYTES);
+            prefetch_block(wb, Q2_K_BYTES);
+            // (d, dmin) of the block, converted together.
+            let dmin = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                wb.add(80) as *const i32
+            )));
             let packed = _mm_loadu_si128(wb as *const __m128i);
             let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4));
             let scales = scales_by_half(_mm256_cvtepu8_epi16(_mm_and_si128(packed, m4)));
@@ -120,13 +169,14 @@ impl KTile for Q2K {
                     sc[j][k] = _mm256_shuffle_epi8(scales[j], spread_i16(2 * k, 2 * k + 1));
                 }
             }
-            for (t, acc_t) in acc.iter_mut().enumerate() {
+            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
                 let xp = x.add(t * xb + i * Q8_K_BYTES);
                 let dy = f32_at(xp);
-                let (d, dmin) = (dy * wd, -dy * wdmin);
+                let ds = _mm_mul_ps(dmin, _mm_setr_ps(dy, -dy, 0.0, 0.0));
                 let bsums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
                 let prod = _mm256_madd_epi16(mins, bsums);
-                *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(prod), *acc_t);
+                let neg_dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(ds));
+                *acc_rt = _mm256_fmadd_ps(neg_dmin, _mm256_cvtepi32_ps(prod), *acc_rt);
                 let mut sumi = _mm256_setzero_si256();
                 for j in 0..2 {
                     for k in 0..4 {
@@ -135,76 +185,172 @@ impl KTile for Q2K {
                         sumi = _mm256_add_epi32(sumi, p);
                     }
                 }
-                *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc_t);
+                let d = _mm256_broadcastss_ps(ds);
+                *acc_rt = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), *acc_rt);
             }
         }
-        for (t, a) in acc.iter().enumerate() {
-            *out.add(t) = hsum(*a);
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (t, a) in acc_r.iter().enumerate() {
+            *out.add(r * n + t) = hsum(*a);
         }
     }
 }
 
 /// Q3_K: per 16 values a signed 6-bit scale; the values are two low bits minus 4 where the
-/// high-bit mask is clear. Both parts are unsigned (0..=3 and 0 or 4), multiplied with the
-/// activations apart and subtracted in i16 (at most 4 * 2 * 128 each), as in ggml.
+/// high-bit mask is clear. The quants are taken as two low bits plus 4 where the mask is set
+/// (0..=7, unsigned for maddubs) and the 4 is taken off once per block as
+/// 4 * sum(scale * Q8_K 16-value sum), as Q6_K's offset is: the same exact integer sums as
+/// ggml's two products per chunk, with one.
 pub(super) struct Q3K;
 impl KTile for Q3K {
     const BYTES: usize = Q3_K_BYTES;
     #[inline(always)]
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
-        let nb = w.len() / Q3_K_BYTES;
-        let four = _mm256_set1_epi8(4);
-        let mut acc = [_mm256_setzero_ps(); T];
-        for i in 0..nb {
-            let wb = w.as_ptr().add(i * Q3_K_BYTES);
+        q3k_tile::<1, T>(w.as_ptr(), w.len(), x, xb, out, T);
+    }
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
+        q3k_tile::<R, 1>(w, row_bytes, x, 0, out, 1);
+    }
+}
+
+/// The sixteen signed 6-bit scales of a Q3_K block from its 12 packed bytes at `p`
+/// (`q3_k_scales`, with shuffles): low nibbles of bytes 0..8 then their high nibbles, with two
+/// bits of bytes 8..12 above them (bits 2g..2g + 2 for scales 4g..4g + 4, g of each byte
+/// k % 4), minus 32.
+#[inline(always)]
+unsafe fn q3k_scales(p: *const u8) -> __m128i {
+    let s = _mm_insert_epi32::<2>(
+        _mm_loadl_epi64(p as *const __m128i),
+        std::ptr::read_unaligned(p.add(8) as *const i32),
+    );
+    let nibbles = _mm_shuffle_epi8(
+        s,
+        _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let low = _mm_or_si128(
+        _mm_and_si128(
+            nibbles,
+            _mm_setr_epi8(15, 15, 15, 15, 15, 15, 15, 15, 0, 0, 0, 0, 0, 0, 0, 0),
+        ),
+        _mm_and_si128(
+            _mm_srli_epi16::<4>(nibbles),
+            _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15, 15, 15, 15, 15),
+        ),
+    );
+    let h = _mm_shuffle_epi8(
+        s,
+        _mm_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11),
+    );
+    // Bits 2g..2g + 2 of group g's bytes moved to bits 4..6.
+    let group = |g: i8| {
+        let v = |i: i8| if i / 4 == g { 0x30 } else { 0 };
+        _mm_setr_epi8(
+            v(0),
+            v(1),
+            v(2),
+            v(3),
+            v(4),
+            v(5),
+            v(6),
+            v(7),
+            v(8),
+            v(9),
+            v(10),
+            v(11),
+            v(12),
+            v(13),
+            v(14),
+            v(15),
+        )
+    };
+    let high = _mm_or_si128(
+        _mm_or_si128(
+            _mm_and_si128(_mm_slli_epi16::<4>(h), group(0)),
+            _mm_and_si128(_mm_slli_epi16::<2>(h), group(1)),
+        ),
+        _mm_or_si128(
+            _mm_and_si128(h, group(2)),
+            _mm_and_si128(_mm_srli_epi16::<2>(h), group(3)),
+        ),
+    );
+    _mm_sub_epi8(_mm_or_si128(low, high), _mm_set1_epi8(32))
+}
+
+/// `R` Q3_K rows (`row_bytes` apart) times `T` Q8_K activation rows (`xb` bytes apart), writing
+/// `out[r * n + t]`, every pair by the same steps.
+#[inline(always)]
+unsafe fn q3k_tile<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const u8,
+    xb: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let nb = row_bytes / Q3_K_BYTES;
+    let four = _mm256_set1_epi8(4);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for i in 0..nb {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wb = w.add(r * row_bytes + i * Q3_K_BYTES);
+            prefetch_block(wb, Q3_K_BYTES);
             let wd = f16_scalar(wb.add(108));
-            let s8 = q3_k_scales(&w[i * Q3_K_BYTES + 96..i * Q3_K_BYTES + 108]);
-            let scales = scales_by_half(_mm256_cvtepi8_epi16(_mm_loadu_si128(
-                s8.as_ptr() as *const __m128i
-            )));
+            let scales16 = _mm256_cvtepi8_epi16(q3k_scales(wb.add(96)));
+            let scales = scales_by_half(scales16);
             let hbits = _mm256_loadu_si256(wb as *const __m256i);
-            // Chunk (j, k) as Q2_K's; its high bit is bit 4j + k of the mask bytes.
-            let mut low = [[_mm256_setzero_si256(); 4]; 2];
-            let mut high = [[_mm256_setzero_si256(); 4]; 2];
+            // Chunk (j, k) as Q2_K's; its high bit is bit 4j + k of the mask bytes, moved to
+            // bit 2 (4) of each byte by a shift within 16-bit lanes that brings no other bit
+            // there.
+            let mut q = [[_mm256_setzero_si256(); 4]; 2];
             let mut sc = [[_mm256_setzero_si256(); 4]; 2];
             for j in 0..2 {
                 let bits = _mm256_loadu_si256(wb.add(32 + 32 * j) as *const __m256i);
                 for k in 0..4 {
-                    low[j][k] = crumb(bits, k);
-                    let bit = _mm256_set1_epi8(1 << (4 * j + k));
-                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), bit);
-                    high[j][k] = _mm256_andnot_si256(set, four);
+                    let b = 4 * j + k;
+                    let moved = if b < 2 {
+                        _mm256_sll_epi16(hbits, _mm_cvtsi32_si128(2 - b as i32))
+                    } else {
+                        _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(b as i32 - 2))
+                    };
+                    q[j][k] = _mm256_or_si256(crumb(bits, k), _mm256_and_si256(moved, four));
                     sc[j][k] = _mm256_shuffle_epi8(scales[j], spread_i16(2 * k, 2 * k + 1));
                 }
             }
-            for (t, acc_t) in acc.iter_mut().enumerate() {
+            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
                 let xp = x.add(t * xb + i * Q8_K_BYTES);
                 let d = f32_at(xp) * wd;
+                let q8sums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
+                let offset = _mm256_slli_epi32::<2>(_mm256_madd_epi16(q8sums, scales16));
                 let mut sumi = _mm256_setzero_si256();
                 for j in 0..2 {
                     for k in 0..4 {
                         let q8 = _mm256_loadu_si256(xp.add(4 + 128 * j + 32 * k) as *const __m256i);
-                        let p16 = _mm256_sub_epi16(
-                            _mm256_maddubs_epi16(low[j][k], q8),
-                            _mm256_maddubs_epi16(high[j][k], q8),
-                        );
-                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc[j][k], p16));
+                        let p = _mm256_madd_epi16(sc[j][k], _mm256_maddubs_epi16(q[j][k], q8));
+                        sumi = _mm256_add_epi32(sumi, p);
                     }
                 }
-                *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc_t);
+                sumi = _mm256_sub_epi32(sumi, offset);
+                *acc_rt = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc_rt);
             }
         }
-        for (t, a) in acc.iter().enumerate() {
-            *out.add(t) = hsum(*a);
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (t, a) in acc_r.iter().enumerate() {
+            *out.add(r * n + t) = hsum(*a);
         }
     }
 }
 
 /// Q4_K (`FIVE` false) and Q5_K (`FIVE` true): eight 32-value sub-blocks with 6-bit scales and
 /// mins packed alike. Per sub-block the quants (nibbles, plus the fifth bit as 16 for Q5_K)
-/// times the activations, times the scale, in eight i32 lanes scaled by d once per block; the
-/// minimum term is the mins times the Q8_K sums of each sub-block (pairs of the 16-value sums),
-/// in four lanes scaled by -dmin (ggml's AVX2 `ggml_vec_dot_q4_K_q8_K` and `_q5_K_`).
+/// times the activations, times the scale, in eight i32 lanes; the minimum term is the mins
+/// times the Q8_K sums of each sub-block (pairs of the 16-value sums), in four lanes; both are
+/// scaled (by d and -dmin) into one float accumulator per block (after ggml's AVX2
+/// `ggml_vec_dot_q4_K_q8_K` and `_q5_K_`). The scales and mins are unpacked with byte shuffles
+/// and the two f16 scales converted together, which is most of a block's work besides the
+/// products.
 pub(super) struct K4<const FIVE: bool>;
 pub(super) type Q4K = K4<false>;
 pub(super) type Q5K = K4<true>;
@@ -212,22 +358,89 @@ impl<const FIVE: bool> KTile for K4<FIVE> {
     const BYTES: usize = if FIVE { Q5_K_BYTES } else { Q4_K_BYTES };
     #[inline(always)]
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
-        let bytes = Self::BYTES;
-        let qs_at = if FIVE { 48 } else { 16 };
-        let nb = w.len() / bytes;
-        let m4 = _mm256_set1_epi8(0x0f);
-        let one = _mm256_set1_epi8(1);
-        let mut acc = [_mm256_setzero_ps(); T];
-        let mut acc_m = [_mm_setzero_ps(); T];
-        for i in 0..nb {
-            let wb = w.as_ptr().add(i * bytes);
-            let (wd, wdmin) = (f16_scalar(wb), f16_scalar(wb.add(2)));
-            let (sc, mn) = q4_k_scales_mins(&w[i * bytes + 4..i * bytes + 16]);
-            let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+        k4_tile::<FIVE, 1, T>(w.as_ptr(), w.len(), x, xb, out, T);
+    }
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
+        k4_tile::<FIVE, R, 1>(w, row_bytes, x, 0, out, 1);
+    }
+}
+
+/// The eight 6-bit scales and eight 6-bit mins of a Q4_K/Q5_K block from its 12 packed bytes
+/// (the first 12 of the 16 at `p`), as bytes 0..8 and 8..16 (`q4_k_scales_mins`, with shuffles).
+#[inline(always)]
+unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
+    let s = _mm_loadu_si128(p as *const __m128i);
+    // Scales 0..4 and mins 0..4 are the low 6 bits of bytes 0..4 and 4..8; scales 4..8 and mins
+    // 4..8 are the low and high nibbles of bytes 8..12, with the top two bits of bytes 0..4 and
+    // 4..8 above them.
+    let low = _mm_shuffle_epi8(
+        s,
+        _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11),
+    );
+    let top = _mm_shuffle_epi8(
+        s,
+        _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7),
+    );
+    let keep = _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0);
+    let high_nibbles = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15);
+    let top_bits = _mm_setr_epi8(0, 0, 0, 0, 48, 48, 48, 48, 0, 0, 0, 0, 48, 48, 48, 48);
+    _mm_or_si128(
+        _mm_or_si128(
+            _mm_and_si128(low, keep),
+            _mm_and_si128(_mm_srli_epi16::<4>(low), high_nibbles),
+        ),
+        _mm_and_si128(_mm_srli_epi16::<2>(top), top_bits),
+    )
+}
+
+/// `R` Q4_K/Q5_K rows (`row_bytes` apart) times `T` Q8_K activation rows (`xb` bytes apart),
+/// writing `out[r * n + t]`. Every (row, token) pair takes the same steps whatever `R` and `T`.
+#[inline(always)]
+unsafe fn k4_tile<const FIVE: bool, const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const u8,
+    xb: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let bytes = K4::<FIVE>::BYTES;
+    let qs_at = if FIVE { 48 } else { 16 };
+    let nb = row_bytes / bytes;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let one = _mm256_set1_epi8(1);
+    // One byte shuffle per sub-block's scale: hidden from the optimizer, which would otherwise
+    // turn most of them into a shift and a broadcast each.
+    let spread: [__m256i; 8] = std::hint::black_box(std::array::from_fn(|j| spread_i16(j, j)));
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for i in 0..nb {
+        // Per token: (dy, -dy) to scale both of a block's f16 scales at once, and the sums of
+        // each 32-value sub-block's activations.
+        let mut dy = [_mm_setzero_ps(); T];
+        let mut q8s = [_mm_setzero_si128(); T];
+        for t in 0..T {
+            let xp = x.add(t * xb + i * Q8_K_BYTES);
+            let d = f32_at(xp);
+            dy[t] = _mm_setr_ps(d, -d, 0.0, 0.0);
+            let bsums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
+            q8s[t] = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256::<1>(bsums),
+            );
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wb = w.add(r * row_bytes + i * bytes);
+            prefetch_block(wb, bytes);
+            // (d, dmin) of the block.
+            let dmin = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                wb as *const i32,
+            )));
+            let sm = k4_scales_mins(wb.add(4));
+            let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
             // The eight scales as i16 in both halves; each sub-block's is spread by one byte
             // shuffle with a constant pattern (as ggml's get_scale_shuffle_k4).
-            let sc16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr() as *const __m128i));
-            let sc16 = _mm256_set_m128i(sc16, sc16);
+            let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
             let qh = _mm256_loadu_si256(wb.add(16) as *const __m256i);
             let mut q = [[_mm256_setzero_si256(); 2]; 4];
             let mut scale = [[_mm256_setzero_si256(); 2]; 4];
@@ -246,24 +459,14 @@ impl<const FIVE: bool> KTile for K4<FIVE> {
                     }
                 }
                 scale[j] = [
-                    _mm256_shuffle_epi8(sc16, spread_i16(2 * j, 2 * j)),
-                    _mm256_shuffle_epi8(sc16, spread_i16(2 * j + 1, 2 * j + 1)),
+                    _mm256_shuffle_epi8(sc16, spread[2 * j]),
+                    _mm256_shuffle_epi8(sc16, spread[2 * j + 1]),
                 ];
             }
-            for t in 0..T {
+            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
                 let xp = x.add(t * xb + i * Q8_K_BYTES);
-                let dy = f32_at(xp);
-                let d = dy * wd;
-                let dmin = -dy * wdmin;
-
-                let q8sums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
-                let q8s = _mm_hadd_epi16(
-                    _mm256_castsi256_si128(q8sums),
-                    _mm256_extracti128_si256::<1>(q8sums),
-                );
-                let prod = _mm_madd_epi16(mins, q8s);
-                acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[t]);
-
+                let ds = _mm_mul_ps(dmin, dy[t]);
+                let prod = _mm_madd_epi16(mins, q8s[t]);
                 let mut sumi = _mm256_setzero_si256();
                 for j in 0..4 {
                     let q8l = _mm256_loadu_si256(xp.add(4 + 64 * j) as *const __m256i);
@@ -272,76 +475,107 @@ impl<const FIVE: bool> KTile for K4<FIVE> {
                     let p16h = _mm256_madd_epi16(scale[j][1], _mm256_maddubs_epi16(q[j][1], q8h));
                     sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16l, p16h));
                 }
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[t]);
+                let d = _mm256_broadcastss_ps(ds);
+                let neg_dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(ds));
+                let mins_sum = _mm256_set_m128(_mm_setzero_ps(), _mm_cvtepi32_ps(prod));
+                *acc_rt = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), *acc_rt);
+                *acc_rt = _mm256_fmadd_ps(neg_dmin, mins_sum, *acc_rt);
             }
         }
-        for t in 0..T {
-            let m = _mm_add_ps(acc_m[t], _mm_movehl_ps(acc_m[t], acc_m[t]));
-            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-            *out.add(t) = hsum(acc[t]) + _mm_cvtss_f32(m);
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (t, a) in acc_r.iter().enumerate() {
+            *out.add(r * n + t) = hsum(*a);
         }
     }
 }
 
-pub(super) fn dot_q6_k_q8_k(w: &[u8], x: &[u8]) -> f32 {
-    check_k(w, Q6_K_BYTES, x);
-    // SAFETY: features checked in `tables()`; lengths checked above.
-    unsafe { dot_q6_k_q8_k_impl(w, x) }
+/// Q6_K (ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`): the 6-bit values unsigned (0..=63) times the
+/// activations with maddubs (pairs of at most 2 * 63 * 128, no saturation), times the signed
+/// 16-value scales with madd; the offset of 32 is taken off once per block as
+/// 32 * sum(scale * Q8_K block sum).
+pub(super) struct Q6K;
+impl KTile for Q6K {
+    const BYTES: usize = Q6_K_BYTES;
+    #[inline(always)]
+    unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
+        q6k_tile::<1, T>(w.as_ptr(), w.len(), x, xb, out, T);
+    }
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
+        q6k_tile::<R, 1>(w, row_bytes, x, 0, out, 1);
+    }
 }
 
-/// ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`: the 6-bit values unsigned (0..=63) times the activations
-/// with maddubs (pairs of at most 2 * 63 * 128, no saturation), times the signed 16-value scales
-/// with madd; the offset of 32 is taken off once per block as 32 * sum(scale * Q8_K block sum).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q6_k_q8_k_impl(w: &[u8], x: &[u8]) -> f32 {
-    let nb = w.len() / Q6_K_BYTES;
+/// `R` Q6_K rows (`row_bytes` apart) times `T` Q8_K activation rows (`xb` bytes apart), writing
+/// `out[r * n + t]`, every pair by the same steps.
+#[inline(always)]
+unsafe fn q6k_tile<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const u8,
+    xb: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let nb = row_bytes / Q6_K_BYTES;
     let m3 = _mm256_set1_epi8(3);
     let m15 = _mm256_set1_epi8(15);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
     for i in 0..nb {
-        let wb = w.as_ptr().add(i * Q6_K_BYTES);
-        let xb = x.as_ptr().add(i * Q8_K_BYTES);
-        let d = f32_at(xb) * f16_scalar(wb.add(208));
-
-        let q8sums = _mm256_loadu_si256(xb.add(Q8_K_BSUMS_AT) as *const __m256i);
-        let scales = _mm_loadu_si128(wb.add(192) as *const __m128i);
-        let scales16 = _mm256_cvtepi8_epi16(scales);
-        let q8sclsub = _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, scales16));
-
-        let mut sumi = _mm256_setzero_si256();
-        for half in 0..2 {
-            let ql = wb.add(64 * half);
-            let qh = _mm256_loadu_si256(wb.add(128 + 32 * half) as *const __m256i);
-            let q4bits1 = _mm256_loadu_si256(ql as *const __m256i);
-            let q4bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-
-            let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
-            let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(12)));
-            let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(48));
-            let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(-64)));
-
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(q4bits1, m15), h0),
-                _mm256_or_si256(_mm256_and_si256(q4bits2, m15), h1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4bits1), m15), h2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4bits2), m15), h3),
-            ];
-            for (k, qk) in q.iter().enumerate() {
-                let q8 = _mm256_loadu_si256(xb.add(4 + 128 * half + 32 * k) as *const __m256i);
-                // Scales 8 * half + 2k (values 0..16 of the chunk) and + 1 (values 16..32),
-                // spread by a byte shuffle and widened (ggml's get_scale_shuffle).
-                let s = 8 * half + 2 * k;
-                let pick = _mm_set_epi64x(
-                    (0x0101_0101_0101_0101u64 * (s as u64 + 1)) as i64,
-                    (0x0101_0101_0101_0101u64 * s as u64) as i64,
-                );
-                let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
-                let p = _mm256_madd_epi16(sc, _mm256_maddubs_epi16(*qk, q8));
-                sumi = _mm256_add_epi32(sumi, p);
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wb = w.add(r * row_bytes + i * Q6_K_BYTES);
+            prefetch_block(wb, Q6_K_BYTES);
+            let wd = f16_scalar(wb.add(208));
+            let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192) as *const __m128i));
+            let by_half = scales_by_half(scales16);
+            // Chunk (half, k): values 128 half + 32k..+32, the low or high nibbles of ql bytes
+            // 64 half + 32 (k % 2)..+32 with bits 2k..2k + 2 of qh bytes 32 half..+32 above them;
+            // its 16-value halves take scales 8 half + 2k and 8 half + 2k + 1.
+            let mut q = [[_mm256_setzero_si256(); 4]; 2];
+            let mut sc = [[_mm256_setzero_si256(); 4]; 2];
+            for half in 0..2 {
+                let ql = wb.add(64 * half);
+                let qh = _mm256_loadu_si256(wb.add(128 + 32 * half) as *const __m256i);
+                let q4bits1 = _mm256_loadu_si256(ql as *const __m256i);
+                let q4bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
+                let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(12)));
+                let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(48));
+                let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(-64)));
+                q[half] = [
+                    _mm256_or_si256(_mm256_and_si256(q4bits1, m15), h0),
+                    _mm256_or_si256(_mm256_and_si256(q4bits2, m15), h1),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4bits1), m15), h2),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4bits2), m15), h3),
+                ];
+                for (k, sck) in sc[half].iter_mut().enumerate() {
+                    *sck = _mm256_shuffle_epi8(by_half[half], spread_i16(2 * k, 2 * k + 1));
+                }
+            }
+            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
+                let xp = x.add(t * xb + i * Q8_K_BYTES);
+                let d = f32_at(xp) * wd;
+                let q8sums = _mm256_loadu_si256(xp.add(Q8_K_BSUMS_AT) as *const __m256i);
+                let q8sclsub = _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, scales16));
+                let mut sumi = _mm256_setzero_si256();
+                for half in 0..2 {
+                    for k in 0..4 {
+                        let q8 =
+                            _mm256_loadu_si256(xp.add(4 + 128 * half + 32 * k) as *const __m256i);
+                        let p =
+                            _mm256_madd_epi16(sc[half][k], _mm256_maddubs_epi16(q[half][k], q8));
+                        sumi = _mm256_add_epi32(sumi, p);
+                    }
+                }
+                sumi = _mm256_sub_epi32(sumi, q8sclsub);
+                *acc_rt = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc_rt);
             }
         }
-        sumi = _mm256_sub_epi32(sumi, q8sclsub);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum(acc)
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (t, a) in acc_r.iter().enumerate() {
+            *out.add(r * n + t) = hsum(*a);
+        }
+    }
 }

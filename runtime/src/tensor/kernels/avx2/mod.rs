@@ -15,6 +15,8 @@ mod kquant;
 
 use super::{grid, scalar, Kernels};
 use crate::tensor::blocks::block32::{f16_at, Q8_0_BYTES, QK};
+use crate::tensor::blocks::kquant::{Q8_K_BSUMS_AT, Q8_K_BYTES};
+use crate::tensor::blocks::QK_K;
 
 static AVX2: Kernels = AVX2_KERNELS;
 
@@ -34,11 +36,12 @@ const AVX2_KERNELS: Kernels = Kernels {
     gemm_iq4_nl: block32::gemm_iq4_nl,
     gemm_mxfp4: block32::gemm_mxfp4,
     quantize_q8_0,
+    quantize_q8_k,
     dot_q2_k_q8_k: kquant::dot::<kquant::Q2K>,
     dot_q3_k_q8_k: kquant::dot::<kquant::Q3K>,
     dot_q4_k_q8_k: kquant::dot::<kquant::Q4K>,
     dot_q5_k_q8_k: kquant::dot::<kquant::Q5K>,
-    dot_q6_k_q8_k: kquant::dot_q6_k_q8_k,
+    dot_q6_k_q8_k: kquant::dot::<kquant::Q6K>,
     dot_iq2_xxs_q8_k: iquant::dot_grid::<grid::Iq2Xxs>,
     dot_iq2_xs_q8_k: iquant::dot_grid::<grid::Iq2Xs>,
     dot_iq2_s_q8_k: iquant::dot_grid::<grid::Iq2S>,
@@ -51,6 +54,7 @@ const AVX2_KERNELS: Kernels = Kernels {
     gemm_q3_k: kquant::gemm::<kquant::Q3K>,
     gemm_q4_k: kquant::gemm::<kquant::Q4K>,
     gemm_q5_k: kquant::gemm::<kquant::Q5K>,
+    gemm_q6_k: kquant::gemm::<kquant::Q6K>,
     gemm_iq4_xs: kquant::gemm::<iquant::Iq4Xs>,
 };
 
@@ -123,6 +127,92 @@ fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     unsafe { quantize_q8_0_impl(x, out) }
 }
 
+/// Activation rows to Q8_K, bit-identical to `kquant::quantize_row_q8_k` (ggml's reference):
+/// scalar, its per-value `rintf` calls were most of a k-quant decode step's time outside the
+/// matrix products.
+fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
+    assert_eq!(x.len() % QK_K, 0);
+    assert_eq!(out.len(), x.len() / QK_K * Q8_K_BYTES);
+    // SAFETY: features checked in `table()`; lengths checked above.
+    unsafe { quantize_q8_k_impl(x, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_k_impl(x: &[f32], out: &mut [u8]) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let ones = _mm256_set1_epi8(1);
+    let ones16 = _mm256_set1_epi16(1);
+    for (xb, ob) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(Q8_K_BYTES)) {
+        let p = xb.as_ptr();
+        // The largest magnitude (a NaN is skipped, as `max_ps` returns its second operand when
+        // the first is NaN), then the first value that has it: the reference keeps the first.
+        let mut m = _mm256_setzero_ps();
+        for j in 0..QK_K / 8 {
+            m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p.add(8 * j)), abs_mask), m);
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+        ob.fill(0);
+        if amax == 0.0 {
+            continue;
+        }
+        let amax_v = _mm256_set1_ps(amax);
+        let mut max = 0f32;
+        for j in 0..QK_K / 8 {
+            let v = _mm256_loadu_ps(p.add(8 * j));
+            let hit = _mm256_movemask_ps(_mm256_cmp_ps(
+                _mm256_and_ps(v, abs_mask),
+                amax_v,
+                _CMP_EQ_OQ,
+            ));
+            if hit != 0 {
+                max = xb[8 * j + hit.trailing_zeros() as usize];
+                break;
+            }
+        }
+        let iscale = -127.0 / max;
+        let iv = _mm256_set1_ps(iscale);
+        let top = _mm256_set1_epi32(127);
+        let mut sums = [_mm256_setzero_si256(); 8];
+        for (c, sum) in sums.iter_mut().enumerate() {
+            // 32 values: rounded half to even (the default rounding mode, as `round_ties_even`),
+            // at most 127, and 0 where the product is NaN (as `as i32` makes it).
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (k, qk) in q.iter_mut().enumerate() {
+                let s = _mm256_mul_ps(iv, _mm256_loadu_ps(p.add(32 * c + 8 * k)));
+                let not_nan = _mm256_castps_si256(_mm256_cmp_ps(s, s, _CMP_ORD_Q));
+                *qk = _mm256_and_si256(_mm256_min_epi32(_mm256_cvtps_epi32(s), top), not_nan);
+            }
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+            _mm256_storeu_si256(ob.as_mut_ptr().add(4 + 32 * c) as *mut __m256i, bytes);
+            // Four i32 sums per 16-value group: groups 2c (low half) and 2c + 1 (high half).
+            *sum = _mm256_madd_epi16(_mm256_maddubs_epi16(ones, bytes), ones16);
+        }
+        // Per 128-bit half: the group sums of chunks 0..4 and 4..8, even groups in the low half
+        // and odd ones in the high half; interleaved back to group order.
+        let h0 = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(sums[0], sums[1]),
+            _mm256_hadd_epi32(sums[2], sums[3]),
+        );
+        let h1 = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(sums[4], sums[5]),
+            _mm256_hadd_epi32(sums[6], sums[7]),
+        );
+        let g = _mm256_packs_epi32(h0, h1);
+        let (even, odd) = (_mm256_castsi256_si128(g), _mm256_extracti128_si256::<1>(g));
+        let bsums = ob.as_mut_ptr().add(Q8_K_BSUMS_AT) as *mut __m128i;
+        _mm_storeu_si128(bsums, _mm_unpacklo_epi16(even, odd));
+        _mm_storeu_si128(bsums.add(1), _mm_unpackhi_epi16(even, odd));
+        ob[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_q8_0_impl(x: &[f32], out: &mut [u8]) {
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
@@ -169,6 +259,23 @@ unsafe fn quantize_q8_0_impl(x: &[f32], out: &mut [u8]) {
         );
         let bytes = _mm256_permutevar8x32_epi32(bytes, order);
         _mm256_storeu_si256(ob.as_mut_ptr().add(2) as *mut __m256i, bytes);
+    }
+}
+
+/// How far ahead of the block being multiplied a weight row is prefetched, in bytes (a hint:
+/// reading past the row's end is harmless, and with a tile's rows adjacent in memory it fetches
+/// the rows after them). Decoding streams every weight once, and the distance has to cover the
+/// memory latency of both threads' streams (docs/BENCHMARKS.md, "Prefetch distance").
+const PREFETCH_BYTES: usize = 4096;
+
+/// Prefetches the cache lines [`PREFETCH_BYTES`] ahead of a weight block of `bytes` bytes at
+/// `p`: one per 64 bytes, so that consecutive blocks fetch every line of the row.
+#[inline(always)]
+unsafe fn prefetch_block(p: *const u8, bytes: usize) {
+    let mut off = 0;
+    while off < bytes {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + off) as *const i8);
+        off += 64;
     }
 }
 

@@ -22,6 +22,7 @@ mod kquant;
 
 use super::{by_pairs, grid, scalar, Kernels};
 use crate::tensor::blocks::block32::{f16_at, quantize_row_q8_0};
+use crate::tensor::blocks::kquant::quantize_row_q8_k;
 
 // The matrix products are each table's dot kernels pair by pair (bit-identical to them).
 static DOTPROD: Kernels = Kernels {
@@ -42,6 +43,7 @@ static DOTPROD: Kernels = Kernels {
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
+    quantize_q8_k: quantize_row_q8_k,
     dot_q2_k_q8_k: dot::<Sdot, kquant::Q2K>,
     dot_q3_k_q8_k: dot::<Sdot, kquant::Q3K>,
     dot_q4_k_q8_k: dot::<Sdot, kquant::Q4K>,
@@ -59,6 +61,7 @@ static DOTPROD: Kernels = Kernels {
     gemm_q3_k: by_pairs!(dot::<Sdot, kquant::Q3K>),
     gemm_q4_k: by_pairs!(dot::<Sdot, kquant::Q4K>),
     gemm_q5_k: by_pairs!(dot::<Sdot, kquant::Q5K>),
+    gemm_q6_k: by_pairs!(dot::<Sdot, kquant::Q6K>),
     gemm_iq4_xs: by_pairs!(dot::<Sdot, iquant::Iq4Xs>),
 };
 
@@ -80,6 +83,7 @@ static NEON: Kernels = Kernels {
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
+    quantize_q8_k: quantize_row_q8_k,
     dot_q2_k_q8_k: dot::<Mull, kquant::Q2K>,
     dot_q3_k_q8_k: dot::<Mull, kquant::Q3K>,
     dot_q4_k_q8_k: dot::<Mull, kquant::Q4K>,
@@ -97,6 +101,7 @@ static NEON: Kernels = Kernels {
     gemm_q3_k: by_pairs!(dot::<Mull, kquant::Q3K>),
     gemm_q4_k: by_pairs!(dot::<Mull, kquant::Q4K>),
     gemm_q5_k: by_pairs!(dot::<Mull, kquant::Q5K>),
+    gemm_q6_k: by_pairs!(dot::<Mull, kquant::Q6K>),
     gemm_iq4_xs: by_pairs!(dot::<Mull, iquant::Iq4Xs>),
 };
 
