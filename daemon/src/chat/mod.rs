@@ -257,18 +257,17 @@ mod tests {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests")
     }
 
-    /// GLM-4.5/4.6's template as llama.cpp ships it (`models/templates/GLM-4.6.jinja`, fetched
-    /// beside llama.cpp's tokenizer vectors by scripts/fixtures/fetch_llama_cpp_files.sh). The
-    /// expected texts are transformers' renderings of the same messages: an earlier turn's
-    /// reasoning dropped, `<|observation|>` before tool output, no newline after a turn.
-    #[test]
-    fn glm_4_6_template_renders_as_transformers() {
+    /// A template of llama.cpp's `models/templates` (fetched by
+    /// scripts/fixtures/fetch_llama_cpp_files.sh), or None with a note when it is missing, which
+    /// fails instead under MOE_EDGE_REQUIRE_VOCAB=1.
+    fn fetched_template(name: &str) -> Option<String> {
         let dir = match std::env::var_os("MOE_EDGE_TEMPLATE_DIR") {
             Some(d) => std::path::PathBuf::from(d),
             None => repo_tests().join("fixtures/templates"),
         };
-        let path = dir.join("GLM-4.6.jinja");
-        let Ok(source) = std::fs::read_to_string(&path) else {
+        let path = dir.join(name);
+        let source = std::fs::read_to_string(&path).ok();
+        if source.is_none() {
             let note = format!(
                 "{} is missing: run scripts/fixtures/fetch_llama_cpp_files.sh",
                 path.display()
@@ -278,6 +277,17 @@ mod tests {
                 "{note} (MOE_EDGE_REQUIRE_VOCAB=1)"
             );
             eprintln!("note: skipping: {note}");
+        }
+        source
+    }
+
+    /// GLM-4.5/4.6's template as llama.cpp ships it (`models/templates/GLM-4.6.jinja`, fetched
+    /// beside llama.cpp's tokenizer vectors by scripts/fixtures/fetch_llama_cpp_files.sh). The
+    /// expected texts are transformers' renderings of the same messages: an earlier turn's
+    /// reasoning dropped, `<|observation|>` before tool output, no newline after a turn.
+    #[test]
+    fn glm_4_6_template_renders_as_transformers() {
+        let Some(source) = fetched_template("GLM-4.6.jinja") else {
             return;
         };
         let t = ChatTemplate::new(&source, String::new(), "<|endoftext|>".into()).unwrap();
@@ -423,21 +433,7 @@ mod tests {
     /// `reasoning_content` reaching it as `thinking`; it is recognised as Harmony.
     #[test]
     fn gpt_oss_template_renders_as_transformers() {
-        let dir = match std::env::var_os("MOE_EDGE_TEMPLATE_DIR") {
-            Some(d) => std::path::PathBuf::from(d),
-            None => repo_tests().join("fixtures/templates"),
-        };
-        let path = dir.join("openai-gpt-oss-120b.jinja");
-        let Ok(source) = std::fs::read_to_string(&path) else {
-            let note = format!(
-                "{} is missing: run scripts/fixtures/fetch_llama_cpp_files.sh",
-                path.display()
-            );
-            assert!(
-                std::env::var("MOE_EDGE_REQUIRE_VOCAB").as_deref() != Ok("1"),
-                "{note} (MOE_EDGE_REQUIRE_VOCAB=1)"
-            );
-            eprintln!("note: skipping: {note}");
+        let Some(source) = fetched_template("openai-gpt-oss-120b.jinja") else {
             return;
         };
         let t = ChatTemplate::new(&source, "<|startoftext|>".into(), "<|return|>".into()).unwrap();

@@ -227,37 +227,9 @@ mod pb {
 /// The GRU step graph `scripts/train/train_pregate.py` exports, with hidden width 2, embedding
 /// width 2, a vocabulary of 4, and 2 experts on layers 0 and 1 (top 1).
 fn tiny_gru() -> Vec<u8> {
-    const GRAPH: &[(&str, &[&str], &[&str])] = &[
-        ("Gather", &["emb", "token"], &["e"]),
-        ("MatMul", &["e", "Wi_r"], &["ei_r"]),
-        ("Add", &["ei_r", "bi_r"], &["i_r"]),
-        ("MatMul", &["h", "Wh_r"], &["hh_r"]),
-        ("Add", &["hh_r", "bh_r"], &["h_r"]),
-        ("MatMul", &["e", "Wi_z"], &["ei_z"]),
-        ("Add", &["ei_z", "bi_z"], &["i_z"]),
-        ("MatMul", &["h", "Wh_z"], &["hh_z"]),
-        ("Add", &["hh_z", "bh_z"], &["h_z"]),
-        ("MatMul", &["e", "Wi_n"], &["ei_n"]),
-        ("Add", &["ei_n", "bi_n"], &["i_n"]),
-        ("MatMul", &["h", "Wh_n"], &["hh_n"]),
-        ("Add", &["hh_n", "bh_n"], &["h_n"]),
-        ("Add", &["i_r", "h_r"], &["r0"]),
-        ("Sigmoid", &["r0"], &["r"]),
-        ("Add", &["i_z", "h_z"], &["z0"]),
-        ("Sigmoid", &["z0"], &["z"]),
-        ("Mul", &["r", "h_n"], &["rn"]),
-        ("Add", &["i_n", "rn"], &["n0"]),
-        ("Tanh", &["n0"], &["n"]),
-        ("Sub", &["h", "n"], &["hmn"]),
-        ("Mul", &["z", "hmn"], &["zd"]),
-        ("Add", &["n", "zd"], &["h_next"]),
-        ("Concat", &["h_next", "e"], &["he"]),
-        ("MatMul", &["he", "head_T"], &["l0"]),
-        ("Add", &["l0", "head_b"], &["logits"]),
-    ];
     let (h, de, vocab, n_out) = (2u64, 2u64, 4u64, 4u64);
     let mut graph = Vec::new();
-    for (op, ins, outs) in GRAPH {
+    for (op, ins, outs) in moe_runtime::moe::gru::GRAPH {
         let mut n = Vec::new();
         for i in *ins {
             pb::bytes(1, i.as_bytes(), &mut n);

@@ -27,8 +27,9 @@ use std::path::Path;
 use crate::moe::predictor::{ExpertPredictor, Predictions, PredictorError, PregateMeta};
 use crate::onnx::{Initializer, OnnxError, OnnxModel};
 
-/// The graph `export_onnx` writes: (op, inputs, outputs), in order.
-const GRAPH: &[(&str, &[&str], &[&str])] = &[
+/// The graph `export_onnx` writes: (op, inputs, outputs), in order. Public so that tools
+/// writing such a graph (the fuzz seeds) build the one this reader checks.
+pub const GRAPH: &[(&str, &[&str], &[&str])] = &[
     ("Gather", &["emb", "token"], &["e"]),
     ("MatMul", &["e", "Wi_r"], &["ei_r"]),
     ("Add", &["ei_r", "bi_r"], &["i_r"]),
