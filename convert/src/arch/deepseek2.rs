@@ -9,7 +9,9 @@ use moe_runtime::model::Arch;
 
 use std::sync::Arc;
 
-use super::{experts_at, ArchConverter, AttnTensor, ExpertMlp, FfnSource, SharedSource};
+use super::{
+    experts_at, yarn_params, ArchConverter, AttnTensor, ExpertMlp, FfnSource, SharedSource,
+};
 use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
 use crate::source::{Rearrange, Source};
@@ -45,12 +47,6 @@ fn dims(cfg: &Config) -> Result<Dims, ConvertError> {
 }
 
 /// `rope_parameters` (transformers 5) or `rope_scaling` (Hub configs).
-fn rope_params(cfg: &Config) -> Option<&serde_json::Value> {
-    cfg.get("rope_parameters")
-        .or_else(|| cfg.get("rope_scaling"))
-        .filter(|v| v.is_object())
-}
-
 fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
     if scale <= 1.0 {
         1.0
@@ -61,24 +57,9 @@ fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
 
 impl Deepseek2 {
     fn rope_metadata(&self, cfg: &Config) -> Result<Vec<(String, Value)>, ConvertError> {
-        let Some(p) = rope_params(cfg) else {
+        let Some(p) = yarn_params(cfg)? else {
             return Ok(vec![]);
         };
-        let kind = p
-            .get("rope_type")
-            .or_else(|| p.get("type"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
-        match kind {
-            "default" => return Ok(vec![]),
-            "yarn" => {}
-            other => {
-                return Err(ConvertError::Config {
-                    field: "rope_parameters".into(),
-                    why: format!("rope scaling `{other}` is not supported (default or yarn)"),
-                })
-            }
-        }
         let f = |k: &str| p.get(k).and_then(|v| v.as_f64());
         let bad = |why: String| ConvertError::Config {
             field: "rope_parameters".into(),

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use moe_runtime::gguf::{GgmlType, Value, ValueType};
 use moe_runtime::model::Arch;
 
-use super::{expert_count, ArchConverter, AttnTensor, ExpertSource, FfnSource, PreparedExperts};
+use super::{
+    expert_count, yarn_params, ArchConverter, AttnTensor, ExpertSource, FfnSource, PreparedExperts,
+};
 use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config, SourceDtype};
 use crate::source::{Pack, Rearrange, Source};
@@ -153,35 +155,14 @@ impl Rearrange for InterleavedBias {
 }
 
 /// `rope_parameters` (transformers 5) or `rope_scaling` (Hub configs).
-fn rope_params(cfg: &Config) -> Option<&serde_json::Value> {
-    cfg.get("rope_parameters")
-        .or_else(|| cfg.get("rope_scaling"))
-        .filter(|v| v.is_object())
-}
-
 impl GptOss {
     /// YaRN as llama.cpp's converter writes it, plus moe-edge's `yarn_truncate` when the
     /// config sets `truncate` (the Hub checkpoints say false: transformers then does not round
     /// the correction range; llama.cpp always rounds it).
     fn rope_metadata(&self, cfg: &Config) -> Result<Vec<(String, Value)>, ConvertError> {
-        let Some(p) = rope_params(cfg) else {
+        let Some(p) = yarn_params(cfg)? else {
             return Ok(vec![]);
         };
-        let kind = p
-            .get("rope_type")
-            .or_else(|| p.get("type"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
-        match kind {
-            "default" => return Ok(vec![]),
-            "yarn" => {}
-            other => {
-                return Err(ConvertError::Config {
-                    field: "rope_parameters".into(),
-                    why: format!("rope scaling `{other}` is not supported (default or yarn)"),
-                })
-            }
-        }
         let f = |k: &str| p.get(k).and_then(|v| v.as_f64());
         let orig = f("original_max_position_embeddings").ok_or_else(|| ConvertError::Config {
             field: "rope_parameters".into(),

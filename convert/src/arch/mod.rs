@@ -276,3 +276,28 @@ pub(crate) fn experts_at(
         down: list(names[2]),
     })
 }
+
+/// The YaRN parameters of a config (`rope_parameters`, or the older `rope_scaling`), None when
+/// it has no rope scaling or the default; any other kind is refused.
+fn yarn_params(cfg: &Config) -> Result<Option<&serde_json::Value>, ConvertError> {
+    let Some(p) = cfg
+        .get("rope_parameters")
+        .or_else(|| cfg.get("rope_scaling"))
+        .filter(|v| v.is_object())
+    else {
+        return Ok(None);
+    };
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(None),
+        "yarn" => Ok(Some(p)),
+        other => Err(ConvertError::Config {
+            field: "rope_parameters".into(),
+            why: format!("rope scaling `{other}` is not supported (default or yarn)"),
+        }),
+    }
+}
