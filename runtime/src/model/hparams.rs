@@ -5,7 +5,9 @@ use crate::gguf::{GgufHeader, Value};
 use super::arch::{Arch, ArchTraits, AttentionKind};
 use super::error::ModelError;
 use crate::moe::experts::Glu;
-use crate::moe::router::{Gating, GroupLimit, GroupScore, RoutingSpec, MAX_EXPERTS_USED};
+use crate::moe::router::{
+    Gating, GroupLimit, GroupScore, RoutingSpec, MAX_EXPERTS, MAX_EXPERTS_USED,
+};
 
 /// Multi-head latent attention dimensions (DeepSeek-V2/V3). In the file, `head_dim_k` /
 /// `head_dim_v` describe the cached MQA view (`kv_lora_rank + qk_rope` / `kv_lora_rank`); these
@@ -177,6 +179,12 @@ impl HParams {
         let (yarn, rope_attn_factor, yarn_mscale) = rope_scaling(&m, &traits)?;
         let n_expert = m.usize("expert_count")?;
         let n_expert_used = m.usize("expert_used_count")?;
+        if n_expert > MAX_EXPERTS {
+            return Err(ModelError::Metadata {
+                key: m.key("expert_count"),
+                why: format!("{n_expert} experts per layer: at most {MAX_EXPERTS} are supported"),
+            });
+        }
         if n_expert == 0
             || n_expert_used == 0
             || n_expert_used > n_expert

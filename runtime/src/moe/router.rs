@@ -6,6 +6,10 @@ pub const MAX_EXPERT_GROUPS: usize = 64;
 /// At most this many experts per token (fixed capacity keeps routing allocation-free).
 pub const MAX_EXPERTS_USED: usize = 16;
 
+/// At most this many experts per layer: routing scores live on the stack, so routing allocates
+/// on no thread (a per-thread buffer would allocate the first time a new pool worker routes).
+pub const MAX_EXPERTS: usize = 1024;
+
 /// The experts one token uses and their weights, best first.
 #[derive(Clone, Debug, Default)]
 pub struct Route {
@@ -131,30 +135,25 @@ pub fn route_with(spec: &RoutingSpec, logits: &[f32], bias: Option<&[f32]>) -> R
     }
     let n = logits.len();
     assert!(spec.k <= MAX_EXPERTS_USED && spec.k <= n);
-    // Score buffers reused per thread: routing runs for every token of every layer.
-    ROUTE_SCRATCH.with_borrow_mut(|(scores, choice)| {
-        scores.clear();
-        match spec.gating {
-            Gating::Softmax => {
-                let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
-                scores.extend(logits.iter().map(|&v| (v - max).exp() / sum));
-            }
-            Gating::Sigmoid => scores.extend(logits.iter().map(|&v| 1.0 / (1.0 + (-v).exp()))),
-            Gating::SoftmaxWeight => scores.extend_from_slice(logits),
+    assert!(
+        n <= MAX_EXPERTS,
+        "{n} experts: at most {MAX_EXPERTS} are supported"
+    );
+    let mut scores: heapless::Vec<f32, MAX_EXPERTS> = heapless::Vec::new();
+    match spec.gating {
+        Gating::Softmax => {
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+            scores.extend(logits.iter().map(|&v| (v - max).exp() / sum));
         }
-        choice.clear();
-        match bias {
-            Some(b) => choice.extend(scores.iter().zip(b).map(|(s, b)| s + b)),
-            None => choice.extend_from_slice(scores),
-        }
-        route_scores(spec, logits, scores, choice)
-    })
-}
-
-thread_local! {
-    static ROUTE_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        Gating::Sigmoid => scores.extend(logits.iter().map(|&v| 1.0 / (1.0 + (-v).exp()))),
+        Gating::SoftmaxWeight => scores.extend(logits.iter().copied()),
+    }
+    let mut choice: heapless::Vec<f32, MAX_EXPERTS> = match bias {
+        Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+        None => scores.clone(),
+    };
+    route_scores(spec, logits, &scores, &mut choice)
 }
 
 /// Group limits, top-k and weights from the scores and the (biased) selection values.
