@@ -320,6 +320,34 @@ fn mla_kv_cache_is_compressed() {
     }
 }
 
+/// Gemma 4 MoE (transformers' Gemma4ForCausalLM): a dense GELU MLP beside the experts, each
+/// normalised, the router on its own scaled norm with per-expert scales, sandwich norms, q/k/v
+/// norms, sliding layers (window 8) and full layers with their own head size, KV heads and
+/// proportional rope, keys reused as values, layer scalars, logit soft-capping.
+#[test]
+fn gemma4_dense_mlp_beside_experts_sliding_and_full_layers() {
+    check_parity("gemma4", GgmlType::F32);
+}
+
+/// Gemma 4 decoded one token at a time equals one prefill at every position of every prompt,
+/// the 46-token one passing the window (8) and the sliding layers' ring (39 slots).
+#[test]
+fn gemma4_step_by_step_decoding_matches_prefill() {
+    let fx = Fixture::load("gemma4");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    for (i, case) in fx.expected.prompts.iter().enumerate() {
+        let (want, _, vocab) = fx.logits(i);
+        let got = stepwise_logits(&file, &case.ids);
+        let diff = max_rel_diff(&got, &want, vocab);
+        println!("gemma4 prompt {i} step by step: max |diff| / max |logit| = {diff:.2e}");
+        assert!(
+            diff < TOLERANCE,
+            "gemma4 prompt {i}: step-by-step logits differ by {diff:e}"
+        );
+    }
+}
+
 /// Decoding one token at a time through the KV cache gives the same logits as one prefill.
 #[test]
 fn kv_cache_decode_matches_prefill() {
