@@ -1,5 +1,6 @@
 //! The feed-forward half of a layer: a dense MLP, or routed experts plus an optional shared
-//! expert. Routed experts come from one [`ExpertSource`]: the memory map (all resident) or the
+//! expert, or routed experts beside a dense MLP, each on its own norm and normalised before
+//! they are summed (Gemma 4). Routed experts come from one [`ExpertSource`]: the memory map (all resident) or the
 //! expert cache (streamed from flash). Either way every output sums its experts in the same
 //! order (routed experts by index, then the shared expert), so streamed and resident runs are
 //! bit-identical.

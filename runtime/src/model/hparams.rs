@@ -427,7 +427,7 @@ fn head_count_kv(m: &Meta, n_head: usize, n_layer: usize) -> Result<Vec<usize>, 
     };
     if let Some(&bad) = per_layer
         .iter()
-        .find(|&&kv| n_head == 0 || kv == 0 || n_head % kv != 0)
+        .find(|&&kv| n_head == 0 || kv == 0 || !n_head.is_multiple_of(kv))
     {
         return Err(ModelError::Metadata {
             key: m.key(key),
