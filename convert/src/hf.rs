@@ -36,6 +36,9 @@ pub struct Checkpoint {
     pub config: Config,
     shards: Vec<(PathBuf, memmap2::Mmap)>,
     tensors: HashMap<String, SourceTensor>,
+    /// Parts of a multimodal checkpoint that are not converted (see [`unwrap_language_model`]):
+    /// each part's name (`model.vision_tower`, `mtp`, ...) and tensor count.
+    pub dropped: Vec<(String, usize)>,
 }
 
 impl Checkpoint {
@@ -95,11 +98,13 @@ impl Checkpoint {
             }
             shards.push((path, map));
         }
+        let (config, tensors, dropped) = unwrap_language_model(config, tensors);
         Ok(Self {
             dir,
             config,
             shards,
             tensors,
+            dropped,
         })
     }
 
@@ -279,6 +284,47 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, ConvertError> {
         )));
     }
     Ok(paths)
+}
+
+/// A multimodal checkpoint (Gemma 4's `Gemma4ForConditionalGeneration`, Qwen3.5's) wraps its
+/// language model: `config.json`'s `text_config` describes it and its tensors are named
+/// `model.language_model.*` (`lm_head.*` beside them). Those are converted exactly as the
+/// text-only model's (`model.*`); the other parts (vision and audio towers, their projections,
+/// multi-token-prediction layers) are left out and counted, so that the user is told. A
+/// checkpoint without that layout is returned unchanged.
+fn unwrap_language_model(
+    config: Config,
+    tensors: HashMap<String, SourceTensor>,
+) -> (Config, HashMap<String, SourceTensor>, Vec<(String, usize)>) {
+    const WRAPPED: &str = "model.language_model.";
+    let text = match config.get("text_config") {
+        Some(t) if t.is_object() && tensors.keys().any(|n| n.starts_with(WRAPPED)) => t.clone(),
+        _ => return (config, tensors, Vec::new()),
+    };
+    let mut text = text;
+    // The outer config may carry what the text model's leaves to it.
+    for key in ["tie_word_embeddings", "torch_dtype", "dtype"] {
+        if let (Some(v), Some(obj)) = (config.get(key), text.as_object_mut()) {
+            obj.entry(key).or_insert_with(|| v.clone());
+        }
+    }
+    let mut kept = HashMap::with_capacity(tensors.len());
+    let mut dropped = std::collections::BTreeMap::<String, usize>::new();
+    for (name, t) in tensors {
+        if let Some(rest) = name.strip_prefix(WRAPPED) {
+            kept.insert(format!("model.{rest}"), t);
+        } else if name.starts_with("lm_head.") {
+            kept.insert(name, t);
+        } else {
+            let part = match name.split('.').collect::<Vec<_>>().as_slice() {
+                ["model", part, ..] => format!("model.{part}"),
+                [part, ..] => part.to_string(),
+                [] => name.clone(),
+            };
+            *dropped.entry(part).or_default() += 1;
+        }
+    }
+    (Config { json: text }, kept, dropped.into_iter().collect())
 }
 
 /// `config.json`, with accessors whose errors name the missing field.

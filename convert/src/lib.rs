@@ -125,6 +125,7 @@ fn convert_plain(
     let mut summary =
         output::write_gguf(out, plan.arch_name, &plan.metadata, decls, values, progress)?;
     summary.elapsed = t0.elapsed();
+    summary.dropped = ckpt.dropped.clone();
     Ok(summary)
 }
 
@@ -138,7 +139,7 @@ fn convert_tuned(
     let t0 = Instant::now();
     let f32_path = pending::temp_path(&out.with_extension("f32.gguf"));
     let result = (|| {
-        convert_plain(src_dir, &f32_path, GgmlType::F32, &[], progress)?;
+        let dropped = convert_plain(src_dir, &f32_path, GgmlType::F32, &[], progress)?.dropped;
         let stats = match &tuning.calib {
             Some(c) => Some(calib::calibrate(&f32_path, c)?),
             None => None,
@@ -206,6 +207,7 @@ fn convert_tuned(
         let mut summary = tune::rewrite(&f32_path, out, &rw)?;
         summary.elapsed = t0.elapsed();
         summary.tuned = Some(Tuned { stats, kept });
+        summary.dropped = dropped;
         Ok(summary)
     })();
     let _ = std::fs::remove_file(&f32_path);

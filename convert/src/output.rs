@@ -26,6 +26,8 @@ pub struct Summary {
     pub elapsed: Duration,
     /// What calibration and pruning found, when the conversion was tuned.
     pub tuned: Option<Tuned>,
+    /// Parts of a multimodal checkpoint left out (part name, tensor count).
+    pub dropped: Vec<(String, usize)>,
 }
 
 /// The outcome of a tuned conversion beyond the file.

@@ -107,17 +107,73 @@ fn rope_of(cfg: &Config, layer_type: &str) -> Result<(f64, f64), ConvertError> {
     }
 }
 
-/// The full layers' head size and KV heads (`global_head_dim`, `num_global_key_value_heads`;
-/// transformers uses the sliding layers' KV heads for full layers unless `attention_k_eq_v`).
+/// The full layers' head size and KV heads, as transformers' `Gemma4TextConfig` derives them:
+/// from `per_layer_config` (layer index -> `head_dim`, `num_key_value_heads` overrides; the form
+/// transformers 5 writes) when present, else from `global_head_dim` (512 when absent) and, with
+/// `attention_k_eq_v`, `num_global_key_value_heads` (the form of the published checkpoints).
+/// Sliding layers keep `head_dim` and `num_key_value_heads`; overrides that differ between full
+/// layers or touch a sliding layer are refused.
 fn full_attention_dims(cfg: &Config) -> Result<(usize, usize), ConvertError> {
     let head_dim = cfg.usize("head_dim")?;
-    let hd = cfg.opt_usize("global_head_dim")?.unwrap_or(head_dim);
     let kv = cfg.usize("num_key_value_heads")?;
-    let kv_full = match k_eq_v(cfg)? {
-        true => cfg.opt_usize("num_global_key_value_heads")?.unwrap_or(kv),
-        false => kv,
+    let Some(per_layer) = cfg.get("per_layer_config") else {
+        let hd = cfg.opt_usize("global_head_dim")?.unwrap_or(512);
+        let kv_full = match k_eq_v(cfg)? {
+            true => cfg.opt_usize("num_global_key_value_heads")?.unwrap_or(kv),
+            false => kv,
+        };
+        return Ok((hd, kv_full));
     };
-    Ok((hd, kv_full))
+    let bad = |why: String| ConvertError::Config {
+        field: "per_layer_config".into(),
+        why,
+    };
+    let overrides = per_layer
+        .as_object()
+        .ok_or_else(|| bad("is not an object of layer overrides".into()))?;
+    let sliding = sliding_layers(cfg)?;
+    let mut full: Option<(usize, usize)> = None;
+    for (layer, is_sliding) in sliding.iter().enumerate() {
+        let o = overrides.get(&layer.to_string());
+        let field = |key: &str, default: usize| -> Result<usize, ConvertError> {
+            match o.and_then(|o| o.get(key)) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_u64()
+                    .map(|v| v as usize)
+                    .ok_or_else(|| bad(format!("layer {layer}: {key} is {v}, not a count"))),
+            }
+        };
+        if let Some(o) = o.and_then(|o| o.as_object()) {
+            if let Some(key) = o
+                .keys()
+                .find(|k| !["head_dim", "num_key_value_heads"].contains(&k.as_str()))
+            {
+                return Err(bad(format!(
+                    "layer {layer} overrides `{key}`; only head_dim and num_key_value_heads \
+                     overrides are supported"
+                )));
+            }
+        }
+        let dims = (
+            field("head_dim", head_dim)?,
+            field("num_key_value_heads", kv)?,
+        );
+        if *is_sliding {
+            if dims != (head_dim, kv) {
+                return Err(bad(format!(
+                    "layer {layer} is a sliding layer with its own head size or KV heads, \
+                     which is not supported"
+                )));
+            }
+        } else if *full.get_or_insert(dims) != dims {
+            return Err(bad(format!(
+                "full-attention layers differ in head size or KV heads (layer {layer}: {dims:?}), \
+                 which is not supported"
+            )));
+        }
+    }
+    Ok(full.unwrap_or((head_dim, kv)))
 }
 
 fn k_eq_v(cfg: &Config) -> Result<bool, ConvertError> {

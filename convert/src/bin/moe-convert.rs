@@ -155,6 +155,17 @@ fn run(args: Args) -> Result<()> {
     for (ty, bytes) in &summary.bytes_by_type {
         println!("  {ty:>5}: {:.2} MiB", *bytes as f64 / (1 << 20) as f64);
     }
+    if !summary.dropped.is_empty() {
+        let parts: Vec<String> = summary
+            .dropped
+            .iter()
+            .map(|(part, n)| format!("{part} ({n} tensors)"))
+            .collect();
+        println!(
+            "converted the language model of a multimodal checkpoint; not converted: {}",
+            parts.join(", ")
+        );
+    }
     if let Some(p) = &pregate {
         let at = p.install()?;
         println!("pre-gating router: {}", at.display());
