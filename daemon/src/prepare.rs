@@ -125,7 +125,7 @@ fn auto_grammar(
         &tools,
         ToolChoice::Auto,
         p.parallel_tool_calls.unwrap_or(true),
-        syntax.reasoning_open(prompt_tail),
+        reply::Reasoning::after(syntax, prompt_tail),
     )
 }
 
@@ -158,7 +158,7 @@ fn tool_grammar(
         &tools,
         ToolChoice::Required,
         !named && p.parallel_tool_calls.unwrap_or(true),
-        syntax.reasoning_open(prompt_tail),
+        reply::Reasoning::after(syntax, prompt_tail),
     )
     .ok_or_else(|| {
         ApiError::param(

@@ -76,6 +76,7 @@ fn tools() -> Value {
         }},
         {"type": "function", "function": {
             "name": "note",
+            "description": "Writes a note.",
             "parameters": {"type": "object",
                            "properties": {"text": {"type": "string", "maxLength": 20},
                                           "urgent": {"type": "boolean"}},
@@ -143,7 +144,7 @@ fn no_markup(text: &str, family: &str) {
 
 fn chat(extra: Value) -> Value {
     let mut body = json!({
-        "model": MODEL, "max_tokens": 200, "seed": 3, "temperature": 0.8,
+        "model": MODEL, "max_tokens": 500, "seed": 3, "temperature": 0.8,
         "messages": [{"role": "user", "content": "What is the weather in Oslo?"}],
         "tools": tools(),
     });
@@ -198,18 +199,28 @@ fn forced_calls_round_trip_in_every_family() {
         let mut names = Vec::new();
         for seed in 0..3 {
             // Qwen3.5's and DeepSeek-R1's templates open a reasoning block: the grammar closes it.
-            let body = chat(json!({"tool_choice": "required", "seed": seed}));
+            let mut body = chat(json!({"tool_choice": "required", "seed": seed}));
+            // Several calls on the last seed; one (the grammar then ends the reply) on others.
+            body["parallel_tool_calls"] = json!(seed == 2);
             let (status, v) = d.post("/v1/chat/completions", &body);
             assert_eq!(status, 200, "{family}: {v}\n{}", d.log());
             let c = &v["choices"][0];
+            // With several calls allowed, the small model may go on calling until max_tokens:
+            // the call (or, for list forms, the list) it was writing is then dropped.
+            let finish = c["finish_reason"].as_str().unwrap();
             let calls = c["message"]["tool_calls"]
                 .as_array()
-                .unwrap_or_else(|| panic!("{family}: no calls: {v}"));
-            assert!(!calls.is_empty(), "{family}: {v}");
-            for call in calls {
+                .cloned()
+                .unwrap_or_default();
+            if seed < 2 || finish == "tool_calls" {
+                assert_eq!(finish, "tool_calls", "{family}: {v}");
+                assert!(!calls.is_empty(), "{family}: no calls: {v}");
+            } else {
+                assert_eq!(finish, "length", "{family}: {v}");
+            }
+            for call in &calls {
                 names.push(check_call(call));
             }
-            assert_eq!(c["finish_reason"], "tool_calls", "{family}: {v}");
             no_markup(&c["message"].to_string(), family);
             let content = c["message"]["content"].as_str().unwrap_or("");
             assert!(

@@ -119,34 +119,54 @@ fn parameters(params: &Value) -> Vec<(String, Value, bool)> {
         .unwrap_or_default()
 }
 
-/// Parameters written one by one: the required ones in order, then any of the optional ones,
-/// `sep` between two.
+/// Parameters written one by one, in the schema's order: the required ones, then each optional
+/// one or not (once at most, so a small model cannot loop on them), `sep` between two.
 fn each_parameter(
     params: &Value,
     sep: &[CallPart],
     one: impl Fn(&str, &Value) -> Vec<CallPart>,
 ) -> Vec<CallPart> {
     let all = parameters(params);
-    let mut out = Vec::new();
-    let mut n_required = 0;
-    for (k, s, _) in all.iter().filter(|p| p.2) {
-        if n_required > 0 {
-            out.extend(sep.iter().cloned());
-        }
-        out.extend(one(k, s));
-        n_required += 1;
-    }
+    let required: Vec<Vec<CallPart>> = all
+        .iter()
+        .filter(|p| p.2)
+        .map(|(k, s, _)| one(k, s))
+        .collect();
     let optional: Vec<Vec<CallPart>> = all
         .iter()
         .filter(|p| !p.2)
         .map(|(k, s, _)| one(k, s))
         .collect();
-    if !optional.is_empty() {
-        out.push(CallPart::Repeat {
-            items: optional,
-            sep: sep.to_vec(),
-            lead: n_required > 0,
-        });
+    let then = |item: &Vec<CallPart>| -> CallPart {
+        let mut with_sep = sep.to_vec();
+        with_sep.extend(item.iter().cloned());
+        CallPart::Opt(with_sep)
+    };
+    let mut out = Vec::new();
+    for (i, item) in required.iter().enumerate() {
+        if i > 0 {
+            out.extend(sep.iter().cloned());
+        }
+        out.extend(item.iter().cloned());
+    }
+    if !required.is_empty() || sep.is_empty() {
+        for item in &optional {
+            out.push(if required.is_empty() {
+                CallPart::Opt(item.clone())
+            } else {
+                then(item)
+            });
+        }
+    } else if !optional.is_empty() {
+        // No required parameter and a separator: the first one written has none before it.
+        let firsts = (0..optional.len())
+            .map(|i| {
+                let mut alt = optional[i].clone();
+                alt.extend(optional[i + 1..].iter().map(then));
+                alt
+            })
+            .collect();
+        out.push(CallPart::Opt(vec![CallPart::Alt(firsts)]));
     }
     out
 }
@@ -189,8 +209,32 @@ fn tagged_value(schema: &Value, end: &str) -> Vec<CallPart> {
     }
 }
 
+/// Where the prompt leaves the reply's reasoning block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reasoning {
+    /// The reply may open one.
+    Allowed,
+    /// The prompt opened it.
+    Open,
+    /// The prompt closed it (thinking off): the reply has none.
+    Off,
+}
+
+impl Reasoning {
+    /// Where a prompt ending with `prompt_tail` leaves it, for `syntax`.
+    pub fn after(syntax: &ReplySyntax, prompt_tail: &str) -> Self {
+        if syntax.reasoning_open(prompt_tail) {
+            Self::Open
+        } else if syntax.reasoning_closed(prompt_tail) {
+            Self::Off
+        } else {
+            Self::Allowed
+        }
+    }
+}
+
 /// The grammar of calls to `tools` (name and `parameters`) in `form`, after the reasoning
-/// block `syntax` allows (`reasoning_open`: the prompt opened it): calls only (`Required`), or
+/// block `syntax` allows (`reasoning`: where the prompt left it): calls only (`Required`), or
 /// text with calls held to it once their first marker is written (`Auto`); None when moed
 /// cannot write the form (none, or Harmony with `Auto`: its calls start like its answers).
 pub fn tool_call_grammar(
@@ -199,7 +243,7 @@ pub fn tool_call_grammar(
     tools: &[(String, Value)],
     choice: ToolChoice,
     parallel: bool,
-    reasoning_open: bool,
+    reasoning: Reasoning,
 ) -> Option<ToolCallGrammar> {
     if form == CallForm::Harmony && choice == ToolChoice::Auto {
         return None;
@@ -213,12 +257,19 @@ pub fn tool_call_grammar(
         parallel,
         reasoning: syntax
             .reasoning
-            .map(|(open, close)| match (reasoning_open, choice) {
-                (false, _) => (vec![lit(open), until(close, None), CallPart::Ws], false),
+            .and_then(|(open, close)| match (reasoning, choice) {
+                (Reasoning::Off, _) => None,
+                (Reasoning::Allowed, _) => {
+                    Some((vec![lit(open), until(close, None), CallPart::Ws], false))
+                }
                 // The prompt opened the block: with calls forced, it is closed at once (as
                 // llama.cpp's grammars do), else it holds free text up to its end.
-                (true, ToolChoice::Required) => (vec![lit(close), CallPart::Ws], true),
-                (true, ToolChoice::Auto) => (vec![until(close, None), CallPart::Ws], true),
+                (Reasoning::Open, ToolChoice::Required) => {
+                    Some((vec![lit(close), CallPart::Ws], true))
+                }
+                (Reasoning::Open, ToolChoice::Auto) => {
+                    Some((vec![until(close, None), CallPart::Ws], true))
+                }
             }),
     };
     let call = |f: &dyn Fn(&str, &Value) -> Vec<CallPart>| -> Vec<Vec<CallPart>> {
@@ -408,9 +459,10 @@ mod tests {
                     rest = &rest[m.len()..];
                 }
                 None => {
-                    let n = rest
-                        .find("<tool_call>")
-                        .or_else(|| rest.find("</tool_call>"))
+                    let n = ["<tool_call>", "</tool_call>"]
+                        .iter()
+                        .filter_map(|m| rest.find(m))
+                        .min()
                         .unwrap_or(rest.len());
                     ids.extend(v.greedy_tokenize(rest[..n].as_bytes()));
                     rest = &rest[n..];
@@ -524,7 +576,7 @@ mod tests {
                 &tools(),
                 ToolChoice::Required,
                 true,
-                false,
+                Reasoning::Allowed,
             )
             .unwrap();
             assert!(accepts(&v, &g, good), "{:?} refuses {good}", syntax.form);
@@ -538,8 +590,7 @@ mod tests {
     }
 
     /// Strings between tags are free text up to the closing tag (bounded by `maxLength`),
-    /// optional parameters come after the required ones in any order, a parameterless tool
-    /// takes none.
+    /// optional parameters come after the required ones in schema order, once at most.
     #[test]
     fn tagged_parameters() {
         let v = vocab();
@@ -556,7 +607,7 @@ mod tests {
             &tools,
             ToolChoice::Required,
             false,
-            false,
+            Reasoning::Allowed,
         )
         .unwrap();
         let call = |params: &str| {
@@ -566,8 +617,9 @@ mod tests {
         let urgent = "<parameter=urgent>\ntrue\n</parameter>\n";
         let tags = "<parameter=tags>\n[\"a\"]\n</parameter>\n";
         assert!(accepts(&v, &g, &call(text)));
-        assert!(accepts(&v, &g, &call(&format!("{text}{urgent}{tags}"))));
         assert!(accepts(&v, &g, &call(&format!("{text}{tags}{urgent}"))));
+        assert!(accepts(&v, &g, &call(&format!("{text}{urgent}"))));
+        assert!(!accepts(&v, &g, &call(&format!("{text}{tags}{tags}"))));
         assert!(!accepts(&v, &g, &call(urgent)));
         assert!(!accepts(
             &v,
@@ -598,16 +650,26 @@ mod tests {
             ),
         ] {
             let syntax = ReplySyntax::of_template(template);
-            let g = tool_call_grammar(syntax.form, &syntax, &tools(), ToolChoice::Auto, true, false)
+            let g = tool_call_grammar(syntax.form, &syntax, &tools(), ToolChoice::Auto, true, Reasoning::Allowed)
                 .unwrap();
             assert!(accepts(&v, &g, "Just text, <b>tags</b> too."), "{template}");
             assert!(accepts(&v, &g, &format!("Let me see. {call}")), "{template}");
+            assert!(accepts(&v, &g, &format!("a{call}b{call}")), "{template}");
+            assert!(accepts(&v, &g, &format!("{call}\n{call}")), "{template}");
             assert!(accepts(&v, &g, &format!("{call}{call}")), "{template}");
             let bad = call.replace("ping", "pong");
             assert!(!accepts(&v, &g, &format!("Let me see. {bad}")), "{template}");
         }
         // Harmony's calls start like its answers: not constrained.
         let h = ReplySyntax::of_template("<|start|>{{ x }}<|channel|>final<|message|>");
-        assert!(tool_call_grammar(h.form, &h, &tools(), ToolChoice::Auto, true, false).is_none());
+        assert!(tool_call_grammar(
+            h.form,
+            &h,
+            &tools(),
+            ToolChoice::Auto,
+            true,
+            Reasoning::Allowed
+        )
+        .is_none());
     }
 }

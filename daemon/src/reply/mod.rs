@@ -11,7 +11,7 @@ mod harmony;
 
 pub use calls::{ToolCall, ToolSyntax};
 pub use event::ReplyEvent;
-pub use forced::{tool_call_grammar, CallForm};
+pub use forced::{tool_call_grammar, CallForm, Reasoning};
 pub use harmony::is_harmony_template;
 
 use harmony::HarmonyParser;
@@ -65,6 +65,13 @@ impl ReplySyntax {
         };
         syntax.form = CallForm::of_template(source, &syntax);
         syntax
+    }
+
+    /// Whether the prompt ending with `prompt_tail` closed the reasoning block itself (as
+    /// templates do when thinking is off), so the reply has none.
+    pub fn reasoning_closed(&self, prompt_tail: &str) -> bool {
+        self.reasoning
+            .is_some_and(|(_, close)| prompt_tail.trim_end().ends_with(close))
     }
 
     /// Whether a reply to a prompt ending with `prompt_tail` starts inside a reasoning block
@@ -198,10 +205,9 @@ impl ReplyParser {
                             }
                         }
                         None => {
-                            let keep = if end == End::Whole {
-                                0
-                            } else {
-                                partial_marker(&self.pending, &markers)
+                            let keep = match end {
+                                End::Whole => 0,
+                                End::More | End::Cut => held_marker(&self.pending, &markers),
                             };
                             let n = self.pending.len() - keep;
                             let text: String = self.pending.drain(..n).collect();
@@ -298,6 +304,17 @@ fn find_first<'m>(text: &str, markers: &[&'m str]) -> Option<(usize, &'m str)> {
         .filter(|m| !m.is_empty())
         .filter_map(|m| text.find(m).map(|at| (at, *m)))
         .min_by_key(|&(at, m)| (at, usize::MAX - m.len()))
+}
+
+/// What to hold back at the end of the answer's text (or drop, when the reply was cut): the
+/// start of a marker, with the replacement characters of a character whose bytes the end of
+/// the generation split (markers such as DeepSeek's `<｜`).
+fn held_marker(text: &str, markers: &[&str]) -> usize {
+    let whole = text.trim_end_matches('\u{FFFD}');
+    match partial_marker(whole, markers) {
+        0 => 0,
+        n => n + text.len() - whole.len(),
+    }
 }
 
 /// The length of the longest end of `text` that begins one of `markers`.

@@ -283,6 +283,10 @@ fn a_call_cut_short_leaves_no_markup() {
             "{half}"
         );
     }
+    // Cut inside a character of a marker: the replacement character goes too.
+    let s = syntax(THINK, ToolSyntax::DeepSeek);
+    assert_eq!(parse_cut(&s, "Hi <\u{FFFD}"), [content("Hi ")]);
+    assert_eq!(parse_cut(&s, "Hi \u{FFFD}"), [content("Hi \u{FFFD}")]);
     // Reasoning cut inside its closing marker.
     let s = syntax(THINK, ToolSyntax::TaggedBlock);
     assert_eq!(parse_cut(&s, "<think>hmm</thi"), [reasoning("hmm")]);

@@ -48,13 +48,6 @@ pub enum CallPart {
     Opt(Vec<CallPart>),
     /// One of these.
     Alt(Vec<Vec<CallPart>>),
-    /// Any number of `items` in any order, with `sep` between two of them (`lead`: before the
-    /// first one too): optional parameters.
-    Repeat {
-        items: Vec<Vec<CallPart>>,
-        sep: Vec<CallPart>,
-        lead: bool,
-    },
 }
 
 /// A grammar for a model's tool calls.
@@ -159,11 +152,15 @@ impl ToolCallGrammar {
                 };
                 let calls = format!("{rest_open} {rest_call}{more} {close}");
                 match vocab.special_token(&trigger) {
-                    Some(id) => format!("TEXT (<[{id}]> {calls} TEXT){many}"),
+                    Some(id) => {
+                        let block = b.rule(&format!("<[{id}]> {calls}"));
+                        format!("TEXT ({block} TEXT){many}")
+                    }
                     None => {
                         let head =
                             b.rule_with("[lazy]", &format!("TEXT {}", lark_string(&trigger)));
-                        format!("({head} {calls}){many} TEXT")
+                        let block = b.rule(&format!("{head} {calls}"));
+                        format!("({block}){many} TEXT")
                     }
                 }
             }
@@ -261,35 +258,20 @@ impl Builder<'_> {
                 }
                 CallPart::Digits => "DIGITS".into(),
                 CallPart::Ws => "WS".into(),
-                CallPart::Opt(inner) => format!("({})?", self.seq(inner)?),
+                CallPart::Opt(inner) => match self.seq(inner)? {
+                    e if e.is_empty() => continue,
+                    e => format!("({e})?"),
+                },
                 CallPart::Alt(alts) => {
                     let alts: Vec<String> =
                         alts.iter().map(|a| self.seq(a)).collect::<Result<_, _>>()?;
                     format!("({})", alts.join(" | "))
                 }
-                CallPart::Repeat { items, sep, lead } => {
-                    let alts: Vec<String> = items
-                        .iter()
-                        .map(|i| self.seq(i))
-                        .collect::<Result<_, _>>()?;
-                    if alts.is_empty() {
-                        continue;
-                    }
-                    let item = self.rule(&alts.join(" | "));
-                    let sep = self.seq(sep)?;
-                    if *lead {
-                        format!("({sep} {item})*")
-                    } else {
-                        format!("({item} ({sep} {item})*)?")
-                    }
-                }
             });
         }
-        Ok(if out.is_empty() {
-            "\"\"".into()
-        } else {
-            out.join(" ")
-        })
+        // Nothing at all, not `""`: an empty lexeme before free text keeps llguidance from
+        // taking a special token after it.
+        Ok(out.join(" "))
     }
 }
 
