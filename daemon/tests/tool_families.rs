@@ -193,7 +193,7 @@ fn forced_calls_round_trip_in_every_family() {
         let Some(t) = template(family) else { continue };
         let d = Daemon::start_model(
             &small_moe(),
-            &["--chat-template", t.to_str().unwrap(), "--ctx", "2048"],
+            &["--chat-template", t.to_str().unwrap(), "--ctx", "4096"],
         );
         // `required`: calls only, each valid for its tool, over a few seeds.
         let mut names = Vec::new();
@@ -268,7 +268,7 @@ fn a_call_cut_by_max_tokens_leaves_no_markup() {
         let Some(t) = template(family) else { continue };
         let d = Daemon::start_model(
             &small_moe(),
-            &["--chat-template", t.to_str().unwrap(), "--ctx", "2048"],
+            &["--chat-template", t.to_str().unwrap(), "--ctx", "4096"],
         );
         for max_tokens in [2, 5, 9] {
             let body = chat(json!({"tool_choice": {"type": "function",

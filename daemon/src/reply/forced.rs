@@ -258,8 +258,10 @@ pub fn tool_call_grammar(
         reasoning: syntax
             .reasoning
             .and_then(|(open, close)| match (reasoning, choice) {
-                (Reasoning::Off, _) => None,
-                (Reasoning::Allowed, _) => {
+                // Forced calls come at once, as in llama.cpp's grammars (a model that has been
+                // made to call a tool does not get to ramble first).
+                (Reasoning::Off, _) | (Reasoning::Allowed, ToolChoice::Required) => None,
+                (Reasoning::Allowed, ToolChoice::Auto) => {
                     Some((vec![lit(open), until(close, None), CallPart::Ws], false))
                 }
                 // The prompt opened the block: with calls forced, it is closed at once (as
@@ -387,19 +389,23 @@ pub fn tool_call_grammar(
         }
         CallForm::Harmony => {
             // `<|call|>` ends the generation (an end-of-generation token), so one call per
-            // answer; the analysis channel is the reasoning.
+            // answer.
             g.parallel = false;
-            g.reasoning = Some((
-                vec![
-                    lit("<|channel|>"),
-                    lit("analysis"),
-                    lit("<|message|>"),
-                    until("<|end|>", None),
-                    lit("<|start|>"),
-                    lit("assistant"),
-                ],
-                false,
-            ));
+            // Its analysis channel is the reasoning: only with `auto` (calls come at once when
+            // forced, as for every family).
+            g.reasoning = (choice == ToolChoice::Auto).then(|| {
+                (
+                    vec![
+                        lit("<|channel|>"),
+                        lit("analysis"),
+                        lit("<|message|>"),
+                        until("<|end|>", None),
+                        lit("<|start|>"),
+                        lit("assistant"),
+                    ],
+                    false,
+                )
+            });
             g.calls = call(&|name, p| {
                 vec![
                     lit("<|channel|>"),
