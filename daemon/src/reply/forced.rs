@@ -470,7 +470,7 @@ mod tests {
                         .filter_map(|m| rest.find(m))
                         .min()
                         .unwrap_or(rest.len());
-                    ids.extend(v.greedy_tokenize(rest[..n].as_bytes()));
+                    ids.extend(v.greedy_tokenize(&rest.as_bytes()[..n]));
                     rest = &rest[n..];
                 }
             }
