@@ -78,12 +78,13 @@ impl Answer {
         }
     }
 
-    /// The end of the reply: what the parser held back.
-    pub fn finish(&mut self) -> Vec<Delta> {
+    /// The end of the reply: what the parser held back. `reason` is why the generation ended
+    /// (`length`: cut short, so a tool call or marker left open is dropped, not shown as text).
+    pub fn finish(&mut self, reason: &str) -> Vec<Delta> {
         match &mut self.parser {
             None => Vec::new(),
             Some(p) => {
-                let events = p.finish();
+                let events = p.finish(reason == "length");
                 self.record(events)
             }
         }
@@ -187,7 +188,7 @@ mod tests {
             reasoning: Some(("<think>", "</think>")),
             tools: ToolSyntax::TaggedBlock,
             harmony: false,
-            json_calls: true,
+            form: crate::reply::CallForm::Json,
         }
     }
 
@@ -198,7 +199,7 @@ mod tests {
         for p in pieces {
             deltas.extend(a.push(p));
         }
-        deltas.extend(a.finish());
+        deltas.extend(a.finish("stop"));
         (deltas, a)
     }
 

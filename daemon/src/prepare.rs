@@ -8,7 +8,7 @@ use moe_runtime::grammar::{Constraint, Grammar, ToolCallGrammar, ToolChoice};
 use serde_json::Value;
 
 use crate::api::{self, ApiError, Endpoint, GenParams, ToolUse, Validated};
-use crate::reply::{ReplySyntax, ToolSyntax};
+use crate::reply::{self, ReplySyntax, ToolSyntax};
 use crate::worker::Loaded;
 
 /// Bytes of the rendered chat prompt the reply parser looks at (whether the template left a
@@ -52,35 +52,34 @@ pub fn prepare(
         }
     };
     let wanted = match &reply {
-        Some((syntax, _)) if v.tool_use.is_forced() => {
-            Some((Wanted::Tools(tool_grammar(p, v, syntax)?), "tool_choice"))
+        Some((syntax, tail)) if v.tool_use.is_forced() => Some((
+            Wanted::Tools(tool_grammar(p, v, syntax, tail)?),
+            "tool_choice",
+        )),
+        // `auto`: text, or calls held to the tools' schemas once the model starts one (when
+        // no other grammar is asked for).
+        Some((syntax, tail)) if v.tool_use == ToolUse::Auto && v.grammar.is_none() => {
+            auto_grammar(p, v, syntax, tail).map(|g| (Wanted::Tools(g), "tools"))
         }
         _ => v
             .grammar
             .clone()
             .map(|(g, param)| (Wanted::Grammar(g), param)),
     };
+    let auto = wanted.as_ref().is_some_and(|(_, param)| *param == "tools");
     let constraint = match wanted {
         None => None,
         Some((g, param)) => {
-            let vocab = l.grammar_vocab().map_err(|e| {
-                ApiError::param(
-                    param,
-                    format!("this model's vocabulary cannot be used for grammars: {e}"),
-                )
-            })?;
-            let g = match g {
-                Wanted::Grammar(g) => g,
-                Wanted::Tools(t) => Grammar::Lark(
-                    t.to_lark(vocab)
-                        .map_err(|e| ApiError::param(param, format!("`tools`: {e}")))?,
-                ),
-            };
-            Some(
-                vocab
-                    .compile(&g)
-                    .map_err(|e| ApiError::param(param, format!("`{param}`: {e}")))?,
-            )
+            let compiled = compile(g, param, l);
+            match compiled {
+                // A tool schema llguidance cannot take leaves an `auto` reply unconstrained
+                // (it is parsed all the same), as before tools were constrained.
+                Err(e) if auto => {
+                    tracing::debug!(error = %e.message, "tool calls left unconstrained");
+                    None
+                }
+                c => Some(c?),
+            }
         }
     };
     Ok(Prepared {
@@ -90,6 +89,46 @@ pub fn prepare(
     })
 }
 
+/// `g` compiled for the model's vocabulary; errors name `param`.
+fn compile(g: Wanted, param: &str, l: &Loaded) -> Result<Constraint, ApiError> {
+    let vocab = l.grammar_vocab().map_err(|e| {
+        ApiError::param(
+            param,
+            format!("this model's vocabulary cannot be used for grammars: {e}"),
+        )
+    })?;
+    let g = match g {
+        Wanted::Grammar(g) => g,
+        Wanted::Tools(t) => Grammar::Lark(
+            t.to_lark(vocab)
+                .map_err(|e| ApiError::param(param, format!("`tools`: {e}")))?,
+        ),
+    };
+    vocab
+        .compile(&g)
+        .map_err(|e| ApiError::param(param, format!("`{param}`: {e}")))
+}
+
+/// The grammar of `tool_choice: "auto"`: free text, and calls in the family's syntax whose
+/// arguments follow the tools' schemas (None: the family's calls cannot be written by a
+/// grammar, so the reply is only parsed).
+fn auto_grammar(
+    p: &GenParams,
+    v: &Validated,
+    syntax: &ReplySyntax,
+    prompt_tail: &str,
+) -> Option<ToolCallGrammar> {
+    let tools = api::allowed_tools(p.tools.as_ref(), &v.tool_use);
+    reply::tool_call_grammar(
+        syntax.form,
+        syntax,
+        &tools,
+        ToolChoice::Auto,
+        p.parallel_tool_calls.unwrap_or(true),
+        reply::Reasoning::after(syntax, prompt_tail),
+    )
+}
+
 /// A grammar asked for directly, or the tool-call grammar for a forced call.
 enum Wanted {
     Grammar(Grammar),
@@ -97,11 +136,13 @@ enum Wanted {
 }
 
 /// The grammar that makes the model call one of the tools `tool_choice` allows, in its
-/// family's syntax.
+/// family's syntax, after the reasoning block the prompt (ending with `prompt_tail`) may have
+/// opened.
 fn tool_grammar(
     p: &GenParams,
     v: &Validated,
     syntax: &ReplySyntax,
+    prompt_tail: &str,
 ) -> Result<ToolCallGrammar, ApiError> {
     if let Some((_, param)) = &v.grammar {
         return Err(ApiError::param(
@@ -109,24 +150,23 @@ fn tool_grammar(
             format!("`{param}` cannot be combined with a forced tool call (`tool_choice`)"),
         ));
     }
-    let Some((open, close)) = syntax.forced_call_markers() else {
-        return Err(ApiError::param(
-            "tool_choice",
-            "moed can force tool calls only for chat templates that write them as JSON in \
-             <tool_call> tags (Hermes, Qwen2.5/3); this model's template writes them otherwise \
-             or not at all: use `tool_choice: \"auto\"`",
-        ));
-    };
     let named = matches!(v.tool_use, ToolUse::Function(_));
-    Ok(ToolCallGrammar {
-        open: open.into(),
-        close: close.into(),
-        calls: api::call_schemas(p.tools.as_ref(), &v.tool_use),
-        choice: ToolChoice::Required,
-        parallel: !named && p.parallel_tool_calls.unwrap_or(true),
-        reasoning: syntax
-            .reasoning
-            .map(|(a, b)| (a.to_string(), b.to_string())),
+    let tools = api::allowed_tools(p.tools.as_ref(), &v.tool_use);
+    reply::tool_call_grammar(
+        syntax.form,
+        syntax,
+        &tools,
+        ToolChoice::Required,
+        !named && p.parallel_tool_calls.unwrap_or(true),
+        reply::Reasoning::after(syntax, prompt_tail),
+    )
+    .ok_or_else(|| {
+        ApiError::param(
+            "tool_choice",
+            "this model's chat template has no tool-call format moed knows (Hermes/Qwen \
+             <tool_call>, Qwen3-Coder XML, GLM, DeepSeek, Kimi-K2, Mistral, Granite, LFM2, \
+             gpt-oss), so calls cannot be forced: use `tool_choice: \"auto\"`",
+        )
     })
 }
 

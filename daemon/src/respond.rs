@@ -40,7 +40,7 @@ pub async fn collect(
                 let lps = logprobs.then_some(&lps[..]);
                 return Ok(match &mut answer {
                     Some(a) => {
-                        a.finish();
+                        a.finish(f.reason);
                         let reason = a.finish_reason(f.reason);
                         meta.chat_response(a.message(), lps, reason, &f.usage, &f.timings)
                     }
@@ -137,7 +137,7 @@ impl SseBody {
             Some(Event::Done(f)) => {
                 let last = match &mut self.answer {
                     Some(a) => {
-                        let deltas = a.finish();
+                        let deltas = a.finish(f.reason);
                         let reason = a.finish_reason(f.reason);
                         self.chat_chunks(deltas);
                         let lps = std::mem::take(&mut self.pending);

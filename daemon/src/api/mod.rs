@@ -12,7 +12,7 @@ pub use request::{
     Validated, MAX_STOP,
 };
 pub use response::{ResponseMeta, Timings, TokenLogprob, Usage};
-pub use tools::{call_schemas, ToolUse};
+pub use tools::{allowed_tools, ToolUse};
 
 /// Which endpoint a generation serves; decides the JSON shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! `tools`, `tool_choice` and `parallel_tool_calls`: their validation, and what they ask of the
 //! reply.
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::error::ApiError;
 
@@ -109,9 +109,9 @@ fn tool_name(tool: &Value) -> Option<&str> {
     tool.get("function")?.get("name")?.as_str()
 }
 
-/// For each tool `tool_use` allows, the JSON schema of a call to it written as
-/// `{"name": ..., "arguments": {...}}`.
-pub fn call_schemas(tools: Option<&Value>, tool_use: &ToolUse) -> Vec<Value> {
+/// The tools `tool_use` allows a call to: each one's name and `parameters` (null when it has
+/// none).
+pub fn allowed_tools(tools: Option<&Value>, tool_use: &ToolUse) -> Vec<(String, Value)> {
     let tools = tool_list(tools).unwrap_or_default();
     tools
         .iter()
@@ -124,15 +124,9 @@ pub fn call_schemas(tools: Option<&Value>, tool_use: &ToolUse) -> Vec<Value> {
             }
             let params = t["function"]
                 .get("parameters")
-                .filter(|s| s.is_object())
                 .cloned()
-                .unwrap_or_else(|| json!({"type": "object"}));
-            Some(json!({
-                "type": "object",
-                "properties": {"name": {"const": name}, "arguments": params},
-                "required": ["name", "arguments"],
-                "additionalProperties": false,
-            }))
+                .unwrap_or(Value::Null);
+            Some((name.to_string(), params))
         })
         .collect()
 }
@@ -141,6 +135,7 @@ pub fn call_schemas(tools: Option<&Value>, tool_use: &ToolUse) -> Vec<Value> {
 mod tests {
     use super::*;
     use crate::api::parse_body;
+    use serde_json::json;
 
     fn tool_use_of(body: &str) -> Result<ToolUse, ApiError> {
         let p = parse_body(body.as_bytes()).unwrap();
@@ -189,19 +184,15 @@ mod tests {
     }
 
     #[test]
-    fn call_schemas_follow_the_choice() {
+    fn allowed_tools_follow_the_choice() {
         let p = parse_body(format!("{{{TOOLS}}}").as_bytes()).unwrap();
-        let all = call_schemas(p.tools.as_ref(), &ToolUse::Required);
+        let all = allowed_tools(p.tools.as_ref(), &ToolUse::Required);
         assert_eq!(all.len(), 2);
-        assert_eq!(all[0]["properties"]["name"], json!({"const": "f"}));
-        assert_eq!(
-            all[0]["properties"]["arguments"]["properties"]["x"],
-            json!({"type": "integer"})
-        );
-        // A tool without parameters takes any object.
-        assert_eq!(all[1]["properties"]["arguments"], json!({"type": "object"}));
-        let one = call_schemas(p.tools.as_ref(), &ToolUse::Function("g".into()));
+        assert_eq!(all[0].0, "f");
+        assert_eq!(all[0].1["properties"]["x"], json!({"type": "integer"}));
+        assert_eq!((all[1].0.as_str(), &all[1].1), ("g", &Value::Null));
+        let one = allowed_tools(p.tools.as_ref(), &ToolUse::Function("g".into()));
         assert_eq!(one.len(), 1);
-        assert_eq!(one[0]["properties"]["name"], json!({"const": "g"}));
+        assert_eq!(one[0].0, "g");
     }
 }

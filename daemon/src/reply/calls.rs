@@ -33,17 +33,18 @@ pub enum ToolSyntax {
     Harmony,
 }
 
-const TOOL_CALL: (&str, &str) = ("<tool_call>", "</tool_call>");
-const DEEPSEEK: (&str, &str) = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>");
-const DEEPSEEK_CALL: (&str, &str) = ("<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>");
-const DEEPSEEK_SEP: &str = "<｜tool▁sep｜>";
-const KIMI: (&str, &str) = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>");
-const KIMI_CALL: (&str, &str) = ("<|tool_call_begin|>", "<|tool_call_end|>");
-const KIMI_ARGS: &str = "<|tool_call_argument_begin|>";
-const MISTRAL: &str = "[TOOL_CALLS]";
-const MISTRAL_ARGS: &str = "[ARGS]";
-const GRANITE: &str = "<|tool_call|>";
-const LFM2: (&str, &str) = ("<|tool_call_start|>", "<|tool_call_end|>");
+pub(super) const TOOL_CALL: (&str, &str) = ("<tool_call>", "</tool_call>");
+pub(super) const DEEPSEEK: (&str, &str) = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>");
+pub(super) const DEEPSEEK_CALL: (&str, &str) = ("<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>");
+pub(super) const DEEPSEEK_SEP: &str = "<｜tool▁sep｜>";
+pub(super) const KIMI: (&str, &str) =
+    ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>");
+pub(super) const KIMI_CALL: (&str, &str) = ("<|tool_call_begin|>", "<|tool_call_end|>");
+pub(super) const KIMI_ARGS: &str = "<|tool_call_argument_begin|>";
+pub(super) const MISTRAL: &str = "[TOOL_CALLS]";
+pub(super) const MISTRAL_ARGS: &str = "[ARGS]";
+pub(super) const GRANITE: &str = "<|tool_call|>";
+pub(super) const LFM2: (&str, &str) = ("<|tool_call_start|>", "<|tool_call_end|>");
 
 impl ToolSyntax {
     /// The syntax a chat template's markers reveal.
@@ -63,16 +64,6 @@ impl ToolSyntax {
             Self::TaggedBlock
         } else {
             Self::None
-        }
-    }
-
-    /// The markers around one call written as JSON `{"name": ..., "arguments": {...}}`, for
-    /// the families whose calls a tool-call grammar can force (None: calls are written
-    /// otherwise, or not at all).
-    pub fn json_call_markers(self) -> Option<(&'static str, &'static str)> {
-        match self {
-            Self::TaggedBlock => Some(TOOL_CALL),
-            _ => None,
         }
     }
 
@@ -351,6 +342,14 @@ fn pythonic_calls(text: &str) -> Option<Vec<ToolCall>> {
     Some(calls)
 }
 
+/// Four hex digits of a `\\u` escape.
+fn hex4(chars: &mut impl Iterator<Item = (usize, char)>) -> Option<u32> {
+    let h: String = (0..4)
+        .map(|_| chars.next().map(|c| c.1))
+        .collect::<Option<_>>()?;
+    u32::from_str_radix(&h, 16).ok()
+}
+
 /// Python literals, as far as tool arguments use them.
 struct PyParser<'s> {
     s: &'s str,
@@ -407,6 +406,30 @@ impl<'s> PyParser<'s> {
                         out.push(match e {
                             'n' => '\n',
                             't' => '\t',
+                            'r' => '\r',
+                            'b' => '\u{8}',
+                            'f' => '\u{c}',
+                            // JSON's \uXXXX (a grammar writes JSON strings), surrogate pairs
+                            // included.
+                            'u' => {
+                                let hi = hex4(&mut chars)?;
+                                if (0xD800..0xDC00).contains(&hi) {
+                                    let (_, b) = chars.next()?;
+                                    let (_, u) = chars.next()?;
+                                    let lo = if (b, u) == ('\\', 'u') {
+                                        hex4(&mut chars)?
+                                    } else {
+                                        return None;
+                                    };
+                                    char::from_u32(
+                                        0x10000
+                                            + ((hi - 0xD800) << 10)
+                                            + (lo.checked_sub(0xDC00)?),
+                                    )?
+                                } else {
+                                    char::from_u32(hi)?
+                                }
+                            }
                             other => other,
                         });
                     }

@@ -103,11 +103,16 @@ impl HarmonyParser {
     /// The end of the generation (`<|call|>` and `<|return|>` end it as end tokens, so they
     /// are not in the text): text still held back is placed where it was going (a header
     /// never closed by `<|message|>` is text the model wrote without the format: the answer).
-    pub fn finish(&mut self) -> Vec<ReplyEvent> {
+    /// `cut`: the generation was cut short (`max_tokens`), so a call or a header left open is
+    /// dropped rather than shown as text.
+    pub fn finish(&mut self, cut: bool) -> Vec<ReplyEvent> {
         let mut out = Vec::new();
         let rest = std::mem::take(&mut self.pending);
         match std::mem::replace(&mut self.state, State::Header(String::new())) {
+            // Cut: a call's arguments are incomplete; other text held back is a marker's start.
+            State::Body(_) if cut => {}
             State::Body(part) => emit(&mut out, &part, &rest),
+            State::Header(header) if cut && (header.contains("<|") || rest.contains("<|")) => {}
             State::Header(mut header) => {
                 header.push_str(&rest);
                 let text = strip_markers(&header);
@@ -189,7 +194,7 @@ mod tests {
     fn parse(text: &str, calls: bool) -> (String, String, Vec<ToolCall>) {
         let mut p = HarmonyParser::new(calls);
         let mut events = p.push(text);
-        events.extend(p.finish());
+        events.extend(p.finish(false));
         split(events)
     }
 
@@ -235,7 +240,7 @@ mod tests {
                 assert!(!format!("{got:?}").contains("<|"), "{got:?}");
                 events.extend(got);
             }
-            events.extend(p.finish());
+            events.extend(p.finish(false));
             assert_eq!(split(events), whole, "pieces of {step} chars");
         }
         assert_eq!(whole.1, "Hello! How can I help? – ok");
@@ -261,7 +266,7 @@ mod tests {
         for piece in reply.as_bytes().chunks(5) {
             events.extend(p.push(std::str::from_utf8(piece).unwrap()));
         }
-        events.extend(p.finish());
+        events.extend(p.finish(false));
         assert_eq!(split(events).2, calls);
         // Without tools, or with arguments that are not JSON, the message is answer text.
         let (_, c, calls) = parse(reply, false);

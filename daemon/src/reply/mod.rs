@@ -6,10 +6,12 @@
 
 mod calls;
 mod event;
+mod forced;
 mod harmony;
 
 pub use calls::{ToolCall, ToolSyntax};
 pub use event::ReplyEvent;
+pub use forced::{tool_call_grammar, CallForm, Reasoning};
 pub use harmony::is_harmony_template;
 
 use harmony::HarmonyParser;
@@ -23,9 +25,8 @@ pub struct ReplySyntax {
     /// gpt-oss's Harmony: reasoning, answer and calls are messages on channels (tool calls are
     /// parsed when `tools` is [`ToolSyntax::Harmony`]).
     pub harmony: bool,
-    /// The template writes a call as JSON `{"name", "arguments"}` in its block (Hermes,
-    /// Qwen2.5/3, Granite 4; not Qwen3-Coder's or GLM's tags), so a grammar can force calls.
-    pub json_calls: bool,
+    /// How exactly the template writes one call (what a forced call's grammar follows).
+    pub form: CallForm,
 }
 
 impl ReplySyntax {
@@ -34,7 +35,7 @@ impl ReplySyntax {
         reasoning: None,
         tools: ToolSyntax::None,
         harmony: false,
-        json_calls: false,
+        form: CallForm::None,
     };
 
     /// The syntax a chat template's markers reveal.
@@ -44,7 +45,7 @@ impl ReplySyntax {
                 reasoning: None,
                 tools: ToolSyntax::Harmony,
                 harmony: true,
-                json_calls: false,
+                form: CallForm::Harmony,
             };
         }
         let has = |m: &str| source.contains(m);
@@ -56,25 +57,46 @@ impl ReplySyntax {
         } else {
             None
         };
-        Self {
+        let mut syntax = Self {
             reasoning,
             tools,
             harmony: false,
-            json_calls: tools.json_call_markers().is_some()
-                && !has("<function=")
-                && !has("<arg_key>"),
-        }
+            form: CallForm::None,
+        };
+        syntax.form = CallForm::of_template(source, &syntax);
+        syntax
     }
 
-    /// The markers around a call a grammar can force, when calls are JSON in them.
-    pub fn forced_call_markers(&self) -> Option<(&'static str, &'static str)> {
-        self.tools.json_call_markers().filter(|_| self.json_calls)
+    /// Whether the prompt ending with `prompt_tail` closed the reasoning block itself (as
+    /// templates do when thinking is off), so the reply has none.
+    pub fn reasoning_closed(&self, prompt_tail: &str) -> bool {
+        self.reasoning
+            .is_some_and(|(_, close)| prompt_tail.trim_end().ends_with(close))
+    }
+
+    /// Whether a reply to a prompt ending with `prompt_tail` starts inside a reasoning block
+    /// (templates that start the model thinking end the prompt with its opening marker).
+    pub fn reasoning_open(&self, prompt_tail: &str) -> bool {
+        self.reasoning.is_some_and(|(open, close)| {
+            let tail = prompt_tail.trim_end();
+            tail.ends_with(open) && !tail.ends_with(close)
+        })
     }
 
     /// Whether the reply is parsed at all (otherwise it is plain text).
     pub fn is_plain(&self) -> bool {
         *self == Self::PLAIN
     }
+}
+
+/// Whether more text may follow what the parser holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    More,
+    /// The generation ended by itself (a stop token or string).
+    Whole,
+    /// The generation was cut short (`max_tokens`).
+    Cut,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,10 +127,7 @@ impl ReplyParser {
         let syntax_harmony = syntax
             .harmony
             .then(|| HarmonyParser::new(syntax.tools == ToolSyntax::Harmony));
-        let in_reasoning = syntax.reasoning.is_some_and(|(open, close)| {
-            let tail = prompt_tail.trim_end();
-            tail.ends_with(open) && !tail.ends_with(close)
-        });
+        let in_reasoning = syntax.reasoning_open(prompt_tail);
         Self {
             state: if in_reasoning {
                 State::Reasoning
@@ -137,7 +156,7 @@ impl ReplyParser {
         }
         self.pending.push_str(text);
         let mut out = Vec::new();
-        self.drain(false, &mut out);
+        self.drain(End::More, &mut out);
         out
     }
 
@@ -148,19 +167,22 @@ impl ReplyParser {
             .count();
     }
 
-    /// The end of the reply: whatever is held back, and a tool block the end closes.
-    pub fn finish(&mut self) -> Vec<ReplyEvent> {
+    /// The end of the reply: whatever is held back, and a tool block the end closes. `cut`:
+    /// the generation was cut short (`max_tokens`), so the start of a marker, or a tool call
+    /// left unfinished, is dropped instead of becoming answer text.
+    pub fn finish(&mut self, cut: bool) -> Vec<ReplyEvent> {
         if let Some(h) = &mut self.harmony {
-            let out = h.finish();
+            let out = h.finish(cut);
             self.count_calls(&out);
             return out;
         }
         let mut out = Vec::new();
-        self.drain(true, &mut out);
+        self.drain(if cut { End::Cut } else { End::Whole }, &mut out);
         out
     }
 
-    fn drain(&mut self, last: bool, out: &mut Vec<ReplyEvent>) {
+    fn drain(&mut self, end: End, out: &mut Vec<ReplyEvent>) {
+        let last = end != End::More;
         loop {
             match self.state {
                 State::Content => {
@@ -183,14 +205,16 @@ impl ReplyParser {
                             }
                         }
                         None => {
-                            let keep = if last {
-                                0
-                            } else {
-                                partial_marker(&self.pending, &markers)
+                            let keep = match end {
+                                End::Whole => 0,
+                                End::More | End::Cut => held_marker(&self.pending, &markers),
                             };
                             let n = self.pending.len() - keep;
                             let text: String = self.pending.drain(..n).collect();
                             self.content(text, out);
+                            if end == End::Cut {
+                                self.pending.clear();
+                            }
                             return;
                         }
                     }
@@ -208,7 +232,7 @@ impl ReplyParser {
                             self.after_reasoning = true;
                         }
                         None => {
-                            let keep = if last {
+                            let keep = if end == End::Whole {
                                 0
                             } else {
                                 partial_marker(&self.pending, &[close])
@@ -218,23 +242,34 @@ impl ReplyParser {
                             if !text.is_empty() {
                                 out.push(ReplyEvent::Reasoning(text));
                             }
+                            if end == End::Cut {
+                                self.pending.clear();
+                            }
                             return;
                         }
                     }
                 }
                 State::Tool => match self.syntax.tools.block_end(&self.pending, last) {
-                    Some(end) => {
-                        let block: String = self.pending.drain(..end).collect();
+                    Some(at) => {
+                        let block: String = self.pending.drain(..at).collect();
+                        let ran_to_end = self.pending.is_empty();
                         match self.syntax.tools.parse(&block) {
                             Some(calls) if !calls.is_empty() => {
                                 self.calls += calls.len();
                                 out.extend(calls.into_iter().map(ReplyEvent::ToolCall));
                             }
+                            // A block the cut left open (closed only by the end of the text).
+                            _ if end == End::Cut && ran_to_end => {}
                             // What does not parse as a call is the answer's text, as llama.cpp
                             // leaves it.
                             _ => self.content(block, out),
                         }
                         self.state = State::Content;
+                    }
+                    // A call cut off by max_tokens is dropped: neither a call nor answer text.
+                    None if end == End::Cut => {
+                        self.pending.clear();
+                        return;
                     }
                     None if last => {
                         let block = std::mem::take(&mut self.pending);
@@ -269,6 +304,17 @@ fn find_first<'m>(text: &str, markers: &[&'m str]) -> Option<(usize, &'m str)> {
         .filter(|m| !m.is_empty())
         .filter_map(|m| text.find(m).map(|at| (at, *m)))
         .min_by_key(|&(at, m)| (at, usize::MAX - m.len()))
+}
+
+/// What to hold back at the end of the answer's text (or drop, when the reply was cut): the
+/// start of a marker, with the replacement characters of a character whose bytes the end of
+/// the generation split (markers such as DeepSeek's `<｜`).
+fn held_marker(text: &str, markers: &[&str]) -> usize {
+    let whole = text.trim_end_matches('\u{FFFD}');
+    match partial_marker(whole, markers) {
+        0 => 0,
+        n => n + text.len() - whole.len(),
+    }
 }
 
 /// The length of the longest end of `text` that begins one of `markers`.

@@ -18,7 +18,7 @@ fn parse(syntax: &ReplySyntax, prompt_tail: &str, reply: &str) -> Vec<ReplyEvent
         for piece in chars.chunks(size) {
             events.extend(p.push(&piece.iter().collect::<String>()));
         }
-        events.extend(p.finish());
+        events.extend(p.finish(false));
         results.push(join(events));
     }
     for r in &results[1..] {
@@ -52,7 +52,7 @@ fn syntax(reasoning: Option<(&'static str, &'static str)>, tools: ToolSyntax) ->
         reasoning,
         tools,
         harmony: false,
-        json_calls: tools == ToolSyntax::TaggedBlock,
+        form: CallForm::None,
     }
 }
 
@@ -216,13 +216,95 @@ fn templates_name_their_syntax() {
         Some(("[THINK]", "[/THINK]"))
     );
     assert_eq!(of("<|tool_call_start|>").tools, ToolSyntax::Lfm2);
-    // Calls a grammar can force: JSON in <tool_call> tags, not Qwen3-Coder's or GLM's tags.
-    let forced = |src: &str| of(src).forced_call_markers();
+    // How calls are written, for the grammar that forces them.
+    let form = |src: &str| of(src).form;
     assert_eq!(
-        forced("<tool_call>\n{\"name\": <function-name>}"),
-        Some(("<tool_call>", "</tool_call>"))
+        form("<tool_call>\n{\"name\": <function-name>}"),
+        CallForm::Json
     );
-    assert_eq!(forced("<tool_call>\n<function={{ name }}>"), None);
-    assert_eq!(forced("<tool_call>{{ name }}<arg_key>"), None);
-    assert_eq!(forced("<｜tool▁calls▁begin｜>"), None);
+    assert_eq!(
+        form("<tool_call>\n<function={{ name }}>"),
+        CallForm::QwenXml
+    );
+    assert_eq!(form("<tool_call>{{ name }}<arg_key>"), CallForm::Glm);
+    assert_eq!(
+        form("<｜tool▁calls▁begin｜>{{ a }}<｜tool▁sep｜>"),
+        CallForm::DeepSeekV31
+    );
+    assert_eq!(form("<｜tool▁calls▁begin｜>```json"), CallForm::DeepSeekV3);
+    assert_eq!(form("[TOOL_CALLS][ARGS]"), CallForm::MistralArgs);
+    assert_eq!(form("[TOOL_CALLS]"), CallForm::MistralList);
+    assert_eq!(form("{{ '<|im_start|>' }}"), CallForm::None);
+}
+
+/// Parses `reply` as a generation that `max_tokens` cut short, in pieces of every size.
+fn parse_cut(syntax: &ReplySyntax, reply: &str) -> Vec<ReplyEvent> {
+    let mut results = Vec::new();
+    for size in [1, 2, 3, 5, 7, reply.len().max(1)] {
+        let mut p = ReplyParser::new(syntax.clone(), "");
+        let mut events = Vec::new();
+        let chars: Vec<char> = reply.chars().collect();
+        for piece in chars.chunks(size) {
+            events.extend(p.push(&piece.iter().collect::<String>()));
+        }
+        events.extend(p.finish(true));
+        results.push(join(events));
+    }
+    for r in &results[1..] {
+        assert_eq!(r, &results[0], "pieces change the result for {reply:?}");
+    }
+    results.remove(0)
+}
+
+/// A call that `max_tokens` cuts off is dropped: no marker or half call in the answer, in any
+/// family; calls completed before the cut are kept.
+#[test]
+fn a_call_cut_short_leaves_no_markup() {
+    let cases: [(ToolSyntax, &str); 8] = [
+        (ToolSyntax::TaggedBlock, "<tool_call>\n{\"name\": \"get_weather\", \"argu"),
+        (ToolSyntax::TaggedBlock, "<tool_call>\n<function=get_weather>\n<parameter=ci"),
+        (ToolSyntax::TaggedBlock, "<tool_call>get_weather\n<arg_key>city</arg_key>"),
+        (ToolSyntax::DeepSeek, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"ci"),
+        (ToolSyntax::Kimi, "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"city\""),
+        (ToolSyntax::Mistral, "[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Os"),
+        (ToolSyntax::Granite, "<|tool_call|>[{\"name\": \"get_weather\""),
+        (ToolSyntax::Lfm2, "<|tool_call_start|>[get_weather(city=\"Os"),
+    ];
+    for (tools, cut) in cases {
+        let s = syntax(THINK, tools);
+        let reply = format!("Checking. {cut}");
+        assert_eq!(parse_cut(&s, &reply), [content("Checking. ")], "{reply}");
+        // Cut inside the opening marker itself.
+        let marker = tools.starts()[0];
+        let half = &marker[..marker.char_indices().nth(3).unwrap().0];
+        assert_eq!(
+            parse_cut(&s, &format!("Checking. {half}")),
+            [content("Checking. ")],
+            "{half}"
+        );
+    }
+    // Cut inside a character of a marker: the replacement character goes too.
+    let s = syntax(THINK, ToolSyntax::DeepSeek);
+    assert_eq!(parse_cut(&s, "Hi <\u{FFFD}"), [content("Hi ")]);
+    assert_eq!(parse_cut(&s, "Hi \u{FFFD}"), [content("Hi \u{FFFD}")]);
+    // Reasoning cut inside its closing marker.
+    let s = syntax(THINK, ToolSyntax::TaggedBlock);
+    assert_eq!(parse_cut(&s, "<think>hmm</thi"), [reasoning("hmm")]);
+    // A call completed before the cut is kept.
+    assert_eq!(
+        parse_cut(
+            &s,
+            "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call><tool_call>{\"na"
+        ),
+        [call("f", "{}")]
+    );
+    // Harmony: a call or a header cut short.
+    let h = ReplySyntax::of_template("<|start|>{{ x }}<|channel|>final<|message|>");
+    for reply in [
+        "<|channel|>analysis<|message|>Weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather<|message|>{\"city\": \"Os",
+        "<|channel|>analysis<|message|>Weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_we",
+        "<|channel|>analysis<|message|>Weather.<|en",
+    ] {
+        assert_eq!(parse_cut(&h, reply), [reasoning("Weather.")], "{reply}");
+    }
 }

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use crate::tokenizer::Tokenizer;
 
 pub use gbnf::{gbnf_to_lark, GbnfError, TokenNames};
-pub use tools::{ToolCallGrammar, ToolChoice};
+pub use tools::{CallPart, ToolCallGrammar, ToolChoice};
 
 /// JSON whitespace between tokens: one space, or one or two newlines and an indentation of at
 /// most 20 (llama.cpp's `space` rule), so a small model cannot loop on whitespace.

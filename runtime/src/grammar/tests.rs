@@ -253,16 +253,13 @@ fn weather_call() -> serde_json::Value {
 }
 
 fn tools(open: &str, close: &str, choice: ToolChoice, parallel: bool) -> ToolCallGrammar {
+    let calls = vec![
+        weather_call(),
+        json!({"type": "object", "properties": {"name": {"const": "now"}}, "required": ["name"]}),
+    ];
     ToolCallGrammar {
-        open: open.into(),
-        close: close.into(),
-        calls: vec![
-            weather_call(),
-            json!({"type": "object", "properties": {"name": {"const": "now"}}, "required": ["name"]}),
-        ],
-        choice,
         parallel,
-        reasoning: None,
+        ..ToolCallGrammar::wrapped_json(open, close, calls, choice)
     }
 }
 
@@ -369,7 +366,17 @@ fn tool_calls_in_text_wrappers_are_enforced_after_the_trigger() {
     ));
 
     let mut required = tools("<function>", "</function>", ToolChoice::Required, false);
-    required.reasoning = Some(("<think>".into(), "</think>".into()));
+    required.reasoning = Some((
+        vec![
+            CallPart::Lit("<think>".into()),
+            CallPart::TextUntil {
+                end: "</think>".into(),
+                max: None,
+            },
+            CallPart::Ws,
+        ],
+        false,
+    ));
     assert!(tool_accepts(&v, &required, call));
     assert!(tool_accepts(
         &v,
