@@ -25,6 +25,9 @@ pub enum Arch {
     GptOss,
     /// llama.cpp's `smallthinker`: PowerInfer's SmallThinker (4B-A0.6B, 21B-A3B).
     SmallThinker,
+    /// llama.cpp's `lfm2moe`: Liquid AI's LFM2-MoE (8B-A1B), gated short convolutions beside
+    /// attention layers.
+    Lfm2Moe,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -84,6 +87,8 @@ pub struct ArchTraits {
     pub default_gating: Gating,
     /// The block's tensor holding the norm before the feed-forward half (`blk.N.<name>.weight`).
     pub ffn_norm_tensor: &'static str,
+    /// The tensor holding the norm before the output projection (`<name>.weight`).
+    pub output_norm_tensor: &'static str,
     /// With a sliding window, when the file does not say
     /// (`{arch}.attention.sliding_window_pattern`): in each group of this many layers the last
     /// attends to the whole context and the others to the window (llama.cpp's
@@ -105,7 +110,7 @@ pub struct ArchTraits {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 10] = [
+    pub const ALL: [Arch; 11] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
@@ -116,6 +121,7 @@ impl Arch {
         Arch::Ernie45Moe,
         Arch::GptOss,
         Arch::SmallThinker,
+        Arch::Lfm2Moe,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -131,6 +137,7 @@ impl Arch {
             Arch::Ernie45Moe => "ernie4_5-moe",
             Arch::GptOss => "gpt-oss",
             Arch::SmallThinker => "smallthinker",
+            Arch::Lfm2Moe => "lfm2moe",
         }
     }
 
@@ -148,6 +155,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -163,6 +171,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -178,6 +187,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -193,6 +203,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -209,6 +220,7 @@ impl Arch {
                 has_granite_scales: true,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -227,6 +239,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -244,6 +257,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Sigmoid,
                 ffn_norm_tensor: "post_attention_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -262,6 +276,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -283,6 +298,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::SoftmaxWeight,
                 ffn_norm_tensor: "post_attention_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 2,
                 swa_dense_first: false,
                 expert_glu: Glu::SwigluOai {
@@ -303,6 +319,7 @@ impl Arch {
                 // The released models route by sigmoid (moe_primary_router_apply_softmax false).
                 default_gating: Gating::Sigmoid,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 router_input: RouterInput::LayerInput,
                 // llama.cpp's load_swa_pattern(ml, 4, true): with a window, layers l % 4 == 0
                 // attend to everything (and without rope), the others within the window.
@@ -311,6 +328,26 @@ impl Arch {
                 expert_glu: Glu::Relu,
                 default_yarn_truncate: true,
                 nope_full_attention_step: Some(4),
+            },
+            // llama.cpp's llama_model_lfm2moe: per-head q/k norms, NeoX rope, sigmoid routing
+            // with a selection bias and the top-k weights always renormalised (build_moe_ffn's
+            // norm_w), the final norm stored as `token_embd_norm` (LLM_TENSOR_OUTPUT_NORM_LFM2).
+            // Which layers are short convolutions is in the file (head_count_kv 0).
+            Arch::Lfm2Moe => ArchTraits {
+                attention: AttentionKind::Gqa,
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::PerHead,
+                default_norm_topk: true,
+                has_granite_scales: false,
+                default_gating: Gating::Sigmoid,
+                ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "token_embd_norm",
+                default_swa_pattern: 0,
+                swa_dense_first: false,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
             },
         }
     }

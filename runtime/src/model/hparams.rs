@@ -82,6 +82,12 @@ pub struct HParams {
     pub routing: RoutingSpec,
     /// The routed experts' gated activation.
     pub expert_glu: Glu,
+    /// Per layer, whether it is a gated short convolution instead of attention (llama.cpp's
+    /// `is_recr`: a per-layer `attention.head_count_kv` of 0).
+    pub recurrent_layers: Vec<bool>,
+    /// Taps of the short convolutions (`shortconv.l_cache`); each keeps the last
+    /// `shortconv_l_cache - 1` inputs as state. 0 when the model has none.
+    pub shortconv_l_cache: usize,
 }
 
 pub(crate) struct Meta<'h> {
@@ -158,7 +164,8 @@ impl HParams {
         };
         let n_embd = m.usize("embedding_length")?;
         let n_head = m.usize("attention.head_count")?;
-        let n_head_kv = m.opt_usize("attention.head_count_kv")?.unwrap_or(n_head);
+        let n_layer = trunk_layers(&m)?;
+        let (n_head_kv, recurrent_layers) = head_count_kv(&m, n_head, n_layer)?;
         if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(ModelError::Metadata {
                 key: m.key("attention.head_count_kv"),
@@ -202,7 +209,18 @@ impl HParams {
             .opt_bool("expert_weights_norm")?
             .unwrap_or(traits.default_norm_topk);
         let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk, traits)?;
-        let n_layer = trunk_layers(&m)?;
+        let shortconv_l_cache = match recurrent_layers.contains(&true) {
+            false => 0,
+            true => match m.usize("shortconv.l_cache")? {
+                l @ 2..=64 => l,
+                l => {
+                    return Err(ModelError::Metadata {
+                        key: m.key("shortconv.l_cache"),
+                        why: format!("{l} taps: a short convolution has 2 to 64"),
+                    })
+                }
+            },
+        };
         let mla = match traits.attention {
             AttentionKind::Gqa => None,
             AttentionKind::Mla => Some(mla_params(&m, head_dim_k, head_dim_v, rope_dim)?),
@@ -254,7 +272,14 @@ impl HParams {
             rope_attn_factor,
             routing,
             expert_glu: traits.expert_glu,
+            recurrent_layers,
+            shortconv_l_cache,
         })
+    }
+
+    /// Whether `layer` is a short convolution (its state is recurrent, not a KV cache).
+    pub fn is_recurrent(&self, layer: usize) -> bool {
+        self.recurrent_layers.get(layer).copied().unwrap_or(false)
     }
 
     /// The window layer `layer` attends within, if any.
@@ -321,6 +346,43 @@ fn trunk_layers(m: &Meta) -> Result<usize, ModelError> {
         });
     }
     Ok(blocks - nextn)
+}
+
+/// `attention.head_count_kv`: one number for every layer, or one per layer where 0 marks a
+/// recurrent layer (llama.cpp's hybrid models). Returns the attention layers' count (they must
+/// agree) and which layers are recurrent.
+fn head_count_kv(
+    m: &Meta,
+    n_head: usize,
+    n_layer: usize,
+) -> Result<(usize, Vec<bool>), ModelError> {
+    let key = "attention.head_count_kv";
+    let bad = |why: String| ModelError::Metadata {
+        key: m.key(key),
+        why,
+    };
+    let Some(Value::Array(_, items)) = m.get(key) else {
+        let n = m.opt_usize(key)?.unwrap_or(n_head);
+        return Ok((n, vec![false; n_layer]));
+    };
+    let counts: Option<Vec<usize>> = items
+        .iter()
+        .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
+        .collect();
+    let counts = counts.filter(|c| c.len() >= n_layer).ok_or_else(|| {
+        bad(format!(
+            "must be one count per layer ({n_layer}), found {items:?}"
+        ))
+    })?;
+    let counts = &counts[..n_layer];
+    let attention: Vec<usize> = counts.iter().copied().filter(|&c| c > 0).collect();
+    let n = attention.first().copied().unwrap_or(n_head);
+    if attention.iter().any(|&c| c != n) {
+        return Err(bad(format!(
+            "attention layers with different KV head counts ({counts:?}) are not supported"
+        )));
+    }
+    Ok((n, counts.iter().map(|&c| c == 0).collect()))
 }
 
 /// transformers' `yarn_get_mscale`.

@@ -7,10 +7,13 @@ use std::time::Instant;
 pub enum Phase {
     /// Embedding lookup, norms, residual adds, lookahead prediction.
     Other,
-    /// The q/k/v and output projections of attention.
+    /// The q/k/v and output projections of attention (and a short convolution's in/out
+    /// projections).
     AttnProjections,
     /// Rope, KV-cache writes, scores, softmax and the weighted sum of values.
     AttnCore,
+    /// A short convolution's gating and taps (LFM2), between its projections.
+    ConvCore,
     /// Router matrix, expert selection and the per-expert token lists.
     Routing,
     /// Expert (and shared-expert or dense) MLP products.
@@ -22,9 +25,10 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::AttnProjections,
         Phase::AttnCore,
+        Phase::ConvCore,
         Phase::Routing,
         Phase::Experts,
         Phase::ExpertIo,
@@ -37,6 +41,7 @@ impl Phase {
             Phase::Other => "other",
             Phase::AttnProjections => "attention projections",
             Phase::AttnCore => "attention core",
+            Phase::ConvCore => "short convolution",
             Phase::Routing => "routing",
             Phase::Experts => "expert matmuls",
             Phase::ExpertIo => "expert I/O wait",
