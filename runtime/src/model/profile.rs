@@ -54,12 +54,12 @@ impl Phase {
 #[derive(Default)]
 pub struct Profiler {
     last: Option<Instant>,
-    seconds: Option<[f64; 7]>,
+    seconds: Option<[f64; Phase::ALL.len()]>,
 }
 
 impl Profiler {
     pub fn enable(&mut self, on: bool) {
-        self.seconds = on.then_some([0.0; 7]);
+        self.seconds = on.then_some([0.0; Phase::ALL.len()]);
         self.last = None;
     }
 
@@ -87,7 +87,27 @@ impl Profiler {
 
     pub fn reset(&mut self) {
         if let Some(s) = &mut self.seconds {
-            *s = [0.0; 7];
+            *s = [0.0; Phase::ALL.len()];
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every phase has a slot (a phase added to the enum once overran a fixed-size array).
+    #[test]
+    fn every_phase_is_charged() {
+        let mut p = Profiler::default();
+        p.enable(true);
+        p.start();
+        for phase in Phase::ALL {
+            p.lap(phase);
+        }
+        let report = p.report().unwrap();
+        assert_eq!(report.len(), Phase::ALL.len());
+        let names: std::collections::HashSet<_> = report.iter().map(|(p, _)| p.name()).collect();
+        assert_eq!(names.len(), Phase::ALL.len());
     }
 }
