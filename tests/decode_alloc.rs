@@ -124,7 +124,8 @@ fn every_ffn_kind_decodes_without_allocating() {
     // routing decided by a decoupled router (qwen3_moe_readme), partial rotary with biases and
     // q/k norm (glm4_moe), softmax routing with a selection bias (ernie4_5_moe), routing from
     // the layer input, ReGLU and NoPE/sliding layers (smallthinker), a dense MLP beside the
-    // experts with sandwich norms and per-layer head sizes (gemma4).
+    // experts with sandwich norms and per-layer head sizes (gemma4), short convolutions with
+    // their recurrent state beside attention layers (lfm2_moe).
     for name in [
         "qwen2_moe",
         "deepseek_v3",
@@ -134,6 +135,7 @@ fn every_ffn_kind_decodes_without_allocating() {
         "ernie4_5_moe",
         "smallthinker",
         "gemma4",
+        "lfm2_moe",
     ] {
         for ty in [GgmlType::Q8_0, GgmlType::F32] {
             let converted = Fixture::load(name).convert(ty);
@@ -141,6 +143,31 @@ fn every_ffn_kind_decodes_without_allocating() {
             assert_eq!(n, 0, "{name} {ty:?}: {n} allocations in 16 decode steps");
         }
     }
+}
+
+/// LFM2-MoE: a snapshot of the conv state and a rewind to it (what moed's prompt cache does
+/// between requests) allocate nothing either.
+#[test]
+fn lfm2_moe_snapshot_and_rewind_allocate_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let converted = Fixture::load("lfm2_moe").convert(GgmlType::Q8_0);
+    let file = converted.open();
+    let model = Model::load(&file).expect("model loads");
+    let mut s = Session::with_kv_type(&model, 128, KvType::F16);
+    assert_eq!(count_decode(&mut s), 0);
+    let mut n = usize::MAX;
+    rayon::scope(|_| {
+        n = allocations_in(|| {
+            s.snapshot();
+            let at = s.position();
+            for _ in 0..4 {
+                let next = argmax_logits(s.forward(&[7], false).expect("decode step"));
+                s.forward(&[next], false).expect("decode step");
+                s.rewind(at).expect("rewind to the snapshot");
+            }
+        })
+    });
+    assert_eq!(n, 0, "{n} allocations in snapshot, decode and rewind");
 }
 
 /// gpt-oss: attention sinks, biases, the clamped SwiGLU, MXFP4 experts, and sliding-window

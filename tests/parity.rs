@@ -278,6 +278,125 @@ fn gpt_oss_mxfp4_experts_are_kept() {
 /// A sliding-window layer keeps a ring of its window (plus one batch chunk), so the session's
 /// KV memory grows with the context only in the full-attention layers.
 #[test]
+fn lfm2_moe_short_convolutions_qk_norm_dense_leading_layers_sigmoid_bias() {
+    check_parity("lfm2_moe", GgmlType::F32);
+}
+
+/// LFM2's conv layers keep a fixed state (the last L-1 convolution inputs) instead of a KV
+/// cache; only the attention layers grow with the context.
+#[test]
+fn lfm2_moe_conv_state_is_fixed_and_kv_only_in_attention_layers() {
+    use moe_runtime::model::{KvType, Mixer, Model, Session};
+    let fx = Fixture::load("lfm2_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let hp = &model.hp;
+    let kinds: Vec<bool> = (0..hp.n_layer).map(|l| hp.is_recurrent(l)).collect();
+    assert_eq!(kinds, [true, false, true, false], "layer_types");
+    assert!(matches!(model.layers[0].mixer, Mixer::ShortConv(_)));
+    assert!(matches!(model.layers[1].mixer, Mixer::Attention(_)));
+    let per_pos = 2 * hp.n_head_kv * (hp.head_dim_k + hp.head_dim_v) * 4;
+    // Per conv layer, the last L-1 inputs and their snapshot.
+    let conv_state = 2 * 2 * (hp.shortconv_l_cache - 1) * hp.n_embd * 4;
+    for ctx in [64, 256] {
+        let s = Session::with_kv_type(&model, ctx, KvType::F32);
+        assert_eq!(s.kv_bytes(), ctx * per_pos, "KV of the 2 attention layers");
+        assert_eq!(
+            s.recurrent_bytes(),
+            conv_state,
+            "conv state of the 2 conv layers"
+        );
+        assert_eq!(s.state_bytes(), s.kv_bytes() + s.recurrent_bytes());
+    }
+}
+
+/// A recurrent state holds only its latest position: it can stay where it is or start over,
+/// nothing in between; starting over (position 0) gives the first run's logits again, and a
+/// swapped-out sequence keeps its conv state.
+#[test]
+fn lfm2_moe_rewind_only_to_the_start_or_the_end_and_sequences_swap() {
+    use moe_runtime::model::{KvType, Model, Session};
+    let fx = Fixture::load("lfm2_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let ids = &fx.expected.prompts[2].ids;
+    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
+    let first = s.forward(ids, false).unwrap().to_vec();
+    let n = ids.len();
+    assert!(s.can_rewind(n) && s.can_rewind(0));
+    assert!(!s.can_rewind(n - 1) && !s.can_rewind(1));
+    assert!(s.rewind(n - 1).is_err());
+    assert_eq!(s.position(), n, "a refused rewind changes nothing");
+
+    // Another sequence in between, then the first one swapped back continues as if alone.
+    let mut saved = s.blank_sequence();
+    s.swap_sequence(&mut saved);
+    s.forward(&fx.expected.prompts[1].ids, false).unwrap();
+    s.swap_sequence(&mut saved);
+    assert_eq!(s.position(), n);
+    let next = fx.expected.prompts[2].greedy_ids[0];
+    let continued = s.forward(&[next], false).unwrap().to_vec();
+    let mut alone = Session::with_kv_type(&model, 64, KvType::F32);
+    alone.forward(ids, false).unwrap();
+    assert_eq!(continued, alone.forward(&[next], false).unwrap());
+
+    s.rewind(0).unwrap();
+    assert_eq!(s.forward(ids, false).unwrap(), &first[..], "start over");
+
+    // A snapshot taken after 5 ids: the sequence can go back there, and only there.
+    s.reset();
+    s.forward(&ids[..5], false).unwrap();
+    s.snapshot();
+    s.forward(&ids[5..], false).unwrap();
+    assert_eq!(s.rewind_point(n - 1), 5);
+    assert_eq!(s.rewind_point(4), 0);
+    assert!(s.can_rewind(5) && !s.can_rewind(6));
+    s.rewind(5).unwrap();
+    let again = s.forward(&ids[5..], false).unwrap();
+    let vocab = first.len();
+    assert!(
+        max_rel_diff(again, &first, vocab) < TOLERANCE,
+        "from the snapshot"
+    );
+    s.rewind(5).unwrap();
+    s.rewind(0).unwrap();
+    assert!(
+        !s.can_rewind(5) || s.position() == 5,
+        "starting over forgets the snapshot"
+    );
+    s.forward(&ids[..7], false).unwrap();
+    assert!(
+        !s.can_rewind(5),
+        "the snapshot was of the forgotten sequence"
+    );
+}
+
+/// A prompt evaluated in uneven chunks (the conv state carried between them) gives the logits
+/// of one prefill.
+#[test]
+fn lfm2_moe_chunked_prefill_matches_one_prefill() {
+    use moe_runtime::model::{KvType, Model, Session};
+    let fx = Fixture::load("lfm2_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let ids = &fx.expected.prompts[2].ids;
+    let (want, _, vocab) = fx.logits(2);
+    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
+    let mut got = Vec::new();
+    let mut at = 0;
+    for len in [1, 2, 5, 3] {
+        got.extend_from_slice(s.forward(&ids[at..at + len], true).unwrap());
+        at += len;
+    }
+    got.extend_from_slice(s.forward(&ids[at..], true).unwrap());
+    let diff = max_rel_diff(&got, &want, vocab);
+    assert!(diff < TOLERANCE, "chunked prefill differs by {diff:e}");
+}
+
+#[test]
 fn gpt_oss_sliding_layers_do_not_grow_with_the_context() {
     use moe_runtime::model::{KvType, Model, Session};
     let fx = Fixture::load("gpt_oss");

@@ -1,6 +1,7 @@
 //! Continuing a sequence from a kept prefix (prompt caching) computes exactly what evaluating
-//! the whole prompt does: a session rewound to a shared prefix, or swapped to another kept
-//! conversation, gives the same logits as a fresh one.
+//! the whole prompt does: a session rewound to a shared prefix (for a recurrent model, the
+//! snapshot taken there), or swapped to another kept conversation, gives the same logits as a
+//! fresh one.
 
 use moe_e2e::{Fixture, FIXTURES};
 use moe_runtime::gguf::GgmlType;
@@ -33,7 +34,15 @@ fn rewound_and_swapped_sequences_match_fresh_ones() {
         let other = ids(3, 9);
 
         let mut s = Session::with_kv_type(&model, 64, KvType::F16);
-        s.forward(&a, false).unwrap();
+        // A snapshot at the shared prefix: what a recurrent state (lfm2_moe) can go back to.
+        s.forward(&a[..6], false).unwrap();
+        s.snapshot();
+        s.forward(&a[6..], false).unwrap();
+        assert_eq!(
+            s.can_rewind(5),
+            !s.has_recurrent_state(),
+            "{name}: only KV caches go back anywhere"
+        );
         // Another conversation runs in between, swapped in and out.
         let mut kept = s.blank_sequence();
         s.swap_sequence(&mut kept);

@@ -56,7 +56,9 @@ pub(crate) fn choose_type(
     requested: GgmlType,
     tied_output: bool,
 ) -> GgmlType {
-    let is_router = name.contains("ffn_gate_inp");
+    // Short-convolution taps stay f32 as llama.cpp's converter and llama-quantize keep them
+    // (ggml's ssm_conv takes f32 only).
+    let is_router = name.contains("ffn_gate_inp") || name.contains("shortconv.conv");
     // A decoupled router is small and decides every layer's experts: kept exact.
     let is_decoupled_router = name.starts_with(crate::router::PREFIX);
     if dims.len() == 1 || is_router || is_decoupled_router || !name.ends_with(".weight") {
@@ -179,15 +181,13 @@ pub fn build(
         vec![d, n_vocab],
         t("model.embed_tokens.weight"),
     );
+    let norms = conv.hf_norms();
     for l in 0..n_layer {
         let hf = |s: &str| format!("model.layers.{l}.{s}");
         let gg = |s: &str| format!("blk.{l}.{s}");
-        ckpt.expect_shape(&hf("input_layernorm.weight"), &[d])?;
-        add(
-            gg("attn_norm.weight"),
-            vec![d],
-            t(&hf("input_layernorm.weight")),
-        );
+        let mixer_norm = hf(&format!("{}.weight", norms.mixer));
+        ckpt.expect_shape(&mixer_norm, &[d])?;
+        add(gg("attn_norm.weight"), vec![d], t(&mixer_norm));
 
         if let Some(own) = conv.attention(cfg, ckpt, l)? {
             for t in own {
@@ -248,7 +248,7 @@ pub fn build(
         for extra in conv.extra_layer_tensors(cfg, ckpt, l)? {
             add(gg(&extra.name), extra.dims, extra.source);
         }
-        let ffn_norm = conv.ffn_norm_source(l);
+        let ffn_norm = hf(&format!("{}.weight", norms.ffn));
         ckpt.expect_shape(&ffn_norm, &[d])?;
         add(
             gg(&format!("{}.weight", arch.traits().ffn_norm_tensor)),
@@ -371,8 +371,13 @@ pub fn build(
     for extra in conv.extra_tensors(cfg)? {
         add(extra.name, extra.dims, extra.source);
     }
-    ckpt.expect_shape("model.norm.weight", &[d])?;
-    add("output_norm.weight".into(), vec![d], t("model.norm.weight"));
+    let output_norm = format!("{}.weight", norms.output);
+    ckpt.expect_shape(&output_norm, &[d])?;
+    add(
+        format!("{}.weight", arch.traits().output_norm_tensor),
+        vec![d],
+        t(&output_norm),
+    );
     if !tied {
         ckpt.expect_shape("lm_head.weight", &[n_vocab, d])?;
         add(

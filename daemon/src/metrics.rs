@@ -24,6 +24,8 @@ pub struct ModelInfo {
     pub n_ctx: usize,
     pub file_bytes: u64,
     pub kv_bytes: usize,
+    /// Recurrent layers' state of one sequence (fixed, whatever the context).
+    pub recurrent_bytes: usize,
     pub load_seconds: f64,
 }
 
@@ -342,6 +344,12 @@ impl Metrics {
                 "gauge",
                 "Bytes allocated for the KV cache.",
                 &one(m.kv_bytes.to_string()),
+            );
+            metric(
+                "moed_recurrent_state_bytes",
+                "gauge",
+                "Bytes of recurrent layers' state (short convolutions) of one sequence.",
+                &one(m.recurrent_bytes.to_string()),
             );
             metric(
                 "moed_model_load_seconds",

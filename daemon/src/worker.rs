@@ -253,6 +253,7 @@ pub fn spawn(
                 n_ctx,
                 file_bytes: file.bytes().len() as u64,
                 kv_bytes: session.kv_bytes(),
+                recurrent_bytes: session.recurrent_bytes(),
                 load_seconds: t0.elapsed().as_secs_f64(),
             };
             info!(
@@ -263,6 +264,7 @@ pub fn spawn(
                 n_expert = hp.n_expert,
                 n_expert_used = hp.n_expert_used,
                 kv_mib = info.kv_bytes as f64 / (1 << 20) as f64,
+                recurrent_kib = info.recurrent_bytes as f64 / 1024.0,
                 load_s = info.load_seconds,
                 "model loaded"
             );

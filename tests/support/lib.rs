@@ -27,6 +27,7 @@ pub const FIXTURES: &[&str] = &[
     "gpt_oss_bf16",
     "smallthinker",
     "gemma4",
+    "lfm2_moe",
 ];
 
 #[derive(Debug, Deserialize)]

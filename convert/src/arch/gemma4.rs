@@ -23,7 +23,7 @@ use std::sync::Arc;
 use moe_runtime::gguf::{GgmlType, Value, ValueType};
 use moe_runtime::model::Arch;
 
-use super::{ArchConverter, AttnTensor, ExpertSource, FfnSource};
+use super::{ArchConverter, AttnTensor, ExpertSource, FfnSource, HfNorms};
 use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
 use crate::source::{Pack, Source};
@@ -331,8 +331,12 @@ impl ArchConverter for Gemma4 {
         cfg.usize("intermediate_size")
     }
 
-    fn ffn_norm_source(&self, l: usize) -> String {
-        format!("model.layers.{l}.pre_feedforward_layernorm.weight")
+    fn hf_norms(&self) -> HfNorms {
+        HfNorms {
+            mixer: "input_layernorm",
+            ffn: "pre_feedforward_layernorm",
+            output: "model.norm",
+        }
     }
 
     fn attention(

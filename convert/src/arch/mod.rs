@@ -8,6 +8,7 @@ mod gemma4;
 mod glm4_moe;
 mod gpt_oss;
 mod granitemoe;
+mod lfm2_moe;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -101,9 +102,26 @@ pub enum ExpertMlp {
     },
 }
 
+/// Hugging Face names of a layer's two norms (`model.layers.{l}.<name>.weight`) and of the final
+/// norm (`<output>.weight`).
+pub struct HfNorms {
+    pub mixer: &'static str,
+    pub ffn: &'static str,
+    pub output: &'static str,
+}
+
 /// What a converter needs to know about one architecture.
 pub trait ArchConverter {
     fn arch(&self) -> Arch;
+
+    /// Where the norms are in the checkpoint.
+    fn hf_norms(&self) -> HfNorms {
+        HfNorms {
+            mixer: "input_layernorm",
+            ffn: "post_attention_layernorm",
+            output: "model.norm",
+        }
+    }
 
     /// Hugging Face's q/k projections use rotate-half rope; llama.cpp's llama-family graphs use
     /// interleaved rope, so those converters permute q/k rows.
@@ -111,7 +129,8 @@ pub trait ArchConverter {
         false
     }
 
-    /// Attention tensors of layer `l` when the architecture does not use the q/k/v/o layout.
+    /// Attention tensors of layer `l` when the architecture does not use the q/k/v/o layout
+    /// (or the layer's mixer is not attention: a short convolution).
     fn attention(
         &self,
         _cfg: &Config,
@@ -136,12 +155,6 @@ pub trait ArchConverter {
     /// Gemma 4's rope frequency factors.
     fn extra_tensors(&self, _cfg: &Config) -> Result<Vec<AttnTensor>, ConvertError> {
         Ok(Vec::new())
-    }
-
-    /// The checkpoint's norm before layer `l`'s feed-forward half (written under the runtime
-    /// traits' `ffn_norm_tensor`).
-    fn ffn_norm_source(&self, l: usize) -> String {
-        format!("model.layers.{l}.post_attention_layernorm.weight")
     }
 
     /// Whether `metadata` writes the rope scaling keys itself (otherwise only unscaled rope is
@@ -218,13 +231,14 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "gpt_oss" => Box::new(gpt_oss::GptOss),
         "smallthinker" => Box::new(smallthinker::SmallThinker),
         "gemma4_text" => Box::new(gemma4::Gemma4),
+        "lfm2_moe" => Box::new(lfm2_moe::Lfm2Moe),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
                      qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, \
-                     glm4_moe, ernie4_5_moe, gpt_oss, smallthinker, gemma4_text)"
+                     glm4_moe, ernie4_5_moe, gpt_oss, smallthinker, gemma4_text, lfm2_moe)"
                 ),
             })
         }

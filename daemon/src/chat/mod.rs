@@ -426,6 +426,46 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls"));
     }
 
+    /// LFM2-8B-A1B's template as llama.cpp ships it (`models/templates/LFM2-8B-A1B.jinja`):
+    /// tools listed in the system turn, a tool result between its markers, rendered exactly
+    /// as transformers 5.24's apply_chat_template renders the same conversation; replies are
+    /// parsed for LFM2's Python-style calls.
+    #[test]
+    fn lfm2_template_renders_as_transformers() {
+        let Some(source) = fetched_template("LFM2-8B-A1B.jinja") else {
+            return;
+        };
+        let t = ChatTemplate::new(&source, "<|startoftext|>".into(), "<|im_end|>".into()).unwrap();
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "Weather in a city", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+        let opts = RenderOptions {
+            tools: Some(&tools),
+            kwargs: serde_json::Map::new(),
+        };
+        let call = "<|tool_call_start|>[get_weather(city=\"Oslo\")]<|tool_call_end|>";
+        let out = t
+            .render(
+                &[
+                    msg("system", "Be brief."),
+                    msg("user", "Weather in Oslo?"),
+                    msg("assistant", call),
+                    msg("tool", "12 C"),
+                ],
+                &opts,
+            )
+            .unwrap();
+        let want = "<|startoftext|><|im_start|>system\nBe brief.\nList of tools: <|tool_list_start|>[{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather in a city\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}]<|tool_list_end|><|im_end|>\n<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n<|tool_call_start|>[get_weather(city=\"Oslo\")]<|tool_call_end|><|im_end|>\n<|im_start|>tool\n<|tool_response_start|>12 C<|tool_response_end|><|im_end|>\n<|im_start|>assistant\n";
+        assert_eq!(out, want);
+        let out = render(&t, &[msg("user", "Hi")]).unwrap();
+        assert_eq!(
+            out,
+            "<|startoftext|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let reply = crate::reply::ReplySyntax::of_template(&source);
+        assert_eq!(reply.tools, crate::reply::ToolSyntax::Lfm2);
+    }
+
     /// gpt-oss's template as llama.cpp ships it (`models/templates/openai-gpt-oss-120b.jinja`,
     /// fetched by scripts/fixtures/fetch_llama_cpp_files.sh; it calls transformers'
     /// `strftime_now`) renders exactly as transformers' apply_chat_template renders it (the

@@ -45,6 +45,9 @@ pub(super) const MISTRAL: &str = "[TOOL_CALLS]";
 pub(super) const MISTRAL_ARGS: &str = "[ARGS]";
 pub(super) const GRANITE: &str = "<|tool_call|>";
 pub(super) const LFM2: (&str, &str) = ("<|tool_call_start|>", "<|tool_call_end|>");
+/// LFM2's tool list in the system turn: LFM2-8B-A1B's template lists tools but never writes a
+/// call marker (replies carry them).
+pub(super) const LFM2_TOOL_LIST: &str = "<|tool_list_start|>";
 
 impl ToolSyntax {
     /// The syntax a chat template's markers reveal.
@@ -56,7 +59,7 @@ impl ToolSyntax {
             Self::Kimi
         } else if has(MISTRAL) {
             Self::Mistral
-        } else if has(LFM2.0) {
+        } else if has(LFM2.0) || has(LFM2_TOOL_LIST) {
             Self::Lfm2
         } else if has(GRANITE) {
             Self::Granite

@@ -119,6 +119,8 @@ struct Report {
     /// The start-up line: CPU, kernels, RAM, board profile, expert cache.
     setup: String,
     kv_cache_bytes: usize,
+    /// Recurrent layers' state (LFM2's short convolutions): fixed per sequence.
+    recurrent_state_bytes: usize,
     peak_rss_bytes: Option<u64>,
     tests: Vec<TestResult>,
     /// What the lossy routing options did (None when they are off).
@@ -260,6 +262,7 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
         kernels: crate::tensor::kernels::best().name,
         setup,
         kv_cache_bytes: session.kv_bytes(),
+        recurrent_state_bytes: session.recurrent_bytes(),
         peak_rss_bytes: peak_rss_bytes(),
         tests,
         lossy: (!engine.options().streaming.route.is_off()).then(|| session.lossy_stats().clone()),
@@ -353,10 +356,17 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
     if let Some(rss) = report.peak_rss_bytes {
         writeln!(
             out,
-            "peak RSS: {:.1} MiB (file {:.1} MiB, KV cache {:.1} MiB)",
+            "peak RSS: {:.1} MiB (file {:.1} MiB, KV cache {:.1} MiB{})",
             rss as f64 / (1u64 << 20) as f64,
             report.file_bytes as f64 / (1u64 << 20) as f64,
-            report.kv_cache_bytes as f64 / (1u64 << 20) as f64
+            report.kv_cache_bytes as f64 / (1u64 << 20) as f64,
+            match report.recurrent_state_bytes {
+                0 => String::new(),
+                b => format!(
+                    ", recurrent state {:.3} MiB",
+                    b as f64 / (1u64 << 20) as f64
+                ),
+            }
         )?;
     }
     Ok(())

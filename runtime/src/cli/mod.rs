@@ -287,6 +287,8 @@ fn generate_text(mut args: Args, out: &mut dyn Write, err: &mut dyn Write) -> Re
             "pinned_slots": session.expert_cache().map_or(0, |c| c.kept_resident()),
             "predictor": session.predictor_stats(),
             "peak_rss_bytes": bench::peak_rss_bytes(),
+            "kv_cache_bytes": session.kv_bytes(),
+            "recurrent_state_bytes": session.recurrent_bytes(),
         });
         writeln!(err, "{report}")?;
     }

@@ -152,7 +152,19 @@ pub fn generate(
 
     let bytes0 = session.expert_bytes_used();
     let t0 = Instant::now();
-    let mut logits = session.forward(&req.prompt[req.cached..], false)?.to_vec();
+    // A recurrent state cannot go back: a snapshot before the prompt's last id lets a later
+    // request with the same prompt (a regenerated reply) continue from there.
+    let rest = &req.prompt[req.cached..];
+    if session.has_recurrent_state() && rest.len() > 1 {
+        session.forward(&rest[..rest.len() - 1], false)?;
+        session.snapshot();
+    }
+    let last = if session.position() > req.cached {
+        &rest[rest.len() - 1..]
+    } else {
+        rest
+    };
+    let mut logits = session.forward(last, false)?.to_vec();
     stats.prompt_time = t0.elapsed();
     let bytes1 = session.expert_bytes_used();
     stats.prompt_expert_bytes = bytes1 - bytes0;

@@ -185,7 +185,8 @@ impl Engine {
     ) -> Result<Session<'m, 'e>, EngineError> {
         let streaming_options = &self.options.streaming;
         let mut session = Session::with_kv_type(model, n_ctx, self.kv_type());
-        let kv_bytes = session.kv_bytes() * (1 + self.options.extra_sequences);
+        // Every kept sequence holds its own KV caches and recurrent state.
+        let kv_bytes = session.state_bytes() * (1 + self.options.extra_sequences);
         let streaming = streaming_options.build(model, &self.path, kv_bytes, self.board())?;
         session.set_streaming(streaming);
         session.set_router_prefetch(!streaming_options.no_router_prefetch);

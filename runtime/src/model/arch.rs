@@ -27,6 +27,9 @@ pub enum Arch {
     SmallThinker,
     /// llama.cpp's `gemma4` with experts: Gemma-4-26B-A4B's language model.
     Gemma4,
+    /// llama.cpp's `lfm2moe`: Liquid AI's LFM2-MoE (8B-A1B), gated short convolutions beside
+    /// attention layers.
+    Lfm2Moe,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -89,6 +92,8 @@ pub struct ArchTraits {
     pub default_gating: Gating,
     /// The block's tensor holding the norm before the feed-forward half (`blk.N.<name>.weight`).
     pub ffn_norm_tensor: &'static str,
+    /// The tensor holding the norm before the output projection (`<name>.weight`).
+    pub output_norm_tensor: &'static str,
     /// With a sliding window, when the file does not say
     /// (`{arch}.attention.sliding_window_pattern`): in each group of this many layers the last
     /// attends to the whole context and the others to the window (llama.cpp's
@@ -124,7 +129,7 @@ pub struct ArchTraits {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 11] = [
+    pub const ALL: [Arch; 12] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
@@ -136,6 +141,7 @@ impl Arch {
         Arch::GptOss,
         Arch::SmallThinker,
         Arch::Gemma4,
+        Arch::Lfm2Moe,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -152,6 +158,7 @@ impl Arch {
             Arch::GptOss => "gpt-oss",
             Arch::SmallThinker => "smallthinker",
             Arch::Gemma4 => "gemma4",
+            Arch::Lfm2Moe => "lfm2moe",
         }
     }
 
@@ -169,6 +176,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -190,6 +198,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -211,6 +220,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -232,6 +242,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -254,6 +265,7 @@ impl Arch {
                 has_granite_scales: true,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -278,6 +290,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -301,6 +314,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Sigmoid,
                 ffn_norm_tensor: "post_attention_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -325,6 +339,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::Silu,
@@ -352,6 +367,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::SoftmaxWeight,
                 ffn_norm_tensor: "post_attention_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 2,
                 swa_dense_first: false,
                 expert_glu: Glu::SwigluOai {
@@ -378,6 +394,7 @@ impl Arch {
                 // The released models route by sigmoid (moe_primary_router_apply_softmax false).
                 default_gating: Gating::Sigmoid,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 router_input: RouterInput::LayerInput,
                 // llama.cpp's load_swa_pattern(ml, 4, true): with a window, layers l % 4 == 0
                 // attend to everything (and without rope), the others within the window.
@@ -405,6 +422,7 @@ impl Arch {
                 has_granite_scales: false,
                 default_gating: Gating::Softmax,
                 ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "output_norm",
                 default_swa_pattern: 0,
                 swa_dense_first: false,
                 expert_glu: Glu::GeluTanh,
@@ -417,6 +435,32 @@ impl Arch {
                 v_norm: true,
                 values_may_be_keys: true,
                 sandwich_norms: true,
+            },
+            // llama.cpp's llama_model_lfm2moe: per-head q/k norms, NeoX rope, sigmoid routing
+            // with a selection bias and the top-k weights always renormalised (build_moe_ffn's
+            // norm_w), the final norm stored as `token_embd_norm` (LLM_TENSOR_OUTPUT_NORM_LFM2).
+            // Which layers are short convolutions is in the file (head_count_kv 0).
+            Arch::Lfm2Moe => ArchTraits {
+                attention: AttentionKind::Gqa,
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::PerHead,
+                default_norm_topk: true,
+                has_granite_scales: false,
+                default_gating: Gating::Sigmoid,
+                ffn_norm_tensor: "ffn_norm",
+                output_norm_tensor: "token_embd_norm",
+                default_swa_pattern: 0,
+                swa_dense_first: false,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
         }
     }

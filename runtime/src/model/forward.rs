@@ -26,6 +26,7 @@ use super::mla::{mla_attention, MlaScratch};
 use super::observe::{LayerRouting, Observers};
 use super::ops::{add_scaled, norm_in_place, rms_norm_rows, soft_cap, RopeTables};
 use super::profile::Phase;
+use super::short_conv::{short_conv, ShortConvScratch};
 use super::state::{KvType, LayerState, SequenceState};
 use super::weights::{Ffn, Mixer, Model};
 use crate::moe::cache::ExpertCache;
@@ -62,6 +63,16 @@ impl SavedSequence {
     pub fn kv_bytes(&self) -> usize {
         self.state.kv_bytes()
     }
+
+    /// Bytes its recurrent layers' state holds.
+    pub fn recurrent_bytes(&self) -> usize {
+        self.state.recurrent_bytes()
+    }
+
+    /// The furthest position at most `at_most` it can be cut back to.
+    pub fn rewind_point(&self, at_most: usize) -> usize {
+        self.state.rewind_point(self.pos, at_most)
+    }
 }
 
 /// Buffers reused across calls, grown to the largest batch seen.
@@ -75,6 +86,7 @@ struct Scratch {
     out: Vec<f32>,
     attention: AttentionScratch,
     mla: MlaScratch,
+    conv: ShortConvScratch,
     ffn: FfnScratch,
     /// `[n, E]` router logits of a router reading the layer input, computed before the mixer.
     early_logits: Vec<f32>,
@@ -201,9 +213,19 @@ impl<'m, 'a> Session<'m, 'a> {
         self.expert_bytes
     }
 
-    /// Bytes held by the KV caches.
+    /// Bytes held by the KV caches (they grow with the context).
     pub fn kv_bytes(&self) -> usize {
         self.state.kv_bytes()
+    }
+
+    /// Bytes held by recurrent layers' state (fixed per sequence).
+    pub fn recurrent_bytes(&self) -> usize {
+        self.state.recurrent_bytes()
+    }
+
+    /// Everything the sequence's state holds: KV caches and recurrent state.
+    pub fn state_bytes(&self) -> usize {
+        self.state.kv_bytes() + self.state.recurrent_bytes()
     }
 
     /// Starts (or stops) recording every MoE layer's routing decisions.
@@ -277,6 +299,7 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// Forgets the sequence (the cache is kept allocated).
     pub fn reset(&mut self) {
+        self.state.rewind(self.pos, 0);
         self.pos = 0;
     }
 
@@ -295,6 +318,7 @@ impl<'m, 'a> Session<'m, 'a> {
                 self.pos
             )));
         }
+        self.state.rewind(self.pos, pos);
         self.pos = pos;
         Ok(())
     }
@@ -302,6 +326,26 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Whether [`rewind`](Self::rewind) to `pos` would succeed.
     pub fn can_rewind(&self, pos: usize) -> bool {
         self.state.can_rewind(self.pos, pos)
+    }
+
+    /// The furthest position at most `at_most` that [`rewind`](Self::rewind) accepts: `at_most`
+    /// itself when every layer keeps its past (KV caches); with recurrent layers, the current
+    /// position, the snapshot's, or 0.
+    pub fn rewind_point(&self, at_most: usize) -> usize {
+        self.state.rewind_point(self.pos, at_most)
+    }
+
+    /// Whether some layer keeps a recurrent state (which can be rewound only to a snapshot).
+    pub fn has_recurrent_state(&self) -> bool {
+        self.state.is_recurrent()
+    }
+
+    /// Remembers the recurrent layers' state at the current position so that the sequence can
+    /// be rewound here later (one snapshot per sequence: it replaces the previous one). Copies
+    /// a few KiB per layer and allocates nothing; without recurrent layers it only records the
+    /// position.
+    pub fn snapshot(&mut self) {
+        self.state.take_snapshot(self.pos);
     }
 
     /// Empty state for another sequence of this session's shape (allocates its KV caches).
@@ -426,6 +470,10 @@ impl<'m, 'a> Session<'m, 'a> {
                 (Mixer::Mla(a), LayerState::Kv(kv)) => mla_attention(
                     k, hp, a, &s.xn, n, pos, &self.rope, kv, &mut s.mla, &mut s.out, prof,
                 ),
+                (Mixer::ShortConv(c), LayerState::Conv(st)) => {
+                    short_conv(k, c, &s.xn, n, pos, st, &mut s.conv, &mut s.out, prof)
+                }
+                _ => unreachable!("SequenceState::new gives each mixer its kind of state"),
             }
             if let Some(w) = &layer.mixer_post_norm {
                 norm_in_place(&mut s.out, w, d, hp.norm_eps, k);

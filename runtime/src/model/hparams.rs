@@ -90,6 +90,12 @@ pub struct HParams {
     pub swa_dims: Option<SwaDims>,
     /// Logits become `c * tanh(logits / c)` (`final_logit_softcapping`).
     pub final_logit_softcap: Option<f32>,
+    /// Per layer, whether it is a gated short convolution instead of attention (llama.cpp's
+    /// `is_recr`: a per-layer `attention.head_count_kv` of 0).
+    pub recurrent_layers: Vec<bool>,
+    /// Taps of the short convolutions (`shortconv.l_cache`); each keeps the last
+    /// `shortconv_l_cache - 1` inputs as state. 0 when the model has none.
+    pub shortconv_l_cache: usize,
 }
 
 /// What differs in the sliding-window layers of a model whose two layer kinds have their own
@@ -188,7 +194,7 @@ impl HParams {
         let n_embd = m.usize("embedding_length")?;
         let n_head = m.usize("attention.head_count")?;
         let n_layer = trunk_layers(&m)?;
-        let n_head_kv_layers = head_count_kv(&m, n_head, n_layer)?;
+        let (n_head_kv_layers, recurrent_layers) = head_count_kv(&m, n_head, n_layer)?;
         let n_head_kv = n_head_kv_layers.first().copied().unwrap_or(n_head);
         let head_dim_k = m
             .opt_usize("attention.key_length")?
@@ -227,6 +233,18 @@ impl HParams {
             .opt_bool("expert_weights_norm")?
             .unwrap_or(traits.default_norm_topk);
         let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk, traits)?;
+        let shortconv_l_cache = match recurrent_layers.contains(&true) {
+            false => 0,
+            true => match m.usize("shortconv.l_cache")? {
+                l @ 2..=64 => l,
+                l => {
+                    return Err(ModelError::Metadata {
+                        key: m.key("shortconv.l_cache"),
+                        why: format!("{l} taps: a short convolution has 2 to 64"),
+                    })
+                }
+            },
+        };
         let mla = match traits.attention {
             AttentionKind::Gqa => None,
             AttentionKind::Mla => Some(mla_params(&m, head_dim_k, head_dim_v, rope_dim)?),
@@ -314,6 +332,8 @@ impl HParams {
             n_head_kv_layers,
             swa_dims,
             final_logit_softcap: m.opt_f32("final_logit_softcapping")?.filter(|c| *c > 0.0),
+            recurrent_layers,
+            shortconv_l_cache,
         })
     }
 
@@ -337,6 +357,11 @@ impl HParams {
                 swa_rope: false,
             },
         }
+    }
+
+    /// Whether `layer` is a short convolution (its state is recurrent, not a KV cache).
+    pub fn is_recurrent(&self, layer: usize) -> bool {
+        self.recurrent_layers.get(layer).copied().unwrap_or(false)
     }
 
     /// The window layer `layer` attends within, if any.
@@ -409,24 +434,38 @@ fn trunk_layers(m: &Meta) -> Result<usize, ModelError> {
     Ok(blocks - nextn)
 }
 
-/// `attention.head_count_kv`: one value for every layer, or one per layer (Gemma 4's sliding
-/// and full layers differ); each must divide the query heads.
-fn head_count_kv(m: &Meta, n_head: usize, n_layer: usize) -> Result<Vec<usize>, ModelError> {
+/// `attention.head_count_kv`: one value for every layer, or one per layer: Gemma 4's sliding
+/// and full layers differ, and 0 marks a recurrent layer (llama.cpp's hybrid models). Returns
+/// each layer's KV heads (a recurrent layer gets the first attention layer's, unused) and which
+/// layers are recurrent; each attention layer's count must divide the query heads.
+fn head_count_kv(
+    m: &Meta,
+    n_head: usize,
+    n_layer: usize,
+) -> Result<(Vec<usize>, Vec<bool>), ModelError> {
     let key = "attention.head_count_kv";
-    let per_layer = match m.get(key) {
+    let counts = match m.get(key) {
         Some(Value::Array(_, items)) => items
             .iter()
             .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
             .collect::<Option<Vec<usize>>>()
             .filter(|v| v.len() >= n_layer)
+            .map(|mut v| {
+                v.truncate(n_layer.max(1));
+                v
+            })
             .ok_or_else(|| ModelError::Metadata {
                 key: m.key(key),
                 why: format!("must be a count or one count per layer ({n_layer}), found {items:?}"),
             })?,
         _ => vec![m.opt_usize(key)?.unwrap_or(n_head); n_layer.max(1)],
     };
-    if let Some(&bad) = per_layer
+    let recurrent: Vec<bool> = counts.iter().map(|&c| c == 0).collect();
+    let attention = counts.iter().copied().find(|&c| c > 0).unwrap_or(n_head);
+    if let Some(&bad) = counts
         .iter()
+        .filter(|&&kv| kv > 0)
+        .chain(std::iter::once(&attention))
         .find(|&&kv| n_head == 0 || kv == 0 || !n_head.is_multiple_of(kv))
     {
         return Err(ModelError::Metadata {
@@ -434,7 +473,11 @@ fn head_count_kv(m: &Meta, n_head: usize, n_layer: usize) -> Result<Vec<usize>, 
             why: format!("{bad} KV heads cannot serve {n_head} query heads"),
         });
     }
-    Ok(per_layer)
+    let per_layer = counts
+        .iter()
+        .map(|&c| if c == 0 { attention } else { c })
+        .collect();
+    Ok((per_layer, recurrent))
 }
 
 /// transformers' `yarn_get_mscale`.

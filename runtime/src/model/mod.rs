@@ -1,6 +1,6 @@
 //! Model definition: architecture traits, hyper-parameters, weights and the forward pass.
 //!
-//! A layer is a mixer ([`attention`], [`mla`]) and a feed-forward ([`ffn`]); [`forward`] runs
+//! A layer is a mixer ([`attention`], [`mla`], [`short_conv`]) and a feed-forward ([`ffn`]); [`forward`] runs
 //! them top to bottom, with per-layer state in [`state`], shared operations in [`ops`], and
 //! prediction ([`foresight`]) and observers ([`observe`], [`profile`]) at named points.
 
@@ -15,6 +15,7 @@ mod mla;
 mod observe;
 mod ops;
 pub mod profile;
+mod short_conv;
 mod state;
 mod weights;
 
@@ -24,8 +25,8 @@ pub use foresight::PredictionStats;
 pub use forward::{ExpertStreaming, SavedSequence, Session};
 pub use hparams::{HParams, MlaParams, Yarn};
 pub use observe::LayerRouting;
-pub use state::{KvLayer, KvShape, KvType, LayerState, SequenceState, SWA_CHUNK};
+pub use state::{ConvState, KvLayer, KvShape, KvType, LayerState, SequenceState, SWA_CHUNK};
 pub use weights::{
     Attention, ExpertBiases, ExpertSlab, Experts, Ffn, Layer, Mixer, MlaAttention, Mlp, Model,
-    MoeBlock, QkNormWeights, QueryProj, SharedExpert, StackedExperts,
+    MoeBlock, QkNormWeights, QueryProj, SharedExpert, ShortConv, StackedExperts,
 };

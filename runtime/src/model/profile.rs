@@ -7,10 +7,13 @@ use std::time::Instant;
 pub enum Phase {
     /// Embedding lookup, norms, residual adds, lookahead prediction.
     Other,
-    /// The q/k/v and output projections of attention.
+    /// The q/k/v and output projections of attention (and a short convolution's in/out
+    /// projections).
     AttnProjections,
     /// Rope, KV-cache writes, scores, softmax and the weighted sum of values.
     AttnCore,
+    /// A short convolution's gating and taps (LFM2), between its projections.
+    ConvCore,
     /// Router matrix, expert selection and the per-expert token lists.
     Routing,
     /// Expert (and shared-expert or dense) MLP products.
@@ -22,9 +25,10 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::AttnProjections,
         Phase::AttnCore,
+        Phase::ConvCore,
         Phase::Routing,
         Phase::Experts,
         Phase::ExpertIo,
@@ -37,6 +41,7 @@ impl Phase {
             Phase::Other => "other",
             Phase::AttnProjections => "attention projections",
             Phase::AttnCore => "attention core",
+            Phase::ConvCore => "short convolution",
             Phase::Routing => "routing",
             Phase::Experts => "expert matmuls",
             Phase::ExpertIo => "expert I/O wait",
@@ -49,12 +54,12 @@ impl Phase {
 #[derive(Default)]
 pub struct Profiler {
     last: Option<Instant>,
-    seconds: Option<[f64; 7]>,
+    seconds: Option<[f64; Phase::ALL.len()]>,
 }
 
 impl Profiler {
     pub fn enable(&mut self, on: bool) {
-        self.seconds = on.then_some([0.0; 7]);
+        self.seconds = on.then_some([0.0; Phase::ALL.len()]);
         self.last = None;
     }
 
@@ -82,7 +87,27 @@ impl Profiler {
 
     pub fn reset(&mut self) {
         if let Some(s) = &mut self.seconds {
-            *s = [0.0; 7];
+            *s = [0.0; Phase::ALL.len()];
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every phase has a slot (a phase added to the enum once overran a fixed-size array).
+    #[test]
+    fn every_phase_is_charged() {
+        let mut p = Profiler::default();
+        p.enable(true);
+        p.start();
+        for phase in Phase::ALL {
+            p.lap(phase);
+        }
+        let report = p.report().unwrap();
+        assert_eq!(report.len(), Phase::ALL.len());
+        let names: std::collections::HashSet<_> = report.iter().map(|(p, _)| p.name()).collect();
+        assert_eq!(names.len(), Phase::ALL.len());
     }
 }

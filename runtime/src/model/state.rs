@@ -195,10 +195,44 @@ impl KvLayer {
     }
 }
 
+/// A short convolution's state: the last `taps - 1` inputs of its convolution (`[taps - 1, d]`,
+/// oldest first), and a copy of it taken at one earlier position (the sequence's snapshot).
+/// Its size does not depend on the context.
+pub struct ConvState {
+    values: Vec<f32>,
+    snapshot: Vec<f32>,
+}
+
+impl ConvState {
+    pub fn new(taps: usize, d: usize) -> Self {
+        let len = taps.saturating_sub(1) * d;
+        Self {
+            values: vec![0.0; len],
+            snapshot: vec![0.0; len],
+        }
+    }
+
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        &mut self.values
+    }
+
+    /// Bytes held: the state and its snapshot.
+    pub fn bytes(&self) -> usize {
+        (self.values.len() + self.snapshot.len()) * std::mem::size_of::<f32>()
+    }
+}
+
 /// The state one layer keeps between forward passes.
 pub enum LayerState {
     /// Attention of any kind: its KV cache.
     Kv(KvLayer),
+    /// A recurrent layer (LFM2's short convolution): fixed-size state that holds the whole past
+    /// in a summary, so it cannot go back to an earlier position.
+    Conv(ConvState),
 }
 
 /// Every layer's state for one sequence.
@@ -206,6 +240,9 @@ pub struct SequenceState {
     layers: Vec<LayerState>,
     n_ctx: usize,
     kv_type: KvType,
+    /// The position whose recurrent state the layers' snapshots hold, if any: the sequence can
+    /// be rewound there (KV caches keep every earlier position anyway).
+    snapshot: Option<usize>,
 }
 
 impl SequenceState {
@@ -239,12 +276,47 @@ impl SequenceState {
                     n_ctx,
                     kv_type,
                 )),
+                Mixer::ShortConv(c) => LayerState::Conv(ConvState::new(c.taps, hp.n_embd)),
             })
             .collect();
         Self {
             layers,
             n_ctx,
             kv_type,
+            snapshot: None,
+        }
+    }
+
+    /// Whether some layer's state is recurrent (it cannot go back to any position).
+    pub fn is_recurrent(&self) -> bool {
+        self.layers.iter().any(|l| matches!(l, LayerState::Conv(_)))
+    }
+
+    /// Copies every recurrent layer's state, as it is after `pos` positions, into its snapshot
+    /// (replacing the previous one), so that the sequence can be rewound to `pos` later.
+    pub fn take_snapshot(&mut self, pos: usize) {
+        for l in &mut self.layers {
+            if let LayerState::Conv(c) = l {
+                c.snapshot.copy_from_slice(&c.values);
+            }
+        }
+        self.snapshot = Some(pos);
+    }
+
+    /// Cuts a sequence of `from` positions back to `to` (the caller checked
+    /// [`can_rewind`](Self::can_rewind)): recurrent layers take their snapshot back unless the
+    /// sequence stays where it is or starts over, and a snapshot beyond `to` is forgotten.
+    pub fn rewind(&mut self, from: usize, to: usize) {
+        debug_assert!(self.can_rewind(from, to));
+        if to != from && to != 0 && self.snapshot == Some(to) {
+            for l in &mut self.layers {
+                if let LayerState::Conv(c) = l {
+                    c.values.copy_from_slice(&c.snapshot);
+                }
+            }
+        }
+        if self.snapshot.is_some_and(|s| s > to) {
+            self.snapshot = None;
         }
     }
 
@@ -253,12 +325,26 @@ impl SequenceState {
     }
 
     /// Whether a sequence of `from` positions can be cut back to its first `to` (every layer
-    /// still holds what it needs for them). A KV cache keeps every position, so it always can.
+    /// still holds what it needs for them). A KV cache keeps every position, so it always can;
+    /// a recurrent state holds only the latest one and its snapshot, so it can stay where it
+    /// is, go back to the snapshot, or start over.
     pub fn can_rewind(&self, from: usize, to: usize) -> bool {
+        let recurrent_ok = to == from || to == 0 || self.snapshot == Some(to);
         to <= from
             && self.layers.iter().all(|l| match l {
                 LayerState::Kv(_) => true,
+                LayerState::Conv(_) => recurrent_ok,
             })
+    }
+
+    /// The furthest position at most `at_most` that a sequence of `from` positions can be cut
+    /// back to.
+    pub fn rewind_point(&self, from: usize, at_most: usize) -> usize {
+        let at_most = at_most.min(from);
+        if self.can_rewind(from, at_most) {
+            return at_most;
+        }
+        self.snapshot.filter(|&s| s <= at_most).unwrap_or(0)
     }
 
     /// Positions every layer holds.
@@ -276,6 +362,18 @@ impl SequenceState {
             .iter()
             .map(|l| match l {
                 LayerState::Kv(kv) => kv.bytes(),
+                LayerState::Conv(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Bytes held by recurrent layers' state and its snapshot (fixed, whatever the context).
+    pub fn recurrent_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Kv(_) => 0,
+                LayerState::Conv(c) => c.bytes(),
             })
             .sum()
     }

@@ -204,11 +204,24 @@ pub struct MlaAttention<'a> {
     pub wo: QMatrix<'a>,
 }
 
+/// LFM2's gated short convolution: `B, C, x = in_proj(h)`, `y = C * conv(B * x)` with a causal
+/// depthwise convolution over the last `taps` positions, `out = out_proj(y)`.
+pub struct ShortConv<'a> {
+    /// `[3 * n_embd, n_embd]`: the rows of B, then C, then x.
+    pub in_proj: QMatrix<'a>,
+    /// `[n_embd, taps]`: channel `c`'s taps, oldest position first.
+    pub conv: Vec<f32>,
+    pub taps: usize,
+    /// `[n_embd, n_embd]`.
+    pub out_proj: QMatrix<'a>,
+}
+
 /// What mixes information across positions in a layer; its per-session state lives in
 /// [`super::state::SequenceState`].
 pub enum Mixer<'a> {
     Attention(Attention<'a>),
     Mla(MlaAttention<'a>),
+    ShortConv(ShortConv<'a>),
 }
 
 /// One block: `x += mixer(norm(x))`, then `x += ffn(norm(x))` (each scaled by the residual
@@ -445,6 +458,7 @@ impl<'a> Model<'a> {
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             let mixer = match hp.mla {
+                _ if hp.is_recurrent(i) => Mixer::ShortConv(short_conv(&lk, &hp, i)?),
                 None => Mixer::Attention(gqa_attention(&lk, &hp, i)?),
                 Some(p) => Mixer::Mla(mla_attention(&lk, &hp, &p, i)?),
             };
@@ -537,17 +551,29 @@ impl<'a> Model<'a> {
         }
         let router = crate::moe::decoupled::DecoupledRouter::load(file, n_vocab, hp.n_expert)?;
         let rope_freqs = lk.opt_vector("rope_freqs.weight", hp.rope_dim / 2)?;
+        let output_norm = lk.vector(&format!("{}.weight", hp.traits.output_norm_tensor), d)?;
         Ok(Self {
             hp,
             file,
             tok_embd,
             layers,
-            output_norm: lk.vector("output_norm.weight", d)?,
+            output_norm,
             output,
             router,
             rope_freqs,
         })
     }
+}
+
+fn short_conv<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<ShortConv<'a>, ModelError> {
+    let n = |s: &str| format!("blk.{i}.{s}");
+    let (d, taps) = (hp.n_embd, hp.shortconv_l_cache);
+    Ok(ShortConv {
+        in_proj: lk.matrix(&n("shortconv.in_proj.weight"), 3 * d, d)?,
+        conv: lk.matrix_f32(&n("shortconv.conv.weight"), d, taps)?,
+        taps,
+        out_proj: lk.matrix(&n("shortconv.out_proj.weight"), d, d)?,
+    })
 }
 
 fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attention<'a>, ModelError> {

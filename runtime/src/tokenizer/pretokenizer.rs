@@ -521,6 +521,23 @@ mod tests {
         assert!(pre_tokenizer_spec("whitespace").is_none());
     }
 
+    /// LFM2's `lfm2` is llama.cpp's `llama-bpe` treatment (Llama 3's regex, ignore_merges, a
+    /// BOS), so the llama-bpe vocab vectors of tests/llama_vocab.rs cover it.
+    #[test]
+    fn lfm2_is_llama_bpe() {
+        let (a, b) = (
+            pre_tokenizer_spec("lfm2").unwrap(),
+            pre_tokenizer_spec("llama-bpe").unwrap(),
+        );
+        assert!(std::ptr::eq(a.rules, b.rules));
+        assert_eq!(
+            (a.byte_encode, a.ignore_merges, a.clean_spaces, a.add_bos),
+            (b.byte_encode, b.ignore_merges, b.clean_spaces, b.add_bos)
+        );
+        let text = "Hello world's  3.14!!\n\n  <|im_start|>ünï 12345";
+        assert_eq!(words("lfm2", text), words("llama-bpe", text));
+    }
+
     #[test]
     fn gpt2_splits_words_contractions_and_trailing_space() {
         assert_eq!(
