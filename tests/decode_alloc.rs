@@ -123,7 +123,8 @@ fn every_ffn_kind_decodes_without_allocating() {
     // Shared experts (qwen2_moe), MLA and group routing (deepseek_v3), a plain MoE (mixtral),
     // routing decided by a decoupled router (qwen3_moe_readme), partial rotary with biases and
     // q/k norm (glm4_moe), softmax routing with a selection bias (ernie4_5_moe), routing from
-    // the layer input, ReGLU and NoPE/sliding layers (smallthinker).
+    // the layer input, ReGLU and NoPE/sliding layers (smallthinker), a dense MLP beside the
+    // experts with sandwich norms and per-layer head sizes (gemma4).
     for name in [
         "qwen2_moe",
         "deepseek_v3",
@@ -132,6 +133,7 @@ fn every_ffn_kind_decodes_without_allocating() {
         "glm4_moe",
         "ernie4_5_moe",
         "smallthinker",
+        "gemma4",
     ] {
         for ty in [GgmlType::Q8_0, GgmlType::F32] {
             let converted = Fixture::load(name).convert(ty);

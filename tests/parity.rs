@@ -320,6 +320,34 @@ fn mla_kv_cache_is_compressed() {
     }
 }
 
+/// Gemma 4 MoE (transformers' Gemma4ForCausalLM): a dense GELU MLP beside the experts, each
+/// normalised, the router on its own scaled norm with per-expert scales, sandwich norms, q/k/v
+/// norms, sliding layers (window 8) and full layers with their own head size, KV heads and
+/// proportional rope, keys reused as values, layer scalars, logit soft-capping.
+#[test]
+fn gemma4_dense_mlp_beside_experts_sliding_and_full_layers() {
+    check_parity("gemma4", GgmlType::F32);
+}
+
+/// Gemma 4 decoded one token at a time equals one prefill at every position of every prompt,
+/// the 46-token one passing the window (8) and the sliding layers' ring (39 slots).
+#[test]
+fn gemma4_step_by_step_decoding_matches_prefill() {
+    let fx = Fixture::load("gemma4");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    for (i, case) in fx.expected.prompts.iter().enumerate() {
+        let (want, _, vocab) = fx.logits(i);
+        let got = stepwise_logits(&file, &case.ids);
+        let diff = max_rel_diff(&got, &want, vocab);
+        println!("gemma4 prompt {i} step by step: max |diff| / max |logit| = {diff:.2e}");
+        assert!(
+            diff < TOLERANCE,
+            "gemma4 prompt {i}: step-by-step logits differ by {diff:e}"
+        );
+    }
+}
+
 /// Decoding one token at a time through the KV cache gives the same logits as one prefill.
 #[test]
 fn kv_cache_decode_matches_prefill() {
@@ -454,4 +482,94 @@ fn glm4_moe_special_tokens_are_llama_cpp_s() {
         assert!(tok.is_end_of_generation(stop), "{stop}");
     }
     assert!(!tok.is_end_of_generation(1));
+}
+
+/// llama.cpp's converter writes Gemma 4's experts' gate and up fused (`ffn_gate_up_exps`, each
+/// expert's gate rows then its up rows); such a file gives the same logits as moe-convert's
+/// separate tensors, resident and through the expert cache.
+#[test]
+fn gemma4_fused_gate_up_experts_load() {
+    use moe_runtime::gguf::{GgufFile, GgufWriter, TensorDecl};
+    use moe_runtime::model::{ExpertStreaming, KvType, Model, Session};
+    use moe_runtime::moe::cache::Eviction;
+    let fx = Fixture::load("gemma4");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let src = conv.open();
+    let h = src.header();
+    let meta: Vec<_> = h
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k != "general.alignment")
+        .cloned()
+        .collect();
+    // (declaration, bytes) of every tensor, gate and up of each layer fused in the gate's place.
+    let mut out: Vec<(TensorDecl, Vec<u8>)> = Vec::new();
+    for t in h.tensors() {
+        if t.name.ends_with("ffn_up_exps.weight") {
+            continue;
+        }
+        let bytes = src.tensor_bytes(t).to_vec();
+        let Some(stem) = t.name.strip_suffix("ffn_gate_exps.weight") else {
+            out.push((
+                TensorDecl {
+                    name: t.name.clone(),
+                    dims: t.dims.clone(),
+                    ty: t.ty,
+                },
+                bytes,
+            ));
+            continue;
+        };
+        let up = h.tensor(&format!("{stem}ffn_up_exps.weight")).unwrap();
+        let up_bytes = src.tensor_bytes(up);
+        let (cols, ff, e) = (t.dims[0], t.dims[1], t.dims[2]);
+        let slab = bytes.len() / e;
+        let mut fused = Vec::with_capacity(2 * bytes.len());
+        for x in 0..e {
+            fused.extend_from_slice(&bytes[x * slab..(x + 1) * slab]);
+            fused.extend_from_slice(&up_bytes[x * slab..(x + 1) * slab]);
+        }
+        let decl = TensorDecl {
+            name: format!("{stem}ffn_gate_up_exps.weight"),
+            dims: vec![cols, 2 * ff, e],
+            ty: t.ty,
+        };
+        out.push((decl, fused));
+    }
+    let path = conv.path.with_extension("fused.gguf");
+    let decls = out.iter().map(|(d, _)| d.clone()).collect();
+    let f = std::fs::File::create(&path).unwrap();
+    let mut w = GgufWriter::begin(f, &meta, decls, h.alignment as u32).unwrap();
+    for (_, bytes) in &out {
+        w.write_tensor_data(bytes).unwrap();
+    }
+    w.finish().unwrap();
+    let fused = GgufFile::open(&path).unwrap();
+    assert!(fused
+        .header()
+        .tensor("blk.0.ffn_gate_up_exps.weight")
+        .is_some());
+    assert!(fused
+        .header()
+        .tensor("blk.0.ffn_gate_exps.weight")
+        .is_none());
+    let ids = &fx.expected.prompts[3].ids;
+    let want = prompt_logits(&src, ids);
+    assert_eq!(prompt_logits(&fused, ids), want, "fused file, resident");
+    let model = Model::load(&fused).unwrap();
+    let cache = moe_e2e::expert_cache(
+        &model,
+        &path,
+        moe_e2e::cache_config(model.hp.n_expert_used + 1, Eviction::Lru),
+    );
+    let mut s = Session::with_kv_type(&model, 256, KvType::F32);
+    s.set_streaming(ExpertStreaming {
+        cache: Some(cache),
+        lookahead: 0,
+    });
+    assert_eq!(
+        s.forward(ids, true).unwrap(),
+        &want[..],
+        "fused file, streamed"
+    );
 }

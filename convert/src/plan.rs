@@ -248,11 +248,12 @@ pub fn build(
         for extra in conv.extra_layer_tensors(cfg, ckpt, l)? {
             add(gg(&extra.name), extra.dims, extra.source);
         }
-        ckpt.expect_shape(&hf("post_attention_layernorm.weight"), &[d])?;
+        let ffn_norm = conv.ffn_norm_source(l);
+        ckpt.expect_shape(&ffn_norm, &[d])?;
         add(
             gg(&format!("{}.weight", arch.traits().ffn_norm_tensor)),
             vec![d],
-            t(&hf("post_attention_layernorm.weight")),
+            t(&ffn_norm),
         );
 
         match conv.ffn(cfg, ckpt, l)? {
@@ -366,6 +367,9 @@ pub fn build(
                 }
             }
         }
+    }
+    for extra in conv.extra_tensors(cfg)? {
+        add(extra.name, extra.dims, extra.source);
     }
     ckpt.expect_shape("model.norm.weight", &[d])?;
     add("output_norm.weight".into(), vec![d], t("model.norm.weight"));

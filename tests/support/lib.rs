@@ -26,6 +26,7 @@ pub const FIXTURES: &[&str] = &[
     "gpt_oss",
     "gpt_oss_bf16",
     "smallthinker",
+    "gemma4",
 ];
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,7 @@
 
 mod deepseek2;
 mod ernie4_5_moe;
+mod gemma4;
 mod glm4_moe;
 mod gpt_oss;
 mod granitemoe;
@@ -131,6 +132,18 @@ pub trait ArchConverter {
         Ok(Vec::new())
     }
 
+    /// Tensors outside the blocks beyond the shared ones (GGUF name, ggml dims, source):
+    /// Gemma 4's rope frequency factors.
+    fn extra_tensors(&self, _cfg: &Config) -> Result<Vec<AttnTensor>, ConvertError> {
+        Ok(Vec::new())
+    }
+
+    /// The checkpoint's norm before layer `l`'s feed-forward half (written under the runtime
+    /// traits' `ffn_norm_tensor`).
+    fn ffn_norm_source(&self, l: usize) -> String {
+        format!("model.layers.{l}.post_attention_layernorm.weight")
+    }
+
     /// Whether `metadata` writes the rope scaling keys itself (otherwise only unscaled rope is
     /// accepted).
     fn handles_rope_scaling(&self) -> bool {
@@ -204,13 +217,14 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "ernie4_5_moe" => Box::new(ernie4_5_moe::Ernie45Moe),
         "gpt_oss" => Box::new(gpt_oss::GptOss),
         "smallthinker" => Box::new(smallthinker::SmallThinker),
+        "gemma4_text" => Box::new(gemma4::Gemma4),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
                      qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, \
-                     glm4_moe, ernie4_5_moe, gpt_oss, smallthinker)"
+                     glm4_moe, ernie4_5_moe, gpt_oss, smallthinker, gemma4_text)"
                 ),
             })
         }

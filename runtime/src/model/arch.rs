@@ -25,6 +25,8 @@ pub enum Arch {
     GptOss,
     /// llama.cpp's `smallthinker`: PowerInfer's SmallThinker (4B-A0.6B, 21B-A3B).
     SmallThinker,
+    /// llama.cpp's `gemma4` with experts: Gemma-4-26B-A4B's language model.
+    Gemma4,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -57,6 +59,9 @@ pub enum RouterInput {
     /// The layer's input, un-normalised, before attention (SmallThinker): a layer's experts are
     /// known one attention block before its feed-forward runs.
     LayerInput,
+    /// The post-attention residual, RMS-normalised without weights and multiplied by the
+    /// layer's `ffn_gate_inp.scale` and `n_embd^-0.5` (Gemma 4; the experts read their own norm).
+    NormedResidual,
 }
 
 /// Which attention the layers use.
@@ -102,10 +107,24 @@ pub struct ArchTraits {
     /// (llama.cpp's `n_no_rope_layer_step`, SmallThinker's full-attention layers). None: every
     /// layer uses rope.
     pub nope_full_attention_step: Option<usize>,
+    /// The gated activation of dense MLPs and shared experts.
+    pub dense_glu: Glu,
+    /// Token embeddings are multiplied by sqrt(n_embd) (Gemma).
+    pub scale_embeddings_by_sqrt_d: bool,
+    /// The attention softmax takes `q . k` unscaled (Gemma 4 normalises q instead).
+    pub unit_attention_scale: bool,
+    /// Values are RMS-normalised per head without weights before they are cached (Gemma 4).
+    pub v_norm: bool,
+    /// A layer without `attn_v` uses its key projection (before the key norm and rope) as values
+    /// (Gemma 4's `attention_k_eq_v` full-attention layers).
+    pub values_may_be_keys: bool,
+    /// The attention output and the feed-forward output are RMS-normalised before their
+    /// residual adds (`post_attention_norm`, `post_ffw_norm`: Gemma's sandwich norms).
+    pub sandwich_norms: bool,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 10] = [
+    pub const ALL: [Arch; 11] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
@@ -116,6 +135,7 @@ impl Arch {
         Arch::Ernie45Moe,
         Arch::GptOss,
         Arch::SmallThinker,
+        Arch::Gemma4,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -131,6 +151,7 @@ impl Arch {
             Arch::Ernie45Moe => "ernie4_5-moe",
             Arch::GptOss => "gpt-oss",
             Arch::SmallThinker => "smallthinker",
+            Arch::Gemma4 => "gemma4",
         }
     }
 
@@ -154,6 +175,12 @@ impl Arch {
                 default_yarn_truncate: true,
                 router_input: RouterInput::FfnInput,
                 nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
             Arch::Qwen2Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -169,6 +196,12 @@ impl Arch {
                 default_yarn_truncate: true,
                 router_input: RouterInput::FfnInput,
                 nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
             Arch::Qwen3Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -184,6 +217,12 @@ impl Arch {
                 default_yarn_truncate: true,
                 router_input: RouterInput::FfnInput,
                 nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
             Arch::Olmoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -199,6 +238,12 @@ impl Arch {
                 default_yarn_truncate: true,
                 router_input: RouterInput::FfnInput,
                 nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
             Arch::GraniteMoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -215,6 +260,12 @@ impl Arch {
                 default_yarn_truncate: true,
                 router_input: RouterInput::FfnInput,
                 nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
             Arch::Deepseek2 => ArchTraits {
                 attention: AttentionKind::Mla,
@@ -233,6 +284,12 @@ impl Arch {
                 default_yarn_truncate: true,
                 router_input: RouterInput::FfnInput,
                 nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
             Arch::Glm4Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -250,6 +307,12 @@ impl Arch {
                 default_yarn_truncate: true,
                 router_input: RouterInput::FfnInput,
                 nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
             Arch::Ernie45Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -268,6 +331,12 @@ impl Arch {
                 default_yarn_truncate: true,
                 router_input: RouterInput::FfnInput,
                 nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
             // llama.cpp's llama_model_openai_moe: load_swa_pattern(ml, 2), the softmax over the
             // selected logits (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT), and
@@ -292,6 +361,12 @@ impl Arch {
                 default_yarn_truncate: false,
                 router_input: RouterInput::FfnInput,
                 nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
             },
             Arch::SmallThinker => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -311,6 +386,37 @@ impl Arch {
                 expert_glu: Glu::Relu,
                 default_yarn_truncate: true,
                 nope_full_attention_step: Some(4),
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
+            },
+            // llama.cpp's llama_model_gemma4: f_attention_scale 1, q/k norms with weights and an
+            // unweighted v norm, NeoX rope (proportional rope through rope_freqs on the full
+            // layers), softmax routing renormalised (build_moe_ffn's norm_w), GELU-tanh MLP and
+            // experts, embeddings scaled by sqrt(n_embd). The file gives the layer pattern.
+            Arch::Gemma4 => ArchTraits {
+                attention: AttentionKind::Gqa,
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::PerHead,
+                default_norm_topk: true,
+                has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "ffn_norm",
+                default_swa_pattern: 0,
+                swa_dense_first: false,
+                expert_glu: Glu::GeluTanh,
+                default_yarn_truncate: true,
+                router_input: RouterInput::NormedResidual,
+                nope_full_attention_step: None,
+                dense_glu: Glu::GeluTanh,
+                scale_embeddings_by_sqrt_d: true,
+                unit_attention_scale: true,
+                v_norm: true,
+                values_may_be_keys: true,
+                sandwich_norms: true,
             },
         }
     }

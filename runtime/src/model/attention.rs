@@ -4,7 +4,7 @@
 
 use super::arch::QkNorm;
 use super::hparams::HParams;
-use super::ops::{add_bias_rows, attend, norm_in_place, rope, RopeTable};
+use super::ops::{add_bias_rows, attend, norm_in_place, rope, unit_norm_in_place, RopeTables};
 use super::profile::{Phase, Profiler};
 use super::state::KvLayer;
 use super::weights::Attention;
@@ -36,26 +36,42 @@ pub fn attention(
     xn: &[f32],
     n: usize,
     pos0: usize,
-    rope_table: &RopeTable,
+    rope_tables: &RopeTables,
     kv: &mut KvLayer,
     s: &mut AttentionScratch,
     out: &mut Vec<f32>,
     prof: &mut Profiler,
 ) {
-    let (hq, hkv, dk, dv) = (hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v);
+    let dims = hp.layer_dims(layer);
+    let (hq, hkv, dk, dv) = (hp.n_head, dims.n_head_kv, dims.head_dim_k, dims.head_dim_v);
+    let rope_table = rope_tables.for_layer(&dims);
 
     // q, k, v = W x (+ b)                                    [n, hq * dk], [n, hkv * dk], [n, hkv * dv]
     s.q.resize(n * hq * dk, 0.0);
     s.k.resize(n * hkv * dk, 0.0);
     s.v.resize(n * hkv * dv, 0.0);
-    multi_matmul(
-        k,
-        &[a.wq, a.wk, a.wv],
-        xn,
-        n,
-        &mut [&mut s.q, &mut s.k, &mut s.v],
-        &mut s.mm,
-    );
+    match a.wv {
+        Some(wv) => multi_matmul(
+            k,
+            &[a.wq, a.wk, wv],
+            xn,
+            n,
+            &mut [&mut s.q, &mut s.k, &mut s.v],
+            &mut s.mm,
+        ),
+        // Gemma 4's k_eq_v layers: the values are the keys' projection (dv == dk).
+        None => {
+            multi_matmul(
+                k,
+                &[a.wq, a.wk],
+                xn,
+                n,
+                &mut [&mut s.q, &mut s.k],
+                &mut s.mm,
+            );
+            s.v.copy_from_slice(&s.k);
+        }
+    }
     prof.lap(Phase::AttnProjections);
     add_bias_rows(&mut s.q, a.bq.as_deref());
     add_bias_rows(&mut s.k, a.bk.as_deref());
@@ -69,6 +85,9 @@ pub fn attention(
         norm_in_place(&mut s.q, &w.q, q_width, hp.norm_eps, k);
         norm_in_place(&mut s.k, &w.k, k_width, hp.norm_eps, k);
     }
+    if hp.traits.v_norm {
+        unit_norm_in_place(&mut s.v, dv, hp.norm_eps, k);
+    }
     if let Some(c) = hp.clamp_qkv {
         for buf in [&mut s.q, &mut s.k, &mut s.v] {
             buf.iter_mut().for_each(|v| *v = v.clamp(-c, c));
@@ -80,10 +99,10 @@ pub fn attention(
     for t in rope_positions {
         let cos_sin = rope_table.at(pos0 + t);
         for head in s.q[t * hq * dk..(t + 1) * hq * dk].chunks_exact_mut(dk) {
-            rope(head, cos_sin, hp.traits.rope, hp.rope_dim);
+            rope(head, cos_sin, hp.traits.rope, dims.rope_dim);
         }
         for head in s.k[t * hkv * dk..(t + 1) * hkv * dk].chunks_exact_mut(dk) {
-            rope(head, cos_sin, hp.traits.rope, hp.rope_dim);
+            rope(head, cos_sin, hp.traits.rope, dims.rope_dim);
         }
     }
 

@@ -1,5 +1,6 @@
 //! The feed-forward half of a layer: a dense MLP, or routed experts plus an optional shared
-//! expert. Routed experts come from one [`ExpertSource`]: the memory map (all resident) or the
+//! expert, or routed experts beside a dense MLP, each on its own norm and normalised before
+//! they are summed (Gemma 4). Routed experts come from one [`ExpertSource`]: the memory map (all resident) or the
 //! expert cache (streamed from flash). Either way every output sums its experts in the same
 //! order (routed experts by index, then the shared expert), so streamed and resident runs are
 //! bit-identical.
@@ -8,7 +9,7 @@
 
 use super::error::ModelError;
 use super::hparams::HParams;
-use super::ops::{add_bias_rows, sigmoid};
+use super::ops::{add_bias_rows, add_scaled, norm_in_place, rms_norm_rows, sigmoid};
 use super::profile::{Phase, Profiler};
 use super::weights::{Ffn, MoeBlock};
 use crate::moe::cache::{ExpertCache, ExpertGuard};
@@ -62,6 +63,12 @@ pub struct FfnScratch {
     early_out: Vec<f32>,
     early_done: Vec<bool>,
     mm: MatmulScratch,
+    /// `[n, d]`: a dense MLP's normalised output beside the experts (Gemma 4).
+    beside: Vec<f32>,
+    /// `[n, d]`: the experts' own norm of the residual (Gemma 4).
+    experts_in: Vec<f32>,
+    /// `[n, d]`: the router's own norm of the residual (Gemma 4).
+    router_in: Vec<f32>,
 }
 
 impl FfnScratch {
@@ -85,7 +92,8 @@ impl FfnScratch {
 /// more run in further calls).
 const JOBS_PER_PASS: usize = 64;
 
-/// `out = ffn(xn)` for the batch `xn` (`[n, d]`). `decided` holds router logits computed before
+/// `out = ffn(xn)` for the batch `xn` (`[n, d]`), the layer's residual `x` normalised by its FFN
+/// norm (`x` itself feeds routers and experts with their own norms: Gemma 4). `decided` holds router logits computed before
 /// the feed-forward (a decoupled router before the backbone, or a router reading the layer's
 /// input before its attention), used instead of applying the layer's router to `xn`. Returns the
 /// bytes of routed-expert weights the batch used (each selected expert once).
@@ -95,7 +103,7 @@ pub fn feed_forward(
     hp: &HParams,
     layer: usize,
     ffn: &Ffn,
-    xn: &[f32],
+    (x, xn): (&[f32], &[f32]),
     n: usize,
     decided: Option<&[f32]>,
     source: ExpertSource,
@@ -115,10 +123,25 @@ pub fn feed_forward(
             let slot = hp.n_expert;
             s.assigned
                 .build(slot + 1, || (0..n as u32).map(|t| (slot, t, 1.0)));
-            run_always_on(k, slot, mlp, s);
+            run_always_on(k, hp.traits.dense_glu, slot, mlp, s);
         }
         Ffn::Moe(moe) => {
-            route_batch(k, hp, layer, moe, n, decided, source, control, s);
+            if let Some(b) = &moe.beside {
+                // beside = post_norm(mlp(xn)), then the experts read their own norm of x
+                let slot = hp.n_expert;
+                s.assigned
+                    .build(slot + 1, || (0..n as u32).map(|t| (slot, t, 1.0)));
+                run_always_on(k, hp.traits.dense_glu, slot, &b.mlp, s);
+                s.beside.clear();
+                s.beside.resize(n * d, 0.0);
+                add_transposed(&s.out_t, n, &mut s.beside);
+                norm_in_place(&mut s.beside, &b.post_norm, d, hp.norm_eps, k);
+                s.experts_in.resize(n * d, 0.0);
+                rms_norm_rows(x, &b.experts_norm, hp.norm_eps, &mut s.experts_in, k);
+                s.input.prepare(k, &s.experts_in, n, d);
+                s.out_t.fill(0.0);
+            }
+            route_batch(k, hp, layer, moe, (x, n), decided, source, control, s);
             expert_bytes = s
                 .active
                 .iter()
@@ -139,23 +162,30 @@ pub fn feed_forward(
                 }
             }
             if let Some(shared) = &moe.shared {
-                run_always_on(k, hp.n_expert, &shared.mlp, s);
+                run_always_on(k, hp.traits.dense_glu, hp.n_expert, &shared.mlp, s);
             }
         }
     }
     out.clear();
     out.resize(n * d, 0.0);
     add_transposed(&s.out_t, n, out);
+    if let Ffn::Moe(moe) = ffn {
+        if let Some(b) = &moe.beside {
+            // out = post_norm_2(experts) + beside
+            norm_in_place(out, &b.experts_post_norm, d, hp.norm_eps, k);
+            add_scaled(out, &s.beside, 1.0);
+        }
+    }
     prof.lap(Phase::Experts);
     Ok(expert_bytes)
 }
 
 /// A dense MLP or shared expert over the tokens and weights of `s.assigned`'s `slot`.
-fn run_always_on(k: &Kernels, slot: usize, mlp: &Mlp, s: &mut FfnScratch) {
+fn run_always_on(k: &Kernels, glu: Glu, slot: usize, mlp: &Mlp, s: &mut FfnScratch) {
     let jobs = [ExpertJob {
         mlp: *mlp,
         tokens: s.assigned.tokens(slot),
-        glu: Glu::Silu,
+        glu,
         bias: None,
     }];
     run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
@@ -170,7 +200,7 @@ fn route_batch(
     hp: &HParams,
     layer: usize,
     moe: &MoeBlock,
-    n: usize,
+    (x, n): (&[f32], usize),
     decided: Option<&[f32]>,
     source: ExpertSource,
     control: &mut RouteControl,
@@ -180,14 +210,16 @@ fn route_batch(
     s.router_logits.resize(n * n_expert, 0.0);
     match decided {
         None => {
-            matmul(
-                k,
-                &moe.router,
-                &s.input.x,
-                n,
-                &mut s.router_logits,
-                &mut s.mm,
-            );
+            // Gemma 4's router reads its own norm of the residual, not the experts' input.
+            let router_x = match &moe.router_in_scale {
+                Some(w) => {
+                    s.router_in.resize(n * hp.n_embd, 0.0);
+                    rms_norm_rows(x, w, hp.norm_eps, &mut s.router_in, k);
+                    &s.router_in
+                }
+                None => &s.input.x,
+            };
+            matmul(k, &moe.router, router_x, n, &mut s.router_logits, &mut s.mm);
             // gpt-oss's router is a linear layer with a bias.
             add_bias_rows(&mut s.router_logits, moe.router_bias.as_deref());
         }
@@ -218,6 +250,11 @@ fn route_batch(
                 cached,
                 &mut control.stats,
             );
+        }
+        if let Some(scales) = &moe.expert_scales {
+            for (&e, w) in r.experts.iter().zip(r.weights.iter_mut()) {
+                *w *= scales[e as usize];
+            }
         }
         s.routes.push(r);
     }

@@ -288,6 +288,10 @@ impl Foresight {
                         rms_norm_rows(row, &ahead.ffn_norm, hp.norm_eps, &mut self.predict_norm, k)
                     }
                     RouterInput::LayerInput => self.predict_norm.copy_from_slice(row),
+                    RouterInput::NormedResidual => {
+                        let w = moe.router_in_scale.as_deref().unwrap_or(&ahead.ffn_norm);
+                        rms_norm_rows(row, w, hp.norm_eps, &mut self.predict_norm, k)
+                    }
                 }
                 self.predict_logits.resize(hp.n_expert, 0.0);
                 matmul(

@@ -5,9 +5,11 @@
 //! x = embed(tokens) * embedding_scale                    [n, d]
 //! for each layer:
 //!     (router logits from x, when the router reads the layer input: SmallThinker)
-//!     x += mixer(norm(x)) * residual_scale               attention / MLA, state in `state`
-//!     x += ffn(norm(x)) * residual_scale                 dense, or routed experts (+ shared)
-//! logits = output(norm(x)) / logit_divisor               [n or 1, n_vocab]
+//!     x += post_norm(mixer(norm(x))) * residual_scale     attention / MLA, state in `state`
+//!     x += post_norm(ffn(norm(x))) * residual_scale       dense, or routed experts (+ shared
+//!                                                        or a dense MLP beside them)
+//!     x *= out_scale                                     (post norms, out scale: Gemma 4)
+//! logits = cap(output(norm(x)) / logit_divisor)          [n or 1, n_vocab]
 //! ```
 //!
 //! Prediction ([`Foresight`]), tracing and profiling ([`Observers`]) are called at named points
@@ -22,7 +24,7 @@ use super::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
 use super::foresight::{Foresight, PredictionStats};
 use super::mla::{mla_attention, MlaScratch};
 use super::observe::{LayerRouting, Observers};
-use super::ops::{add_scaled, rms_norm_rows, RopeTable};
+use super::ops::{add_scaled, norm_in_place, rms_norm_rows, soft_cap, RopeTables};
 use super::profile::Phase;
 use super::state::{KvType, LayerState, SequenceState};
 use super::weights::{Ffn, Mixer, Model};
@@ -87,7 +89,7 @@ pub struct Session<'m, 'a> {
     kernels: &'static Kernels,
     /// Every layer's KV cache (or other state).
     state: SequenceState,
-    rope: RopeTable,
+    rope: RopeTables,
     /// Tokens already in the state.
     pos: usize,
     cache: Option<Arc<ExpertCache>>,
@@ -111,7 +113,7 @@ impl<'m, 'a> Session<'m, 'a> {
             model,
             kernels: crate::tensor::kernels::best(),
             state: SequenceState::new(model, n_ctx, kv_type),
-            rope: RopeTable::new(&model.hp, n_ctx),
+            rope: RopeTables::new(&model.hp, model.rope_freqs.as_deref(), n_ctx),
             pos: 0,
             cache: None,
             foresight: Foresight::new(model, n_ctx),
@@ -425,6 +427,9 @@ impl<'m, 'a> Session<'m, 'a> {
                     k, hp, a, &s.xn, n, pos, &self.rope, kv, &mut s.mla, &mut s.out, prof,
                 ),
             }
+            if let Some(w) = &layer.mixer_post_norm {
+                norm_in_place(&mut s.out, w, d, hp.norm_eps, k);
+            }
             add_scaled(&mut s.x, &s.out, hp.residual_scale);
             self.foresight
                 .after_mixer(k, model, li, &s.x, n, last_pos, cache);
@@ -440,7 +445,7 @@ impl<'m, 'a> Session<'m, 'a> {
                 hp,
                 li,
                 &layer.ffn,
-                &s.xn,
+                (&s.x, &s.xn),
                 n,
                 decided,
                 source,
@@ -454,7 +459,13 @@ impl<'m, 'a> Session<'m, 'a> {
                 self.observers.trace.on_routing(li, pos, logits, routes);
                 self.foresight.on_routing(li, s.ffn.active(), routes);
             }
+            if let Some(w) = &layer.ffn_post_norm {
+                norm_in_place(&mut s.out, w, d, hp.norm_eps, k);
+            }
             add_scaled(&mut s.x, &s.out, hp.residual_scale);
+            if let Some(c) = layer.out_scale {
+                s.x.iter_mut().for_each(|v| *v *= c);
+            }
         }
 
         // logits = output(norm(x)) / logit_divisor, only for the rows the caller wants
@@ -481,6 +492,9 @@ impl<'m, 'a> Session<'m, 'a> {
         if hp.logit_divisor != 1.0 {
             let div = hp.logit_divisor;
             s.logits.iter_mut().for_each(|v| *v /= div);
+        }
+        if let Some(c) = hp.final_logit_softcap {
+            soft_cap(&mut s.logits, c);
         }
         prof.lap(Phase::Output);
         self.pos += n;

@@ -82,6 +82,35 @@ pub struct HParams {
     pub routing: RoutingSpec,
     /// The routed experts' gated activation.
     pub expert_glu: Glu,
+    /// Per layer, its KV heads (`attention.head_count_kv` as one value or one per layer).
+    pub n_head_kv_layers: Vec<usize>,
+    /// Sliding-window layers' own key/value head sizes (`attention.key_length_swa`,
+    /// `value_length_swa`), rotary dims and base (`rope.dimension_count_swa`,
+    /// `rope.freq_base_swa`), when the file gives them (Gemma 4).
+    pub swa_dims: Option<SwaDims>,
+    /// Logits become `c * tanh(logits / c)` (`final_logit_softcapping`).
+    pub final_logit_softcap: Option<f32>,
+}
+
+/// What differs in the sliding-window layers of a model whose two layer kinds have their own
+/// attention geometry.
+#[derive(Clone, Copy, Debug)]
+pub struct SwaDims {
+    pub head_dim_k: usize,
+    pub head_dim_v: usize,
+    pub rope_dim: usize,
+    pub rope_base: f32,
+}
+
+/// One attention layer's geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerDims {
+    pub n_head_kv: usize,
+    pub head_dim_k: usize,
+    pub head_dim_v: usize,
+    pub rope_dim: usize,
+    /// Whether the layer uses the sliding-window rope (`SwaDims`) rather than the full one.
+    pub swa_rope: bool,
 }
 
 pub(crate) struct Meta<'h> {
@@ -158,13 +187,9 @@ impl HParams {
         };
         let n_embd = m.usize("embedding_length")?;
         let n_head = m.usize("attention.head_count")?;
-        let n_head_kv = m.opt_usize("attention.head_count_kv")?.unwrap_or(n_head);
-        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
-            return Err(ModelError::Metadata {
-                key: m.key("attention.head_count_kv"),
-                why: format!("{n_head_kv} KV heads cannot serve {n_head} query heads"),
-            });
-        }
+        let n_layer = trunk_layers(&m)?;
+        let n_head_kv_layers = head_count_kv(&m, n_head, n_layer)?;
+        let n_head_kv = n_head_kv_layers.first().copied().unwrap_or(n_head);
         let head_dim_k = m
             .opt_usize("attention.key_length")?
             .unwrap_or(n_embd / n_head);
@@ -202,7 +227,6 @@ impl HParams {
             .opt_bool("expert_weights_norm")?
             .unwrap_or(traits.default_norm_topk);
         let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk, traits)?;
-        let n_layer = trunk_layers(&m)?;
         let mla = match traits.attention {
             AttentionKind::Gqa => None,
             AttentionKind::Mla => Some(mla_params(&m, head_dim_k, head_dim_v, rope_dim)?),
@@ -216,8 +240,41 @@ impl HParams {
                     m.opt_f32("logit_scale")?.unwrap_or(1.0),
                 )
             } else {
-                (1.0, 1.0, None, 1.0)
+                let embd = match traits.scale_embeddings_by_sqrt_d {
+                    true => (n_embd as f32).sqrt(),
+                    false => 1.0,
+                };
+                let attn = traits.unit_attention_scale.then_some(1.0);
+                (embd, 1.0, attn, 1.0)
             };
+        let swa_dims = match (
+            m.opt_usize("attention.key_length_swa")?,
+            m.opt_f32("rope.freq_base_swa")?,
+        ) {
+            (None, None) => None,
+            (k, base) => {
+                let head_dim_k = k.unwrap_or(head_dim_k);
+                let rope_dim = m
+                    .opt_usize("rope.dimension_count_swa")?
+                    .unwrap_or(head_dim_k);
+                if rope_dim > head_dim_k || rope_dim % 2 != 0 {
+                    return Err(ModelError::Metadata {
+                        key: m.key("rope.dimension_count_swa"),
+                        why: format!(
+                            "{rope_dim} must be even and at most the head size {head_dim_k}"
+                        ),
+                    });
+                }
+                Some(SwaDims {
+                    head_dim_k,
+                    head_dim_v: m
+                        .opt_usize("attention.value_length_swa")?
+                        .unwrap_or(head_dim_k),
+                    rope_dim,
+                    rope_base: base.unwrap_or(m.opt_f32("rope.freq_base")?.unwrap_or(10000.0)),
+                })
+            }
+        };
         Ok(Self {
             arch,
             traits,
@@ -254,7 +311,32 @@ impl HParams {
             rope_attn_factor,
             routing,
             expert_glu: traits.expert_glu,
+            n_head_kv_layers,
+            swa_dims,
+            final_logit_softcap: m.opt_f32("final_logit_softcapping")?.filter(|c| *c > 0.0),
         })
+    }
+
+    /// Layer `layer`'s attention geometry: the sliding-window layers' own sizes when the file
+    /// gives them.
+    pub fn layer_dims(&self, layer: usize) -> LayerDims {
+        let n_head_kv = self.n_head_kv_layers[layer];
+        match self.swa_dims {
+            Some(s) if self.layer_window(layer).is_some() => LayerDims {
+                n_head_kv,
+                head_dim_k: s.head_dim_k,
+                head_dim_v: s.head_dim_v,
+                rope_dim: s.rope_dim,
+                swa_rope: true,
+            },
+            _ => LayerDims {
+                n_head_kv,
+                head_dim_k: self.head_dim_k,
+                head_dim_v: self.head_dim_v,
+                rope_dim: self.rope_dim,
+                swa_rope: false,
+            },
+        }
     }
 
     /// The window layer `layer` attends within, if any.
@@ -271,10 +353,14 @@ impl HParams {
         }
     }
 
-    /// Rope inverse frequencies, `[rope_dim / 2]`, with transformers' f32 arithmetic.
+    /// Rope inverse frequencies of the full-attention layers, `[rope_dim / 2]`, with
+    /// transformers' f32 arithmetic.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let dim = self.rope_dim;
-        let base = self.rope_base;
+        self.rope_inv_freq_of(self.rope_dim, self.rope_base)
+    }
+
+    /// Rope inverse frequencies over `dim` rotary dims of base `base` (YaRN applied if any).
+    pub fn rope_inv_freq_of(&self, dim: usize, base: f32) -> Vec<f32> {
         let plain: Vec<f32> = (0..dim / 2)
             .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
             .collect();
@@ -321,6 +407,34 @@ fn trunk_layers(m: &Meta) -> Result<usize, ModelError> {
         });
     }
     Ok(blocks - nextn)
+}
+
+/// `attention.head_count_kv`: one value for every layer, or one per layer (Gemma 4's sliding
+/// and full layers differ); each must divide the query heads.
+fn head_count_kv(m: &Meta, n_head: usize, n_layer: usize) -> Result<Vec<usize>, ModelError> {
+    let key = "attention.head_count_kv";
+    let per_layer = match m.get(key) {
+        Some(Value::Array(_, items)) => items
+            .iter()
+            .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
+            .collect::<Option<Vec<usize>>>()
+            .filter(|v| v.len() >= n_layer)
+            .ok_or_else(|| ModelError::Metadata {
+                key: m.key(key),
+                why: format!("must be a count or one count per layer ({n_layer}), found {items:?}"),
+            })?,
+        _ => vec![m.opt_usize(key)?.unwrap_or(n_head); n_layer.max(1)],
+    };
+    if let Some(&bad) = per_layer
+        .iter()
+        .find(|&&kv| n_head == 0 || kv == 0 || !n_head.is_multiple_of(kv))
+    {
+        return Err(ModelError::Metadata {
+            key: m.key(key),
+            why: format!("{bad} KV heads cannot serve {n_head} query heads"),
+        });
+    }
+    Ok(per_layer)
 }
 
 /// transformers' `yarn_get_mscale`.

@@ -13,7 +13,7 @@
 use crate::tensor::{matmul, Kernels, MatmulScratch, QMatrix};
 
 use super::hparams::HParams;
-use super::ops::{attend, norm_in_place, rope, RopeTable};
+use super::ops::{attend, norm_in_place, rope, RopeTables};
 use super::profile::{Phase, Profiler};
 use super::state::KvLayer;
 use super::weights::{MlaAttention, QueryProj};
@@ -55,7 +55,7 @@ pub fn mla_attention(
     xn: &[f32],
     n: usize,
     pos0: usize,
-    rope_table: &RopeTable,
+    rope_tables: &RopeTables,
     kv: &mut KvLayer,
     s: &mut MlaScratch,
     proj: &mut Vec<f32>,
@@ -89,7 +89,7 @@ pub fn mla_attention(
     s.kv.resize(n * dc, 0.0);
     matmul(k, &a.wkv_a, xn, n, &mut s.kv, mm);
     for t in 0..n {
-        let cos_sin = rope_table.at(pos0 + t);
+        let cos_sin = rope_tables.full().at(pos0 + t);
         let row = &mut s.kv[t * dc..(t + 1) * dc];
         let (c, k_pe) = row.split_at_mut(r);
         norm_in_place(c, &a.kv_a_norm, r, LATENT_NORM_EPS, k);

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::arch::RopeStyle;
-use super::hparams::HParams;
+use super::hparams::{HParams, LayerDims};
 use super::state::KvLayer;
 use crate::tensor::Kernels;
 
@@ -18,6 +18,20 @@ pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], k: &Kernel
             *o = wi * (v * inv);
         }
     }
+}
+
+/// RMSNorm without weights over consecutive groups of `width` values (Gemma 4's value norm).
+pub fn unit_norm_in_place(x: &mut [f32], width: usize, eps: f32, k: &Kernels) {
+    for g in x.chunks_exact_mut(width) {
+        let ms = (k.dot_f32)(g, g) / width as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        g.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// `c * tanh(x / c)` of every value (soft-capping).
+pub fn soft_cap(x: &mut [f32], c: f32) {
+    x.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
 }
 
 /// RMSNorm over consecutive groups of `width` values (a head, or a whole projection).
@@ -40,22 +54,21 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    pub fn new(hp: &HParams, n_ctx: usize) -> Self {
-        let half = hp.rope_dim / 2;
-        let inv_freq = hp.rope_inv_freq();
+    /// The table of `inv_freq` (one frequency per rotated pair), cos and sin multiplied by
+    /// `factor` (YaRN's attention factor).
+    pub fn new(inv_freq: &[f32], factor: f32, n_ctx: usize) -> Self {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(n_ctx * half);
         let mut sin = Vec::with_capacity(n_ctx * half);
-        // YaRN's attention factor scales cos and sin.
-        let f = hp.rope_attn_factor;
         for p in 0..n_ctx {
-            for &fr in &inv_freq {
+            for &fr in inv_freq {
                 let a = p as f32 * fr;
-                if f == 1.0 {
+                if factor == 1.0 {
                     cos.push(a.cos());
                     sin.push(a.sin());
                 } else {
-                    cos.push(a.cos() * f);
-                    sin.push(a.sin() * f);
+                    cos.push(a.cos() * factor);
+                    sin.push(a.sin() * factor);
                 }
             }
         }
@@ -66,6 +79,44 @@ impl RopeTable {
     pub fn at(&self, pos: usize) -> (&[f32], &[f32]) {
         let r = pos * self.half..(pos + 1) * self.half;
         (&self.cos[r.clone()], &self.sin[r])
+    }
+}
+
+/// The rope tables of a model's layers: the full-attention layers' (with the file's frequency
+/// factors, `rope_freqs.weight`), and the sliding-window layers' when they have their own base
+/// or rotary dims (Gemma 4).
+pub struct RopeTables {
+    full: RopeTable,
+    swa: Option<RopeTable>,
+}
+
+impl RopeTables {
+    pub fn new(hp: &HParams, rope_freqs: Option<&[f32]>, n_ctx: usize) -> Self {
+        let mut inv_freq = hp.rope_inv_freq();
+        if let Some(f) = rope_freqs {
+            inv_freq.iter_mut().zip(f).for_each(|(v, f)| *v /= f);
+        }
+        let swa = hp.swa_dims.map(|s| {
+            let inv_freq = hp.rope_inv_freq_of(s.rope_dim, s.rope_base);
+            RopeTable::new(&inv_freq, hp.rope_attn_factor, n_ctx)
+        });
+        Self {
+            full: RopeTable::new(&inv_freq, hp.rope_attn_factor, n_ctx),
+            swa,
+        }
+    }
+
+    /// The table of a layer whose geometry is `dims`.
+    pub fn for_layer(&self, dims: &LayerDims) -> &RopeTable {
+        match (&self.swa, dims.swa_rope) {
+            (Some(swa), true) => swa,
+            _ => &self.full,
+        }
+    }
+
+    /// The full-attention layers' table.
+    pub fn full(&self) -> &RopeTable {
+        &self.full
     }
 }
 

@@ -215,12 +215,13 @@ impl SequenceState {
         let layers = model
             .layers
             .iter()
-            .map(|layer| match &layer.mixer {
+            .enumerate()
+            .map(|(li, layer)| match &layer.mixer {
                 Mixer::Attention(a) => LayerState::Kv(KvLayer::new(
                     KvShape {
-                        n_head_kv: hp.n_head_kv,
-                        head_dim_k: hp.head_dim_k,
-                        head_dim_v: hp.head_dim_v,
+                        n_head_kv: hp.layer_dims(li).n_head_kv,
+                        head_dim_k: hp.layer_dims(li).head_dim_k,
+                        head_dim_v: hp.layer_dims(li).head_dim_v,
                         values_in_keys: false,
                     },
                     a.window.map_or(n_ctx, |w| (w + SWA_CHUNK - 1).min(n_ctx)),

@@ -112,9 +112,29 @@ impl ExpertBiases {
     }
 }
 
+/// A dense MLP that runs beside the routed experts on its own norm, each output normalised
+/// before they are summed (Gemma 4: `ffn_norm` -> MLP -> `post_ffw_norm_1`, `pre_ffw_norm_2` ->
+/// experts -> `post_ffw_norm_2`).
+pub struct DenseBeside<'a> {
+    /// Reads the layer's `ffn_norm` output.
+    pub mlp: Mlp<'a>,
+    /// Normalises the MLP's output.
+    pub post_norm: Vec<f32>,
+    /// The experts' own input norm.
+    pub experts_norm: Vec<f32>,
+    /// Normalises the experts' weighted sum.
+    pub experts_post_norm: Vec<f32>,
+}
+
 pub struct MoeBlock<'a> {
     /// `[n_expert, n_embd]` router.
     pub router: QMatrix<'a>,
+    /// With [`super::arch::RouterInput::NormedResidual`], the weights of the router's input
+    /// norm (`ffn_gate_inp.scale` times `n_embd^-0.5`).
+    pub router_in_scale: Option<Vec<f32>>,
+    /// Multiplies each expert's routing weight (Gemma 4's `ffn_down_exps.scale`).
+    pub expert_scales: Option<Vec<f32>>,
+    pub beside: Option<DenseBeside<'a>>,
     /// Added to the router logits (gpt-oss's `ffn_gate_inp.bias`).
     pub router_bias: Option<Vec<f32>>,
     /// DeepSeek-V3's e_score_correction_bias (`exp_probs_b`): added to the scores for selection.
@@ -133,7 +153,8 @@ pub enum Ffn<'a> {
 pub struct Attention<'a> {
     pub wq: QMatrix<'a>,
     pub wk: QMatrix<'a>,
-    pub wv: QMatrix<'a>,
+    /// None: the key projection is also the values' (Gemma 4's `attention_k_eq_v` layers).
+    pub wv: Option<QMatrix<'a>>,
     pub wo: QMatrix<'a>,
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
@@ -191,12 +212,18 @@ pub enum Mixer<'a> {
 }
 
 /// One block: `x += mixer(norm(x))`, then `x += ffn(norm(x))` (each scaled by the residual
-/// scale).
+/// scale, each output normalised first with sandwich norms), then `x *= out_scale`.
 pub struct Layer<'a> {
     pub mixer_norm: Vec<f32>,
     pub mixer: Mixer<'a>,
+    /// Normalises the mixer's output (`post_attention_norm`).
+    pub mixer_post_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
     pub ffn: Ffn<'a>,
+    /// Normalises the feed-forward output (`post_ffw_norm`).
+    pub ffn_post_norm: Option<Vec<f32>>,
+    /// Multiplies the layer's output (`layer_output_scale.weight`, Gemma 4).
+    pub out_scale: Option<f32>,
 }
 
 pub struct Model<'a> {
@@ -211,6 +238,10 @@ pub struct Model<'a> {
     /// A decoupled router deciding every layer's experts (Read-ME); the layers' own gates are
     /// then unused.
     pub router: Option<crate::moe::decoupled::DecoupledRouter>,
+    /// Rope frequency factors of the full-attention layers (`rope_freqs.weight`,
+    /// `[rope_dim / 2]`): each pair's frequency is divided by its factor (Gemma 4's
+    /// proportional rope stops pairs with 1e30).
+    pub rope_freqs: Option<Vec<f32>>,
 }
 
 struct Lookup<'a> {
@@ -303,6 +334,45 @@ impl<'a> Lookup<'a> {
         })
     }
 
+    /// A fused `[cols, 2 * rows, n_expert]` gate/up tensor (llama.cpp's `ffn_gate_up_exps`, gate
+    /// rows first in each expert) as two stacked tensors: each expert's slab split in halves.
+    fn gate_up_halves(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        n_expert: usize,
+    ) -> Result<(StackedExperts<'a>, StackedExperts<'a>), ModelError> {
+        let info = self.require(name)?;
+        Self::check_dims(info, &[cols, 2 * rows, n_expert])?;
+        let both = StackedExperts::stacked(
+            info.ty,
+            2 * rows,
+            cols,
+            n_expert,
+            self.file.tensor_bytes(info),
+            info.range.start,
+        );
+        let half = |part: usize| StackedExperts {
+            rows,
+            cols,
+            n_expert,
+            slabs: both
+                .slabs
+                .iter()
+                .map(|s| {
+                    let h = s.data.len() / 2;
+                    ExpertSlab {
+                        ty: s.ty,
+                        data: &s.data[part * h..(part + 1) * h],
+                        file_offset: s.file_offset + part * h,
+                    }
+                })
+                .collect(),
+        };
+        Ok((half(0), half(1)))
+    }
+
     /// Small vectors (norm weights, biases) are decoded to f32 once at load.
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let info = self.require(name)?;
@@ -380,13 +450,22 @@ impl<'a> Model<'a> {
             };
             let ffn = if lk.has(&n("ffn_gate_inp.weight")) {
                 let e = hp.n_expert;
-                let gate_info = match lk.info(&n("ffn_gate_exps.weight")) {
-                    Some(info) => info,
-                    None => {
-                        lk.require(&crate::moe::calib::per_expert_name(&n("ffn_gate_exps"), 0))?
+                let fused = lk.info(&n("ffn_gate_up_exps.weight"));
+                let ff = match (fused, lk.info(&n("ffn_gate_exps.weight"))) {
+                    (_, Some(info)) => *info.dims.get(1).unwrap_or(&0),
+                    (Some(info), None) => *info.dims.get(1).unwrap_or(&0) / 2,
+                    (None, None) => {
+                        let name = crate::moe::calib::per_expert_name(&n("ffn_gate_exps"), 0);
+                        *lk.require(&name)?.dims.get(1).unwrap_or(&0)
                     }
                 };
-                let ff = *gate_info.dims.get(1).unwrap_or(&0);
+                let (gate, up) = match fused.filter(|_| !lk.has(&n("ffn_gate_exps.weight"))) {
+                    Some(_) => lk.gate_up_halves(&n("ffn_gate_up_exps.weight"), ff, d, e)?,
+                    None => (
+                        lk.stacked(&n("ffn_gate_exps.weight"), ff, d, e)?,
+                        lk.stacked(&n("ffn_up_exps.weight"), ff, d, e)?,
+                    ),
+                };
                 let shared = if lk.has(&n("ffn_gate_shexp.weight")) {
                     let sff = lk
                         .require(&n("ffn_gate_shexp.weight"))?
@@ -418,11 +497,14 @@ impl<'a> Model<'a> {
                 };
                 Ffn::Moe(Box::new(MoeBlock {
                     router: lk.matrix(&n("ffn_gate_inp.weight"), e, d)?,
+                    router_in_scale: router_in_scale(&lk, &hp, i)?,
+                    expert_scales: lk.opt_vector(&n("ffn_down_exps.scale"), e)?,
+                    beside: dense_beside(&lk, &hp, i)?,
                     router_bias: lk.opt_vector(&n("ffn_gate_inp.bias"), e)?,
                     selection_bias: lk.opt_vector(&n("exp_probs_b.bias"), e)?,
                     experts: Experts {
-                        gate: lk.stacked(&n("ffn_gate_exps.weight"), ff, d, e)?,
-                        up: lk.stacked(&n("ffn_up_exps.weight"), ff, d, e)?,
+                        gate,
+                        up,
                         down: lk.stacked(&n("ffn_down_exps.weight"), d, ff, e)?,
                     },
                     expert_biases,
@@ -437,14 +519,24 @@ impl<'a> Model<'a> {
                     down: lk.matrix(&n("ffn_down.weight"), d, ff)?,
                 })
             };
+            let post_norm = |name: &str| match hp.traits.sandwich_norms {
+                true => lk.vector(&n(name), d).map(Some),
+                false => Ok(None),
+            };
             layers.push(Layer {
                 mixer_norm: lk.vector(&n("attn_norm.weight"), d)?,
                 mixer,
+                mixer_post_norm: post_norm("post_attention_norm.weight")?,
                 ffn_norm: lk.vector(&n(&format!("{}.weight", hp.traits.ffn_norm_tensor)), d)?,
                 ffn,
+                ffn_post_norm: post_norm("post_ffw_norm.weight")?,
+                out_scale: lk
+                    .opt_vector(&n("layer_output_scale.weight"), 1)?
+                    .map(|v| v[0]),
             });
         }
         let router = crate::moe::decoupled::DecoupledRouter::load(file, n_vocab, hp.n_expert)?;
+        let rope_freqs = lk.opt_vector("rope_freqs.weight", hp.rope_dim / 2)?;
         Ok(Self {
             hp,
             file,
@@ -453,6 +545,7 @@ impl<'a> Model<'a> {
             output_norm: lk.vector("output_norm.weight", d)?,
             output,
             router,
+            rope_freqs,
         })
     }
 }
@@ -460,30 +553,37 @@ impl<'a> Model<'a> {
 fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attention<'a>, ModelError> {
     let n = |s: &str| format!("blk.{i}.{s}");
     let d = hp.n_embd;
-    let q_dim = hp.n_head * hp.head_dim_k;
-    let k_dim = hp.n_head_kv * hp.head_dim_k;
-    let v_dim = hp.n_head_kv * hp.head_dim_v;
-    let o_dim = hp.n_head * hp.head_dim_v;
+    let dims = hp.layer_dims(i);
+    let q_dim = hp.n_head * dims.head_dim_k;
+    let k_dim = dims.n_head_kv * dims.head_dim_k;
+    let v_dim = dims.n_head_kv * dims.head_dim_v;
+    let o_dim = hp.n_head * dims.head_dim_v;
     let qk_norm = match hp.traits.qk_norm {
         QkNorm::None => None,
         QkNorm::PerHead => Some(QkNormWeights {
-            q: lk.vector(&n("attn_q_norm.weight"), hp.head_dim_k)?,
-            k: lk.vector(&n("attn_k_norm.weight"), hp.head_dim_k)?,
+            q: lk.vector(&n("attn_q_norm.weight"), dims.head_dim_k)?,
+            k: lk.vector(&n("attn_k_norm.weight"), dims.head_dim_k)?,
         }),
         QkNorm::PerHeadIfPresent if !lk.has(&n("attn_q_norm.weight")) => None,
         QkNorm::PerHeadIfPresent => Some(QkNormWeights {
-            q: lk.vector(&n("attn_q_norm.weight"), hp.head_dim_k)?,
-            k: lk.vector(&n("attn_k_norm.weight"), hp.head_dim_k)?,
+            q: lk.vector(&n("attn_q_norm.weight"), dims.head_dim_k)?,
+            k: lk.vector(&n("attn_k_norm.weight"), dims.head_dim_k)?,
         }),
         QkNorm::WholeProjection => Some(QkNormWeights {
             q: lk.vector(&n("attn_q_norm.weight"), q_dim)?,
             k: lk.vector(&n("attn_k_norm.weight"), k_dim)?,
         }),
     };
+    let values_are_keys = hp.traits.values_may_be_keys
+        && !lk.has(&n("attn_v.weight"))
+        && dims.head_dim_k == dims.head_dim_v;
     Ok(Attention {
         wq: lk.matrix(&n("attn_q.weight"), q_dim, d)?,
         wk: lk.matrix(&n("attn_k.weight"), k_dim, d)?,
-        wv: lk.matrix(&n("attn_v.weight"), v_dim, d)?,
+        wv: match values_are_keys {
+            true => None,
+            false => Some(lk.matrix(&n("attn_v.weight"), v_dim, d)?),
+        },
         wo: lk.matrix(&n("attn_output.weight"), d, o_dim)?,
         bq: lk.opt_vector(&n("attn_q.bias"), q_dim)?,
         bk: lk.opt_vector(&n("attn_k.bias"), k_dim)?,
@@ -493,6 +593,41 @@ fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attentio
         sinks: lk.opt_vector(&n("attn_sinks.weight"), hp.n_head)?,
         window: hp.layer_window(i),
     })
+}
+
+/// The router's input norm weights when it reads the normalised residual (Gemma 4): llama.cpp
+/// multiplies the unweighted norm by `n_embd^-0.5` and `ffn_gate_inp.scale`.
+fn router_in_scale(lk: &Lookup, hp: &HParams, i: usize) -> Result<Option<Vec<f32>>, ModelError> {
+    if hp.traits.router_input != super::arch::RouterInput::NormedResidual {
+        return Ok(None);
+    }
+    let root = 1.0 / (hp.n_embd as f32).sqrt();
+    let mut w = lk.vector(&format!("blk.{i}.ffn_gate_inp.scale"), hp.n_embd)?;
+    w.iter_mut().for_each(|v| *v *= root);
+    Ok(Some(w))
+}
+
+/// A MoE layer's dense MLP beside its experts, when the layer has `ffn_gate` too (Gemma 4).
+fn dense_beside<'a>(
+    lk: &Lookup<'a>,
+    hp: &HParams,
+    i: usize,
+) -> Result<Option<DenseBeside<'a>>, ModelError> {
+    let n = |s: &str| format!("blk.{i}.{s}");
+    let Some(gate) = lk.info(&n("ffn_gate.weight")) else {
+        return Ok(None);
+    };
+    let (d, ff) = (hp.n_embd, gate.dims.get(1).copied().unwrap_or(0));
+    Ok(Some(DenseBeside {
+        mlp: Mlp {
+            gate: lk.matrix(&n("ffn_gate.weight"), ff, d)?,
+            up: lk.matrix(&n("ffn_up.weight"), ff, d)?,
+            down: lk.matrix(&n("ffn_down.weight"), d, ff)?,
+        },
+        post_norm: lk.vector(&n("post_ffw_norm_1.weight"), d)?,
+        experts_norm: lk.vector(&n("pre_ffw_norm_2.weight"), d)?,
+        experts_post_norm: lk.vector(&n("post_ffw_norm_2.weight"), d)?,
+    }))
 }
 
 fn mla_attention<'a>(

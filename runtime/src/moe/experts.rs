@@ -30,6 +30,9 @@ pub enum Glu {
     /// `swiglu_oai` compute it: with `g = min(gate, limit)` and `u = clamp(up, -limit, limit)`,
     /// `g * sigmoid(alpha * g) * (u + 1)`.
     SwigluOai { alpha: f32, limit: f32 },
+    /// `gelu_tanh(gate) * up` (GeGLU with the tanh approximation, transformers'
+    /// `gelu_pytorch_tanh`: Gemma's MLPs and experts).
+    GeluTanh,
 }
 
 impl Glu {
@@ -42,6 +45,11 @@ impl Glu {
                 let g = gate.min(limit);
                 let u = up.clamp(-limit, limit);
                 g / (1.0 + (-(g * alpha)).exp()) * (u + 1.0)
+            }
+            Glu::GeluTanh => {
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                let inner = SQRT_2_OVER_PI * (gate + 0.044715 * gate * gate * gate);
+                0.5 * gate * (1.0 + inner.tanh()) * up
             }
         }
     }

@@ -129,7 +129,7 @@ pub const MXFP4_LEVELS: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, 
 /// e < 2, and at most 2^127, so never infinite (e = 255, NaN in the OCP spec, is read as the
 /// number it would be).
 #[inline]
-pub fn e8m0_half(e: u8) -> f32 {
+pub const fn e8m0_half(e: u8) -> f32 {
     let bits = if e < 2 {
         0x0020_0000u32 << e
     } else {

@@ -20,12 +20,6 @@ pub(super) fn dot_q8_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
     out[0]
 }
 
-pub(super) fn dot_q4_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    let mut out = [0f32];
-    gemm_q4_0(w, 1, x, 1, &mut out);
-    out[0]
-}
-
 pub(super) fn dot_q8_0_q8_0_vnni(w: &[u8], x: &[u8]) -> f32 {
     let mut out = [0f32];
     gemm_q8_0_vnni(w, 1, x, 1, &mut out);
@@ -40,7 +34,7 @@ pub(super) fn dot_q4_0_q8_0_vnni(w: &[u8], x: &[u8]) -> f32 {
 
 /// Checks the shapes the tile loops rely on: whole rows of whole blocks, the same block count
 /// for weights and activations, room for the output.
-fn check_gemm(w: &[u8], w_block: usize, rows: usize, x: &[u8], n: usize, out: &[f32]) {
+pub(super) fn check_gemm(w: &[u8], w_block: usize, rows: usize, x: &[u8], n: usize, out: &[f32]) {
     assert!(rows > 0 && n > 0 && out.len() >= rows * n, "gemm shape");
     assert_eq!(w.len() % (rows * w_block), 0, "whole weight blocks per row");
     assert_eq!(
@@ -70,12 +64,6 @@ pub(super) fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f3
 pub(super) fn dot_iq4_nl_q8_0(w: &[u8], x: &[u8]) -> f32 {
     let mut out = [0f32];
     gemm_iq4_nl(w, 1, x, 1, &mut out);
-    out[0]
-}
-
-pub(super) fn dot_mxfp4_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    let mut out = [0f32];
-    gemm_mxfp4(w, 1, x, 1, &mut out);
     out[0]
 }
 
@@ -144,7 +132,7 @@ unsafe fn load_halves(p: *const u8, stride: usize, both: bool) -> __m256i {
 /// splat before converting writes whole registers (a single inserted lane let LLVM merge into
 /// a live register: a false dependency that once serialised the block loop).
 #[inline(always)]
-unsafe fn scales(p: *const u8, stride: usize, both: bool) -> __m256 {
+pub(super) unsafe fn scales(p: *const u8, stride: usize, both: bool) -> __m256 {
     // Both f16 scales in one register, spread to four lanes each, converted at once.
     let lo = u16::from_le_bytes([*p, *p.add(1)]) as i32;
     let hi = if both {
@@ -162,7 +150,11 @@ unsafe fn scales(p: *const u8, stride: usize, both: bool) -> __m256 {
 
 /// Q8_0 quants of blocks b and b + 1 (block at `p`, `stride` bytes apart).
 #[inline(always)]
-unsafe fn q8_pair(p: *const u8, stride: usize, both: bool) -> (__m256i, __m256i, __m256) {
+pub(super) unsafe fn q8_pair(
+    p: *const u8,
+    stride: usize,
+    both: bool,
+) -> (__m256i, __m256i, __m256) {
     (
         load_halves(p.add(2), stride, both),
         load_halves(p.add(18), stride, both),
@@ -263,7 +255,7 @@ impl BlockProduct for Q4Signed {
 /// Nibbles of blocks b and b + 1 (`stride` bytes apart) whose 16 quant bytes start at `p`:
 /// low nibbles (values 0..16), high nibbles (values 16..32).
 #[inline(always)]
-unsafe fn nibble_pair(p: *const u8, stride: usize, both: bool) -> (__m256i, __m256i) {
+pub(super) unsafe fn nibble_pair(p: *const u8, stride: usize, both: bool) -> (__m256i, __m256i) {
     let packed = load_halves(p, stride, both);
     let low = _mm256_set1_epi8(0x0f);
     (

@@ -12,6 +12,7 @@ use std::arch::x86_64::*;
 mod block32;
 mod iquant;
 mod kquant;
+mod offset4;
 
 use super::{grid, scalar, Kernels};
 use crate::tensor::blocks::block32::{f16_at, Q8_0_BYTES, QK};
@@ -27,14 +28,14 @@ const AVX2_KERNELS: Kernels = Kernels {
     dot_bf16,
     axpy_f16,
     dot_q8_0_q8_0: block32::dot_q8_0_q8_0,
-    dot_q4_0_q8_0: block32::dot_q4_0_q8_0,
+    dot_q4_0_q8_0: offset4::dot_q4_0_q8_0,
     dot_q5_0_q8_0: scalar::dot_q5_0_q8_0,
     dot_iq4_nl_q8_0: block32::dot_iq4_nl_q8_0,
-    dot_mxfp4_q8_0: block32::dot_mxfp4_q8_0,
+    dot_mxfp4_q8_0: offset4::dot_mxfp4_q8_0,
     gemm_q8_0: block32::gemm_q8_0,
-    gemm_q4_0: block32::gemm_q4_0,
+    gemm_q4_0: offset4::gemm_q4_0,
     gemm_iq4_nl: block32::gemm_iq4_nl,
-    gemm_mxfp4: block32::gemm_mxfp4,
+    gemm_mxfp4: offset4::gemm_mxfp4,
     quantize_q8_0,
     quantize_q8_k,
     dot_q2_k_q8_k: kquant::dot::<kquant::Q2K>,

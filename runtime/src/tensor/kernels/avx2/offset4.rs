@@ -1,0 +1,199 @@
+//! One token's product (decode) for the 4-bit formats whose signed levels become small unsigned
+//! bytes after adding an offset: Q4_0 (the nibble itself is the value plus 8) and MXFP4 (the
+//! doubled E2M1 level plus 12 is at most 24).
+//!
+//! `maddubs` wants an unsigned left operand. The tiles in `block32` get it with the sign trick
+//! (|w| times x carrying w's sign): four extra instructions per block pair, for every row. Here
+//! the weights carry the offset instead, and the offset's share, `offset * (sum of x)`, is
+//! computed once per token for all rows, together with the activations' rearranged halves and
+//! scales. Pairs of products stay below 2 * 24 * 127 and two of them below 2^15, so the two
+//! halves add as i16 before one `madd`. The lane sums are the tiles' exact integers and the
+//! float steps the same, so every output equals the tile path's bit for bit.
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use super::block32::{self, check_gemm, nibble_pair, q8_pair, scales};
+use super::{hsum, PREFETCH_BYTES};
+use crate::tensor::blocks::block32::{
+    e8m0_half, MXFP4_BYTES, MXFP4_LEVELS, Q4_0_BYTES, Q8_0_BYTES,
+};
+
+pub(super) fn dot_q4_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_q4_0(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+pub(super) fn dot_mxfp4_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut out = [0f32];
+    gemm_mxfp4(w, 1, x, 1, &mut out);
+    out[0]
+}
+
+/// A single token by this file's product, a batch by `block32`'s tiles.
+pub(super) fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    if n == 1 && x.len() / Q8_0_BYTES <= 2 * MAX_PAIRS {
+        check_gemm(w, Q4_0_BYTES, rows, x, n, out);
+        // SAFETY: features checked in `tables()`; shapes checked above.
+        unsafe { decode::<Q4_0>(w, rows, x, out) }
+    } else {
+        block32::gemm_q4_0(w, rows, x, n, out)
+    }
+}
+
+pub(super) fn gemm_mxfp4(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    if n == 1 && x.len() / Q8_0_BYTES <= 2 * MAX_PAIRS {
+        check_gemm(w, MXFP4_BYTES, rows, x, n, out);
+        // SAFETY: as above.
+        unsafe { decode::<Mxfp4>(w, rows, x, out) }
+    } else {
+        block32::gemm_mxfp4(w, rows, x, n, out)
+    }
+}
+
+/// Activation rows of at most this many block pairs (16384 values) take this path; its
+/// per-token buffer lives on the stack.
+const MAX_PAIRS: usize = 256;
+
+/// A 4-bit format as unsigned bytes plus an offset.
+trait Offset4 {
+    const W_BYTES: usize;
+    /// Where a block's 16 nibble bytes start.
+    const QS_AT: usize;
+    /// Added to every weight value to make it unsigned.
+    const OFFSET: i8;
+    /// The unsigned weight bytes from a block pair's low and high nibbles.
+    unsafe fn levels(lo: __m256i, hi: __m256i) -> (__m256i, __m256i);
+    /// The scales of blocks b and b + 1 (at `p` and `p + W_BYTES`), four lanes each; zero for a
+    /// lone last block.
+    unsafe fn scales(p: *const u8, both: bool) -> __m256;
+}
+
+struct Q4_0;
+impl Offset4 for Q4_0 {
+    const W_BYTES: usize = Q4_0_BYTES;
+    const QS_AT: usize = 2;
+    const OFFSET: i8 = 8;
+    #[inline(always)]
+    unsafe fn levels(lo: __m256i, hi: __m256i) -> (__m256i, __m256i) {
+        (lo, hi)
+    }
+    #[inline(always)]
+    unsafe fn scales(p: *const u8, both: bool) -> __m256 {
+        scales(p, Q4_0_BYTES, both)
+    }
+}
+
+struct Mxfp4;
+
+/// `e8m0_half` of every exponent byte, so that a block's scale is one broadcast load.
+static E8M0_HALF: [f32; 256] = {
+    let mut t = [0f32; 256];
+    let mut e = 0;
+    while e < 256 {
+        t[e] = e8m0_half(e as u8);
+        e += 1;
+    }
+    t
+};
+
+/// MXFP4's levels plus 12, as unsigned bytes.
+const MXFP4_UNSIGNED: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (MXFP4_LEVELS[i] + 12) as u8;
+        i += 1;
+    }
+    t
+};
+
+impl Offset4 for Mxfp4 {
+    const W_BYTES: usize = MXFP4_BYTES;
+    const QS_AT: usize = 1;
+    const OFFSET: i8 = 12;
+    #[inline(always)]
+    unsafe fn levels(lo: __m256i, hi: __m256i) -> (__m256i, __m256i) {
+        let table =
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(MXFP4_UNSIGNED.as_ptr() as *const __m128i));
+        (
+            _mm256_shuffle_epi8(table, lo),
+            _mm256_shuffle_epi8(table, hi),
+        )
+    }
+    #[inline(always)]
+    unsafe fn scales(p: *const u8, both: bool) -> __m256 {
+        let d0 = _mm_broadcast_ss(&E8M0_HALF[*p as usize]);
+        let d1 = if both {
+            _mm_broadcast_ss(&E8M0_HALF[*p.add(MXFP4_BYTES) as usize])
+        } else {
+            _mm_setzero_ps()
+        };
+        _mm256_set_m128(d1, d0)
+    }
+}
+
+/// One activation block pair, prepared once per token: values 0..16 of blocks b and b + 1,
+/// values 16..32 of each, the offset's lane sums and the scales.
+#[derive(Clone, Copy)]
+struct Prepared {
+    lo: __m256i,
+    hi: __m256i,
+    offset: __m256i,
+    d: __m256,
+}
+
+/// `out[r] = w_r . x` for `rows` weight rows of `F` (whole blocks, `w.len() / rows` bytes each)
+/// and one Q8_0 activation row `x` of at most `2 * MAX_PAIRS` blocks.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; the shapes must be checked by the caller.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode<F: Offset4>(w: &[u8], rows: usize, x: &[u8], out: &mut [f32]) {
+    let nb = x.len() / Q8_0_BYTES;
+    let pairs = nb.div_ceil(2);
+    assert!(
+        pairs <= MAX_PAIRS,
+        "activation row too long for the decode buffer"
+    );
+    let wb = w.len() / rows;
+    let ones = _mm256_set1_epi16(1);
+    let offset = _mm256_set1_epi8(F::OFFSET);
+    let mut buf = [MaybeUninit::<Prepared>::uninit(); MAX_PAIRS];
+    for (p, slot) in buf[..pairs].iter_mut().enumerate() {
+        let b = 2 * p;
+        let (lo, hi, d) = q8_pair(x.as_ptr().add(b * Q8_0_BYTES), Q8_0_BYTES, b + 1 < nb);
+        let sums = _mm256_add_epi16(
+            _mm256_maddubs_epi16(offset, lo),
+            _mm256_maddubs_epi16(offset, hi),
+        );
+        slot.write(Prepared {
+            lo,
+            hi,
+            offset: _mm256_madd_epi16(sums, ones),
+            d,
+        });
+    }
+    // SAFETY: the first `pairs` entries were written above.
+    let acts = std::slice::from_raw_parts(buf.as_ptr() as *const Prepared, pairs);
+    for (r, o) in out[..rows].iter_mut().enumerate() {
+        let row = w.as_ptr().add(r * wb);
+        let mut acc = _mm256_setzero_ps();
+        for (p, a) in acts.iter().enumerate() {
+            let (b, both) = (2 * p, 2 * p + 1 < nb);
+            let wp = row.add(b * F::W_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES) as *const i8);
+            let (lo, hi) = nibble_pair(wp.add(F::QS_AT), F::W_BYTES, both);
+            let (lo, hi) = F::levels(lo, hi);
+            let pairs16 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, a.lo),
+                _mm256_maddubs_epi16(hi, a.hi),
+            );
+            let sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs16, ones), a.offset);
+            let d = _mm256_mul_ps(F::scales(wp, both), a.d);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc);
+        }
+        *o = hsum(acc);
+    }
+}
