@@ -43,10 +43,19 @@ fn model_err(e: impl std::fmt::Display) -> ConvertError {
 
 /// Runs the model in `gguf` over the calibration text.
 pub fn calibrate(gguf: &Path, opts: &CalibOptions) -> Result<CalibStats, ConvertError> {
-    let text = std::fs::read_to_string(&opts.text).map_err(|e| ConvertError::io(&opts.text, e))?;
     let file = GgufFile::open(gguf)?;
     let model = Model::load(&file).map_err(model_err)?;
     let tok = Tokenizer::from_gguf(file.header()).map_err(model_err)?;
+    calibrate_model(&model, &tok, opts)
+}
+
+/// [`calibrate`] with the model and its tokenizer already loaded.
+pub fn calibrate_model(
+    model: &Model,
+    tok: &Tokenizer,
+    opts: &CalibOptions,
+) -> Result<CalibStats, ConvertError> {
+    let text = std::fs::read_to_string(&opts.text).map_err(|e| ConvertError::io(&opts.text, e))?;
     let mut ids = tok.encode(&text, false).map_err(model_err)?;
     ids.truncate(opts.max_tokens);
     let hp = &model.hp;
@@ -60,7 +69,7 @@ pub fn calibrate(gguf: &Path, opts: &CalibOptions) -> Result<CalibStats, Convert
     }
     let (n_layer, n_expert) = (hp.n_layer, hp.n_expert);
     let mut stats = CalibStats::new(n_layer, n_expert);
-    let mut session = Session::with_kv_type(&model, window, KvType::F32);
+    let mut session = Session::with_kv_type(model, window, KvType::F32);
     session.set_route_tracing(true);
     for chunk in ids.chunks(window) {
         session.reset();

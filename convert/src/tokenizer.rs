@@ -44,6 +44,11 @@ pub fn metadata(
     };
     let tok: Json = serde_json::from_str(&tok_text)
         .map_err(|e| ConvertError::Input(format!("tokenizer.json: invalid JSON: {e}")))?;
+    // Embedded verbatim, it must be a file the runtime's tokenizer reads (a missing field the
+    // lookups below do without, such as an added token's `special`, made a file that converted
+    // and then did not load; found by the convert fuzz target).
+    moe_runtime::tokenizer::Tokenizer::check_huggingface_json(&tok_text)
+        .map_err(|e| bad(&e.to_string()))?;
     let tok_cfg = ckpt
         .read_json("tokenizer_config.json")?
         .unwrap_or(Json::Null);

@@ -5,6 +5,7 @@
 #
 #   scripts/check/fuzz.sh [SECONDS=60] [TARGET...]   every target (or those named) for SECONDS each
 #   scripts/check/fuzz.sh --seeds                    rewrite fuzz/corpus/ from the fixtures
+#   scripts/check/fuzz.sh --install                  only install the nightly toolchain and cargo-fuzz
 #
 # Each target starts from its seeds (fuzz/corpus/NAME, kept in git) and the inputs earlier runs
 # found (fuzz/corpus-run/NAME, git-ignored). A crash leaves its input in
@@ -20,17 +21,25 @@ if [ "${1:-}" = --seeds ]; then
   scripts/fixtures/fetch_llama_cpp_files.sh
   exec cargo test -p moe-fuzz-targets --test seeds -- --ignored --nocapture
 fi
+
+install_tools() {
+  if ! rustup toolchain list | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal --no-self-update || return 1
+  fi
+  if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    cargo +nightly install cargo-fuzz --locked || return 1
+  fi
+}
+if [ "${1:-}" = --install ]; then
+  install_tools
+  exit
+fi
 seconds=${1:-60}
 shift || true
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${targets_all[@]}")
 
-if ! rustup toolchain list | grep -q '^nightly'; then
-  rustup toolchain install nightly --profile minimal
-fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-  cargo +nightly install cargo-fuzz --locked
-fi
+install_tools
 # The chat target also renders llama.cpp's real templates when they are there.
 scripts/fixtures/fetch_llama_cpp_files.sh
 

@@ -13,6 +13,7 @@ use crate::util::MemFile;
 const MAX_FORWARD_BYTES: usize = 4 << 20;
 
 pub fn run(data: &[u8]) {
+    crate::util::one_thread();
     let Ok(h) = GgufHeader::parse(data) else {
         return;
     };

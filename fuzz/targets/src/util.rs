@@ -43,3 +43,12 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 pub fn split_nul(data: &[u8], n: usize) -> Vec<&[u8]> {
     data.splitn(n, |&b| b == 0).collect()
 }
+
+/// Runs the forward pass on one thread for the rest of the process. On rayon's pool of one per
+/// core, the workers that wait for the next parallel section spin (`threads::run_on_pool`), and
+/// under the fuzzer's coverage instrumentation that spinning took half of each input's time;
+/// one thread also makes an input's run the same every time.
+pub fn one_thread() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| moe_runtime::threads::set_global_threads(Some(1)));
+}

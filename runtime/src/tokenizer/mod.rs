@@ -59,6 +59,14 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// Whether a Hugging Face `tokenizer.json` is one [`from_gguf`](Self::from_gguf) reads once
+    /// embedded (`tokenizer.huggingface.json`): moe-convert checks it before writing a file.
+    pub fn check_huggingface_json(json: &str) -> Result<(), TokenizerError> {
+        tokenizers::Tokenizer::from_bytes(json.as_bytes())
+            .map(drop)
+            .map_err(|e| TokenizerError::Invalid(e.to_string()))
+    }
+
     pub fn from_gguf(h: &GgufHeader) -> Result<Self, TokenizerError> {
         let id = |key: &str| {
             h.get(key)

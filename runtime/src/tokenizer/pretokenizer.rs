@@ -11,6 +11,8 @@
 //! contractions stay spelled out (`'[sS]` rather than `(?i:'s)`): Unicode case folding would
 //! also match `ſ` and the Kelvin sign, which llama.cpp does not.
 
+use std::sync::{Arc, Mutex};
+
 use fancy_regex::Regex;
 
 use super::TokenizerError;
@@ -306,8 +308,25 @@ pub(super) fn pre_tokenizer_spec(name: &str) -> Option<PreTokenizerSpec> {
 }
 
 enum CompiledRule {
-    Regex(Regex),
+    Regex(Arc<Regex>),
     AfmoeDigits,
+}
+
+/// `re` compiled, once per process: the regexes are a fixed set of literals, and compiling
+/// their Unicode classes costs more than reading the rest of a vocabulary (a process that makes
+/// many tokenizers, such as the fuzzer or the test suite, would spend most of its time there).
+fn compiled(re: &'static str) -> Result<Arc<Regex>, TokenizerError> {
+    static CACHE: Mutex<Vec<(&'static str, Arc<Regex>)>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, r)) = cache.iter().find(|(src, _)| *src == re) {
+        return Ok(Arc::clone(r));
+    }
+    let r = Arc::new(
+        Regex::new(re)
+            .map_err(|e| TokenizerError::Invalid(format!("pre-tokenizer regex {re:?}: {e}")))?,
+    );
+    cache.push((re, Arc::clone(&r)));
+    Ok(r)
 }
 
 /// A compiled pre-tokenizer: splits text into the words BPE merges run within.
@@ -320,9 +339,7 @@ impl PreTokenizer {
         let rules = rules
             .iter()
             .map(|rule| match *rule {
-                SplitRule::Regex(re) => Regex::new(re).map(CompiledRule::Regex).map_err(|e| {
-                    TokenizerError::Invalid(format!("pre-tokenizer regex {re:?}: {e}"))
-                }),
+                SplitRule::Regex(re) => compiled(re).map(CompiledRule::Regex),
                 SplitRule::AfmoeDigits => Ok(CompiledRule::AfmoeDigits),
             })
             .collect::<Result<_, _>>()?;
@@ -431,6 +448,22 @@ pub(super) fn char_to_byte(c: char) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tokenizers made one after the other share each compiled regex (compiling was most of
+    /// the cost of making a tokenizer).
+    #[test]
+    fn regexes_are_compiled_once_per_process() {
+        let spec = pre_tokenizer_spec("qwen2").unwrap();
+        let [a, b] = [(); 2].map(|()| PreTokenizer::new(spec.rules).unwrap());
+        let mut regexes = 0;
+        for (x, y) in a.rules.iter().zip(&b.rules) {
+            if let (CompiledRule::Regex(x), CompiledRule::Regex(y)) = (x, y) {
+                assert!(Arc::ptr_eq(x, y), "compiled twice: {}", x.as_str());
+                regexes += 1;
+            }
+        }
+        assert!(regexes > 0);
+    }
 
     fn words<'t>(name: &str, text: &'t str) -> Vec<&'t str> {
         let spec = pre_tokenizer_spec(name).unwrap();

@@ -285,3 +285,71 @@ fn reads_ahead_of_a_known_use_ignore_the_speculative_cap() {
     assert_eq!(st.demand_misses, 0, "{st:?}");
     assert_eq!(st.prefetches_used, 3, "{st:?}");
 }
+
+/// A filling given up after one of its reads failed may still have another read writing into
+/// the slot (a slow one started before the failure): the slot goes to another expert only once
+/// that read is done (`Slot::in_flight`), else the late read would overwrite the new expert's
+/// bytes. One slot, two I/O threads; expert A's slabs are not adjacent, so its gate and up
+/// slabs are read at the same time by both threads, and the emulator makes one of those two
+/// reads slow and fails the other; B, whose slabs sit at the same places within their pages,
+/// is then asked for at once and must come out with its own bytes after the slow read ended.
+#[test]
+fn a_slow_read_of_a_failed_filling_never_writes_into_the_next_expert() {
+    const PAGE: u64 = 4096;
+    let path =
+        std::env::temp_dir().join(format!("moe-edge-cache-reuse-{}.bin", std::process::id()));
+    let file = TempFile(path);
+    let data: Vec<u8> = (0..8 * PAGE as usize)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    std::fs::write(&file.0, &data).unwrap();
+    // A (expert 0) on even pages, B (expert 1) on odd ones, both page-aligned and a page apart:
+    // three reads each. Experts 2-5 are adjacent slabs (one read each) on page 6.
+    let spread = |first: u64| [slab(first), slab(first + 2 * PAGE), slab(first + 4 * PAGE)];
+    let mut experts = vec![spread(0), spread(PAGE)];
+    for k in 0..4 {
+        let at = 6 * PAGE + k * 3 * SLAB as u64;
+        experts.push([slab(at), slab(at + SLAB as u64), slab(at + 2 * SLAB as u64)]);
+    }
+    let layout = ExpertLayout::new(vec![None, Some(experts)]);
+    // The emulator counts reads over the file: four for experts 2-5, then A's gate and up
+    // (reads 5 and 6, in either order between the two threads): read 5 sleeps, read 6 fails.
+    // B's reads are 7-9, neither slow nor failing.
+    let mut flash = FlashProfile::parse("nvme,fail-every=6,slow-every=5,slow-ms=400").unwrap();
+    flash.bytes_per_second = 1e12;
+    flash.latency = std::time::Duration::ZERO;
+    let cfg = CacheConfig {
+        flash: Some(flash),
+        ..config(1)
+    };
+    let c = ExpertCache::new(layout, 1, &file.0, cfg).unwrap();
+    for e in 2..6 {
+        use_all(&c, 1, &[e]).unwrap();
+    }
+    let err = use_all(&c, 1, &[0]).expect_err("read 6 fails");
+    assert!(err.to_string().contains("(read 6, fail-every=6)"), "{err}");
+    let mut arrivals = c.acquire_each(1, &[1]).unwrap();
+    let guard = arrivals.take(0, true).unwrap().expect("B is read");
+    // Let the slow read end (it is counted in flight with or without the rule under test),
+    // then look at B's bytes.
+    let t0 = std::time::Instant::now();
+    let mut st = c.shared.lock();
+    while st.table.slots.iter().any(|s| s.in_flight > 0) {
+        assert!(t0.elapsed().as_secs() < 10, "{:?}", st.table.slots);
+        let wait = std::time::Duration::from_millis(20);
+        st = c.shared.changed.wait_timeout(st, wait).unwrap().0;
+    }
+    drop(st);
+    let mlp = guard.mlp();
+    for (k, m) in [mlp.gate, mlp.up, mlp.down].iter().enumerate() {
+        let at = (PAGE + 2 * PAGE * k as u64) as usize;
+        assert!(
+            m.data == &data[at..at + SLAB],
+            "B's slab {k} holds other bytes: a read of A's failed filling wrote into it"
+        );
+    }
+    drop(guard);
+    drop(arrivals);
+    assert_eq!(c.stats().read_errors, 1, "{:?}", c.stats());
+    assert_idle(&c);
+}
