@@ -124,9 +124,27 @@ fn convert_plain(
     let values = |i: usize| source::load(&ckpt, &plan.tensors[i].source);
     let mut summary =
         output::write_gguf(out, plan.arch_name, &plan.metadata, decls, values, progress)?;
+    // The mapping accepts what each architecture's tensors need one by one; a checkpoint that
+    // is inconsistent as a whole (a q norm without its k norm, say) would make a file the
+    // runtime refuses. Load it as the runtime will, and leave no such file behind.
+    if let Err(why) = runtime_loads(out) {
+        let _ = std::fs::remove_file(out);
+        return Err(ConvertError::Input(format!(
+            "the checkpoint converts to a model the runtime cannot load ({why}); is the \
+             folder complete and its config.json right?"
+        )));
+    }
     summary.elapsed = t0.elapsed();
     summary.dropped = ckpt.dropped.clone();
     Ok(summary)
+}
+
+/// Whether the runtime loads the model file at `path` (its header, hyper-parameters and every
+/// tensor it looks up); why not, if it does not.
+fn runtime_loads(path: &Path) -> Result<(), String> {
+    let file = moe_runtime::gguf::GgufFile::open(path).map_err(|e| e.to_string())?;
+    moe_runtime::model::Model::load(&file).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 fn convert_tuned(
