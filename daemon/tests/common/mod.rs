@@ -260,7 +260,9 @@ impl Resp {
 
 pub fn connect(socket: &Path) -> std::io::Result<UnixStream> {
     let s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // Long enough for a grammar-constrained reply under qemu-aarch64 (the CI's Pi emulation),
+    // which took over a minute; a hung daemon still fails the test.
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
     Ok(s)
 }
 
