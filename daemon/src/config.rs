@@ -74,6 +74,12 @@ pub struct Config {
     /// cache of memory); 0 evaluates every prompt whole
     #[arg(long, env = "MOED_PROMPT_CACHE", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub prompt_cache: u32,
+    /// Requests generated at once, each in its own slot with its own KV cache (N whole KV
+    /// caches of memory, which the memory budget counts): their tokens are decoded together
+    /// in one batch per step, so that an expert several of them use is read once. Requests
+    /// beyond N wait in the queue
+    #[arg(long, env = "MOED_PARALLEL", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
     /// A Jinja chat template to use instead of the model's (e.g. one of llama.cpp's
     /// models/templates); without either, chat uses ChatML
     #[arg(long, env = "MOED_CHAT_TEMPLATE")]
@@ -149,7 +155,8 @@ impl Config {
             n_ctx: self.ctx,
             kv_type: self.kv_type,
             streaming: self.streaming.options(),
-            extra_sequences: self.prompt_cache.saturating_sub(1) as usize,
+            // Every sequence that may exist at once: conversations kept, slots running.
+            extra_sequences: self.prompt_cache.max(self.parallel).max(1) as usize - 1,
             profiling: false,
         }
     }

@@ -270,7 +270,7 @@ fn health(app: &App) -> Response<BoxedBody> {
             "status": state,
             "model": app.model_id,
             "queue_depth": m.queue_depth.load(Relaxed).max(0),
-            "generating": m.generating.load(Relaxed) == 1,
+            "generating": m.generating.load(Relaxed) > 0,
         }),
     );
     if status != StatusCode::OK {

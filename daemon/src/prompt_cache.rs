@@ -1,123 +1,145 @@
-//! Prompt-prefix reuse, as the llama.cpp server's `cache_prompt`: the session keeps the KV cache
-//! of the conversation it served last, and a bounded number of earlier conversations are kept
-//! beside it (least recently used evicted). A new request continues from the longest prefix of
-//! its prompt that one of them holds, so a multi-turn chat evaluates only the new turn.
+//! Prompt-prefix reuse, as the llama.cpp server's `cache_prompt`: conversations served before
+//! keep their KV caches, and a new request continues from the longest prefix of its prompt that
+//! one of them holds, so a multi-turn chat evaluates only the new turn.
+//!
+//! Every sequence lives here between requests: a request takes one (its conversation) for as
+//! long as it is served, in a slot of `--parallel`, and gives it back at the end. At most
+//! max(`--prompt-cache`, `--parallel`) sequences exist, each a whole KV cache: one per slot made
+//! at start-up, more when first needed; idle ones are the conversations on offer (with
+//! `--prompt-cache 0` none is reused).
 
 use moe_runtime::model::{SavedSequence, Session};
 
-/// A conversation swapped out of the session.
-struct Kept {
-    seq: SavedSequence,
-    /// The ids at its positions.
+/// A sequence and the ids at its positions.
+pub struct Conversation {
+    pub seq: SavedSequence,
     ids: Vec<u32>,
     last_used: u64,
 }
 
 pub struct PromptCache {
-    /// Conversations kept besides the session's own (each holds a whole KV cache).
-    capacity: usize,
-    kept: Vec<Kept>,
-    /// The ids at the session's positions.
-    live: Vec<u32>,
+    /// Conversations not being served.
+    idle: Vec<Conversation>,
+    /// Sequences that exist (idle or being served), and at most.
+    count: usize,
+    limit: usize,
+    /// Whether idle conversations are reused (`--prompt-cache` > 0).
+    reuse: bool,
     clock: u64,
 }
 
 impl PromptCache {
-    /// Keeps `conversations` in all, the session's own included (0 and 1: only the session's).
-    pub fn new(conversations: usize) -> Self {
+    /// Keeps `conversations` for reuse (0: none) while serving up to `slots` at once. The
+    /// session's own sequence becomes the first conversation: the session then holds none
+    /// between requests, only the one whose prompt it evaluates.
+    /// The slots' sequences are made now, so that memory for all of them is taken at start-up
+    /// (conversations kept beyond them are made when first needed).
+    pub fn new(conversations: usize, slots: usize, session: &mut Session) -> Self {
+        let slots = slots.max(1);
+        let mut idle = Vec::with_capacity(conversations.max(slots));
+        idle.push(session.take_sequence());
+        idle.extend((1..slots).map(|_| session.blank_sequence()));
         Self {
-            capacity: conversations.saturating_sub(1),
-            kept: Vec::new(),
-            live: Vec::new(),
+            idle: idle
+                .into_iter()
+                .map(|seq| Conversation {
+                    seq,
+                    ids: Vec::new(),
+                    last_used: 0,
+                })
+                .collect(),
+            count: slots,
+            limit: conversations.max(slots),
+            reuse: conversations > 0,
             clock: 0,
         }
     }
 
-    /// Puts into the session the conversation sharing the longest prefix with `prompt` and cuts
-    /// it back to that prefix (at most all but the prompt's last id, whose logits are needed);
-    /// returns how many prompt ids the session now holds. A prompt that shares less than half
-    /// of the best conversation is a new conversation: with room to keep more than one, it
-    /// starts afresh and the others stay intact (as the llama.cpp server's slot similarity).
-    pub fn prepare(&mut self, session: &mut Session, prompt: &[u32]) -> usize {
+    /// Sequences that may exist at once (each a whole KV cache; the memory budget counts them).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Puts into the session the idle conversation sharing the longest prefix with `prompt`
+    /// and cuts it back to that prefix (at most all but the prompt's last id, whose logits are
+    /// needed); returns what the session held before (to be swapped back once the prompt is
+    /// evaluated, see [`Conversation::seq`]) and how many prompt ids the session now holds. A
+    /// prompt that shares less than half of the best conversation is a new conversation: with
+    /// room for more than one, it starts afresh on a new sequence or the least recently used
+    /// one, and the others stay intact (as the llama.cpp server's slot similarity). None when
+    /// every sequence is being served (the caller admits at most `slots` requests).
+    pub fn take(&mut self, session: &mut Session, prompt: &[u32]) -> Option<(Conversation, usize)> {
         self.clock += 1;
         let last = prompt.len() - 1;
         // What a conversation offers is the longest shared prefix it can be cut back to: all of
         // it with KV caches only; with recurrent layers, the current position, the snapshot's
         // (before the last prompt's final id) or nothing.
-        let live_reuse = self.reusable(session, prompt);
-        let best_kept = self
-            .kept
+        let offer = |c: &Conversation| {
+            let held = c.ids.len().min(c.seq.position());
+            let shared = shared_prefix(&c.ids[..held], prompt).min(last);
+            (c.seq.rewind_point(shared), held)
+        };
+        // The most recently used one among equals (the conversation served last).
+        let best = self
+            .idle
             .iter()
             .enumerate()
-            .map(|(i, k)| {
-                let held = k.ids.len().min(k.seq.position());
-                let shared = shared_prefix(&k.ids[..held], prompt).min(last);
-                (k.seq.rewind_point(shared), i)
+            .filter(|_| self.reuse)
+            .map(|(i, c)| {
+                let (reuse, held) = offer(c);
+                ((reuse, c.last_used), held, i)
             })
-            .max();
-        if let Some((reuse, i)) = best_kept {
-            if reuse > live_reuse {
-                // An earlier conversation continues: it and the live one change places.
-                let k = &mut self.kept[i];
-                session.swap_sequence(&mut k.seq);
-                std::mem::swap(&mut self.live, &mut k.ids);
-                k.last_used = self.clock;
+            .max_by_key(|&(key, _, _)| key)
+            .map(|((reuse, _), held, i)| (reuse, held, i));
+        let fresh = |this: &mut Self| -> Option<(Conversation, usize)> {
+            if this.count < this.limit {
+                this.count += 1;
+                let conv = Conversation {
+                    seq: session.blank_sequence(),
+                    ids: Vec::new(),
+                    last_used: 0,
+                };
+                return Some((conv, 0));
             }
-        }
-        let held = self.live.len().min(session.position());
-        if self.capacity > 0 && held > 0 && 2 * self.reusable(session, prompt) < held {
-            self.keep_live_aside(session);
-        }
-        let keep = self.reusable(session, prompt);
+            let lru = (0..this.idle.len()).min_by_key(|&i| this.idle[i].last_used)?;
+            Some((this.idle.swap_remove(lru), 0))
+        };
+        let (mut conv, keep) = match best {
+            Some((reuse, held, i)) if !(self.limit > 1 && held > 0 && 2 * reuse < held) => {
+                (self.idle.swap_remove(i), reuse)
+            }
+            _ => fresh(self)?,
+        };
+        conv.last_used = self.clock;
+        session.swap_sequence(&mut conv.seq);
         session
             .rewind(keep)
-            .expect("rewinding to a position the session offered");
-        self.live.truncate(keep);
-        keep
+            .expect("rewinding to a position the sequence offered");
+        conv.ids.truncate(keep);
+        Some((conv, keep))
     }
 
-    /// How many of `prompt`'s ids the session's conversation can keep.
-    fn reusable(&self, session: &Session, prompt: &[u32]) -> usize {
-        let held = self.live.len().min(session.position());
-        let shared = shared_prefix(&self.live[..held], prompt).min(prompt.len() - 1);
-        session.rewind_point(shared)
+    /// Takes back a conversation after serving `prompt` and generating `generated` (its
+    /// sequence swapped out of the session again): the ids of its positions (the last generated
+    /// id was never evaluated).
+    pub fn give_back(&mut self, mut conv: Conversation, prompt: &[u32], generated: &[u32]) {
+        conv.ids.clear();
+        conv.ids.extend_from_slice(prompt);
+        conv.ids.extend_from_slice(generated);
+        conv.ids.truncate(conv.seq.position());
+        self.idle.push(conv);
     }
 
-    /// Moves the live conversation into a kept place (a new one while there is room, else the
-    /// least recently used one's, which is forgotten) and leaves the session empty.
-    fn keep_live_aside(&mut self, session: &mut Session) {
-        if self.kept.len() < self.capacity {
-            self.kept.push(Kept {
-                seq: session.blank_sequence(),
-                ids: Vec::new(),
-                last_used: 0,
-            });
-        }
-        let lru = (0..self.kept.len())
-            .min_by_key(|&i| self.kept[i].last_used)
-            .expect("at least one place");
-        let k = &mut self.kept[lru];
-        session.swap_sequence(&mut k.seq);
-        std::mem::swap(&mut self.live, &mut k.ids);
-        k.last_used = self.clock;
-        self.live.clear();
-        session.reset();
+    /// Takes back a conversation whose state is not trusted (its request failed): it is not
+    /// reused.
+    pub fn give_back_forgotten(&mut self, mut conv: Conversation) {
+        conv.ids.clear();
+        self.idle.push(conv);
     }
 
-    /// Records what the session holds after serving `prompt` and generating `generated`: the
-    /// ids of its positions (the last generated id was never evaluated).
-    pub fn finish(&mut self, session: &Session, prompt: &[u32], generated: &[u32]) {
-        self.live.clear();
-        self.live.extend_from_slice(prompt);
-        self.live.extend_from_slice(generated);
-        self.live.truncate(session.position());
-    }
-
-    /// Forgets every conversation (after a failure, nothing cached is trusted).
-    pub fn clear(&mut self, session: &mut Session) {
-        self.live.clear();
-        self.kept.clear();
-        session.reset();
+    /// Forgets what every idle conversation holds (after a failure nothing cached is trusted).
+    pub fn forget_all(&mut self) {
+        self.idle.iter_mut().for_each(|c| c.ids.clear());
     }
 }
 
@@ -149,7 +171,7 @@ mod tests {
     /// Serves `prompt` as the worker does: the cache prepares the session, the runtime's loop
     /// generates greedily. Returns how many ids were reused and the generated ids.
     fn serve(pc: &mut PromptCache, s: &mut Session, prompt: &[u32]) -> (usize, Vec<u32>) {
-        let cached = pc.prepare(s, prompt);
+        let (mut conv, cached) = pc.take(s, prompt).expect("a free sequence");
         let mut sampler = Sampler::new(SamplerConfig {
             temperature: 0.0,
             ..Default::default()
@@ -170,7 +192,8 @@ mod tests {
             true
         })
         .unwrap();
-        pc.finish(s, prompt, &generated);
+        s.swap_sequence(&mut conv.seq);
+        pc.give_back(conv, prompt, &generated);
         (cached, generated)
     }
 
@@ -195,7 +218,7 @@ mod tests {
         let model = Model::load(&file).unwrap();
         let mut s = Session::with_kv_type(&model, 64, KvType::F32);
         assert!(s.has_recurrent_state());
-        let mut pc = PromptCache::new(2);
+        let mut pc = PromptCache::new(2, 1, &mut s);
         let p1: Vec<u32> = (0..10).map(|i| (i * 37 + 11) % 384).collect();
 
         let (cached, g1) = serve(&mut pc, &mut s, &p1);

@@ -160,6 +160,7 @@ pub async fn run(cfg: Config, bound: BoundSocket) -> Result<()> {
         model_id: cfg.model_id(),
         session: cfg.session_options(),
         prompt_cache: cfg.prompt_cache as usize,
+        parallel: cfg.parallel as usize,
         chat_template: cfg.chat_template_source()?,
         warmup: !cfg.no_warmup,
         token_delay: Duration::from_millis(cfg.test_token_delay_ms),

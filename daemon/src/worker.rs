@@ -1,18 +1,24 @@
-//! The generation worker: one thread that loads the model, keeps it (and its KV cache) for the
-//! daemon's lifetime, and runs queued jobs one at a time. The model's `Session` borrows the
-//! mapped file, so it never leaves this thread; HTTP tasks talk to it through bounded channels:
-//! jobs in (`--max-queue`), events out (one per token at most, sized to the job).
+//! The generation worker: one thread that loads the model, keeps it (and its KV caches) for the
+//! daemon's lifetime, and serves queued jobs in up to `--parallel` slots: each admitted job's
+//! prompt is evaluated on its own (one at a time), then every slot's next token is decoded
+//! together in one batch per step ([`Session::forward_batch`]: an expert the batch shares is
+//! read once). The model's `Session` borrows the mapped file, so it never leaves this thread;
+//! HTTP tasks talk to it through bounded channels: jobs in (`--max-queue`), events out (one per
+//! token at most, sized to the job).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use moe_runtime::engine::{generate, Engine, Logprobs, Piece, Request, SessionOptions, StopReason};
+use moe_runtime::engine::{
+    Engine, Generation, GenerationStats, Logprobs, Piece, Request, SessionOptions, StopReason,
+};
 use moe_runtime::grammar::{Constraint, GrammarVocab};
-use moe_runtime::model::Session;
+use moe_runtime::model::{SavedSequence, Session};
 use moe_runtime::sampling::{Sampler, SamplerConfig};
 use moe_runtime::tokenizer::Tokenizer;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -20,7 +26,7 @@ use crate::api::{ApiError, Endpoint, Timings, TokenLogprob, Usage};
 use crate::chat::ChatTemplate;
 use crate::metrics::{GenerationFigures, Metrics, ModelInfo, ProcessStats};
 use crate::model_file::ModelFile;
-use crate::prompt_cache::PromptCache;
+use crate::prompt_cache::{Conversation, PromptCache};
 use crate::reply::ReplySyntax;
 
 /// What the worker needs to know to load the model.
@@ -32,6 +38,8 @@ pub struct WorkerConfig {
     pub session: SessionOptions,
     /// Conversations kept for prompt-prefix reuse (0: none).
     pub prompt_cache: usize,
+    /// Requests generated at once (`--parallel`), each in its own slot and sequence.
+    pub parallel: usize,
     /// `--chat-template FILE`: its path and text, instead of the model's template.
     pub chat_template: Option<(PathBuf, String)>,
     pub warmup: bool,
@@ -248,12 +256,18 @@ pub fn spawn(
                 info!(reasoning = ?reply.reasoning.map(|(open, _)| open), tools = ?reply.tools,
                       "chat replies are parsed for reasoning and tool calls");
             }
+            // Every sequence lives in the prompt cache between requests (the session's own
+            // first), at most max(--prompt-cache, --parallel) of them.
+            let kv_bytes = session.kv_bytes();
+            let recurrent_bytes = session.recurrent_bytes();
+            let slots = cfg.parallel.max(1);
+            let prompt_cache = PromptCache::new(cfg.prompt_cache, slots, &mut session);
             let info = ModelInfo {
                 id: cfg.model_id.clone(),
                 n_ctx,
                 file_bytes: file.bytes().len() as u64,
-                kv_bytes: session.kv_bytes(),
-                recurrent_bytes: session.recurrent_bytes(),
+                kv_bytes,
+                recurrent_bytes,
                 load_seconds: t0.elapsed().as_secs_f64(),
             };
             info!(
@@ -265,6 +279,8 @@ pub fn spawn(
                 n_expert_used = hp.n_expert_used,
                 kv_mib = info.kv_bytes as f64 / (1 << 20) as f64,
                 recurrent_kib = info.recurrent_bytes as f64 / 1024.0,
+                parallel = slots,
+                sequences = prompt_cache.limit(),
                 load_s = info.load_seconds,
                 "model loaded"
             );
@@ -294,27 +310,74 @@ pub fn spawn(
                 metrics: &metrics,
                 control: &control,
                 token_delay: cfg.token_delay,
-                prompt_cache: PromptCache::new(cfg.prompt_cache),
-                reuse_prompts: cfg.prompt_cache > 0,
+                prompt_cache,
                 model_file,
+                slots,
+                active: Vec::with_capacity(slots),
             };
             let mut jobs = jobs;
-            while let Some(job) = jobs.blocking_recv() {
-                metrics.queue_depth.fetch_sub(1, Relaxed);
-                w.run(job);
+            let mut open = true;
+            loop {
+                // Admit queued jobs while a slot is free (waiting for one when nothing runs),
+                // then decode one token of every running generation.
+                while open && w.active.len() < w.slots {
+                    let job = if w.active.is_empty() {
+                        jobs.blocking_recv()
+                    } else {
+                        match jobs.try_recv() {
+                            Ok(job) => Some(job),
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => None,
+                        }
+                    };
+                    let Some(job) = job else {
+                        open = false;
+                        break;
+                    };
+                    metrics.queue_depth.fetch_sub(1, Relaxed);
+                    w.admit(job);
+                }
+                if w.active.is_empty() {
+                    if open {
+                        continue;
+                    }
+                    break;
+                }
+                w.step();
             }
         })
 }
 
 struct Worker<'s, 'm, 'a> {
+    /// Holds no sequence between requests: every one is in `prompt_cache` or a slot.
     session: Session<'m, 'a>,
     tokenizer: &'s Tokenizer,
     metrics: &'s Metrics,
     control: &'s Control,
     token_delay: Duration,
     prompt_cache: PromptCache,
-    reuse_prompts: bool,
     model_file: Option<ModelFile>,
+    /// `--parallel`.
+    slots: usize,
+    /// The generations running, in the order they were admitted.
+    active: Vec<Slot<'s>>,
+}
+
+/// A running generation: its job, its conversation (sequence) and where it is.
+struct Slot<'t> {
+    job: Job,
+    conv: Conversation,
+    generation: Generation<'t>,
+    sampler: Sampler,
+    /// The token to evaluate at the next step.
+    next: u32,
+    /// Shutdown cut it.
+    cut: bool,
+    /// Ended by the last step (its generation's stop reason says how), or failed.
+    over: Option<Result<(), String>>,
+    queue_wait: Duration,
+    /// The process's I/O when it started (process-wide: overlapping generations share them).
+    io0: ProcessStats,
 }
 
 /// How a generation ended.
@@ -329,8 +392,11 @@ enum End {
     Cut,
 }
 
-impl Worker<'_, '_, '_> {
-    fn run(&mut self, job: Job) {
+impl<'s> Worker<'s, '_, '_> {
+    /// Takes a job into a free slot: evaluates its prompt (its conversation swapped into the
+    /// session for that) and samples its first token; a job that ends there is answered at
+    /// once, others decode with the batch from the next step.
+    fn admit(&mut self, job: Job) {
         let queue_wait = job.enqueued.elapsed();
         if job.abandoned.load(Relaxed) {
             return;
@@ -350,36 +416,166 @@ impl Worker<'_, '_, '_> {
             return;
         }
         let _ = job.events.try_send(Event::Started);
-        self.metrics.generating.store(1, Relaxed);
-        // Process-wide, but only this thread touches the weights.
         let io0 = ProcessStats::read();
-        let result = self.generate(&job);
+        let req = &job.req;
+        let (mut conv, cached) = self
+            .prompt_cache
+            .take(&mut self.session, &req.prompt)
+            .expect("a sequence for every slot");
+        let request = Request {
+            prompt: &req.prompt,
+            cached,
+            max_tokens: req.max_tokens,
+            stop: &req.stop,
+            ignore_eos: req.ignore_eos,
+            skip_special: !req.keep_special,
+            top_logprobs: req.top_logprobs,
+            constraint: req.constraint.as_ref(),
+        };
+        let mut sampler = Sampler::new(req.sampler.clone());
+        let mut cut = false;
+        let first = Generation::start(&mut self.session, Some(self.tokenizer), &request).and_then(
+            |(mut generation, logits)| {
+                let on_piece = piece_sender(&job, self.control, self.tokenizer, &mut cut);
+                let next = generation.step(&mut sampler, logits, on_piece)?;
+                Ok((generation, next))
+            },
+        );
+        // The conversation leaves the session for its slot.
+        self.session.swap_sequence(&mut conv.seq);
+        let (generation, next) = match first {
+            Ok(g) => g,
+            Err(e) => {
+                self.prompt_cache.give_back_forgotten(conv);
+                self.prompt_cache.forget_all();
+                failed(&job, &e.to_string());
+                return;
+            }
+        };
+        if next.is_some() {
+            self.pace();
+        }
+        self.active.push(Slot {
+            job,
+            conv,
+            generation,
+            sampler,
+            next: next.unwrap_or(0),
+            cut,
+            over: next.is_none().then_some(Ok(())),
+            queue_wait,
+            io0,
+        });
+        self.metrics
+            .generating
+            .store(self.active.len() as u64, Relaxed);
+        self.retire();
+    }
+
+    /// One decode step: every running generation's next token evaluated together, then each
+    /// samples the token after it from its row of the logits.
+    fn step(&mut self) {
+        let bytes0 = self.session.expert_bytes_used();
+        let mut batch: Vec<(&mut SavedSequence, &[u32])> = self
+            .active
+            .iter_mut()
+            .map(|s| (&mut s.conv.seq, std::slice::from_ref(&s.next)))
+            .collect();
+        let evaluated = self.session.forward_batch(&mut batch).map(|_| ());
+        drop(batch);
+        if let Err(e) = evaluated {
+            // The batch's experts and state were shared: every generation in it fails.
+            for slot in &mut self.active {
+                slot.over = Some(Err(e.to_string()));
+            }
+            self.retire();
+            return;
+        }
+        // The batch's expert bytes, shared out (the first takes the remainder).
+        let bytes = self.session.expert_bytes_used() - bytes0;
+        let logits = self.session.last_logits();
+        let n_vocab = logits.len() / self.active.len();
+        let share = bytes / self.active.len() as u64;
+        let mut rest = bytes - share * self.active.len() as u64;
+        let (control, tokenizer) = (self.control, self.tokenizer);
+        for (slot, row) in self.active.iter_mut().zip(logits.chunks_exact(n_vocab)) {
+            slot.generation.evaluated(share + std::mem::take(&mut rest));
+            let on_piece = piece_sender(&slot.job, control, tokenizer, &mut slot.cut);
+            match slot.generation.step(&mut slot.sampler, row, on_piece) {
+                Ok(Some(next)) => slot.next = next,
+                Ok(None) => slot.over = Some(Ok(())),
+                Err(e) => slot.over = Some(Err(e.to_string())),
+            }
+        }
+        if self.active.iter().any(|s| s.over.is_none()) {
+            self.pace();
+        }
+        self.retire();
+    }
+
+    /// The test hook's pace: a pause after every token (one per step, whatever the batch).
+    fn pace(&self) {
+        if !self.token_delay.is_zero() {
+            std::thread::sleep(self.token_delay);
+        }
+    }
+
+    /// Answers and frees the slots whose generation is over.
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].over.is_some() {
+                let slot = self.active.remove(i);
+                self.finish(slot);
+            } else {
+                i += 1;
+            }
+        }
+        self.metrics
+            .generating
+            .store(self.active.len() as u64, Relaxed);
+    }
+
+    fn finish(&mut self, slot: Slot<'s>) {
+        let Slot {
+            job,
+            conv,
+            generation,
+            cut,
+            over,
+            queue_wait,
+            io0,
+            ..
+        } = slot;
         let io1 = ProcessStats::read();
-        self.metrics.generating.store(0, Relaxed);
         let delta = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
         let read_kib = delta(io0.storage_read_bytes, io1.storage_read_bytes).map(|b| b / 1024);
         let major_faults = delta(io0.major_faults, io1.major_faults);
         // A generation during which the file changed used weights that were not the model's.
-        let result = match self.check_model_file() {
-            Ok(()) => result,
-            Err(e) => {
-                warn!(id = %job.id, endpoint = job.endpoint.name(), status = 500, "{}", e.message);
-                self.prompt_cache.clear(&mut self.session);
-                let _ = job.events.try_send(Event::Failed(e));
-                return;
-            }
+        if let Err(e) = self.check_model_file() {
+            warn!(id = %job.id, endpoint = job.endpoint.name(), status = 500, "{}", e.message);
+            self.prompt_cache.give_back_forgotten(conv);
+            self.prompt_cache.forget_all();
+            let _ = job.events.try_send(Event::Failed(e));
+            return;
+        }
+        if let Some(Err(e)) = over {
+            self.prompt_cache.give_back_forgotten(conv);
+            self.prompt_cache.forget_all();
+            failed(&job, &e);
+            return;
+        }
+        let generated = generation.generated().to_vec();
+        self.prompt_cache
+            .give_back(conv, &job.req.prompt, &generated);
+        let stats = generation.finish();
+        let end = match stats.stop {
+            StopReason::Length => End::Length,
+            StopReason::EndOfGeneration | StopReason::StopString => End::Stop,
+            StopReason::Cancelled if cut => End::Cut,
+            StopReason::Cancelled => End::Cancelled,
         };
-        let (end, g) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(id = %job.id, endpoint = job.endpoint.name(), status = 500, "generation failed: {e}");
-                let _ = job.events.try_send(Event::Failed(ApiError::status(
-                    hyper::StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("generation failed: {e}"),
-                )));
-                return;
-            }
-        };
+        let g = figures(&stats, matches!(end, End::Length | End::Stop));
         self.metrics.generation(&g);
         let status = match end {
             End::Cancelled => {
@@ -441,90 +637,56 @@ impl Worker<'_, '_, '_> {
                 .with_code("model_file_changed"),
         )
     }
+}
 
-    /// The runtime's generation loop (so the same seed gives the same tokens as moe-run),
-    /// with each piece of text sent as it becomes final and the client's departure or a
-    /// shutdown checked after every token.
-    fn generate(
-        &mut self,
-        job: &Job,
-    ) -> Result<(End, GenerationFigures), moe_runtime::model::ModelError> {
-        let req = &job.req;
-        let session = &mut self.session;
-        let cached = if self.reuse_prompts {
-            self.prompt_cache.prepare(session, &req.prompt)
-        } else {
-            session.reset();
-            0
+/// What a generation hands its client: each piece of text as it becomes final (with its
+/// log-probabilities), checking after every token whether the client is still there, the model
+/// file intact and the shutdown grace not over (false stops the generation; `cut` says it was
+/// the shutdown).
+fn piece_sender<'a>(
+    job: &'a Job,
+    control: &'a Control,
+    tokenizer: &'a Tokenizer,
+    cut: &'a mut bool,
+) -> impl FnMut(Piece) -> bool + 'a {
+    move |piece: Piece| {
+        let logprobs: Vec<TokenLogprob> = match (piece.id, piece.logprobs) {
+            (Some(id), Some(l)) => vec![token_logprob(tokenizer, id, l)],
+            _ => Vec::new(),
         };
-        let mut sampler = Sampler::new(req.sampler.clone());
-        let mut cut = false;
-        let mut generated = Vec::with_capacity(req.max_tokens);
-        let request = Request {
-            prompt: &req.prompt,
-            cached,
-            max_tokens: req.max_tokens,
-            stop: &req.stop,
-            ignore_eos: req.ignore_eos,
-            skip_special: !req.keep_special,
-            top_logprobs: req.top_logprobs,
-            constraint: req.constraint.as_ref(),
-        };
-        let (control, token_delay, tokenizer) = (self.control, self.token_delay, self.tokenizer);
-        let stats = generate(
-            session,
-            &mut sampler,
-            Some(self.tokenizer),
-            &request,
-            |piece: Piece| {
-                generated.extend(piece.id);
-                if piece.id.is_some() && !token_delay.is_zero() {
-                    std::thread::sleep(token_delay);
-                }
-                let logprobs: Vec<TokenLogprob> = match (piece.id, piece.logprobs) {
-                    (Some(id), Some(l)) => vec![token_logprob(tokenizer, id, l)],
-                    _ => Vec::new(),
-                };
-                let sent = (piece.text.is_empty() && logprobs.is_empty())
-                    || job
-                        .events
-                        .try_send(Event::Text(piece.text.to_string(), logprobs))
-                        .is_ok();
-                if !sent || job.events.is_closed() || ModelFile::faulted() {
-                    return false;
-                }
-                cut = control.cut.load(Relaxed);
-                !cut
-            },
-        );
-        let stats = match stats {
-            Ok(s) => {
-                self.prompt_cache.finish(session, &req.prompt, &generated);
-                s
-            }
-            Err(e) => {
-                self.prompt_cache.clear(session);
-                return Err(e);
-            }
-        };
-        let end = match stats.stop {
-            StopReason::Length => End::Length,
-            StopReason::EndOfGeneration | StopReason::StopString => End::Stop,
-            StopReason::Cancelled if cut => End::Cut,
-            StopReason::Cancelled => End::Cancelled,
-        };
-        let finished = matches!(end, End::Length | End::Stop);
-        let g = GenerationFigures {
-            prompt_tokens: stats.prompt_tokens,
-            cached_tokens: stats.cached_tokens,
-            generated_tokens: stats.generated_tokens,
-            prompt_time: stats.prompt_time,
-            generation_time: stats.generation_time,
-            expert_bytes: stats.prompt_expert_bytes + stats.decode_expert_bytes,
-            expert_bytes_per_token: (finished && stats.decode_steps > 0)
-                .then(|| stats.decode_expert_bytes as f64 / stats.decode_steps as f64),
-        };
-        Ok((end, g))
+        let sent = (piece.text.is_empty() && logprobs.is_empty())
+            || job
+                .events
+                .try_send(Event::Text(piece.text.to_string(), logprobs))
+                .is_ok();
+        if !sent || job.events.is_closed() || ModelFile::faulted() {
+            return false;
+        }
+        *cut = control.cut.load(Relaxed);
+        !*cut
+    }
+}
+
+/// A request whose generation failed: 500 with the runtime's error.
+fn failed(job: &Job, e: &str) {
+    warn!(id = %job.id, endpoint = job.endpoint.name(), status = 500, "generation failed: {e}");
+    let _ = job.events.try_send(Event::Failed(ApiError::status(
+        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        format!("generation failed: {e}"),
+    )));
+}
+
+/// A generation's figures for the metrics and the log; per decoded token only when it finished.
+fn figures(stats: &GenerationStats, finished: bool) -> GenerationFigures {
+    GenerationFigures {
+        prompt_tokens: stats.prompt_tokens,
+        cached_tokens: stats.cached_tokens,
+        generated_tokens: stats.generated_tokens,
+        prompt_time: stats.prompt_time,
+        generation_time: stats.generation_time,
+        expert_bytes: stats.prompt_expert_bytes + stats.decode_expert_bytes,
+        expert_bytes_per_token: (finished && stats.decode_steps > 0)
+            .then(|| stats.decode_expert_bytes as f64 / stats.decode_steps as f64),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Load test: 16 concurrent clients send 200 requests in total (completions and chat, streamed
-//! and not, one in ten hanging up early) to the real daemon. Every request must either complete
+//! and not, one in ten hanging up early) to the real daemon, generating one at a time and four
+//! together (`--parallel 4`). Every request must either complete
 //! with exactly the text the same request gave when run alone, or be refused with 503 and
 //! Retry-After; none may hang; the daemon's live heap (`moed_heap_bytes`, counted by its
 //! allocator) must come back to where it was; the daemon must answer afterwards. Prints
@@ -163,11 +164,29 @@ fn heap(socket: &std::path::Path) -> u64 {
 
 #[test]
 fn sixteen_clients_two_hundred_requests() {
+    load_test(1);
+}
+
+/// The same with four generations decoding together: every answer is still the one the request
+/// gave alone, and the heap comes back to where it was.
+#[test]
+fn sixteen_clients_two_hundred_requests_parallel_4() {
+    load_test(4);
+}
+
+fn load_test(parallel: usize) {
     let clients = knob("MOED_LOAD_CLIENTS", 16);
     let total = knob("MOED_LOAD_REQUESTS", 200);
     let delay = knob("MOED_LOAD_TOKEN_DELAY_MS", 2).to_string();
     let max_queue = knob("MOED_LOAD_MAX_QUEUE", 8).to_string();
-    let d = Daemon::start(&["--max-queue", &max_queue, "--test-token-delay-ms", &delay]);
+    let d = Daemon::start(&[
+        "--max-queue",
+        &max_queue,
+        "--test-token-delay-ms",
+        &delay,
+        "--parallel",
+        &parallel.to_string(),
+    ]);
     let socket = d.socket.clone();
 
     // The mix, with each case's text when run alone (fixed seeds make it reproducible).
@@ -201,13 +220,24 @@ fn sixteen_clients_two_hundred_requests() {
             });
         }
     }
-    // Warm up the allocator with a few rounds of the mix before taking the baseline.
-    for (i, c) in cases.iter().cycle().take(24).enumerate() {
-        match one(&socket, c, i % 2 == 0, false) {
-            Outcome::Completed(_) => {}
-            Outcome::Failed(e) => panic!("warm-up request {i}: {e}"),
-            _ => panic!("warm-up request {i} was refused"),
-        }
+    // Warm up the allocator with a few rounds of the mix before taking the baseline, as many
+    // at once as decode together.
+    let warm: Vec<_> = (0..parallel)
+        .map(|w| {
+            let (cases, socket) = (cases.clone(), socket.clone());
+            std::thread::spawn(move || {
+                for (i, c) in cases.iter().cycle().skip(w).take(24).enumerate() {
+                    match one(&socket, c, i % 2 == 0, false) {
+                        Outcome::Completed(_) => {}
+                        Outcome::Failed(e) => panic!("warm-up request {i}: {e}"),
+                        _ => panic!("warm-up request {i} was refused"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in warm {
+        w.join().unwrap();
     }
     std::thread::sleep(Duration::from_millis(100));
     let rss_before = d.rss();
@@ -301,7 +331,7 @@ fn sixteen_clients_two_hundred_requests() {
         .get(samples.len() / 2)
         .copied()
         .unwrap_or(rss_before);
-    println!("load test: {clients} clients, {total} requests, --max-queue {max_queue}, token delay {delay} ms");
+    println!("load test: {clients} clients, {total} requests, --parallel {parallel}, --max-queue {max_queue}, token delay {delay} ms");
     println!(
         "  completed {} | rejected 503 {} | hung up early {} | failed {}",
         done.len(),

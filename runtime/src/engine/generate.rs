@@ -126,112 +126,207 @@ pub fn generate(
     req: &Request,
     mut on_piece: impl FnMut(Piece) -> bool,
 ) -> Result<GenerationStats, ModelError> {
-    let mut stats = GenerationStats {
-        prompt_tokens: req.prompt.len(),
-        cached_tokens: req.cached,
-        ..Default::default()
-    };
-    if req.max_tokens == 0 {
-        return Ok(stats);
+    let (mut generation, logits) = Generation::start(session, tokenizer, req)?;
+    let mut logits = logits.to_vec();
+    while let Some(next) = generation.step(sampler, &logits, &mut on_piece)? {
+        let bytes0 = session.expert_bytes_used();
+        logits.clear();
+        logits.extend_from_slice(session.forward(&[next], false)?);
+        generation.evaluated(session.expert_bytes_used() - bytes0);
     }
-    if req.cached >= req.prompt.len() || session.position() != req.cached {
-        return Err(ModelError::Input(format!(
-            "{} of the prompt's {} ids are said to be cached, and the session holds {}: at most \
-             all but the last may be",
-            req.cached,
-            req.prompt.len(),
-            session.position()
-        )));
+    Ok(generation.finish())
+}
+
+/// One generation, step by step, for callers that evaluate its tokens themselves (moed decodes
+/// several sequences together with [`Session::forward_batch`]): [`start`](Self::start)
+/// evaluates the prompt; then each [`step`](Self::step) samples a token from the logits of the
+/// last one evaluated and hands out its text, and returns the token to evaluate next, until the
+/// generation ends. [`generate`] is this loop for one sequence.
+pub struct Generation<'t> {
+    tokenizer: Option<&'t Tokenizer>,
+    max_tokens: usize,
+    ignore_eos: bool,
+    top_logprobs: Option<usize>,
+    detok: Option<Detokenizer<'t>>,
+    stops: StopMatcher,
+    /// The prompt and the tokens generated so far (the repetition penalty's window).
+    history: Vec<u32>,
+    grammar: Option<Grammar>,
+    stats: GenerationStats,
+    /// When decoding started.
+    decoding: Instant,
+    ended: bool,
+}
+
+impl<'t> Generation<'t> {
+    /// Checks `req` against `session` and evaluates the prompt's ids the session does not hold
+    /// yet; returns the generation and the logits of the prompt's last id. With `max_tokens` 0
+    /// nothing is evaluated, the logits are empty and the generation is over.
+    pub fn start<'s>(
+        session: &'s mut Session,
+        tokenizer: Option<&'t Tokenizer>,
+        req: &Request,
+    ) -> Result<(Self, &'s [f32]), ModelError> {
+        let mut g = Self {
+            tokenizer,
+            max_tokens: req.max_tokens,
+            ignore_eos: req.ignore_eos,
+            top_logprobs: req.top_logprobs,
+            detok: None,
+            stops: StopMatcher::new(if tokenizer.is_some() { req.stop } else { &[] }),
+            history: Vec::new(),
+            grammar: None,
+            stats: GenerationStats {
+                prompt_tokens: req.prompt.len(),
+                cached_tokens: req.cached,
+                ..Default::default()
+            },
+            decoding: Instant::now(),
+            ended: req.max_tokens == 0,
+        };
+        if g.ended {
+            return Ok((g, &[]));
+        }
+        if req.cached >= req.prompt.len() || session.position() != req.cached {
+            return Err(ModelError::Input(format!(
+                "{} of the prompt's {} ids are said to be cached, and the session holds {}: at \
+                 most all but the last may be",
+                req.cached,
+                req.prompt.len(),
+                session.position()
+            )));
+        }
+        // The prompt's last ids give the first new word its context (its leading space).
+        let context = &req.prompt[req.prompt.len().saturating_sub(DETOKENIZER_CONTEXT)..];
+        g.detok = tokenizer.map(|t| Detokenizer::after(t, req.skip_special, context));
+        g.history.reserve(req.prompt.len() + req.max_tokens);
+        g.history.extend_from_slice(req.prompt);
+
+        let bytes0 = session.expert_bytes_used();
+        let t0 = Instant::now();
+        // A recurrent state cannot go back: a snapshot before the prompt's last id lets a later
+        // request with the same prompt (a regenerated reply) continue from there.
+        let rest = &req.prompt[req.cached..];
+        if session.has_recurrent_state() && rest.len() > 1 {
+            session.forward(&rest[..rest.len() - 1], false)?;
+            session.snapshot();
+        }
+        let last = if session.position() > req.cached {
+            &rest[rest.len() - 1..]
+        } else {
+            rest
+        };
+        session.forward(last, false)?;
+        g.stats.prompt_time = t0.elapsed();
+        g.stats.prompt_expert_bytes = session.expert_bytes_used() - bytes0;
+        g.grammar = req.constraint.map(|c| Grammar {
+            state: c.start(),
+            masked: Vec::new(),
+        });
+        g.decoding = Instant::now();
+        // The session's logits, borrowed again now that the prompt's figures are taken.
+        let logits = session.last_logits();
+        Ok((g, logits))
     }
-    // The prompt's last ids give the first new word its context (its leading space).
-    let context = &req.prompt[req.prompt.len().saturating_sub(DETOKENIZER_CONTEXT)..];
-    let mut detok = tokenizer.map(|t| Detokenizer::after(t, req.skip_special, context));
-    let mut stops = StopMatcher::new(if tokenizer.is_some() { req.stop } else { &[] });
-    let mut history = Vec::with_capacity(req.prompt.len() + req.max_tokens);
-    history.extend_from_slice(req.prompt);
 
-    let bytes0 = session.expert_bytes_used();
-    let t0 = Instant::now();
-    // A recurrent state cannot go back: a snapshot before the prompt's last id lets a later
-    // request with the same prompt (a regenerated reply) continue from there.
-    let rest = &req.prompt[req.cached..];
-    if session.has_recurrent_state() && rest.len() > 1 {
-        session.forward(&rest[..rest.len() - 1], false)?;
-        session.snapshot();
-    }
-    let last = if session.position() > req.cached {
-        &rest[rest.len() - 1..]
-    } else {
-        rest
-    };
-    let mut logits = session.forward(last, false)?.to_vec();
-    stats.prompt_time = t0.elapsed();
-    let bytes1 = session.expert_bytes_used();
-    stats.prompt_expert_bytes = bytes1 - bytes0;
-
-    let mut grammar = req.constraint.map(|c| Grammar {
-        state: c.start(),
-        masked: Vec::new(),
-    });
-
-    let t1 = Instant::now();
-    loop {
-        let mut next = sampler.sample(&logits, &history);
-        if let Some(g) = &mut grammar {
-            match g.check(next, &logits, &history, sampler, req.ignore_eos) {
+    /// Samples the next token from `logits` (those of the last token evaluated) and calls
+    /// `on_piece` with it and its text (false: stop, cancellation). Returns the token, which
+    /// the caller evaluates and then passes its logits to the next call (see
+    /// [`evaluated`](Self::evaluated)), or None once the generation has ended (end of
+    /// generation, stop string, `max_tokens`, cancelled); the held-back text has then been
+    /// handed out.
+    pub fn step(
+        &mut self,
+        sampler: &mut Sampler,
+        logits: &[f32],
+        mut on_piece: impl FnMut(Piece) -> bool,
+    ) -> Result<Option<u32>, ModelError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut next = sampler.sample(logits, &self.history);
+        if let Some(g) = &mut self.grammar {
+            match g.check(next, logits, &self.history, sampler, self.ignore_eos) {
                 Ok(Some(allowed)) => next = allowed,
-                Ok(None) => {
-                    stats.stop = StopReason::EndOfGeneration;
-                    break;
-                }
+                Ok(None) => return Ok(self.end(StopReason::EndOfGeneration, on_piece)),
                 Err(e) => return Err(ModelError::Grammar(e.to_string())),
             }
         }
-        if !req.ignore_eos && tokenizer.is_some_and(|t| t.is_end_of_generation(next)) {
-            stats.stop = StopReason::EndOfGeneration;
-            break;
+        if !self.ignore_eos && self.tokenizer.is_some_and(|t| t.is_end_of_generation(next)) {
+            return Ok(self.end(StopReason::EndOfGeneration, on_piece));
         }
-        history.push(next);
-        stats.generated_tokens += 1;
-        let text = detok.as_mut().map(|d| d.push(next)).unwrap_or_default();
-        let (text, stopped) = stops.push(&text);
-        let logprobs = req.top_logprobs.map(|n| Logprobs::of(&logits, next, n));
+        self.history.push(next);
+        self.stats.generated_tokens += 1;
+        let text = self
+            .detok
+            .as_mut()
+            .map(|d| d.push(next))
+            .unwrap_or_default();
+        let (text, stopped) = self.stops.push(&text);
+        let logprobs = self.top_logprobs.map(|n| Logprobs::of(logits, next, n));
         if !on_piece(Piece {
             id: Some(next),
             text: &text,
             logprobs: logprobs.as_ref(),
         }) {
-            stats.stop = StopReason::Cancelled;
-            break;
+            return Ok(self.end(StopReason::Cancelled, on_piece));
         }
         if stopped {
-            stats.stop = StopReason::StopString;
-            break;
+            return Ok(self.end(StopReason::StopString, on_piece));
         }
-        if stats.generated_tokens == req.max_tokens {
-            stats.stop = StopReason::Length;
-            break;
+        if self.stats.generated_tokens == self.max_tokens {
+            return Ok(self.end(StopReason::Length, on_piece));
         }
-        logits.clear();
-        logits.extend_from_slice(session.forward(&[next], false)?);
-        stats.decode_steps += 1;
+        Ok(Some(next))
     }
-    if matches!(stats.stop, StopReason::Length | StopReason::EndOfGeneration) {
-        let held = detok.as_mut().map(|d| d.finish()).unwrap_or_default();
-        let rest = stops.finish(&held);
-        if !rest.is_empty()
-            && !on_piece(Piece {
-                id: None,
-                text: &rest,
-                logprobs: None,
-            })
-        {
-            stats.stop = StopReason::Cancelled;
-        }
+
+    /// The token the last [`step`](Self::step) returned was evaluated; its share of the routed
+    /// expert bytes the evaluation used (all of them alone; part of a batch's).
+    pub fn evaluated(&mut self, expert_bytes: u64) {
+        self.stats.decode_steps += 1;
+        self.stats.decode_expert_bytes += expert_bytes;
     }
-    stats.generation_time = t1.elapsed();
-    stats.decode_expert_bytes = session.expert_bytes_used() - bytes1;
-    Ok(stats)
+
+    /// Whether the generation has ended.
+    pub fn is_over(&self) -> bool {
+        self.ended
+    }
+
+    /// The tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.history[self.history.len() - self.stats.generated_tokens..]
+    }
+
+    /// The figures, once over (or so far).
+    pub fn finish(self) -> GenerationStats {
+        self.stats
+    }
+
+    /// Ends the generation: a finished one hands out the text held back (a cancellation while
+    /// doing so is still a cancellation).
+    fn end(
+        &mut self,
+        mut reason: StopReason,
+        mut on_piece: impl FnMut(Piece) -> bool,
+    ) -> Option<u32> {
+        if matches!(reason, StopReason::Length | StopReason::EndOfGeneration) {
+            let held = self.detok.as_mut().map(|d| d.finish()).unwrap_or_default();
+            let rest = self.stops.finish(&held);
+            if !rest.is_empty()
+                && !on_piece(Piece {
+                    id: None,
+                    text: &rest,
+                    logprobs: None,
+                })
+            {
+                reason = StopReason::Cancelled;
+            }
+        }
+        self.stats.stop = reason;
+        self.stats.generation_time = self.decoding.elapsed();
+        self.ended = true;
+        None
+    }
 }
 
 /// A generation's grammar and the logits buffer its rejections mask.

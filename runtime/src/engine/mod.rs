@@ -17,7 +17,9 @@ mod streaming;
 
 use std::path::{Path, PathBuf};
 
-pub use generate::{generate, GenerationStats, Logprobs, Piece, Request, StopMatcher, StopReason};
+pub use generate::{
+    generate, Generation, GenerationStats, Logprobs, Piece, Request, StopMatcher, StopReason,
+};
 pub use streaming::{describe, CacheSize, PredictorChoice, StreamingOptions};
 
 use crate::board::{BoardError, Defaults};

@@ -85,10 +85,15 @@ pub struct Foresight {
     predicted_union: Vec<Vec<u32>>,
     /// Whether every layer's experts of the current batch were known before layer 0.
     known_ahead: bool,
+    /// Whether the token-level predictor guessed the current batch (it does not for a batch
+    /// of several sequences), so that its guesses are scored.
+    predicted_batch: bool,
     /// The decoupled router's key/value cache, when the model is routed by one.
     router_state: Option<RouterState>,
     /// The decoupled router's expert logits for the current batch, `[n, n_expert]`.
     decided: Vec<f32>,
+    /// A buffer for one sequence's logits while a batch of several is routed.
+    batch_decided: Vec<f32>,
     /// Time spent in the decoupled router.
     router_seconds: f64,
     /// Read a layer's experts as soon as its router has run on the layer's input (models whose
@@ -191,17 +196,55 @@ impl Foresight {
         pos: usize,
         cache: Option<&ExpertCache>,
     ) -> Result<(), ModelError> {
+        self.predicted_batch = false;
         self.known_ahead = if model.router.is_some() {
             self.route_ahead(model, tokens, pos)?;
+            self.gather_decided(model);
             true
         } else if self.predictor.is_some() {
             self.predict_tokens(model, tokens, pos)?;
+            self.predicted_batch = true;
             true
         } else {
             false
         };
         if let (true, Some(cache)) = (self.known_ahead, cache) {
             self.prefetch_predicted(cache, 0, pos + tokens.len() - 1);
+        }
+        Ok(())
+    }
+
+    /// [`before_batch`](Self::before_batch) for a batch of several sequences, each given as
+    /// its tokens, the position of the first one and its own decoupled-router state (kept
+    /// outside the session), in the batch's row order; `last_pos` is the batch's clock for the
+    /// cache. A decoupled router decides each sequence's rows on that sequence's state. The
+    /// token-level predictor follows one sequence, so it guesses nothing here (prefetching
+    /// only: the routes are the model's either way).
+    pub fn before_sequences<'r>(
+        &mut self,
+        model: &Model,
+        seqs: impl Iterator<Item = (&'r [u32], usize, &'r mut Option<RouterState>)>,
+        last_pos: usize,
+        cache: Option<&ExpertCache>,
+    ) -> Result<(), ModelError> {
+        self.predicted_batch = false;
+        self.known_ahead = model.router.is_some();
+        if !self.known_ahead {
+            return Ok(());
+        }
+        let mut decided = std::mem::take(&mut self.batch_decided);
+        decided.clear();
+        for (tokens, pos, router) in seqs {
+            std::mem::swap(&mut self.router_state, router);
+            let routed = self.route_ahead(model, tokens, pos);
+            std::mem::swap(&mut self.router_state, router);
+            routed?;
+            decided.extend_from_slice(&self.decided);
+        }
+        self.batch_decided = std::mem::replace(&mut self.decided, decided);
+        self.gather_decided(model);
+        if let Some(cache) = cache {
+            self.prefetch_predicted(cache, 0, last_pos);
         }
         Ok(())
     }
@@ -349,21 +392,38 @@ impl Foresight {
             self.spare_unions.push(predicted);
         }
         if let Some(p) = &mut self.predictor {
-            self.predictor_stats
-                .add(layer, &self.predicted_union[layer], active);
+            if self.predicted_batch {
+                self.predictor_stats
+                    .add(layer, &self.predicted_union[layer], active);
+            }
             p.observe(layer, routes);
         }
     }
 
-    /// Runs the model's decoupled router over the batch. Its logits decide every MoE layer's
-    /// experts, gathered in the first MoE layer's list and copied to the others.
+    /// Runs the model's decoupled router over `tokens` at `pos` on its state, into `decided`.
     fn route_ahead(&mut self, model: &Model, tokens: &[u32], pos: usize) -> Result<(), ModelError> {
-        let (Some(router), Some(state)) = (&model.router, &mut self.router_state) else {
+        let Some(router) = &model.router else {
             return Ok(());
+        };
+        let Some(state) = &mut self.router_state else {
+            return Err(ModelError::Input(
+                "a sequence without the decoupled router's state (make sequences with \
+                 Session::blank_sequence)"
+                    .into(),
+            ));
         };
         let t0 = std::time::Instant::now();
         router.logits(state, tokens, pos, &mut self.decided)?;
         self.router_seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The decoupled router's logits (`decided`) decide every MoE layer's experts, gathered in
+    /// the first MoE layer's list and copied to the others.
+    fn gather_decided(&mut self, model: &Model) {
+        let Some(router) = &model.router else {
+            return;
+        };
         let hp: &HParams = &model.hp;
         self.predicted_union
             .resize_with(model.layers.len(), Vec::new);
@@ -373,7 +433,7 @@ impl Foresight {
             .iter()
             .position(|l| matches!(l.ffn, Ffn::Moe(_)))
         else {
-            return Ok(());
+            return;
         };
         let union = &mut self.predicted_union[first];
         for row in self.decided.chunks_exact(router.n_expert()) {
@@ -391,7 +451,6 @@ impl Foresight {
                 later.extend_from_slice(union);
             }
         }
-        Ok(())
     }
 
     /// Asks the token-level predictor for every layer's experts of `tokens`.

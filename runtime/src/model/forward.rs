@@ -22,10 +22,11 @@ use super::attention::{attention, AttentionScratch};
 use super::error::ModelError;
 use super::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
 use super::foresight::{Foresight, PredictionStats};
+use super::hparams::HParams;
 use super::mla::{mla_attention, MlaScratch};
 use super::observe::{LayerRouting, Observers};
 use super::ops::{add_scaled, norm_in_place, rms_norm_rows, soft_cap, RopeTables};
-use super::profile::Phase;
+use super::profile::{Phase, Profiler};
 use super::short_conv::{short_conv, ShortConvScratch};
 use super::state::{KvType, LayerState, SequenceState};
 use super::weights::{Ffn, Mixer, Model};
@@ -84,9 +85,9 @@ struct Scratch {
     xn: Vec<f32>,
     /// A sublayer's output, `[n, d]`.
     out: Vec<f32>,
-    attention: AttentionScratch,
-    mla: MlaScratch,
-    conv: ShortConvScratch,
+    /// One sequence's mixer output, `[m, d]`, when the batch holds several.
+    part_out: Vec<f32>,
+    mixer: MixerScratch,
     ffn: FfnScratch,
     /// `[n, E]` router logits of a router reading the layer input, computed before the mixer.
     early_logits: Vec<f32>,
@@ -95,12 +96,42 @@ struct Scratch {
     output_mm: MatmulScratch,
 }
 
+/// Buffers of the mixers.
+#[derive(Default)]
+struct MixerScratch {
+    attention: AttentionScratch,
+    mla: MlaScratch,
+    conv: ShortConvScratch,
+}
+
+/// One sequence's share of a batch: its state, its tokens (consecutive rows of the batch) and
+/// the position of the first.
+struct Part<'s> {
+    state: &'s mut SequenceState,
+    /// Its decoupled-router state when the sequence is kept outside the session (None: the
+    /// session's own sequence, whose router state the foresight holds).
+    router: Option<&'s mut Option<RouterState>>,
+    tokens: &'s [u32],
+    pos: usize,
+}
+
+/// Which rows' logits a batch returns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    All,
+    /// Each sequence's last token's.
+    LastOfEach,
+}
+
 /// Decoding state for one sequence.
 pub struct Session<'m, 'a> {
     model: &'m Model<'a>,
     kernels: &'static Kernels,
     /// Every layer's KV cache (or other state).
     state: SequenceState,
+    /// The shape of its sequences (kept here too: the state may be lent out).
+    n_ctx: usize,
+    kv_type: KvType,
     rope: RopeTables,
     /// Tokens already in the state.
     pos: usize,
@@ -125,6 +156,8 @@ impl<'m, 'a> Session<'m, 'a> {
             model,
             kernels: crate::tensor::kernels::best(),
             state: SequenceState::new(model, n_ctx, kv_type),
+            n_ctx,
+            kv_type,
             rope: RopeTables::new(&model.hp, model.rope_freqs.as_deref(), n_ctx),
             pos: 0,
             cache: None,
@@ -146,7 +179,7 @@ impl<'m, 'a> Session<'m, 'a> {
     }
 
     pub fn n_ctx(&self) -> usize {
-        self.state.n_ctx()
+        self.n_ctx
     }
 
     /// Streams routed experts through `streaming.cache` instead of the memory map.
@@ -352,10 +385,23 @@ impl<'m, 'a> Session<'m, 'a> {
     pub fn blank_sequence(&self) -> SavedSequence {
         let n_ctx = self.n_ctx();
         SavedSequence {
-            state: SequenceState::new(self.model, n_ctx, self.state.kv_type()),
+            state: SequenceState::new(self.model, n_ctx, self.kv_type),
             router: self.foresight.blank_router_state(self.model, n_ctx),
             pos: 0,
         }
+    }
+
+    /// Moves the session's sequence out, leaving it none: for callers that keep every sequence
+    /// outside the session (moed's slots) and swap one in only to evaluate its prompt. Until
+    /// one is swapped in, [`forward`](Self::forward) refuses to run.
+    pub fn take_sequence(&mut self) -> SavedSequence {
+        let mut out = SavedSequence {
+            state: SequenceState::default(),
+            router: None,
+            pos: 0,
+        };
+        self.swap_sequence(&mut out);
+        out
     }
 
     /// Exchanges the session's sequence with `saved`: the session continues that sequence, and
@@ -369,23 +415,106 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Runs `tokens` at the next positions. Returns the logits of every token (`[n, n_vocab]`)
     /// when `all_logits`, else of the last token only.
     pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<&[f32], ModelError> {
-        self.check_input(tokens)?;
-        // A resident pass keeps the other workers spinning until it ends; a streamed one leaves
-        // the cores to the cache's I/O threads while it waits for reads.
-        let resident = self.cache.is_none();
-        crate::threads::run_on_pool(resident, || self.forward_on_pool(tokens, all_logits))?;
+        self.check_input(&self.state, self.pos, tokens)?;
+        // The session's own sequence is lent to the batch (an empty placeholder meanwhile).
+        let mut state = std::mem::take(&mut self.state);
+        let mut parts = [Part {
+            state: &mut state,
+            router: None,
+            tokens,
+            pos: self.pos,
+        }];
+        let wanted = if all_logits {
+            Wanted::All
+        } else {
+            Wanted::LastOfEach
+        };
+        let ran = self.run_batch(&mut parts, wanted);
+        self.state = state;
+        ran?;
+        self.pos += tokens.len();
         Ok(&self.s.logits)
     }
 
-    fn check_input(&self, tokens: &[u32]) -> Result<(), ModelError> {
+    /// The logits the last forward pass returned.
+    pub fn last_logits(&self) -> &[f32] {
+        &self.s.logits
+    }
+
+    /// Runs several sequences together: each `(sequence, tokens)` evaluates its tokens at its
+    /// next positions (a decode step is one token each). The sequences are held outside the
+    /// session ([`blank_sequence`](Self::blank_sequence); the session's own is not involved).
+    /// Each mixer (attention, recurrent) runs per sequence on that sequence's state; everything
+    /// else runs over the batch's rows together, so that an expert several sequences chose is
+    /// fetched and its weights read once for all of them. Every row is computed as it would be
+    /// alone (the products are row by row, and each row sums its experts in index order), so
+    /// each sequence gets bit-identical logits to a run of its own. Returns the logits of each
+    /// sequence's last token, `[seqs.len(), n_vocab]` in the order given.
+    ///
+    /// Not per sequence: the token-level predictor follows one sequence and guesses nothing
+    /// for such a batch (prefetching only), and lossy routing options that look at the expert
+    /// cache see the whole batch's use of it.
+    pub fn forward_batch(
+        &mut self,
+        seqs: &mut [(&mut SavedSequence, &[u32])],
+    ) -> Result<&[f32], ModelError> {
+        if seqs.is_empty() {
+            return Err(ModelError::Input("no sequences to evaluate".into()));
+        }
+        for (seq, tokens) in seqs.iter() {
+            if !seq.state.fits(self.model, self.n_ctx()) {
+                return Err(ModelError::Input(
+                    "a sequence of another model or context length (make sequences with \
+                     Session::blank_sequence)"
+                        .into(),
+                ));
+            }
+            self.check_input(&seq.state, seq.pos, tokens)?;
+        }
+        let mut parts: Vec<Part> = seqs
+            .iter_mut()
+            .map(|(seq, tokens)| Part {
+                state: &mut seq.state,
+                router: Some(&mut seq.router),
+                tokens,
+                pos: seq.pos,
+            })
+            .collect();
+        let ran = self.run_batch(&mut parts, Wanted::LastOfEach);
+        drop(parts);
+        ran?;
+        for (seq, tokens) in seqs.iter_mut() {
+            seq.pos += tokens.len();
+        }
+        Ok(&self.s.logits)
+    }
+
+    fn run_batch(&mut self, parts: &mut [Part], wanted: Wanted) -> Result<(), ModelError> {
+        // A resident pass keeps the other workers spinning until it ends; a streamed one leaves
+        // the cores to the cache's I/O threads while it waits for reads.
+        let resident = self.cache.is_none();
+        crate::threads::run_on_pool(resident, || self.forward_on_pool(parts, wanted))
+    }
+
+    fn check_input(
+        &self,
+        state: &SequenceState,
+        pos: usize,
+        tokens: &[u32],
+    ) -> Result<(), ModelError> {
         let n_vocab = self.model.hp.n_vocab;
+        if state.n_ctx() == 0 {
+            return Err(ModelError::Input(
+                "the session holds no sequence (swap one in first)".into(),
+            ));
+        }
         if tokens.is_empty() {
             return Err(ModelError::Input("no tokens to evaluate".into()));
         }
-        if self.pos + tokens.len() > self.n_ctx() {
+        if pos + tokens.len() > state.n_ctx() {
             return Err(ModelError::ContextFull {
-                n_ctx: self.n_ctx(),
-                needed: self.pos + tokens.len(),
+                n_ctx: state.n_ctx(),
+                needed: pos + tokens.len(),
             });
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
@@ -396,12 +525,21 @@ impl<'m, 'a> Session<'m, 'a> {
         Ok(())
     }
 
-    fn forward_on_pool(&mut self, tokens: &[u32], all_logits: bool) -> Result<(), ModelError> {
+    /// The batch's rows are each part's tokens in turn (one part: a sequence's prompt or
+    /// decode step).
+    fn forward_on_pool(&mut self, parts: &mut [Part], wanted: Wanted) -> Result<(), ModelError> {
         let model = self.model;
         let hp = &model.hp;
         let k = self.kernels;
-        let (n, d) = (tokens.len(), hp.n_embd);
-        let (pos, last_pos) = (self.pos, self.pos + n - 1);
+        let d = hp.n_embd;
+        let n: usize = parts.iter().map(|p| p.tokens.len()).sum();
+        // The cache's clock (and predictions' horizon): the batch's furthest position.
+        let last_pos = parts
+            .iter()
+            .map(|p| p.pos + p.tokens.len() - 1)
+            .max()
+            .unwrap_or(0);
+        let first_pos = parts.first().map_or(0, |p| p.pos);
         let cache = self.cache.as_deref();
         let source = cache.map_or(ExpertSource::Resident, ExpertSource::Streamed);
         let s = &mut self.s;
@@ -411,13 +549,26 @@ impl<'m, 'a> Session<'m, 'a> {
         // x = embedding * embedding_scale                                    [n, d]
         s.x.resize(n * d, 0.0);
         s.xn.resize(n * d, 0.0);
+        let tokens = parts.iter().flat_map(|p| p.tokens);
         for (row, &tok) in s.x.chunks_exact_mut(d).zip(tokens) {
             model.tok_embd.dequantize_row(tok as usize, row);
             if hp.embedding_scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= hp.embedding_scale);
             }
         }
-        self.foresight.before_batch(model, tokens, pos, cache)?;
+        match parts {
+            [one] if one.router.is_none() => self
+                .foresight
+                .before_batch(model, one.tokens, one.pos, cache)?,
+            // Sequences from `forward_batch`, each with its router state.
+            _ => {
+                let seqs = parts
+                    .iter_mut()
+                    .filter_map(|p| Some((p.tokens, p.pos, p.router.as_deref_mut()?)));
+                self.foresight
+                    .before_sequences(model, seqs, last_pos, cache)?
+            }
+        }
 
         for (li, layer) in model.layers.iter().enumerate() {
             if let Some(cache) = cache {
@@ -449,31 +600,34 @@ impl<'m, 'a> Session<'m, 'a> {
                 _ => false,
             };
 
-            // x += mixer(norm(x)) * residual_scale
+            // x += mixer(norm(x)) * residual_scale, each sequence's rows on its own state
             rms_norm_rows(&s.x, &layer.mixer_norm, hp.norm_eps, &mut s.xn, k);
             prof.lap(Phase::Other);
-            match (&layer.mixer, self.state.layer_mut(li)) {
-                (Mixer::Attention(a), LayerState::Kv(kv)) => attention(
+            s.out.resize(n * d, 0.0);
+            let mut row = 0;
+            for part in parts.iter_mut() {
+                let m = part.tokens.len();
+                let rows = row * d..(row + m) * d;
+                // One sequence writes the batch's output directly; several, each in turn.
+                let out = if m == n { &mut s.out } else { &mut s.part_out };
+                let input = (&s.xn[rows.clone()], m, part.pos);
+                let state = part.state.layer_mut(li);
+                run_mixer(
                     k,
                     hp,
                     li,
-                    a,
-                    &s.xn,
-                    n,
-                    pos,
+                    &layer.mixer,
+                    state,
+                    input,
                     &self.rope,
-                    kv,
-                    &mut s.attention,
-                    &mut s.out,
+                    &mut s.mixer,
+                    out,
                     prof,
-                ),
-                (Mixer::Mla(a), LayerState::Kv(kv)) => mla_attention(
-                    k, hp, a, &s.xn, n, pos, &self.rope, kv, &mut s.mla, &mut s.out, prof,
-                ),
-                (Mixer::ShortConv(c), LayerState::Conv(st)) => {
-                    short_conv(k, c, &s.xn, n, pos, st, &mut s.conv, &mut s.out, prof)
+                );
+                if m != n {
+                    s.out[rows].copy_from_slice(&s.part_out[..m * d]);
                 }
-                _ => unreachable!("SequenceState::new gives each mixer its kind of state"),
+                row += m;
             }
             if let Some(w) = &layer.mixer_post_norm {
                 norm_in_place(&mut s.out, w, d, hp.norm_eps, k);
@@ -504,7 +658,9 @@ impl<'m, 'a> Session<'m, 'a> {
             )?;
             if let Ffn::Moe(_) = layer.ffn {
                 let (logits, routes) = (s.ffn.router_logits(n, hp.n_expert), s.ffn.routes());
-                self.observers.trace.on_routing(li, pos, logits, routes);
+                self.observers
+                    .trace
+                    .on_routing(li, first_pos, logits, routes);
                 self.foresight.on_routing(li, s.ffn.active(), routes);
             }
             if let Some(w) = &layer.ffn_post_norm {
@@ -516,18 +672,30 @@ impl<'m, 'a> Session<'m, 'a> {
             }
         }
 
-        // logits = output(norm(x)) / logit_divisor, only for the rows the caller wants
+        // logits = output(norm(x)) / logit_divisor, for the rows the caller wants: all, or
+        // each sequence's last                                             [m, n_vocab]
         let prof = &mut self.observers.prof;
         prof.lap(Phase::Other);
-        let first = if all_logits { 0 } else { n - 1 };
-        let m = n - first;
-        rms_norm_rows(
-            &s.x[first * d..],
-            &model.output_norm,
-            hp.norm_eps,
-            &mut s.xn[..m * d],
-            k,
-        );
+        let m = match wanted {
+            Wanted::All => {
+                rms_norm_rows(&s.x, &model.output_norm, hp.norm_eps, &mut s.xn, k);
+                n
+            }
+            Wanted::LastOfEach => {
+                let mut end = 0;
+                for (i, part) in parts.iter().enumerate() {
+                    end += part.tokens.len();
+                    rms_norm_rows(
+                        &s.x[(end - 1) * d..end * d],
+                        &model.output_norm,
+                        hp.norm_eps,
+                        &mut s.xn[i * d..(i + 1) * d],
+                        k,
+                    );
+                }
+                parts.len()
+            }
+        };
         s.logits.resize(m * hp.n_vocab, 0.0);
         matmul(
             k,
@@ -545,7 +713,46 @@ impl<'m, 'a> Session<'m, 'a> {
             soft_cap(&mut s.logits, c);
         }
         prof.lap(Phase::Output);
-        self.pos += n;
         Ok(())
+    }
+}
+
+/// One sequence's rows `xn` (`[m, d]`, at positions `pos..`) through layer `li`'s mixer on that
+/// sequence's state for the layer; writes `out` (`[m, d]`).
+#[allow(clippy::too_many_arguments)]
+fn run_mixer(
+    k: &Kernels,
+    hp: &HParams,
+    li: usize,
+    mixer: &Mixer,
+    state: &mut LayerState,
+    (xn, m, pos): (&[f32], usize, usize),
+    rope: &RopeTables,
+    s: &mut MixerScratch,
+    out: &mut Vec<f32>,
+    prof: &mut Profiler,
+) {
+    match (mixer, state) {
+        (Mixer::Attention(a), LayerState::Kv(kv)) => attention(
+            k,
+            hp,
+            li,
+            a,
+            xn,
+            m,
+            pos,
+            rope,
+            kv,
+            &mut s.attention,
+            out,
+            prof,
+        ),
+        (Mixer::Mla(a), LayerState::Kv(kv)) => {
+            mla_attention(k, hp, a, xn, m, pos, rope, kv, &mut s.mla, out, prof)
+        }
+        (Mixer::ShortConv(c), LayerState::Conv(st)) => {
+            short_conv(k, c, xn, m, pos, st, &mut s.conv, out, prof)
+        }
+        _ => unreachable!("SequenceState::new gives each mixer its kind of state"),
     }
 }

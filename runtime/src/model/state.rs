@@ -10,8 +10,9 @@ use half::f16;
 use super::weights::{Mixer, Model};
 use crate::tensor::Kernels;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
+    #[default]
     F16,
     F32,
 }
@@ -235,7 +236,38 @@ pub enum LayerState {
     Conv(ConvState),
 }
 
-/// Every layer's state for one sequence.
+/// The KV cache an attention layer `li` of `model` keeps for `n_ctx` positions: its shape and
+/// slots (None: the layer's mixer keeps no KV cache).
+fn kv_plan(model: &Model, li: usize, n_ctx: usize) -> Option<(KvShape, usize)> {
+    let hp = &model.hp;
+    match &model.layers[li].mixer {
+        Mixer::Attention(a) => Some((
+            KvShape {
+                n_head_kv: hp.layer_dims(li).n_head_kv,
+                head_dim_k: hp.layer_dims(li).head_dim_k,
+                head_dim_v: hp.layer_dims(li).head_dim_v,
+                values_in_keys: false,
+            },
+            a.window.map_or(n_ctx, |w| (w + SWA_CHUNK - 1).min(n_ctx)),
+        )),
+        // The cache holds one latent and shared rotary key per token (the MQA view of
+        // `head_dim_k` wide); the value is the latent.
+        Mixer::Mla(_) => Some((
+            KvShape {
+                n_head_kv: 1,
+                head_dim_k: hp.head_dim_k,
+                head_dim_v: hp.head_dim_v,
+                values_in_keys: true,
+            },
+            n_ctx,
+        )),
+        Mixer::ShortConv(_) => None,
+    }
+}
+
+/// Every layer's state for one sequence (the default holds no layer: a placeholder while a
+/// session's own state is lent to a batch).
+#[derive(Default)]
 pub struct SequenceState {
     layers: Vec<LayerState>,
     n_ctx: usize,
@@ -248,36 +280,18 @@ pub struct SequenceState {
 impl SequenceState {
     /// State for every layer of `model`, holding `n_ctx` positions.
     pub fn new(model: &Model, n_ctx: usize, kv_type: KvType) -> Self {
-        let hp = &model.hp;
-        let layers = model
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(li, layer)| match &layer.mixer {
-                Mixer::Attention(a) => LayerState::Kv(KvLayer::new(
-                    KvShape {
-                        n_head_kv: hp.layer_dims(li).n_head_kv,
-                        head_dim_k: hp.layer_dims(li).head_dim_k,
-                        head_dim_v: hp.layer_dims(li).head_dim_v,
-                        values_in_keys: false,
-                    },
-                    a.window.map_or(n_ctx, |w| (w + SWA_CHUNK - 1).min(n_ctx)),
-                    kv_type,
-                )),
-                // The cache holds one latent and shared rotary key per token (the MQA view of
-                // `head_dim_k` wide); the value is the latent.
-                Mixer::Mla(_) => LayerState::Kv(KvLayer::new(
-                    KvShape {
-                        n_head_kv: 1,
-                        head_dim_k: hp.head_dim_k,
-                        head_dim_v: hp.head_dim_v,
-                        values_in_keys: true,
-                    },
-                    n_ctx,
-                    kv_type,
-                )),
-                Mixer::ShortConv(c) => LayerState::Conv(ConvState::new(c.taps, hp.n_embd)),
-            })
+        let layers = (0..model.layers.len())
+            .map(
+                |li| match (kv_plan(model, li, n_ctx), &model.layers[li].mixer) {
+                    (Some((shape, slots)), _) => {
+                        LayerState::Kv(KvLayer::new(shape, slots, kv_type))
+                    }
+                    (None, Mixer::ShortConv(c)) => {
+                        LayerState::Conv(ConvState::new(c.taps, model.hp.n_embd))
+                    }
+                    (None, _) => unreachable!("every attention mixer keeps a KV cache"),
+                },
+            )
             .collect();
         Self {
             layers,
@@ -285,6 +299,25 @@ impl SequenceState {
             kv_type,
             snapshot: None,
         }
+    }
+
+    /// Whether this is state for `model`'s layers holding `n_ctx` positions (each layer's kind
+    /// and shape of state for its mixer), as [`new`](Self::new) makes it.
+    pub fn fits(&self, model: &Model, n_ctx: usize) -> bool {
+        self.n_ctx == n_ctx
+            && self.layers.len() == model.layers.len()
+            && self.layers.iter().enumerate().all(|(li, st)| {
+                match (st, kv_plan(model, li, n_ctx), &model.layers[li].mixer) {
+                    (LayerState::Kv(kv), Some((shape, slots)), _) => {
+                        let fresh = KvLayer::new(shape, 0, kv.kv_type());
+                        (kv.slots, kv.k_width, kv.v_width) == (slots, fresh.k_width, fresh.v_width)
+                    }
+                    (LayerState::Conv(c), None, Mixer::ShortConv(sc)) => {
+                        c.values.len() == sc.taps.saturating_sub(1) * model.hp.n_embd
+                    }
+                    _ => false,
+                }
+            })
     }
 
     /// Whether some layer's state is recurrent (it cannot go back to any position).
