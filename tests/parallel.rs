@@ -223,3 +223,30 @@ fn mismatched_sequences_are_refused() {
     s.swap_sequence(&mut right);
     assert!(s.forward(&[2], false).is_ok());
 }
+
+/// A model routed by a decoupled router (Read-ME): each sequence's router state goes with it,
+/// so its routes, and so its logits, are what it gets alone; streamed too.
+#[test]
+fn decoupled_router_sequences_together_equal_each_alone() {
+    let fx = Fixture::load("qwen3_moe_readme");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    assert!(model.router.is_some());
+    let prompts = prompts(&model, &fx);
+    assert!(prompts.len() >= 3);
+    let steps: Vec<usize> = (0..prompts.len()).map(|i| STEPS - i % 3).collect();
+    let (want, _) = alone(&model, &prompts, &steps, None);
+    let (got, _) = together(&model, &prompts, &steps, true, None);
+    assert!(
+        got == want,
+        "decoupled-router batch differs from each alone"
+    );
+    let cache = expert_cache(
+        &model,
+        &conv.path,
+        cache_config(model.hp.n_expert_used + 1, Eviction::Belady),
+    );
+    let (streamed, _) = together(&model, &prompts, &steps, true, Some(&cache));
+    assert!(streamed == want, "streamed decoupled-router batch differs");
+}

@@ -12,10 +12,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use moe_runtime::engine::{
-    Engine, Generation, GenerationStats, Logprobs, Piece, Request, SessionOptions, StopReason,
+    Engine, EngineError, Generation, GenerationStats, Logprobs, Piece, Request, SessionOptions,
+    StopReason,
 };
 use moe_runtime::grammar::{Constraint, GrammarVocab};
 use moe_runtime::model::{SavedSequence, Session};
+use moe_runtime::moe::cache::CacheError;
 use moe_runtime::sampling::{Sampler, SamplerConfig};
 use moe_runtime::tokenizer::Tokenizer;
 use tokio::sync::mpsc::error::TryRecvError;
@@ -210,7 +212,18 @@ pub fn spawn(
             let mut session = match engine.session_with_ctx(&model, n_ctx) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = loaded.send(Err(fail(&format!("{e:#}"))));
+                    // Every sequence's KV cache is part of the resident memory the budget must
+                    // hold: say which flags ask for them.
+                    let sequences = cfg.prompt_cache.max(cfg.parallel).max(1);
+                    let hint = match &e {
+                        EngineError::Cache(CacheError::Budget(_)) if sequences > 1 => format!(
+                            " (that counts {sequences} KV caches, one per sequence of \
+                             max(--parallel {}, --prompt-cache {}): lower those or --ctx)",
+                            cfg.parallel, cfg.prompt_cache
+                        ),
+                        _ => String::new(),
+                    };
+                    let _ = loaded.send(Err(fail(&format!("{e:#}{hint}"))));
                     return;
                 }
             };

@@ -240,3 +240,26 @@ fn the_prompt_cache_serves_each_slot() {
         assert_eq!(answer(&second[i]), answer(&want), "conversation {i}");
     }
 }
+
+/// Every slot's KV cache counts against the memory budget: a budget that holds one sequence
+/// but not 64 starts with `--parallel 1` and refuses `--parallel 64` at start-up, saying why.
+#[test]
+fn the_memory_budget_counts_every_slot() {
+    let budget = [
+        "--target-profile",
+        "none",
+        "--mem-budget",
+        "52M",
+        "--no-warmup",
+    ];
+    let one = Daemon::start(&[&budget[..], &["--parallel", "1"]].concat());
+    let (s, v) = one.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2}));
+    assert_eq!(s, 200, "{v}");
+    let mut many = Daemon::spawn(&[&budget[..], &["--parallel", "64"]].concat());
+    assert_eq!(many.wait_exit(Duration::from_secs(60)), Some(1));
+    let log = many.log();
+    assert!(
+        log.contains("too small") && log.contains("64 KV caches") && log.contains("--parallel 64"),
+        "{log}"
+    );
+}
