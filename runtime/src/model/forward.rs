@@ -1,15 +1,17 @@
 //! The forward pass: a [`Session`] holds one sequence's state and runs batches of tokens
-//! through the model, top to bottom:
+//! through the model, top to bottom; [`Session::forward_batch`] runs several sequences (held
+//! outside the session) in one batch, each sequence's tokens consecutive rows:
 //!
 //! ```text
 //! x = embed(tokens) * embedding_scale                    [n, d]
 //! for each layer:
 //!     (router logits from x, when the router reads the layer input: SmallThinker)
-//!     x += post_norm(mixer(norm(x))) * residual_scale     attention / MLA, state in `state`
+//!     x += post_norm(mixer(norm(x))) * residual_scale     attention / MLA / short conv, per
+//!                                                        sequence on its rows and its state
 //!     x += post_norm(ffn(norm(x))) * residual_scale       dense, or routed experts (+ shared
-//!                                                        or a dense MLP beside them)
+//!                                                        or a dense MLP beside them), all rows
 //!     x *= out_scale                                     (post norms, out scale: Gemma 4)
-//! logits = cap(output(norm(x)) / logit_divisor)          [n or 1, n_vocab]
+//! logits = cap(output(norm(x)) / logit_divisor)          [n, or 1 per sequence, n_vocab]
 //! ```
 //!
 //! Prediction ([`Foresight`]), tracing and profiling ([`Observers`]) are called at named points
