@@ -250,3 +250,48 @@ fn decoupled_router_sequences_together_equal_each_alone() {
     let (streamed, _) = together(&model, &prompts, &steps, true, Some(&cache));
     assert!(streamed == want, "streamed decoupled-router batch differs");
 }
+
+/// The small trained model (`models/small-moe`, 24 experts, top-4) on four text prompts, 32
+/// greedy tokens each: together equals alone, and the figures batching changes, which do not
+/// depend on the machine: routed-expert bytes used per decoded token, and through an expert
+/// cache holding half of the experts (LRU) the bytes it reads from the file per decoded token.
+#[test]
+fn small_moe_four_sequences_figures() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/small-moe/small-moe-q8_0.gguf");
+    let file = moe_runtime::gguf::GgufFile::open(&path).unwrap();
+    let model = Model::load(&file).unwrap();
+    let tok = moe_runtime::tokenizer::Tokenizer::from_gguf(file.header()).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "It is a truth universally acknowledged, that a single man",
+        "Call me Ishmael. Some years ago, never mind how long",
+        "The ship sailed from Nantucket on a cold",
+        "Elizabeth walked into the drawing room and",
+    ]
+    .iter()
+    .map(|t| tok.encode(t, false).unwrap())
+    .collect();
+    let steps = vec![32; prompts.len()];
+    let decoded = (prompts.len() * 31) as f64;
+    let (want, alone_bytes) = alone(&model, &prompts, &steps, None);
+    let (got, together_bytes) = together(&model, &prompts, &steps, false, None);
+    assert!(got == want, "small-moe: together differs from alone");
+    let layout = model.expert_layout();
+    let half = layout.total_expert_bytes() / 2 / layout.slot_bytes();
+    let c1 = expert_cache(&model, &path, cache_config(half, Eviction::Lru));
+    let c2 = expert_cache(&model, &path, cache_config(half, Eviction::Lru));
+    let (a, _) = alone(&model, &prompts, &steps, Some(&c1));
+    let (t, _) = together(&model, &prompts, &steps, false, Some(&c2));
+    assert!(a == want && t == want, "small-moe: streamed runs differ");
+    let (ra, rt) = (c1.stats().bytes_read as f64, c2.stats().bytes_read as f64);
+    println!(
+        "small-moe, 4 prompts x 32 greedy tokens: routed-expert KiB per decoded token alone {:.1}, \
+         4 together {:.1}; expert cache of {half} slots (half the experts, LRU), KiB read from \
+         the file per generated token (prompts included): alone {:.1}, together {:.1}",
+        alone_bytes as f64 / decoded / 1024.0,
+        together_bytes as f64 / decoded / 1024.0,
+        ra / (4.0 * 32.0) / 1024.0,
+        rt / (4.0 * 32.0) / 1024.0,
+    );
+    assert!(together_bytes < alone_bytes);
+}

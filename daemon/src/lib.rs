@@ -19,6 +19,7 @@ pub mod chat;
 pub mod config;
 pub mod conn;
 pub mod http;
+mod jobs;
 pub mod metrics;
 pub mod model_file;
 pub mod prepare;
@@ -26,6 +27,7 @@ pub mod prompt_cache;
 pub mod reply;
 pub mod respond;
 pub mod server;
+mod slots;
 pub mod socket;
 pub mod worker;
 

@@ -19,24 +19,22 @@
 
 use std::sync::Arc;
 
-use super::arch::RouterInput;
-use super::attention::{attention, AttentionScratch};
 use super::error::ModelError;
-use super::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
+use super::ffn::RouteControl;
 use super::foresight::{Foresight, PredictionStats};
-use super::hparams::HParams;
-use super::mla::{mla_attention, MlaScratch};
 use super::observe::{LayerRouting, Observers};
-use super::ops::{add_scaled, norm_in_place, rms_norm_rows, soft_cap, RopeTables};
-use super::profile::{Phase, Profiler};
-use super::short_conv::{short_conv, ShortConvScratch};
-use super::state::{KvType, LayerState, SequenceState};
-use super::weights::{Ffn, Mixer, Model};
+use super::ops::RopeTables;
+use super::profile::Phase;
+use super::state::{KvType, SequenceState};
+use super::weights::Model;
 use crate::moe::cache::ExpertCache;
 use crate::moe::decoupled::RouterState;
 use crate::moe::lossy::{LossyStats, RouteOptions};
 use crate::moe::predictor::ExpertPredictor;
-use crate::tensor::{matmul, Kernels, MatmulScratch};
+use crate::tensor::Kernels;
+
+mod pass;
+use pass::{Part, Pass, Scratch, Wanted};
 
 /// Where routed experts come from, and how far ahead to predict them.
 #[derive(Clone, Default)]
@@ -76,53 +74,6 @@ impl SavedSequence {
     pub fn rewind_point(&self, at_most: usize) -> usize {
         self.state.rewind_point(self.pos, at_most)
     }
-}
-
-/// Buffers reused across calls, grown to the largest batch seen.
-#[derive(Default)]
-struct Scratch {
-    /// The residual stream, `[n, d]`.
-    x: Vec<f32>,
-    /// A sublayer's normalised input, `[n, d]`.
-    xn: Vec<f32>,
-    /// A sublayer's output, `[n, d]`.
-    out: Vec<f32>,
-    /// One sequence's mixer output, `[m, d]`, when the batch holds several.
-    part_out: Vec<f32>,
-    mixer: MixerScratch,
-    ffn: FfnScratch,
-    /// `[n, E]` router logits of a router reading the layer input, computed before the mixer.
-    early_logits: Vec<f32>,
-    early_mm: MatmulScratch,
-    logits: Vec<f32>,
-    output_mm: MatmulScratch,
-}
-
-/// Buffers of the mixers.
-#[derive(Default)]
-struct MixerScratch {
-    attention: AttentionScratch,
-    mla: MlaScratch,
-    conv: ShortConvScratch,
-}
-
-/// One sequence's share of a batch: its state, its tokens (consecutive rows of the batch) and
-/// the position of the first.
-struct Part<'s> {
-    state: &'s mut SequenceState,
-    /// Its decoupled-router state when the sequence is kept outside the session (None: the
-    /// session's own sequence, whose router state the foresight holds).
-    router: Option<&'s mut Option<RouterState>>,
-    tokens: &'s [u32],
-    pos: usize,
-}
-
-/// Which rows' logits a batch returns.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Wanted {
-    All,
-    /// Each sequence's last token's.
-    LastOfEach,
 }
 
 /// Decoding state for one sequence.
@@ -435,12 +386,12 @@ impl<'m, 'a> Session<'m, 'a> {
         self.state = state;
         ran?;
         self.pos += tokens.len();
-        Ok(&self.s.logits)
+        Ok(self.s.logits())
     }
 
     /// The logits the last forward pass returned.
     pub fn last_logits(&self) -> &[f32] {
-        &self.s.logits
+        self.s.logits()
     }
 
     /// Runs several sequences together: each `(sequence, tokens)` evaluates its tokens at its
@@ -488,14 +439,25 @@ impl<'m, 'a> Session<'m, 'a> {
         for (seq, tokens) in seqs.iter_mut() {
             seq.pos += tokens.len();
         }
-        Ok(&self.s.logits)
+        Ok(self.s.logits())
     }
 
     fn run_batch(&mut self, parts: &mut [Part], wanted: Wanted) -> Result<(), ModelError> {
         // A resident pass keeps the other workers spinning until it ends; a streamed one leaves
         // the cores to the cache's I/O threads while it waits for reads.
         let resident = self.cache.is_none();
-        crate::threads::run_on_pool(resident, || self.forward_on_pool(parts, wanted))
+        let mut pass = Pass {
+            model: self.model,
+            kernels: self.kernels,
+            rope: &self.rope,
+            cache: self.cache.as_deref(),
+            foresight: &mut self.foresight,
+            routing: &mut self.routing,
+            observers: &mut self.observers,
+            expert_bytes: &mut self.expert_bytes,
+            s: &mut self.s,
+        };
+        crate::threads::run_on_pool(resident, || pass.run(parts, wanted))
     }
 
     fn check_input(
@@ -525,236 +487,5 @@ impl<'m, 'a> Session<'m, 'a> {
             )));
         }
         Ok(())
-    }
-
-    /// The batch's rows are each part's tokens in turn (one part: a sequence's prompt or
-    /// decode step).
-    fn forward_on_pool(&mut self, parts: &mut [Part], wanted: Wanted) -> Result<(), ModelError> {
-        let model = self.model;
-        let hp = &model.hp;
-        let k = self.kernels;
-        let d = hp.n_embd;
-        let n: usize = parts.iter().map(|p| p.tokens.len()).sum();
-        // The cache's clock (and predictions' horizon): the batch's furthest position.
-        let last_pos = parts
-            .iter()
-            .map(|p| p.pos + p.tokens.len() - 1)
-            .max()
-            .unwrap_or(0);
-        let first_pos = parts.first().map_or(0, |p| p.pos);
-        let cache = self.cache.as_deref();
-        let source = cache.map_or(ExpertSource::Resident, ExpertSource::Streamed);
-        let s = &mut self.s;
-        let prof = &mut self.observers.prof;
-        prof.start();
-
-        // x = embedding * embedding_scale                                    [n, d]
-        s.x.resize(n * d, 0.0);
-        s.xn.resize(n * d, 0.0);
-        let tokens = parts.iter().flat_map(|p| p.tokens);
-        for (row, &tok) in s.x.chunks_exact_mut(d).zip(tokens) {
-            model.tok_embd.dequantize_row(tok as usize, row);
-            if hp.embedding_scale != 1.0 {
-                row.iter_mut().for_each(|v| *v *= hp.embedding_scale);
-            }
-        }
-        match parts {
-            [one] if one.router.is_none() => self
-                .foresight
-                .before_batch(model, one.tokens, one.pos, cache)?,
-            // Sequences from `forward_batch`, each with its router state.
-            _ => {
-                let seqs = parts
-                    .iter_mut()
-                    .filter_map(|p| Some((p.tokens, p.pos, p.router.as_deref_mut()?)));
-                self.foresight
-                    .before_sequences(model, seqs, last_pos, cache)?
-            }
-        }
-
-        for (li, layer) in model.layers.iter().enumerate() {
-            if let Some(cache) = cache {
-                cache.set_position(last_pos, li);
-            }
-            self.foresight.layer_start(li, last_pos, cache);
-
-            // Router logits from the layer's input, before attention        [n, E]
-            let routed_early = match &layer.ffn {
-                Ffn::Moe(moe)
-                    if hp.traits.router_input == RouterInput::LayerInput
-                        && model.router.is_none() =>
-                {
-                    prof.lap(Phase::Other);
-                    s.early_logits.resize(n * hp.n_expert, 0.0);
-                    matmul(
-                        k,
-                        &moe.router,
-                        &s.x,
-                        n,
-                        &mut s.early_logits,
-                        &mut s.early_mm,
-                    );
-                    prof.lap(Phase::Routing);
-                    self.foresight
-                        .routed_before_mixer(model, li, &s.early_logits, last_pos, cache);
-                    true
-                }
-                _ => false,
-            };
-
-            // x += mixer(norm(x)) * residual_scale, each sequence's rows on its own state
-            rms_norm_rows(&s.x, &layer.mixer_norm, hp.norm_eps, &mut s.xn, k);
-            prof.lap(Phase::Other);
-            s.out.resize(n * d, 0.0);
-            let mut row = 0;
-            for part in parts.iter_mut() {
-                let m = part.tokens.len();
-                let rows = row * d..(row + m) * d;
-                // One sequence writes the batch's output directly; several, each in turn.
-                let out = if m == n { &mut s.out } else { &mut s.part_out };
-                let input = (&s.xn[rows.clone()], m, part.pos);
-                let state = part.state.layer_mut(li);
-                run_mixer(
-                    k,
-                    hp,
-                    li,
-                    &layer.mixer,
-                    state,
-                    input,
-                    &self.rope,
-                    &mut s.mixer,
-                    out,
-                    prof,
-                );
-                if m != n {
-                    s.out[rows].copy_from_slice(&s.part_out[..m * d]);
-                }
-                row += m;
-            }
-            if let Some(w) = &layer.mixer_post_norm {
-                norm_in_place(&mut s.out, w, d, hp.norm_eps, k);
-            }
-            add_scaled(&mut s.x, &s.out, hp.residual_scale);
-            self.foresight
-                .after_mixer(k, model, li, &s.x, n, last_pos, cache);
-
-            // x += ffn(norm(x)) * residual_scale
-            rms_norm_rows(&s.x, &layer.ffn_norm, hp.norm_eps, &mut s.xn, k);
-            let decided = match routed_early {
-                true => Some(&s.early_logits[..]),
-                false => self.foresight.decided(),
-            };
-            self.expert_bytes += feed_forward(
-                k,
-                hp,
-                li,
-                &layer.ffn,
-                (&s.x, &s.xn),
-                n,
-                decided,
-                source,
-                &mut self.routing,
-                &mut s.ffn,
-                &mut s.out,
-                prof,
-            )?;
-            if let Ffn::Moe(_) = layer.ffn {
-                let (logits, routes) = (s.ffn.router_logits(n, hp.n_expert), s.ffn.routes());
-                self.observers
-                    .trace
-                    .on_routing(li, first_pos, logits, routes);
-                self.foresight.on_routing(li, s.ffn.active(), routes);
-            }
-            if let Some(w) = &layer.ffn_post_norm {
-                norm_in_place(&mut s.out, w, d, hp.norm_eps, k);
-            }
-            add_scaled(&mut s.x, &s.out, hp.residual_scale);
-            if let Some(c) = layer.out_scale {
-                s.x.iter_mut().for_each(|v| *v *= c);
-            }
-        }
-
-        // logits = output(norm(x)) / logit_divisor, for the rows the caller wants: all, or
-        // each sequence's last                                             [m, n_vocab]
-        let prof = &mut self.observers.prof;
-        prof.lap(Phase::Other);
-        let m = match wanted {
-            Wanted::All => {
-                rms_norm_rows(&s.x, &model.output_norm, hp.norm_eps, &mut s.xn, k);
-                n
-            }
-            Wanted::LastOfEach => {
-                let mut end = 0;
-                for (i, part) in parts.iter().enumerate() {
-                    end += part.tokens.len();
-                    rms_norm_rows(
-                        &s.x[(end - 1) * d..end * d],
-                        &model.output_norm,
-                        hp.norm_eps,
-                        &mut s.xn[i * d..(i + 1) * d],
-                        k,
-                    );
-                }
-                parts.len()
-            }
-        };
-        s.logits.resize(m * hp.n_vocab, 0.0);
-        matmul(
-            k,
-            &model.output,
-            &s.xn[..m * d],
-            m,
-            &mut s.logits,
-            &mut s.output_mm,
-        );
-        if hp.logit_divisor != 1.0 {
-            let div = hp.logit_divisor;
-            s.logits.iter_mut().for_each(|v| *v /= div);
-        }
-        if let Some(c) = hp.final_logit_softcap {
-            soft_cap(&mut s.logits, c);
-        }
-        prof.lap(Phase::Output);
-        Ok(())
-    }
-}
-
-/// One sequence's rows `xn` (`[m, d]`, at positions `pos..`) through layer `li`'s mixer on that
-/// sequence's state for the layer; writes `out` (`[m, d]`).
-#[allow(clippy::too_many_arguments)]
-fn run_mixer(
-    k: &Kernels,
-    hp: &HParams,
-    li: usize,
-    mixer: &Mixer,
-    state: &mut LayerState,
-    (xn, m, pos): (&[f32], usize, usize),
-    rope: &RopeTables,
-    s: &mut MixerScratch,
-    out: &mut Vec<f32>,
-    prof: &mut Profiler,
-) {
-    match (mixer, state) {
-        (Mixer::Attention(a), LayerState::Kv(kv)) => attention(
-            k,
-            hp,
-            li,
-            a,
-            xn,
-            m,
-            pos,
-            rope,
-            kv,
-            &mut s.attention,
-            out,
-            prof,
-        ),
-        (Mixer::Mla(a), LayerState::Kv(kv)) => {
-            mla_attention(k, hp, a, xn, m, pos, rope, kv, &mut s.mla, out, prof)
-        }
-        (Mixer::ShortConv(c), LayerState::Conv(st)) => {
-            short_conv(k, c, xn, m, pos, st, &mut s.conv, out, prof)
-        }
-        _ => unreachable!("SequenceState::new gives each mixer its kind of state"),
     }
 }
