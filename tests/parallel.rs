@@ -79,7 +79,8 @@ fn together(
     // What each sequence evaluates next: its prompt first.
     let mut pending: Vec<Vec<u32>> = prompts.to_vec();
     let mut decode_bytes = 0;
-    for round in 0..=STEPS + 1 {
+    let rounds = steps.iter().max().copied().unwrap_or(0) + 1;
+    for round in 0..=rounds {
         // Who runs this round: the late one from round 1, each until its last token is out.
         let runs = |i: usize| (!late || i + 1 < n || round > 0) && run[i].1.len() < steps[i];
         let members: Vec<usize> = (0..n).filter(|&i| runs(i)).collect();
