@@ -86,7 +86,8 @@ fn concurrently(d: &Daemon, mix: &[(&'static str, Value)]) -> (Vec<Value>, f64) 
             let socket = d.socket.clone();
             std::thread::spawn(move || {
                 let mut c = connect(&socket).unwrap();
-                c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                // As common's client: a grammar-constrained reply took over a minute under qemu.
+                c.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
                 let payload = body.to_string();
                 common::write_request(&mut c, "POST", path, Some(payload.as_bytes())).unwrap();
                 let resp = common::read_response(&mut BufReader::new(c)).unwrap();
