@@ -24,9 +24,19 @@ pub struct AttentionScratch {
     mm: MatmulScratch,
 }
 
-/// Self-attention of layer `layer` over the batch `xn` (`[n, d]`) at positions
-/// `pos0..pos0 + n`: stores the batch's keys and values in `kv` and writes the projected output
-/// to `out` (`[n, d]`).
+/// One sequence's rows of a batch: `len` tokens from row `row`, at positions `pos..`, and its
+/// KV cache for the layer.
+pub struct AttnSeq<'c> {
+    pub row: usize,
+    pub len: usize,
+    pub pos: usize,
+    pub kv: &'c mut KvLayer,
+}
+
+/// Self-attention of layer `layer` over the batch `xn` (`[n, d]`) of one or several sequences
+/// (`seqs`, consecutive rows each): the projections run over every row at once (the weights
+/// read once per batch), each sequence stores its keys and values in its own cache and attends
+/// to its own positions; writes the projected output to `out` (`[n, d]`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     k: &Kernels,
@@ -35,9 +45,8 @@ pub fn attention(
     a: &Attention,
     xn: &[f32],
     n: usize,
-    pos0: usize,
+    seqs: &mut [AttnSeq],
     rope_tables: &RopeTables,
-    kv: &mut KvLayer,
     s: &mut AttentionScratch,
     out: &mut Vec<f32>,
     prof: &mut Profiler,
@@ -94,10 +103,13 @@ pub fn attention(
         }
     }
 
-    // NoPE layers (SmallThinker's full-attention layers) leave q and k unrotated.
-    let rope_positions = if hp.uses_rope(layer) { 0..n } else { 0..0 };
-    for t in rope_positions {
-        let cos_sin = rope_table.at(pos0 + t);
+    // Each row rotated at its own sequence's position. NoPE layers (SmallThinker's
+    // full-attention layers) leave q and k unrotated.
+    let rows = seqs
+        .iter()
+        .flat_map(|seq| (0..seq.len).map(move |i| (seq.row + i, seq.pos + i)));
+    for (t, pos) in rows.filter(|_| hp.uses_rope(layer)) {
+        let cos_sin = rope_table.at(pos);
         for head in s.q[t * hq * dk..(t + 1) * hq * dk].chunks_exact_mut(dk) {
             rope(head, cos_sin, hp.traits.rope, dims.rope_dim);
         }
@@ -106,29 +118,33 @@ pub fn attention(
         }
     }
 
-    // softmax(q K^T * scale) V over the cached positions      [n, hq * dv]
+    // softmax(q K^T * scale) V over each sequence's cached positions      [n, hq * dv]
     // A sliding-window layer's ring has room for one chunk of the batch beyond its window, so
-    // the batch is stored and attended chunk by chunk (decoding is one chunk of one token).
-    let chunk = match a.window {
-        Some(w) if kv.slots() < pos0 + n => kv.slots() + 1 - w,
-        _ => n,
-    };
+    // a sequence's rows are stored and attended chunk by chunk (decoding is one chunk of one
+    // token).
     s.attended.resize(n * hq * dv, 0.0);
-    for c0 in (0..n).step_by(chunk) {
-        let c = chunk.min(n - c0);
-        kv.store(pos0 + c0, &s.k[c0 * hkv * dk..], &s.v[c0 * hkv * dv..], c);
-        attend(
-            k,
-            kv,
-            &s.q[c0 * hq * dk..(c0 + c) * hq * dk],
-            (hq, hkv, dk, dv),
-            pos0 + c0,
-            a.window,
-            a.sinks.as_deref(),
-            hp.attention_scale,
-            &mut s.attended[c0 * hq * dv..(c0 + c) * hq * dv],
-            &mut s.scores,
-        );
+    for seq in seqs.iter_mut() {
+        let (kv, pos0, m) = (&mut *seq.kv, seq.pos, seq.len);
+        let chunk = match a.window {
+            Some(w) if kv.slots() < pos0 + m => kv.slots() + 1 - w,
+            _ => m,
+        };
+        for c0 in (0..m).step_by(chunk.max(1)) {
+            let (c, r) = (chunk.min(m - c0), seq.row + c0);
+            kv.store(pos0 + c0, &s.k[r * hkv * dk..], &s.v[r * hkv * dv..], c);
+            attend(
+                k,
+                kv,
+                &s.q[r * hq * dk..(r + c) * hq * dk],
+                (hq, hkv, dk, dv),
+                pos0 + c0,
+                a.window,
+                a.sinks.as_deref(),
+                hp.attention_scale,
+                &mut s.attended[r * hq * dv..(r + c) * hq * dv],
+                &mut s.scores,
+            );
+        }
     }
     prof.lap(Phase::AttnCore);
 

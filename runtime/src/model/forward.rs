@@ -34,6 +34,7 @@ use crate::moe::predictor::ExpertPredictor;
 use crate::tensor::Kernels;
 
 mod pass;
+pub use pass::MAX_BATCH_SEQUENCES;
 use pass::{Part, Pass, Scratch, Wanted};
 
 /// Where routed experts come from, and how far ahead to predict them.
@@ -397,9 +398,10 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Runs several sequences together: each `(sequence, tokens)` evaluates its tokens at its
     /// next positions (a decode step is one token each). The sequences are held outside the
     /// session ([`blank_sequence`](Self::blank_sequence); the session's own is not involved).
-    /// Each mixer (attention, recurrent) runs per sequence on that sequence's state; everything
-    /// else runs over the batch's rows together, so that an expert several sequences chose is
-    /// fetched and its weights read once for all of them. Every row is computed as it would be
+    /// Each mixer (attention, recurrent) runs per sequence on that sequence's state (attention's
+    /// projections over all rows at once); everything else runs over the batch's rows together,
+    /// so that an expert several sequences chose is fetched and its weights read once for all
+    /// of them. Every row is computed as it would be
     /// alone (the products are row by row, and each row sums its experts in index order), so
     /// each sequence gets bit-identical logits to a run of its own. Returns the logits of each
     /// sequence's last token, `[seqs.len(), n_vocab]` in the order given.
@@ -411,8 +413,11 @@ impl<'m, 'a> Session<'m, 'a> {
         &mut self,
         seqs: &mut [(&mut SavedSequence, &[u32])],
     ) -> Result<&[f32], ModelError> {
-        if seqs.is_empty() {
-            return Err(ModelError::Input("no sequences to evaluate".into()));
+        if seqs.is_empty() || seqs.len() > MAX_BATCH_SEQUENCES {
+            return Err(ModelError::Input(format!(
+                "{} sequences to evaluate together: 1 to {MAX_BATCH_SEQUENCES} run in one batch",
+                seqs.len()
+            )));
         }
         for (seq, tokens) in seqs.iter() {
             if !seq.state.fits(self.model, self.n_ctx()) {

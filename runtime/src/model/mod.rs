@@ -22,7 +22,7 @@ mod weights;
 pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RopeStyle, RouterInput};
 pub use error::ModelError;
 pub use foresight::PredictionStats;
-pub use forward::{ExpertStreaming, SavedSequence, Session};
+pub use forward::{ExpertStreaming, SavedSequence, Session, MAX_BATCH_SEQUENCES};
 pub use hparams::{HParams, MlaParams, Yarn};
 pub use observe::LayerRouting;
 pub use state::{ConvState, KvLayer, KvShape, KvType, LayerState, SequenceState, SWA_CHUNK};

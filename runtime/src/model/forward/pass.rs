@@ -3,7 +3,7 @@
 //! else through all rows at once.
 
 use super::super::arch::RouterInput;
-use super::super::attention::{attention, AttentionScratch};
+use super::super::attention::{attention, AttentionScratch, AttnSeq};
 use super::super::error::ModelError;
 use super::super::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
 use super::super::foresight::Foresight;
@@ -38,6 +38,9 @@ pub(super) struct Scratch {
     logits: Vec<f32>,
     output_mm: MatmulScratch,
 }
+
+/// Sequences one [`Session::forward_batch`](super::Session::forward_batch) takes at most.
+pub const MAX_BATCH_SEQUENCES: usize = 64;
 
 impl Scratch {
     /// The logits of the last pass.
@@ -167,30 +170,43 @@ impl Pass<'_, '_, '_> {
             rms_norm_rows(&s.x, &layer.mixer_norm, hp.norm_eps, &mut s.xn, k);
             prof.lap(Phase::Other);
             s.out.resize(n * d, 0.0);
-            let mut row = 0;
-            for part in parts.iter_mut() {
-                let m = part.tokens.len();
-                let rows = row * d..(row + m) * d;
-                // One sequence writes the batch's output directly; several, each in turn.
-                let out = if m == n { &mut s.out } else { &mut s.part_out };
-                let input = (&s.xn[rows.clone()], m, part.pos);
-                let state = part.state.layer_mut(li);
-                run_mixer(
-                    k,
-                    hp,
-                    li,
-                    &layer.mixer,
-                    state,
-                    input,
-                    self.rope,
-                    &mut s.mixer,
-                    out,
-                    prof,
-                );
-                if m != n {
-                    s.out[rows].copy_from_slice(&s.part_out[..m * d]);
+            match &layer.mixer {
+                // Projections over every row at once, the attention itself per sequence.
+                Mixer::Attention(a) => {
+                    let mut seqs = attention_seqs(parts, li);
+                    let (xn, rope) = (&s.xn, self.rope);
+                    let scratch = &mut s.mixer.attention;
+                    attention(
+                        k, hp, li, a, xn, n, &mut seqs, rope, scratch, &mut s.out, prof,
+                    );
                 }
-                row += m;
+                _ => {
+                    let mut row = 0;
+                    for part in parts.iter_mut() {
+                        let m = part.tokens.len();
+                        let rows = row * d..(row + m) * d;
+                        // One sequence writes the batch's output directly; several, in turn.
+                        let out = if m == n { &mut s.out } else { &mut s.part_out };
+                        let input = (&s.xn[rows.clone()], m, part.pos);
+                        let state = part.state.layer_mut(li);
+                        let scratch = &mut s.mixer;
+                        run_mixer(
+                            k,
+                            hp,
+                            &layer.mixer,
+                            state,
+                            input,
+                            self.rope,
+                            scratch,
+                            out,
+                            prof,
+                        );
+                        if m != n {
+                            s.out[rows].copy_from_slice(&s.part_out[..m * d]);
+                        }
+                        row += m;
+                    }
+                }
             }
             if let Some(w) = &layer.mixer_post_norm {
                 norm_in_place(&mut s.out, w, d, hp.norm_eps, k);
@@ -280,13 +296,39 @@ impl Pass<'_, '_, '_> {
     }
 }
 
-/// One sequence's rows `xn` (`[m, d]`, at positions `pos..`) through layer `li`'s mixer on that
-/// sequence's state for the layer; writes `out` (`[m, d]`).
+/// Every sequence's rows and KV cache for attention layer `li`.
+fn attention_seqs<'p>(
+    parts: &'p mut [Part],
+    li: usize,
+) -> heapless::Vec<AttnSeq<'p>, MAX_BATCH_SEQUENCES> {
+    let mut seqs = heapless::Vec::new();
+    let mut row = 0;
+    for part in parts.iter_mut() {
+        let len = part.tokens.len();
+        let LayerState::Kv(kv) = part.state.layer_mut(li) else {
+            unreachable!("SequenceState::new gives each mixer its kind of state")
+        };
+        let seq = AttnSeq {
+            row,
+            len,
+            pos: part.pos,
+            kv,
+        };
+        if seqs.push(seq).is_err() {
+            unreachable!("forward_batch takes at most MAX_BATCH_SEQUENCES sequences");
+        }
+        row += len;
+    }
+    seqs
+}
+
+/// One sequence's rows `xn` (`[m, d]`, at positions `pos..`) through a mixer other than
+/// attention (MLA, short convolution) on that sequence's state for the layer; writes `out`
+/// (`[m, d]`).
 #[allow(clippy::too_many_arguments)]
 fn run_mixer(
     k: &Kernels,
     hp: &HParams,
-    li: usize,
     mixer: &Mixer,
     state: &mut LayerState,
     (xn, m, pos): (&[f32], usize, usize),
@@ -296,20 +338,6 @@ fn run_mixer(
     prof: &mut Profiler,
 ) {
     match (mixer, state) {
-        (Mixer::Attention(a), LayerState::Kv(kv)) => attention(
-            k,
-            hp,
-            li,
-            a,
-            xn,
-            m,
-            pos,
-            rope,
-            kv,
-            &mut s.attention,
-            out,
-            prof,
-        ),
         (Mixer::Mla(a), LayerState::Kv(kv)) => {
             mla_attention(k, hp, a, xn, m, pos, rope, kv, &mut s.mla, out, prof)
         }
