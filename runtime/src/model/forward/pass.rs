@@ -2,22 +2,25 @@
 //! the top of `forward.rs`): a sequence's rows go through each mixer on its own state, everything
 //! else through all rows at once.
 
-use super::super::arch::RouterInput;
-use super::super::attention::{attention, AttentionScratch, AttnSeq};
-use super::super::error::ModelError;
-use super::super::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
-use super::super::foresight::Foresight;
-use super::super::hparams::HParams;
-use super::super::mla::{mla_attention, MlaScratch};
-use super::super::observe::Observers;
-use super::super::ops::{add_scaled, norm_in_place, rms_norm_rows, soft_cap, RopeTables};
-use super::super::profile::{Phase, Profiler};
-use super::super::short_conv::{short_conv, ShortConvScratch};
-use super::super::state::{LayerState, SequenceState};
-use super::super::weights::{Ffn, Mixer, Model};
+use crate::model::arch::RouterInput;
+use crate::model::attention::{attention, AttentionScratch, AttnSeq};
+use crate::model::error::ModelError;
+use crate::model::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
+use crate::model::foresight::Foresight;
+use crate::model::hparams::HParams;
+use crate::model::mla::{mla_attention, MlaScratch};
+use crate::model::observe::Observers;
+use crate::model::ops::{add_scaled, norm_in_place, rms_norm_rows, soft_cap, RopeTables};
+use crate::model::profile::{Phase, Profiler};
+use crate::model::short_conv::{short_conv, ShortConvScratch};
+use crate::model::state::{LayerState, SequenceState};
+use crate::model::weights::{Ffn, Mixer, Model};
 use crate::moe::cache::ExpertCache;
 use crate::moe::decoupled::RouterState;
 use crate::tensor::{matmul, Kernels, MatmulScratch};
+
+/// Sequences one [`Session::forward_batch`](super::Session::forward_batch) takes at most.
+pub const MAX_BATCH_SEQUENCES: usize = 64;
 
 /// Buffers reused across calls, grown to the largest batch seen.
 #[derive(Default)]
@@ -38,9 +41,6 @@ pub(super) struct Scratch {
     logits: Vec<f32>,
     output_mm: MatmulScratch,
 }
-
-/// Sequences one [`Session::forward_batch`](super::Session::forward_batch) takes at most.
-pub const MAX_BATCH_SEQUENCES: usize = 64;
 
 impl Scratch {
     /// The logits of the last pass.
