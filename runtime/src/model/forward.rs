@@ -5,7 +5,8 @@
 //! x = embed(tokens) * embedding_scale                    [n, d]
 //! for each layer:
 //!     (router logits from x, when the router reads the layer input: SmallThinker)
-//!     x += post_norm(mixer(norm(x))) * residual_scale     attention / MLA, state in `state`
+//!     x += post_norm(mixer(norm(x))) * residual_scale     attention / MLA / short conv /
+//!                                                        Gated DeltaNet, state in `state`
 //!     x += post_norm(ffn(norm(x))) * residual_scale       dense, or routed experts (+ shared
 //!                                                        or a dense MLP beside them)
 //!     x *= out_scale                                     (post norms, out scale: Gemma 4)
@@ -22,6 +23,7 @@ use super::attention::{attention, AttentionScratch};
 use super::error::ModelError;
 use super::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
 use super::foresight::{Foresight, PredictionStats};
+use super::gated_delta_net::{gated_delta_net, GdnScratch};
 use super::mla::{mla_attention, MlaScratch};
 use super::observe::{LayerRouting, Observers};
 use super::ops::{add_scaled, norm_in_place, rms_norm_rows, soft_cap, RopeTables};
@@ -87,6 +89,7 @@ struct Scratch {
     attention: AttentionScratch,
     mla: MlaScratch,
     conv: ShortConvScratch,
+    gdn: GdnScratch,
     ffn: FfnScratch,
     /// `[n, E]` router logits of a router reading the layer input, computed before the mixer.
     early_logits: Vec<f32>,
@@ -473,6 +476,18 @@ impl<'m, 'a> Session<'m, 'a> {
                 (Mixer::ShortConv(c), LayerState::Conv(st)) => {
                     short_conv(k, c, &s.xn, n, pos, st, &mut s.conv, &mut s.out, prof)
                 }
+                (Mixer::GatedDeltaNet(g), LayerState::Delta(st)) => gated_delta_net(
+                    k,
+                    g,
+                    hp.norm_eps,
+                    &s.xn,
+                    n,
+                    pos,
+                    st,
+                    &mut s.gdn,
+                    &mut s.out,
+                    prof,
+                ),
                 _ => unreachable!("SequenceState::new gives each mixer its kind of state"),
             }
             if let Some(w) = &layer.mixer_post_norm {

@@ -2,7 +2,7 @@
 
 use crate::gguf::{GgufHeader, Value};
 
-use super::arch::{Arch, ArchTraits, AttentionKind};
+use super::arch::{Arch, ArchTraits, AttentionKind, RecurrentMixer};
 use super::error::ModelError;
 use crate::moe::experts::Glu;
 use crate::moe::router::{
@@ -25,6 +25,30 @@ pub struct MlaParams {
 impl MlaParams {
     pub fn qk_head_dim(&self) -> usize {
         self.qk_nope + self.qk_rope
+    }
+}
+
+/// Gated DeltaNet dimensions (llama.cpp's `ssm.*` keys for Qwen3.5): `n_k_heads` query/key
+/// heads of `head_k_dim` (`group_count`, `state_size`), `n_v_heads` value heads of `head_v_dim`
+/// (`time_step_rank`, `inner_size / time_step_rank`); value head `h` reads key head
+/// `h % n_k_heads` (llama.cpp's tiled order, which its converter writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GdnParams {
+    pub conv_kernel: usize,
+    pub n_k_heads: usize,
+    pub head_k_dim: usize,
+    pub n_v_heads: usize,
+    pub head_v_dim: usize,
+}
+
+impl GdnParams {
+    /// Channels of the convolution: q, k and v.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.n_k_heads * self.head_k_dim + self.n_v_heads * self.head_v_dim
+    }
+
+    pub fn value_dim(&self) -> usize {
+        self.n_v_heads * self.head_v_dim
     }
 }
 
@@ -90,9 +114,12 @@ pub struct HParams {
     pub swa_dims: Option<SwaDims>,
     /// Logits become `c * tanh(logits / c)` (`final_logit_softcapping`).
     pub final_logit_softcap: Option<f32>,
-    /// Per layer, whether it is a gated short convolution instead of attention (llama.cpp's
-    /// `is_recr`: a per-layer `attention.head_count_kv` of 0).
+    /// Per layer, whether it is recurrent instead of attention (llama.cpp's `is_recr`: a
+    /// per-layer `attention.head_count_kv` of 0, or `attention.recurrent_layers`); what it runs
+    /// is `traits.recurrent_mixer`.
     pub recurrent_layers: Vec<bool>,
+    /// Gated DeltaNet dimensions when the recurrent layers are DeltaNets.
+    pub gdn: Option<GdnParams>,
     /// Taps of the short convolutions (`shortconv.l_cache`); each keeps the last
     /// `shortconv_l_cache - 1` inputs as state. 0 when the model has none.
     pub shortconv_l_cache: usize,
@@ -194,7 +221,10 @@ impl HParams {
         let n_embd = m.usize("embedding_length")?;
         let n_head = m.usize("attention.head_count")?;
         let n_layer = trunk_layers(&m)?;
-        let (n_head_kv_layers, recurrent_layers) = head_count_kv(&m, n_head, n_layer)?;
+        let (n_head_kv_layers, mut recurrent_layers) = head_count_kv(&m, n_head, n_layer)?;
+        if let Some(marked) = marked_recurrent_layers(&m, &traits, n_layer)? {
+            recurrent_layers = marked;
+        }
         let n_head_kv = n_head_kv_layers.first().copied().unwrap_or(n_head);
         let head_dim_k = m
             .opt_usize("attention.key_length")?
@@ -233,7 +263,12 @@ impl HParams {
             .opt_bool("expert_weights_norm")?
             .unwrap_or(traits.default_norm_topk);
         let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk, traits)?;
-        let shortconv_l_cache = match recurrent_layers.contains(&true) {
+        let has_recurrent = recurrent_layers.contains(&true);
+        let gdn = match traits.recurrent_mixer {
+            RecurrentMixer::GatedDeltaNet if has_recurrent => Some(gdn_params(&m)?),
+            _ => None,
+        };
+        let shortconv_l_cache = match has_recurrent && gdn.is_none() {
             false => 0,
             true => match m.usize("shortconv.l_cache")? {
                 l @ 2..=64 => l,
@@ -333,6 +368,7 @@ impl HParams {
             swa_dims,
             final_logit_softcap: m.opt_f32("final_logit_softcapping")?.filter(|c| *c > 0.0),
             recurrent_layers,
+            gdn,
             shortconv_l_cache,
         })
     }
@@ -478,6 +514,79 @@ fn head_count_kv(
         .map(|&c| if c == 0 { attention } else { c })
         .collect();
     Ok((per_layer, recurrent))
+}
+
+/// Which layers are recurrent when the file says so apart from `head_count_kv`:
+/// `attention.recurrent_layers` (one bool per layer), or for Gated DeltaNet models without it
+/// llama.cpp's `full_attention_interval` rule (every interval-th layer is attention, 4 when absent).
+fn marked_recurrent_layers(
+    m: &Meta,
+    traits: &ArchTraits,
+    n_layer: usize,
+) -> Result<Option<Vec<bool>>, ModelError> {
+    let key = "attention.recurrent_layers";
+    if let Some(v) = m.get(key) {
+        let flags: Option<Vec<bool>> = match v {
+            Value::Array(_, items) => items.iter().map(Value::as_bool).collect(),
+            _ => None,
+        };
+        return match flags {
+            Some(f) if f.len() >= n_layer => Ok(Some(f[..n_layer].to_vec())),
+            _ => Err(ModelError::Metadata {
+                key: m.key(key),
+                why: format!("must be one bool per layer ({n_layer}), found {v:?}"),
+            }),
+        };
+    }
+    if traits.recurrent_mixer != RecurrentMixer::GatedDeltaNet {
+        return Ok(None);
+    }
+    let interval = m.opt_usize("full_attention_interval")?.unwrap_or(4);
+    if interval == 0 {
+        return Err(ModelError::Metadata {
+            key: m.key("full_attention_interval"),
+            why: "is 0".into(),
+        });
+    }
+    Ok(Some(
+        (0..n_layer).map(|i| (i + 1) % interval != 0).collect(),
+    ))
+}
+
+/// The `ssm.*` keys of a Gated DeltaNet model.
+fn gdn_params(m: &Meta) -> Result<GdnParams, ModelError> {
+    let n_v_heads = m.usize("ssm.time_step_rank")?;
+    let inner = m.usize("ssm.inner_size")?;
+    let p = GdnParams {
+        conv_kernel: m.usize("ssm.conv_kernel")?,
+        n_k_heads: m.usize("ssm.group_count")?,
+        head_k_dim: m.usize("ssm.state_size")?,
+        n_v_heads,
+        head_v_dim: if n_v_heads == 0 { 0 } else { inner / n_v_heads },
+    };
+    if p.n_k_heads == 0
+        || p.n_v_heads == 0
+        || p.head_k_dim == 0
+        || p.head_v_dim == 0
+        || p.head_v_dim * n_v_heads != inner
+        || !p.n_v_heads.is_multiple_of(p.n_k_heads)
+    {
+        return Err(ModelError::Metadata {
+            key: m.key("ssm.inner_size"),
+            why: format!(
+                "{inner} wide over {n_v_heads} value heads and {} key heads of {} does not \
+                 describe a Gated DeltaNet",
+                p.n_k_heads, p.head_k_dim
+            ),
+        });
+    }
+    if !(1..=64).contains(&p.conv_kernel) {
+        return Err(ModelError::Metadata {
+            key: m.key("ssm.conv_kernel"),
+            why: format!("{} taps: a DeltaNet convolution has 1 to 64", p.conv_kernel),
+        });
+    }
+    Ok(p)
 }
 
 /// transformers' `yarn_get_mscale`.

@@ -10,6 +10,7 @@ mod error;
 mod ffn;
 mod foresight;
 mod forward;
+mod gated_delta_net;
 mod hparams;
 mod mla;
 mod observe;
@@ -19,14 +20,16 @@ mod short_conv;
 mod state;
 mod weights;
 
-pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RopeStyle, RouterInput};
+pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RecurrentMixer, RopeStyle, RouterInput};
 pub use error::ModelError;
 pub use foresight::PredictionStats;
 pub use forward::{ExpertStreaming, SavedSequence, Session};
-pub use hparams::{HParams, MlaParams, Yarn};
+pub use hparams::{GdnParams, HParams, MlaParams, Yarn};
 pub use observe::LayerRouting;
-pub use state::{ConvState, KvLayer, KvShape, KvType, LayerState, SequenceState, SWA_CHUNK};
+pub use state::{
+    ConvState, DeltaState, KvLayer, KvShape, KvType, LayerState, SequenceState, SWA_CHUNK,
+};
 pub use weights::{
-    Attention, ExpertBiases, ExpertSlab, Experts, Ffn, Layer, Mixer, MlaAttention, Mlp, Model,
-    MoeBlock, QkNormWeights, QueryProj, SharedExpert, ShortConv, StackedExperts,
+    Attention, ExpertBiases, ExpertSlab, Experts, Ffn, GatedDeltaNet, Layer, Mixer, MlaAttention,
+    Mlp, Model, MoeBlock, QkNormWeights, QueryProj, SharedExpert, ShortConv, StackedExperts,
 };

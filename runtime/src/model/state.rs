@@ -224,6 +224,55 @@ impl ConvState {
     pub fn bytes(&self) -> usize {
         (self.values.len() + self.snapshot.len()) * std::mem::size_of::<f32>()
     }
+
+    fn save(&mut self) {
+        self.snapshot.copy_from_slice(&self.values);
+    }
+
+    fn restore(&mut self) {
+        self.values.copy_from_slice(&self.snapshot);
+    }
+}
+
+/// A Gated DeltaNet's state: its convolution's last `K - 1` inputs (`[K - 1, conv_dim]`) and the
+/// delta rule's matrix per value head (`[n_v_heads, head_k_dim, head_v_dim]`), each with a copy
+/// taken at one earlier position (the sequence's snapshot). Its size does not depend on the
+/// context.
+pub struct DeltaState {
+    pub conv: ConvState,
+    matrices: Vec<f32>,
+    snapshot: Vec<f32>,
+}
+
+impl DeltaState {
+    pub fn new(p: &super::hparams::GdnParams) -> Self {
+        let len = p.n_v_heads * p.head_k_dim * p.head_v_dim;
+        Self {
+            conv: ConvState::new(p.conv_kernel, p.conv_dim()),
+            matrices: vec![0.0; len],
+            snapshot: vec![0.0; len],
+        }
+    }
+
+    /// `[n_v_heads, head_k_dim, head_v_dim]`.
+    pub fn matrices_mut(&mut self) -> &mut [f32] {
+        &mut self.matrices
+    }
+
+    /// Bytes held: both states and their snapshots.
+    pub fn bytes(&self) -> usize {
+        self.conv.bytes() + (self.matrices.len() + self.snapshot.len()) * std::mem::size_of::<f32>()
+    }
+
+    fn save(&mut self) {
+        self.conv.save();
+        self.snapshot.copy_from_slice(&self.matrices);
+    }
+
+    fn restore(&mut self) {
+        self.conv.restore();
+        self.matrices.copy_from_slice(&self.snapshot);
+    }
 }
 
 /// The state one layer keeps between forward passes.
@@ -233,6 +282,47 @@ pub enum LayerState {
     /// A recurrent layer (LFM2's short convolution): fixed-size state that holds the whole past
     /// in a summary, so it cannot go back to an earlier position.
     Conv(ConvState),
+    /// A Gated DeltaNet (Qwen3.5): recurrent as `Conv`.
+    Delta(Box<DeltaState>),
+}
+
+impl LayerState {
+    fn is_recurrent(&self) -> bool {
+        !matches!(self, LayerState::Kv(_))
+    }
+
+    /// Copies a recurrent state into its snapshot.
+    fn save(&mut self) {
+        match self {
+            LayerState::Kv(_) => {}
+            LayerState::Conv(c) => c.save(),
+            LayerState::Delta(d) => d.save(),
+        }
+    }
+
+    /// Takes a recurrent state's snapshot back.
+    fn restore(&mut self) {
+        match self {
+            LayerState::Kv(_) => {}
+            LayerState::Conv(c) => c.restore(),
+            LayerState::Delta(d) => d.restore(),
+        }
+    }
+
+    fn kv_bytes(&self) -> usize {
+        match self {
+            LayerState::Kv(kv) => kv.bytes(),
+            LayerState::Conv(_) | LayerState::Delta(_) => 0,
+        }
+    }
+
+    fn recurrent_bytes(&self) -> usize {
+        match self {
+            LayerState::Kv(_) => 0,
+            LayerState::Conv(c) => c.bytes(),
+            LayerState::Delta(d) => d.bytes(),
+        }
+    }
 }
 
 /// Every layer's state for one sequence.
@@ -277,6 +367,7 @@ impl SequenceState {
                     kv_type,
                 )),
                 Mixer::ShortConv(c) => LayerState::Conv(ConvState::new(c.taps, hp.n_embd)),
+                Mixer::GatedDeltaNet(g) => LayerState::Delta(Box::new(DeltaState::new(&g.dims))),
             })
             .collect();
         Self {
@@ -289,17 +380,13 @@ impl SequenceState {
 
     /// Whether some layer's state is recurrent (it cannot go back to any position).
     pub fn is_recurrent(&self) -> bool {
-        self.layers.iter().any(|l| matches!(l, LayerState::Conv(_)))
+        self.layers.iter().any(LayerState::is_recurrent)
     }
 
     /// Copies every recurrent layer's state, as it is after `pos` positions, into its snapshot
     /// (replacing the previous one), so that the sequence can be rewound to `pos` later.
     pub fn take_snapshot(&mut self, pos: usize) {
-        for l in &mut self.layers {
-            if let LayerState::Conv(c) = l {
-                c.snapshot.copy_from_slice(&c.values);
-            }
-        }
+        self.layers.iter_mut().for_each(LayerState::save);
         self.snapshot = Some(pos);
     }
 
@@ -309,11 +396,7 @@ impl SequenceState {
     pub fn rewind(&mut self, from: usize, to: usize) {
         debug_assert!(self.can_rewind(from, to));
         if to != from && to != 0 && self.snapshot == Some(to) {
-            for l in &mut self.layers {
-                if let LayerState::Conv(c) = l {
-                    c.values.copy_from_slice(&c.snapshot);
-                }
-            }
+            self.layers.iter_mut().for_each(LayerState::restore);
         }
         if self.snapshot.is_some_and(|s| s > to) {
             self.snapshot = None;
@@ -330,11 +413,7 @@ impl SequenceState {
     /// is, go back to the snapshot, or start over.
     pub fn can_rewind(&self, from: usize, to: usize) -> bool {
         let recurrent_ok = to == from || to == 0 || self.snapshot == Some(to);
-        to <= from
-            && self.layers.iter().all(|l| match l {
-                LayerState::Kv(_) => true,
-                LayerState::Conv(_) => recurrent_ok,
-            })
+        to <= from && (recurrent_ok || !self.is_recurrent())
     }
 
     /// The furthest position at most `at_most` that a sequence of `from` positions can be cut
@@ -358,23 +437,11 @@ impl SequenceState {
 
     /// Bytes held by KV caches (they grow with the context).
     pub fn kv_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerState::Kv(kv) => kv.bytes(),
-                LayerState::Conv(_) => 0,
-            })
-            .sum()
+        self.layers.iter().map(LayerState::kv_bytes).sum()
     }
 
     /// Bytes held by recurrent layers' state and its snapshot (fixed, whatever the context).
     pub fn recurrent_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerState::Kv(_) => 0,
-                LayerState::Conv(c) => c.bytes(),
-            })
-            .sum()
+        self.layers.iter().map(LayerState::recurrent_bytes).sum()
     }
 }

@@ -7,8 +7,9 @@ pub use crate::moe::experts::Mlp;
 use crate::tensor::QMatrix;
 
 use super::arch::QkNorm;
+use super::arch::RecurrentMixer;
 use super::error::ModelError;
-use super::hparams::{HParams, MlaParams};
+use super::hparams::{GdnParams, HParams, MlaParams};
 
 /// One expert's matrix inside the file: its type, bytes and where they start.
 #[derive(Clone, Copy, Debug)]
@@ -168,6 +169,9 @@ pub struct Attention<'a> {
     pub sinks: Option<Vec<f32>>,
     /// Keys older than this many positions are masked (this layer's sliding window).
     pub window: Option<usize>,
+    /// `wq` gives each head's query and then its output gate (`[n_head * 2 * head_dim, d]`);
+    /// the attended values are multiplied by `sigmoid(gate)` (Qwen3.5).
+    pub output_gate: bool,
 }
 
 /// Query and key norm weights: `head_dim_k` long, applied to each head (Qwen3-MoE), or as long as
@@ -216,12 +220,39 @@ pub struct ShortConv<'a> {
     pub out_proj: QMatrix<'a>,
 }
 
+/// Qwen3.5's Gated DeltaNet (llama.cpp's names): `qkv = attn_qkv x` through a causal depthwise
+/// convolution and SiLU, q/k L2-normalised per head, a delta-rule update of a
+/// `[head_k_dim, head_v_dim]` state per value head decayed by
+/// `exp(ssm_a * softplus(ssm_alpha x + ssm_dt))` with rate `sigmoid(ssm_beta x)`, the read-out
+/// RMS-normalised per head (`ssm_norm`) times `silu(attn_gate x)`, then `ssm_out`.
+pub struct GatedDeltaNet<'a> {
+    pub dims: GdnParams,
+    /// `[conv_dim, n_embd]`: q (`n_k_heads * head_k_dim`), k, then v rows.
+    pub qkv: QMatrix<'a>,
+    /// `[value_dim, n_embd]`: the output gate `z`.
+    pub gate: QMatrix<'a>,
+    /// `[n_v_heads, n_embd]` each: the update rate's and the decay's logits.
+    pub beta: QMatrix<'a>,
+    pub alpha: QMatrix<'a>,
+    /// `[conv_dim, conv_kernel]`: channel `c`'s taps, oldest position first.
+    pub conv: Vec<f32>,
+    /// `[n_v_heads]`: added to the decay logits.
+    pub dt_bias: Vec<f32>,
+    /// `[n_v_heads]`: `-exp(A_log)`, negative.
+    pub a: Vec<f32>,
+    /// `[head_v_dim]`: the read-out's RMSNorm weights, shared by the value heads.
+    pub norm: Vec<f32>,
+    /// `[n_embd, value_dim]`.
+    pub out: QMatrix<'a>,
+}
+
 /// What mixes information across positions in a layer; its per-session state lives in
 /// [`super::state::SequenceState`].
 pub enum Mixer<'a> {
     Attention(Attention<'a>),
     Mla(MlaAttention<'a>),
     ShortConv(ShortConv<'a>),
+    GatedDeltaNet(Box<GatedDeltaNet<'a>>),
 }
 
 /// One block: `x += mixer(norm(x))`, then `x += ffn(norm(x))` (each scaled by the residual
@@ -458,7 +489,12 @@ impl<'a> Model<'a> {
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             let mixer = match hp.mla {
-                _ if hp.is_recurrent(i) => Mixer::ShortConv(short_conv(&lk, &hp, i)?),
+                _ if hp.is_recurrent(i) => match hp.traits.recurrent_mixer {
+                    RecurrentMixer::ShortConv => Mixer::ShortConv(short_conv(&lk, &hp, i)?),
+                    RecurrentMixer::GatedDeltaNet => {
+                        Mixer::GatedDeltaNet(Box::new(gated_delta_net(&lk, &hp, i)?))
+                    }
+                },
                 None => Mixer::Attention(gqa_attention(&lk, &hp, i)?),
                 Some(p) => Mixer::Mla(mla_attention(&lk, &hp, &p, i)?),
             };
@@ -576,6 +612,33 @@ fn short_conv<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<ShortConv<'
     })
 }
 
+fn gated_delta_net<'a>(
+    lk: &Lookup<'a>,
+    hp: &HParams,
+    i: usize,
+) -> Result<GatedDeltaNet<'a>, ModelError> {
+    let n = |s: &str| format!("blk.{i}.{s}");
+    let d = hp.n_embd;
+    let p = hp.gdn.ok_or_else(|| {
+        ModelError::Unsupported(format!(
+            "layer {i} is marked recurrent but the file has no Gated DeltaNet dimensions"
+        ))
+    })?;
+    let (cd, vd, nv) = (p.conv_dim(), p.value_dim(), p.n_v_heads);
+    Ok(GatedDeltaNet {
+        dims: p,
+        qkv: lk.matrix(&n("attn_qkv.weight"), cd, d)?,
+        gate: lk.matrix(&n("attn_gate.weight"), vd, d)?,
+        beta: lk.matrix(&n("ssm_beta.weight"), nv, d)?,
+        alpha: lk.matrix(&n("ssm_alpha.weight"), nv, d)?,
+        conv: lk.matrix_f32(&n("ssm_conv1d.weight"), cd, p.conv_kernel)?,
+        dt_bias: lk.vector(&n("ssm_dt.bias"), nv)?,
+        a: lk.vector(&n("ssm_a"), nv)?,
+        norm: lk.vector(&n("ssm_norm.weight"), p.head_v_dim)?,
+        out: lk.matrix(&n("ssm_out.weight"), d, vd)?,
+    })
+}
+
 fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attention<'a>, ModelError> {
     let n = |s: &str| format!("blk.{i}.{s}");
     let d = hp.n_embd;
@@ -600,11 +663,25 @@ fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attentio
             k: lk.vector(&n("attn_k_norm.weight"), k_dim)?,
         }),
     };
+    let output_gate = hp.traits.attention_output_gate;
+    if output_gate && dims.head_dim_k != dims.head_dim_v {
+        return Err(ModelError::Metadata {
+            key: format!("{}.attention.value_length", hp.arch.gguf_name()),
+            why: format!(
+                "gated attention needs equal key and value head sizes, found {} and {}",
+                dims.head_dim_k, dims.head_dim_v
+            ),
+        });
+    }
     let values_are_keys = hp.traits.values_may_be_keys
         && !lk.has(&n("attn_v.weight"))
         && dims.head_dim_k == dims.head_dim_v;
     Ok(Attention {
-        wq: lk.matrix(&n("attn_q.weight"), q_dim, d)?,
+        wq: lk.matrix(
+            &n("attn_q.weight"),
+            if output_gate { 2 * q_dim } else { q_dim },
+            d,
+        )?,
         wk: lk.matrix(&n("attn_k.weight"), k_dim, d)?,
         wv: match values_are_keys {
             true => None,
@@ -618,6 +695,7 @@ fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attentio
         qk_norm,
         sinks: lk.opt_vector(&n("attn_sinks.weight"), hp.n_head)?,
         window: hp.layer_window(i),
+        output_gate,
     })
 }
 
