@@ -492,6 +492,43 @@ fn qwen35_moe_recurrent_state_is_fixed_rewinds_to_snapshots_and_chunks() {
     assert!(diff < TOLERANCE, "chunked prefill differs by {diff:e}");
 }
 
+/// A Qwen3.5 file without `attention.recurrent_layers` (only `full_attention_interval`, as
+/// llama.cpp's loader also accepts) gives the same layer kinds and logits; a list of the wrong
+/// length is an error naming the key.
+#[test]
+fn qwen35_moe_recurrent_layers_from_the_interval() {
+    use moe_runtime::gguf::{GgufFile, Value};
+    use moe_runtime::model::Model;
+    let fx = Fixture::load("qwen35_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let path = conv.path.with_extension("interval.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &path, |meta| {
+        meta.retain(|(k, _)| k != "qwen35moe.attention.recurrent_layers");
+    });
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(&file).unwrap();
+    assert_eq!(model.hp.recurrent_layers, [true, true, true, false]);
+    let case = &fx.expected.prompts[2];
+    let (want, _, vocab) = fx.logits(2);
+    let diff = max_rel_diff(&prompt_logits(&file, &case.ids), &want, vocab);
+    assert!(diff < TOLERANCE, "logits differ by {diff:e}");
+
+    let bad = conv.path.with_extension("bad.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &bad, |meta| {
+        for (k, v) in meta.iter_mut() {
+            if k == "qwen35moe.attention.recurrent_layers" {
+                *v = Value::Array(moe_runtime::gguf::ValueType::Bool, vec![Value::Bool(true)]);
+            }
+        }
+    });
+    let file = GgufFile::open(&bad).unwrap();
+    let err = Model::load(&file).err().expect("too short").to_string();
+    assert!(
+        err.contains("qwen35moe.attention.recurrent_layers"),
+        "{err}"
+    );
+}
+
 #[test]
 fn gpt_oss_sliding_layers_do_not_grow_with_the_context() {
     use moe_runtime::model::{KvType, Model, Session};
