@@ -494,7 +494,8 @@ fn qwen35_moe_recurrent_state_is_fixed_rewinds_to_snapshots_and_chunks() {
 
 /// A Qwen3.5 file without `attention.recurrent_layers` (only `full_attention_interval`, as
 /// llama.cpp's loader also accepts) gives the same layer kinds and logits; a list of the wrong
-/// length is an error naming the key.
+/// length is an error naming the key; a file announcing llama.cpp's MTP block after the trunk
+/// runs the trunk.
 #[test]
 fn qwen35_moe_recurrent_layers_from_the_interval() {
     use moe_runtime::gguf::{GgufFile, Value};
@@ -526,6 +527,31 @@ fn qwen35_moe_recurrent_layers_from_the_interval() {
     assert!(
         err.contains("qwen35moe.attention.recurrent_layers"),
         "{err}"
+    );
+
+    // llama.cpp's converter appends the MTP block by default: one more block, one more
+    // (non-recurrent) entry, nextn_predict_layers 1. The trunk runs as before.
+    let mtp = conv.path.with_extension("mtp.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &mtp, |meta| {
+        for (k, v) in meta.iter_mut() {
+            match k.as_str() {
+                "qwen35moe.block_count" => *v = Value::U32(5),
+                "qwen35moe.attention.recurrent_layers" => {
+                    let flags = [true, true, true, false, false].map(Value::Bool).to_vec();
+                    *v = Value::Array(moe_runtime::gguf::ValueType::Bool, flags);
+                }
+                _ => {}
+            }
+        }
+        meta.push(("qwen35moe.nextn_predict_layers".into(), Value::U32(1)));
+    });
+    let file = GgufFile::open(&mtp).unwrap();
+    let model = Model::load(&file).unwrap();
+    assert_eq!(model.layers.len(), 4);
+    let diff = max_rel_diff(&prompt_logits(&file, &case.ids), &want, vocab);
+    assert!(
+        diff < TOLERANCE,
+        "with an MTP block: logits differ by {diff:e}"
     );
 }
 
