@@ -128,3 +128,129 @@ impl<B: Block32> QuantDot for B {
         vaddvq_f32(vaddq_f32(acc0, acc1))
     }
 }
+
+/// [`super::super::Kernels::gemm_q8_0`] for a 32-value format: `out[r * n + t] = w_r . x_t`,
+/// each value computed exactly as the table's dot kernel computes it (same products, same
+/// two-accumulator order), so the tiles are bit-identical to the dot pair by pair.
+pub(super) fn gemm<D: I8Dot, B: Block32>(
+    w: &[u8],
+    rows: usize,
+    x: &[u8],
+    n: usize,
+    out: &mut [f32],
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(out.len() >= rows * n, "gemm shape");
+    assert_eq!(
+        w.len() % (rows * B::BYTES),
+        0,
+        "whole weight blocks per row"
+    );
+    assert_eq!(
+        x.len() % (n * Q8_0_BYTES),
+        0,
+        "whole activation blocks per row"
+    );
+    let nb = w.len() / rows / B::BYTES;
+    assert_eq!(nb, x.len() / n / Q8_0_BYTES, "block counts differ");
+    // SAFETY: shapes checked above; `D::gemm32` is compiled with the features `D` needs, and the
+    // `Sdot` instances are only in the dotprod table.
+    unsafe { D::gemm32::<B>(w.as_ptr(), rows, x.as_ptr(), n, nb, out.as_mut_ptr()) }
+}
+
+/// The tile loop behind [`gemm`], always inlined into a function compiled with `D`'s features.
+/// Tiles of two rows by two tokens: each weight block is unpacked (and its scale converted) once
+/// for two tokens, each activation block loaded once for two rows, and the eight accumulators,
+/// four loaded blocks and their products fit the 32 vector registers. Remainders take 2x1, 1x2
+/// and 1x1 tiles. A single token (decoding) takes 2x1 tiles too: two row streams at once (on
+/// AVX2, four streams cost decoding time and single rows are used there; on aarch64 the pairs
+/// execute fewer instructions and are not timed on a board yet: docs/KERNELS.md).
+#[inline(always)]
+pub(super) unsafe fn gemm_tiles<D: I8Dot, B: Block32>(
+    pw: *const u8,
+    rows: usize,
+    px: *const u8,
+    n: usize,
+    nb: usize,
+    out: *mut f32,
+) {
+    let (w_row, x_row) = (nb * B::BYTES, nb * Q8_0_BYTES);
+    let mut r = 0;
+    while r < rows {
+        let pr = pw.add(r * w_row);
+        let or = out.add(r * n);
+        let two_rows = r + 2 <= rows;
+        let mut t = 0;
+        while t < n {
+            let (pt, ot) = (px.add(t * x_row), or.add(t));
+            match (two_rows, t + 2 <= n) {
+                (true, true) => tile::<D, B, 2, 2>(pr, w_row, pt, x_row, nb, ot, n),
+                (true, false) => tile::<D, B, 2, 1>(pr, w_row, pt, x_row, nb, ot, n),
+                (false, true) => tile::<D, B, 1, 2>(pr, w_row, pt, x_row, nb, ot, n),
+                (false, false) => tile::<D, B, 1, 1>(pr, w_row, pt, x_row, nb, ot, n),
+            }
+            t += if t + 2 <= n { 2 } else { 1 };
+        }
+        r += if two_rows { 2 } else { 1 };
+    }
+}
+
+/// `R` weight rows (`w_row` bytes apart) against `T` activation rows (`x_row` apart), written to
+/// `out[r * ldo + t]`. Even blocks go to accumulator 0 and odd ones to accumulator 1 of each
+/// pair, as in the dot kernel.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<D: I8Dot, B: Block32, const R: usize, const T: usize>(
+    pw: *const u8,
+    w_row: usize,
+    px: *const u8,
+    x_row: usize,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[[vdupq_n_f32(0.0); 2]; T]; R];
+    let mut b = 0;
+    while b + 2 <= nb {
+        tile_block::<D, B, R, T, 0>(&mut acc, pw, w_row, px, x_row, b);
+        tile_block::<D, B, R, T, 1>(&mut acc, pw, w_row, px, x_row, b + 1);
+        b += 2;
+    }
+    if b < nb {
+        tile_block::<D, B, R, T, 0>(&mut acc, pw, w_row, px, x_row, b);
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (t, [a0, a1]) in acc_r.iter().enumerate() {
+            *out.add(r * ldo + t) = vaddvq_f32(vaddq_f32(*a0, *a1));
+        }
+    }
+}
+
+/// Block `b` of every row of the tile against block `b` of every token, into accumulator `H`.
+#[inline(always)]
+unsafe fn tile_block<D: I8Dot, B: Block32, const R: usize, const T: usize, const H: usize>(
+    acc: &mut [[[float32x4_t; 2]; T]; R],
+    pw: *const u8,
+    w_row: usize,
+    px: *const u8,
+    x_row: usize,
+    b: usize,
+) {
+    let mut wv = [[vdupq_n_s8(0); 2]; R];
+    let mut ws = [0f32; R];
+    for r in 0..R {
+        let p = pw.add(r * w_row + b * B::BYTES);
+        wv[r] = B::values(p);
+        ws[r] = B::scale(p);
+    }
+    for t in 0..T {
+        let p = px.add(t * x_row + b * Q8_0_BYTES);
+        let (xv, xs) = (Q8_0::values(p), f16_scale(p));
+        for r in 0..R {
+            let sum = vcvtq_f32_s32(D::dot32(wv[r], xv));
+            acc[r][t][H] = vfmaq_n_f32(acc[r][t][H], sum, ws[r] * xs);
+        }
+    }
+}

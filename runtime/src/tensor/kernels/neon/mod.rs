@@ -24,7 +24,8 @@ use super::{by_pairs, grid, scalar, Kernels};
 use crate::tensor::blocks::block32::{f16_at, quantize_row_q8_0};
 use crate::tensor::blocks::kquant::quantize_row_q8_k;
 
-// The matrix products are each table's dot kernels pair by pair (bit-identical to them).
+// The 32-value formats' matrix products are tiled (`block32::gemm`); the others are each table's
+// dot kernels pair by pair. Both are bit-identical to the dot pair by pair.
 static DOTPROD: Kernels = Kernels {
     name: "aarch64 neon+dotprod",
     dot_f32,
@@ -36,10 +37,10 @@ static DOTPROD: Kernels = Kernels {
     dot_q5_0_q8_0: scalar::dot_q5_0_q8_0,
     dot_iq4_nl_q8_0: dot::<Sdot, block32::Iq4Nl>,
     dot_mxfp4_q8_0: dot::<Sdot, block32::Mxfp4>,
-    gemm_q8_0: by_pairs!(dot::<Sdot, block32::Q8_0>),
-    gemm_q4_0: by_pairs!(dot::<Sdot, block32::Q4_0>),
-    gemm_iq4_nl: by_pairs!(dot::<Sdot, block32::Iq4Nl>),
-    gemm_mxfp4: by_pairs!(dot::<Sdot, block32::Mxfp4>),
+    gemm_q8_0: block32::gemm::<Sdot, block32::Q8_0>,
+    gemm_q4_0: block32::gemm::<Sdot, block32::Q4_0>,
+    gemm_iq4_nl: block32::gemm::<Sdot, block32::Iq4Nl>,
+    gemm_mxfp4: block32::gemm::<Sdot, block32::Mxfp4>,
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
@@ -76,10 +77,10 @@ static NEON: Kernels = Kernels {
     dot_q5_0_q8_0: scalar::dot_q5_0_q8_0,
     dot_iq4_nl_q8_0: dot::<Mull, block32::Iq4Nl>,
     dot_mxfp4_q8_0: dot::<Mull, block32::Mxfp4>,
-    gemm_q8_0: by_pairs!(dot::<Mull, block32::Q8_0>),
-    gemm_q4_0: by_pairs!(dot::<Mull, block32::Q4_0>),
-    gemm_iq4_nl: by_pairs!(dot::<Mull, block32::Iq4Nl>),
-    gemm_mxfp4: by_pairs!(dot::<Mull, block32::Mxfp4>),
+    gemm_q8_0: block32::gemm::<Mull, block32::Q8_0>,
+    gemm_q4_0: block32::gemm::<Mull, block32::Q4_0>,
+    gemm_iq4_nl: block32::gemm::<Mull, block32::Iq4Nl>,
+    gemm_mxfp4: block32::gemm::<Mull, block32::Mxfp4>,
     // Activation quantization is cheap next to the products and stays bit-identical to ggml's
     // reference this way.
     quantize_q8_0: quantize_row_q8_0,
@@ -347,6 +348,15 @@ trait I8Dot: Sized {
     unsafe fn dot32(w: [int8x16_t; 2], x: [int8x16_t; 2]) -> int32x4_t;
     /// Sum of `w[i] * x[i]` over 16 bytes, spread over four i32 lanes.
     unsafe fn dot16(w: int8x16_t, x: int8x16_t) -> int32x4_t;
+    /// [`block32::gemm_tiles`] compiled with the CPU features `Self` needs.
+    unsafe fn gemm32<B: block32::Block32>(
+        w: *const u8,
+        rows: usize,
+        x: *const u8,
+        n: usize,
+        nb: usize,
+        out: *mut f32,
+    );
 }
 
 struct Sdot;
@@ -363,6 +373,17 @@ impl I8Dot for Sdot {
     #[inline(always)]
     unsafe fn dot16(w: int8x16_t, x: int8x16_t) -> int32x4_t {
         sdot(vdupq_n_s32(0), w, x)
+    }
+    #[inline(always)]
+    unsafe fn gemm32<B: block32::Block32>(
+        w: *const u8,
+        rows: usize,
+        x: *const u8,
+        n: usize,
+        nb: usize,
+        out: *mut f32,
+    ) {
+        gemm32_sdot::<B>(w, rows, x, n, nb, out)
     }
 }
 
@@ -381,6 +402,17 @@ impl I8Dot for Mull {
     unsafe fn dot16(w: int8x16_t, x: int8x16_t) -> int32x4_t {
         mull_sum(w, x)
     }
+    #[inline(always)]
+    unsafe fn gemm32<B: block32::Block32>(
+        w: *const u8,
+        rows: usize,
+        x: *const u8,
+        n: usize,
+        nb: usize,
+        out: *mut f32,
+    ) {
+        gemm32_mull::<B>(w, rows, x, n, nb, out)
+    }
 }
 
 #[target_feature(enable = "dotprod")]
@@ -391,6 +423,30 @@ unsafe fn run_sdot<K: QuantDot>(w: &[u8], x: &[u8]) -> f32 {
 #[target_feature(enable = "neon")]
 unsafe fn run_mull<K: QuantDot>(w: &[u8], x: &[u8]) -> f32 {
     K::dot::<Mull>(w, x)
+}
+
+#[target_feature(enable = "dotprod")]
+unsafe fn gemm32_sdot<B: block32::Block32>(
+    w: *const u8,
+    rows: usize,
+    x: *const u8,
+    n: usize,
+    nb: usize,
+    out: *mut f32,
+) {
+    block32::gemm_tiles::<Sdot, B>(w, rows, x, n, nb, out)
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn gemm32_mull<B: block32::Block32>(
+    w: *const u8,
+    rows: usize,
+    x: *const u8,
+    n: usize,
+    nb: usize,
+    out: *mut f32,
+) {
+    block32::gemm_tiles::<Mull, B>(w, rows, x, n, nb, out)
 }
 
 #[inline(always)]
