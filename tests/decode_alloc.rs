@@ -125,7 +125,8 @@ fn every_ffn_kind_decodes_without_allocating() {
     // q/k norm (glm4_moe), softmax routing with a selection bias (ernie4_5_moe), routing from
     // the layer input, ReGLU and NoPE/sliding layers (smallthinker), a dense MLP beside the
     // experts with sandwich norms and per-layer head sizes (gemma4), short convolutions with
-    // their recurrent state beside attention layers (lfm2_moe).
+    // their recurrent state beside attention layers (lfm2_moe), Gated DeltaNets with gated
+    // attention and a gated shared expert (qwen35_moe).
     for name in [
         "qwen2_moe",
         "deepseek_v3",
@@ -136,6 +137,7 @@ fn every_ffn_kind_decodes_without_allocating() {
         "smallthinker",
         "gemma4",
         "lfm2_moe",
+        "qwen35_moe",
     ] {
         for ty in [GgmlType::Q8_0, GgmlType::F32] {
             let converted = Fixture::load(name).convert(ty);
@@ -145,12 +147,19 @@ fn every_ffn_kind_decodes_without_allocating() {
     }
 }
 
-/// LFM2-MoE: a snapshot of the conv state and a rewind to it (what moed's prompt cache does
-/// between requests) allocate nothing either.
+/// LFM2-MoE and Qwen3.5-MoE: a snapshot of the recurrent state (conv inputs, DeltaNet
+/// matrices) and a rewind to it (what moed's prompt cache does between requests) allocate
+/// nothing either.
 #[test]
-fn lfm2_moe_snapshot_and_rewind_allocate_nothing() {
+fn recurrent_snapshot_and_rewind_allocate_nothing() {
+    for name in ["lfm2_moe", "qwen35_moe"] {
+        snapshot_and_rewind_allocate_nothing(name);
+    }
+}
+
+fn snapshot_and_rewind_allocate_nothing(name: &str) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let converted = Fixture::load("lfm2_moe").convert(GgmlType::Q8_0);
+    let converted = Fixture::load(name).convert(GgmlType::Q8_0);
     let file = converted.open();
     let model = Model::load(&file).expect("model loads");
     let mut s = Session::with_kv_type(&model, 128, KvType::F16);
@@ -167,7 +176,10 @@ fn lfm2_moe_snapshot_and_rewind_allocate_nothing() {
             }
         })
     });
-    assert_eq!(n, 0, "{n} allocations in snapshot, decode and rewind");
+    assert_eq!(
+        n, 0,
+        "{name}: {n} allocations in snapshot, decode and rewind"
+    );
 }
 
 /// gpt-oss: attention sinks, biases, the clamped SwiGLU, MXFP4 experts, and sliding-window

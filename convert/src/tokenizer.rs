@@ -29,6 +29,12 @@ const KNOWN_PRE_REGEXES: &[(&str, &str)] = &[
         "llama-bpe",
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     ),
+    // Qwen3.5's (letters with their combining marks): llama-vocab.cpp's "original regex from
+    // tokenizer.json" for LLAMA_VOCAB_PRE_TYPE_QWEN35.
+    (
+        "qwen35",
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ),
 ];
 
 pub fn metadata(
@@ -353,4 +359,32 @@ fn chat_template(ckpt: &Checkpoint, tok_cfg: &Json) -> Result<Option<String>, Co
         _ => {}
     }
     ckpt.read_text("chat_template.jinja")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tokenizer.json's pre-tokenizer as transformers writes it: the split regex, then the
+    /// byte-level mapping.
+    fn with_regex(regex: &str) -> Json {
+        serde_json::json!({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+        ]}})
+    }
+
+    #[test]
+    fn pre_tokenizers_are_named_as_llama_cpp_names_them() {
+        for (name, regex) in KNOWN_PRE_REGEXES {
+            assert_eq!(pre_name(&with_regex(regex)), *name);
+        }
+        // Qwen3.5's regex differs from Qwen2's by the combining marks only.
+        let qwen35 = KNOWN_PRE_REGEXES
+            .iter()
+            .find(|(n, _)| *n == "qwen35")
+            .unwrap();
+        assert!(qwen35.1.contains(r"[\p{L}\p{M}]+"));
+        assert_eq!(pre_name(&with_regex(r"\p{N}+")), "default");
+    }
 }

@@ -28,6 +28,7 @@ pub const FIXTURES: &[&str] = &[
     "smallthinker",
     "gemma4",
     "lfm2_moe",
+    "qwen35_moe",
 ];
 
 #[derive(Debug, Deserialize)]

@@ -12,6 +12,7 @@ mod lfm2_moe;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
+mod qwen35_moe;
 mod qwen3_moe;
 mod smallthinker;
 
@@ -123,6 +124,13 @@ pub trait ArchConverter {
         }
     }
 
+    /// Where a norm's values come from (`model.layers.{l}.<norm>.weight` or the final norm):
+    /// Qwen3.5 stores `weight` for a `1 + weight` norm, which llama.cpp's converter writes as is
+    /// plus one.
+    fn norm_source(&self, name: String) -> Source {
+        Source::Tensor(name)
+    }
+
     /// Hugging Face's q/k projections use rotate-half rope; llama.cpp's llama-family graphs use
     /// interleaved rope, so those converters permute q/k rows.
     fn permute_qk(&self) -> bool {
@@ -232,13 +240,16 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "smallthinker" => Box::new(smallthinker::SmallThinker),
         "gemma4_text" => Box::new(gemma4::Gemma4),
         "lfm2_moe" => Box::new(lfm2_moe::Lfm2Moe),
+        // The multimodal config's text_config says qwen3_5_moe_text.
+        "qwen3_5_moe_text" | "qwen3_5_moe" => Box::new(qwen35_moe::Qwen35Moe),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
                 why: format!(
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
                      qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, \
-                     glm4_moe, ernie4_5_moe, gpt_oss, smallthinker, gemma4_text, lfm2_moe)"
+                     glm4_moe, ernie4_5_moe, gpt_oss, smallthinker, gemma4_text, lfm2_moe, \
+                     qwen3_5_moe)"
                 ),
             })
         }

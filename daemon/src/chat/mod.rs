@@ -466,6 +466,105 @@ mod tests {
         assert_eq!(reply.tools, crate::reply::ToolSyntax::Lfm2);
     }
 
+    /// Qwen3.5's template as llama.cpp ships it (`models/templates/Qwen3.5-4B.jinja`, the
+    /// family's template, Qwen3.5-35B-A3B's included) renders exactly as transformers 5.24's
+    /// apply_chat_template: an earlier turn's reasoning dropped, the prompt opening a `<think>`
+    /// block, tools and an XML call with its result, and `enable_thinking: false` closing the
+    /// block at once. A reply continues the open block, so its thinking comes back as
+    /// reasoning (`reasoning_content`) and the rest as the answer or a call.
+    #[test]
+    fn qwen35_template_renders_as_transformers_and_returns_thinking() {
+        use crate::reply::{ReplyEvent, ReplyParser, ReplySyntax, ToolSyntax};
+        let Some(source) = fetched_template("Qwen3.5-4B.jinja") else {
+            return;
+        };
+        let t = ChatTemplate::new(&source, String::new(), "<|im_end|>".into()).unwrap();
+        let mut earlier = msg("assistant", "Hello!");
+        earlier.reasoning_content = Some("greet back".into());
+        let out = render(
+            &t,
+            &[
+                msg("system", "Be brief."),
+                msg("user", "Hi"),
+                earlier,
+                msg("user", "What is 2+2?"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+             <|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n\
+             <|im_start|>assistant\n<think>\n"
+        );
+
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "Weather in a city", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+        let call: ChatMessage = serde_json::from_value(json!({"role": "assistant",
+            "content": "", "tool_calls": [{"id": "c1", "type": "function", "function":
+            {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]}))
+        .unwrap();
+        let opts = RenderOptions {
+            tools: Some(&tools),
+            kwargs: serde_json::Map::new(),
+        };
+        let out = t
+            .render(
+                &[msg("user", "Weather in Oslo?"), call, msg("tool", "12 C")],
+                &opts,
+            )
+            .unwrap();
+        let want = "<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather in a city\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n- Required parameters MUST be specified\n- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n</IMPORTANT><|im_end|>\n<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n12 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n";
+        assert_eq!(out, want);
+
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("enable_thinking".into(), json!(false));
+        let no_think = RenderOptions {
+            tools: None,
+            kwargs,
+        };
+        let closed = t.render(&[msg("user", "Hi")], &no_think).unwrap();
+        assert_eq!(
+            closed,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        );
+
+        // The reply after the open block: thinking, then the answer or an XML call.
+        let syntax = ReplySyntax::of_template(&source);
+        assert_eq!(syntax.tools, ToolSyntax::TaggedBlock);
+        let parse = |prompt: &str, reply: &str| {
+            let mut p = ReplyParser::new(syntax.clone(), prompt);
+            let mut events = p.push(reply);
+            events.extend(p.finish(false));
+            events
+        };
+        let events = parse(&out, "Oslo: check the tool.\n</think>\n\nIt is 12 C.");
+        let text = |want: fn(&ReplyEvent) -> Option<&String>| -> String {
+            events.iter().filter_map(want).map(String::as_str).collect()
+        };
+        let reasoning = text(|e| match e {
+            ReplyEvent::Reasoning(r) => Some(r),
+            _ => None,
+        });
+        let answer = text(|e| match e {
+            ReplyEvent::Content(c) => Some(c),
+            _ => None,
+        });
+        assert_eq!(reasoning.trim(), "Oslo: check the tool.");
+        assert_eq!(answer, "It is 12 C.");
+        let events = parse(
+            &out,
+            "Need the tool.</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nBergen\n</parameter>\n</function>\n</tool_call>",
+        );
+        assert!(matches!(&events[0], ReplyEvent::Reasoning(r) if r == "Need the tool."));
+        assert!(events.iter().any(|e| matches!(e,
+            ReplyEvent::ToolCall(c) if c.name == "get_weather" && c.arguments == r#"{"city":"Bergen"}"#)));
+        // With thinking off the block is closed: the reply is the answer.
+        let events = parse(&closed, "Hello!");
+        assert!(matches!(&events[..], [ReplyEvent::Content(c)] if c == "Hello!"));
+    }
+
     /// gpt-oss's template as llama.cpp ships it (`models/templates/openai-gpt-oss-120b.jinja`,
     /// fetched by scripts/fixtures/fetch_llama_cpp_files.sh; it calls transformers'
     /// `strftime_now`) renders exactly as transformers' apply_chat_template renders it (the

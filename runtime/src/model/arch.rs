@@ -30,6 +30,9 @@ pub enum Arch {
     /// llama.cpp's `lfm2moe`: Liquid AI's LFM2-MoE (8B-A1B), gated short convolutions beside
     /// attention layers.
     Lfm2Moe,
+    /// llama.cpp's `qwen35moe`: Qwen3.5/3.6-MoE's language model (35B-A3B), three Gated
+    /// DeltaNet layers to one gated full-attention layer.
+    Qwen35Moe,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -65,6 +68,15 @@ pub enum RouterInput {
     /// The post-attention residual, RMS-normalised without weights and multiplied by the
     /// layer's `ffn_gate_inp.scale` and `n_embd^-0.5` (Gemma 4; the experts read their own norm).
     NormedResidual,
+}
+
+/// What a layer the file marks recurrent runs instead of attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecurrentMixer {
+    /// LFM2's gated short convolution (`shortconv.*`).
+    ShortConv,
+    /// Qwen3.5's Gated DeltaNet (`ssm_*`, `attn_qkv`, `attn_gate`).
+    GatedDeltaNet,
 }
 
 /// Which attention the layers use.
@@ -126,10 +138,16 @@ pub struct ArchTraits {
     /// The attention output and the feed-forward output are RMS-normalised before their
     /// residual adds (`post_attention_norm`, `post_ffw_norm`: Gemma's sandwich norms).
     pub sandwich_norms: bool,
+    /// The query projection gives each head's query and an output gate (`[q, gate]` per head);
+    /// the attended values are multiplied by `sigmoid(gate)` before the output projection
+    /// (Qwen3.5's gated attention).
+    pub attention_output_gate: bool,
+    /// What the layers the file marks recurrent run.
+    pub recurrent_mixer: RecurrentMixer,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 12] = [
+    pub const ALL: [Arch; 13] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
@@ -142,6 +160,7 @@ impl Arch {
         Arch::SmallThinker,
         Arch::Gemma4,
         Arch::Lfm2Moe,
+        Arch::Qwen35Moe,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -159,6 +178,7 @@ impl Arch {
             Arch::SmallThinker => "smallthinker",
             Arch::Gemma4 => "gemma4",
             Arch::Lfm2Moe => "lfm2moe",
+            Arch::Qwen35Moe => "qwen35moe",
         }
     }
 
@@ -189,6 +209,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             Arch::Qwen2Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -211,6 +233,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             Arch::Qwen3Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -233,6 +257,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             Arch::Olmoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -255,6 +281,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             Arch::GraniteMoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -278,6 +306,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             Arch::Deepseek2 => ArchTraits {
                 attention: AttentionKind::Mla,
@@ -303,6 +333,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             Arch::Glm4Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -327,6 +359,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             Arch::Ernie45Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -352,6 +386,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             // llama.cpp's llama_model_openai_moe: load_swa_pattern(ml, 2), the softmax over the
             // selected logits (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT), and
@@ -383,6 +419,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             Arch::SmallThinker => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -409,6 +447,8 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             // llama.cpp's llama_model_gemma4: f_attention_scale 1, q/k norms with weights and an
             // unweighted v norm, NeoX rope (proportional rope through rope_freqs on the full
@@ -435,6 +475,8 @@ impl Arch {
                 v_norm: true,
                 values_may_be_keys: true,
                 sandwich_norms: true,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
             },
             // llama.cpp's llama_model_lfm2moe: per-head q/k norms, NeoX rope, sigmoid routing
             // with a selection bias and the top-k weights always renormalised (build_moe_ffn's
@@ -461,6 +503,37 @@ impl Arch {
                 v_norm: false,
                 values_may_be_keys: false,
                 sandwich_norms: false,
+                attention_output_gate: false,
+                recurrent_mixer: RecurrentMixer::ShortConv,
+            },
+            // llama.cpp's llama_model_qwen35moe: gated attention with per-head q/k norms and
+            // (for text positions) NeoX rope over `rope.dimension_count` dims, softmax routing
+            // always renormalised (build_moe_ffn's norm_w), a sigmoid-gated shared expert, the
+            // FFN norm stored as `post_attention_norm`. Which layers are Gated DeltaNets is in
+            // the file (`attention.recurrent_layers`, else every 4th layer is attention).
+            Arch::Qwen35Moe => ArchTraits {
+                attention: AttentionKind::Gqa,
+                rope: RopeStyle::Neox,
+                qk_norm: QkNorm::PerHead,
+                default_norm_topk: true,
+                has_granite_scales: false,
+                default_gating: Gating::Softmax,
+                ffn_norm_tensor: "post_attention_norm",
+                output_norm_tensor: "output_norm",
+                default_swa_pattern: 0,
+                swa_dense_first: false,
+                expert_glu: Glu::Silu,
+                default_yarn_truncate: true,
+                router_input: RouterInput::FfnInput,
+                nope_full_attention_step: None,
+                dense_glu: Glu::Silu,
+                scale_embeddings_by_sqrt_d: false,
+                unit_attention_scale: false,
+                v_norm: false,
+                values_may_be_keys: false,
+                sandwich_norms: false,
+                attention_output_gate: true,
+                recurrent_mixer: RecurrentMixer::GatedDeltaNet,
             },
         }
     }

@@ -4,7 +4,9 @@
 
 use super::arch::QkNorm;
 use super::hparams::HParams;
-use super::ops::{add_bias_rows, attend, norm_in_place, rope, unit_norm_in_place, RopeTables};
+use super::ops::{
+    add_bias_rows, attend, norm_in_place, rope, sigmoid, unit_norm_in_place, RopeTables,
+};
 use super::profile::{Phase, Profiler};
 use super::state::KvLayer;
 use super::weights::Attention;
@@ -15,6 +17,9 @@ use crate::tensor::{matmul, Kernels, MatmulScratch};
 #[derive(Default)]
 pub struct AttentionScratch {
     q: Vec<f32>,
+    /// With an output gate: `[n, hq, 2 * dk]` as projected, and the gates `[n, hq * dk]`.
+    qg: Vec<f32>,
+    gate: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     /// `[n, hq, dv]`: the attended values before the output projection.
@@ -60,6 +65,27 @@ pub fn attention(
     s.k.resize(n * hkv * dk, 0.0);
     s.v.resize(n * hkv * dv, 0.0);
     match a.wv {
+        // Qwen3.5: each head's query and output gate     [n, hq, 2 * dk] -> q, gate [n, hq * dk]
+        Some(wv) if a.output_gate => {
+            s.qg.resize(n * hq * 2 * dk, 0.0);
+            s.gate.resize(n * hq * dk, 0.0);
+            multi_matmul(
+                k,
+                &[a.wq, a.wk, wv],
+                xn,
+                n,
+                &mut [&mut s.qg, &mut s.k, &mut s.v],
+                &mut s.mm,
+            );
+            let halves = s.qg.chunks_exact(2 * dk);
+            for ((both, q), g) in halves
+                .zip(s.q.chunks_exact_mut(dk))
+                .zip(s.gate.chunks_exact_mut(dk))
+            {
+                q.copy_from_slice(&both[..dk]);
+                g.copy_from_slice(&both[dk..]);
+            }
+        }
         Some(wv) => multi_matmul(
             k,
             &[a.wq, a.wk, wv],
@@ -144,6 +170,12 @@ pub fn attention(
                 &mut s.attended[r * hq * dv..(r + c) * hq * dv],
                 &mut s.scores,
             );
+        }
+    }
+    if a.output_gate {
+        // attended *= sigmoid(gate)                           [n, hq * dv] (dv == dk)
+        for (o, &g) in s.attended.iter_mut().zip(&s.gate) {
+            *o *= sigmoid(g);
         }
     }
     prof.lap(Phase::AttnCore);

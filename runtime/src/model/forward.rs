@@ -6,8 +6,9 @@
 //! x = embed(tokens) * embedding_scale                    [n, d]
 //! for each layer:
 //!     (router logits from x, when the router reads the layer input: SmallThinker)
-//!     x += post_norm(mixer(norm(x))) * residual_scale     attention / MLA / short conv, per
-//!                                                        sequence on its rows and its state
+//!     x += post_norm(mixer(norm(x))) * residual_scale     attention / MLA / short conv /
+//!                                                        Gated DeltaNet, per sequence on its
+//!                                                        rows and its state
 //!     x += post_norm(ffn(norm(x))) * residual_scale       dense, or routed experts (+ shared
 //!                                                        or a dense MLP beside them), all rows
 //!     x *= out_scale                                     (post norms, out scale: Gemma 4)

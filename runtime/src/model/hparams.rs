@@ -2,8 +2,12 @@
 
 use crate::gguf::{GgufHeader, Value};
 
-use super::arch::{Arch, ArchTraits, AttentionKind};
+use super::arch::{Arch, ArchTraits, AttentionKind, RecurrentMixer};
+
 use super::error::ModelError;
+pub use super::layer_kinds::GdnParams;
+use super::layer_kinds::{gdn_params, head_count_kv, marked_recurrent_layers, trunk_layers};
+use super::meta::Meta;
 use crate::moe::experts::Glu;
 use crate::moe::router::{
     Gating, GroupLimit, GroupScore, RoutingSpec, MAX_EXPERTS, MAX_EXPERTS_USED,
@@ -90,9 +94,12 @@ pub struct HParams {
     pub swa_dims: Option<SwaDims>,
     /// Logits become `c * tanh(logits / c)` (`final_logit_softcapping`).
     pub final_logit_softcap: Option<f32>,
-    /// Per layer, whether it is a gated short convolution instead of attention (llama.cpp's
-    /// `is_recr`: a per-layer `attention.head_count_kv` of 0).
+    /// Per layer, whether it is recurrent instead of attention (llama.cpp's `is_recr`: a
+    /// per-layer `attention.head_count_kv` of 0, or `attention.recurrent_layers`); what it runs
+    /// is `traits.recurrent_mixer`.
     pub recurrent_layers: Vec<bool>,
+    /// Gated DeltaNet dimensions when the recurrent layers are DeltaNets.
+    pub gdn: Option<GdnParams>,
     /// Taps of the short convolutions (`shortconv.l_cache`); each keeps the last
     /// `shortconv_l_cache - 1` inputs as state. 0 when the model has none.
     pub shortconv_l_cache: usize,
@@ -119,69 +126,6 @@ pub struct LayerDims {
     pub swa_rope: bool,
 }
 
-pub(crate) struct Meta<'h> {
-    h: &'h GgufHeader,
-    prefix: &'static str,
-}
-
-impl<'h> Meta<'h> {
-    fn key(&self, k: &str) -> String {
-        format!("{}.{k}", self.prefix)
-    }
-
-    fn get(&self, k: &str) -> Option<&'h Value> {
-        self.h.get(&self.key(k))
-    }
-
-    fn missing(&self, k: &str) -> ModelError {
-        ModelError::Metadata {
-            key: self.key(k),
-            why: "is missing".into(),
-        }
-    }
-
-    fn usize(&self, k: &str) -> Result<usize, ModelError> {
-        self.opt_usize(k)?.ok_or_else(|| self.missing(k))
-    }
-
-    fn opt_usize(&self, k: &str) -> Result<Option<usize>, ModelError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|x| usize::try_from(x).ok())
-                .map(Some)
-                .ok_or_else(|| ModelError::Metadata {
-                    key: self.key(k),
-                    why: format!("must be a non-negative integer, found {v:?}"),
-                }),
-        }
-    }
-
-    fn opt_f32(&self, k: &str) -> Result<Option<f32>, ModelError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(|x| Some(x as f32))
-                .ok_or_else(|| ModelError::Metadata {
-                    key: self.key(k),
-                    why: format!("must be a number, found {v:?}"),
-                }),
-        }
-    }
-
-    fn opt_bool(&self, k: &str) -> Result<Option<bool>, ModelError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| ModelError::Metadata {
-                key: self.key(k),
-                why: format!("must be a bool, found {v:?}"),
-            }),
-        }
-    }
-}
-
 impl HParams {
     /// Reads hyper-parameters; `n_vocab` comes from the embedding tensor's shape.
     pub fn from_header(h: &GgufHeader, n_vocab: usize) -> Result<Self, ModelError> {
@@ -194,7 +138,10 @@ impl HParams {
         let n_embd = m.usize("embedding_length")?;
         let n_head = m.usize("attention.head_count")?;
         let n_layer = trunk_layers(&m)?;
-        let (n_head_kv_layers, recurrent_layers) = head_count_kv(&m, n_head, n_layer)?;
+        let (n_head_kv_layers, mut recurrent_layers) = head_count_kv(&m, n_head, n_layer)?;
+        if let Some(marked) = marked_recurrent_layers(&m, &traits, n_layer)? {
+            recurrent_layers = marked;
+        }
         let n_head_kv = n_head_kv_layers.first().copied().unwrap_or(n_head);
         let head_dim_k = m
             .opt_usize("attention.key_length")?
@@ -233,7 +180,12 @@ impl HParams {
             .opt_bool("expert_weights_norm")?
             .unwrap_or(traits.default_norm_topk);
         let routing = routing_spec(&m, n_expert, n_expert_used, norm_topk, traits)?;
-        let shortconv_l_cache = match recurrent_layers.contains(&true) {
+        let has_recurrent = recurrent_layers.contains(&true);
+        let gdn = match traits.recurrent_mixer {
+            RecurrentMixer::GatedDeltaNet if has_recurrent => Some(gdn_params(&m)?),
+            _ => None,
+        };
+        let shortconv_l_cache = match has_recurrent && gdn.is_none() {
             false => 0,
             true => match m.usize("shortconv.l_cache")? {
                 l @ 2..=64 => l,
@@ -333,6 +285,7 @@ impl HParams {
             swa_dims,
             final_logit_softcap: m.opt_f32("final_logit_softcapping")?.filter(|c| *c > 0.0),
             recurrent_layers,
+            gdn,
             shortconv_l_cache,
         })
     }
@@ -418,66 +371,6 @@ impl HParams {
             })
             .collect()
     }
-}
-
-/// The blocks the forward pass runs: `block_count` less the next-token-prediction (MTP) blocks
-/// that llama.cpp's converter appends after them (GLM-4.5), which only speculative decoding uses.
-fn trunk_layers(m: &Meta) -> Result<usize, ModelError> {
-    let blocks = m.usize("block_count")?;
-    let nextn = m.opt_usize("nextn_predict_layers")?.unwrap_or(0);
-    if nextn >= blocks {
-        return Err(ModelError::Metadata {
-            key: m.key("nextn_predict_layers"),
-            why: format!("{nextn} prediction blocks leave none of the {blocks} blocks to run"),
-        });
-    }
-    Ok(blocks - nextn)
-}
-
-/// `attention.head_count_kv`: one value for every layer, or one per layer: Gemma 4's sliding
-/// and full layers differ, and 0 marks a recurrent layer (llama.cpp's hybrid models). Returns
-/// each layer's KV heads (a recurrent layer gets the first attention layer's, unused) and which
-/// layers are recurrent; each attention layer's count must divide the query heads.
-fn head_count_kv(
-    m: &Meta,
-    n_head: usize,
-    n_layer: usize,
-) -> Result<(Vec<usize>, Vec<bool>), ModelError> {
-    let key = "attention.head_count_kv";
-    let counts = match m.get(key) {
-        Some(Value::Array(_, items)) => items
-            .iter()
-            .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
-            .collect::<Option<Vec<usize>>>()
-            .filter(|v| v.len() >= n_layer)
-            .map(|mut v| {
-                v.truncate(n_layer.max(1));
-                v
-            })
-            .ok_or_else(|| ModelError::Metadata {
-                key: m.key(key),
-                why: format!("must be a count or one count per layer ({n_layer}), found {items:?}"),
-            })?,
-        _ => vec![m.opt_usize(key)?.unwrap_or(n_head); n_layer.max(1)],
-    };
-    let recurrent: Vec<bool> = counts.iter().map(|&c| c == 0).collect();
-    let attention = counts.iter().copied().find(|&c| c > 0).unwrap_or(n_head);
-    if let Some(&bad) = counts
-        .iter()
-        .filter(|&&kv| kv > 0)
-        .chain(std::iter::once(&attention))
-        .find(|&&kv| n_head == 0 || kv == 0 || !n_head.is_multiple_of(kv))
-    {
-        return Err(ModelError::Metadata {
-            key: m.key(key),
-            why: format!("{bad} KV heads cannot serve {n_head} query heads"),
-        });
-    }
-    let per_layer = counts
-        .iter()
-        .map(|&c| if c == 0 { attention } else { c })
-        .collect();
-    Ok((per_layer, recurrent))
 }
 
 /// transformers' `yarn_get_mscale`.

@@ -10,7 +10,11 @@ mod error;
 mod ffn;
 mod foresight;
 mod forward;
+mod gated_delta_net;
 mod hparams;
+mod layer_kinds;
+mod lookup;
+mod meta;
 mod mla;
 mod observe;
 mod ops;
@@ -19,14 +23,16 @@ mod short_conv;
 mod state;
 mod weights;
 
-pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RopeStyle, RouterInput};
+pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RecurrentMixer, RopeStyle, RouterInput};
 pub use error::ModelError;
 pub use foresight::PredictionStats;
 pub use forward::{ExpertStreaming, SavedSequence, Session, MAX_BATCH_SEQUENCES};
-pub use hparams::{HParams, MlaParams, Yarn};
+pub use hparams::{GdnParams, HParams, MlaParams, Yarn};
 pub use observe::LayerRouting;
-pub use state::{ConvState, KvLayer, KvShape, KvType, LayerState, SequenceState, SWA_CHUNK};
+pub use state::{
+    ConvState, DeltaState, KvLayer, KvShape, KvType, LayerState, SequenceState, SWA_CHUNK,
+};
 pub use weights::{
-    Attention, ExpertBiases, ExpertSlab, Experts, Ffn, Layer, Mixer, MlaAttention, Mlp, Model,
-    MoeBlock, QkNormWeights, QueryProj, SharedExpert, ShortConv, StackedExperts,
+    Attention, ExpertBiases, ExpertSlab, Experts, Ffn, GatedDeltaNet, Layer, Mixer, MlaAttention,
+    Mlp, Model, MoeBlock, QkNormWeights, QueryProj, SharedExpert, ShortConv, StackedExperts,
 };

@@ -14,6 +14,9 @@ pub enum Phase {
     AttnCore,
     /// A short convolution's gating and taps (LFM2), between its projections.
     ConvCore,
+    /// A Gated DeltaNet's convolution, delta rule and gated norm (Qwen3.5), between its
+    /// projections.
+    DeltaNetCore,
     /// Router matrix, expert selection and the per-expert token lists.
     Routing,
     /// Expert (and shared-expert or dense) MLP products.
@@ -25,10 +28,11 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::AttnProjections,
         Phase::AttnCore,
         Phase::ConvCore,
+        Phase::DeltaNetCore,
         Phase::Routing,
         Phase::Experts,
         Phase::ExpertIo,
@@ -42,6 +46,7 @@ impl Phase {
             Phase::AttnProjections => "attention projections",
             Phase::AttnCore => "attention core",
             Phase::ConvCore => "short convolution",
+            Phase::DeltaNetCore => "gated delta rule",
             Phase::Routing => "routing",
             Phase::Experts => "expert matmuls",
             Phase::ExpertIo => "expert I/O wait",

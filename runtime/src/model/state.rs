@@ -225,6 +225,61 @@ impl ConvState {
     pub fn bytes(&self) -> usize {
         (self.values.len() + self.snapshot.len()) * std::mem::size_of::<f32>()
     }
+
+    fn save(&mut self) {
+        self.snapshot.copy_from_slice(&self.values);
+    }
+
+    fn restore(&mut self) {
+        self.values.copy_from_slice(&self.snapshot);
+    }
+}
+
+/// A Gated DeltaNet's state: its convolution's last `K - 1` inputs (`[K - 1, conv_dim]`) and the
+/// delta rule's matrix per value head (`[n_v_heads, head_k_dim, head_v_dim]`), each with a copy
+/// taken at one earlier position (the sequence's snapshot). Its size does not depend on the
+/// context.
+pub struct DeltaState {
+    pub conv: ConvState,
+    matrices: Vec<f32>,
+    snapshot: Vec<f32>,
+}
+
+impl DeltaState {
+    pub fn new(p: &super::hparams::GdnParams) -> Self {
+        let len = p.n_v_heads * p.head_k_dim * p.head_v_dim;
+        Self {
+            conv: ConvState::new(p.conv_kernel, p.conv_dim()),
+            matrices: vec![0.0; len],
+            snapshot: vec![0.0; len],
+        }
+    }
+
+    /// Whether this state has the shape of a layer with `p`'s dimensions.
+    pub fn fits(&self, p: &super::hparams::GdnParams) -> bool {
+        self.matrices.len() == p.n_v_heads * p.head_k_dim * p.head_v_dim
+            && self.conv.values.len() == p.conv_kernel.saturating_sub(1) * p.conv_dim()
+    }
+
+    /// `[n_v_heads, head_k_dim, head_v_dim]`.
+    pub fn matrices_mut(&mut self) -> &mut [f32] {
+        &mut self.matrices
+    }
+
+    /// Bytes held: both states and their snapshots.
+    pub fn bytes(&self) -> usize {
+        self.conv.bytes() + (self.matrices.len() + self.snapshot.len()) * std::mem::size_of::<f32>()
+    }
+
+    fn save(&mut self) {
+        self.conv.save();
+        self.snapshot.copy_from_slice(&self.matrices);
+    }
+
+    fn restore(&mut self) {
+        self.conv.restore();
+        self.matrices.copy_from_slice(&self.snapshot);
+    }
 }
 
 /// The state one layer keeps between forward passes.
@@ -234,6 +289,47 @@ pub enum LayerState {
     /// A recurrent layer (LFM2's short convolution): fixed-size state that holds the whole past
     /// in a summary, so it cannot go back to an earlier position.
     Conv(ConvState),
+    /// A Gated DeltaNet (Qwen3.5): recurrent as `Conv`.
+    Delta(Box<DeltaState>),
+}
+
+impl LayerState {
+    fn is_recurrent(&self) -> bool {
+        !matches!(self, LayerState::Kv(_))
+    }
+
+    /// Copies a recurrent state into its snapshot.
+    fn save(&mut self) {
+        match self {
+            LayerState::Kv(_) => {}
+            LayerState::Conv(c) => c.save(),
+            LayerState::Delta(d) => d.save(),
+        }
+    }
+
+    /// Takes a recurrent state's snapshot back.
+    fn restore(&mut self) {
+        match self {
+            LayerState::Kv(_) => {}
+            LayerState::Conv(c) => c.restore(),
+            LayerState::Delta(d) => d.restore(),
+        }
+    }
+
+    fn kv_bytes(&self) -> usize {
+        match self {
+            LayerState::Kv(kv) => kv.bytes(),
+            LayerState::Conv(_) | LayerState::Delta(_) => 0,
+        }
+    }
+
+    fn recurrent_bytes(&self) -> usize {
+        match self {
+            LayerState::Kv(_) => 0,
+            LayerState::Conv(c) => c.bytes(),
+            LayerState::Delta(d) => d.bytes(),
+        }
+    }
 }
 
 /// The KV cache an attention layer `li` of `model` keeps for `n_ctx` positions: its shape and
@@ -261,7 +357,7 @@ fn kv_plan(model: &Model, li: usize, n_ctx: usize) -> Option<(KvShape, usize)> {
             },
             n_ctx,
         )),
-        Mixer::ShortConv(_) => None,
+        Mixer::ShortConv(_) | Mixer::GatedDeltaNet(_) => None,
     }
 }
 
@@ -289,6 +385,9 @@ impl SequenceState {
                     (None, Mixer::ShortConv(c)) => {
                         LayerState::Conv(ConvState::new(c.taps, model.hp.n_embd))
                     }
+                    (None, Mixer::GatedDeltaNet(g)) => {
+                        LayerState::Delta(Box::new(DeltaState::new(&g.dims)))
+                    }
                     (None, _) => unreachable!("every attention mixer keeps a KV cache"),
                 },
             )
@@ -315,6 +414,9 @@ impl SequenceState {
                     (LayerState::Conv(c), None, Mixer::ShortConv(sc)) => {
                         c.values.len() == sc.taps.saturating_sub(1) * model.hp.n_embd
                     }
+                    (LayerState::Delta(st), None, Mixer::GatedDeltaNet(g)) => {
+                        st.fits(&g.dims)
+                    }
                     _ => false,
                 }
             })
@@ -322,17 +424,13 @@ impl SequenceState {
 
     /// Whether some layer's state is recurrent (it cannot go back to any position).
     pub fn is_recurrent(&self) -> bool {
-        self.layers.iter().any(|l| matches!(l, LayerState::Conv(_)))
+        self.layers.iter().any(LayerState::is_recurrent)
     }
 
     /// Copies every recurrent layer's state, as it is after `pos` positions, into its snapshot
     /// (replacing the previous one), so that the sequence can be rewound to `pos` later.
     pub fn take_snapshot(&mut self, pos: usize) {
-        for l in &mut self.layers {
-            if let LayerState::Conv(c) = l {
-                c.snapshot.copy_from_slice(&c.values);
-            }
-        }
+        self.layers.iter_mut().for_each(LayerState::save);
         self.snapshot = Some(pos);
     }
 
@@ -342,11 +440,7 @@ impl SequenceState {
     pub fn rewind(&mut self, from: usize, to: usize) {
         debug_assert!(self.can_rewind(from, to));
         if to != from && to != 0 && self.snapshot == Some(to) {
-            for l in &mut self.layers {
-                if let LayerState::Conv(c) = l {
-                    c.values.copy_from_slice(&c.snapshot);
-                }
-            }
+            self.layers.iter_mut().for_each(LayerState::restore);
         }
         if self.snapshot.is_some_and(|s| s > to) {
             self.snapshot = None;
@@ -363,11 +457,7 @@ impl SequenceState {
     /// is, go back to the snapshot, or start over.
     pub fn can_rewind(&self, from: usize, to: usize) -> bool {
         let recurrent_ok = to == from || to == 0 || self.snapshot == Some(to);
-        to <= from
-            && self.layers.iter().all(|l| match l {
-                LayerState::Kv(_) => true,
-                LayerState::Conv(_) => recurrent_ok,
-            })
+        to <= from && (recurrent_ok || !self.is_recurrent())
     }
 
     /// The furthest position at most `at_most` that a sequence of `from` positions can be cut
@@ -391,23 +481,11 @@ impl SequenceState {
 
     /// Bytes held by KV caches (they grow with the context).
     pub fn kv_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerState::Kv(kv) => kv.bytes(),
-                LayerState::Conv(_) => 0,
-            })
-            .sum()
+        self.layers.iter().map(LayerState::kv_bytes).sum()
     }
 
     /// Bytes held by recurrent layers' state and its snapshot (fixed, whatever the context).
     pub fn recurrent_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerState::Kv(_) => 0,
-                LayerState::Conv(c) => c.bytes(),
-            })
-            .sum()
+        self.layers.iter().map(LayerState::recurrent_bytes).sum()
     }
 }

@@ -1,77 +1,17 @@
 //! The model's tensors, looked up by their llama.cpp names and checked against the
 //! hyper-parameters before anything runs.
 
-use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+use crate::gguf::GgufFile;
 use crate::moe::cache::{ExpertLayout, SlabSpec};
 pub use crate::moe::experts::Mlp;
 use crate::tensor::QMatrix;
 
 use super::arch::QkNorm;
+use super::arch::RecurrentMixer;
 use super::error::ModelError;
-use super::hparams::{HParams, MlaParams};
-
-/// One expert's matrix inside the file: its type, bytes and where they start.
-#[derive(Clone, Copy, Debug)]
-pub struct ExpertSlab<'a> {
-    pub ty: GgmlType,
-    pub data: &'a [u8],
-    /// Where `data` starts in the file (for reading experts with pread instead of the map).
-    pub file_offset: usize,
-}
-
-/// `n_expert` matrices of `rows x cols`, one per expert. Usually one stacked tensor (ggml dims
-/// `[cols, rows, n_expert]`, expert `e` one contiguous slab, llama.cpp's layout); in moe-edge's
-/// mixed-precision extension one 2-D tensor per expert, each with its own type (see
-/// `moe::calib`), so slabs may differ in type and size. MLA's per-head `attn_k_b`/`attn_v_b`
-/// use the stacked layout too.
-#[derive(Clone, Debug)]
-pub struct StackedExperts<'a> {
-    pub rows: usize,
-    pub cols: usize,
-    pub n_expert: usize,
-    pub slabs: Vec<ExpertSlab<'a>>,
-}
-
-impl<'a> StackedExperts<'a> {
-    /// Slabs of a stacked tensor: `data` split in `n_expert` equal parts.
-    fn stacked(
-        ty: GgmlType,
-        rows: usize,
-        cols: usize,
-        n_expert: usize,
-        data: &'a [u8],
-        file_offset: usize,
-    ) -> Self {
-        let sb = data.len() / n_expert;
-        let slabs = (0..n_expert)
-            .map(|e| ExpertSlab {
-                ty,
-                data: &data[e * sb..(e + 1) * sb],
-                file_offset: file_offset + e * sb,
-            })
-            .collect();
-        Self {
-            rows,
-            cols,
-            n_expert,
-            slabs,
-        }
-    }
-
-    pub fn slab_bytes(&self, e: usize) -> usize {
-        self.slabs[e].data.len()
-    }
-
-    pub fn expert(&self, e: usize) -> QMatrix<'a> {
-        let s = self.slabs[e];
-        QMatrix {
-            ty: s.ty,
-            rows: self.rows,
-            cols: self.cols,
-            data: s.data,
-        }
-    }
-}
+use super::hparams::{GdnParams, HParams, MlaParams};
+use super::lookup::Lookup;
+pub use super::lookup::{ExpertSlab, StackedExperts};
 
 pub struct Experts<'a> {
     pub gate: StackedExperts<'a>,
@@ -168,6 +108,9 @@ pub struct Attention<'a> {
     pub sinks: Option<Vec<f32>>,
     /// Keys older than this many positions are masked (this layer's sliding window).
     pub window: Option<usize>,
+    /// `wq` gives each head's query and then its output gate (`[n_head * 2 * head_dim, d]`);
+    /// the attended values are multiplied by `sigmoid(gate)` (Qwen3.5).
+    pub output_gate: bool,
 }
 
 /// Query and key norm weights: `head_dim_k` long, applied to each head (Qwen3-MoE), or as long as
@@ -216,12 +159,39 @@ pub struct ShortConv<'a> {
     pub out_proj: QMatrix<'a>,
 }
 
+/// Qwen3.5's Gated DeltaNet (llama.cpp's names): `qkv = attn_qkv x` through a causal depthwise
+/// convolution and SiLU, q/k L2-normalised per head, a delta-rule update of a
+/// `[head_k_dim, head_v_dim]` state per value head decayed by
+/// `exp(ssm_a * softplus(ssm_alpha x + ssm_dt))` with rate `sigmoid(ssm_beta x)`, the read-out
+/// RMS-normalised per head (`ssm_norm`) times `silu(attn_gate x)`, then `ssm_out`.
+pub struct GatedDeltaNet<'a> {
+    pub dims: GdnParams,
+    /// `[conv_dim, n_embd]`: q (`n_k_heads * head_k_dim`), k, then v rows.
+    pub qkv: QMatrix<'a>,
+    /// `[value_dim, n_embd]`: the output gate `z`.
+    pub gate: QMatrix<'a>,
+    /// `[n_v_heads, n_embd]` each: the update rate's and the decay's logits.
+    pub beta: QMatrix<'a>,
+    pub alpha: QMatrix<'a>,
+    /// `[conv_dim, conv_kernel]`: channel `c`'s taps, oldest position first.
+    pub conv: Vec<f32>,
+    /// `[n_v_heads]`: added to the decay logits.
+    pub dt_bias: Vec<f32>,
+    /// `[n_v_heads]`: `-exp(A_log)`, negative.
+    pub a: Vec<f32>,
+    /// `[head_v_dim]`: the read-out's RMSNorm weights, shared by the value heads.
+    pub norm: Vec<f32>,
+    /// `[n_embd, value_dim]`.
+    pub out: QMatrix<'a>,
+}
+
 /// What mixes information across positions in a layer; its per-session state lives in
 /// [`super::state::SequenceState`].
 pub enum Mixer<'a> {
     Attention(Attention<'a>),
     Mla(MlaAttention<'a>),
     ShortConv(ShortConv<'a>),
+    GatedDeltaNet(Box<GatedDeltaNet<'a>>),
 }
 
 /// One block: `x += mixer(norm(x))`, then `x += ffn(norm(x))` (each scaled by the residual
@@ -255,162 +225,6 @@ pub struct Model<'a> {
     /// `[rope_dim / 2]`): each pair's frequency is divided by its factor (Gemma 4's
     /// proportional rope stops pairs with 1e30).
     pub rope_freqs: Option<Vec<f32>>,
-}
-
-struct Lookup<'a> {
-    file: &'a GgufFile,
-}
-
-impl<'a> Lookup<'a> {
-    fn info(&self, name: &str) -> Option<&'a TensorInfo> {
-        self.file.header().tensor(name)
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.info(name).is_some()
-    }
-
-    fn require(&self, name: &str) -> Result<&'a TensorInfo, ModelError> {
-        self.info(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
-    }
-
-    fn check_dims(info: &TensorInfo, want: &[usize]) -> Result<(), ModelError> {
-        // Trailing 1s are equivalent (a [n, 1] tensor is a vector).
-        let trim = |d: &[usize]| {
-            let mut v = d.to_vec();
-            while v.len() > 1 && v.last() == Some(&1) {
-                v.pop();
-            }
-            v
-        };
-        if trim(&info.dims) != trim(want) {
-            return Err(ModelError::Shape {
-                name: info.name.clone(),
-                expected: want.to_vec(),
-                found: info.dims.clone(),
-            });
-        }
-        Ok(())
-    }
-
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix<'a>, ModelError> {
-        let info = self.require(name)?;
-        Self::check_dims(info, &[cols, rows])?;
-        Ok(QMatrix {
-            ty: info.ty,
-            rows,
-            cols,
-            data: self.file.tensor_bytes(info),
-        })
-    }
-
-    /// A stacked expert tensor `name`, or (moe-edge's mixed-precision layout) the per-expert
-    /// tensors `<stem>.<e>.weight` that replace it.
-    fn stacked(
-        &self,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        n_expert: usize,
-    ) -> Result<StackedExperts<'a>, ModelError> {
-        if let Some(info) = self.info(name) {
-            Self::check_dims(info, &[cols, rows, n_expert])?;
-            return Ok(StackedExperts::stacked(
-                info.ty,
-                rows,
-                cols,
-                n_expert,
-                self.file.tensor_bytes(info),
-                info.range.start,
-            ));
-        }
-        let stem = name.strip_suffix(".weight").unwrap_or(name);
-        if !self.has(&crate::moe::calib::per_expert_name(stem, 0)) {
-            return Err(ModelError::MissingTensor(name.to_string()));
-        }
-        let mut slabs = Vec::with_capacity(n_expert);
-        for e in 0..n_expert {
-            let info = self.require(&crate::moe::calib::per_expert_name(stem, e))?;
-            Self::check_dims(info, &[cols, rows])?;
-            slabs.push(ExpertSlab {
-                ty: info.ty,
-                data: self.file.tensor_bytes(info),
-                file_offset: info.range.start,
-            });
-        }
-        Ok(StackedExperts {
-            rows,
-            cols,
-            n_expert,
-            slabs,
-        })
-    }
-
-    /// A fused `[cols, 2 * rows, n_expert]` gate/up tensor (llama.cpp's `ffn_gate_up_exps`, gate
-    /// rows first in each expert) as two stacked tensors: each expert's slab split in halves.
-    fn gate_up_halves(
-        &self,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        n_expert: usize,
-    ) -> Result<(StackedExperts<'a>, StackedExperts<'a>), ModelError> {
-        let info = self.require(name)?;
-        Self::check_dims(info, &[cols, 2 * rows, n_expert])?;
-        let both = StackedExperts::stacked(
-            info.ty,
-            2 * rows,
-            cols,
-            n_expert,
-            self.file.tensor_bytes(info),
-            info.range.start,
-        );
-        let half = |part: usize| StackedExperts {
-            rows,
-            cols,
-            n_expert,
-            slabs: both
-                .slabs
-                .iter()
-                .map(|s| {
-                    let h = s.data.len() / 2;
-                    ExpertSlab {
-                        ty: s.ty,
-                        data: &s.data[part * h..(part + 1) * h],
-                        file_offset: s.file_offset + part * h,
-                    }
-                })
-                .collect(),
-        };
-        Ok((half(0), half(1)))
-    }
-
-    /// Small vectors (norm weights, biases) are decoded to f32 once at load.
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-        let info = self.require(name)?;
-        Self::check_dims(info, &[len])?;
-        let mut out = vec![0f32; len];
-        crate::tensor::quant::dequantize(info.ty, self.file.tensor_bytes(info), &mut out);
-        Ok(out)
-    }
-
-    /// A small `[rows, cols]` tensor decoded to f32 once at load (per-expert biases).
-    fn matrix_f32(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, ModelError> {
-        let info = self.require(name)?;
-        Self::check_dims(info, &[cols, rows])?;
-        let mut out = vec![0f32; rows * cols];
-        crate::tensor::quant::dequantize(info.ty, self.file.tensor_bytes(info), &mut out);
-        Ok(out)
-    }
-
-    fn opt_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
-        if self.has(name) {
-            self.vector(name, len).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
 }
 
 impl Model<'_> {
@@ -458,7 +272,12 @@ impl<'a> Model<'a> {
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             let mixer = match hp.mla {
-                _ if hp.is_recurrent(i) => Mixer::ShortConv(short_conv(&lk, &hp, i)?),
+                _ if hp.is_recurrent(i) => match hp.traits.recurrent_mixer {
+                    RecurrentMixer::ShortConv => Mixer::ShortConv(short_conv(&lk, &hp, i)?),
+                    RecurrentMixer::GatedDeltaNet => {
+                        Mixer::GatedDeltaNet(Box::new(gated_delta_net(&lk, &hp, i)?))
+                    }
+                },
                 None => Mixer::Attention(gqa_attention(&lk, &hp, i)?),
                 Some(p) => Mixer::Mla(mla_attention(&lk, &hp, &p, i)?),
             };
@@ -576,6 +395,33 @@ fn short_conv<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<ShortConv<'
     })
 }
 
+fn gated_delta_net<'a>(
+    lk: &Lookup<'a>,
+    hp: &HParams,
+    i: usize,
+) -> Result<GatedDeltaNet<'a>, ModelError> {
+    let n = |s: &str| format!("blk.{i}.{s}");
+    let d = hp.n_embd;
+    let p = hp.gdn.ok_or_else(|| {
+        ModelError::Unsupported(format!(
+            "layer {i} is marked recurrent but the file has no Gated DeltaNet dimensions"
+        ))
+    })?;
+    let (cd, vd, nv) = (p.conv_dim(), p.value_dim(), p.n_v_heads);
+    Ok(GatedDeltaNet {
+        dims: p,
+        qkv: lk.matrix(&n("attn_qkv.weight"), cd, d)?,
+        gate: lk.matrix(&n("attn_gate.weight"), vd, d)?,
+        beta: lk.matrix(&n("ssm_beta.weight"), nv, d)?,
+        alpha: lk.matrix(&n("ssm_alpha.weight"), nv, d)?,
+        conv: lk.matrix_f32(&n("ssm_conv1d.weight"), cd, p.conv_kernel)?,
+        dt_bias: lk.vector(&n("ssm_dt.bias"), nv)?,
+        a: lk.vector(&n("ssm_a"), nv)?,
+        norm: lk.vector(&n("ssm_norm.weight"), p.head_v_dim)?,
+        out: lk.matrix(&n("ssm_out.weight"), d, vd)?,
+    })
+}
+
 fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attention<'a>, ModelError> {
     let n = |s: &str| format!("blk.{i}.{s}");
     let d = hp.n_embd;
@@ -600,11 +446,25 @@ fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attentio
             k: lk.vector(&n("attn_k_norm.weight"), k_dim)?,
         }),
     };
+    let output_gate = hp.traits.attention_output_gate;
+    if output_gate && dims.head_dim_k != dims.head_dim_v {
+        return Err(ModelError::Metadata {
+            key: format!("{}.attention.value_length", hp.arch.gguf_name()),
+            why: format!(
+                "gated attention needs equal key and value head sizes, found {} and {}",
+                dims.head_dim_k, dims.head_dim_v
+            ),
+        });
+    }
     let values_are_keys = hp.traits.values_may_be_keys
         && !lk.has(&n("attn_v.weight"))
         && dims.head_dim_k == dims.head_dim_v;
     Ok(Attention {
-        wq: lk.matrix(&n("attn_q.weight"), q_dim, d)?,
+        wq: lk.matrix(
+            &n("attn_q.weight"),
+            if output_gate { 2 * q_dim } else { q_dim },
+            d,
+        )?,
         wk: lk.matrix(&n("attn_k.weight"), k_dim, d)?,
         wv: match values_are_keys {
             true => None,
@@ -618,6 +478,7 @@ fn gqa_attention<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Attentio
         qk_norm,
         sinks: lk.opt_vector(&n("attn_sinks.weight"), hp.n_head)?,
         window: hp.layer_window(i),
+        output_gate,
     })
 }
 

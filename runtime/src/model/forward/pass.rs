@@ -7,6 +7,7 @@ use crate::model::attention::{attention, AttentionScratch, AttnSeq};
 use crate::model::error::ModelError;
 use crate::model::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
 use crate::model::foresight::Foresight;
+use crate::model::gated_delta_net::{gated_delta_net, GdnScratch};
 use crate::model::hparams::HParams;
 use crate::model::mla::{mla_attention, MlaScratch};
 use crate::model::observe::Observers;
@@ -55,6 +56,7 @@ pub(super) struct MixerScratch {
     attention: AttentionScratch,
     mla: MlaScratch,
     conv: ShortConvScratch,
+    gdn: GdnScratch,
 }
 
 /// One sequence's share of a batch: its state, its tokens (consecutive rows of the batch) and
@@ -343,6 +345,9 @@ fn run_mixer(
         }
         (Mixer::ShortConv(c), LayerState::Conv(st)) => {
             short_conv(k, c, xn, m, pos, st, &mut s.conv, out, prof)
+        }
+        (Mixer::GatedDeltaNet(g), LayerState::Delta(st)) => {
+            gated_delta_net(k, g, hp.norm_eps, xn, m, pos, st, &mut s.gdn, out, prof)
         }
         _ => unreachable!("SequenceState::new gives each mixer its kind of state"),
     }
