@@ -211,6 +211,19 @@ unsafe fn f16x8_to_f32(v: uint16x8_t) -> (float32x4_t, float32x4_t) {
     (lo, hi)
 }
 
+/// Four f16 values (as bits) widened to f32.
+#[inline(always)]
+unsafe fn f16x4_to_f32(v: uint16x4_t) -> float32x4_t {
+    let out: float32x4_t;
+    asm!(
+        "fcvtl {out:v}.4s, {v:v}.4h",
+        out = lateout(vreg) out,
+        v = in(vreg) v,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    out
+}
+
 /// The little-endian f16 at `p` (unaligned), converted in a register instead of a call out to
 /// the `half` crate, which would dominate the per-block work.
 #[inline(always)]
