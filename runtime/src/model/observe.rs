@@ -28,6 +28,11 @@ pub struct Observers {
 pub struct RouteTrace(pub Option<Vec<LayerRouting>>);
 
 impl RouteTrace {
+    /// Whether routing is being recorded.
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// After a MoE layer routed the batch starting at `first_pos`.
     pub fn on_routing(&mut self, layer: usize, first_pos: usize, logits: &[f32], routes: &[Route]) {
         if let Some(trace) = &mut self.0 {

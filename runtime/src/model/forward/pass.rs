@@ -138,6 +138,11 @@ impl Pass<'_, '_, '_> {
             }
         }
 
+        // Rows of the residual stream still computed: all n until the last layer's mixer, then
+        // only those whose logits are wanted, moved to the front (`keep_wanted_rows`).
+        let mut rows = n;
+        let last_layer = model.layers.len() - 1;
+
         for (li, layer) in model.layers.iter().enumerate() {
             if let Some(cache) = cache {
                 cache.set_position(last_pos, li);
@@ -210,15 +215,30 @@ impl Pass<'_, '_, '_> {
                     }
                 }
             }
-            if let Some(w) = &layer.mixer_post_norm {
-                norm_in_place(&mut s.out, w, d, hp.norm_eps, k);
+            // The mixers have filled every position's state; past the last one only the rows
+            // whose logits are wanted matter (llama.cpp's `inp_out_ids`), unless every row's
+            // routing is observed or was decided for the whole batch beforehand.
+            if li == last_layer
+                && wanted == Wanted::LastOfEach
+                && n > parts.len()
+                && !routed_early
+                && self.foresight.decided().is_none()
+                && !self.observers.trace.is_on()
+            {
+                keep_wanted_rows(parts, &mut s.x, &mut s.out, d);
+                rows = parts.len();
             }
-            add_scaled(&mut s.x, &s.out, hp.residual_scale);
+            let (x, out) = (&mut s.x[..rows * d], &mut s.out[..rows * d]);
+            if let Some(w) = &layer.mixer_post_norm {
+                norm_in_place(out, w, d, hp.norm_eps, k);
+            }
+            add_scaled(x, out, hp.residual_scale);
             self.foresight
-                .after_mixer(k, model, li, &s.x, n, last_pos, cache);
+                .after_mixer(k, model, li, x, rows, last_pos, cache);
 
             // x += ffn(norm(x)) * residual_scale
-            rms_norm_rows(&s.x, &layer.ffn_norm, hp.norm_eps, &mut s.xn, k);
+            let xn = &mut s.xn[..rows * d];
+            rms_norm_rows(x, &layer.ffn_norm, hp.norm_eps, xn, k);
             let decided = match routed_early {
                 true => Some(&s.early_logits[..]),
                 false => self.foresight.decided(),
@@ -228,8 +248,8 @@ impl Pass<'_, '_, '_> {
                 hp,
                 li,
                 &layer.ffn,
-                (&s.x, &s.xn),
-                n,
+                (x, xn),
+                rows,
                 decided,
                 source,
                 self.routing,
@@ -238,18 +258,20 @@ impl Pass<'_, '_, '_> {
                 prof,
             )?;
             if let Ffn::Moe(_) = layer.ffn {
-                let (logits, routes) = (s.ffn.router_logits(n, hp.n_expert), s.ffn.routes());
+                let (logits, routes) = (s.ffn.router_logits(rows, hp.n_expert), s.ffn.routes());
                 self.observers
                     .trace
                     .on_routing(li, first_pos, logits, routes);
                 self.foresight.on_routing(li, s.ffn.active(), routes);
             }
+            let out = &mut s.out[..rows * d];
             if let Some(w) = &layer.ffn_post_norm {
-                norm_in_place(&mut s.out, w, d, hp.norm_eps, k);
+                norm_in_place(out, w, d, hp.norm_eps, k);
             }
-            add_scaled(&mut s.x, &s.out, hp.residual_scale);
+            let x = &mut s.x[..rows * d];
+            add_scaled(x, out, hp.residual_scale);
             if let Some(c) = layer.out_scale {
-                s.x.iter_mut().for_each(|v| *v *= c);
+                x.iter_mut().for_each(|v| *v *= c);
             }
         }
 
@@ -261,6 +283,18 @@ impl Pass<'_, '_, '_> {
             Wanted::All => {
                 rms_norm_rows(&s.x, &model.output_norm, hp.norm_eps, &mut s.xn, k);
                 n
+            }
+            // Already the first rows (the last layer kept only them).
+            Wanted::LastOfEach if rows == parts.len() => {
+                let r = rows * d;
+                rms_norm_rows(
+                    &s.x[..r],
+                    &model.output_norm,
+                    hp.norm_eps,
+                    &mut s.xn[..r],
+                    k,
+                );
+                rows
             }
             Wanted::LastOfEach => {
                 let mut end = 0;
@@ -295,6 +329,17 @@ impl Pass<'_, '_, '_> {
         }
         prof.lap(Phase::Output);
         Ok(())
+    }
+}
+
+/// Moves each sequence's last row (of `d` values) of `x` and `out` to row `i` for the `i`th
+/// sequence: the rows whose logits are wanted, in order.
+fn keep_wanted_rows(parts: &[Part], x: &mut [f32], out: &mut [f32], d: usize) {
+    let mut end = 0;
+    for (i, part) in parts.iter().enumerate() {
+        end += part.tokens.len();
+        x.copy_within((end - 1) * d..end * d, i * d);
+        out.copy_within((end - 1) * d..end * d, i * d);
     }
 }
 
