@@ -90,7 +90,19 @@ pub fn build(
     let d = cfg.usize("hidden_size")?;
     let n_layer = cfg.usize("num_hidden_layers")?;
     let n_head = cfg.usize("num_attention_heads")?;
+    if n_head == 0 {
+        return Err(ConvertError::Config {
+            field: "num_attention_heads".into(),
+            why: "is 0: a model needs at least one attention head".into(),
+        });
+    }
     let n_head_kv = conv.head_count_kv(cfg)?;
+    if n_head_kv == 0 {
+        return Err(ConvertError::Config {
+            field: "num_key_value_heads".into(),
+            why: "is 0: attention needs at least one key/value head".into(),
+        });
+    }
     let head_dim = cfg.opt_usize("head_dim")?.unwrap_or(d / n_head);
     let n_vocab = cfg.usize("vocab_size")?;
     let n_expert = conv.expert_count(cfg)?;
