@@ -414,9 +414,7 @@ impl SequenceState {
                     (LayerState::Conv(c), None, Mixer::ShortConv(sc)) => {
                         c.values.len() == sc.taps.saturating_sub(1) * model.hp.n_embd
                     }
-                    (LayerState::Delta(st), None, Mixer::GatedDeltaNet(g)) => {
-                        st.fits(&g.dims)
-                    }
+                    (LayerState::Delta(st), None, Mixer::GatedDeltaNet(g)) => st.fits(&g.dims),
                     _ => false,
                 }
             })
