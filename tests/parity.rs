@@ -409,24 +409,30 @@ fn qwen35_moe_gated_delta_net_gated_attention_shared_expert() {
 /// chunked rule) at every position of every prompt.
 #[test]
 fn qwen35_moe_step_by_step_decoding_matches_prefill() {
-    let fx = Fixture::load("qwen35_moe");
+    check_step_by_step("qwen35_moe");
+}
+
+/// Decodes every prompt of fixture `name` one token at a time and checks the logits at every
+/// position against transformers' and against moe-edge's own prefill of the whole prompt.
+fn check_step_by_step(name: &str) {
+    let fx = Fixture::load(name);
     let conv = fx.convert(GgmlType::F32);
     let file = conv.open();
     for (i, case) in fx.expected.prompts.iter().enumerate() {
         let (want, _, vocab) = fx.logits(i);
         let got = stepwise_logits(&file, &case.ids);
         let diff = max_rel_diff(&got, &want, vocab);
-        println!("qwen35_moe prompt {i} step by step: max |diff| / max |logit| = {diff:.2e}");
+        println!("{name} prompt {i} step by step: max |diff| / max |logit| = {diff:.2e}");
         assert!(
             diff < TOLERANCE,
-            "prompt {i}: step-by-step logits differ by {diff:e}"
+            "{name} prompt {i}: step-by-step logits differ by {diff:e}"
         );
         let prefill = moe_e2e::prompt_logits(&file, &case.ids);
         let diff = max_rel_diff(&got, &prefill, vocab);
-        println!("qwen35_moe prompt {i} step by step vs prefill: {diff:.2e}");
+        println!("{name} prompt {i} step by step vs prefill: {diff:.2e}");
         assert!(
             diff < TOLERANCE,
-            "prompt {i}: step-by-step vs prefill {diff:e}"
+            "{name} prompt {i}: step-by-step vs prefill {diff:e}"
         );
     }
 }
@@ -611,19 +617,7 @@ fn gemma4_dense_mlp_beside_experts_sliding_and_full_layers() {
 /// the 46-token one passing the window (8) and the sliding layers' ring (39 slots).
 #[test]
 fn gemma4_step_by_step_decoding_matches_prefill() {
-    let fx = Fixture::load("gemma4");
-    let conv = fx.convert(GgmlType::F32);
-    let file = conv.open();
-    for (i, case) in fx.expected.prompts.iter().enumerate() {
-        let (want, _, vocab) = fx.logits(i);
-        let got = stepwise_logits(&file, &case.ids);
-        let diff = max_rel_diff(&got, &want, vocab);
-        println!("gemma4 prompt {i} step by step: max |diff| / max |logit| = {diff:.2e}");
-        assert!(
-            diff < TOLERANCE,
-            "gemma4 prompt {i}: step-by-step logits differ by {diff:e}"
-        );
-    }
+    check_step_by_step("gemma4");
 }
 
 /// Decoding one token at a time through the KV cache gives the same logits as one prefill.
