@@ -412,6 +412,85 @@ fn qwen35_moe_step_by_step_decoding_matches_prefill() {
     check_step_by_step("qwen35_moe");
 }
 
+/// Granite-4.0-H (transformers' GraniteMoeHybridForCausalLM): Mamba-2 layers around a NoPE
+/// attention layer (mamba, attention, mamba, mamba; 8 heads in 2 groups, a conv bias, prompts
+/// over several of transformers' scan chunks), softmax top-2 plus a shared expert, Granite's
+/// multipliers.
+#[test]
+fn granite_hybrid_mamba2_nope_attention_shared_expert_multipliers() {
+    check_parity("granite_hybrid", GgmlType::F32);
+}
+
+/// Granite-4.0-H decoded one token at a time equals one prefill at every position of every
+/// prompt.
+#[test]
+fn granite_hybrid_step_by_step_decoding_matches_prefill() {
+    check_step_by_step("granite_hybrid");
+}
+
+/// Granite-4.0-H's Mamba-2 layers keep a fixed state (conv inputs and one `[head_dim, d_state]`
+/// matrix per head, with snapshots), only its attention layer grows with the context; the state
+/// rewinds only to where it is, to 0 or to the snapshot, and uneven chunks give one prefill's
+/// logits.
+#[test]
+fn granite_hybrid_ssm_state_is_fixed_rewinds_to_snapshots_and_chunks() {
+    use moe_runtime::model::{KvType, Mixer, Model, Session};
+    let fx = Fixture::load("granite_hybrid");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let hp = &model.hp;
+    let kinds: Vec<bool> = (0..hp.n_layer).map(|l| hp.is_recurrent(l)).collect();
+    assert_eq!(kinds, [true, false, true, true], "layer_types");
+    assert!(matches!(model.layers[0].mixer, Mixer::Mamba2(_)));
+    assert!(matches!(model.layers[1].mixer, Mixer::Attention(_)));
+    assert!(!hp.uses_rope(1), "NoPE attention");
+    let m = hp.mamba.unwrap();
+    assert_eq!((m.n_heads, m.n_groups, m.d_state), (8, 2, 16));
+    let per_pos = hp.n_head_kv * (hp.head_dim_k + hp.head_dim_v) * 4;
+    // Per Mamba-2 layer: the last K-1 conv inputs and the scan states, each with its snapshot.
+    let per_layer = 2 * 4 * ((m.conv_kernel - 1) * m.conv_dim() + m.d_inner * m.d_state);
+    for ctx in [64, 256] {
+        let s = Session::with_kv_type(&model, ctx, KvType::F32);
+        assert_eq!(s.kv_bytes(), ctx * per_pos, "KV of the attention layer");
+        assert_eq!(
+            s.recurrent_bytes(),
+            3 * per_layer,
+            "state of the 3 Mamba-2 layers"
+        );
+    }
+
+    let ids = &fx.expected.prompts[2].ids;
+    let (want, n, vocab) = fx.logits(2);
+    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
+    let first = s.forward(ids, false).unwrap().to_vec();
+    assert!(s.can_rewind(n) && s.can_rewind(0) && !s.can_rewind(n - 1));
+    s.rewind(0).unwrap();
+    assert_eq!(s.forward(ids, false).unwrap(), &first[..], "start over");
+    s.reset();
+    s.forward(&ids[..5], false).unwrap();
+    s.snapshot();
+    s.forward(&ids[5..], false).unwrap();
+    assert_eq!(s.rewind_point(n - 1), 5);
+    s.rewind(5).unwrap();
+    let again = s.forward(&ids[5..], false).unwrap();
+    assert!(
+        max_rel_diff(again, &first, vocab) < TOLERANCE,
+        "from the snapshot"
+    );
+
+    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
+    let mut got = Vec::new();
+    let mut at = 0;
+    for len in [1, 2, 5, 3] {
+        got.extend_from_slice(s.forward(&ids[at..at + len], true).unwrap());
+        at += len;
+    }
+    got.extend_from_slice(s.forward(&ids[at..], true).unwrap());
+    let diff = max_rel_diff(&got, &want, vocab);
+    assert!(diff < TOLERANCE, "chunked prefill differs by {diff:e}");
+}
+
 /// Decodes every prompt of fixture `name` one token at a time and checks the logits at every
 /// position against transformers' and against moe-edge's own prefill of the whole prompt.
 fn check_step_by_step(name: &str) {

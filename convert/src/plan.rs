@@ -63,7 +63,11 @@ pub(crate) fn choose_type(
         || name.contains("ssm_conv1d");
     // A decoupled router is small and decides every layer's experts: kept exact.
     let is_decoupled_router = name.starts_with(crate::router::PREFIX);
-    if dims.len() == 1 || is_router || is_decoupled_router || !name.ends_with(".weight") {
+    // Norms stay f32 when they are 2-D too (Mamba-2's grouped `ssm_norm`), as llama.cpp's
+    // converter keeps every `_norm.weight`.
+    let is_norm = name.ends_with("_norm.weight");
+    if dims.len() == 1 || is_router || is_norm || is_decoupled_router || !name.ends_with(".weight")
+    {
         return GgmlType::F32;
     }
     let mut ty = requested;

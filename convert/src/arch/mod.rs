@@ -7,6 +7,7 @@ mod ernie4_5_moe;
 mod gemma4;
 mod glm4_moe;
 mod gpt_oss;
+mod granite_hybrid;
 mod granitemoe;
 mod lfm2_moe;
 mod mixtral;
@@ -242,6 +243,7 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
         "lfm2_moe" => Box::new(lfm2_moe::Lfm2Moe),
         // The multimodal config's text_config says qwen3_5_moe_text.
         "qwen3_5_moe_text" | "qwen3_5_moe" => Box::new(qwen35_moe::Qwen35Moe),
+        "granitemoehybrid" => Box::new(granite_hybrid::GraniteHybrid),
         other => {
             return Err(ConvertError::Config {
                 field: "model_type".into(),
@@ -249,7 +251,7 @@ pub fn for_config(cfg: &Config) -> Result<Box<dyn ArchConverter>, ConvertError> 
                     "is `{other}`, which moe-convert does not support (supported: mixtral, \
                      qwen2_moe, qwen3_moe, olmoe, granitemoe, deepseek_v2, deepseek_v3, \
                      glm4_moe, ernie4_5_moe, gpt_oss, smallthinker, gemma4_text, lfm2_moe, \
-                     qwen3_5_moe)"
+                     qwen3_5_moe, granitemoehybrid)"
                 ),
             })
         }

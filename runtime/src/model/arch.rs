@@ -33,6 +33,9 @@ pub enum Arch {
     /// llama.cpp's `qwen35moe`: Qwen3.5/3.6-MoE's language model (35B-A3B), three Gated
     /// DeltaNet layers to one gated full-attention layer.
     Qwen35Moe,
+    /// llama.cpp's `granitehybrid`: IBM's Granite-4.0-H (transformers' `granitemoehybrid`),
+    /// Mamba-2 layers beside attention layers, MoE with a shared expert, Granite's multipliers.
+    GraniteHybrid,
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -77,6 +80,9 @@ pub enum RecurrentMixer {
     ShortConv,
     /// Qwen3.5's Gated DeltaNet (`ssm_*`, `attn_qkv`, `attn_gate`).
     GatedDeltaNet,
+    /// A Mamba-2 selective state space layer (`ssm_in`, `ssm_conv1d`, `ssm_a`, `ssm_d`,
+    /// grouped `ssm_norm`, `ssm_out`: Granite-4.0-H).
+    Mamba2,
 }
 
 /// Which attention the layers use.
@@ -144,10 +150,14 @@ pub struct ArchTraits {
     pub attention_output_gate: bool,
     /// What the layers the file marks recurrent run.
     pub recurrent_mixer: RecurrentMixer,
+    /// `{arch}.rope.scaling.finetuned` switches rope on and off for every layer (true when
+    /// absent): llama.cpp's granitehybrid reads it so, and its converter writes false for
+    /// Granite-4.0-H, whose attention has no positional embedding.
+    pub rope_switched_by_finetuned: bool,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 13] = [
+    pub const ALL: [Arch; 14] = [
         Arch::Llama,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
@@ -161,6 +171,7 @@ impl Arch {
         Arch::Gemma4,
         Arch::Lfm2Moe,
         Arch::Qwen35Moe,
+        Arch::GraniteHybrid,
     ];
 
     /// The `general.architecture` string llama.cpp uses.
@@ -179,6 +190,7 @@ impl Arch {
             Arch::Gemma4 => "gemma4",
             Arch::Lfm2Moe => "lfm2moe",
             Arch::Qwen35Moe => "qwen35moe",
+            Arch::GraniteHybrid => "granitehybrid",
         }
     }
 
@@ -211,6 +223,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             Arch::Qwen2Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -235,6 +248,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             Arch::Qwen3Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -259,6 +273,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             Arch::Olmoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -283,6 +298,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             Arch::GraniteMoe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -308,6 +324,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             Arch::Deepseek2 => ArchTraits {
                 attention: AttentionKind::Mla,
@@ -335,6 +352,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             Arch::Glm4Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -361,6 +379,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             Arch::Ernie45Moe => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -388,6 +407,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             // llama.cpp's llama_model_openai_moe: load_swa_pattern(ml, 2), the softmax over the
             // selected logits (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT), and
@@ -421,6 +441,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             Arch::SmallThinker => ArchTraits {
                 attention: AttentionKind::Gqa,
@@ -449,6 +470,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             // llama.cpp's llama_model_gemma4: f_attention_scale 1, q/k norms with weights and an
             // unweighted v norm, NeoX rope (proportional rope through rope_freqs on the full
@@ -477,6 +499,7 @@ impl Arch {
                 sandwich_norms: true,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             // llama.cpp's llama_model_lfm2moe: per-head q/k norms, NeoX rope, sigmoid routing
             // with a selection bias and the top-k weights always renormalised (build_moe_ffn's
@@ -505,6 +528,7 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: false,
                 recurrent_mixer: RecurrentMixer::ShortConv,
+                rope_switched_by_finetuned: false,
             },
             // llama.cpp's llama_model_qwen35moe: gated attention with per-head q/k norms and
             // (for text positions) NeoX rope over `rope.dimension_count` dims, softmax routing
@@ -534,6 +558,16 @@ impl Arch {
                 sandwich_norms: false,
                 attention_output_gate: true,
                 recurrent_mixer: RecurrentMixer::GatedDeltaNet,
+                rope_switched_by_finetuned: false,
+            },
+            // llama.cpp's llama_model_granite_hybrid: Granite's multipliers, softmax routing
+            // renormalised (build_moe_ffn's norm_w), an unscaled shared SwiGLU expert, rope
+            // (interleaved: its converter permutes q/k) only when `rope.scaling.finetuned` is
+            // true. Which layers are Mamba-2 is in the file (head_count_kv 0).
+            Arch::GraniteHybrid => ArchTraits {
+                recurrent_mixer: RecurrentMixer::Mamba2,
+                rope_switched_by_finetuned: true,
+                ..Arch::GraniteMoe.traits()
             },
         }
     }

@@ -7,8 +7,8 @@
 //! for each layer:
 //!     (router logits from x, when the router reads the layer input: SmallThinker)
 //!     x += post_norm(mixer(norm(x))) * residual_scale     attention / MLA / short conv /
-//!                                                        Gated DeltaNet, per sequence on its
-//!                                                        rows and its state
+//!                                                        Gated DeltaNet / Mamba-2, per
+//!                                                        sequence on its rows and its state
 //!     x += post_norm(ffn(norm(x))) * residual_scale       dense, or routed experts (+ shared
 //!                                                        or a dense MLP beside them), all rows
 //!     x *= out_scale                                     (post norms, out scale: Gemma 4)

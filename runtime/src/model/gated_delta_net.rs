@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use super::ops::sigmoid;
+use super::ops::{sigmoid, softplus};
 use super::profile::{Phase, Profiler};
 use super::state::DeltaState;
 use super::weights::GatedDeltaNet;
@@ -196,15 +196,6 @@ pub fn gated_delta_net(
     out.resize(n * d, 0.0);
     matmul(k, &g.out, &s.core, n, out, &mut s.mm);
     prof.lap(Phase::AttnProjections);
-}
-
-/// `log(1 + exp(x))` as PyTorch's `softplus` (linear above 20).
-fn softplus(x: f32) -> f32 {
-    if x > 20.0 {
-        x
-    } else {
-        x.exp().ln_1p()
-    }
 }
 
 /// What every head reads: the normalised convolution output and the per-head rates.

@@ -5,8 +5,10 @@ use crate::gguf::{GgufHeader, Value};
 use super::arch::{Arch, ArchTraits, AttentionKind, RecurrentMixer};
 
 use super::error::ModelError;
-pub use super::layer_kinds::GdnParams;
-use super::layer_kinds::{gdn_params, head_count_kv, marked_recurrent_layers, trunk_layers};
+use super::layer_kinds::{
+    gdn_params, head_count_kv, mamba2_params, marked_recurrent_layers, trunk_layers,
+};
+pub use super::layer_kinds::{GdnParams, Mamba2Params};
 use super::meta::Meta;
 use crate::moe::experts::Glu;
 use crate::moe::router::{
@@ -100,6 +102,11 @@ pub struct HParams {
     pub recurrent_layers: Vec<bool>,
     /// Gated DeltaNet dimensions when the recurrent layers are DeltaNets.
     pub gdn: Option<GdnParams>,
+    /// Mamba-2 dimensions when the recurrent layers are Mamba-2.
+    pub mamba: Option<Mamba2Params>,
+    /// Whether attention layers rotate queries and keys at all (false: Granite-4.0-H's NoPE
+    /// attention, `rope.scaling.finetuned` false).
+    pub rope_enabled: bool,
     /// Taps of the short convolutions (`shortconv.l_cache`); each keeps the last
     /// `shortconv_l_cache - 1` inputs as state. 0 when the model has none.
     pub shortconv_l_cache: usize,
@@ -185,7 +192,15 @@ impl HParams {
             RecurrentMixer::GatedDeltaNet if has_recurrent => Some(gdn_params(&m)?),
             _ => None,
         };
-        let shortconv_l_cache = match has_recurrent && gdn.is_none() {
+        let mamba = match traits.recurrent_mixer {
+            RecurrentMixer::Mamba2 if has_recurrent => Some(mamba2_params(&m)?),
+            _ => None,
+        };
+        let rope_enabled = match traits.rope_switched_by_finetuned {
+            true => m.opt_bool("rope.scaling.finetuned")?.unwrap_or(true),
+            false => true,
+        };
+        let shortconv_l_cache = match has_recurrent && gdn.is_none() && mamba.is_none() {
             false => 0,
             true => match m.usize("shortconv.l_cache")? {
                 l @ 2..=64 => l,
@@ -286,6 +301,8 @@ impl HParams {
             final_logit_softcap: m.opt_f32("final_logit_softcapping")?.filter(|c| *c > 0.0),
             recurrent_layers,
             gdn,
+            mamba,
+            rope_enabled,
             shortconv_l_cache,
         })
     }
@@ -325,6 +342,9 @@ impl HParams {
 
     /// Whether `layer` rotates queries and keys (false: a NoPE layer).
     pub fn uses_rope(&self, layer: usize) -> bool {
+        if !self.rope_enabled {
+            return false;
+        }
         match (self.traits.nope_full_attention_step, self.sliding_window) {
             (Some(step), Some(_)) => !layer.is_multiple_of(step),
             _ => true,

@@ -1,5 +1,5 @@
 //! Which blocks a file has and what each layer is: the trunk's block count, per-layer KV heads,
-//! which layers are recurrent, and the Gated DeltaNet geometry of recurrent layers.
+//! which layers are recurrent, and the Gated DeltaNet or Mamba-2 geometry of recurrent layers.
 
 use super::arch::{ArchTraits, RecurrentMixer};
 use super::error::ModelError;
@@ -27,6 +27,36 @@ impl GdnParams {
 
     pub fn value_dim(&self) -> usize {
         self.n_v_heads * self.head_v_dim
+    }
+}
+
+/// Mamba-2 dimensions (llama.cpp's `ssm.*` keys for Granite-4.0-H): `d_inner` channels
+/// (`inner_size`) as `n_heads` heads (`time_step_rank`) of `d_inner / n_heads`, a
+/// `[head_dim, d_state]` state per head (`state_size`), B and C shared by the heads of each of
+/// `n_groups` groups (`group_count`; head `h` is in group `h / (n_heads / n_groups)`), a causal
+/// convolution of `conv_kernel` taps over x, B and C.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mamba2Params {
+    pub conv_kernel: usize,
+    pub d_inner: usize,
+    pub d_state: usize,
+    pub n_heads: usize,
+    pub n_groups: usize,
+}
+
+impl Mamba2Params {
+    pub fn head_dim(&self) -> usize {
+        self.d_inner / self.n_heads
+    }
+
+    /// Channels of the convolution: x, B and C.
+    pub fn conv_dim(&self) -> usize {
+        self.d_inner + 2 * self.n_groups * self.d_state
+    }
+
+    /// Rows of the input projection: z, x, B, C and one dt per head.
+    pub fn in_proj_dim(&self) -> usize {
+        self.d_inner + self.conv_dim() + self.n_heads
     }
 }
 
@@ -158,6 +188,40 @@ pub(crate) fn gdn_params(m: &Meta) -> Result<GdnParams, ModelError> {
         return Err(ModelError::Metadata {
             key: m.key("ssm.conv_kernel"),
             why: format!("{} taps: a DeltaNet convolution has 1 to 64", p.conv_kernel),
+        });
+    }
+    Ok(p)
+}
+
+/// The `ssm.*` keys of a Mamba-2 model.
+pub(crate) fn mamba2_params(m: &Meta) -> Result<Mamba2Params, ModelError> {
+    let p = Mamba2Params {
+        conv_kernel: m.usize("ssm.conv_kernel")?,
+        d_inner: m.usize("ssm.inner_size")?,
+        d_state: m.usize("ssm.state_size")?,
+        n_heads: m.usize("ssm.time_step_rank")?,
+        n_groups: m.usize("ssm.group_count")?,
+    };
+    if p.n_heads == 0
+        || p.n_groups == 0
+        || p.d_state == 0
+        || p.d_inner == 0
+        || !p.d_inner.is_multiple_of(p.n_heads)
+        || !p.n_heads.is_multiple_of(p.n_groups)
+    {
+        return Err(ModelError::Metadata {
+            key: m.key("ssm.inner_size"),
+            why: format!(
+                "{} wide over {} heads in {} groups with a state of {} does not describe a \
+                 Mamba-2 layer",
+                p.d_inner, p.n_heads, p.n_groups, p.d_state
+            ),
+        });
+    }
+    if !(1..=64).contains(&p.conv_kernel) {
+        return Err(ModelError::Metadata {
+            key: m.key("ssm.conv_kernel"),
+            why: format!("{} taps: a Mamba-2 convolution has 1 to 64", p.conv_kernel),
         });
     }
     Ok(p)

@@ -1,8 +1,9 @@
 //! Model definition: architecture traits, hyper-parameters, weights and the forward pass.
 //!
-//! A layer is a mixer ([`attention`], [`mla`], [`short_conv`]) and a feed-forward ([`ffn`]); [`forward`] runs
-//! them top to bottom, with per-layer state in [`state`], shared operations in [`ops`], and
-//! prediction ([`foresight`]) and observers ([`observe`], [`profile`]) at named points.
+//! A layer is a mixer ([`attention`], [`mla`], [`short_conv`], [`gated_delta_net`], [`mamba2`])
+//! and a feed-forward ([`ffn`]); [`forward`] runs them top to bottom, with per-layer state in
+//! [`state`], shared operations in [`ops`], and prediction ([`foresight`]) and observers
+//! ([`observe`], [`profile`]) at named points.
 
 pub mod arch;
 mod attention;
@@ -14,6 +15,7 @@ mod gated_delta_net;
 mod hparams;
 mod layer_kinds;
 mod lookup;
+mod mamba2;
 mod meta;
 mod mla;
 mod observe;
@@ -27,12 +29,13 @@ pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RecurrentMixer, RopeStyl
 pub use error::ModelError;
 pub use foresight::PredictionStats;
 pub use forward::{ExpertStreaming, SavedSequence, Session, MAX_BATCH_SEQUENCES};
-pub use hparams::{GdnParams, HParams, MlaParams, Yarn};
+pub use hparams::{GdnParams, HParams, Mamba2Params, MlaParams, Yarn};
 pub use observe::LayerRouting;
 pub use state::{
-    ConvState, DeltaState, KvLayer, KvShape, KvType, LayerState, SequenceState, SWA_CHUNK,
+    ConvState, DeltaState, KvLayer, KvShape, KvType, LayerState, SequenceState, SsmState, SWA_CHUNK,
 };
 pub use weights::{
-    Attention, ExpertBiases, ExpertSlab, Experts, Ffn, GatedDeltaNet, Layer, Mixer, MlaAttention,
-    Mlp, Model, MoeBlock, QkNormWeights, QueryProj, SharedExpert, ShortConv, StackedExperts,
+    Attention, ExpertBiases, ExpertSlab, Experts, Ffn, GatedDeltaNet, Layer, Mamba2, Mixer,
+    MlaAttention, Mlp, Model, MoeBlock, QkNormWeights, QueryProj, SharedExpert, ShortConv,
+    StackedExperts,
 };

@@ -160,6 +160,15 @@ pub fn add_scaled(x: &mut [f32], y: &[f32], scale: f32) {
     }
 }
 
+/// `log(1 + exp(x))` as PyTorch's `softplus` (linear above 20).
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
 #[inline]
 pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())

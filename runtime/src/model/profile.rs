@@ -17,6 +17,9 @@ pub enum Phase {
     /// A Gated DeltaNet's convolution, delta rule and gated norm (Qwen3.5), between its
     /// projections.
     DeltaNetCore,
+    /// A Mamba-2 layer's convolution, selective scan and gated norm (Granite-4.0-H), between
+    /// its projections.
+    SsmCore,
     /// Router matrix, expert selection and the per-expert token lists.
     Routing,
     /// Expert (and shared-expert or dense) MLP products.
@@ -28,11 +31,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::AttnProjections,
         Phase::AttnCore,
         Phase::ConvCore,
         Phase::DeltaNetCore,
+        Phase::SsmCore,
         Phase::Routing,
         Phase::Experts,
         Phase::ExpertIo,
@@ -47,6 +51,7 @@ impl Phase {
             Phase::AttnCore => "attention core",
             Phase::ConvCore => "short convolution",
             Phase::DeltaNetCore => "gated delta rule",
+            Phase::SsmCore => "selective scan",
             Phase::Routing => "routing",
             Phase::Experts => "expert matmuls",
             Phase::ExpertIo => "expert I/O wait",

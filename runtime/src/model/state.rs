@@ -282,6 +282,53 @@ impl DeltaState {
     }
 }
 
+/// A Mamba-2 layer's state: its convolution's last `K - 1` inputs (`[K - 1, conv_dim]`) and the
+/// scan's state per head (`[n_heads, head_dim, d_state]`, llama.cpp's layout), each with a copy
+/// taken at one earlier position (the sequence's snapshot). Its size does not depend on the
+/// context.
+pub struct SsmState {
+    pub conv: ConvState,
+    states: Vec<f32>,
+    snapshot: Vec<f32>,
+}
+
+impl SsmState {
+    pub fn new(p: &super::hparams::Mamba2Params) -> Self {
+        let len = p.d_inner * p.d_state;
+        Self {
+            conv: ConvState::new(p.conv_kernel, p.conv_dim()),
+            states: vec![0.0; len],
+            snapshot: vec![0.0; len],
+        }
+    }
+
+    /// Whether this state has the shape of a layer with `p`'s dimensions.
+    pub fn fits(&self, p: &super::hparams::Mamba2Params) -> bool {
+        self.states.len() == p.d_inner * p.d_state
+            && self.conv.values.len() == p.conv_kernel.saturating_sub(1) * p.conv_dim()
+    }
+
+    /// `[n_heads, head_dim, d_state]`.
+    pub fn states_mut(&mut self) -> &mut [f32] {
+        &mut self.states
+    }
+
+    /// Bytes held: both states and their snapshots.
+    pub fn bytes(&self) -> usize {
+        self.conv.bytes() + (self.states.len() + self.snapshot.len()) * std::mem::size_of::<f32>()
+    }
+
+    fn save(&mut self) {
+        self.conv.save();
+        self.snapshot.copy_from_slice(&self.states);
+    }
+
+    fn restore(&mut self) {
+        self.conv.restore();
+        self.states.copy_from_slice(&self.snapshot);
+    }
+}
+
 /// The state one layer keeps between forward passes.
 pub enum LayerState {
     /// Attention of any kind: its KV cache.
@@ -291,6 +338,8 @@ pub enum LayerState {
     Conv(ConvState),
     /// A Gated DeltaNet (Qwen3.5): recurrent as `Conv`.
     Delta(Box<DeltaState>),
+    /// A Mamba-2 layer (Granite-4.0-H): recurrent as `Conv`.
+    Ssm(Box<SsmState>),
 }
 
 impl LayerState {
@@ -304,6 +353,7 @@ impl LayerState {
             LayerState::Kv(_) => {}
             LayerState::Conv(c) => c.save(),
             LayerState::Delta(d) => d.save(),
+            LayerState::Ssm(m) => m.save(),
         }
     }
 
@@ -313,13 +363,14 @@ impl LayerState {
             LayerState::Kv(_) => {}
             LayerState::Conv(c) => c.restore(),
             LayerState::Delta(d) => d.restore(),
+            LayerState::Ssm(m) => m.restore(),
         }
     }
 
     fn kv_bytes(&self) -> usize {
         match self {
             LayerState::Kv(kv) => kv.bytes(),
-            LayerState::Conv(_) | LayerState::Delta(_) => 0,
+            LayerState::Conv(_) | LayerState::Delta(_) | LayerState::Ssm(_) => 0,
         }
     }
 
@@ -328,6 +379,7 @@ impl LayerState {
             LayerState::Kv(_) => 0,
             LayerState::Conv(c) => c.bytes(),
             LayerState::Delta(d) => d.bytes(),
+            LayerState::Ssm(m) => m.bytes(),
         }
     }
 }
@@ -357,7 +409,7 @@ fn kv_plan(model: &Model, li: usize, n_ctx: usize) -> Option<(KvShape, usize)> {
             },
             n_ctx,
         )),
-        Mixer::ShortConv(_) | Mixer::GatedDeltaNet(_) => None,
+        Mixer::ShortConv(_) | Mixer::GatedDeltaNet(_) | Mixer::Mamba2(_) => None,
     }
 }
 
@@ -388,6 +440,7 @@ impl SequenceState {
                     (None, Mixer::GatedDeltaNet(g)) => {
                         LayerState::Delta(Box::new(DeltaState::new(&g.dims)))
                     }
+                    (None, Mixer::Mamba2(m)) => LayerState::Ssm(Box::new(SsmState::new(&m.dims))),
                     (None, _) => unreachable!("every attention mixer keeps a KV cache"),
                 },
             )
@@ -415,6 +468,7 @@ impl SequenceState {
                         c.values.len() == sc.taps.saturating_sub(1) * model.hp.n_embd
                     }
                     (LayerState::Delta(st), None, Mixer::GatedDeltaNet(g)) => st.fits(&g.dims),
+                    (LayerState::Ssm(st), None, Mixer::Mamba2(m)) => st.fits(&m.dims),
                     _ => false,
                 }
             })

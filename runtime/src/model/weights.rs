@@ -9,7 +9,7 @@ use crate::tensor::QMatrix;
 use super::arch::QkNorm;
 use super::arch::RecurrentMixer;
 use super::error::ModelError;
-use super::hparams::{GdnParams, HParams, MlaParams};
+use super::hparams::{GdnParams, HParams, Mamba2Params, MlaParams};
 use super::lookup::Lookup;
 pub use super::lookup::{ExpertSlab, StackedExperts};
 
@@ -185,6 +185,32 @@ pub struct GatedDeltaNet<'a> {
     pub out: QMatrix<'a>,
 }
 
+/// A Mamba-2 layer (llama.cpp's names): `z, xBC, dt = ssm_in x`; `xBC` through a causal
+/// depthwise convolution (`ssm_conv1d`, with its bias) and SiLU, split into x (heads of
+/// `head_dim`), B and C (`d_state` per group); per head the selective scan of a
+/// `[head_dim, d_state]` state decayed by `exp(ssm_a * softplus(dt + ssm_dt))`, read out by C,
+/// plus `ssm_d * x`; then `ssm_norm(y * silu(z))` with one RMS per group, and `ssm_out`.
+pub struct Mamba2<'a> {
+    pub dims: Mamba2Params,
+    /// `[d_inner + conv_dim + n_heads, n_embd]`: z, then x, B, C, then dt rows.
+    pub in_proj: QMatrix<'a>,
+    /// `[conv_dim, conv_kernel]`: channel `c`'s taps, oldest position first.
+    pub conv: Vec<f32>,
+    /// `[conv_dim]`.
+    pub conv_bias: Option<Vec<f32>>,
+    /// `[n_heads]`: added to dt before the softplus.
+    pub dt_bias: Vec<f32>,
+    /// `[n_heads]`: `-exp(A_log)`, negative.
+    pub a: Vec<f32>,
+    /// `[n_heads]`: the skip connection's weight per head.
+    pub d: Vec<f32>,
+    /// `[d_inner]`: the gated norm's weights (group `g` normalises channels
+    /// `g * d_inner / n_groups..`).
+    pub norm: Vec<f32>,
+    /// `[n_embd, d_inner]`.
+    pub out: QMatrix<'a>,
+}
+
 /// What mixes information across positions in a layer; its per-session state lives in
 /// [`super::state::SequenceState`].
 pub enum Mixer<'a> {
@@ -192,6 +218,7 @@ pub enum Mixer<'a> {
     Mla(MlaAttention<'a>),
     ShortConv(ShortConv<'a>),
     GatedDeltaNet(Box<GatedDeltaNet<'a>>),
+    Mamba2(Box<Mamba2<'a>>),
 }
 
 /// One block: `x += mixer(norm(x))`, then `x += ffn(norm(x))` (each scaled by the residual
@@ -277,6 +304,7 @@ impl<'a> Model<'a> {
                     RecurrentMixer::GatedDeltaNet => {
                         Mixer::GatedDeltaNet(Box::new(gated_delta_net(&lk, &hp, i)?))
                     }
+                    RecurrentMixer::Mamba2 => Mixer::Mamba2(Box::new(mamba2(&lk, &hp, i)?)),
                 },
                 None => Mixer::Attention(gqa_attention(&lk, &hp, i)?),
                 Some(p) => Mixer::Mla(mla_attention(&lk, &hp, &p, i)?),
@@ -419,6 +447,30 @@ fn gated_delta_net<'a>(
         a: lk.vector(&n("ssm_a"), nv)?,
         norm: lk.vector(&n("ssm_norm.weight"), p.head_v_dim)?,
         out: lk.matrix(&n("ssm_out.weight"), d, vd)?,
+    })
+}
+
+fn mamba2<'a>(lk: &Lookup<'a>, hp: &HParams, i: usize) -> Result<Mamba2<'a>, ModelError> {
+    let n = |s: &str| format!("blk.{i}.{s}");
+    let d = hp.n_embd;
+    let p = hp.mamba.ok_or_else(|| {
+        ModelError::Unsupported(format!(
+            "layer {i} is marked recurrent but the file has no Mamba-2 dimensions"
+        ))
+    })?;
+    let (cd, nh, ng) = (p.conv_dim(), p.n_heads, p.n_groups);
+    // ssm_a and ssm_d are `[1, n_heads]` and the norm `[d_inner / n_groups, n_groups]`, as
+    // llama.cpp's converter shapes them.
+    Ok(Mamba2 {
+        dims: p,
+        in_proj: lk.matrix(&n("ssm_in.weight"), p.in_proj_dim(), d)?,
+        conv: lk.matrix_f32(&n("ssm_conv1d.weight"), cd, p.conv_kernel)?,
+        conv_bias: lk.opt_vector(&n("ssm_conv1d.bias"), cd)?,
+        dt_bias: lk.vector(&n("ssm_dt.bias"), nh)?,
+        a: lk.matrix_f32(&n("ssm_a"), nh, 1)?,
+        d: lk.matrix_f32(&n("ssm_d"), nh, 1)?,
+        norm: lk.matrix_f32(&n("ssm_norm.weight"), ng, p.d_inner / ng)?,
+        out: lk.matrix(&n("ssm_out.weight"), d, p.d_inner)?,
     })
 }
 

@@ -9,6 +9,7 @@ use crate::model::ffn::{feed_forward, ExpertSource, FfnScratch, RouteControl};
 use crate::model::foresight::Foresight;
 use crate::model::gated_delta_net::{gated_delta_net, GdnScratch};
 use crate::model::hparams::HParams;
+use crate::model::mamba2::{mamba2, Mamba2Scratch};
 use crate::model::mla::{mla_attention, MlaScratch};
 use crate::model::observe::Observers;
 use crate::model::ops::{add_scaled, norm_in_place, rms_norm_rows, soft_cap, RopeTables};
@@ -57,6 +58,7 @@ pub(super) struct MixerScratch {
     mla: MlaScratch,
     conv: ShortConvScratch,
     gdn: GdnScratch,
+    ssm: Mamba2Scratch,
 }
 
 /// One sequence's share of a batch: its state, its tokens (consecutive rows of the batch) and
@@ -370,8 +372,8 @@ fn attention_seqs<'p>(
 }
 
 /// One sequence's rows `xn` (`[m, d]`, at positions `pos..`) through a mixer other than
-/// attention (MLA, short convolution) on that sequence's state for the layer; writes `out`
-/// (`[m, d]`).
+/// attention (MLA, short convolution, Gated DeltaNet, Mamba-2) on that sequence's state for the
+/// layer; writes `out` (`[m, d]`).
 #[allow(clippy::too_many_arguments)]
 fn run_mixer(
     k: &Kernels,
@@ -393,6 +395,9 @@ fn run_mixer(
         }
         (Mixer::GatedDeltaNet(g), LayerState::Delta(st)) => {
             gated_delta_net(k, g, hp.norm_eps, xn, m, pos, st, &mut s.gdn, out, prof)
+        }
+        (Mixer::Mamba2(mb), LayerState::Ssm(st)) => {
+            mamba2(k, mb, hp.norm_eps, xn, m, pos, st, &mut s.ssm, out, prof)
         }
         _ => unreachable!("SequenceState::new gives each mixer its kind of state"),
     }
