@@ -126,7 +126,8 @@ fn every_ffn_kind_decodes_without_allocating() {
     // the layer input, ReGLU and NoPE/sliding layers (smallthinker), a dense MLP beside the
     // experts with sandwich norms and per-layer head sizes (gemma4), short convolutions with
     // their recurrent state beside attention layers (lfm2_moe), Gated DeltaNets with gated
-    // attention and a gated shared expert (qwen35_moe).
+    // attention and a gated shared expert (qwen35_moe), Mamba-2 layers beside NoPE attention
+    // (granite_hybrid).
     for name in [
         "qwen2_moe",
         "deepseek_v3",
@@ -138,6 +139,7 @@ fn every_ffn_kind_decodes_without_allocating() {
         "gemma4",
         "lfm2_moe",
         "qwen35_moe",
+        "granite_hybrid",
     ] {
         for ty in [GgmlType::Q8_0, GgmlType::F32] {
             let converted = Fixture::load(name).convert(ty);
@@ -147,12 +149,12 @@ fn every_ffn_kind_decodes_without_allocating() {
     }
 }
 
-/// LFM2-MoE and Qwen3.5-MoE: a snapshot of the recurrent state (conv inputs, DeltaNet
-/// matrices) and a rewind to it (what moed's prompt cache does between requests) allocate
+/// LFM2-MoE, Qwen3.5-MoE and Granite-4.0-H: a snapshot of the recurrent state (conv inputs,
+/// DeltaNet matrices, Mamba-2 scan states) and a rewind to it (what moed's prompt cache does between requests) allocate
 /// nothing either.
 #[test]
 fn recurrent_snapshot_and_rewind_allocate_nothing() {
-    for name in ["lfm2_moe", "qwen35_moe"] {
+    for name in ["lfm2_moe", "qwen35_moe", "granite_hybrid"] {
         snapshot_and_rewind_allocate_nothing(name);
     }
 }

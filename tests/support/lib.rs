@@ -29,6 +29,7 @@ pub const FIXTURES: &[&str] = &[
     "gemma4",
     "lfm2_moe",
     "qwen35_moe",
+    "granite_hybrid",
 ];
 
 #[derive(Debug, Deserialize)]
