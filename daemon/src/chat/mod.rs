@@ -565,6 +565,76 @@ mod tests {
         assert!(matches!(&events[..], [ReplyEvent::Content(c)] if c == "Hello!"));
     }
 
+    /// Granite 4.0's template as llama.cpp ships it (`models/templates/ibm-granite-granite-4.0.jinja`,
+    /// Granite-4.0-H's) renders exactly as transformers 5.24's apply_chat_template: its default
+    /// system message without one, tools listed as JSON in the system turn, a call as
+    /// `<tool_call>` JSON and its result as a user turn's `<tool_response>`. A reply's
+    /// `<tool_call>` block comes back as a call.
+    #[test]
+    fn granite4_template_renders_as_transformers() {
+        use crate::reply::{ReplyEvent, ReplyParser, ReplySyntax, ToolSyntax};
+        let Some(source) = fetched_template("ibm-granite-granite-4.0.jinja") else {
+            return;
+        };
+        let t = ChatTemplate::new(&source, String::new(), "<|end_of_text|>".into()).unwrap();
+        let out = render(
+            &t,
+            &[
+                msg("system", "Be brief."),
+                msg("user", "Hi"),
+                msg("assistant", "Hello!"),
+                msg("user", "What is 2+2?"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "<|start_of_role|>system<|end_of_role|>Be brief.<|end_of_text|>\n\
+             <|start_of_role|>user<|end_of_role|>Hi<|end_of_text|>\n\
+             <|start_of_role|>assistant<|end_of_role|>Hello!<|end_of_text|>\n\
+             <|start_of_role|>user<|end_of_role|>What is 2+2?<|end_of_text|>\n\
+             <|start_of_role|>assistant<|end_of_role|>"
+        );
+        let out = render(&t, &[msg("user", "Hi")]).unwrap();
+        assert_eq!(
+            out,
+            "<|start_of_role|>system<|end_of_role|>You are a helpful assistant. Please ensure \
+             responses are professional, accurate, and safe.<|end_of_text|>\n\
+             <|start_of_role|>user<|end_of_role|>Hi<|end_of_text|>\n\
+             <|start_of_role|>assistant<|end_of_role|>"
+        );
+
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "Weather in a city", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+        let call: ChatMessage = serde_json::from_value(json!({"role": "assistant",
+            "content": "", "tool_calls": [{"id": "c1", "type": "function", "function":
+            {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]}))
+        .unwrap();
+        let opts = RenderOptions {
+            tools: Some(&tools),
+            kwargs: serde_json::Map::new(),
+        };
+        let out = t
+            .render(
+                &[msg("user", "Weather in Oslo?"), call, msg("tool", "12 C")],
+                &opts,
+            )
+            .unwrap();
+        let want = "<|start_of_role|>system<|end_of_role|>You are a helpful assistant with access to the following tools. You may call one or more tools to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather in a city\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}\n</tools>\n\nFor each tool call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>. If a tool does not exist in the provided list of tools, notify the user that you do not have the ability to fulfill the request.<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>Weather in Oslo?<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|><tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call><|end_of_text|>\n<|start_of_role|>user<|end_of_role|>\n<tool_response>\n12 C\n</tool_response><|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>";
+        assert_eq!(out, want);
+
+        let syntax = ReplySyntax::of_template(&source);
+        assert_eq!(syntax.tools, ToolSyntax::TaggedBlock);
+        let mut p = ReplyParser::new(syntax, &out);
+        let mut events = p.push(
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Bergen\"}}\n</tool_call>",
+        );
+        events.extend(p.finish(false));
+        assert!(events.iter().any(|e| matches!(e,
+            ReplyEvent::ToolCall(c) if c.name == "get_weather" && c.arguments == r#"{"city":"Bergen"}"#)));
+    }
+
     /// gpt-oss's template as llama.cpp ships it (`models/templates/openai-gpt-oss-120b.jinja`,
     /// fetched by scripts/fixtures/fetch_llama_cpp_files.sh; it calls transformers'
     /// `strftime_now`) renders exactly as transformers' apply_chat_template renders it (the
