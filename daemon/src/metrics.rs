@@ -348,7 +348,7 @@ impl Metrics {
             metric(
                 "moed_recurrent_state_bytes",
                 "gauge",
-                "Bytes of recurrent layers' state (short convolutions, Gated DeltaNets; with its snapshot) of one sequence.",
+                "Bytes of recurrent layers' state (short convolutions, Gated DeltaNets, Mamba-2; with its snapshot) of one sequence.",
                 &one(m.recurrent_bytes.to_string()),
             );
             metric(
