@@ -491,6 +491,34 @@ fn granite_hybrid_ssm_state_is_fixed_rewinds_to_snapshots_and_chunks() {
     assert!(diff < TOLERANCE, "chunked prefill differs by {diff:e}");
 }
 
+/// Granite-4.0-H's attention has no positional embedding because the file says
+/// `rope.scaling.finetuned` false (llama.cpp's switch); without the key rope is on, as in
+/// llama.cpp, and the logits move once there is a second position to rotate.
+#[test]
+fn granite_hybrid_rope_follows_rope_scaling_finetuned() {
+    use moe_runtime::gguf::GgufFile;
+    use moe_runtime::model::Model;
+    let fx = Fixture::load("granite_hybrid");
+    let conv = fx.convert(GgmlType::F32);
+    let roped = conv.path.with_extension("rope.gguf");
+    moe_e2e::rewrite_gguf_metadata(&conv.path, &roped, |meta| {
+        let before = meta.len();
+        meta.retain(|(k, _)| k != "granitehybrid.rope.scaling.finetuned");
+        assert_eq!(meta.len() + 1, before, "the converter writes the switch");
+    });
+    let file = GgufFile::open(&roped).unwrap();
+    let model = Model::load(&file).unwrap();
+    assert!(model.hp.uses_rope(1));
+    for (i, case) in fx.expected.prompts.iter().enumerate() {
+        let (want, n, vocab) = fx.logits(i);
+        let diff = max_rel_diff(&prompt_logits(&file, &case.ids), &want, vocab);
+        match n {
+            1 => assert!(diff < TOLERANCE, "one position: rope is the identity"),
+            _ => assert!(diff > 1e-3, "prompt {i}: rope changed nothing ({diff:e})"),
+        }
+    }
+}
+
 /// Decodes every prompt of fixture `name` one token at a time and checks the logits at every
 /// position against transformers' and against moe-edge's own prefill of the whole prompt.
 fn check_step_by_step(name: &str) {

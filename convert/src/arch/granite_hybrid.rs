@@ -301,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn layer_types_in_either_spelling_give_per_layer_kv_heads() {
+    fn layer_types_in_either_spelling_and_the_rope_switch() {
         let base = serde_json::json!({"num_hidden_layers": 3, "hidden_size": 8,
             "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10,
             "mamba_d_state": 4, "mamba_n_heads": 4, "mamba_n_groups": 2, "mamba_d_conv": 4,
@@ -310,7 +310,7 @@ mod tests {
         let mut v5 = base.clone();
         v5["layer_types"] =
             serde_json::json!(["linear_attention", "full_attention", "linear_attention"]);
-        for c in [cfg(base), cfg(v5)] {
+        for c in [cfg(base.clone()), cfg(v5)] {
             let m = GraniteHybrid.metadata(&c).unwrap();
             let get = |k: &str| m.iter().find(|(n, _)| n == k).unwrap().1.clone();
             let Value::Array(_, items) = get("attention.head_count_kv") else {
@@ -323,6 +323,18 @@ mod tests {
             assert_eq!(get("ssm.group_count").as_u64(), Some(2));
             assert_eq!(get("rope.scaling.finetuned").as_bool(), Some(false));
         }
+        let mut roped = base.clone();
+        roped["position_embedding_type"] = serde_json::json!("rope");
+        let m = GraniteHybrid.metadata(&cfg(roped)).unwrap();
+        let switch = m
+            .iter()
+            .find(|(n, _)| n == "rope.scaling.finetuned")
+            .unwrap();
+        assert_eq!(switch.1.as_bool(), Some(true));
+        let mut odd = base.clone();
+        odd["position_embedding_type"] = serde_json::json!("alibi");
+        assert!(GraniteHybrid.metadata(&cfg(odd)).is_err());
+
         let odd = cfg(serde_json::json!({"num_hidden_layers": 1, "layer_types": ["conv"]}));
         assert!(mamba_layers(&odd).is_err());
         let short = cfg(serde_json::json!({"num_hidden_layers": 2, "layer_types": ["mamba"]}));
