@@ -14,6 +14,10 @@ Usage:
   python scripts/check/llamacpp_parity.py /tmp/out                 # folder of <fixture>.gguf
   python scripts/check/llamacpp_parity.py a.gguf qwen3_moe_q8_0.gguf  # explicit files
 
+With --no-repack, llama.cpp loads the files without its extra buffer types (weight repacking and
+AMX), as `llama-bench --repack 0` runs: on a machine whose CPU lists AMX it cannot execute, the
+native build's AMX Q8_0 kernel raises SIGILL.
+
 With --moe-run BIN, every prompt is also run by moe-run on the same file (`--dump-logits`, f32 KV
 cache) and the largest |moe-run - llama.cpp| / max |llama.cpp logit| is printed ("vs moe-run"):
 the two engines compared directly, whatever transformers says.
@@ -137,6 +141,10 @@ def main():
     ap.add_argument("--tol", type=float, default=1e-4, help="max rel diff for f32 files")
     ap.add_argument("--half-tol", type=float, default=2e-2, help="max rel diff for files with f16/bf16 tensors")
     ap.add_argument("--moe-run", help="moe-run binary: also compare llama.cpp with moe-run on each file")
+    ap.add_argument("--no-repack", action="store_true",
+                    help="load without llama.cpp's extra buffer types (weight repacking, AMX), as llama-bench "
+                         "--repack 0: a native build on a CPU that lists AMX but cannot run it (the development "
+                         "VM) raises SIGILL in the AMX Q8_0 kernel on multi-token batches")
     args = ap.parse_args()
 
     try:
@@ -144,6 +152,18 @@ def main():
     except (ImportError, OSError, FileNotFoundError) as e:  # no package, or no libllama found
         print(f"skipped: llama_cpp not installed ({type(e).__name__}: {e})")
         return 0
+
+    if args.no_repack:
+        # Llama() takes no such argument; it builds its parameters from llama_model_default_params.
+        import llama_cpp.llama_cpp as low_level
+        defaults = low_level.llama_model_default_params
+
+        def no_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        low_level.llama_model_default_params = no_extra_bufts
 
     log = []  # (ggml log level, message) of the current file, filled by llama.cpp
 
