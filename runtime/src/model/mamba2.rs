@@ -115,7 +115,7 @@ pub fn mamba2(
     s.heads.resize(nh * n * hd, 0.0);
     let fresh = pos0 == 0;
     let per_group = nh / ng;
-    let (conv, dts, a, skip) = (&s.conv, &s.dt, &m.a, &m.d);
+    let (conv, dts, a, skip, dot) = (&s.conv, &s.dt, &m.a, &m.d, k.dot_f32);
     state
         .states_mut()
         .par_chunks_mut(hd * ds)
@@ -136,14 +136,13 @@ pub fn mamba2(
                 );
                 let dt = dts[t * nh + h];
                 let decay = (dt * a[h]).exp();
+                // The update alone vectorises; the read-out is the kernels' dot.
                 for ((srow, y), &x) in st.chunks_exact_mut(ds).zip(o.iter_mut()).zip(x) {
                     let xdt = x * dt;
-                    let mut acc = 0f32;
-                    for ((sv, &bv), &cv) in srow.iter_mut().zip(b).zip(cr) {
+                    for (sv, &bv) in srow.iter_mut().zip(b) {
                         *sv = *sv * decay + bv * xdt;
-                        acc += *sv * cv;
                     }
-                    *y = acc + skip[h] * x;
+                    *y = dot(srow, cr) + skip[h] * x;
                 }
             }
         });
