@@ -88,6 +88,19 @@ impl Mamba {
                 "is true; llama.cpp's granitehybrid has no in/out projection biases".into(),
             );
         }
+        // transformers clamps softplus(dt) to time_step_limit in its chunked scan (not in its
+        // one-token step); llama.cpp never clamps, so only the default (0, inf), a no-op after
+        // the softplus, converts. Infinity is saved as {"__float__": "Infinity"}, not a number.
+        if let Some(limit) = cfg.get("time_step_limit").and_then(|v| v.as_array()) {
+            let low = limit.first().and_then(|v| v.as_f64()).unwrap_or(0.0);
+            let high = limit.get(1).and_then(|v| v.as_f64());
+            if low > 0.0 || high.is_some() {
+                return bad(
+                    "time_step_limit",
+                    format!("is {limit:?}; llama.cpp's granitehybrid does not clamp dt"),
+                );
+            }
+        }
         Ok(m)
     }
 
@@ -301,7 +314,7 @@ mod tests {
     }
 
     #[test]
-    fn layer_types_in_either_spelling_and_the_rope_switch() {
+    fn layer_types_in_either_spelling_the_rope_switch_and_dt_limits() {
         let base = serde_json::json!({"num_hidden_layers": 3, "hidden_size": 8,
             "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10,
             "mamba_d_state": 4, "mamba_n_heads": 4, "mamba_n_groups": 2, "mamba_d_conv": 4,
@@ -334,6 +347,13 @@ mod tests {
         let mut odd = base.clone();
         odd["position_embedding_type"] = serde_json::json!("alibi");
         assert!(GraniteHybrid.metadata(&cfg(odd)).is_err());
+
+        let mut clamped = base.clone();
+        clamped["time_step_limit"] = serde_json::json!([0.0, 0.1]);
+        assert!(GraniteHybrid.metadata(&cfg(clamped)).is_err());
+        let mut saved = base.clone();
+        saved["time_step_limit"] = serde_json::json!([0.0, {"__float__": "Infinity"}]);
+        assert!(GraniteHybrid.metadata(&cfg(saved)).is_ok());
 
         let odd = cfg(serde_json::json!({"num_hidden_layers": 1, "layer_types": ["conv"]}));
         assert!(mamba_layers(&odd).is_err());
