@@ -115,7 +115,7 @@ impl<'s, 'm, 'a> Worker<'s, 'm, 'a> {
             return;
         }
         if let Err(e) = self.check_model_file() {
-            let _ = job.events.try_send(Event::Failed(e));
+            self.fail_on_changed_file(&job, e);
             return;
         }
         let _ = job.events.try_send(Event::Started);
@@ -259,7 +259,7 @@ impl<'s, 'm, 'a> Worker<'s, 'm, 'a> {
             warn!(id = %job.id, endpoint = job.endpoint.name(), status = 500, "{}", e.message);
             self.prompt_cache.give_back_forgotten(conv);
             self.prompt_cache.forget_all();
-            let _ = job.events.try_send(Event::Failed(e));
+            self.fail_on_changed_file(&job, e);
             return;
         }
         if let Some(Err(e)) = over {
@@ -329,16 +329,24 @@ impl<'s, 'm, 'a> Worker<'s, 'm, 'a> {
     }
 
     /// Whether the mapped model file is still the one loaded; if not, the error for the request
-    /// at hand, and the daemon is told to stop (see `model_file`).
+    /// at hand (see `model_file`).
     fn check_model_file(&self) -> Result<(), ApiError> {
         let Some(Err(why)) = self.model_file.as_ref().map(ModelFile::check) else {
             return Ok(());
         };
-        self.control.raise_fatal(&why);
         Err(
             ApiError::status(hyper::StatusCode::INTERNAL_SERVER_ERROR, why)
                 .with_code("model_file_changed"),
         )
+    }
+
+    /// Answers `job` with the changed-file error, then tells the daemon to stop. In that order:
+    /// the stop makes the HTTP side answer jobs still waiting with 503, and this job's 500 must
+    /// already be in its channel by then.
+    fn fail_on_changed_file(&self, job: &Job, e: ApiError) {
+        let why = e.message.clone();
+        let _ = job.events.try_send(Event::Failed(e));
+        self.control.raise_fatal(&why);
     }
 }
 
