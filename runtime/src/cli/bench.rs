@@ -119,7 +119,8 @@ struct Report {
     /// The start-up line: CPU, kernels, RAM, board profile, expert cache.
     setup: String,
     kv_cache_bytes: usize,
-    /// Recurrent layers' state (LFM2's short convolutions): fixed per sequence.
+    /// Recurrent layers' state (short convolutions, Gated DeltaNets, Mamba-2): fixed per
+    /// sequence.
     recurrent_state_bytes: usize,
     peak_rss_bytes: Option<u64>,
     tests: Vec<TestResult>,
