@@ -13,6 +13,7 @@ pub mod arch;
 pub mod calib;
 pub mod error;
 pub mod hf;
+pub mod mix;
 pub mod output;
 pub mod pending;
 pub mod plan;
@@ -30,6 +31,7 @@ use moe_runtime::gguf::{GgmlType, Value};
 
 pub use calib::CalibOptions;
 pub use error::ConvertError;
+pub use mix::Mix;
 pub use output::{Progress, Summary, Tuned};
 pub use pregate::PregateSidecar;
 pub use tune::{ExpertTypes, PruneSpec};
@@ -40,6 +42,8 @@ pub use tune::{ExpertTypes, PruneSpec};
 pub struct ConvertOptions {
     /// The weight type; norms, biases and routers stay f32 (`plan::choose_type`).
     pub ty: GgmlType,
+    /// llama.cpp's per-tensor types for a named mix (`q4_k_m` ...) instead of `ty` everywhere.
+    pub mix: Option<Mix>,
     /// Metadata added to the file (e.g. [`PregateSidecar::metadata`]).
     pub extra_metadata: Vec<(String, Value)>,
     /// Calibration, pruning and per-expert types; `None` converts directly.
@@ -50,6 +54,7 @@ impl ConvertOptions {
     pub fn new(ty: GgmlType) -> Self {
         Self {
             ty,
+            mix: None,
             extra_metadata: Vec::new(),
             tuning: None,
         }
@@ -91,7 +96,7 @@ pub fn convert(
 ) -> Result<Summary, ConvertError> {
     pending::remove_stale(out);
     match &opts.tuning {
-        None => convert_plain(src_dir, out, opts.ty, &opts.extra_metadata, progress),
+        None => convert_plain(src_dir, out, opts, progress),
         Some(tuning) => convert_tuned(src_dir, out, opts, tuning, progress),
     }
 }
@@ -99,14 +104,14 @@ pub fn convert(
 fn convert_plain(
     src_dir: &Path,
     out: &Path,
-    ty: GgmlType,
-    extra: &[(String, Value)],
+    opts: &ConvertOptions,
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
+    let extra = &opts.extra_metadata;
     let ckpt = hf::Checkpoint::open(src_dir)?;
     let conv = arch::for_config(&ckpt.config)?;
-    let mut plan = plan::build(&ckpt, conv.as_ref(), ty)?;
+    let mut plan = plan::build(&ckpt, conv.as_ref(), opts.ty, opts.mix)?;
     let n_vocab = ckpt.config.usize("vocab_size")?;
     plan.metadata
         .extend(tokenizer::metadata(&ckpt, n_vocab, conv.as_ref())?);
@@ -155,9 +160,17 @@ fn convert_tuned(
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
+    if opts.mix.is_some() {
+        return Err(ConvertError::Input(
+            "calibration, pruning and per-expert types take a single --type (f32, f16, bf16, \
+             q8_0, q4_0), not a k-quant mix"
+                .into(),
+        ));
+    }
     let f32_path = pending::temp_path(&out.with_extension("f32.gguf"));
     let result = (|| {
-        let dropped = convert_plain(src_dir, &f32_path, GgmlType::F32, &[], progress)?.dropped;
+        let f32_opts = ConvertOptions::new(GgmlType::F32);
+        let dropped = convert_plain(src_dir, &f32_path, &f32_opts, progress)?.dropped;
         let stats = match &tuning.calib {
             Some(c) => Some(calib::calibrate(&f32_path, c)?),
             None => None,

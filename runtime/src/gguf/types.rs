@@ -133,6 +133,7 @@ impl GgmlType {
                 | Self::BF16
                 | Self::Q8_0
                 | Self::Q4_0
+                | Self::Q5_0
                 | Self::Q2K
                 | Self::Q3K
                 | Self::Q4K

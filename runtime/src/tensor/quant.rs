@@ -33,6 +33,7 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         }
         GgmlType::Q8_0 => quantize_row_q8_0(x, &mut out),
         GgmlType::Q4_0 => quantize_row_q4_0(x, &mut out),
+        GgmlType::Q5_0 => quantize_row_q5_0(x, &mut out),
         other => return quantize_weighted(other, x, x.len(), None),
     }
     out
@@ -54,8 +55,8 @@ fn weighted_encoder(ty: GgmlType) -> Option<(usize, BlockEncoder)> {
 
 /// Encodes rows of `n_per_row` values as `ty` the way ggml's `ggml_quantize_chunk` does, bit for
 /// bit, weighting each column's error by `imatrix[column]` when given (llama.cpp's importance
-/// matrix). Types without an importance-aware encoder here (F32, F16, BF16, Q8_0, Q4_0) ignore
-/// it.
+/// matrix). Types without an importance-aware encoder here (F32, F16, BF16, Q8_0, Q4_0, Q5_0)
+/// ignore it.
 pub fn quantize_weighted(
     ty: GgmlType,
     x: &[f32],
@@ -224,6 +225,10 @@ pub(crate) mod vectors {
     /// an importance vector.
     const ENCODE_ROWS: &[u8] = fixture!("encode/rows", ".f32");
     const ENCODE_IMATRIX: &[u8] = fixture!("encode/imatrix", ".f32");
+    const ENCODED_PLAIN: &[(&str, &[u8])] = &[
+        ("q4_0", fixture!("encode/q4_0.plain", ".bin")),
+        ("q5_0", fixture!("encode/q5_0.plain", ".bin")),
+    ];
     const ENCODED: &[(&str, &[u8], &[u8])] = &[
         (
             "q2_k",
@@ -273,9 +278,19 @@ pub(crate) mod vectors {
         let x = f32s(ENCODE_ROWS);
         let imatrix = f32s(ENCODE_IMATRIX);
         let n_per_row = imatrix.len();
-        for &(name, plain, weighted) in ENCODED {
+        let cases = ENCODED
+            .iter()
+            .flat_map(|&(name, plain, weighted)| {
+                [(name, None, plain), (name, Some(&imatrix[..]), weighted)]
+            })
+            .chain(
+                ENCODED_PLAIN
+                    .iter()
+                    .map(|&(name, plain)| (name, None, plain)),
+            );
+        for (name, w, want) in cases {
             let ty = GgmlType::from_name(name).expect("a known type");
-            for (w, want) in [(None, plain), (Some(&imatrix[..]), weighted)] {
+            {
                 let got = super::quantize_weighted(ty, &x, n_per_row, w);
                 assert_eq!(got.len(), want.len(), "{ty} size");
                 let row_bytes = ty.row_bytes(n_per_row).unwrap();

@@ -89,6 +89,36 @@ pub fn q5_0_values(block: &[u8]) -> [i8; QK] {
     v
 }
 
+/// Q5_0 as ggml's `quantize_row_q5_0_ref` (llama-quantize's fallback for Q4_K rows that are not
+/// whole super-blocks): `d = max / -16`, `q = min(31, trunc(x / d + 16.5))`, the fifth bits in
+/// `qh`.
+pub fn quantize_row_q5_0(x: &[f32], out: &mut [u8]) {
+    assert_eq!(x.len() % QK, 0);
+    assert_eq!(out.len(), x.len() / QK * Q5_0_BYTES);
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q5_0_BYTES)) {
+        let mut amax = 0f32;
+        let mut max = 0f32;
+        for &v in xb {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        let mut qh = 0u32;
+        for j in 0..QK / 2 {
+            let q0 = ((xb[j] * id + 16.5) as i8).min(31) as u8;
+            let q1 = ((xb[j + QK / 2] * id + 16.5) as i8).min(31) as u8;
+            ob[6 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+            qh |= (((q0 & 0x10) >> 4) as u32) << j;
+            qh |= (((q1 & 0x10) >> 4) as u32) << (j + QK / 2);
+        }
+        ob[2..6].copy_from_slice(&qh.to_le_bytes());
+    }
+}
+
 pub fn dequantize_row_q5_0(q: &[u8], out: &mut [f32]) {
     for (qb, ob) in q.chunks_exact(Q5_0_BYTES).zip(out.chunks_exact_mut(QK)) {
         let d = f16_at(qb, 0);
