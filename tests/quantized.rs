@@ -1,6 +1,6 @@
 //! Quantized conversions are judged against the unquantized run: Q8_0 keeps the top-1 token at
-//! >= 99% of positions, Q4_0 keeps the cosine similarity of logits above 0.99 at every position,
-//! llama.cpp's Q4_K_M mix keeps the top-1 token at >= 95% of positions.
+//! 99% of positions or more, Q4_0 keeps the cosine similarity of logits above 0.99 at every
+//! position, and llama.cpp's Q4_K_M mix keeps the top-1 token at 95% of positions or more.
 
 use moe_convert::Mix;
 use moe_e2e::{cosine, prompt_logits, Converted, Fixture, FIXTURES};
