@@ -12,7 +12,7 @@ use moe_convert::{arch, hf, plan, Mix};
 
 fn check(model_dir: &str, table: &str) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let ckpt = hf::Checkpoint::open(&root.join(model_dir)).unwrap();
+    let ckpt = hf::Checkpoint::open(root.join(model_dir)).unwrap();
     let conv = arch::for_config(&ckpt.config).unwrap();
     let text =
         std::fs::read_to_string(root.join("tests/fixtures/llama_quantize_types").join(table))
