@@ -13,6 +13,7 @@ pub mod arch;
 pub mod calib;
 pub mod error;
 pub mod hf;
+pub mod imatrix;
 pub mod mix;
 pub mod output;
 pub mod pending;
@@ -24,7 +25,7 @@ pub mod source;
 pub mod tokenizer;
 pub mod tune;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use moe_runtime::gguf::{GgmlType, Value};
@@ -44,6 +45,8 @@ pub struct ConvertOptions {
     pub ty: GgmlType,
     /// llama.cpp's per-tensor types for a named mix (`q4_k_m` ...) instead of `ty` everywhere.
     pub mix: Option<Mix>,
+    /// llama.cpp's importance matrix (`llama-imatrix -o FILE.gguf`) for a mix's encoders.
+    pub imatrix: Option<PathBuf>,
     /// Metadata added to the file (e.g. [`PregateSidecar::metadata`]).
     pub extra_metadata: Vec<(String, Value)>,
     /// Calibration, pruning and per-expert types; `None` converts directly.
@@ -55,6 +58,7 @@ impl ConvertOptions {
         Self {
             ty,
             mix: None,
+            imatrix: None,
             extra_metadata: Vec::new(),
             tuning: None,
         }
@@ -111,7 +115,18 @@ fn convert_plain(
     let extra = &opts.extra_metadata;
     let ckpt = hf::Checkpoint::open(src_dir)?;
     let conv = arch::for_config(&ckpt.config)?;
-    let mut plan = plan::build(&ckpt, conv.as_ref(), opts.ty, opts.mix)?;
+    let imatrix = match &opts.imatrix {
+        Some(path) if opts.mix.is_some() => Some(imatrix::Imatrix::load(path)?),
+        Some(_) => {
+            return Err(ConvertError::Input(
+                "an importance matrix applies to the k-quant and IQ4 types (q4_k_m ...), not \
+                 to f32, f16, bf16, q8_0 or q4_0"
+                    .into(),
+            ))
+        }
+        None => None,
+    };
+    let mut plan = plan::build(&ckpt, conv.as_ref(), opts.ty, opts.mix, imatrix.is_some())?;
     let n_vocab = ckpt.config.usize("vocab_size")?;
     plan.metadata
         .extend(tokenizer::metadata(&ckpt, n_vocab, conv.as_ref())?);
@@ -127,8 +142,15 @@ fn convert_plain(
         }
     }
     let values = |i: usize| source::load(&ckpt, &plan.tensors[i].source);
-    let mut summary =
-        output::write_gguf(out, plan.arch_name, &plan.metadata, decls, values, progress)?;
+    let mut summary = output::write_gguf(
+        out,
+        plan.arch_name,
+        &plan.metadata,
+        decls,
+        values,
+        imatrix.as_ref(),
+        progress,
+    )?;
     // The mapping accepts what each architecture's tensors need one by one; a checkpoint that
     // is inconsistent as a whole (a q norm without its k norm, say) would make a file the
     // runtime refuses. Load it as the runtime will, and leave no such file behind.
@@ -160,7 +182,7 @@ fn convert_tuned(
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
-    if opts.mix.is_some() {
+    if opts.mix.is_some() || opts.imatrix.is_some() {
         return Err(ConvertError::Input(
             "calibration, pruning and per-expert types take a single --type (f32, f16, bf16, \
              q8_0, q4_0), not a k-quant mix"

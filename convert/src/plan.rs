@@ -85,6 +85,7 @@ pub fn build(
     conv: &dyn ArchConverter,
     ty: GgmlType,
     mix: Option<Mix>,
+    has_imatrix: bool,
 ) -> Result<Plan, ConvertError> {
     let cfg = &ckpt.config;
     let arch = conv.arch();
@@ -433,7 +434,7 @@ pub fn build(
             n_gqa: n_head / n_head_kv,
             tied_output: !tensors.iter().any(|t| t.decl.name == "output.weight"),
         };
-        apply_mix(&mut tensors, mix, shape, tied);
+        apply_mix(&mut tensors, mix, shape, tied, has_imatrix);
     }
 
     Ok(Plan {
@@ -446,12 +447,18 @@ pub fn build(
 /// Retypes planned tensors as llama-quantize would retype an f16 file of them with `mix`; the
 /// tensors it leaves alone keep their f16 file's type, and pre-packed ones (gpt-oss's MXFP4
 /// experts) their own.
-fn apply_mix(tensors: &mut [PlannedTensor], mix: Mix, shape: ModelShape, tied: bool) {
+fn apply_mix(
+    tensors: &mut [PlannedTensor],
+    mix: Mix,
+    shape: ModelShape,
+    tied: bool,
+    has_imatrix: bool,
+) {
     let named: Vec<(&str, &[usize])> = tensors
         .iter()
         .map(|t| (t.decl.name.as_str(), t.decl.dims.as_slice()))
         .collect();
-    let types = mix.tensor_types(&named, shape, false, |i| {
+    let types = mix.tensor_types(&named, shape, has_imatrix, |i| {
         choose_type(named[i].0, named[i].1, GgmlType::F16, tied)
     });
     for (t, ty) in tensors.iter_mut().zip(types) {

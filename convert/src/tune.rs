@@ -442,7 +442,7 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
             Part::Slab(e) => all[e * per..(e + 1) * per].to_vec(),
         }))
     };
-    write_gguf(out, &arch, &meta, decls, values, &|_, _, _| {})
+    write_gguf(out, &arch, &meta, decls, values, None, &|_, _, _| {})
 }
 
 fn f32s(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {

@@ -23,7 +23,7 @@ fn check(model_dir: &str, table: &str) {
     let mut checked = 0;
     for (col, mix_name) in header.iter().enumerate() {
         let mix = Mix::from_name(mix_name).unwrap_or_else(|| panic!("{mix_name} unknown"));
-        let plan = plan::build(&ckpt, conv.as_ref(), mix.default_type(), Some(mix)).unwrap();
+        let plan = plan::build(&ckpt, conv.as_ref(), mix.default_type(), Some(mix), false).unwrap();
         assert_eq!(plan.tensors.len(), rows.len(), "{mix_name}: tensor count");
         for row in &rows {
             let t = plan

@@ -30,6 +30,10 @@ struct Args {
     /// iq4_xs (docs/FILE_FORMAT.md has the table)
     #[arg(short = 't', long = "type", default_value = "q8_0", value_parser = parse_type)]
     ty: TypeChoice,
+    /// llama.cpp's importance matrix (`llama-imatrix -o FILE.gguf`) to weight the k-quant and
+    /// IQ4 encoders' errors by, as `llama-quantize --imatrix` does
+    #[arg(long, value_name = "FILE.gguf")]
+    imatrix: Option<PathBuf>,
     /// Do not draw a progress bar
     #[arg(long)]
     quiet: bool,
@@ -148,6 +152,7 @@ fn run(args: Args) -> Result<()> {
         extra_metadata: pregate.iter().map(PregateSidecar::metadata).collect(),
         tuning: (!tuning.is_empty()).then_some(tuning),
         mix: args.ty.mix,
+        imatrix: args.imatrix.clone(),
         ..ConvertOptions::new(args.ty.ty)
     };
     let summary = convert(&args.hf_dir, &args.out, &opts, &progress)

@@ -55,14 +55,31 @@ fn weighted_encoder(ty: GgmlType) -> Option<(usize, BlockEncoder)> {
 
 /// Encodes rows of `n_per_row` values as `ty` the way ggml's `ggml_quantize_chunk` does, bit for
 /// bit, weighting each column's error by `imatrix[column]` when given (llama.cpp's importance
-/// matrix). Types without an importance-aware encoder here (F32, F16, BF16, Q8_0, Q4_0, Q5_0)
-/// ignore it.
+/// matrix). F32, F16, BF16 and Q8_0 ignore it, as ggml does.
 pub fn quantize_weighted(
     ty: GgmlType,
     x: &[f32],
     n_per_row: usize,
     imatrix: Option<&[f32]>,
 ) -> Vec<u8> {
+    if let (Some(w), GgmlType::Q4_0 | GgmlType::Q5_0) = (imatrix, ty) {
+        // ggml weighs these per row (the row's mean square enters every block's weights).
+        assert!(n_per_row > 0 && x.len().is_multiple_of(n_per_row));
+        assert_eq!(w.len(), n_per_row, "one importance per column");
+        let row_bytes = ty.row_bytes(n_per_row).expect("rows are whole blocks");
+        let mut out = vec![0u8; row_bytes * (x.len() / n_per_row)];
+        for (xr, or) in x
+            .chunks_exact(n_per_row)
+            .zip(out.chunks_exact_mut(row_bytes))
+        {
+            if ty == GgmlType::Q4_0 {
+                quantize_row_q4_0_weighted(xr, w, or);
+            } else {
+                quantize_row_q5_0_weighted(xr, w, or);
+            }
+        }
+        return out;
+    }
     let Some((block_bytes, encode)) = weighted_encoder(ty) else {
         if !ty.can_encode() {
             unimplemented!("{ty} encoding is not offered by the converter");
@@ -225,11 +242,17 @@ pub(crate) mod vectors {
     /// an importance vector.
     const ENCODE_ROWS: &[u8] = fixture!("encode/rows", ".f32");
     const ENCODE_IMATRIX: &[u8] = fixture!("encode/imatrix", ".f32");
-    const ENCODED_PLAIN: &[(&str, &[u8])] = &[
-        ("q4_0", fixture!("encode/q4_0.plain", ".bin")),
-        ("q5_0", fixture!("encode/q5_0.plain", ".bin")),
-    ];
     const ENCODED: &[(&str, &[u8], &[u8])] = &[
+        (
+            "q4_0",
+            fixture!("encode/q4_0.plain", ".bin"),
+            fixture!("encode/q4_0.imatrix", ".bin"),
+        ),
+        (
+            "q5_0",
+            fixture!("encode/q5_0.plain", ".bin"),
+            fixture!("encode/q5_0.imatrix", ".bin"),
+        ),
         (
             "q2_k",
             fixture!("encode/q2_k.plain", ".bin"),
@@ -278,35 +301,26 @@ pub(crate) mod vectors {
         let x = f32s(ENCODE_ROWS);
         let imatrix = f32s(ENCODE_IMATRIX);
         let n_per_row = imatrix.len();
-        let cases = ENCODED
-            .iter()
-            .flat_map(|&(name, plain, weighted)| {
-                [(name, None, plain), (name, Some(&imatrix[..]), weighted)]
-            })
-            .chain(
-                ENCODED_PLAIN
-                    .iter()
-                    .map(|&(name, plain)| (name, None, plain)),
-            );
+        let cases = ENCODED.iter().flat_map(|&(name, plain, weighted)| {
+            [(name, None, plain), (name, Some(&imatrix[..]), weighted)]
+        });
         for (name, w, want) in cases {
             let ty = GgmlType::from_name(name).expect("a known type");
+            let got = super::quantize_weighted(ty, &x, n_per_row, w);
+            assert_eq!(got.len(), want.len(), "{ty} size");
+            let row_bytes = ty.row_bytes(n_per_row).unwrap();
+            for (r, (g, e)) in got
+                .chunks_exact(row_bytes)
+                .zip(want.chunks_exact(row_bytes))
+                .enumerate()
             {
-                let got = super::quantize_weighted(ty, &x, n_per_row, w);
-                assert_eq!(got.len(), want.len(), "{ty} size");
-                let row_bytes = ty.row_bytes(n_per_row).unwrap();
-                for (r, (g, e)) in got
-                    .chunks_exact(row_bytes)
-                    .zip(want.chunks_exact(row_bytes))
-                    .enumerate()
-                {
-                    let at = g.iter().zip(e).position(|(a, b)| a != b);
-                    assert!(
-                        at.is_none(),
-                        "{ty} (importance: {}) row {r}: first differing byte {:?}",
-                        w.is_some(),
-                        at
-                    );
-                }
+                let at = g.iter().zip(e).position(|(a, b)| a != b);
+                assert!(
+                    at.is_none(),
+                    "{ty} (importance: {}) row {r}: first differing byte {:?}",
+                    w.is_some(),
+                    at
+                );
             }
         }
     }
