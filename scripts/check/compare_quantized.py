@@ -9,8 +9,9 @@ tensor: the type of each and whether the bytes are identical (tensors in either 
 
 `--fix-alignment FILE` sets FILE's `general.alignment` to 32 in place: llama-quantize copies the
 key from its (page-aligned) source but writes the data at its default alignment of 32.
-`--types-out` writes llama-quantize's type per tensor (`name<TAB>type`, sorted), the fixture
-format tests/quantized.rs reads. Exit 1 when a type differs.
+`--types-out` writes llama-quantize's type per tensor (`name<TAB>type`, sorted);
+`--hashes-out` its type and the FNV-1a 64 hash of its bytes (`name<TAB>type<TAB>hash`), the
+fixtures convert/tests/llama_mixes.rs reads. Exit 1 when a type differs.
 """
 import sys
 
@@ -34,6 +35,13 @@ def fix_alignment(path: str) -> None:
         fh.write(struct.pack("<I", 32))
 
 
+def fnv1a64(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 def tensors(path: str) -> dict:
     r = GGUFReader(path)
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in r.tensors}
@@ -44,10 +52,14 @@ def main() -> int:
     if args and args[0] == "--fix-alignment":
         fix_alignment(args[1])
         return 0
-    types_out = None
+    types_out = hashes_out = None
     if "--types-out" in args:
         i = args.index("--types-out")
         types_out = args[i + 1]
+        del args[i:i + 2]
+    if "--hashes-out" in args:
+        i = args.index("--hashes-out")
+        hashes_out = args[i + 1]
         del args[i:i + 2]
     ours, theirs = tensors(args[0]), tensors(args[1])
     bad_types = 0
@@ -72,6 +84,10 @@ def main() -> int:
         with open(types_out, "w") as fh:
             for name in sorted(theirs):
                 fh.write(f"{name}\t{theirs[name][0].lower()}\n")
+    if hashes_out:
+        with open(hashes_out, "w") as fh:
+            for name in sorted(theirs):
+                fh.write(f"{name}\t{theirs[name][0].lower()}\t{fnv1a64(theirs[name][1]):016x}\n")
     return 1 if bad_types else 0
 
 
