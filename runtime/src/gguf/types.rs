@@ -8,8 +8,8 @@ pub enum GgmlType {
     F32,
     F16,
     Q4_0,
-    /// Only decoded: llama.cpp's k-quant files use it for tensors whose rows are not whole
-    /// 256-value blocks (e.g. a `Q4_K_M` expert down projection of width 1408).
+    /// llama.cpp's k-quant mixes use it for tensors whose rows are not whole 256-value blocks
+    /// (e.g. a `Q4_K_M` expert down projection of width 1408); moe-convert's mixes too.
     Q5_0,
     Q8_0,
     Q2K,
