@@ -13,6 +13,8 @@ pub mod arch;
 pub mod calib;
 pub mod error;
 pub mod hf;
+pub mod imatrix;
+pub mod mix;
 pub mod output;
 pub mod pending;
 pub mod plan;
@@ -23,13 +25,14 @@ pub mod source;
 pub mod tokenizer;
 pub mod tune;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use moe_runtime::gguf::{GgmlType, Value};
 
 pub use calib::CalibOptions;
 pub use error::ConvertError;
+pub use mix::Mix;
 pub use output::{Progress, Summary, Tuned};
 pub use pregate::PregateSidecar;
 pub use tune::{ExpertTypes, PruneSpec};
@@ -40,6 +43,10 @@ pub use tune::{ExpertTypes, PruneSpec};
 pub struct ConvertOptions {
     /// The weight type; norms, biases and routers stay f32 (`plan::choose_type`).
     pub ty: GgmlType,
+    /// llama.cpp's per-tensor types for a named mix (`q4_k_m` ...) instead of `ty` everywhere.
+    pub mix: Option<Mix>,
+    /// llama.cpp's importance matrix (`llama-imatrix -o FILE.gguf`) for a mix's encoders.
+    pub imatrix: Option<PathBuf>,
     /// Metadata added to the file (e.g. [`PregateSidecar::metadata`]).
     pub extra_metadata: Vec<(String, Value)>,
     /// Calibration, pruning and per-expert types; `None` converts directly.
@@ -50,6 +57,8 @@ impl ConvertOptions {
     pub fn new(ty: GgmlType) -> Self {
         Self {
             ty,
+            mix: None,
+            imatrix: None,
             extra_metadata: Vec::new(),
             tuning: None,
         }
@@ -91,7 +100,7 @@ pub fn convert(
 ) -> Result<Summary, ConvertError> {
     pending::remove_stale(out);
     match &opts.tuning {
-        None => convert_plain(src_dir, out, opts.ty, &opts.extra_metadata, progress),
+        None => convert_plain(src_dir, out, opts, progress),
         Some(tuning) => convert_tuned(src_dir, out, opts, tuning, progress),
     }
 }
@@ -99,14 +108,25 @@ pub fn convert(
 fn convert_plain(
     src_dir: &Path,
     out: &Path,
-    ty: GgmlType,
-    extra: &[(String, Value)],
+    opts: &ConvertOptions,
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
+    let extra = &opts.extra_metadata;
     let ckpt = hf::Checkpoint::open(src_dir)?;
     let conv = arch::for_config(&ckpt.config)?;
-    let mut plan = plan::build(&ckpt, conv.as_ref(), ty)?;
+    let imatrix = match &opts.imatrix {
+        Some(path) if opts.mix.is_some() => Some(imatrix::Imatrix::load(path)?),
+        Some(_) => {
+            return Err(ConvertError::Input(
+                "an importance matrix applies to the k-quant and IQ4 types (q4_k_m ...), not \
+                 to f32, f16, bf16, q8_0 or q4_0"
+                    .into(),
+            ))
+        }
+        None => None,
+    };
+    let mut plan = plan::build(&ckpt, conv.as_ref(), opts.ty, opts.mix, imatrix.is_some())?;
     let n_vocab = ckpt.config.usize("vocab_size")?;
     plan.metadata
         .extend(tokenizer::metadata(&ckpt, n_vocab, conv.as_ref())?);
@@ -122,8 +142,15 @@ fn convert_plain(
         }
     }
     let values = |i: usize| source::load(&ckpt, &plan.tensors[i].source);
-    let mut summary =
-        output::write_gguf(out, plan.arch_name, &plan.metadata, decls, values, progress)?;
+    let mut summary = output::write_gguf(
+        out,
+        plan.arch_name,
+        &plan.metadata,
+        decls,
+        values,
+        imatrix.as_ref(),
+        progress,
+    )?;
     // The mapping accepts what each architecture's tensors need one by one; a checkpoint that
     // is inconsistent as a whole (a q norm without its k norm, say) would make a file the
     // runtime refuses. Load it as the runtime will, and leave no such file behind.
@@ -155,9 +182,17 @@ fn convert_tuned(
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
+    if opts.mix.is_some() || opts.imatrix.is_some() {
+        return Err(ConvertError::Input(
+            "calibration, pruning and per-expert types take a single --type (f32, f16, bf16, \
+             q8_0, q4_0), not a k-quant mix"
+                .into(),
+        ));
+    }
     let f32_path = pending::temp_path(&out.with_extension("f32.gguf"));
     let result = (|| {
-        let dropped = convert_plain(src_dir, &f32_path, GgmlType::F32, &[], progress)?.dropped;
+        let f32_opts = ConvertOptions::new(GgmlType::F32);
+        let dropped = convert_plain(src_dir, &f32_path, &f32_opts, progress)?.dropped;
         let stats = match &tuning.calib {
             Some(c) => Some(calib::calibrate(&f32_path, c)?),
             None => None,

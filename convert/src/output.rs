@@ -12,6 +12,7 @@ use moe_runtime::moe::calib::CalibStats;
 use rayon::prelude::*;
 
 use crate::error::ConvertError;
+use crate::imatrix::Imatrix;
 use crate::pending::PendingFile;
 use crate::source::TensorData;
 
@@ -43,14 +44,15 @@ pub struct Tuned {
 pub type Progress<'a> = &'a (dyn Fn(u64, u64, &str) + Sync);
 
 /// Writes `metadata` and the tensors `decls` (in order) to `out`, encoding the f32 values that
-/// `data` returns for the tensor at each index (or copying bytes already encoded).
-/// `elapsed` is left to the caller.
+/// `data` returns for the tensor at each index (or copying bytes already encoded), weighting
+/// the encoders' errors by `imatrix` where it has the tensor. `elapsed` is left to the caller.
 pub(crate) fn write_gguf(
     out: &Path,
     arch: &str,
     metadata: &[(String, Value)],
     decls: Vec<TensorDecl>,
     mut data: impl FnMut(usize) -> Result<TensorData, ConvertError>,
+    imatrix: Option<&Imatrix>,
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let total: u64 = decls
@@ -83,7 +85,12 @@ pub(crate) fn write_gguf(
                             found: vec![values.len()],
                         });
                     }
-                    quantize_rows(decl.ty, &values, decl.dims[0])
+                    let n_slices = decl.dims.get(2).copied().unwrap_or(1);
+                    let weights = match imatrix {
+                        Some(m) => m.for_tensor(&decl.name, decl.dims[0], n_slices)?,
+                        None => None,
+                    };
+                    quantize_rows(decl.ty, &values, decl.dims[0], weights)
                 }
                 TensorData::Encoded(bytes) => {
                     if Some(bytes.len()) != decl.byte_size().ok() {
@@ -125,15 +132,28 @@ pub(crate) fn write_gguf(
     Ok(summary)
 }
 
-/// Encodes rows of `row_len` values in parallel.
-fn quantize_rows(ty: GgmlType, values: &[f32], row_len: usize) -> Vec<u8> {
+/// Encodes rows of `row_len` values in parallel; `imatrix` holds `row_len` weights per expert
+/// (slab of rows), as llama-quantize applies them.
+fn quantize_rows(ty: GgmlType, values: &[f32], row_len: usize, imatrix: Option<&[f32]>) -> Vec<u8> {
     let row_bytes = ty
         .row_bytes(row_len)
         .expect("plan chose a type that fits the rows");
     let n_rows = values.len() / row_len;
     let mut out = vec![0u8; n_rows * row_bytes];
+    let rows_per_slice = match imatrix {
+        Some(w) => n_rows / (w.len() / row_len).max(1),
+        None => n_rows,
+    }
+    .max(1);
     out.par_chunks_mut(row_bytes)
         .zip(values.par_chunks(row_len))
-        .for_each(|(dst, src)| dst.copy_from_slice(&moe_runtime::tensor::quant::quantize(ty, src)));
+        .enumerate()
+        .for_each(|(r, (dst, src))| {
+            let slice = r / rows_per_slice;
+            let w = imatrix.map(|w| &w[slice * row_len..(slice + 1) * row_len]);
+            dst.copy_from_slice(&moe_runtime::tensor::quant::quantize_weighted(
+                ty, src, row_len, w,
+            ))
+        });
     out
 }

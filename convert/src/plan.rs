@@ -6,6 +6,7 @@ use moe_runtime::gguf::{GgmlType, TensorDecl, Value};
 use crate::arch::{ArchConverter, ExpertMlp, ExpertSource, FfnSource, PreparedExperts};
 use crate::error::ConvertError;
 use crate::hf::{Checkpoint, Config};
+use crate::mix::{Mix, ModelShape};
 use crate::source::Source;
 
 #[derive(Clone, Debug)]
@@ -82,11 +83,13 @@ pub(crate) fn choose_type(
 }
 
 /// Plans the conversion of `ckpt` as the architecture `conv` describes, with weights of type
-/// `ty` where they fit.
+/// `ty` where they fit, or of the types llama.cpp's `mix` gives them.
 pub fn build(
     ckpt: &Checkpoint,
     conv: &dyn ArchConverter,
     ty: GgmlType,
+    mix: Option<Mix>,
+    has_imatrix: bool,
 ) -> Result<Plan, ConvertError> {
     let cfg = &ckpt.config;
     let arch = conv.arch();
@@ -137,7 +140,10 @@ pub fn build(
                     .unwrap_or_else(|| "model".into()),
             ),
         ),
-        ("general.file_type".into(), Value::U32(file_type(ty))),
+        (
+            "general.file_type".into(),
+            Value::U32(mix.map_or_else(|| file_type(ty), Mix::file_type)),
+        ),
         ("general.quantization_version".into(), Value::U32(2)),
     ];
     let mut put = |k: &str, v: Value| meta.push((format!("{arch_name}.{k}"), v));
@@ -425,11 +431,45 @@ pub fn build(
         }
     }
 
+    if let Some(mix) = mix {
+        let shape = ModelShape {
+            n_layer,
+            n_expert,
+            n_gqa: n_head / n_head_kv,
+            tied_output: !tensors.iter().any(|t| t.decl.name == "output.weight"),
+        };
+        apply_mix(&mut tensors, mix, shape, tied, has_imatrix);
+    }
+
     Ok(Plan {
         arch_name,
         metadata: meta,
         tensors,
     })
+}
+
+/// Retypes planned tensors as llama-quantize would retype an f16 file of them with `mix`; the
+/// tensors it leaves alone keep their f16 file's type, and pre-packed ones (gpt-oss's MXFP4
+/// experts) their own.
+fn apply_mix(
+    tensors: &mut [PlannedTensor],
+    mix: Mix,
+    shape: ModelShape,
+    tied: bool,
+    has_imatrix: bool,
+) {
+    let named: Vec<(&str, &[usize])> = tensors
+        .iter()
+        .map(|t| (t.decl.name.as_str(), t.decl.dims.as_slice()))
+        .collect();
+    let types = mix.tensor_types(&named, shape, has_imatrix, |i| {
+        choose_type(named[i].0, named[i].1, GgmlType::F16, tied)
+    });
+    for (t, ty) in tensors.iter_mut().zip(types) {
+        if !matches!(t.source, Source::Packed(_)) {
+            t.decl.ty = ty;
+        }
+    }
 }
 
 /// `rope_theta` at the top level (transformers 4) or in `rope_parameters` (transformers 5).

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use moe_convert::{convert, ConvertOptions};
+use moe_convert::{convert, ConvertOptions, Mix};
 use moe_runtime::gguf::{GgmlType, GgufFile};
 use moe_runtime::model::{KvType, Model, Session};
 use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
@@ -75,6 +75,19 @@ impl Fixture {
     }
 
     /// Converts the fixture to `ty` in a fresh temporary folder.
+    /// Converted with one of llama.cpp's mixes (`--type q4_k_m` ...).
+    pub fn convert_mix(&self, mix: Mix) -> Converted {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(format!("{}-{mix:?}.gguf", self.name));
+        let opts = ConvertOptions {
+            mix: Some(mix),
+            ..ConvertOptions::new(mix.default_type())
+        };
+        convert(&self.dir, &path, &opts, &|_, _, _| {})
+            .unwrap_or_else(|e| panic!("converting {}: {e}", self.name));
+        Converted { _dir: dir, path }
+    }
+
     pub fn convert(&self, ty: GgmlType) -> Converted {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join(format!("{}-{}.gguf", self.name, ty.name()));

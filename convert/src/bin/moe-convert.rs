@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_convert::{
-    convert, CalibOptions, ConvertOptions, ExpertTypes, PregateSidecar, PruneSpec, Tuning,
+    convert, CalibOptions, ConvertOptions, ExpertTypes, Mix, PregateSidecar, PruneSpec, Tuning,
 };
 use moe_runtime::gguf::GgmlType;
 
@@ -23,9 +23,17 @@ struct Args {
     /// Output GGUF file
     #[arg(short = 'o', long)]
     out: PathBuf,
-    /// Weight type: f32, f16, bf16, q8_0 or q4_0
+    /// Weight type: f32, f16, bf16, q8_0 or q4_0 for every weight; q3_k, q4_k or q5_k for every
+    /// weight llama-quantize quantizes (with its fallbacks for rows that are not whole
+    /// super-blocks); or one of llama.cpp's mixes, with llama-quantize's per-tensor types and
+    /// bytes: q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_nl,
+    /// iq4_xs (docs/FILE_FORMAT.md has the table)
     #[arg(short = 't', long = "type", default_value = "q8_0", value_parser = parse_type)]
-    ty: GgmlType,
+    ty: TypeChoice,
+    /// llama.cpp's importance matrix (`llama-imatrix -o FILE.gguf`) to weight the k-quant and
+    /// IQ4 encoders' errors by, as `llama-quantize --imatrix` does
+    #[arg(long, value_name = "FILE.gguf")]
+    imatrix: Option<PathBuf>,
     /// Do not draw a progress bar
     #[arg(long)]
     quiet: bool,
@@ -63,10 +71,31 @@ struct Args {
     pregate: Option<PathBuf>,
 }
 
-fn parse_type(s: &str) -> Result<GgmlType, String> {
+/// A single type for every weight, or a llama.cpp mix.
+#[derive(Clone, Copy, Debug)]
+struct TypeChoice {
+    ty: GgmlType,
+    mix: Option<Mix>,
+}
+
+fn parse_type(s: &str) -> Result<TypeChoice, String> {
+    if let Some(mix) = Mix::from_name(s) {
+        return Ok(TypeChoice {
+            ty: mix.default_type(),
+            mix: Some(mix),
+        });
+    }
     match GgmlType::from_name(s) {
-        Some(t) if t.can_encode() => Ok(t),
-        _ => Err(format!("`{s}` is not one of f32, f16, bf16, q8_0, q4_0")),
+        Some(
+            t @ (GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0),
+        ) => Ok(TypeChoice { ty: t, mix: None }),
+        _ => {
+            let mixes: Vec<&str> = moe_convert::mix::MIX_NAMES.iter().map(|m| m.0).collect();
+            Err(format!(
+                "`{s}` is not one of f32, f16, bf16, q8_0, q4_0, {}",
+                mixes.join(", ")
+            ))
+        }
     }
 }
 
@@ -122,7 +151,9 @@ fn run(args: Args) -> Result<()> {
     let opts = ConvertOptions {
         extra_metadata: pregate.iter().map(PregateSidecar::metadata).collect(),
         tuning: (!tuning.is_empty()).then_some(tuning),
-        ..ConvertOptions::new(args.ty)
+        mix: args.ty.mix,
+        imatrix: args.imatrix.clone(),
+        ..ConvertOptions::new(args.ty.ty)
     };
     let summary = convert(&args.hf_dir, &args.out, &opts, &progress)
         .with_context(|| format!("converting {}", args.hf_dir.display()))?;

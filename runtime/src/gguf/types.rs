@@ -8,8 +8,8 @@ pub enum GgmlType {
     F32,
     F16,
     Q4_0,
-    /// Only decoded: llama.cpp's k-quant files use it for tensors whose rows are not whole
-    /// 256-value blocks (e.g. a `Q4_K_M` expert down projection of width 1408).
+    /// llama.cpp's k-quant mixes use it for tensors whose rows are not whole 256-value blocks
+    /// (e.g. a `Q4_K_M` expert down projection of width 1408); moe-convert's mixes too.
     Q5_0,
     Q8_0,
     Q2K,
@@ -128,7 +128,19 @@ impl GgmlType {
     pub fn can_encode(self) -> bool {
         matches!(
             self,
-            Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0
+            Self::F32
+                | Self::F16
+                | Self::BF16
+                | Self::Q8_0
+                | Self::Q4_0
+                | Self::Q5_0
+                | Self::Q2K
+                | Self::Q3K
+                | Self::Q4K
+                | Self::Q5K
+                | Self::Q6K
+                | Self::IQ4NL
+                | Self::IQ4XS
         )
     }
 

@@ -4,7 +4,8 @@
 use half::{bf16, f16};
 
 pub use super::blocks::block32::*;
-use super::blocks::{iquant, kquant};
+use super::blocks::kquant_encode::{self, BlockEncoder};
+use super::blocks::{iq4_encode, iquant, kquant, QK_K};
 use crate::gguf::GgmlType;
 
 /// Encodes f32 values as `ty` (a whole number of blocks). Used by the converter, for the types
@@ -32,7 +33,77 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         }
         GgmlType::Q8_0 => quantize_row_q8_0(x, &mut out),
         GgmlType::Q4_0 => quantize_row_q4_0(x, &mut out),
-        other => unimplemented!("{other} encoding is not offered by the converter"),
+        GgmlType::Q5_0 => quantize_row_q5_0(x, &mut out),
+        other => return quantize_weighted(other, x, x.len(), None),
+    }
+    out
+}
+
+/// The block size and encoder of the types ggml quantises with an optional importance vector.
+fn weighted_encoder(ty: GgmlType) -> Option<(usize, BlockEncoder)> {
+    match ty {
+        GgmlType::Q2K => Some(kquant_encode::Q2_K),
+        GgmlType::Q3K => Some(kquant_encode::Q3_K),
+        GgmlType::Q4K => Some(kquant_encode::Q4_K),
+        GgmlType::Q5K => Some(kquant_encode::Q5_K),
+        GgmlType::Q6K => Some(kquant_encode::Q6_K),
+        GgmlType::IQ4NL => Some(iq4_encode::IQ4_NL),
+        GgmlType::IQ4XS => Some(iq4_encode::IQ4_XS),
+        _ => None,
+    }
+}
+
+/// Encodes rows of `n_per_row` values as `ty` the way ggml's `ggml_quantize_chunk` does, bit for
+/// bit, weighting each column's error by `imatrix[column]` when given (llama.cpp's importance
+/// matrix). F32, F16, BF16 and Q8_0 ignore it, as ggml does.
+pub fn quantize_weighted(
+    ty: GgmlType,
+    x: &[f32],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+) -> Vec<u8> {
+    if let (Some(w), GgmlType::Q4_0 | GgmlType::Q5_0) = (imatrix, ty) {
+        // ggml weighs these per row (the row's mean square enters every block's weights).
+        assert!(n_per_row > 0 && x.len().is_multiple_of(n_per_row));
+        assert_eq!(w.len(), n_per_row, "one importance per column");
+        let row_bytes = ty.row_bytes(n_per_row).expect("rows are whole blocks");
+        let mut out = vec![0u8; row_bytes * (x.len() / n_per_row)];
+        for (xr, or) in x
+            .chunks_exact(n_per_row)
+            .zip(out.chunks_exact_mut(row_bytes))
+        {
+            if ty == GgmlType::Q4_0 {
+                quantize_row_q4_0_weighted(xr, w, or);
+            } else {
+                quantize_row_q5_0_weighted(xr, w, or);
+            }
+        }
+        return out;
+    }
+    let Some((block_bytes, encode)) = weighted_encoder(ty) else {
+        if !ty.can_encode() {
+            unimplemented!("{ty} encoding is not offered by the converter");
+        }
+        return quantize(ty, x);
+    };
+    assert!(n_per_row > 0 && x.len().is_multiple_of(n_per_row));
+    if let Some(w) = imatrix {
+        assert_eq!(w.len(), n_per_row, "one importance per column");
+    }
+    let block_len = ty.block_len();
+    assert!(block_len == QK_K || block_len == QK);
+    let n_bytes = ty
+        .row_bytes(n_per_row)
+        .expect("caller checks that rows are whole blocks")
+        * (x.len() / n_per_row);
+    let mut out = vec![0u8; n_bytes];
+    for (b, (xb, yb)) in x
+        .chunks_exact(block_len)
+        .zip(out.chunks_exact_mut(block_bytes))
+        .enumerate()
+    {
+        let col = b * block_len % n_per_row;
+        encode(xb, imatrix.map(|w| &w[col..col + block_len]), yb);
     }
     out
 }
@@ -164,5 +235,93 @@ pub(crate) mod vectors {
             n += 1;
         }
         assert_eq!(n, 18);
+    }
+
+    /// ggml's own bytes (`ggml_quantize_chunk` from libggml-base, made by
+    /// scripts/fixtures/make_kquant_encode_vectors.py) for rows of 512 values, without and with
+    /// an importance vector.
+    const ENCODE_ROWS: &[u8] = fixture!("encode/rows", ".f32");
+    const ENCODE_IMATRIX: &[u8] = fixture!("encode/imatrix", ".f32");
+    const ENCODED: &[(&str, &[u8], &[u8])] = &[
+        (
+            "q4_0",
+            fixture!("encode/q4_0.plain", ".bin"),
+            fixture!("encode/q4_0.imatrix", ".bin"),
+        ),
+        (
+            "q5_0",
+            fixture!("encode/q5_0.plain", ".bin"),
+            fixture!("encode/q5_0.imatrix", ".bin"),
+        ),
+        (
+            "q2_k",
+            fixture!("encode/q2_k.plain", ".bin"),
+            fixture!("encode/q2_k.imatrix", ".bin"),
+        ),
+        (
+            "q3_k",
+            fixture!("encode/q3_k.plain", ".bin"),
+            fixture!("encode/q3_k.imatrix", ".bin"),
+        ),
+        (
+            "q4_k",
+            fixture!("encode/q4_k.plain", ".bin"),
+            fixture!("encode/q4_k.imatrix", ".bin"),
+        ),
+        (
+            "q5_k",
+            fixture!("encode/q5_k.plain", ".bin"),
+            fixture!("encode/q5_k.imatrix", ".bin"),
+        ),
+        (
+            "q6_k",
+            fixture!("encode/q6_k.plain", ".bin"),
+            fixture!("encode/q6_k.imatrix", ".bin"),
+        ),
+        (
+            "iq4_nl",
+            fixture!("encode/iq4_nl.plain", ".bin"),
+            fixture!("encode/iq4_nl.imatrix", ".bin"),
+        ),
+        (
+            "iq4_xs",
+            fixture!("encode/iq4_xs.plain", ".bin"),
+            fixture!("encode/iq4_xs.imatrix", ".bin"),
+        ),
+    ];
+
+    fn f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn encoders_match_ggml() {
+        let x = f32s(ENCODE_ROWS);
+        let imatrix = f32s(ENCODE_IMATRIX);
+        let n_per_row = imatrix.len();
+        let cases = ENCODED.iter().flat_map(|&(name, plain, weighted)| {
+            [(name, None, plain), (name, Some(&imatrix[..]), weighted)]
+        });
+        for (name, w, want) in cases {
+            let ty = GgmlType::from_name(name).expect("a known type");
+            let got = super::quantize_weighted(ty, &x, n_per_row, w);
+            assert_eq!(got.len(), want.len(), "{ty} size");
+            let row_bytes = ty.row_bytes(n_per_row).unwrap();
+            for (r, (g, e)) in got
+                .chunks_exact(row_bytes)
+                .zip(want.chunks_exact(row_bytes))
+                .enumerate()
+            {
+                let at = g.iter().zip(e).position(|(a, b)| a != b);
+                assert!(
+                    at.is_none(),
+                    "{ty} (importance: {}) row {r}: first differing byte {:?}",
+                    w.is_some(),
+                    at
+                );
+            }
+        }
     }
 }

@@ -4,6 +4,8 @@
 
 use half::f16;
 
+use super::kquant_search::make_qx_quants;
+
 pub use super::{f16_at, QK};
 
 pub const Q8_0_BYTES: usize = 34;
@@ -87,6 +89,91 @@ pub fn q5_0_values(block: &[u8]) -> [i8; QK] {
         v[j + QK / 2] = ((qs[j] as u32 >> 4) | hi1) as i8 - 16;
     }
     v
+}
+
+/// Q5_0 as ggml's `quantize_row_q5_0_ref` (llama-quantize's fallback for Q4_K rows that are not
+/// whole super-blocks): `d = max / -16`, `q = min(31, trunc(x / d + 16.5))`, the fifth bits in
+/// `qh`.
+pub fn quantize_row_q5_0(x: &[f32], out: &mut [u8]) {
+    assert_eq!(x.len() % QK, 0);
+    assert_eq!(out.len(), x.len() / QK * Q5_0_BYTES);
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q5_0_BYTES)) {
+        let mut amax = 0f32;
+        let mut max = 0f32;
+        for &v in xb {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        let mut qh = 0u32;
+        for j in 0..QK / 2 {
+            let q0 = ((xb[j] * id + 16.5) as i8).min(31) as u8;
+            let q1 = ((xb[j + QK / 2] * id + 16.5) as i8).min(31) as u8;
+            ob[6 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+            qh |= (((q0 & 0x10) >> 4) as u32) << j;
+            qh |= (((q1 & 0x10) >> 4) as u32) << (j + QK / 2);
+        }
+        ob[2..6].copy_from_slice(&qh.to_le_bytes());
+    }
+}
+
+/// Q4_0 (`nmax` 8) or Q5_0 (`nmax` 16) of one row weighted by an importance vector, as ggml's
+/// `quantize_row_q4_0_impl` / `quantize_row_q5_0_impl` (llama-quantize with `--imatrix`): per
+/// block the weighted scale search of the k-quants, with weights `qw * sqrt(sigma2 + x²)` where
+/// sigma2 is the row's mean square. Returns each block's (f16 scale bits, quants 0..2 nmax).
+fn weighted_32_blocks(x: &[f32], qw: &[f32], nmax: i32) -> Vec<([u8; 2], [i8; QK])> {
+    let mut sum_x2 = 0f32;
+    for v in x {
+        sum_x2 += v * v;
+    }
+    let sigma2 = sum_x2 / x.len() as f32;
+    let mut weight = [0f32; QK];
+    x.chunks_exact(QK)
+        .zip(qw.chunks_exact(QK))
+        .map(|(xb, wb)| {
+            for j in 0..QK {
+                weight[j] = wb[j] * (sigma2 + xb[j] * xb[j]).sqrt();
+            }
+            let mut l = [0i8; QK];
+            let d = make_qx_quants(nmax, xb, &mut l, 1, Some(&weight));
+            (f16::from_f32(d).to_bits().to_le_bytes(), l)
+        })
+        .collect()
+}
+
+/// One row of Q4_0 weighted by `qw` (one importance per value of the row).
+pub fn quantize_row_q4_0_weighted(x: &[f32], qw: &[f32], out: &mut [u8]) {
+    for ((d, l), ob) in weighted_32_blocks(x, qw, 8)
+        .into_iter()
+        .zip(out.chunks_exact_mut(Q4_0_BYTES))
+    {
+        ob[..2].copy_from_slice(&d);
+        for j in 0..QK / 2 {
+            ob[2 + j] = l[j] as u8 | ((l[j + QK / 2] as u8) << 4);
+        }
+    }
+}
+
+/// One row of Q5_0 weighted by `qw` (one importance per value of the row).
+pub fn quantize_row_q5_0_weighted(x: &[f32], qw: &[f32], out: &mut [u8]) {
+    for ((d, l), ob) in weighted_32_blocks(x, qw, 16)
+        .into_iter()
+        .zip(out.chunks_exact_mut(Q5_0_BYTES))
+    {
+        ob[..2].copy_from_slice(&d);
+        let mut qh = 0u32;
+        for j in 0..QK / 2 {
+            let (q0, q1) = (l[j] as u8, l[j + QK / 2] as u8);
+            ob[6 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+            qh |= (((q0 & 0x10) >> 4) as u32) << j;
+            qh |= (((q1 & 0x10) >> 4) as u32) << (j + QK / 2);
+        }
+        ob[2..6].copy_from_slice(&qh.to_le_bytes());
+    }
 }
 
 pub fn dequantize_row_q5_0(q: &[u8], out: &mut [f32]) {

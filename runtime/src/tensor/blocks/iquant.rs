@@ -1,7 +1,7 @@
 //! The i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, IQ4_XS): super-blocks of
 //! 256 values where groups of 8 (or 4) values are one entry of a fixed grid (codebook), with
-//! signs stored apart, as ggml defines them (`dequantize_row_iq*` in ggml-quants.c). Only decoded:
-//! the converter does not write them.
+//! signs stored apart, as ggml defines them (`dequantize_row_iq*` in ggml-quants.c). Only IQ4_XS
+//! is also written by the converter (`iq4_encode`).
 
 use super::block32::IQ4_NL_LEVELS;
 use super::grids::*;

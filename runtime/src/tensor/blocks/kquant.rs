@@ -1,6 +1,6 @@
 //! K-quant block formats (256 values per super-block) as ggml defines them, and Q8_K, the
-//! activation format they are dotted with. Only decoding is needed for the weights: Hub GGUF
-//! files ship these types; moe-convert does not write them.
+//! activation format they are dotted with. The weights' encoders, which moe-convert uses, are
+//! in `kquant_encode`.
 
 use super::{f16_at, QK_K};
 

@@ -4,8 +4,11 @@
 
 pub mod block32;
 mod grids;
+pub mod iq4_encode;
 pub mod iquant;
 pub mod kquant;
+pub mod kquant_encode;
+mod kquant_search;
 
 use half::f16;
 
