@@ -460,35 +460,7 @@ fn granite_hybrid_ssm_state_is_fixed_rewinds_to_snapshots_and_chunks() {
         );
     }
 
-    let ids = &fx.expected.prompts[2].ids;
-    let (want, n, vocab) = fx.logits(2);
-    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
-    let first = s.forward(ids, false).unwrap().to_vec();
-    assert!(s.can_rewind(n) && s.can_rewind(0) && !s.can_rewind(n - 1));
-    s.rewind(0).unwrap();
-    assert_eq!(s.forward(ids, false).unwrap(), &first[..], "start over");
-    s.reset();
-    s.forward(&ids[..5], false).unwrap();
-    s.snapshot();
-    s.forward(&ids[5..], false).unwrap();
-    assert_eq!(s.rewind_point(n - 1), 5);
-    s.rewind(5).unwrap();
-    let again = s.forward(&ids[5..], false).unwrap();
-    assert!(
-        max_rel_diff(again, &first, vocab) < TOLERANCE,
-        "from the snapshot"
-    );
-
-    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
-    let mut got = Vec::new();
-    let mut at = 0;
-    for len in [1, 2, 5, 3] {
-        got.extend_from_slice(s.forward(&ids[at..at + len], true).unwrap());
-        at += len;
-    }
-    got.extend_from_slice(s.forward(&ids[at..], true).unwrap());
-    let diff = max_rel_diff(&got, &want, vocab);
-    assert!(diff < TOLERANCE, "chunked prefill differs by {diff:e}");
+    check_rewinds_to_snapshots_and_chunks(&fx, &model);
 }
 
 /// Granite-4.0-H's attention has no positional embedding because the file says
@@ -517,6 +489,42 @@ fn granite_hybrid_rope_follows_rope_scaling_finetuned() {
             _ => assert!(diff > 1e-3, "prompt {i}: rope changed nothing ({diff:e})"),
         }
     }
+}
+
+/// On prompt 2 of a recurrent fixture: a session rewinds to 0 and to its snapshot (not to any
+/// other position: the fixed state holds only the latest one), either way reproducing the
+/// first prefill's logits, and the prompt fed in uneven chunks gives transformers' logits.
+fn check_rewinds_to_snapshots_and_chunks(fx: &Fixture, model: &moe_runtime::model::Model) {
+    use moe_runtime::model::{KvType, Session};
+    let ids = &fx.expected.prompts[2].ids;
+    let (want, n, vocab) = fx.logits(2);
+    let mut s = Session::with_kv_type(model, 64, KvType::F32);
+    let first = s.forward(ids, false).unwrap().to_vec();
+    assert!(s.can_rewind(n) && s.can_rewind(0) && !s.can_rewind(n - 1));
+    s.rewind(0).unwrap();
+    assert_eq!(s.forward(ids, false).unwrap(), &first[..], "start over");
+    s.reset();
+    s.forward(&ids[..5], false).unwrap();
+    s.snapshot();
+    s.forward(&ids[5..], false).unwrap();
+    assert_eq!(s.rewind_point(n - 1), 5);
+    s.rewind(5).unwrap();
+    let again = s.forward(&ids[5..], false).unwrap();
+    assert!(
+        max_rel_diff(again, &first, vocab) < TOLERANCE,
+        "from the snapshot"
+    );
+
+    let mut s = Session::with_kv_type(model, 64, KvType::F32);
+    let mut got = Vec::new();
+    let mut at = 0;
+    for len in [1, 2, 5, 3] {
+        got.extend_from_slice(s.forward(&ids[at..at + len], true).unwrap());
+        at += len;
+    }
+    got.extend_from_slice(s.forward(&ids[at..], true).unwrap());
+    let diff = max_rel_diff(&got, &want, vocab);
+    assert!(diff < TOLERANCE, "chunked prefill differs by {diff:e}");
 }
 
 /// Decodes every prompt of fixture `name` one token at a time and checks the logits at every
@@ -574,35 +582,7 @@ fn qwen35_moe_recurrent_state_is_fixed_rewinds_to_snapshots_and_chunks() {
         );
     }
 
-    let ids = &fx.expected.prompts[2].ids;
-    let (want, n, vocab) = fx.logits(2);
-    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
-    let first = s.forward(ids, false).unwrap().to_vec();
-    assert!(s.can_rewind(n) && s.can_rewind(0) && !s.can_rewind(n - 1));
-    s.rewind(0).unwrap();
-    assert_eq!(s.forward(ids, false).unwrap(), &first[..], "start over");
-    s.reset();
-    s.forward(&ids[..5], false).unwrap();
-    s.snapshot();
-    s.forward(&ids[5..], false).unwrap();
-    assert_eq!(s.rewind_point(n - 1), 5);
-    s.rewind(5).unwrap();
-    let again = s.forward(&ids[5..], false).unwrap();
-    assert!(
-        max_rel_diff(again, &first, vocab) < TOLERANCE,
-        "from the snapshot"
-    );
-
-    let mut s = Session::with_kv_type(&model, 64, KvType::F32);
-    let mut got = Vec::new();
-    let mut at = 0;
-    for len in [1, 2, 5, 3] {
-        got.extend_from_slice(s.forward(&ids[at..at + len], true).unwrap());
-        at += len;
-    }
-    got.extend_from_slice(s.forward(&ids[at..], true).unwrap());
-    let diff = max_rel_diff(&got, &want, vocab);
-    assert!(diff < TOLERANCE, "chunked prefill differs by {diff:e}");
+    check_rewinds_to_snapshots_and_chunks(&fx, &model);
 }
 
 /// A Qwen3.5 file without `attention.recurrent_layers` (only `full_attention_interval`, as
