@@ -230,6 +230,23 @@ mod tests {
         t.render(messages, &RenderOptions::default())
     }
 
+    /// The tool the template tests offer, as a client sends it.
+    fn weather_tool() -> serde_json::Value {
+        json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "Weather in a city", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+    }
+
+    /// An assistant turn calling `weather_tool` for Oslo, as a client sends it back.
+    fn weather_call() -> ChatMessage {
+        serde_json::from_value(
+            json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c1",
+            "type": "function", "function": {"name": "get_weather",
+            "arguments": "{\"city\": \"Oslo\"}"}}]}),
+        )
+        .unwrap()
+    }
+
     /// The fixtures' ChatML template, as moe-convert stores it.
     const FIXTURE_CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
@@ -436,9 +453,7 @@ mod tests {
             return;
         };
         let t = ChatTemplate::new(&source, "<|startoftext|>".into(), "<|im_end|>".into()).unwrap();
-        let tools = json!([{"type": "function", "function": {"name": "get_weather",
-            "description": "Weather in a city", "parameters": {"type": "object",
-            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+        let tools = weather_tool();
         let opts = RenderOptions {
             tools: Some(&tools),
             kwargs: serde_json::Map::new(),
@@ -498,13 +513,8 @@ mod tests {
              <|im_start|>assistant\n<think>\n"
         );
 
-        let tools = json!([{"type": "function", "function": {"name": "get_weather",
-            "description": "Weather in a city", "parameters": {"type": "object",
-            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
-        let call: ChatMessage = serde_json::from_value(json!({"role": "assistant",
-            "content": "", "tool_calls": [{"id": "c1", "type": "function", "function":
-            {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]}))
-        .unwrap();
+        let tools = weather_tool();
+        let call = weather_call();
         let opts = RenderOptions {
             tools: Some(&tools),
             kwargs: serde_json::Map::new(),
@@ -604,13 +614,8 @@ mod tests {
              <|start_of_role|>assistant<|end_of_role|>"
         );
 
-        let tools = json!([{"type": "function", "function": {"name": "get_weather",
-            "description": "Weather in a city", "parameters": {"type": "object",
-            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
-        let call: ChatMessage = serde_json::from_value(json!({"role": "assistant",
-            "content": "", "tool_calls": [{"id": "c1", "type": "function", "function":
-            {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]}))
-        .unwrap();
+        let tools = weather_tool();
+        let call = weather_call();
         let opts = RenderOptions {
             tools: Some(&tools),
             kwargs: serde_json::Map::new(),
