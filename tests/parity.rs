@@ -434,7 +434,7 @@ fn granite_hybrid_step_by_step_decoding_matches_prefill() {
 /// logits.
 #[test]
 fn granite_hybrid_ssm_state_is_fixed_rewinds_to_snapshots_and_chunks() {
-    use moe_runtime::model::{KvType, Mixer, Model, Session};
+    use moe_runtime::model::{Mixer, Model};
     let fx = Fixture::load("granite_hybrid");
     let conv = fx.convert(GgmlType::F32);
     let file = conv.open();
@@ -447,18 +447,9 @@ fn granite_hybrid_ssm_state_is_fixed_rewinds_to_snapshots_and_chunks() {
     assert!(!hp.uses_rope(1), "NoPE attention");
     let m = hp.mamba.unwrap();
     assert_eq!((m.n_heads, m.n_groups, m.d_state), (8, 2, 16));
-    let per_pos = hp.n_head_kv * (hp.head_dim_k + hp.head_dim_v) * 4;
     // Per Mamba-2 layer: the last K-1 conv inputs and the scan states, each with its snapshot.
     let per_layer = 2 * 4 * ((m.conv_kernel - 1) * m.conv_dim() + m.d_inner * m.d_state);
-    for ctx in [64, 256] {
-        let s = Session::with_kv_type(&model, ctx, KvType::F32);
-        assert_eq!(s.kv_bytes(), ctx * per_pos, "KV of the attention layer");
-        assert_eq!(
-            s.recurrent_bytes(),
-            3 * per_layer,
-            "state of the 3 Mamba-2 layers"
-        );
-    }
+    check_state_bytes(&model, 3 * per_layer);
 
     check_rewinds_to_snapshots_and_chunks(&fx, &model);
 }
@@ -488,6 +479,20 @@ fn granite_hybrid_rope_follows_rope_scaling_finetuned() {
             1 => assert!(diff < TOLERANCE, "one position: rope is the identity"),
             _ => assert!(diff > 1e-3, "prompt {i}: rope changed nothing ({diff:e})"),
         }
+    }
+}
+
+/// An f32 session over `model` at two context lengths: the KV cache grows with the context by
+/// the attention layers' keys and values only, and the recurrent state is `state` bytes whatever
+/// the context.
+fn check_state_bytes(model: &moe_runtime::model::Model, state: usize) {
+    use moe_runtime::model::{KvType, Session};
+    let hp = &model.hp;
+    let per_pos = hp.n_head_kv * (hp.head_dim_k + hp.head_dim_v) * 4;
+    for ctx in [64, 256] {
+        let s = Session::with_kv_type(model, ctx, KvType::F32);
+        assert_eq!(s.kv_bytes(), ctx * per_pos, "KV of the attention layers");
+        assert_eq!(s.recurrent_bytes(), state, "state of the recurrent layers");
     }
 }
 
@@ -557,7 +562,7 @@ fn check_step_by_step(name: &str) {
 /// 0 or to the snapshot, and a prompt fed in uneven chunks gives one prefill's logits.
 #[test]
 fn qwen35_moe_recurrent_state_is_fixed_rewinds_to_snapshots_and_chunks() {
-    use moe_runtime::model::{KvType, Mixer, Model, Session};
+    use moe_runtime::model::{Mixer, Model};
     let fx = Fixture::load("qwen35_moe");
     let conv = fx.convert(GgmlType::F32);
     let file = conv.open();
@@ -568,19 +573,10 @@ fn qwen35_moe_recurrent_state_is_fixed_rewinds_to_snapshots_and_chunks() {
     assert!(matches!(model.layers[0].mixer, Mixer::GatedDeltaNet(_)));
     assert!(matches!(model.layers[3].mixer, Mixer::Attention(_)));
     let g = hp.gdn.unwrap();
-    let per_pos = hp.n_head_kv * (hp.head_dim_k + hp.head_dim_v) * 4;
     // Per DeltaNet layer: the last K-1 conv inputs and the matrices, each with its snapshot.
     let per_layer =
         2 * 4 * ((g.conv_kernel - 1) * g.conv_dim() + g.n_v_heads * g.head_k_dim * g.head_v_dim);
-    for ctx in [64, 256] {
-        let s = Session::with_kv_type(&model, ctx, KvType::F32);
-        assert_eq!(s.kv_bytes(), ctx * per_pos, "KV of the attention layer");
-        assert_eq!(
-            s.recurrent_bytes(),
-            3 * per_layer,
-            "state of the 3 DeltaNet layers"
-        );
-    }
+    check_state_bytes(&model, 3 * per_layer);
 
     check_rewinds_to_snapshots_and_chunks(&fx, &model);
 }
