@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use super::ops::{sigmoid, softplus};
+use super::ops::{causal_conv1d_silu, sigmoid, softplus};
 use super::profile::{Phase, Profiler};
 use super::state::DeltaState;
 use super::weights::GatedDeltaNet;
@@ -73,7 +73,6 @@ pub fn gated_delta_net(
     let p = g.dims;
     let (nk, dk, nv, dv) = (p.n_k_heads, p.head_k_dim, p.n_v_heads, p.head_v_dim);
     let (c, taps) = (p.conv_dim(), p.conv_kernel);
-    let past = taps - 1;
     let d = g.out.rows;
 
     // qkv, z, beta, alpha = W xn                      [n, C], [n, nv * dv], [n, nv], [n, nv]
@@ -91,31 +90,19 @@ pub fn gated_delta_net(
     );
     prof.lap(Phase::AttnProjections);
 
-    // ext = [past inputs (zeros at position 0); qkv]              [K - 1 + n, C]
-    s.ext.resize((past + n) * c, 0.0);
-    let (old, new) = s.ext.split_at_mut(past * c);
-    if pos0 == 0 {
-        old.fill(0.0);
-    } else {
-        old.copy_from_slice(state.conv.values());
-    }
-    new.copy_from_slice(&s.qkv);
-    // conv[t, ch] = silu(sum_j w[ch, j] * ext[t + j, ch])           [n, C]
-    s.conv.resize(n * c, 0.0);
-    for (t, row) in s.conv.chunks_exact_mut(c).enumerate() {
-        for (ch, y) in row.iter_mut().enumerate() {
-            let w = &g.conv[ch * taps..(ch + 1) * taps];
-            let mut acc = 0f32;
-            for (j, &w) in w.iter().enumerate() {
-                acc += w * s.ext[(t + j) * c + ch];
-            }
-            *y = acc * sigmoid(acc);
-        }
-    }
-    state
-        .conv
-        .values_mut()
-        .copy_from_slice(&s.ext[n * c..(n + past) * c]);
+    // conv[t] = silu(causal conv1d of qkv over the past inputs)     [n, C]
+    causal_conv1d_silu(
+        &g.conv,
+        None,
+        taps,
+        c,
+        n,
+        pos0 == 0,
+        state.conv.values_mut(),
+        &mut s.ext,
+        |new| new.copy_from_slice(&s.qkv),
+        &mut s.conv,
+    );
 
     // q, k: L2-normalised per head (q also scaled by 1/sqrt(dk)); beta; decay g
     let scale = 1.0 / (dk as f32).sqrt();

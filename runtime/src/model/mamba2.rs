@@ -22,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use super::ops::{sigmoid, softplus};
+use super::ops::{causal_conv1d_silu, sigmoid, softplus};
 use super::profile::{Phase, Profiler};
 use super::state::SsmState;
 use super::weights::Mamba2;
@@ -64,7 +64,6 @@ pub fn mamba2(
     let p = m.dims;
     let (di, ds, nh, ng, hd) = (p.d_inner, p.d_state, p.n_heads, p.n_groups, p.head_dim());
     let (c, taps, w) = (p.conv_dim(), p.conv_kernel, p.in_proj_dim());
-    let past = taps - 1;
     let d = m.out.rows;
 
     // z, xBC, dt = W_in xn                                       [n, d_inner + C + nh]
@@ -72,36 +71,24 @@ pub fn mamba2(
     matmul(k, &m.in_proj, xn, n, &mut s.zxbcdt, &mut s.mm);
     prof.lap(Phase::AttnProjections);
 
-    // ext = [past inputs (zeros at position 0); xBC]                 [K - 1 + n, C]
-    s.ext.resize((past + n) * c, 0.0);
-    let (old, new) = s.ext.split_at_mut(past * c);
-    if pos0 == 0 {
-        old.fill(0.0);
-    } else {
-        old.copy_from_slice(state.conv.values());
-    }
-    for (e, row) in new.chunks_exact_mut(c).zip(s.zxbcdt.chunks_exact(w)) {
-        e.copy_from_slice(&row[di..di + c]);
-    }
-    // conv[t, ch] = silu(bias[ch] + sum_j w[ch, j] * ext[t + j, ch])    [n, C]
-    s.conv.resize(n * c, 0.0);
-    for (t, row) in s.conv.chunks_exact_mut(c).enumerate() {
-        for (ch, y) in row.iter_mut().enumerate() {
-            let taps_of = &m.conv[ch * taps..(ch + 1) * taps];
-            let mut acc = 0f32;
-            for (j, &tap) in taps_of.iter().enumerate() {
-                acc += tap * s.ext[(t + j) * c + ch];
+    // conv[t] = silu(causal conv1d of xBC over the past inputs + bias)   [n, C]
+    let zxbcdt = &s.zxbcdt;
+    causal_conv1d_silu(
+        &m.conv,
+        m.conv_bias.as_deref(),
+        taps,
+        c,
+        n,
+        pos0 == 0,
+        state.conv.values_mut(),
+        &mut s.ext,
+        |new| {
+            for (e, row) in new.chunks_exact_mut(c).zip(zxbcdt.chunks_exact(w)) {
+                e.copy_from_slice(&row[di..di + c]);
             }
-            if let Some(b) = &m.conv_bias {
-                acc += b[ch];
-            }
-            *y = acc * sigmoid(acc);
-        }
-    }
-    state
-        .conv
-        .values_mut()
-        .copy_from_slice(&s.ext[n * c..(n + past) * c]);
+        },
+        &mut s.conv,
+    );
 
     // dt = softplus(dt + dt_bias)                                       [n, nh]
     s.dt.resize(n * nh, 0.0);

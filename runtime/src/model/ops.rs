@@ -160,6 +160,50 @@ pub fn add_scaled(x: &mut [f32], y: &[f32], scale: f32) {
     }
 }
 
+/// The causal depthwise convolution with SiLU of the recurrent mixers (Gated DeltaNet, Mamba-2),
+/// over a batch of `n` tokens of `c` channels and `taps` taps (`w` is `[c, taps]`):
+/// `ext` (`[taps - 1 + n, c]`) holds the `taps - 1` inputs `carried` over from the previous
+/// batch (zeros when `fresh`, at position 0) and then the batch's own, which `fill` writes
+/// (`[n, c]`); `out[t, ch] = silu(sum_j w[ch, j] * ext[t + j, ch] + bias[ch])`; and `carried`
+/// becomes the batch's last `taps - 1` inputs.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_conv1d_silu(
+    w: &[f32],
+    bias: Option<&[f32]>,
+    taps: usize,
+    c: usize,
+    n: usize,
+    fresh: bool,
+    carried: &mut [f32],
+    ext: &mut Vec<f32>,
+    fill: impl FnOnce(&mut [f32]),
+    out: &mut Vec<f32>,
+) {
+    let past = taps - 1;
+    ext.resize((past + n) * c, 0.0);
+    let (old, new) = ext.split_at_mut(past * c);
+    if fresh {
+        old.fill(0.0);
+    } else {
+        old.copy_from_slice(carried);
+    }
+    fill(new);
+    out.resize(n * c, 0.0);
+    for (t, row) in out.chunks_exact_mut(c).enumerate() {
+        for (ch, y) in row.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for (j, &tap) in w[ch * taps..(ch + 1) * taps].iter().enumerate() {
+                acc += tap * ext[(t + j) * c + ch];
+            }
+            if let Some(b) = bias {
+                acc += b[ch];
+            }
+            *y = acc * sigmoid(acc);
+        }
+    }
+    carried.copy_from_slice(&ext[n * c..(n + past) * c]);
+}
+
 /// `log(1 + exp(x))` as PyTorch's `softplus` (linear above 20).
 pub fn softplus(x: f32) -> f32 {
     if x > 20.0 {
