@@ -4,6 +4,9 @@
 //!   qwen3_moe/pruned.json, from scripts/fixtures/make_fixtures.py);
 //! - a mixed-precision (per-expert types) file loads, each expert dequantizes to its own type's
 //!   round trip of the source weights, and the model matches its dequantized reference;
+//! - `--target-size` fills its budget without passing it, stores each expert matrix at the
+//!   type it chose (its round trip of the source weights), spends more bits on the experts whose
+//!   removal costs most, and its stacked variant keeps llama.cpp's layout;
 //! - the lossy routing options are off by default and change nothing when off.
 
 use std::path::Path;
@@ -237,6 +240,134 @@ fn mixed_precision_file_loads_and_matches_its_dequantized_reference() {
     let st = cache.stats();
     assert!(st.demand_misses > 0);
     assert_eq!(st.read_requests, st.demand_misses + st.prefetches_issued);
+}
+
+/// Bits per weight of a type, from its block size.
+fn bits(ty: GgmlType) -> f64 {
+    ty.block_bytes() as f64 * 8.0 / ty.block_len() as f64
+}
+
+#[test]
+fn target_size_spends_its_budget_on_the_experts_that_matter() {
+    use moe_convert::budget::{Granularity, Target};
+    let fx = Fixture::load("qwen3_moe");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, bytes: u64, g: Granularity| {
+        let path = dir.path().join(name);
+        let opts = ConvertOptions {
+            tuning: Some(Tuning {
+                calib: Some(calib_text()),
+                target: Some((Target::Bytes(bytes), g)),
+                ..Default::default()
+            }),
+            ..ConvertOptions::new(GgmlType::Q8_0)
+        };
+        let summary =
+            convert(&fx.dir, &path, &opts, &|_, _, _| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let t = summary.tuned.expect("tuned");
+        (
+            path,
+            t.allocation.expect("allocated"),
+            t.stats.expect("stats"),
+        )
+    };
+    // The fixture's experts are small (64 x 32): per-expert tensors are page-aligned, so a
+    // matrix takes one page at any of its types and only the stacked layout can show a budget
+    // choosing between them.
+    let full = run("q8.gguf", u64::MAX / 2, Granularity::Stacked).1;
+    let tight_budget = full.fixed_bytes + (full.expert_bytes * 4) / 5;
+    let (path, a, stats) = run("tight.gguf", tight_budget, Granularity::Stacked);
+    let size = std::fs::metadata(&path).unwrap().len();
+    println!("{}file {size} bytes", a.report());
+    assert_eq!(size, a.expected_bytes(), "the estimate is the file's size");
+    assert!(size <= tight_budget);
+    assert!(a.expert_bytes < full.expert_bytes);
+    assert!(a.loss > full.loss);
+    // The layout stays llama.cpp's, one type per stacked tensor, as chosen.
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(&file).expect("loads");
+    let mut types_seen = std::collections::HashSet::new();
+    let mut layer_bits = Vec::new();
+    for (l, layer) in model.layers.iter().enumerate() {
+        let Ffn::Moe(moe) = &layer.ffn else { panic!() };
+        for (m, t) in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+            .iter()
+            .enumerate()
+        {
+            let info = file
+                .header()
+                .tensor(&format!("blk.{l}.{t}.weight"))
+                .expect("stacked");
+            assert_eq!(info.ty, a.types[l][0][m], "layer {l} {t}");
+            types_seen.insert(info.ty);
+            let slabs = match m {
+                0 => &moe.experts.gate,
+                1 => &moe.experts.up,
+                _ => &moe.experts.down,
+            };
+            assert!(slabs.slabs.iter().all(|s| s.ty == info.ty));
+        }
+        let kl: f64 = (0..8).map(|e| stats.drop_kl[stats.idx(l, e)] as f64).sum();
+        let b: f64 = a.types[l][0].iter().map(|&t| bits(t)).sum();
+        layer_bits.push((kl, b));
+    }
+    assert!(
+        types_seen.len() > 1,
+        "a tight budget mixes types: {types_seen:?}"
+    );
+    // The layer whose experts cost most to remove is not stored with fewer bits than the layer
+    // whose experts cost least.
+    layer_bits.sort_by(|x, y| x.0.total_cmp(&y.0));
+    assert!(
+        layer_bits.last().unwrap().1 >= layer_bits[0].1,
+        "{layer_bits:?}"
+    );
+    // Too small a budget is refused with what the file needs.
+    let opts = ConvertOptions {
+        tuning: Some(Tuning {
+            calib: Some(calib_text()),
+            target: Some((Target::Bytes(a.fixed_bytes), Granularity::PerExpert)),
+            ..Default::default()
+        }),
+        ..ConvertOptions::new(GgmlType::Q8_0)
+    };
+    let small = dir.path().join("small.gguf");
+    let Err(e) = convert(&fx.dir, &small, &opts, &|_, _, _| {}) else {
+        panic!("a budget below the non-expert tensors' bytes was accepted");
+    };
+    assert!(
+        e.to_string().contains("--target-size") && e.to_string().contains("MiB"),
+        "{e}"
+    );
+    assert!(!dir.path().join("small.gguf").exists());
+
+    // Per-expert: each expert matrix has the chosen type and is its round trip.
+    let (path, a, _) = run("per-expert.gguf", u64::MAX / 2, Granularity::PerExpert);
+    let file = GgufFile::open(&path).unwrap();
+    let model = Model::load(&file).expect("per-expert file loads");
+    let src_conv = fx.convert(GgmlType::F32);
+    let src = src_conv.open();
+    for (l, layer) in model.layers.iter().enumerate() {
+        let Ffn::Moe(moe) = &layer.ffn else { panic!() };
+        for (m, (t, slabs)) in [
+            ("ffn_gate_exps", &moe.experts.gate),
+            ("ffn_up_exps", &moe.experts.up),
+            ("ffn_down_exps", &moe.experts.down),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let info = src.header().tensor(&format!("blk.{l}.{t}.weight")).unwrap();
+            let values = f32s(src.tensor_bytes(info));
+            let per = values.len() / 8;
+            for e in 0..8 {
+                let ty = a.types[l][e][m];
+                assert_eq!(slabs.slabs[e].ty, ty);
+                let q = moe_runtime::tensor::quant::quantize(ty, &values[e * per..(e + 1) * per]);
+                assert_eq!(slabs.slabs[e].data, &q[..], "layer {l} {t} expert {e}");
+            }
+        }
+    }
 }
 
 /// Writes `file` with every tensor as f32 and per-expert tensors stacked again.

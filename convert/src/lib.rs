@@ -10,6 +10,7 @@
 //! network beside the file); and here [`convert`], the one entry point.
 
 pub mod arch;
+pub mod budget;
 pub mod calib;
 pub mod error;
 pub mod hf;
@@ -78,11 +79,16 @@ pub struct Tuning {
     pub calib: Option<CalibOptions>,
     pub prune: Option<PruneSpec>,
     pub expert_types: Option<ExpertTypes>,
+    /// `--target-size`: choose each routed expert matrix's type within a byte budget.
+    pub target: Option<(budget::Target, budget::Granularity)>,
 }
 
 impl Tuning {
     pub fn is_empty(&self) -> bool {
-        self.calib.is_none() && self.prune.is_none() && self.expert_types.is_none()
+        self.calib.is_none()
+            && self.prune.is_none()
+            && self.expert_types.is_none()
+            && self.target.is_none()
     }
 }
 
@@ -182,13 +188,23 @@ fn convert_tuned(
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
-    if opts.mix.is_some() || opts.imatrix.is_some() {
+    if opts.mix.is_some() || (opts.imatrix.is_some() && tuning.target.is_none()) {
         return Err(ConvertError::Input(
             "calibration, pruning and per-expert types take a single --type (f32, f16, bf16, \
              q8_0, q4_0), not a k-quant mix"
                 .into(),
         ));
     }
+    if tuning.target.is_some() && tuning.expert_types.is_some() {
+        return Err(ConvertError::Input(
+            "--target-size chooses every expert's type itself; drop --expert-types".into(),
+        ));
+    }
+    let imatrix = opts
+        .imatrix
+        .as_deref()
+        .map(imatrix::Imatrix::load)
+        .transpose()?;
     let f32_path = pending::temp_path(&out.with_extension("f32.gguf"));
     let result = (|| {
         let f32_opts = ConvertOptions::new(GgmlType::F32);
@@ -251,15 +267,61 @@ fn convert_tuned(
             }
             None => None,
         };
-        let rw = tune::Rewrite {
+        let experts = match (&tuning.expert_types, hot.as_deref()) {
+            (Some(t), Some(hot)) => tune::ExpertPlan::hot_cold(t, hot),
+            _ => tune::ExpertPlan::Uniform,
+        };
+        let mut rw = tune::Rewrite {
             ty: opts.ty,
             kept: &kept,
-            mixed: tuning.expert_types.as_ref().zip(hot.as_deref()),
+            experts,
+            imatrix: imatrix.as_ref(),
             extra_metadata: extra,
         };
+        let mut allocation = None;
+        if let Some((target, granularity)) = tuning.target {
+            let s = stats.as_ref().ok_or_else(|| {
+                ConvertError::Input(
+                    "--target-size weighs experts by calibration statistics: add --calib TEXT"
+                        .into(),
+                )
+            })?;
+            let file = moe_runtime::gguf::GgufFile::open(&f32_path)?;
+            // The directory of the layout the allocation writes, with placeholder types.
+            rw.experts = match granularity {
+                budget::Granularity::PerExpert => tune::ExpertPlan::PerExpert {
+                    types: kept
+                        .iter()
+                        .map(|k| vec![[GgmlType::Q8_0; 3]; k.len()])
+                        .collect(),
+                    hot: None,
+                },
+                budget::Granularity::Stacked => tune::ExpertPlan::Uniform,
+            };
+            let fixed_bytes = tune::fixed_bytes(&file, &rw)?;
+            let params = tune::output_params(&file, &kept);
+            let a = budget::allocate(
+                &budget::Inputs {
+                    file: &file,
+                    kept: &kept,
+                    stats: s,
+                    imatrix: imatrix.as_ref(),
+                    fixed_bytes,
+                    params,
+                },
+                target,
+                granularity,
+            )?;
+            rw.experts = tune::ExpertPlan::allocated(&a);
+            allocation = Some(a);
+        }
         let mut summary = tune::rewrite(&f32_path, out, &rw)?;
         summary.elapsed = t0.elapsed();
-        summary.tuned = Some(Tuned { stats, kept });
+        summary.tuned = Some(Tuned {
+            stats,
+            kept,
+            allocation,
+        });
         summary.dropped = dropped;
         Ok(summary)
     })();

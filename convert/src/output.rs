@@ -38,6 +38,8 @@ pub struct Tuned {
     pub stats: Option<CalibStats>,
     /// Per layer, the original indices of the kept experts.
     pub kept: Vec<Vec<usize>>,
+    /// The expert types `--target-size` chose.
+    pub allocation: Option<crate::budget::Allocation>,
 }
 
 /// Called after each tensor with (bytes done, bytes total, tensor name).

@@ -9,10 +9,11 @@
 
 use std::path::Path;
 
-use moe_runtime::gguf::{GgmlType, GgufFile, TensorDecl, Value};
+use moe_runtime::gguf::{align_up, GgmlType, GgufFile, TensorDecl, Value, PAGE_ALIGNMENT};
 use moe_runtime::moe::calib::{self, CalibStats};
 
 use crate::error::ConvertError;
+use crate::imatrix::Imatrix;
 use crate::output::{write_gguf, Summary};
 use crate::plan::{choose_type, file_type};
 
@@ -233,9 +234,60 @@ pub struct Rewrite<'a> {
     pub ty: GgmlType,
     /// Per layer, the original indices of the kept experts (all, when not pruning).
     pub kept: &'a [Vec<usize>],
-    /// Per layer, per kept expert: hot (mixed precision), with the two types.
-    pub mixed: Option<(&'a ExpertTypes, &'a [Vec<bool>])>,
+    /// The routed experts' types.
+    pub experts: ExpertPlan<'a>,
+    /// Importance weights for the encoders, by the source file's tensor names.
+    pub imatrix: Option<&'a Imatrix>,
     pub extra_metadata: Vec<(String, Value)>,
+}
+
+/// How the routed experts are stored.
+pub enum ExpertPlan<'a> {
+    /// Stacked tensors (llama.cpp's layout) at the rewrite's type.
+    Uniform,
+    /// Stacked tensors, each its own type: `[layer][matrix]` for `budget::MATRICES` (ignored
+    /// for layers without routed experts).
+    Stacked(Vec<[GgmlType; 3]>),
+    /// moe-edge's per-expert layout: `types[layer][kept expert][matrix]`, and when given which
+    /// experts are hot (stored as `moe_edge.hot_experts`).
+    PerExpert {
+        types: Vec<Vec<[GgmlType; 3]>>,
+        hot: Option<&'a [Vec<bool>]>,
+    },
+}
+
+impl<'a> ExpertPlan<'a> {
+    /// `--expert-types`: the hot experts at one type, the others at another.
+    pub fn hot_cold(types: &ExpertTypes, hot: &'a [Vec<bool>]) -> Self {
+        let types = hot
+            .iter()
+            .map(|hs| {
+                hs.iter()
+                    .map(|&h| [if h { types.hot_ty } else { types.cold_ty }; 3])
+                    .collect()
+            })
+            .collect();
+        Self::PerExpert {
+            types,
+            hot: Some(hot),
+        }
+    }
+
+    /// The types an allocation chose, in its granularity's layout.
+    pub fn allocated(a: &crate::budget::Allocation) -> Self {
+        match a.granularity {
+            crate::budget::Granularity::PerExpert => Self::PerExpert {
+                types: a.types.clone(),
+                hot: None,
+            },
+            crate::budget::Granularity::Stacked => Self::Stacked(
+                a.types
+                    .iter()
+                    .map(|l| l.first().copied().unwrap_or([GgmlType::F32; 3]))
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// Which tensors carry one entry per expert along their last dimension.
@@ -268,9 +320,131 @@ fn classify(name: &str) -> Option<ExpertTensor> {
     None
 }
 
+/// One tensor of the rewritten file: its declaration, the source tensor and what to take from it.
+struct Out {
+    decl: TensorDecl,
+    src: usize,
+    part: Part,
+}
+
+enum Part {
+    All,
+    Rows(Vec<usize>),
+    Slab(usize),
+}
+
 /// Writes `out` from the f32 file `src`.
 pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertError> {
     let file = GgufFile::open(src)?;
+    let h = file.header();
+    let Planned { arch, meta, outs } = plan(&file, rw)?;
+    let decls: Vec<TensorDecl> = outs.iter().map(|o| o.decl.clone()).collect();
+    let values = |i: usize| {
+        let o = &outs[i];
+        let info = &h.tensors()[o.src];
+        // Packed experts (MXFP4) come back as their values; the rewrite encodes them in the
+        // type it chose.
+        let all = f32s(info.ty, file.tensor_bytes(info));
+        let per: usize = info.dims[..info.dims.len() - 1].iter().product();
+        Ok(crate::source::TensorData::Values(match &o.part {
+            Part::All => all,
+            Part::Rows(ids) => ids
+                .iter()
+                .flat_map(|&e| all[e * per..(e + 1) * per].iter().copied())
+                .collect(),
+            Part::Slab(e) => all[e * per..(e + 1) * per].to_vec(),
+        }))
+    };
+    let imatrix = rw.imatrix.map(|im| for_outputs(im, h, &outs));
+    write_gguf(
+        out,
+        &arch,
+        &meta,
+        decls,
+        values,
+        imatrix.as_ref(),
+        &|_, _, _| {},
+    )
+}
+
+/// The importance weights of the source tensors, renamed and cut as the rewrite writes them:
+/// a pruned stacked tensor keeps its kept experts' rows, an expert of the per-expert layout its
+/// own row.
+fn for_outputs(im: &Imatrix, h: &moe_runtime::gguf::GgufHeader, outs: &[Out]) -> Imatrix {
+    let mut entries = std::collections::HashMap::new();
+    for o in outs {
+        let info = &h.tensors()[o.src];
+        let Some(w) = im.entries.get(&info.name) else {
+            continue;
+        };
+        // Only stacked experts have one row of weights per expert; a router's rows are its
+        // outputs, and its weights (per input column) stay whole when experts are pruned.
+        let n_slices = info.dims.get(2).copied().unwrap_or(1);
+        if w.len() % n_slices != 0 {
+            continue;
+        }
+        let row = w.len() / n_slices;
+        let cut = match &o.part {
+            _ if n_slices == 1 => w.clone(),
+            Part::All => w.clone(),
+            Part::Rows(ids) => ids
+                .iter()
+                .flat_map(|&e| w[e * row..(e + 1) * row].iter().copied())
+                .collect(),
+            Part::Slab(e) => w[e * row..(e + 1) * row].to_vec(),
+        };
+        entries.insert(o.decl.name.clone(), cut);
+    }
+    Imatrix { entries }
+}
+
+/// The number of weights the rewritten file holds (pruned experts left out).
+pub fn output_params(file: &GgufFile, kept: &[Vec<usize>]) -> u64 {
+    file.header()
+        .tensors()
+        .iter()
+        .map(|t| {
+            let n = t.n_elements() as u64;
+            match classify(&t.name) {
+                Some(ExpertTensor::Rows(l) | ExpertTensor::Stacked(l, _)) => {
+                    let all = *t.dims.last().expect("dims") as u64;
+                    n / all.max(1) * kept[l].len() as u64
+                }
+                None => n,
+            }
+        })
+        .sum()
+}
+
+/// The bytes `rewrite` would write for everything but the routed experts: the header (with the
+/// routed experts' directory entries) and every other tensor, page-aligned as written.
+pub fn fixed_bytes(file: &GgufFile, rw: &Rewrite) -> Result<u64, ConvertError> {
+    let Planned { meta, outs, .. } = plan(file, rw)?;
+    let decls: Vec<TensorDecl> = outs.iter().map(|o| o.decl.clone()).collect();
+    let header = moe_runtime::gguf::GgufWriter::begin(Vec::new(), &meta, decls, PAGE_ALIGNMENT)?
+        .get_ref()
+        .len() as u64;
+    let align = |b: usize| align_up(b as u64, PAGE_ALIGNMENT as u64).expect("size fits");
+    let mut bytes = header;
+    for o in &outs {
+        if classify(&file.header().tensors()[o.src].name)
+            .is_some_and(|c| matches!(c, ExpertTensor::Stacked(..)))
+        {
+            continue;
+        }
+        bytes += align(o.decl.byte_size()?);
+    }
+    Ok(bytes)
+}
+
+/// The metadata and tensors of the rewritten file.
+struct Planned {
+    arch: String,
+    meta: Vec<(String, Value)>,
+    outs: Vec<Out>,
+}
+
+fn plan(file: &GgufFile, rw: &Rewrite) -> Result<Planned, ConvertError> {
     let h = file.header();
     let arch = h
         .get("general.architecture")
@@ -323,32 +497,23 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
         meta.push((k.clone(), v));
     }
     meta.extend(rw.extra_metadata.iter().cloned());
-    if let Some((types, hot)) = rw.mixed {
+    if let ExpertPlan::PerExpert { hot, .. } = &rw.experts {
         meta.push((
             calib::KEY_LAYOUT.into(),
             Value::String(calib::LAYOUT_PER_EXPERT.into()),
         ));
-        let mut flags = vec![0u32; rw.kept.len() * n_kept];
-        for (l, hs) in hot.iter().enumerate() {
-            for (i, &x) in hs.iter().enumerate() {
-                flags[l * n_kept + i] = x as u32;
+        if let Some(hot) = hot {
+            let mut flags = vec![0u32; rw.kept.len() * n_kept];
+            for (l, hs) in hot.iter().enumerate() {
+                for (i, &x) in hs.iter().enumerate() {
+                    flags[l * n_kept + i] = x as u32;
+                }
             }
+            meta.push((calib::KEY_HOT.into(), Value::u32_array(flags)));
         }
-        meta.push((calib::KEY_HOT.into(), Value::u32_array(flags)));
-        let _ = types;
     }
 
     // Plan every output tensor: (declaration, source tensor, what to take from it).
-    struct Out {
-        decl: TensorDecl,
-        src: usize,
-        part: Part,
-    }
-    enum Part {
-        All,
-        Rows(Vec<usize>),
-        Slab(usize),
-    }
     let mut outs = Vec::new();
     for (si, t) in h.tensors().iter().enumerate() {
         if t.ty != GgmlType::F32 {
@@ -372,10 +537,18 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
                 });
             }
             Some(ExpertTensor::Stacked(l, stem)) => {
-                match rw.mixed {
-                    None => {
+                let matrix = crate::budget::MATRICES
+                    .iter()
+                    .position(|m| stem.ends_with(m))
+                    .expect("classify names the three matrices");
+                match &rw.experts {
+                    ExpertPlan::Uniform | ExpertPlan::Stacked(_) => {
+                        let want = match &rw.experts {
+                            ExpertPlan::Stacked(types) => types[l][matrix],
+                            _ => rw.ty,
+                        };
                         let dims = vec![t.dims[0], t.dims[1], n_kept];
-                        let ty = choose_type(&t.name, &dims, rw.ty, tied);
+                        let ty = choose_type(&t.name, &dims, want, tied);
                         outs.push(Out {
                             decl: TensorDecl {
                                 name: t.name.clone(),
@@ -388,11 +561,11 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
                     }
                     // One expert's gate, up and down are written next to each other (when the
                     // gate tensor comes by), so the expert cache reads an expert with one request.
-                    Some(_) if !stem.ends_with("ffn_gate_exps") => {}
-                    Some((types, hot)) => {
+                    ExpertPlan::PerExpert { .. } if matrix != 0 => {}
+                    ExpertPlan::PerExpert { types, .. } => {
                         let prefix = stem.strip_suffix("ffn_gate_exps").unwrap_or(&stem);
                         let mut parts = Vec::new();
-                        for which in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+                        for which in crate::budget::MATRICES {
                             let name = format!("{prefix}{which}.weight");
                             let src = h.tensors().iter().position(|x| x.name == name).ok_or_else(
                                 || ConvertError::Input(format!("internal: `{name}` is missing")),
@@ -400,16 +573,11 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
                             parts.push((format!("{prefix}{which}"), src));
                         }
                         for (i, &e) in rw.kept[l].iter().enumerate() {
-                            for (pstem, src) in &parts {
+                            for (m, (pstem, src)) in parts.iter().enumerate() {
                                 let sinfo = &h.tensors()[*src];
                                 let name = calib::per_expert_name(pstem, i);
-                                let want = if hot[l][i] {
-                                    types.hot_ty
-                                } else {
-                                    types.cold_ty
-                                };
                                 let dims = vec![sinfo.dims[0], sinfo.dims[1]];
-                                let ty = choose_type(&name, &dims, want, tied);
+                                let ty = choose_type(&name, &dims, types[l][i][m], tied);
                                 outs.push(Out {
                                     decl: TensorDecl { name, dims, ty },
                                     src: *src,
@@ -435,24 +603,7 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
         }
     }
 
-    let decls: Vec<TensorDecl> = outs.iter().map(|o| o.decl.clone()).collect();
-    let values = |i: usize| {
-        let o = &outs[i];
-        let info = &h.tensors()[o.src];
-        // Packed experts (MXFP4) come back as their values; the rewrite encodes them in the
-        // type it chose.
-        let all = f32s(info.ty, file.tensor_bytes(info));
-        let per: usize = info.dims[..info.dims.len() - 1].iter().product();
-        Ok(crate::source::TensorData::Values(match &o.part {
-            Part::All => all,
-            Part::Rows(ids) => ids
-                .iter()
-                .flat_map(|&e| all[e * per..(e + 1) * per].iter().copied())
-                .collect(),
-            Part::Slab(e) => all[e * per..(e + 1) * per].to_vec(),
-        }))
-    };
-    write_gguf(out, &arch, &meta, decls, values, None, &|_, _, _| {})
+    Ok(Planned { arch, meta, outs })
 }
 
 fn f32s(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {

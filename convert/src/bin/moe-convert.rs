@@ -64,6 +64,16 @@ struct Args {
     /// Share of each layer's experts (the most used) that get the hot type
     #[arg(long, default_value_t = 0.25)]
     hot_fraction: f64,
+    /// Choose each routed expert matrix's type (Q2_K ... Q8_0) to lose the least within this
+    /// file size (e.g. 120MiB, 1.5GB) or bits per weight (3.5bpw), from the calibration
+    /// statistics (needs --calib) and the importance matrix (--imatrix) when given; the other
+    /// tensors keep --type. Writes moe-edge's per-expert layout unless --stacked-types
+    #[arg(long, value_name = "SIZE", value_parser = moe_convert::budget::Target::parse)]
+    target_size: Option<moe_convert::budget::Target>,
+    /// With --target-size: one type per stacked expert tensor (all experts of a layer's gate,
+    /// up or down alike), so that llama.cpp loads the file
+    #[arg(long, requires = "target_size")]
+    stacked_types: bool,
     /// A pre-gating router network (ONNX, from scripts/train/train_pregate.py) for this model: the
     /// GGUF names it (`moe_edge.pregate.onnx`) and it is copied beside the output when it is
     /// not there, so `moe-run --predictor pregate` finds it without --pregate
@@ -137,6 +147,14 @@ fn run(args: Args) -> Result<()> {
         }),
         prune: args.prune_experts.clone(),
         expert_types,
+        target: args.target_size.map(|t| {
+            let g = if args.stacked_types {
+                moe_convert::budget::Granularity::Stacked
+            } else {
+                moe_convert::budget::Granularity::PerExpert
+            };
+            (t, g)
+        }),
     };
     let progress = |done, total, name: &str| {
         bar.set_length(total);
@@ -166,6 +184,9 @@ fn run(args: Args) -> Result<()> {
                 std::fs::write(path, json.to_string())
                     .with_context(|| format!("writing {}", path.display()))?;
             }
+        }
+        if let Some(a) = &t.allocation {
+            print!("{}", a.report());
         }
         if args.prune_experts.is_some() {
             let n = t.kept.iter().map(Vec::len).max().unwrap_or(0);

@@ -111,6 +111,12 @@ impl<W: Write> GgufWriter<W> {
         })
     }
 
+    /// The output so far: after [`Self::begin`], the header (whose length is where the tensor
+    /// data starts).
+    pub fn get_ref(&self) -> &W {
+        &self.out
+    }
+
     /// The declaration of the tensor whose data is expected next, if any.
     pub fn next_tensor(&self) -> Option<&TensorDecl> {
         self.tensors.get(self.next).map(|(t, _, _)| t)
