@@ -341,6 +341,27 @@ fn target_size_spends_its_budget_on_the_experts_that_matter() {
     );
     assert!(!dir.path().join("small.gguf").exists());
 
+    // A cap on the types keeps every expert matrix at or below it, whatever the budget.
+    let capped = {
+        let path = dir.path().join("capped.gguf");
+        let opts = ConvertOptions {
+            tuning: Some(Tuning {
+                calib: Some(calib_text()),
+                target: Some((Target::Bytes(u64::MAX / 2), Granularity::Stacked)),
+                max_expert_type: Some(GgmlType::Q5K),
+                ..Default::default()
+            }),
+            ..ConvertOptions::new(GgmlType::Q8_0)
+        };
+        let s = convert(&fx.dir, &path, &opts, &|_, _, _| {}).unwrap();
+        s.tuned.unwrap().allocation.unwrap()
+    };
+    // Q5_K falls back to Q5_0 on the fixture's 64- and 32-value rows.
+    for t in capped.types.iter().flatten().flatten() {
+        assert!(bits(*t) <= bits(GgmlType::Q5_0), "{t}");
+    }
+    assert!(capped.expert_bytes < full.expert_bytes);
+
     // Per-expert: each expert matrix has the chosen type and is its round trip.
     let (path, a, _) = run("per-expert.gguf", u64::MAX / 2, Granularity::PerExpert);
     let file = GgufFile::open(&path).unwrap();

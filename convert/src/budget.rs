@@ -217,6 +217,15 @@ pub struct Inputs<'a> {
     pub fixed_bytes: u64,
     /// Weights the output file holds (for bits per weight).
     pub params: u64,
+    /// No expert matrix above this many bits per weight (the type's): the expert cache's slots
+    /// are as large as the largest expert, so a cap keeps as many experts in a cache budget as
+    /// a uniform file at that type does.
+    pub max_type: Option<GgmlType>,
+}
+
+/// Bits per weight of a type.
+fn bits(t: GgmlType) -> f64 {
+    t.block_bytes() as f64 * 8.0 / t.block_len() as f64
 }
 
 fn f32_values(bytes: &[u8]) -> Vec<f32> {
@@ -254,14 +263,20 @@ fn relative_error(ty: GgmlType, rows: &[f32], ncols: usize, weights: Option<&[f3
     }
 }
 
-/// Each candidate type a matrix of `ncols`-value rows can take (fallbacks included, once each).
-fn candidates(ncols: usize) -> Vec<GgmlType> {
+/// Each candidate type a matrix of `ncols`-value rows can take (fallbacks included, once each),
+/// none above `max` (itself after its fallback).
+fn candidates(ncols: usize, max: Option<GgmlType>) -> Vec<GgmlType> {
+    let cap = max.map_or(f64::INFINITY, |m| bits(crate::mix::fallback(m, ncols)));
     let mut out: Vec<GgmlType> = Vec::new();
     for &t in &CANDIDATES {
         let t = crate::mix::fallback(t, ncols);
-        if t.row_bytes(ncols).is_some() && !out.contains(&t) {
+        if t.row_bytes(ncols).is_some() && !out.contains(&t) && bits(t) <= cap {
             out.push(t);
         }
+    }
+    if out.is_empty() {
+        // A cap below every candidate: the smallest one.
+        out.push(crate::mix::fallback(CANDIDATES[0], ncols));
     }
     out
 }
@@ -367,7 +382,7 @@ pub fn allocate(
         .map(|j| {
             let sens = stats.drop_kl[stats.idx(j.layer, j.expert)] as f64 + floor;
             let nrows = j.rows.len() / j.ncols;
-            let options = candidates(j.ncols)
+            let options = candidates(j.ncols, inp.max_type)
                 .into_iter()
                 .map(|t| {
                     let bytes = (t.row_bytes(j.ncols).expect("candidate fits") * nrows) as u64;

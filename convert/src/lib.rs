@@ -81,6 +81,8 @@ pub struct Tuning {
     pub expert_types: Option<ExpertTypes>,
     /// `--target-size`: choose each routed expert matrix's type within a byte budget.
     pub target: Option<(budget::Target, budget::Granularity)>,
+    /// With `target`: no expert matrix above this type's bits per weight.
+    pub max_expert_type: Option<GgmlType>,
 }
 
 impl Tuning {
@@ -308,6 +310,7 @@ fn convert_tuned(
                     imatrix: imatrix.as_ref(),
                     fixed_bytes,
                     params,
+                    max_type: tuning.max_expert_type,
                 },
                 target,
                 granularity,

@@ -74,6 +74,11 @@ struct Args {
     /// up or down alike), so that llama.cpp loads the file
     #[arg(long, requires = "target_size")]
     stacked_types: bool,
+    /// With --target-size: no expert matrix above this type's bits per weight (e.g. q4_k). The
+    /// expert cache's slots are as large as the largest expert, so this keeps as many experts
+    /// in a streaming cache as a uniform file of that type
+    #[arg(long, requires = "target_size", value_parser = parse_expert_cap)]
+    max_expert_type: Option<GgmlType>,
     /// A pre-gating router network (ONNX, from scripts/train/train_pregate.py) for this model: the
     /// GGUF names it (`moe_edge.pregate.onnx`) and it is copied beside the output when it is
     /// not there, so `moe-run --predictor pregate` finds it without --pregate
@@ -107,6 +112,18 @@ fn parse_type(s: &str) -> Result<TypeChoice, String> {
             ))
         }
     }
+}
+
+fn parse_expert_cap(s: &str) -> Result<GgmlType, String> {
+    GgmlType::from_name(s)
+        .filter(|t| moe_convert::budget::CANDIDATES.contains(t))
+        .ok_or_else(|| {
+            let names: Vec<&str> = moe_convert::budget::CANDIDATES
+                .iter()
+                .map(|t| t.name())
+                .collect();
+            format!("`{s}` is not one of {}", names.join(", "))
+        })
 }
 
 fn main() -> ExitCode {
@@ -155,6 +172,7 @@ fn run(args: Args) -> Result<()> {
             };
             (t, g)
         }),
+        max_expert_type: args.max_expert_type,
     };
     let progress = |done, total, name: &str| {
         bar.set_length(total);
