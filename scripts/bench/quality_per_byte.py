@@ -33,12 +33,14 @@ import sys
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def run(cmd, env=None, log=None):
+def run(cmd, env=None, log=None, may_fail=False):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if log:
         with open(log, "w") as f:
             f.write(p.stdout + p.stderr)
     if p.returncode != 0:
+        if may_fail:
+            return None
         sys.exit(f"failed: {' '.join(shlex.quote(c) for c in cmd)}\n{p.stderr[-3000:]}")
     return p.stdout
 
@@ -81,6 +83,10 @@ def main():
     ap.add_argument("--calib-kl-tokens", type=int, default=256)
     ap.add_argument("--imatrix-chunk", type=int, default=256)
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--other-type", default="q8_0",
+                    help="--type of moe-convert's files: the non-expert tensors' type")
+    ap.add_argument("--llama-quantize-args", default="",
+                    help="extra llama-quantize arguments, e.g. to give its non-expert tensors the same types")
     ap.add_argument("--json-out")
     a = ap.parse_args()
     llama = os.environ.get("LLAMA_BIN")
@@ -104,7 +110,8 @@ def main():
     for t in a.types.split(","):
         lf = w(f"llama-{t}.gguf")
         if not os.path.exists(lf):
-            run([f"{llama}/llama-quantize", "--imatrix", imatrix, w("f16.gguf"), lf, t, str(a.threads)],
+            run([f"{llama}/llama-quantize", "--imatrix", imatrix, *shlex.split(a.llama_quantize_args),
+                 w("f16.gguf"), lf, t, str(a.threads)],
                 env=env, log=w(f"llama-{t}.log"))
             fix_alignment(lf)
         size = os.path.getsize(lf)
@@ -113,16 +120,24 @@ def main():
                                    ("moe-convert --target-size --stacked-types", f"ours-st-{t}.gguf",
                                     ["--stacked-types"])):
             if not os.path.exists(w(name)):
-                run([mc, a.hf, "-o", w(name), "--type", "q8_0", "--calib", a.calib,
+                # A budget below what the layout needs (per-expert tensors are page-aligned) is
+                # refused; the table says so.
+                run([mc, a.hf, "-o", w(name), "--type", a.other_type, "--calib", a.calib,
                      "--calib-tokens", str(a.calib_tokens), "--calib-kl-tokens", str(a.calib_kl_tokens),
                      "--imatrix", imatrix, "--target-size", str(size), "--quiet", *extra],
-                    log=w(name.replace(".gguf", ".log")))
+                    log=w(name.replace(".gguf", ".log")), may_fail=True)
             variants.append((t, label, w(name)))
 
     ref = w("f32.gguf")
     n_params = None
     rows = []
     for cls, label, path in variants:
+        if not os.path.exists(path):
+            with open(path.replace(".gguf", ".log")) as f:
+                why = f.read().strip().splitlines()[-1]
+            rows.append({"class": cls, "variant": label, "file": os.path.basename(path), "refused": why})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         ev = last_json(run([mr, "eval", "-m", path, "--text", a.heldout, "--max-tokens", str(a.eval_tokens),
                             "--reference", ref, "-t", str(a.threads)]))
         if n_params is None:
@@ -148,6 +163,9 @@ def main():
     print("\n| class | variant | MiB | bpw | mean KL | top-1 % | ppl | cache 25%: slots / hit % | 50% | tg t/s (1 thread) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if "refused" in r:
+            print(f"| {r['class']} | {r['variant']} | refused: {r['refused']} |||||||")
+            continue
         print(f"| {r['class']} | {r['variant']} | {r['bytes'] / 2**20:.2f} | {r['bpw']:.3f} | {r['mean_kl']:.5f} | "
               f"{r['top1'] * 100:.2f} | {r['ppl']:.3f} | {r['slots25']} / {r['hit25'] * 100:.1f} | "
               f"{r['slots50']} / {r['hit50'] * 100:.1f} | {r.get('tg', float('nan')):.1f} |")
