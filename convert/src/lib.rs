@@ -190,10 +190,10 @@ fn convert_tuned(
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
-    if opts.mix.is_some() || (opts.imatrix.is_some() && tuning.target.is_none()) {
+    if tuning.target.is_none() && (opts.mix.is_some() || opts.imatrix.is_some()) {
         return Err(ConvertError::Input(
             "calibration, pruning and per-expert types take a single --type (f32, f16, bf16, \
-             q8_0, q4_0), not a k-quant mix"
+             q8_0, q4_0), not a k-quant mix (a mix's other tensors go with --target-size)"
                 .into(),
         ));
     }
@@ -277,6 +277,7 @@ fn convert_tuned(
             ty: opts.ty,
             kept: &kept,
             experts,
+            mix: opts.mix,
             imatrix: imatrix.as_ref(),
             extra_metadata: extra,
         };

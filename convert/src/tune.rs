@@ -236,6 +236,9 @@ pub struct Rewrite<'a> {
     pub kept: &'a [Vec<usize>],
     /// The routed experts' types.
     pub experts: ExpertPlan<'a>,
+    /// llama.cpp's mix for the tensors the expert plan leaves to `ty` (all of them with
+    /// [`ExpertPlan::Uniform`], the non-expert ones otherwise): `ty` is then its default type.
+    pub mix: Option<crate::mix::Mix>,
     /// Importance weights for the encoders, by the source file's tensor names.
     pub imatrix: Option<&'a Imatrix>,
     pub extra_metadata: Vec<(String, Value)>,
@@ -603,7 +606,52 @@ fn plan(file: &GgufFile, rw: &Rewrite) -> Result<Planned, ConvertError> {
         }
     }
 
+    if let Some(mix) = rw.mix {
+        apply_mix(h, &arch, rw, mix, n_kept, tied, &mut outs);
+    }
     Ok(Planned { arch, meta, outs })
+}
+
+/// Retypes the planned tensors as llama-quantize's `mix` would an f16 file of them, except the
+/// routed experts when the plan gives them their own types.
+fn apply_mix(
+    h: &moe_runtime::gguf::GgufHeader,
+    arch: &str,
+    rw: &Rewrite,
+    mix: crate::mix::Mix,
+    n_kept: usize,
+    tied: bool,
+    outs: &mut [Out],
+) {
+    let scalar = |key: &str| {
+        h.get(&format!("{arch}.{key}"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(1)
+            .max(1) as usize
+    };
+    let shape = crate::mix::ModelShape {
+        n_layer: rw.kept.len(),
+        n_expert: n_kept,
+        n_gqa: scalar("attention.head_count") / scalar("attention.head_count_kv"),
+        tied_output: tied,
+    };
+    let named: Vec<(&str, &[usize])> = outs
+        .iter()
+        .map(|o| (o.decl.name.as_str(), o.decl.dims.as_slice()))
+        .collect();
+    let types = mix.tensor_types(&named, shape, rw.imatrix.is_some(), |i| {
+        choose_type(named[i].0, named[i].1, GgmlType::F16, tied)
+    });
+    let experts_own_types = !matches!(rw.experts, ExpertPlan::Uniform);
+    for (o, ty) in outs.iter_mut().zip(types) {
+        let expert = matches!(
+            classify(&h.tensors()[o.src].name),
+            Some(ExpertTensor::Stacked(..))
+        );
+        if !(expert && experts_own_types) {
+            o.decl.ty = ty;
+        }
+    }
 }
 
 fn f32s(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
