@@ -45,8 +45,11 @@ pub struct ConvertOptions {
     pub ty: GgmlType,
     /// llama.cpp's per-tensor types for a named mix (`q4_k_m` ...) instead of `ty` everywhere.
     pub mix: Option<Mix>,
-    /// llama.cpp's importance matrix (`llama-imatrix -o FILE.gguf`) for a mix's encoders.
+    /// llama.cpp's importance matrix (`llama-imatrix -o FILE.gguf`) for a mix's encoders. With
+    /// calibration it wins over the one calibration collects.
     pub imatrix: Option<PathBuf>,
+    /// Where to write the importance matrix calibration collects, in llama-imatrix's format.
+    pub imatrix_out: Option<PathBuf>,
     /// Metadata added to the file (e.g. [`PregateSidecar::metadata`]).
     pub extra_metadata: Vec<(String, Value)>,
     /// Calibration, pruning and per-expert types; `None` converts directly.
@@ -59,6 +62,7 @@ impl ConvertOptions {
             ty,
             mix: None,
             imatrix: None,
+            imatrix_out: None,
             extra_metadata: Vec::new(),
             tuning: None,
         }
@@ -100,6 +104,11 @@ pub fn convert(
 ) -> Result<Summary, ConvertError> {
     pending::remove_stale(out);
     match &opts.tuning {
+        None if opts.imatrix_out.is_some() => Err(ConvertError::Input(
+            "an importance matrix is collected by running the model over calibration text: \
+             add --calib TEXT"
+                .into(),
+        )),
         None => convert_plain(src_dir, out, opts, progress),
         Some(tuning) => convert_tuned(src_dir, out, opts, tuning, progress),
     }
@@ -166,6 +175,16 @@ fn convert_plain(
     Ok(summary)
 }
 
+/// The error of a calibration text too short for one whole window.
+fn no_window(tuning: &Tuning) -> ConvertError {
+    let window = tuning.calib.as_ref().map_or(0, |c| c.window);
+    ConvertError::Input(format!(
+        "the calibration text fills no whole window of {window} tokens, which an importance \
+         matrix is summed over (as llama-imatrix's chunks): give a longer text or a smaller \
+         --calib-window"
+    ))
+}
+
 /// Whether the runtime loads the model file at `path` (its header, hyper-parameters and every
 /// tensor it looks up); why not, if it does not.
 fn runtime_loads(path: &Path) -> Result<(), String> {
@@ -182,22 +201,49 @@ fn convert_tuned(
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
-    if opts.mix.is_some() || opts.imatrix.is_some() {
+    if opts.mix.is_some() && tuning.expert_types.is_some() {
         return Err(ConvertError::Input(
-            "calibration, pruning and per-expert types take a single --type (f32, f16, bf16, \
-             q8_0, q4_0), not a k-quant mix"
+            "per-expert types take a single --type (f32, f16, bf16, q8_0, q4_0), not a k-quant \
+             mix"
+            .into(),
+        ));
+    }
+    if opts.imatrix.is_some() && opts.mix.is_none() {
+        return Err(ConvertError::Input(
+            "an importance matrix applies to the k-quant and IQ4 types (q4_k_m ...), not to \
+             f32, f16, bf16, q8_0 or q4_0"
                 .into(),
         ));
     }
+    if opts.imatrix_out.is_some() && tuning.calib.is_none() {
+        return Err(ConvertError::Input(
+            "an importance matrix is collected by running the model over calibration text: \
+             add --calib TEXT"
+                .into(),
+        ));
+    }
+    // A file given with --imatrix is read before the long part, so that a bad one fails early.
+    let given = opts
+        .imatrix
+        .as_deref()
+        .map(imatrix::Imatrix::load)
+        .transpose()?;
     let f32_path = pending::temp_path(&out.with_extension("f32.gguf"));
     let result = (|| {
         let f32_opts = ConvertOptions::new(GgmlType::F32);
         let dropped = convert_plain(src_dir, &f32_path, &f32_opts, progress)?.dropped;
-        let stats = match &tuning.calib {
-            Some(c) => Some(calib::calibrate(&f32_path, c)?),
-            None => None,
+        let (stats, collected) = match &tuning.calib {
+            Some(c) => {
+                let cal = calib::calibrate(&f32_path, c)?;
+                (Some(cal.stats), cal.imatrix)
+            }
+            None => (None, None),
         };
-        let (moe_layers, n_expert) = {
+        if let Some(path) = &opts.imatrix_out {
+            let c = collected.as_ref().ok_or_else(|| no_window(tuning))?;
+            c.write(path)?;
+        }
+        let (moe_layers, n_expert, shape) = {
             let file = moe_runtime::gguf::GgufFile::open(&f32_path)?;
             let model = moe_runtime::model::Model::load(&file)
                 .map_err(|e| ConvertError::Input(format!("the converted model: {e}")))?;
@@ -206,7 +252,20 @@ fn convert_tuned(
                 .iter()
                 .map(|l| matches!(l.ffn, moe_runtime::model::Ffn::Moe(_)))
                 .collect();
-            (moe, model.hp.n_expert)
+            let hp = &model.hp;
+            // What llama-quantize's rules read of the model (`n_gqa()` is layer 0's).
+            let n_head_kv = hp.layer_dims(0).n_head_kv;
+            let shape = mix::ModelShape {
+                n_layer: hp.n_layer,
+                n_expert: hp.n_expert,
+                n_gqa: if n_head_kv == 0 {
+                    0
+                } else {
+                    hp.n_head / n_head_kv
+                },
+                tied_output: file.header().tensor("output.weight").is_none(),
+            };
+            (moe, hp.n_expert, shape)
         };
         let kept = match &tuning.prune {
             Some(p) => p.kept(&moe_layers, n_expert, stats.as_ref())?,
@@ -251,10 +310,31 @@ fn convert_tuned(
             }
             None => None,
         };
+        // The encoders' weights: the file given with --imatrix wins over the collected ones
+        // (llama-imatrix may have run over more text than --calib-tokens); either is cut to
+        // the kept experts.
+        let weights = match (opts.mix, given, &collected) {
+            (None, ..) => None,
+            (Some(_), Some(w), _) => Some(w),
+            (Some(_), None, Some(c)) => Some(c.weights()),
+            (Some(_), None, None) if tuning.calib.is_some() => return Err(no_window(tuning)),
+            (Some(_), None, None) => None,
+        };
+        let weights = weights.map(|w| w.keep_experts(&kept, n_expert));
         let rw = tune::Rewrite {
             ty: opts.ty,
             kept: &kept,
             mixed: tuning.expert_types.as_ref().zip(hot.as_deref()),
+            mix: opts.mix.map(|m| {
+                (
+                    m,
+                    mix::ModelShape {
+                        n_expert: n_kept,
+                        ..shape
+                    },
+                )
+            }),
+            imatrix: weights.as_ref(),
             extra_metadata: extra,
         };
         let mut summary = tune::rewrite(&f32_path, out, &rw)?;

@@ -13,6 +13,8 @@ use moe_runtime::gguf::{GgmlType, GgufFile, TensorDecl, Value};
 use moe_runtime::moe::calib::{self, CalibStats};
 
 use crate::error::ConvertError;
+use crate::imatrix::Imatrix;
+use crate::mix::{Mix, ModelShape};
 use crate::output::{write_gguf, Summary};
 use crate::plan::{choose_type, file_type};
 
@@ -235,6 +237,11 @@ pub struct Rewrite<'a> {
     pub kept: &'a [Vec<usize>],
     /// Per layer, per kept expert: hot (mixed precision), with the two types.
     pub mixed: Option<(&'a ExpertTypes, &'a [Vec<bool>])>,
+    /// llama.cpp's per-tensor types of a named mix instead of `ty`, with the shape of the
+    /// written (pruned) model its rules look at.
+    pub mix: Option<(Mix, ModelShape)>,
+    /// The encoders' weights, for the written file's experts (see [`Imatrix::keep_experts`]).
+    pub imatrix: Option<&'a Imatrix>,
     pub extra_metadata: Vec<(String, Value)>,
 }
 
@@ -316,7 +323,10 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
         } else if *k == used_key {
             Value::U32(n_used.min(n_kept) as u32)
         } else if k == "general.file_type" {
-            Value::U32(file_type(rw.ty))
+            Value::U32(
+                rw.mix
+                    .map_or_else(|| file_type(rw.ty), |(m, _)| m.file_type()),
+            )
         } else {
             v.clone()
         };
@@ -435,6 +445,19 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
         }
     }
 
+    if let Some((mix, shape)) = rw.mix {
+        // As llama-quantize retypes an f16 file of these tensors (`plan::apply_mix`).
+        let named: Vec<(&str, &[usize])> = outs
+            .iter()
+            .map(|o| (o.decl.name.as_str(), o.decl.dims.as_slice()))
+            .collect();
+        let types = mix.tensor_types(&named, shape, rw.imatrix.is_some(), |i| {
+            choose_type(named[i].0, named[i].1, GgmlType::F16, tied)
+        });
+        for (o, ty) in outs.iter_mut().zip(types) {
+            o.decl.ty = ty;
+        }
+    }
     let decls: Vec<TensorDecl> = outs.iter().map(|o| o.decl.clone()).collect();
     let values = |i: usize| {
         let o = &outs[i];
@@ -452,7 +475,7 @@ pub fn rewrite(src: &Path, out: &Path, rw: &Rewrite) -> Result<Summary, ConvertE
             Part::Slab(e) => all[e * per..(e + 1) * per].to_vec(),
         }))
     };
-    write_gguf(out, &arch, &meta, decls, values, None, &|_, _, _| {})
+    write_gguf(out, &arch, &meta, decls, values, rw.imatrix, &|_, _, _| {})
 }
 
 fn f32s(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
