@@ -254,15 +254,12 @@ fn convert_tuned(
                 .collect();
             let hp = &model.hp;
             // What llama-quantize's rules read of the model (`n_gqa()` is layer 0's).
+            // A recurrent layer 0 has no KV heads: 0, as llama.cpp's n_gqa() then.
             let n_head_kv = hp.layer_dims(0).n_head_kv;
             let shape = mix::ModelShape {
                 n_layer: hp.n_layer,
                 n_expert: hp.n_expert,
-                n_gqa: if n_head_kv == 0 {
-                    0
-                } else {
-                    hp.n_head / n_head_kv
-                },
+                n_gqa: hp.n_head.checked_div(n_head_kv).unwrap_or(0),
                 tied_output: file.header().tensor("output.weight").is_none(),
             };
             (moe, hp.n_expert, shape)
