@@ -56,6 +56,17 @@ impl MlaScratch {
     pub fn values(&self) -> &[f32] {
         &self.o
     }
+
+    /// The last batch's queries, `[n, h, nope + rope]` (each head's first `nope` values are
+    /// `attn_k_b`'s input for that head).
+    pub fn queries(&self) -> &[f32] {
+        &self.q
+    }
+
+    /// The last batch's attention-weighted latents, `[n, h, r]` (`attn_v_b`'s input per head).
+    pub fn latents(&self) -> &[f32] {
+        &self.lat
+    }
 }
 
 /// Self-attention of the batch `xn` (`[n, d]`) at positions `pos0..pos0 + n`; writes the

@@ -387,7 +387,7 @@ fn attention_seqs<'p>(
 
 /// The inputs of the projections of `mixer` (layer `li`), which just ran on the `m` rows `xn`,
 /// to the weight-input observer: `xn` for the input projections, the mixer's scratch for those
-/// inside. MLA's per-head `attn_k_b`/`attn_v_b` products are not observed.
+/// inside.
 fn observe_mixer(
     obs: &mut WeightInputs,
     li: usize,
@@ -417,6 +417,17 @@ fn observe_mixer(
                 }
             }
             obs.on_dense(li, &["attn_kv_a_mqa"], xn, m);
+            // The per-head products, as llama-imatrix sums a 3-D product: one row of every
+            // head's columns side by side, one count per token.
+            let (nope, qs) = (a.wk_b.cols, s.mla.queries());
+            let per_head = qs.len() / m.max(1) / a.wk_b.n_expert.max(1);
+            let q_nope: Vec<f32> = qs
+                .chunks_exact(per_head)
+                .flat_map(|head| &head[..nope])
+                .copied()
+                .collect();
+            obs.on_dense(li, &["attn_k_b"], &q_nope, m);
+            obs.on_dense(li, &["attn_v_b"], s.mla.latents(), m);
             obs.on_dense(li, &["attn_output"], s.mla.values(), m);
         }
         Mixer::ShortConv(_) => {
