@@ -336,7 +336,11 @@ fn convert_tuned(
         };
         let mut summary = tune::rewrite(&f32_path, out, &rw)?;
         summary.elapsed = t0.elapsed();
-        summary.tuned = Some(Tuned { stats, kept });
+        summary.tuned = Some(Tuned {
+            stats,
+            kept,
+            imatrix: collected,
+        });
         summary.dropped = dropped;
         Ok(summary)
     })();

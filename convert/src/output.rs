@@ -38,6 +38,8 @@ pub struct Tuned {
     pub stats: Option<CalibStats>,
     /// Per layer, the original indices of the kept experts.
     pub kept: Vec<Vec<usize>>,
+    /// The importance matrix calibration collected (of the unpruned model).
+    pub imatrix: Option<crate::imatrix::Collected>,
 }
 
 /// Called after each tensor with (bytes done, bytes total, tensor name).

@@ -236,3 +236,36 @@ fn a_given_imatrix_wins_over_the_collected_one() {
         assert_eq!(Some(t), b.get(name), "{name}");
     }
 }
+
+#[test]
+fn imatrix_options_are_refused_where_they_mean_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.gguf");
+    let hf = root().join("models/small-moe/hf");
+    // Nothing collects a matrix without calibration text.
+    let opts = ConvertOptions {
+        imatrix_out: Some(dir.path().join("im.gguf")),
+        ..ConvertOptions::new(moe_runtime::gguf::GgmlType::Q8_0)
+    };
+    let err = convert(&hf, &out, &opts, &|_, _, _| {}).unwrap_err();
+    assert!(err.to_string().contains("--calib"), "{err}");
+    // A text without one whole window has no matrix to weight a mix with.
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "It is a truth universally acknowledged.").unwrap();
+    let tuning = Tuning {
+        calib: Some(CalibOptions {
+            text: short,
+            ..calib()
+        }),
+        ..Default::default()
+    };
+    let mix = Mix::from_name("q4_k_m").unwrap();
+    let opts = ConvertOptions {
+        mix: Some(mix),
+        tuning: Some(tuning),
+        ..ConvertOptions::new(mix.default_type())
+    };
+    let err = convert(&hf, &out, &opts, &|_, _, _| {}).unwrap_err();
+    assert!(err.to_string().contains("no whole window"), "{err}");
+    assert!(!out.exists());
+}

@@ -177,6 +177,23 @@ fn run(args: Args) -> Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
         }
+        if let Some(im) = &t.imatrix {
+            let used = match (&args.imatrix, args.ty.mix) {
+                (Some(file), Some(_)) => format!("not used: {} wins", file.display()),
+                (None, Some(_)) => "weighting the encoders".to_string(),
+                (_, None) => "not used: the type is not a mix".to_string(),
+            };
+            let written = match &args.imatrix_out {
+                Some(p) => format!(", written to {}", p.display()),
+                None => String::new(),
+            };
+            println!(
+                "importance matrix: {} tensors over {} windows of {} tokens ({used}){written}",
+                im.entries.len(),
+                im.chunk_count,
+                im.chunk_size
+            );
+        }
         if args.prune_experts.is_some() {
             let n = t.kept.iter().map(Vec::len).max().unwrap_or(0);
             println!("kept {n} experts per MoE layer:");
