@@ -1,6 +1,7 @@
 //! Expert streaming: runs whose routed experts come through a small expert cache (read from the
 //! file with pread) give bit-identical logits and tokens to fully resident runs, whatever the
-//! eviction policy, prediction depth or emulated flash speed.
+//! eviction policy, prediction depth or emulated flash speed; and observe the same inputs of
+//! every weight (the importance matrix calibration collects).
 
 use moe_e2e::{cache_config, expert_cache, Fixture, FIXTURES};
 use moe_runtime::gguf::{GgmlType, GgufFile};
@@ -330,5 +331,49 @@ fn mxfp4_experts_stream_with_direct_io() {
         let st = c.stats();
         assert!(st.demand_misses > 0);
         assert!(st.bytes_read >= layout.expert_bytes(0, 0) as u64);
+    }
+}
+
+/// The inputs of every weight summed over `ids` (an importance matrix), by tensor name.
+fn input_sums(
+    model: &Model,
+    ids: &[u32],
+    streaming: Option<ExpertStreaming>,
+) -> Vec<moe_runtime::model::NamedInputSum> {
+    let mut s = Session::with_kv_type(model, 256, KvType::F32);
+    if let Some(st) = streaming {
+        s.set_streaming(st);
+    }
+    s.set_input_sums(true);
+    s.forward(ids, false).unwrap();
+    s.take_input_sums().unwrap().named(model.file.header())
+}
+
+#[test]
+fn streamed_runs_observe_the_same_weight_inputs() {
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(GgmlType::F32);
+        let file = conv.open();
+        let model = Model::load(&file).unwrap();
+        let ids = &fx.expected.prompts[2].ids;
+        let resident = input_sums(&model, ids, None);
+        assert!(
+            resident.iter().any(|e| e.name.ends_with("_exps.weight")),
+            "{name}: no expert inputs observed"
+        );
+        let n_used = model.hp.n_expert_used;
+        for (slots, eviction) in [(n_used, Eviction::Lru), (3 * n_used, Eviction::Belady)] {
+            let c = expert_cache(&model, &conv.path, cache_config(slots, eviction));
+            let streaming = ExpertStreaming {
+                cache: Some(c),
+                lookahead: 1,
+            };
+            let streamed = input_sums(&model, ids, Some(streaming));
+            assert!(
+                streamed == resident,
+                "{name} slots={slots}: the streamed run observed other inputs"
+            );
+        }
     }
 }

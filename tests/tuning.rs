@@ -7,13 +7,18 @@
 //! - `--target-size` fills its budget without passing it, stores each expert matrix at the
 //!   type it chose (its round trip of the source weights), spends more bits on the experts whose
 //!   removal costs most, and its stacked variant keeps llama.cpp's layout;
-//! - the lossy routing options are off by default and change nothing when off.
+//! - the lossy routing options are off by default and change nothing when off;
+//! - calibration collects an importance matrix for every weight of every fixture's
+//!   architecture that llama-quantize quantizes (convert/tests/llama_imatrix.rs compares one
+//!   with llama-imatrix's).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use moe_convert::{convert, CalibOptions, ConvertOptions, ExpertTypes, PruneSpec, Tuning};
-use moe_e2e::{cache_config, cosine, expert_cache, greedy, max_rel_diff, prompt_logits, Fixture};
+use moe_e2e::{
+    cache_config, cosine, expert_cache, greedy, max_rel_diff, prompt_logits, Fixture, FIXTURES,
+};
 use moe_runtime::gguf::{GgmlType, GgufFile, GgufWriter, TensorDecl};
 use moe_runtime::model::{ExpertStreaming, Ffn, KvType, Model, Session};
 use moe_runtime::moe::cache::{CacheConfig, Eviction, ExpertCache};
@@ -666,4 +671,61 @@ fn pruning_a_grouped_router_keeps_groups_balanced() {
         panic!("an unbalanced prune of a grouped router is refused");
     };
     assert!(err.to_string().contains("every group"), "{err}");
+}
+
+#[test]
+fn calibration_collects_an_importance_matrix_for_every_architecture() {
+    let opts = CalibOptions {
+        kl_tokens: 0,
+        window: 32,
+        ..calib_text()
+    };
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(GgmlType::F32);
+        let cal = moe_convert::calib::calibrate(&conv.path, &opts).unwrap();
+        let im = cal
+            .imatrix
+            .unwrap_or_else(|| panic!("{name}: no importance matrix"));
+        let file = conv.open();
+        let h = file.header();
+        let model = Model::load(&file).unwrap();
+        let tokens = (im.chunk_count * im.chunk_size) as u64;
+        let mut by_name = std::collections::HashMap::new();
+        for e in &im.entries {
+            let t = h
+                .tensor(&e.name)
+                .unwrap_or_else(|| panic!("{name}: `{}` is not in the file", e.name));
+            // One row of sums per expert, or (MLA's per-head products, as llama-imatrix sums
+            // a 3-D product) every head's side by side with one count.
+            let n_mat = t.dims.get(2).copied().unwrap_or(1);
+            let n_counts = e.sum.counts.len();
+            assert!(
+                e.sum.cols * n_counts == t.dims[0] * n_mat && (n_counts == 1 || n_counts == n_mat),
+                "{name}: {} has {} x {n_counts} sums for dims {:?}",
+                e.name,
+                e.sum.cols,
+                t.dims
+            );
+            assert!(e.sum.sums.iter().all(|v| v.is_finite() && *v >= 0.0));
+            let total: u64 = e.sum.counts.iter().sum();
+            // Every token passes each plain matrix once and `n_expert_used` experts.
+            let per_token = if n_counts > 1 {
+                model.hp.n_expert_used
+            } else {
+                1
+            };
+            assert_eq!(total, tokens * per_token as u64, "{name}: {}", e.name);
+            by_name.insert(e.name.clone(), e);
+        }
+        for t in h.tensors() {
+            let wanted =
+                t.name.starts_with("blk.") && moe_convert::mix::quantizable(&t.name, &t.dims);
+            assert!(
+                !wanted || by_name.contains_key(&t.name),
+                "{name}: the inputs of `{}` were not collected",
+                t.name
+            );
+        }
+    }
 }

@@ -1,10 +1,18 @@
 //! `moe-convert --calib`: runs the converted model over calibration text through the runtime
 //! and gathers per layer and expert statistics (see `moe_runtime::moe::calib` for what each
-//! one means and how it is stored).
+//! one means and how it is stored), and an importance matrix (the squared inputs of every
+//! weight matrix, [`crate::imatrix::Collected`]).
+//!
+//! The text is cut into windows as llama-imatrix cuts it into chunks, so that an importance
+//! matrix from here sums what `llama-imatrix -c WINDOW` sums on the same text: tokenized with
+//! the tokenizer's special tokens, each window run from an empty context with its first token
+//! replaced by BOS when the tokenizer adds one. The importance matrix takes only whole windows
+//! (llama-imatrix drops the tail); the routing statistics take the tail too.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::imatrix::Collected;
 use moe_runtime::gguf::GgufFile;
 use moe_runtime::model::{KvType, LayerRouting, Model, Session};
 use moe_runtime::moe::calib::CalibStats;
@@ -37,12 +45,20 @@ impl Default for CalibOptions {
     }
 }
 
+/// What a calibration run measured.
+#[derive(Debug)]
+pub struct Calibration {
+    pub stats: CalibStats,
+    /// The importance matrix of the whole windows; None when the text fills none.
+    pub imatrix: Option<Collected>,
+}
+
 fn model_err(e: impl std::fmt::Display) -> ConvertError {
     ConvertError::Input(format!("calibration run: {e}"))
 }
 
 /// Runs the model in `gguf` over the calibration text.
-pub fn calibrate(gguf: &Path, opts: &CalibOptions) -> Result<CalibStats, ConvertError> {
+pub fn calibrate(gguf: &Path, opts: &CalibOptions) -> Result<Calibration, ConvertError> {
     let file = GgufFile::open(gguf)?;
     let model = Model::load(&file).map_err(model_err)?;
     let tok = Tokenizer::from_gguf(file.header()).map_err(model_err)?;
@@ -54,9 +70,12 @@ pub fn calibrate_model(
     model: &Model,
     tok: &Tokenizer,
     opts: &CalibOptions,
-) -> Result<CalibStats, ConvertError> {
+) -> Result<Calibration, ConvertError> {
     let text = std::fs::read_to_string(&opts.text).map_err(|e| ConvertError::io(&opts.text, e))?;
-    let mut ids = tok.encode(&text, false).map_err(model_err)?;
+    let mut ids = tok.encode(&text, true).map_err(model_err)?;
+    // llama-imatrix's `common_tokenize(.., add_special = true)` then BOS as every chunk's first
+    // token: a tokenizer that adds BOS put it first.
+    let bos = tok.bos().filter(|&b| ids.first() == Some(&b));
     ids.truncate(opts.max_tokens);
     let hp = &model.hp;
     let window = opts.window.min(hp.n_ctx_train).max(1);
@@ -71,12 +90,36 @@ pub fn calibrate_model(
     let mut stats = CalibStats::new(n_layer, n_expert);
     let mut session = Session::with_kv_type(model, window, KvType::F32);
     session.set_route_tracing(true);
+    session.set_input_sums(true);
+    let mut windows = 0;
+    let mut imatrix = None;
+    let mut buf = Vec::with_capacity(window);
     for chunk in ids.chunks(window) {
+        if chunk.len() < window {
+            // The tail: routing statistics only.
+            imatrix = session.take_input_sums();
+            session.set_input_sums(false);
+        } else {
+            windows += 1;
+        }
+        buf.clear();
+        buf.extend_from_slice(chunk);
+        if let Some(b) = bos {
+            buf[0] = b;
+        }
         session.reset();
-        session.forward(chunk, false).map_err(model_err)?;
+        session.forward(&buf, false).map_err(model_err)?;
         accumulate(&mut stats, &session.take_route_trace(), n_expert);
         stats.tokens += chunk.len() as u64;
     }
+    let imatrix = imatrix.or_else(|| session.take_input_sums());
+    session.set_input_sums(false);
+    let imatrix = imatrix.filter(|_| windows > 0).map(|sums| Collected {
+        entries: sums.named(model.file.header()),
+        chunk_count: windows,
+        chunk_size: window,
+        datasets: vec![opts.text.display().to_string()],
+    });
     let inv = 1.0 / stats.tokens as f32;
     stats.frequency.iter_mut().for_each(|v| *v *= inv);
     stats.router_mass.iter_mut().for_each(|v| *v *= inv);
@@ -102,7 +145,7 @@ pub fn calibrate_model(
         }
         session.set_expert_mask(None).map_err(model_err)?;
     }
-    Ok(stats)
+    Ok(Calibration { stats, imatrix })
 }
 
 fn accumulate(stats: &mut CalibStats, trace: &[LayerRouting], n_expert: usize) {

@@ -46,8 +46,11 @@ pub struct ConvertOptions {
     pub ty: GgmlType,
     /// llama.cpp's per-tensor types for a named mix (`q4_k_m` ...) instead of `ty` everywhere.
     pub mix: Option<Mix>,
-    /// llama.cpp's importance matrix (`llama-imatrix -o FILE.gguf`) for a mix's encoders.
+    /// llama.cpp's importance matrix (`llama-imatrix -o FILE.gguf`) for a mix's encoders. With
+    /// calibration it wins over the one calibration collects.
     pub imatrix: Option<PathBuf>,
+    /// Where to write the importance matrix calibration collects, in llama-imatrix's format.
+    pub imatrix_out: Option<PathBuf>,
     /// Metadata added to the file (e.g. [`PregateSidecar::metadata`]).
     pub extra_metadata: Vec<(String, Value)>,
     /// Calibration, pruning and per-expert types; `None` converts directly.
@@ -60,6 +63,7 @@ impl ConvertOptions {
             ty,
             mix: None,
             imatrix: None,
+            imatrix_out: None,
             extra_metadata: Vec::new(),
             tuning: None,
         }
@@ -108,6 +112,11 @@ pub fn convert(
 ) -> Result<Summary, ConvertError> {
     pending::remove_stale(out);
     match &opts.tuning {
+        None if opts.imatrix_out.is_some() => Err(ConvertError::Input(
+            "an importance matrix is collected by running the model over calibration text: \
+             add --calib TEXT"
+                .into(),
+        )),
         None => convert_plain(src_dir, out, opts, progress),
         Some(tuning) => convert_tuned(src_dir, out, opts, tuning, progress),
     }
@@ -174,6 +183,16 @@ fn convert_plain(
     Ok(summary)
 }
 
+/// The error of a calibration text too short for one whole window.
+fn no_window(tuning: &Tuning) -> ConvertError {
+    let window = tuning.calib.as_ref().map_or(0, |c| c.window);
+    ConvertError::Input(format!(
+        "the calibration text fills no whole window of {window} tokens, which an importance \
+         matrix is summed over (as llama-imatrix's chunks): give a longer text or a smaller \
+         --calib-window"
+    ))
+}
+
 /// Whether the runtime loads the model file at `path` (its header, hyper-parameters and every
 /// tensor it looks up); why not, if it does not.
 fn runtime_loads(path: &Path) -> Result<(), String> {
@@ -190,11 +209,11 @@ fn convert_tuned(
     progress: Progress,
 ) -> Result<Summary, ConvertError> {
     let t0 = Instant::now();
-    if tuning.target.is_none() && (opts.mix.is_some() || opts.imatrix.is_some()) {
+    if opts.mix.is_some() && tuning.expert_types.is_some() {
         return Err(ConvertError::Input(
-            "calibration, pruning and per-expert types take a single --type (f32, f16, bf16, \
-             q8_0, q4_0), not a k-quant mix (a mix's other tensors go with --target-size)"
-                .into(),
+            "per-expert types take a single --type (f32, f16, bf16, q8_0, q4_0), not a k-quant \
+             mix"
+            .into(),
         ));
     }
     if tuning.target.is_some() && tuning.expert_types.is_some() {
@@ -202,7 +221,24 @@ fn convert_tuned(
             "--target-size chooses every expert's type itself; drop --expert-types".into(),
         ));
     }
-    let imatrix = opts
+    // With --target-size the experts are k-quants whatever --type says.
+    let k_quants = opts.mix.is_some() || tuning.target.is_some();
+    if opts.imatrix.is_some() && !k_quants {
+        return Err(ConvertError::Input(
+            "an importance matrix applies to the k-quant and IQ4 types (q4_k_m ...) and to \
+             --target-size, not to f32, f16, bf16, q8_0 or q4_0"
+                .into(),
+        ));
+    }
+    if opts.imatrix_out.is_some() && tuning.calib.is_none() {
+        return Err(ConvertError::Input(
+            "an importance matrix is collected by running the model over calibration text: \
+             add --calib TEXT"
+                .into(),
+        ));
+    }
+    // A file given with --imatrix is read before the long part, so that a bad one fails early.
+    let given = opts
         .imatrix
         .as_deref()
         .map(imatrix::Imatrix::load)
@@ -211,11 +247,18 @@ fn convert_tuned(
     let result = (|| {
         let f32_opts = ConvertOptions::new(GgmlType::F32);
         let dropped = convert_plain(src_dir, &f32_path, &f32_opts, progress)?.dropped;
-        let stats = match &tuning.calib {
-            Some(c) => Some(calib::calibrate(&f32_path, c)?),
-            None => None,
+        let (stats, collected) = match &tuning.calib {
+            Some(c) => {
+                let cal = calib::calibrate(&f32_path, c)?;
+                (Some(cal.stats), cal.imatrix)
+            }
+            None => (None, None),
         };
-        let (moe_layers, n_expert) = {
+        if let Some(path) = &opts.imatrix_out {
+            let c = collected.as_ref().ok_or_else(|| no_window(tuning))?;
+            c.write(path)?;
+        }
+        let (moe_layers, n_expert, shape) = {
             let file = moe_runtime::gguf::GgufFile::open(&f32_path)?;
             let model = moe_runtime::model::Model::load(&file)
                 .map_err(|e| ConvertError::Input(format!("the converted model: {e}")))?;
@@ -224,7 +267,17 @@ fn convert_tuned(
                 .iter()
                 .map(|l| matches!(l.ffn, moe_runtime::model::Ffn::Moe(_)))
                 .collect();
-            (moe, model.hp.n_expert)
+            let hp = &model.hp;
+            // What llama-quantize's rules read of the model (`n_gqa()` is layer 0's).
+            // A recurrent layer 0 has no KV heads: 0, as llama.cpp's n_gqa() then.
+            let n_head_kv = hp.layer_dims(0).n_head_kv;
+            let shape = mix::ModelShape {
+                n_layer: hp.n_layer,
+                n_expert: hp.n_expert,
+                n_gqa: hp.n_head.checked_div(n_head_kv).unwrap_or(0),
+                tied_output: file.header().tensor("output.weight").is_none(),
+            };
+            (moe, hp.n_expert, shape)
         };
         let kept = match &tuning.prune {
             Some(p) => p.kept(&moe_layers, n_expert, stats.as_ref())?,
@@ -269,6 +322,16 @@ fn convert_tuned(
             }
             None => None,
         };
+        // The encoders' weights: the file given with --imatrix wins over the collected ones
+        // (llama-imatrix may have run over more text than --calib-tokens); the rewrite cuts
+        // them to the kept experts.
+        let weights = match (k_quants, given, &collected) {
+            (false, ..) => None,
+            (true, Some(w), _) => Some(w),
+            (true, None, Some(c)) => Some(c.weights()),
+            (true, None, None) if tuning.calib.is_some() => return Err(no_window(tuning)),
+            (true, None, None) => None,
+        };
         let experts = match (&tuning.expert_types, hot.as_deref()) {
             (Some(t), Some(hot)) => tune::ExpertPlan::hot_cold(t, hot),
             _ => tune::ExpertPlan::Uniform,
@@ -277,8 +340,16 @@ fn convert_tuned(
             ty: opts.ty,
             kept: &kept,
             experts,
-            mix: opts.mix,
-            imatrix: imatrix.as_ref(),
+            mix: opts.mix.map(|m| {
+                (
+                    m,
+                    mix::ModelShape {
+                        n_expert: n_kept,
+                        ..shape
+                    },
+                )
+            }),
+            imatrix: weights.as_ref(),
             extra_metadata: extra,
         };
         let mut allocation = None;
@@ -308,7 +379,7 @@ fn convert_tuned(
                     file: &file,
                     kept: &kept,
                     stats: s,
-                    imatrix: imatrix.as_ref(),
+                    imatrix: weights.as_ref(),
                     fixed_bytes,
                     params,
                     max_type: tuning.max_expert_type,
@@ -325,6 +396,7 @@ fn convert_tuned(
             stats,
             kept,
             allocation,
+            imatrix: collected,
         });
         summary.dropped = dropped;
         Ok(summary)

@@ -40,6 +40,8 @@ pub struct Tuned {
     pub kept: Vec<Vec<usize>>,
     /// The expert types `--target-size` chose.
     pub allocation: Option<crate::budget::Allocation>,
+    /// The importance matrix calibration collected (of the unpruned model).
+    pub imatrix: Option<crate::imatrix::Collected>,
 }
 
 /// Called after each tensor with (bytes done, bytes total, tensor name).

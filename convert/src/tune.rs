@@ -14,6 +14,7 @@ use moe_runtime::moe::calib::{self, CalibStats};
 
 use crate::error::ConvertError;
 use crate::imatrix::Imatrix;
+use crate::mix::{Mix, ModelShape};
 use crate::output::{write_gguf, Summary};
 use crate::plan::{choose_type, file_type};
 
@@ -236,10 +237,12 @@ pub struct Rewrite<'a> {
     pub kept: &'a [Vec<usize>],
     /// The routed experts' types.
     pub experts: ExpertPlan<'a>,
-    /// llama.cpp's mix for the tensors the expert plan leaves to `ty` (all of them with
-    /// [`ExpertPlan::Uniform`], the non-expert ones otherwise): `ty` is then its default type.
-    pub mix: Option<crate::mix::Mix>,
-    /// Importance weights for the encoders, by the source file's tensor names.
+    /// llama.cpp's per-tensor types of a named mix instead of `ty`, with the shape of the
+    /// written (pruned) model its rules look at: for every tensor with
+    /// [`ExpertPlan::Uniform`], for the non-expert ones otherwise.
+    pub mix: Option<(Mix, ModelShape)>,
+    /// Importance weights for the encoders, by the source file's tensor names (cut to the
+    /// written experts by the rewrite).
     pub imatrix: Option<&'a Imatrix>,
     pub extra_metadata: Vec<(String, Value)>,
 }
@@ -493,7 +496,10 @@ fn plan(file: &GgufFile, rw: &Rewrite) -> Result<Planned, ConvertError> {
         } else if *k == used_key {
             Value::U32(n_used.min(n_kept) as u32)
         } else if k == "general.file_type" {
-            Value::U32(file_type(rw.ty))
+            Value::U32(
+                rw.mix
+                    .map_or_else(|| file_type(rw.ty), |(m, _)| m.file_type()),
+            )
         } else {
             v.clone()
         };
@@ -606,35 +612,22 @@ fn plan(file: &GgufFile, rw: &Rewrite) -> Result<Planned, ConvertError> {
         }
     }
 
-    if let Some(mix) = rw.mix {
-        apply_mix(h, &arch, rw, mix, n_kept, tied, &mut outs);
+    if let Some((mix, shape)) = rw.mix {
+        apply_mix(h, rw, mix, shape, tied, &mut outs);
     }
     Ok(Planned { arch, meta, outs })
 }
 
-/// Retypes the planned tensors as llama-quantize's `mix` would an f16 file of them, except the
-/// routed experts when the plan gives them their own types.
+/// Retypes the planned tensors as llama-quantize's `mix` would an f16 file of them
+/// (`plan::apply_mix`), except the routed experts when the plan gives them their own types.
 fn apply_mix(
     h: &moe_runtime::gguf::GgufHeader,
-    arch: &str,
     rw: &Rewrite,
-    mix: crate::mix::Mix,
-    n_kept: usize,
+    mix: Mix,
+    shape: ModelShape,
     tied: bool,
     outs: &mut [Out],
 ) {
-    let scalar = |key: &str| {
-        h.get(&format!("{arch}.{key}"))
-            .and_then(|v| v.as_u64())
-            .unwrap_or(1)
-            .max(1) as usize
-    };
-    let shape = crate::mix::ModelShape {
-        n_layer: rw.kept.len(),
-        n_expert: n_kept,
-        n_gqa: scalar("attention.head_count") / scalar("attention.head_count_kv"),
-        tied_output: tied,
-    };
     let named: Vec<(&str, &[usize])> = outs
         .iter()
         .map(|o| (o.decl.name.as_str(), o.decl.dims.as_slice()))

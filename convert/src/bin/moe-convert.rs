@@ -31,20 +31,29 @@ struct Args {
     #[arg(short = 't', long = "type", default_value = "q8_0", value_parser = parse_type)]
     ty: TypeChoice,
     /// llama.cpp's importance matrix (`llama-imatrix -o FILE.gguf`) to weight the k-quant and
-    /// IQ4 encoders' errors by, as `llama-quantize --imatrix` does
+    /// IQ4 encoders' errors by, as `llama-quantize --imatrix` does. With --calib, this file's
+    /// weights are used instead of the collected ones
     #[arg(long, value_name = "FILE.gguf")]
     imatrix: Option<PathBuf>,
+    /// Write the importance matrix --calib collects here, in llama-imatrix's GGUF format
+    /// (`llama-quantize --imatrix` reads it)
+    #[arg(long, value_name = "FILE.gguf")]
+    imatrix_out: Option<PathBuf>,
     /// Do not draw a progress bar
     #[arg(long)]
     quiet: bool,
     /// Calibration text: run the model over it and store per-expert statistics (selection
     /// frequency, router mass, co-activation, output error when dropped) in the file, and print
-    /// them per layer
+    /// them per layer; with a k-quant mix (--type q4_k_m ...), the importance matrix collected
+    /// over it weights the encoders, as llama-imatrix + llama-quantize --imatrix would
     #[arg(long)]
     calib: Option<PathBuf>,
     /// Use at most this many tokens of the calibration text
     #[arg(long, default_value_t = 8192)]
     calib_tokens: usize,
+    /// Tokens per calibration window, each run from an empty context (llama-imatrix's -c)
+    #[arg(long, default_value_t = 256)]
+    calib_window: usize,
     /// Measure each expert's output error (KL when dropped) on this many tokens (0 = skip)
     #[arg(long, default_value_t = 256)]
     calib_kl_tokens: usize,
@@ -160,7 +169,7 @@ fn run(args: Args) -> Result<()> {
             text,
             max_tokens: args.calib_tokens,
             kl_tokens: args.calib_kl_tokens,
-            ..Default::default()
+            window: args.calib_window,
         }),
         prune: args.prune_experts.clone(),
         expert_types,
@@ -189,6 +198,7 @@ fn run(args: Args) -> Result<()> {
         tuning: (!tuning.is_empty()).then_some(tuning),
         mix: args.ty.mix,
         imatrix: args.imatrix.clone(),
+        imatrix_out: args.imatrix_out.clone(),
         ..ConvertOptions::new(args.ty.ty)
     };
     let summary = convert(&args.hf_dir, &args.out, &opts, &progress)
@@ -205,6 +215,24 @@ fn run(args: Args) -> Result<()> {
         }
         if let Some(a) = &t.allocation {
             print!("{}", a.report());
+        }
+        if let Some(im) = &t.imatrix {
+            let k_quants = args.ty.mix.is_some() || args.target_size.is_some();
+            let used = match (&args.imatrix, k_quants) {
+                (Some(file), true) => format!("not used: {} wins", file.display()),
+                (None, true) => "weighting the encoders".to_string(),
+                (_, false) => "not used: the type is not a mix".to_string(),
+            };
+            let written = match &args.imatrix_out {
+                Some(p) => format!(", written to {}", p.display()),
+                None => String::new(),
+            };
+            println!(
+                "importance matrix: {} tensors over {} windows of {} tokens ({used}){written}",
+                im.entries.len(),
+                im.chunk_count,
+                im.chunk_size
+            );
         }
         if args.prune_experts.is_some() {
             let n = t.kept.iter().map(Vec::len).max().unwrap_or(0);

@@ -45,7 +45,8 @@ pub fn run(data: &[u8]) {
         window: 8,
     };
     let result = MODEL.with(|(model, tok)| calibrate_model(model, tok, &opts));
-    if let Ok(stats) = result {
+    if let Ok(cal) = result {
+        let stats = &cal.stats;
         assert!(
             stats.tokens >= 2 && stats.tokens <= 24,
             "{} tokens",
@@ -57,7 +58,7 @@ pub fn run(data: &[u8]) {
                 "frequency {f}"
             );
         }
-        let _ = moe_convert::calib::report(&stats);
+        let _ = moe_convert::calib::report(stats);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

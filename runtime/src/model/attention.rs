@@ -29,6 +29,13 @@ pub struct AttentionScratch {
     mm: MatmulScratch,
 }
 
+impl AttentionScratch {
+    /// The last batch's attended values, `[n, hq * dv]`: the output projection's input.
+    pub fn attended(&self) -> &[f32] {
+        &self.attended
+    }
+}
+
 /// One sequence's rows of a batch: `len` tokens from row `row`, at positions `pos..`, and its
 /// KV cache for the layer.
 pub struct AttnSeq<'c> {

@@ -9,6 +9,7 @@
 
 use super::error::ModelError;
 use super::hparams::HParams;
+use super::observe::WeightInputs;
 use super::ops::{add_bias_rows, add_scaled, norm_in_place, rms_norm_rows, sigmoid};
 use super::profile::{Phase, Profiler};
 use super::weights::{Ffn, MoeBlock};
@@ -110,7 +111,7 @@ pub fn feed_forward(
     control: &mut RouteControl,
     s: &mut FfnScratch,
     out: &mut Vec<f32>,
-    prof: &mut Profiler,
+    (prof, obs): (&mut Profiler, &mut WeightInputs),
 ) -> Result<u64, ModelError> {
     let d = hp.n_embd;
     s.input.prepare(k, xn, n, d);
@@ -124,6 +125,7 @@ pub fn feed_forward(
             s.assigned
                 .build(slot + 1, || (0..n as u32).map(|t| (slot, t, 1.0)));
             run_always_on(k, hp.traits.dense_glu, slot, mlp, s);
+            observe_jobs(obs, layer, Jobs::Plain(DENSE), s);
         }
         Ffn::Moe(moe) => {
             if let Some(b) = &moe.beside {
@@ -132,6 +134,7 @@ pub fn feed_forward(
                 s.assigned
                     .build(slot + 1, || (0..n as u32).map(|t| (slot, t, 1.0)));
                 run_always_on(k, hp.traits.dense_glu, slot, &b.mlp, s);
+                observe_jobs(obs, layer, Jobs::Plain(DENSE), s);
                 s.beside.clear();
                 s.beside.resize(n * d, 0.0);
                 add_transposed(&s.out_t, n, &mut s.beside);
@@ -142,6 +145,13 @@ pub fn feed_forward(
                 s.out_t.fill(0.0);
             }
             route_batch(k, hp, layer, moe, (x, n), decided, source, control, s);
+            if decided.is_none() {
+                let router_x = match moe.router_in_scale {
+                    Some(_) => &s.router_in,
+                    None => &s.input.x,
+                };
+                obs.on_dense(layer, &["ffn_gate_inp"], router_x, n);
+            }
             expert_bytes = s
                 .active
                 .iter()
@@ -150,19 +160,26 @@ pub fn feed_forward(
             prof.lap(Phase::Routing);
             // Routed experts in index order, then the shared expert: a fixed summation order.
             match source {
-                ExpertSource::Resident => run_resident(k, hp.expert_glu, moe, s),
+                ExpertSource::Resident => {
+                    run_resident(k, (layer, hp.expert_glu, hp.n_expert), moe, s, obs)
+                }
                 ExpertSource::Streamed(cache) => {
                     cache.record_use(layer, &s.active);
                     let active = std::mem::take(&mut s.active);
                     let ran = active.chunks(cache.slots()).try_for_each(|group| {
-                        run_arriving(k, cache, (layer, hp.expert_glu), moe, group, s, prof)
+                        let at = (layer, hp.expert_glu, hp.n_expert);
+                        run_arriving(k, cache, at, moe, group, s, (&mut *prof, &mut *obs))
                     });
                     s.active = active;
                     ran?;
                 }
             }
             if let Some(shared) = &moe.shared {
+                if shared.gate.is_some() {
+                    obs.on_dense(layer, &["ffn_gate_inp_shexp"], &s.input.x, n);
+                }
                 run_always_on(k, hp.traits.dense_glu, hp.n_expert, &shared.mlp, s);
+                observe_jobs(obs, layer, Jobs::Plain(SHARED), s);
             }
         }
     }
@@ -189,6 +206,44 @@ fn run_always_on(k: &Kernels, glu: Glu, slot: usize, mlp: &Mlp, s: &mut FfnScrat
         bias: None,
     }];
     run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
+}
+
+/// The names of a dense MLP's (or of the dense MLP beside the experts) and of a shared expert's
+/// matrices: gate, up, down.
+const DENSE: [&str; 3] = ["ffn_gate", "ffn_up", "ffn_down"];
+const SHARED: [&str; 3] = ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"];
+const ROUTED: [&str; 3] = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"];
+
+/// What the jobs of the last `run_experts` call were.
+enum Jobs<'e> {
+    /// One always-on MLP over every token, with its matrices' names.
+    Plain([&'static str; 3]),
+    /// These routed experts of the layer's `n_expert`, in job order.
+    Routed(&'e [u32], usize),
+}
+
+/// The inputs of the matrices the last `run_experts` call multiplied, to the weight-input
+/// observer: each job's gathered token rows for gate and up, its hidden rows for down.
+fn observe_jobs(obs: &mut WeightInputs, layer: usize, jobs: Jobs, s: &FfnScratch) {
+    if !obs.is_on() {
+        return;
+    }
+    match jobs {
+        Jobs::Plain([gate, up, down]) => {
+            let (x, h) = s.experts.job_inputs(0);
+            obs.on_dense(layer, &[gate, up], &x.x, x.n);
+            obs.on_dense(layer, &[down], &h.x, h.n);
+        }
+        Jobs::Routed(experts, n_expert) => {
+            let [gate, up, down] = ROUTED;
+            for (ji, &e) in experts.iter().enumerate() {
+                let (x, h) = s.experts.job_inputs(ji);
+                let e = (e as usize, n_expert);
+                obs.on_expert(layer, &[gate, up], e, &x.x, x.cols);
+                obs.on_expert(layer, &[down], e, &h.x, h.cols);
+            }
+        }
+    }
 }
 
 /// Router logits (the layer's own, or `decided`), the expert mask and lossy options, each
@@ -287,8 +342,15 @@ fn route_batch(
 
 /// The active experts from the memory map, in groups of a fixed-capacity list: no allocation
 /// per step, and consecutive groups sum exactly as one call would.
-fn run_resident(k: &Kernels, glu: Glu, moe: &MoeBlock, s: &mut FfnScratch) {
-    for group in s.active.chunks(JOBS_PER_PASS) {
+fn run_resident(
+    k: &Kernels,
+    (layer, glu, n_expert): (usize, Glu, usize),
+    moe: &MoeBlock,
+    s: &mut FfnScratch,
+    obs: &mut WeightInputs,
+) {
+    let active = std::mem::take(&mut s.active);
+    for group in active.chunks(JOBS_PER_PASS) {
         let jobs: heapless::Vec<ExpertJob, JOBS_PER_PASS> = group
             .iter()
             .map(|&e| ExpertJob {
@@ -303,7 +365,9 @@ fn run_resident(k: &Kernels, glu: Glu, moe: &MoeBlock, s: &mut FfnScratch) {
             })
             .collect();
         run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
+        observe_jobs(obs, layer, Jobs::Routed(group, n_expert), s);
     }
+    s.active = active;
 }
 
 /// Largest `[d, n]` blocks (in floats, all early experts of a group together) kept for experts
@@ -319,11 +383,11 @@ const EARLY_OUT_FLOATS: usize = 1 << 22;
 fn run_arriving(
     k: &Kernels,
     cache: &ExpertCache,
-    (layer, glu): (usize, Glu),
+    (layer, glu, n_expert): (usize, Glu, usize),
     moe: &MoeBlock,
     group: &[u32],
     s: &mut FfnScratch,
-    prof: &mut Profiler,
+    (prof, obs): (&mut Profiler, &mut WeightInputs),
 ) -> Result<(), ModelError> {
     prof.lap(Phase::Experts);
     let mut arrivals = cache.acquire_each(layer, group)?;
@@ -353,6 +417,7 @@ fn run_arriving(
                 bias: moe.expert_biases.as_ref().map(|b| b.of(group[i] as usize)),
             }];
             run_experts(k, &job, &s.input, out, &mut s.experts);
+            observe_jobs(obs, layer, Jobs::Routed(&group[i..=i], n_expert), s);
             s.early_done[i] = true;
             prof.lap(Phase::Experts);
             continue;
@@ -382,6 +447,8 @@ fn run_arriving(
             })
             .collect();
         run_experts(k, &jobs, &s.input, &mut s.out_t, &mut s.experts);
+        let ran = &group[next..next + guards.len()];
+        observe_jobs(obs, layer, Jobs::Routed(ran, n_expert), s);
         next += guards.len();
         while next < group.len() && s.early_done[next] {
             let early = &s.early_out[next * block..(next + 1) * block];

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use super::error::ModelError;
 use super::ffn::RouteControl;
 use super::foresight::{Foresight, PredictionStats};
-use super::observe::{LayerRouting, Observers};
+use super::observe::{InputSums, LayerRouting, Observers};
 use super::ops::RopeTables;
 use super::profile::Phase;
 use super::state::{KvType, SequenceState};
@@ -229,6 +229,19 @@ impl<'m, 'a> Session<'m, 'a> {
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default()
+    }
+
+    /// Starts (or stops) summing the squared inputs of every weight matrix, per column (and
+    /// per expert): an importance matrix as llama-imatrix collects it (see [`InputSums`]).
+    /// Past the last layer's mixer every row is then computed, as with route tracing.
+    pub fn set_input_sums(&mut self, on: bool) {
+        self.observers.inputs.0 = on.then(InputSums::default);
+    }
+
+    /// The sums since collection started or was last taken (None when off); collection stays
+    /// on, from zero.
+    pub fn take_input_sums(&mut self) -> Option<InputSums> {
+        self.observers.inputs.0.as_mut().map(std::mem::take)
     }
 
     /// Starts (or stops) timing the phases of every forward pass.

@@ -55,6 +55,13 @@ pub struct GdnScratch {
     mm: MatmulScratch,
 }
 
+impl GdnScratch {
+    /// The last batch's normalised and gated read-out, `[n, nv * dv]`: `ssm_out`'s input.
+    pub fn read_out(&self) -> &[f32] {
+        &self.core
+    }
+}
+
 /// The Gated DeltaNet of the batch `xn` (`[n, d]`) at positions `pos0..pos0 + n`: updates
 /// `state` and writes the projected output to `out` (`[n, d]`).
 #[allow(clippy::too_many_arguments)]

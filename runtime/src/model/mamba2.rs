@@ -46,6 +46,13 @@ pub struct Mamba2Scratch {
     mm: MatmulScratch,
 }
 
+impl Mamba2Scratch {
+    /// The last batch's gated and normalised read-out, `[n, d_inner]`: `ssm_out`'s input.
+    pub fn read_out(&self) -> &[f32] {
+        &self.y
+    }
+}
+
 /// The Mamba-2 mixer of the batch `xn` (`[n, d]`) at positions `pos0..pos0 + n`: updates
 /// `state` and writes the projected output to `out` (`[n, d]`).
 #[allow(clippy::too_many_arguments)]

@@ -45,6 +45,30 @@ pub struct MlaScratch {
     mm: MatmulScratch,
 }
 
+impl MlaScratch {
+    /// The last batch's normalised query latents, `[n, q_lora_rank]` (`attn_q_b`'s input; empty
+    /// without a query LoRA).
+    pub fn query_latents(&self) -> &[f32] {
+        &self.qa
+    }
+
+    /// The last batch's decompressed values, `[n, h * dv]` (`attn_output`'s input).
+    pub fn values(&self) -> &[f32] {
+        &self.o
+    }
+
+    /// The last batch's queries, `[n, h, nope + rope]` (each head's first `nope` values are
+    /// `attn_k_b`'s input for that head).
+    pub fn queries(&self) -> &[f32] {
+        &self.q
+    }
+
+    /// The last batch's attention-weighted latents, `[n, h, r]` (`attn_v_b`'s input per head).
+    pub fn latents(&self) -> &[f32] {
+        &self.lat
+    }
+}
+
 /// Self-attention of the batch `xn` (`[n, d]`) at positions `pos0..pos0 + n`; writes the
 /// projected output to `proj` (`[n, d]`) and the batch's latents to `kv`.
 #[allow(clippy::too_many_arguments)]

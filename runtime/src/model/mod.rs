@@ -30,7 +30,7 @@ pub use error::ModelError;
 pub use foresight::PredictionStats;
 pub use forward::{ExpertStreaming, SavedSequence, Session, MAX_BATCH_SEQUENCES};
 pub use hparams::{GdnParams, HParams, Mamba2Params, MlaParams, Yarn};
-pub use observe::LayerRouting;
+pub use observe::{InputSum, InputSums, LayerRouting, NamedInputSum, MIN_DENSE_ROWS};
 pub use state::{
     ConvState, DeltaState, KvLayer, KvShape, KvType, LayerState, SequenceState, SsmState, SWA_CHUNK,
 };

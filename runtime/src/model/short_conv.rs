@@ -21,6 +21,13 @@ pub struct ShortConvScratch {
     mm: MatmulScratch,
 }
 
+impl ShortConvScratch {
+    /// The last batch's `C * conv(B * x)`, `[n, d]`: the output projection's input.
+    pub fn gated(&self) -> &[f32] {
+        &self.y
+    }
+}
+
 /// The short convolution of the batch `xn` (`[n, d]`) at positions `pos0..pos0 + n`: updates
 /// `state` and writes the projected output to `out` (`[n, d]`).
 #[allow(clippy::too_many_arguments)]

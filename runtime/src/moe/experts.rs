@@ -89,6 +89,14 @@ pub struct ExpertScratch {
     hidden: Vec<Activations>,
 }
 
+impl ExpertScratch {
+    /// Job `ji` of the last [`run_experts`] call: its tokens' input rows (`[m, d]`, the gate
+    /// and up projections' input) and hidden rows (`[m, ff]`, the down projection's input).
+    pub fn job_inputs(&self, ji: usize) -> (&Activations, &Activations) {
+        (&self.inputs[ji], &self.hidden[ji])
+    }
+}
+
 /// Accumulates `out_t[r, t] += w_tj * down_j(glu(gate_j x_t, up_j x_t))[r]` over the jobs, in
 /// job order. `x` holds the batch's `n` input rows; `out_t` is `[d, n]` (transposed), so that
 /// calling this once with all jobs or several times with consecutive groups of them gives

@@ -11,12 +11,12 @@ use crate::model::gated_delta_net::{gated_delta_net, GdnScratch};
 use crate::model::hparams::HParams;
 use crate::model::mamba2::{mamba2, Mamba2Scratch};
 use crate::model::mla::{mla_attention, MlaScratch};
-use crate::model::observe::Observers;
+use crate::model::observe::{Observers, WeightInputs};
 use crate::model::ops::{add_scaled, norm_in_place, rms_norm_rows, soft_cap, RopeTables};
 use crate::model::profile::{Phase, Profiler};
 use crate::model::short_conv::{short_conv, ShortConvScratch};
 use crate::model::state::{LayerState, SequenceState};
-use crate::model::weights::{Ffn, Mixer, Model};
+use crate::model::weights::{Ffn, Mixer, Model, QueryProj};
 use crate::moe::cache::ExpertCache;
 use crate::moe::decoupled::RouterState;
 use crate::tensor::{matmul, Kernels, MatmulScratch};
@@ -168,6 +168,8 @@ impl Pass<'_, '_, '_> {
                         &mut s.early_mm,
                     );
                     prof.lap(Phase::Routing);
+                    let obs = &mut self.observers.inputs;
+                    obs.on_dense(li, &["ffn_gate_inp"], &s.x, n);
                     self.foresight
                         .routed_before_mixer(model, li, &s.early_logits, last_pos, cache);
                     true
@@ -187,6 +189,14 @@ impl Pass<'_, '_, '_> {
                     let scratch = &mut s.mixer.attention;
                     attention(
                         k, hp, li, a, xn, n, &mut seqs, rope, scratch, &mut s.out, prof,
+                    );
+                    observe_mixer(
+                        &mut self.observers.inputs,
+                        li,
+                        &layer.mixer,
+                        xn,
+                        n,
+                        &s.mixer,
                     );
                 }
                 _ => {
@@ -210,6 +220,8 @@ impl Pass<'_, '_, '_> {
                             out,
                             prof,
                         );
+                        let (obs, xn) = (&mut self.observers.inputs, &s.xn[rows.clone()]);
+                        observe_mixer(obs, li, &layer.mixer, xn, m, &s.mixer);
                         if m != n {
                             s.out[rows].copy_from_slice(&s.part_out[..m * d]);
                         }
@@ -219,13 +231,15 @@ impl Pass<'_, '_, '_> {
             }
             // The mixers have filled every position's state; past the last one only the rows
             // whose logits are wanted matter (llama.cpp's `inp_out_ids`), unless every row's
-            // routing is observed or was decided for the whole batch beforehand.
+            // routing or weight inputs are observed, or the routing was decided for the whole
+            // batch beforehand.
             if li == last_layer
                 && wanted == Wanted::LastOfEach
                 && n > parts.len()
                 && !routed_early
                 && self.foresight.decided().is_none()
                 && !self.observers.trace.is_on()
+                && !self.observers.inputs.is_on()
             {
                 keep_wanted_rows(parts, &mut s.x, &mut s.out, d);
                 rows = parts.len();
@@ -257,7 +271,7 @@ impl Pass<'_, '_, '_> {
                 self.routing,
                 &mut s.ffn,
                 &mut s.out,
-                prof,
+                (&mut *prof, &mut self.observers.inputs),
             )?;
             if let Ffn::Moe(_) = layer.ffn {
                 let (logits, routes) = (s.ffn.router_logits(rows, hp.n_expert), s.ffn.routes());
@@ -369,6 +383,67 @@ fn attention_seqs<'p>(
         row += len;
     }
     seqs
+}
+
+/// The inputs of the projections of `mixer` (layer `li`), which just ran on the `m` rows `xn`,
+/// to the weight-input observer: `xn` for the input projections, the mixer's scratch for those
+/// inside.
+fn observe_mixer(
+    obs: &mut WeightInputs,
+    li: usize,
+    mixer: &Mixer,
+    xn: &[f32],
+    m: usize,
+    s: &MixerScratch,
+) {
+    if !obs.is_on() {
+        return;
+    }
+    match mixer {
+        Mixer::Attention(a) => {
+            let qkv: &[&str] = match a.wv {
+                Some(_) => &["attn_q", "attn_k", "attn_v"],
+                None => &["attn_q", "attn_k"],
+            };
+            obs.on_dense(li, qkv, xn, m);
+            obs.on_dense(li, &["attn_output"], s.attention.attended(), m);
+        }
+        Mixer::Mla(a) => {
+            match a.q {
+                QueryProj::Direct(_) => obs.on_dense(li, &["attn_q"], xn, m),
+                QueryProj::LoRa { .. } => {
+                    obs.on_dense(li, &["attn_q_a"], xn, m);
+                    obs.on_dense(li, &["attn_q_b"], s.mla.query_latents(), m);
+                }
+            }
+            obs.on_dense(li, &["attn_kv_a_mqa"], xn, m);
+            // The per-head products, as llama-imatrix sums a 3-D product: one row of every
+            // head's columns side by side, one count per token.
+            let (nope, qs) = (a.wk_b.cols, s.mla.queries());
+            let per_head = qs.len() / m.max(1) / a.wk_b.n_expert.max(1);
+            let q_nope: Vec<f32> = qs
+                .chunks_exact(per_head)
+                .flat_map(|head| &head[..nope])
+                .copied()
+                .collect();
+            obs.on_dense(li, &["attn_k_b"], &q_nope, m);
+            obs.on_dense(li, &["attn_v_b"], s.mla.latents(), m);
+            obs.on_dense(li, &["attn_output"], s.mla.values(), m);
+        }
+        Mixer::ShortConv(_) => {
+            obs.on_dense(li, &["shortconv.in_proj"], xn, m);
+            obs.on_dense(li, &["shortconv.out_proj"], s.conv.gated(), m);
+        }
+        Mixer::GatedDeltaNet(_) => {
+            let stems = ["attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha"];
+            obs.on_dense(li, &stems, xn, m);
+            obs.on_dense(li, &["ssm_out"], s.gdn.read_out(), m);
+        }
+        Mixer::Mamba2(_) => {
+            obs.on_dense(li, &["ssm_in"], xn, m);
+            obs.on_dense(li, &["ssm_out"], s.ssm.read_out(), m);
+        }
+    }
 }
 
 /// One sequence's rows `xn` (`[m, d]`, at positions `pos..`) through a mixer other than
