@@ -75,12 +75,7 @@ pub fn run(args: KernelBenchArgs, out: &mut dyn Write) -> Result<()> {
                 let start = Instant::now();
                 let cpu0 = cpu_seconds();
                 while start.elapsed().as_secs_f64() < args.seconds {
-                    let m = QMatrix {
-                        ty,
-                        rows,
-                        cols,
-                        data: &mats[calls % mats.len()],
-                    };
+                    let m = QMatrix::new(ty, rows, cols, &mats[calls % mats.len()]);
                     matmul(k, &m, &x, n, &mut y, &mut scratch);
                     calls += 1;
                 }

@@ -12,6 +12,7 @@ mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub use reader::{align_up, GgufHeader, TensorInfo, DEFAULT_ALIGNMENT};
 pub use types::{ggml_type_name, GgmlType, Value, ValueType};
@@ -77,6 +78,8 @@ pub struct GgufFile {
     map: memmap2::Mmap,
     header: GgufHeader,
     path: PathBuf,
+    /// Rearranged copies of tensors ([`GgufFile::packed_bytes`]), by position in the header.
+    packed: Vec<OnceLock<Box<[u8]>>>,
 }
 
 impl GgufFile {
@@ -91,7 +94,13 @@ impl GgufFile {
         // truncated underneath us while it is mapped.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(open_err)?;
         let header = GgufHeader::parse(&map)?;
-        Ok(Self { map, header, path })
+        let packed = header.tensors().iter().map(|_| OnceLock::new()).collect();
+        Ok(Self {
+            map,
+            header,
+            path,
+            packed,
+        })
     }
 
     pub fn header(&self) -> &GgufHeader {
@@ -123,6 +132,39 @@ impl GgufFile {
     /// The raw bytes of a tensor, borrowed from the map (bounds were checked when parsing).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.map[info.range.clone()]
+    }
+
+    /// Tensor `info`'s bytes as `pack` rearranges them (the same number of bytes), made on the
+    /// first call and kept as long as the file. The map's pages wholly inside the tensor are
+    /// then dropped from the process (they come back from the file if read again), so that the
+    /// copy replaces them in memory instead of doubling it.
+    pub fn packed_bytes(&self, info: &TensorInfo, pack: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
+        let at = self
+            .header
+            .tensor_position(&info.name)
+            .expect("a tensor of this file");
+        self.packed[at].get_or_init(|| {
+            let packed = pack(self.tensor_bytes(info)).into_boxed_slice();
+            assert_eq!(packed.len(), info.range.len(), "packing keeps the size");
+            let page = page_size();
+            let (start, end) = (
+                info.range.start.next_multiple_of(page),
+                info.range.end & !(page - 1),
+            );
+            if start < end {
+                // SAFETY: MADV_DONTNEED on a private, read-only file mapping only drops this
+                // process's references to the pages: later reads fault the file's bytes in again,
+                // so every slice borrowed from the map stays valid and unchanged.
+                let _ = unsafe {
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+            packed
+        })
     }
 }
 

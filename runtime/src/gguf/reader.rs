@@ -212,6 +212,11 @@ impl GgufHeader {
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }
+
+    /// The position of tensor `name` in [`GgufHeader::tensors`].
+    pub fn tensor_position(&self, name: &str) -> Option<usize> {
+        self.tensor_index.get(name).copied()
+    }
 }
 
 pub fn align_up(v: u64, alignment: u64) -> Option<u64> {

@@ -355,9 +355,9 @@ fn run_resident(
             .iter()
             .map(|&e| ExpertJob {
                 mlp: Mlp {
-                    gate: moe.experts.gate.expert(e as usize),
-                    up: moe.experts.up.expert(e as usize),
-                    down: moe.experts.down.expert(e as usize),
+                    gate: moe.experts.gate.resident(e as usize, k),
+                    up: moe.experts.up.resident(e as usize, k),
+                    down: moe.experts.down.resident(e as usize, k),
                 },
                 tokens: s.assigned.tokens(e as usize),
                 glu,

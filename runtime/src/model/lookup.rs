@@ -2,7 +2,9 @@
 //! small vectors decoded to f32, and stacked per-expert matrices split into slabs.
 
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
-use crate::tensor::QMatrix;
+use crate::tensor::blocks::rows4;
+use crate::tensor::matrix::RowLayout;
+use crate::tensor::{Kernels, QMatrix};
 
 use super::error::ModelError;
 
@@ -26,6 +28,22 @@ pub struct StackedExperts<'a> {
     pub cols: usize,
     pub n_expert: usize,
     pub slabs: Vec<ExpertSlab<'a>>,
+    /// The whole stacked tensor, when resident experts may be packed four rows at a time
+    /// ([`StackedExperts::resident`]); streamed experts always keep the file's layout.
+    packable: Option<Packable<'a>>,
+}
+
+/// A stacked tensor's file and header entry, for packing it.
+#[derive(Clone, Copy)]
+struct Packable<'a> {
+    file: &'a GgufFile,
+    info: &'a TensorInfo,
+}
+
+impl std::fmt::Debug for Packable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "packable {}", self.info.name)
+    }
 }
 
 impl<'a> StackedExperts<'a> {
@@ -51,6 +69,7 @@ impl<'a> StackedExperts<'a> {
             cols,
             n_expert,
             slabs,
+            packable: None,
         }
     }
 
@@ -58,19 +77,48 @@ impl<'a> StackedExperts<'a> {
         self.slabs[e].data.len()
     }
 
+    /// Expert `e`'s matrix in the file's layout (what the expert cache reads).
     pub fn expert(&self, e: usize) -> QMatrix<'a> {
         let s = self.slabs[e];
-        QMatrix {
-            ty: s.ty,
-            rows: self.rows,
-            cols: self.cols,
-            data: s.data,
+        QMatrix::new(s.ty, self.rows, self.cols, s.data)
+    }
+
+    /// Expert `e`'s matrix for a run with every expert resident: packed four rows at a time
+    /// when `k` has products over that layout (the whole stacked tensor is packed on the first
+    /// call, into memory that replaces the map's pages), else as in the file. Streaming never
+    /// calls this, so a streamed model is never read whole.
+    pub fn resident(&self, e: usize, k: &Kernels) -> QMatrix<'a> {
+        match self.packable {
+            Some(Packable { file, info }) if packs(k, info.ty, self.rows) => {
+                let all = pack_tensor(file, info, self.rows * self.n_expert);
+                let sb = all.len() / self.n_expert;
+                QMatrix {
+                    layout: RowLayout::Rows4,
+                    data: &all[e * sb..(e + 1) * sb],
+                    ..self.expert(e)
+                }
+            }
+            _ => self.expert(e),
         }
     }
 }
 
+/// Whether `rows` rows of `ty` are packed for table `k`: it has products over packed rows of
+/// that type, and the rows make whole groups of four.
+fn packs(k: &Kernels, ty: GgmlType, rows: usize) -> bool {
+    k.gemm_rows4(ty).is_some() && rows > 0 && rows.is_multiple_of(rows4::ROWS)
+}
+
+/// Tensor `info` (`rows` rows of Q8_0 or Q4_0) packed four rows at a time, once per file.
+fn pack_tensor<'a>(file: &'a GgufFile, info: &TensorInfo, rows: usize) -> &'a [u8] {
+    file.packed_bytes(info, |data| rows4::pack(info.ty, data, rows))
+}
+
 pub(crate) struct Lookup<'a> {
     pub(crate) file: &'a GgufFile,
+    /// The kernel table the model will run with: resident matrices are packed for it where it
+    /// has products over packed rows (`tensor::blocks::rows4`).
+    pub(crate) kernels: &'static Kernels,
 }
 
 impl<'a> Lookup<'a> {
@@ -106,7 +154,29 @@ impl<'a> Lookup<'a> {
         Ok(())
     }
 
+    /// A matrix the model only multiplies by: packed four rows at a time when the kernel table
+    /// has products over that layout (made now, replacing the map's pages in memory).
     pub(crate) fn matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QMatrix<'a>, ModelError> {
+        let m = self.matrix_by_rows(name, rows, cols)?;
+        if !packs(self.kernels, m.ty, rows) {
+            return Ok(m);
+        }
+        let info = self.require(name)?;
+        Ok(QMatrix {
+            layout: RowLayout::Rows4,
+            data: pack_tensor(self.file, info, rows),
+            ..m
+        })
+    }
+
+    /// A matrix in the file's layout, for one whose rows are also read one by one (the token
+    /// embedding).
+    pub(crate) fn matrix_by_rows(
         &self,
         name: &str,
         rows: usize,
@@ -114,12 +184,12 @@ impl<'a> Lookup<'a> {
     ) -> Result<QMatrix<'a>, ModelError> {
         let info = self.require(name)?;
         Self::check_dims(info, &[cols, rows])?;
-        Ok(QMatrix {
-            ty: info.ty,
+        Ok(QMatrix::new(
+            info.ty,
             rows,
             cols,
-            data: self.file.tensor_bytes(info),
-        })
+            self.file.tensor_bytes(info),
+        ))
     }
 
     /// A stacked expert tensor `name`, or (moe-edge's mixed-precision layout) the per-expert
@@ -133,14 +203,20 @@ impl<'a> Lookup<'a> {
     ) -> Result<StackedExperts<'a>, ModelError> {
         if let Some(info) = self.info(name) {
             Self::check_dims(info, &[cols, rows, n_expert])?;
-            return Ok(StackedExperts::stacked(
-                info.ty,
-                rows,
-                cols,
-                n_expert,
-                self.file.tensor_bytes(info),
-                info.range.start,
-            ));
+            return Ok(StackedExperts {
+                packable: Some(Packable {
+                    file: self.file,
+                    info,
+                }),
+                ..StackedExperts::stacked(
+                    info.ty,
+                    rows,
+                    cols,
+                    n_expert,
+                    self.file.tensor_bytes(info),
+                    info.range.start,
+                )
+            });
         }
         let stem = name.strip_suffix(".weight").unwrap_or(name);
         if !self.has(&crate::moe::calib::per_expert_name(stem, 0)) {
@@ -161,6 +237,7 @@ impl<'a> Lookup<'a> {
             cols,
             n_expert,
             slabs,
+            packable: None,
         })
     }
 
@@ -199,6 +276,7 @@ impl<'a> Lookup<'a> {
                     }
                 })
                 .collect(),
+            packable: None,
         };
         Ok((half(0), half(1)))
     }

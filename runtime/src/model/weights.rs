@@ -279,7 +279,10 @@ impl Model<'_> {
 
 impl<'a> Model<'a> {
     pub fn load(file: &'a GgufFile) -> Result<Self, ModelError> {
-        let lk = Lookup { file };
+        let lk = Lookup {
+            file,
+            kernels: crate::tensor::kernels::best(),
+        };
         let embd_info = lk.require("token_embd.weight")?;
         let n_vocab = *embd_info.dims.get(1).ok_or_else(|| ModelError::Shape {
             name: "token_embd.weight".into(),
@@ -288,7 +291,7 @@ impl<'a> Model<'a> {
         })?;
         let hp = HParams::from_header(file.header(), n_vocab)?;
         let d = hp.n_embd;
-        let tok_embd = lk.matrix("token_embd.weight", n_vocab, d)?;
+        let tok_embd = lk.matrix_by_rows("token_embd.weight", n_vocab, d)?;
         let output = if lk.has("output.weight") {
             lk.matrix("output.weight", n_vocab, d)?
         } else {

@@ -6,27 +6,53 @@ use rayon::prelude::*;
 
 use super::blocks::block32::{Q8_0_BYTES, QK};
 use super::blocks::kquant::{self, Q8_K_BYTES};
+use super::blocks::rows4;
 use super::blocks::QK_K;
 use super::kernels::{ActFormat, Kernels, Quantize};
 use super::quant::dequantize;
 use crate::gguf::GgmlType;
 
 /// A row-major `rows x cols` weight matrix in some GGML type (ggml dims `[cols, rows]`),
-/// borrowed from the mapped file or from an expert cache slot.
+/// borrowed from the mapped file, from an expert cache slot or from a packed copy.
 #[derive(Clone, Copy, Debug)]
 pub struct QMatrix<'a> {
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
+    pub layout: RowLayout,
+}
+
+/// How a matrix's rows lie in its bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RowLayout {
+    /// One row after another, as in the file.
+    #[default]
+    File,
+    /// Q8_0/Q4_0 rows interleaved four at a time (`blocks::rows4`), for a table with
+    /// [`Kernels::gemm_rows4`]; same size as the file's rows.
+    Rows4,
 }
 
 impl<'a> QMatrix<'a> {
+    /// A matrix in the file's row layout.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Self {
+        Self {
+            ty,
+            rows,
+            cols,
+            data,
+            layout: RowLayout::File,
+        }
+    }
+
     pub fn row_bytes(&self) -> usize {
         self.ty.row_bytes(self.cols).expect("validated at load")
     }
 
+    /// Row `r`'s bytes (only in the file layout; packed matrices only take products).
     pub fn row(&self, r: usize) -> &'a [u8] {
+        assert_eq!(self.layout, RowLayout::File, "a packed matrix has no rows");
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
     }
@@ -243,6 +269,10 @@ pub fn rows_times_acts(
     buf: &mut Vec<f32>,
 ) {
     let n = acts.n;
+    if w.layout == RowLayout::Rows4 {
+        packed_rows_times_acts(k, w, row0, len, acts, out);
+        return;
+    }
     let gemm = k.gemm(w.ty).and_then(|(gemm, format)| {
         let x = match format {
             ActFormat::Q8_0 => &acts.q8[..],
@@ -268,6 +298,43 @@ pub fn rows_times_acts(
                 }
             }
         }
+    }
+}
+
+/// [`rows_times_acts`] for a matrix packed four rows at a time. Row ranges that do not start and
+/// end on a group (a task split between matrices of other row counts) compute the whole groups
+/// they touch into a scratch block and keep their rows.
+fn packed_rows_times_acts(
+    k: &Kernels,
+    w: &QMatrix,
+    row0: usize,
+    len: usize,
+    acts: &Activations,
+    out: &mut [f32],
+) {
+    let n = acts.n;
+    if len == 0 || n == 0 {
+        return;
+    }
+    let (group_rows, group_bytes) = (rows4::ROWS, rows4::ROWS * w.row_bytes());
+    let (g0, g1) = (row0 / group_rows, (row0 + len).div_ceil(group_rows));
+    let data = &w.data[g0 * group_bytes..g1 * group_bytes];
+    let rows = (g1 - g0) * group_rows;
+    let Some(gemm) = k.gemm_rows4(w.ty) else {
+        // Packed for another table (a test's): unpack the groups and take the file layout's
+        // product, which gives the same values.
+        let unpacked = rows4::unpack(w.ty, data, rows);
+        let m = QMatrix::new(w.ty, rows, w.cols, &unpacked);
+        let skip = row0 - g0 * group_rows;
+        return rows_times_acts(k, &m, skip, len, acts, out, &mut Vec::new());
+    };
+    if row0.is_multiple_of(group_rows) && len == rows {
+        gemm(data, rows, &acts.q8, n, &mut out[..len * n]);
+    } else {
+        let mut block = vec![0f32; rows * n];
+        gemm(data, rows, &acts.q8, n, &mut block);
+        let skip = row0 - g0 * group_rows;
+        out[..len * n].copy_from_slice(&block[skip * n..(skip + len) * n]);
     }
 }
 
@@ -376,10 +443,11 @@ thread_local! {
 /// Products of at most this many multiply-adds run on the calling thread.
 const SERIAL_MACS: usize = 1 << 17;
 
-/// Rows per rayon task: enough tasks to balance threads, few enough to keep overhead low.
+/// Rows per rayon task: enough tasks to balance threads, few enough to keep overhead low; a
+/// multiple of 4, so that tasks keep packed groups of four rows whole.
 pub fn rows_per_task(rows: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    (rows / (threads * 8)).clamp(4, 256)
+    (rows / (threads * 8)).clamp(4, 256) / rows4::ROWS * rows4::ROWS
 }
 
 #[cfg(test)]
@@ -403,12 +471,7 @@ mod tests {
         ] {
             let w = random_vec(rows * cols, 7, 1.0);
             let data = quantize(ty, &w);
-            let m = QMatrix {
-                ty,
-                rows,
-                cols,
-                data: &data,
-            };
+            let m = QMatrix::new(ty, rows, cols, &data);
             let x = random_vec(n * cols, 9, 2.0);
             let mut batch = vec![0f32; n * rows];
             let mut scratch = MatmulScratch::default();
@@ -448,12 +511,7 @@ mod tests {
             .filter(|t| !covered_above.contains(t))
         {
             let data = random_blocks(ty, rows * cols / ty.block_len(), 77, 0.02);
-            let m = QMatrix {
-                ty,
-                rows,
-                cols,
-                data: &data,
-            };
+            let m = QMatrix::new(ty, rows, cols, &data);
             let x = random_vec(n * cols, 8, 1.0);
             let mut got = vec![0f32; n * rows];
             matmul(k, &m, &x, n, &mut got, &mut MatmulScratch::default());
@@ -504,6 +562,41 @@ mod tests {
         }
     }
 
+    /// A matrix packed four rows at a time gives the file layout's products bit for bit, for
+    /// row ranges that start or end inside a group, one token or a batch, in a table with
+    /// packed products (NEON with dotprod) and in one without (the groups are unpacked).
+    #[test]
+    fn packed_matrices_give_the_file_layouts_products() {
+        let tables = [
+            crate::tensor::kernels::best(),
+            &crate::tensor::kernels::SCALAR,
+        ];
+        let (rows, cols) = (12, 96);
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0] {
+            let data = quantize(ty, &random_vec(rows * cols, 41, 1.0));
+            let packed = rows4::pack(ty, &data, rows);
+            let file = QMatrix::new(ty, rows, cols, &data);
+            let m = QMatrix {
+                layout: RowLayout::Rows4,
+                data: &packed,
+                ..file
+            };
+            for n in [1, 5] {
+                let mut acts = Activations::default();
+                for k in tables {
+                    acts.prepare(k, &random_vec(n * cols, 42, 2.0), n, cols);
+                    for (row0, len) in [(0, 12), (4, 8), (1, 6), (5, 3), (11, 1), (0, 0)] {
+                        let mut got = vec![0f32; len * n];
+                        let mut want = vec![0f32; len * n];
+                        rows_times_acts(k, &m, row0, len, &acts, &mut got, &mut Vec::new());
+                        rows_times_acts(k, &file, row0, len, &acts, &mut want, &mut Vec::new());
+                        assert_eq!(got, want, "{} {ty} rows {row0}+{len} n={n}", k.name);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn multi_matmul_equals_separate_products() {
         let k = crate::tensor::kernels::best();
@@ -521,12 +614,7 @@ mod tests {
         let mats: Vec<QMatrix> = shapes
             .iter()
             .zip(&datas)
-            .map(|(&(rows, ty), d)| QMatrix {
-                ty,
-                rows,
-                cols,
-                data: d,
-            })
+            .map(|(&(rows, ty), d)| QMatrix::new(ty, rows, cols, d))
             .collect();
         let x = random_vec(n * cols, 3, 1.0);
         let mut scratch = MatmulScratch::default();

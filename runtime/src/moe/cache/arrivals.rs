@@ -130,12 +130,7 @@ impl ExpertGuard<'_> {
             let bytes = self.leads[i]..self.leads[i] + s.bytes;
             // SAFETY: the slot is ready and held by this guard, so nothing writes it.
             let data = unsafe { self.shared.memory.slab(self.slot, i, bytes) };
-            QMatrix {
-                ty: s.ty,
-                rows: s.rows,
-                cols: s.cols,
-                data,
-            }
+            QMatrix::new(s.ty, s.rows, s.cols, data)
         };
         Mlp {
             gate: m(0),

@@ -9,6 +9,7 @@ pub mod iquant;
 pub mod kquant;
 pub mod kquant_encode;
 mod kquant_search;
+pub mod rows4;
 
 use half::f16;
 

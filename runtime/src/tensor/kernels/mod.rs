@@ -9,6 +9,8 @@ mod grid;
 mod neon;
 #[cfg(test)]
 mod quantize_tests;
+#[cfg(test)]
+mod rows4_tests;
 pub mod scalar;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -86,6 +88,12 @@ pub struct Kernels {
     pub gemm_q5_k: Gemm,
     pub gemm_q6_k: Gemm,
     pub gemm_iq4_xs: Gemm,
+    /// [`Kernels::gemm_q8_0`] / `gemm_q4_0` for rows packed four at a time
+    /// (`blocks::rows4`, a multiple of 4 rows): the tables where that layout is leaner than the
+    /// file's (NEON with `sdot`) have them, and only then are resident weights packed at load.
+    /// Every value equals the table's dot of the unpacked row, bit for bit.
+    pub gemm_q8_0_rows4: Option<Gemm>,
+    pub gemm_q4_0_rows4: Option<Gemm>,
 }
 
 /// `(w, rows, x, n, out)`: see [`Kernels::gemm_q8_0`].
@@ -147,6 +155,15 @@ impl Kernels {
             GgmlType::IQ4XS => (self.gemm_iq4_xs, ActFormat::Q8K),
             _ => return None,
         })
+    }
+
+    /// The product over rows of type `ty` packed four at a time, where this table has one.
+    pub fn gemm_rows4(&self, ty: GgmlType) -> Option<Gemm> {
+        match ty {
+            GgmlType::Q8_0 => self.gemm_q8_0_rows4,
+            GgmlType::Q4_0 => self.gemm_q4_0_rows4,
+            _ => None,
+        }
     }
 }
 
@@ -222,6 +239,8 @@ pub static SCALAR: Kernels = Kernels {
     gemm_q5_k: by_pairs!(scalar::kquant::dot_q5_k_q8_k),
     gemm_q6_k: by_pairs!(scalar::kquant::dot_q6_k_q8_k),
     gemm_iq4_xs: by_pairs!(scalar::iquant::dot_iq4_xs_q8_k),
+    gemm_q8_0_rows4: None,
+    gemm_q4_0_rows4: None,
 };
 
 /// The fastest table this CPU supports, detected once. `MOE_EDGE_SCALAR=1` forces the scalar

@@ -62,6 +62,7 @@ pub fn check_table(k: &Kernels) {
             );
         }
         check_gemm(k, n, i as u64);
+        super::rows4_tests::check_gemm_rows4(k, n, i as u64);
         // axpy over f16 rows, including lengths with tails.
         for m in [n, n - 3] {
             let v = quantize(GgmlType::F16, &w[..m]);

@@ -57,6 +57,8 @@ const AVX2_KERNELS: Kernels = Kernels {
     gemm_q5_k: kquant::gemm::<kquant::Q5K>,
     gemm_q6_k: kquant::gemm::<kquant::Q6K>,
     gemm_iq4_xs: kquant::gemm::<iquant::Iq4Xs>,
+    gemm_q8_0_rows4: None,
+    gemm_q4_0_rows4: None,
 };
 
 /// The AVX2 table with `vpdpbusd` for Q8_0 and Q4_0. `vpdpbusd` would replace maddubs + madd in

@@ -19,6 +19,7 @@ use std::arch::asm;
 mod block32;
 mod iquant;
 mod kquant;
+mod rows4;
 
 use super::{by_pairs, grid, scalar, Kernels};
 use crate::tensor::blocks::block32::{f16_at, quantize_row_q8_0};
@@ -64,6 +65,8 @@ static DOTPROD: Kernels = Kernels {
     gemm_q5_k: by_pairs!(dot::<Sdot, kquant::Q5K>),
     gemm_q6_k: by_pairs!(dot::<Sdot, kquant::Q6K>),
     gemm_iq4_xs: by_pairs!(dot::<Sdot, iquant::Iq4Xs>),
+    gemm_q8_0_rows4: Some(rows4::gemm::<rows4::Q8_0x4>),
+    gemm_q4_0_rows4: Some(rows4::gemm::<rows4::Q4_0x4>),
 };
 
 static NEON: Kernels = Kernels {
@@ -104,6 +107,9 @@ static NEON: Kernels = Kernels {
     gemm_q5_k: by_pairs!(dot::<Mull, kquant::Q5K>),
     gemm_q6_k: by_pairs!(dot::<Mull, kquant::Q6K>),
     gemm_iq4_xs: by_pairs!(dot::<Mull, iquant::Iq4Xs>),
+    // Without `sdot` by lane, packing saves nothing over the file layout's 4-row tiles.
+    gemm_q8_0_rows4: None,
+    gemm_q4_0_rows4: None,
 };
 
 /// Every NEON table this CPU can run, fastest first (the tests run them all).
