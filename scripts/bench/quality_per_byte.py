@@ -7,9 +7,9 @@ For each of llama.cpp's size classes (Q4_K_M, Q3_K_M, Q2_K, IQ4_XS by default):
   - llama.cpp: `llama-quantize --imatrix` on moe-convert's f16 file, the imatrix from
     `llama-imatrix` over the calibration text;
   - moe-convert, same imatrix and the same text for its own statistics, at exactly that file's
-    size: `--target-size BYTES` in moe-edge's per-expert layout, and with `--stacked-types`
-    (llama.cpp's layout; llama.cpp loads it);
-  - moe-convert's own mix (`--type Q --imatrix`), which is llama-quantize's file byte for byte.
+    size: `--type <the class's mix> --target-size BYTES` (the non-expert tensors are then
+    llama-quantize's; only the routed experts' types differ) in moe-edge's per-expert layout,
+    and with `--stacked-types` (llama.cpp's layout; llama.cpp loads it).
 Every file is scored by `moe-run eval --reference F32` on held-out text: mean KL divergence of
 the next-token distribution from the f32 model's (as llama-perplexity --kl-divergence), top-1
 agreement, perplexity; plus decode speed (`moe-run bench -p 0`) and the expert cache's hit rate
@@ -83,8 +83,9 @@ def main():
     ap.add_argument("--calib-kl-tokens", type=int, default=256)
     ap.add_argument("--imatrix-chunk", type=int, default=256)
     ap.add_argument("--no-speed", action="store_true")
-    ap.add_argument("--other-type", default="q8_0",
-                    help="--type of moe-convert's files: the non-expert tensors' type")
+    ap.add_argument("--other-type", default="mix",
+                    help="--type of moe-convert's files, for the non-expert tensors: `mix` (the class's "
+                         "own mix, so those tensors are llama-quantize's) or a type such as q8_0")
     ap.add_argument("--llama-quantize-args", default="",
                     help="extra llama-quantize arguments, e.g. to give its non-expert tensors the same types")
     ap.add_argument("--json-out")
@@ -122,7 +123,8 @@ def main():
             if not os.path.exists(w(name)):
                 # A budget below what the layout needs (per-expert tensors are page-aligned) is
                 # refused; the table says so.
-                run([mc, a.hf, "-o", w(name), "--type", a.other_type, "--calib", a.calib,
+                other = t.lower() if a.other_type == "mix" else a.other_type
+                run([mc, a.hf, "-o", w(name), "--type", other, "--calib", a.calib,
                      "--calib-tokens", str(a.calib_tokens), "--calib-kl-tokens", str(a.calib_kl_tokens),
                      "--imatrix", imatrix, "--target-size", str(size), "--quiet", *extra],
                     log=w(name.replace(".gguf", ".log")), may_fail=True)
