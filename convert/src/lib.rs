@@ -20,6 +20,7 @@ pub mod output;
 pub mod pending;
 pub mod plan;
 pub mod pregate;
+pub mod rewrite;
 pub mod router;
 pub mod sentencepiece;
 pub mod source;
@@ -333,10 +334,10 @@ fn convert_tuned(
             (true, None, None) => None,
         };
         let experts = match (&tuning.expert_types, hot.as_deref()) {
-            (Some(t), Some(hot)) => tune::ExpertPlan::hot_cold(t, hot),
-            _ => tune::ExpertPlan::Uniform,
+            (Some(t), Some(hot)) => rewrite::ExpertPlan::hot_cold(t, hot),
+            _ => rewrite::ExpertPlan::Uniform,
         };
-        let mut rw = tune::Rewrite {
+        let mut rw = rewrite::Rewrite {
             ty: opts.ty,
             kept: &kept,
             experts,
@@ -363,17 +364,17 @@ fn convert_tuned(
             let file = moe_runtime::gguf::GgufFile::open(&f32_path)?;
             // The directory of the layout the allocation writes, with placeholder types.
             rw.experts = match granularity {
-                budget::Granularity::PerExpert => tune::ExpertPlan::PerExpert {
+                budget::Granularity::PerExpert => rewrite::ExpertPlan::PerExpert {
                     types: kept
                         .iter()
                         .map(|k| vec![[GgmlType::Q8_0; 3]; k.len()])
                         .collect(),
                     hot: None,
                 },
-                budget::Granularity::Stacked => tune::ExpertPlan::Uniform,
+                budget::Granularity::Stacked => rewrite::ExpertPlan::Uniform,
             };
-            let fixed_bytes = tune::fixed_bytes(&file, &rw)?;
-            let params = tune::output_params(&file, &kept);
+            let fixed_bytes = rewrite::fixed_bytes(&file, &rw)?;
+            let params = rewrite::output_params(&file, &kept);
             let a = budget::allocate(
                 &budget::Inputs {
                     file: &file,
@@ -387,10 +388,10 @@ fn convert_tuned(
                 target,
                 granularity,
             )?;
-            rw.experts = tune::ExpertPlan::allocated(&a);
+            rw.experts = rewrite::ExpertPlan::allocated(&a);
             allocation = Some(a);
         }
-        let mut summary = tune::rewrite(&f32_path, out, &rw)?;
+        let mut summary = rewrite::rewrite(&f32_path, out, &rw)?;
         summary.elapsed = t0.elapsed();
         summary.tuned = Some(Tuned {
             stats,
