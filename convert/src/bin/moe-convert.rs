@@ -83,9 +83,9 @@ struct Args {
     /// up or down alike), so that llama.cpp loads the file
     #[arg(long, requires = "target_size")]
     stacked_types: bool,
-    /// With --target-size: no expert matrix above this type's bits per weight (e.g. q4_k). The
+    /// With --target-size: no expert matrix above this type's bits per weight (e.g. q5_k). The
     /// expert cache's slots are as large as the largest expert, so this keeps as many experts
-    /// in a streaming cache as a uniform file of that type
+    /// in a streaming cache as a file of that type
     #[arg(long, requires = "target_size", value_parser = parse_expert_cap)]
     max_expert_type: Option<GgmlType>,
     /// A pre-gating router network (ONNX, from scripts/train/train_pregate.py) for this model: the
