@@ -83,6 +83,8 @@ def main():
     ap.add_argument("--calib-kl-tokens", type=int, default=256)
     ap.add_argument("--imatrix-chunk", type=int, default=256)
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--stacked", default="yes", choices=["yes", "no"],
+                    help="also make the --stacked-types file of every class")
     ap.add_argument("--other-type", default="mix",
                     help="--type of moe-convert's files, for the non-expert tensors: `mix` (the class's "
                          "own mix, so those tensors are llama-quantize's) or a type such as q8_0")
@@ -117,9 +119,10 @@ def main():
             fix_alignment(lf)
         size = os.path.getsize(lf)
         variants.append((t, "llama.cpp imatrix", lf))
-        for label, name, extra in (("moe-convert --target-size, per-expert", f"ours-pe-{t}.gguf", []),
-                                   ("moe-convert --target-size --stacked-types", f"ours-st-{t}.gguf",
-                                    ["--stacked-types"])):
+        ours = [("moe-convert --target-size, per-expert", f"ours-pe-{t}.gguf", [])]
+        if a.stacked == "yes":
+            ours.append(("moe-convert --target-size --stacked-types", f"ours-st-{t}.gguf", ["--stacked-types"]))
+        for label, name, extra in ours:
             if not os.path.exists(w(name)):
                 # A budget below what the layout needs (per-expert tensors are page-aligned) is
                 # refused; the table says so.
