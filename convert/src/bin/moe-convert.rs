@@ -75,8 +75,9 @@ struct Args {
     hot_fraction: f64,
     /// Choose each routed expert matrix's type (Q2_K ... Q8_0) to lose the least within this
     /// file size (e.g. 120MiB, 1.5GB) or bits per weight (3.5bpw), from the calibration
-    /// statistics (needs --calib) and the importance matrix (--imatrix) when given; the other
-    /// tensors keep --type. Writes moe-edge's per-expert layout unless --stacked-types
+    /// statistics and importance matrix of --calib (needed; --imatrix FILE replaces the
+    /// matrix); the other tensors take --type (a mix such as q4_k_m: llama-quantize's types).
+    /// Writes moe-edge's per-expert layout unless --stacked-types
     #[arg(long, value_name = "SIZE", value_parser = moe_convert::budget::Target::parse)]
     target_size: Option<moe_convert::budget::Target>,
     /// With --target-size: one type per stacked expert tensor (all experts of a layer's gate,
