@@ -50,8 +50,7 @@ pub const CANDIDATES: [GgmlType; 7] = [
     GgmlType::Q8_0,
 ];
 
-/// Rows of a matrix the error is measured on: rows are quantised independently, so an even
-/// sample of them estimates the whole matrix's error without encoding it seven times.
+/// Rows of a matrix the error is measured on (see [`sample_rows`]).
 const SAMPLE_ROWS: usize = 128;
 
 /// The sensitivity floor, as a share of the mean `drop_kl` of the experts.
@@ -228,22 +227,22 @@ fn bits(t: GgmlType) -> f64 {
     t.block_bytes() as f64 * 8.0 / t.block_len() as f64
 }
 
-fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
+/// An even sample of at most [`SAMPLE_ROWS`] of the f32 rows of `ncols` values in `bytes` (the
+/// intermediate file's map): rows are quantised independently, so it estimates the whole
+/// matrix's error, and only the sample is ever copied out of the map.
+fn sample_rows(bytes: &[u8], ncols: usize) -> Vec<f32> {
+    let row_bytes = ncols * 4;
+    let n_rows = bytes.len() / row_bytes;
+    let step = n_rows.div_ceil(SAMPLE_ROWS).max(1);
+    (0..n_rows)
+        .step_by(step)
+        .flat_map(|r| bytes[r * row_bytes..(r + 1) * row_bytes].chunks_exact(4))
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
 
-/// The weighted relative error of `rows` (rows of `ncols`) stored as `ty`, on an even sample of
-/// at most [`SAMPLE_ROWS`] rows.
-fn relative_error(ty: GgmlType, rows: &[f32], ncols: usize, weights: Option<&[f32]>) -> f64 {
-    let n_rows = rows.len() / ncols;
-    let step = n_rows.div_ceil(SAMPLE_ROWS).max(1);
-    let sample: Vec<f32> = (0..n_rows)
-        .step_by(step)
-        .flat_map(|r| rows[r * ncols..(r + 1) * ncols].iter().copied())
-        .collect();
+/// The weighted relative error of the rows `sample` (rows of `ncols`) stored as `ty`.
+fn relative_error(ty: GgmlType, sample: &[f32], ncols: usize, weights: Option<&[f32]>) -> f64 {
     let q = quantize_weighted(ty, &sample, ncols, weights);
     let mut back = vec![0f32; sample.len()];
     dequantize(ty, &q, &mut back);
@@ -320,14 +319,15 @@ pub fn allocate(
         slot: usize,
         matrix: usize,
         expert: usize,
-        rows: &'a [f32],
+        /// The expert's matrix in the file's map, f32.
+        bytes: &'a [u8],
         ncols: usize,
         weights: Option<&'a [f32]>,
     }
     struct Stacked<'a> {
         layer: usize,
         matrix: usize,
-        values: Vec<f32>,
+        bytes: &'a [u8],
         ncols: usize,
         nrows: usize,
         weights: Option<&'a [f32]>,
@@ -355,7 +355,7 @@ pub fn allocate(
             slabs.push(Stacked {
                 layer: l,
                 matrix: m,
-                values: f32_values(inp.file.tensor_bytes(info)),
+                bytes: inp.file.tensor_bytes(info),
                 ncols,
                 nrows,
                 weights,
@@ -364,14 +364,14 @@ pub fn allocate(
     }
     let mut jobs = Vec::new();
     for st in &slabs {
-        let per = st.ncols * st.nrows;
+        let per = st.ncols * st.nrows * 4;
         for (slot, &e) in inp.kept[st.layer].iter().enumerate() {
             jobs.push(Job {
                 layer: st.layer,
                 slot,
                 matrix: st.matrix,
                 expert: e,
-                rows: &st.values[e * per..(e + 1) * per],
+                bytes: &st.bytes[e * per..(e + 1) * per],
                 ncols: st.ncols,
                 weights: st.weights.map(|w| &w[e * st.ncols..(e + 1) * st.ncols]),
             });
@@ -381,7 +381,8 @@ pub fn allocate(
         .par_iter()
         .map(|j| {
             let sens = stats.drop_kl[stats.idx(j.layer, j.expert)] as f64 + floor;
-            let nrows = j.rows.len() / j.ncols;
+            let nrows = j.bytes.len() / (4 * j.ncols);
+            let sample = sample_rows(j.bytes, j.ncols);
             let options = candidates(j.ncols, inp.max_type)
                 .into_iter()
                 .map(|t| {
@@ -389,7 +390,7 @@ pub fn allocate(
                     (
                         t,
                         bytes,
-                        sens * relative_error(t, j.rows, j.ncols, j.weights),
+                        sens * relative_error(t, &sample, j.ncols, j.weights),
                     )
                 })
                 .collect();
