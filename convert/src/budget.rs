@@ -243,7 +243,7 @@ fn sample_rows(bytes: &[u8], ncols: usize) -> Vec<f32> {
 
 /// The weighted relative error of the rows `sample` (rows of `ncols`) stored as `ty`.
 fn relative_error(ty: GgmlType, sample: &[f32], ncols: usize, weights: Option<&[f32]>) -> f64 {
-    let q = quantize_weighted(ty, &sample, ncols, weights);
+    let q = quantize_weighted(ty, sample, ncols, weights);
     let mut back = vec![0f32; sample.len()];
     dequantize(ty, &q, &mut back);
     let (mut err, mut norm) = (0f64, 0f64);
