@@ -9,7 +9,7 @@ use crate::engine::{generate, Engine, Request, SessionOptions};
 use crate::model::KvType;
 use crate::sampling::{Sampler, SamplerConfig};
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub mod args;
 mod bench;
@@ -118,7 +118,20 @@ pub fn run(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<()> {
-    let cli = Cli::try_parse_from(argv)?;
+    // `--version` names the kernel table too: which one runs depends on the CPU and on
+    // `MOE_EDGE_ISA`/`MOE_EDGE_SCALAR`, and a benchmark should say which it measured.
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let version = VERSION.get_or_init(|| {
+        format!(
+            "{} (kernels: {})",
+            env!("CARGO_PKG_VERSION"),
+            crate::tensor::kernels::best().name
+        )
+    });
+    let matches = Cli::command()
+        .version(version.as_str())
+        .try_get_matches_from(argv)?;
+    let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
         Some(Command::Bench(b)) => bench::run(b, out, err),
         Some(Command::BenchKernels(b)) => kernel_bench::run(b, out),

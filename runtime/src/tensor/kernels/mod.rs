@@ -5,6 +5,8 @@
 mod avx2;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod grid;
+#[cfg(test)]
+mod ktiles_tests;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(test)]
@@ -36,6 +38,8 @@ pub type Dot = fn(&[u8], &[u8]) -> f32;
 pub struct Kernels {
     /// Shown at start-up and in benchmarks, e.g. "scalar" or "x86_64 avx2+fma".
     pub name: &'static str,
+    /// The table's level in [`ISA_LEVELS`], the name `MOE_EDGE_ISA` caps it by.
+    pub isa: &'static str,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     pub dot_f16: fn(&[u8], &[f32]) -> f32,
     pub dot_bf16: fn(&[u8], &[f32]) -> f32,
@@ -205,6 +209,7 @@ use by_pairs;
 
 pub static SCALAR: Kernels = Kernels {
     name: "scalar",
+    isa: "scalar",
     dot_f32: scalar::dot_f32,
     dot_f16: scalar::dot_f16,
     dot_bf16: scalar::dot_bf16,
@@ -243,22 +248,55 @@ pub static SCALAR: Kernels = Kernels {
     gemm_q4_0_rows4: None,
 };
 
+/// The instruction-set levels of this architecture's tables, most capable first: the values
+/// `MOE_EDGE_ISA` takes.
+#[cfg(target_arch = "x86_64")]
+pub const ISA_LEVELS: &[&str] = &["avx512vnni", "avx2", "scalar"];
+#[cfg(target_arch = "aarch64")]
+pub const ISA_LEVELS: &[&str] = &["dotprod", "neon", "scalar"];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub const ISA_LEVELS: &[&str] = &["scalar"];
+
+/// Every table this CPU can run, fastest first, the scalar reference last.
+pub fn tables() -> Vec<&'static Kernels> {
+    let mut all: Vec<&'static Kernels> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    all.extend(avx2::tables());
+    #[cfg(target_arch = "aarch64")]
+    all.extend(neon::tables());
+    all.push(&SCALAR);
+    all
+}
+
+/// The fastest table this CPU can run at or below the level `isa` (one of [`ISA_LEVELS`]): what
+/// a CPU without the levels above it would pick. None for a name not in the list.
+pub fn capped(isa: &str) -> Option<&'static Kernels> {
+    let rank = |name: &str| ISA_LEVELS.iter().position(|l| *l == name);
+    let cap = rank(isa)?;
+    tables()
+        .into_iter()
+        .find(|t| rank(t.isa).is_some_and(|r| r >= cap))
+}
+
 /// The fastest table this CPU supports, detected once. `MOE_EDGE_SCALAR=1` forces the scalar
-/// reference (for comparisons).
+/// reference (for comparisons); `MOE_EDGE_ISA=<level>` caps the choice at a level of
+/// [`ISA_LEVELS`], so that one machine can time and test what a lesser CPU runs (`avx2`: what an
+/// AVX2+FMA+F16C CPU without AVX-512 picks). An unknown level is an error, not a silent
+/// fallback: a benchmark would otherwise measure the wrong kernels.
 pub fn best() -> &'static Kernels {
     static BEST: OnceLock<&'static Kernels> = OnceLock::new();
     BEST.get_or_init(|| {
         if std::env::var_os("MOE_EDGE_SCALAR").is_some() {
             return &SCALAR;
         }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(t) = avx2::table() {
-            return t;
+        if let Some(isa) = std::env::var_os("MOE_EDGE_ISA") {
+            let isa = isa.to_string_lossy();
+            return capped(&isa).unwrap_or_else(|| {
+                panic!(
+                    "MOE_EDGE_ISA={isa}: not one of this CPU architecture's levels {ISA_LEVELS:?}"
+                )
+            });
         }
-        #[cfg(target_arch = "aarch64")]
-        if let Some(t) = neon::table() {
-            return t;
-        }
-        &SCALAR
+        tables()[0]
     })
 }

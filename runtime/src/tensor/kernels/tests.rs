@@ -204,7 +204,7 @@ const DECODE_ONLY_32: [GgmlType; 3] = [GgmlType::Q5_0, GgmlType::IQ4NL, GgmlType
 /// Blocks of `ty` with the largest quants and sub-block scales everywhere (every byte 0xff but
 /// the super-block scale; Q6_K scale bytes 0xff are -1), and with every byte zero but the
 /// scale.
-fn saturated_blocks(ty: GgmlType, nb: usize, seed: u64) -> [Vec<u8>; 2] {
+pub(super) fn saturated_blocks(ty: GgmlType, nb: usize, seed: u64) -> [Vec<u8>; 2] {
     let base = random_blocks(ty, nb, seed, 0.5);
     let keep: Vec<usize> = match ty {
         GgmlType::MXFP4 => vec![0],
@@ -238,7 +238,7 @@ fn saturated_blocks(ty: GgmlType, nb: usize, seed: u64) -> [Vec<u8>; 2] {
 
 /// Activation rows of `nb` blocks in `format`: from the quantizer at three magnitudes, and
 /// extreme rows (every quant at `low`, at 127, and alternating) with random scales.
-fn activation_rows(format: ActFormat, nb: usize, seed: u64, low: i8) -> Vec<Vec<u8>> {
+pub(super) fn activation_rows(format: ActFormat, nb: usize, seed: u64, low: i8) -> Vec<Vec<u8>> {
     let per_block = if format == ActFormat::Q8K { QK_K } else { 32 };
     let n = nb * per_block;
     let mut xs = Vec::new();
@@ -420,6 +420,8 @@ fn check_decode_only_gemms(k: &Kernels) {
                 (4, 9),
                 (9, 2),
                 (5, 3),
+                // More tokens than a batch prepares at once (x86 `offset4::CHUNK_TOKENS`).
+                (5, 67),
             ] {
                 let w = random_blocks(ty, rows * nb, 60 + nb as u64, 0.05);
                 let x = &activation_rows(format, n * nb, 61 + ty.id() as u64, -127)[0];
@@ -434,7 +436,8 @@ fn check_decode_only_gemms(k: &Kernels) {
 }
 
 /// The tiled products equal the table's own dot kernel pair by pair, bit for bit, for every
-/// tile remainder (rows and tokens 1..=9), and the scalar reference within rounding.
+/// tile remainder (rows and tokens 1..=9, and more tokens than the x86 Q4_0 batch prepares at
+/// once), and the scalar reference within rounding.
 fn check_gemm(k: &Kernels, cols: usize, seed: u64) {
     if cols > 1024 {
         return;
@@ -453,7 +456,16 @@ fn check_gemm(k: &Kernels, cols: usize, seed: u64) {
             SCALAR.dot_q4_0_q8_0,
         ),
     ] {
-        for (rows, n) in [(1, 1), (4, 4), (9, 7), (5, 1), (8, 9), (3, 2), (1, 6)] {
+        for (rows, n) in [
+            (1, 1),
+            (4, 4),
+            (9, 7),
+            (5, 1),
+            (8, 9),
+            (3, 2),
+            (1, 6),
+            (5, 67),
+        ] {
             let w = quantize(ty, &random_vec(rows * cols, seed + 11, 2.0));
             let x = quantize(GgmlType::Q8_0, &random_vec(n * cols, seed + 12, 3.0));
             let mut got = vec![0f32; rows * n];
@@ -503,7 +515,7 @@ fn simd_tables_agree_with_scalar() {
     // The x86 tables compute the same lane sums and float steps: equal bit for bit.
     #[cfg(target_arch = "x86_64")]
     for t in avx2::tables().skip(1) {
-        let first = avx2::table().expect("a table");
+        let first = avx2::tables().next().expect("a table");
         for (rows, n, cols) in [(9, 7, 256), (4, 1, 1024), (1, 3, 64)] {
             for q4 in [false, true] {
                 let ty = if q4 { GgmlType::Q4_0 } else { GgmlType::Q8_0 };

@@ -9,6 +9,7 @@
 
 use std::arch::x86_64::*;
 
+use super::batch::{self, Prepared};
 use super::{hsum, PREFETCH_BYTES};
 use crate::tensor::blocks::block32::{
     e8m0_half, IQ4_NL_BYTES, IQ4_NL_LEVELS, MXFP4_BYTES, MXFP4_LEVELS, Q4_0_BYTES, Q8_0_BYTES,
@@ -51,8 +52,7 @@ pub(super) fn check_gemm(w: &[u8], w_block: usize, rows: usize, x: &[u8], n: usi
 
 pub(super) fn gemm_q8_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     check_gemm(w, Q8_0_BYTES, rows, x, n, out);
-    // SAFETY: features checked in `tables()`; shapes checked above.
-    unsafe { gemm_avx2::<Q8Signed>(w, rows, x, n, out) }
+    batch::gemm::<SignedBatch<Q8Signed>>(w, rows, x, n, out)
 }
 
 pub(super) fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
@@ -69,8 +69,7 @@ pub(super) fn dot_iq4_nl_q8_0(w: &[u8], x: &[u8]) -> f32 {
 
 pub(super) fn gemm_iq4_nl(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     check_gemm(w, IQ4_NL_BYTES, rows, x, n, out);
-    // SAFETY: as above.
-    unsafe { gemm_avx2::<NonLinear4<false>>(w, rows, x, n, out) }
+    batch::gemm::<SignedBatch<NonLinear4<false>>>(w, rows, x, n, out)
 }
 
 pub(super) fn gemm_mxfp4(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
@@ -307,6 +306,39 @@ impl<const MX: bool> BlockProduct for NonLinear4<MX> {
     #[inline(always)]
     unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
         signed_pair(w, x)
+    }
+}
+
+/// A signed AVX2 format in a batch (`batch`): the sign trick against prepared activations, with
+/// the dot kernel's lane sums and float step.
+struct SignedBatch<P>(std::marker::PhantomData<P>);
+impl<P: BlockProduct> batch::Product for SignedBatch<P> {
+    const W_BYTES: usize = P::W_BYTES;
+    /// A row block pair takes 5 registers (values, absolute values, scales): 4 x 2 tiles.
+    const TILE_TOKENS: usize = 2;
+    type Row = BlockPair;
+    #[inline(always)]
+    unsafe fn activations(p: *const u8, both: bool) -> Prepared {
+        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        Prepared {
+            lo,
+            hi,
+            offset: _mm256_setzero_si256(),
+            d,
+        }
+    }
+    #[inline(always)]
+    unsafe fn row(wp: *const u8, both: bool) -> BlockPair {
+        P::weights(wp, both)
+    }
+    #[inline(always)]
+    unsafe fn step(row: &BlockPair, a: &Prepared, acc: __m256) -> __m256 {
+        let sums = _mm256_add_epi32(
+            maddubs_sum(row.aux_lo, _mm256_sign_epi8(a.lo, row.lo)),
+            maddubs_sum(row.aux_hi, _mm256_sign_epi8(a.hi, row.hi)),
+        );
+        let d = _mm256_mul_ps(row.d, a.d);
+        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc)
     }
 }
 

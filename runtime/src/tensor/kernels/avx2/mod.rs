@@ -9,6 +9,7 @@
 
 use std::arch::x86_64::*;
 
+mod batch;
 mod block32;
 mod iquant;
 mod kquant;
@@ -23,6 +24,7 @@ static AVX2: Kernels = AVX2_KERNELS;
 
 const AVX2_KERNELS: Kernels = Kernels {
     name: "x86_64 avx2+fma+f16c",
+    isa: "avx2",
     dot_f32,
     dot_f16,
     dot_bf16,
@@ -66,6 +68,7 @@ const AVX2_KERNELS: Kernels = Kernels {
 /// uops): no gain, so they share the AVX2 kernels, as the other formats do.
 static VNNI: Kernels = Kernels {
     name: "x86_64 avx2+fma+f16c+avx512vnni",
+    isa: "avx512vnni",
     dot_q8_0_q8_0: block32::dot_q8_0_q8_0_vnni,
     dot_q4_0_q8_0: block32::dot_q4_0_q8_0_vnni,
     gemm_q8_0: block32::gemm_q8_0_vnni,
@@ -90,16 +93,11 @@ pub fn tables() -> impl Iterator<Item = &'static Kernels> {
     vnni.into_iter().chain(avx2)
 }
 
-/// The fastest x86 table this CPU can run.
-pub fn table() -> Option<&'static Kernels> {
-    tables().next()
-}
-
-// The safe wrappers below are reachable only through `table()`, which checked the features.
+// The safe wrappers below are reachable only through `tables()`, which checked the features.
 
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    // SAFETY: features checked in `table()`; lengths checked above.
+    // SAFETY: features checked in `tables()`; lengths checked above.
     unsafe { dot_f32_impl(a, b) }
 }
 
@@ -126,7 +124,7 @@ fn axpy_f16(a: f32, v: &[u8], out: &mut [f32]) {
 fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     assert_eq!(x.len() % QK, 0);
     assert_eq!(out.len(), x.len() / QK * Q8_0_BYTES);
-    // SAFETY: features checked in `table()`; lengths checked above.
+    // SAFETY: features checked in `tables()`; lengths checked above.
     unsafe { quantize_q8_0_impl(x, out) }
 }
 
@@ -136,7 +134,7 @@ fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
 fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
     assert_eq!(x.len() % QK_K, 0);
     assert_eq!(out.len(), x.len() / QK_K * Q8_K_BYTES);
-    // SAFETY: features checked in `table()`; lengths checked above.
+    // SAFETY: features checked in `tables()`; lengths checked above.
     unsafe { quantize_q8_k_impl(x, out) }
 }
 

@@ -1,18 +1,20 @@
-//! One token's product (decode) for the 4-bit formats whose signed levels become small unsigned
-//! bytes after adding an offset: Q4_0 (the nibble itself is the value plus 8) and MXFP4 (the
-//! doubled E2M1 level plus 12 is at most 24).
+//! The AVX2 products of the 4-bit formats whose signed levels become small unsigned bytes after
+//! adding an offset: Q4_0 (the nibble itself is the value plus 8) and MXFP4 (the doubled E2M1
+//! level plus 12 is at most 24), for one token (decode) and for a batch (prompt).
 //!
 //! `maddubs` wants an unsigned left operand. The tiles in `block32` get it with the sign trick
-//! (|w| times x carrying w's sign): four extra instructions per block pair, for every row. Here
-//! the weights carry the offset instead, and the offset's share, `offset * (sum of x)`, is
-//! computed once per token for all rows, together with the activations' rearranged halves and
-//! scales. Pairs of products stay below 2 * 24 * 127 and two of them below 2^15, so the two
-//! halves add as i16 before one `madd`. The lane sums are the tiles' exact integers and the
-//! float steps the same, so every output equals the tile path's bit for bit.
+//! (|w| times x carrying w's sign): four extra instructions per block pair, for every row and
+//! token. Here the weights carry the offset instead, and the offset's share,
+//! `offset * (sum of x)`, is computed once per token for all rows, together with the
+//! activations' rearranged halves and scales ([`Prepared`]). Pairs of products stay below
+//! 2 * 24 * 127 and two of them below 2^15, so the two halves add as i16 before one `madd`. The
+//! lane sums are the tiles' exact integers and the float steps the same, so every output equals
+//! the tile path's bit for bit.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
+use super::batch::{self, Prepared};
 use super::block32::{self, check_gemm, nibble_pair, q8_pair, scales};
 use super::{hsum, PREFETCH_BYTES};
 use crate::tensor::blocks::block32::{
@@ -31,24 +33,32 @@ pub(super) fn dot_mxfp4_q8_0(w: &[u8], x: &[u8]) -> f32 {
     out[0]
 }
 
-/// A single token by this file's product, a batch by `block32`'s tiles.
+/// A batch by [`batch::gemm`], a single token by [`decode`] (by `block32`'s tiles if its row is
+/// longer than the decode buffer).
 pub(super) fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    if n == 1 && x.len() / Q8_0_BYTES <= 2 * MAX_PAIRS {
-        check_gemm(w, Q4_0_BYTES, rows, x, n, out);
-        // SAFETY: features checked in `tables()`; shapes checked above.
-        unsafe { decode::<Q4_0>(w, rows, x, out) }
-    } else {
-        block32::gemm_q4_0(w, rows, x, n, out)
-    }
+    gemm_offset4::<Q4_0>(w, rows, x, n, out, block32::gemm_q4_0)
 }
 
 pub(super) fn gemm_mxfp4(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    if n == 1 && x.len() / Q8_0_BYTES <= 2 * MAX_PAIRS {
-        check_gemm(w, MXFP4_BYTES, rows, x, n, out);
+    gemm_offset4::<Mxfp4>(w, rows, x, n, out, block32::gemm_mxfp4)
+}
+
+fn gemm_offset4<F: Offset4>(
+    w: &[u8],
+    rows: usize,
+    x: &[u8],
+    n: usize,
+    out: &mut [f32],
+    tiles: fn(&[u8], usize, &[u8], usize, &mut [f32]),
+) {
+    check_gemm(w, F::W_BYTES, rows, x, n, out);
+    if n > 1 {
+        batch::gemm::<Batch<F>>(w, rows, x, n, out)
+    } else if x.len() / Q8_0_BYTES <= 2 * MAX_PAIRS {
         // SAFETY: as above.
-        unsafe { decode::<Mxfp4>(w, rows, x, out) }
+        unsafe { decode::<F>(w, rows, x, out) }
     } else {
-        block32::gemm_mxfp4(w, rows, x, n, out)
+        tiles(w, rows, x, n, out)
     }
 }
 
@@ -134,14 +144,56 @@ impl Offset4 for Mxfp4 {
     }
 }
 
-/// One activation block pair, prepared once per token: values 0..16 of blocks b and b + 1,
-/// values 16..32 of each, the offset's lane sums and the scales.
-#[derive(Clone, Copy)]
-struct Prepared {
-    lo: __m256i,
-    hi: __m256i,
-    offset: __m256i,
-    d: __m256,
+/// Prepares the Q8_0 activation blocks b and b + 1 at `p` (the second only when `both`) for
+/// weights offset by `offset`.
+#[inline(always)]
+unsafe fn prepare(p: *const u8, both: bool, offset: __m256i) -> Prepared {
+    let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+    let sums = _mm256_add_epi16(
+        _mm256_maddubs_epi16(offset, lo),
+        _mm256_maddubs_epi16(offset, hi),
+    );
+    Prepared {
+        lo,
+        hi,
+        offset: _mm256_madd_epi16(sums, _mm256_set1_epi16(1)),
+        d,
+    }
+}
+
+/// The exact lane sums of a weight block pair's unsigned bytes (`lo`, `hi`) times a prepared
+/// activation pair, minus the offset's share, then one float step into `acc`: the tiles' steps.
+#[inline(always)]
+unsafe fn step(lo: __m256i, hi: __m256i, dw: __m256, a: &Prepared, acc: __m256) -> __m256 {
+    let pairs16 = _mm256_add_epi16(
+        _mm256_maddubs_epi16(lo, a.lo),
+        _mm256_maddubs_epi16(hi, a.hi),
+    );
+    let sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs16, _mm256_set1_epi16(1)), a.offset);
+    let d = _mm256_mul_ps(dw, a.d);
+    _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc)
+}
+
+/// Offset weights as a [`batch::Product`]: a row block pair is its unsigned bytes and scales.
+struct Batch<F>(std::marker::PhantomData<F>);
+impl<F: Offset4> batch::Product for Batch<F> {
+    const W_BYTES: usize = F::W_BYTES;
+    const TILE_TOKENS: usize = 3;
+    type Row = (__m256i, __m256i, __m256);
+    #[inline(always)]
+    unsafe fn activations(p: *const u8, both: bool) -> Prepared {
+        prepare(p, both, _mm256_set1_epi8(F::OFFSET))
+    }
+    #[inline(always)]
+    unsafe fn row(wp: *const u8, both: bool) -> Self::Row {
+        let (lo, hi) = nibble_pair(wp.add(F::QS_AT), F::W_BYTES, both);
+        let (lo, hi) = F::levels(lo, hi);
+        (lo, hi, F::scales(wp, both))
+    }
+    #[inline(always)]
+    unsafe fn step(row: &Self::Row, a: &Prepared, acc: __m256) -> __m256 {
+        step(row.0, row.1, row.2, a, acc)
+    }
 }
 
 /// `out[r] = w_r . x` for `rows` weight rows of `F` (whole blocks, `w.len() / rows` bytes each)
@@ -158,42 +210,35 @@ unsafe fn decode<F: Offset4>(w: &[u8], rows: usize, x: &[u8], out: &mut [f32]) {
         "activation row too long for the decode buffer"
     );
     let wb = w.len() / rows;
-    let ones = _mm256_set1_epi16(1);
     let offset = _mm256_set1_epi8(F::OFFSET);
     let mut buf = [MaybeUninit::<Prepared>::uninit(); MAX_PAIRS];
     for (p, slot) in buf[..pairs].iter_mut().enumerate() {
         let b = 2 * p;
-        let (lo, hi, d) = q8_pair(x.as_ptr().add(b * Q8_0_BYTES), Q8_0_BYTES, b + 1 < nb);
-        let sums = _mm256_add_epi16(
-            _mm256_maddubs_epi16(offset, lo),
-            _mm256_maddubs_epi16(offset, hi),
-        );
-        slot.write(Prepared {
-            lo,
-            hi,
-            offset: _mm256_madd_epi16(sums, ones),
-            d,
-        });
+        slot.write(prepare(x.as_ptr().add(b * Q8_0_BYTES), b + 1 < nb, offset));
     }
     // SAFETY: the first `pairs` entries were written above.
     let acts = std::slice::from_raw_parts(buf.as_ptr() as *const Prepared, pairs);
+    // Whole pairs first, the lone last block (odd `nb`) after: with `both` a constant, the loop
+    // carries no per-pair test for it.
+    let (whole, lone) = acts.split_at(nb / 2);
     for (r, o) in out[..rows].iter_mut().enumerate() {
         let row = w.as_ptr().add(r * wb);
         let mut acc = _mm256_setzero_ps();
-        for (p, a) in acts.iter().enumerate() {
-            let (b, both) = (2 * p, 2 * p + 1 < nb);
-            let wp = row.add(b * F::W_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES) as *const i8);
-            let (lo, hi) = nibble_pair(wp.add(F::QS_AT), F::W_BYTES, both);
-            let (lo, hi) = F::levels(lo, hi);
-            let pairs16 = _mm256_add_epi16(
-                _mm256_maddubs_epi16(lo, a.lo),
-                _mm256_maddubs_epi16(hi, a.hi),
-            );
-            let sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs16, ones), a.offset);
-            let d = _mm256_mul_ps(F::scales(wp, both), a.d);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc);
+        for (p, a) in whole.iter().enumerate() {
+            acc = decode_pair::<F>(row.add(2 * p * F::W_BYTES), true, a, acc);
+        }
+        for a in lone {
+            acc = decode_pair::<F>(row.add(2 * whole.len() * F::W_BYTES), false, a, acc);
         }
         *o = hsum(acc);
     }
+}
+
+/// `acc` plus one row's weight block pair at `wp` times a prepared activation pair.
+#[inline(always)]
+unsafe fn decode_pair<F: Offset4>(wp: *const u8, both: bool, a: &Prepared, acc: __m256) -> __m256 {
+    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES) as *const i8);
+    let (lo, hi) = nibble_pair(wp.add(F::QS_AT), F::W_BYTES, both);
+    let (lo, hi) = F::levels(lo, hi);
+    step(lo, hi, F::scales(wp, both), a, acc)
 }

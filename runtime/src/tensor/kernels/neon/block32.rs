@@ -38,7 +38,7 @@ pub(super) trait Block32 {
 /// Four f16 block scales (the first two bytes of each block) as f32 lanes: gathered into one
 /// register and converted by one instruction.
 #[inline(always)]
-unsafe fn f16_scales4(p: *const u8, stride: usize) -> float32x4_t {
+pub(super) unsafe fn f16_scales4(p: *const u8, stride: usize) -> float32x4_t {
     let at = |i: usize| std::ptr::read_unaligned(p.add(i * stride) as *const u16);
     let mut h = vdup_n_u16(at(0));
     h = vset_lane_u16::<1>(at(1), h);

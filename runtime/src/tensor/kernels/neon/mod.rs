@@ -5,7 +5,9 @@
 //! [`I8Dot`], and instantiated for both tables. Their integer sums are exact; the k-quant and
 //! i-quant kernels reduce them to one integer per block before the same float steps in both
 //! tables, so those agree bit for bit. Files by format family:
-//! `block32` (Q8_0, Q4_0, IQ4_NL, MXFP4), `kquant`, `iquant` (IQ4_XS and the grid i-quants).
+//! `block32` (Q8_0, Q4_0, IQ4_NL, MXFP4), `kquant`, `iquant` (IQ4_XS and the grid i-quants);
+//! `rows4` (Q8_0/Q4_0 rows packed four at a time), `ktiles` and `ktiles_low` (k-quant rows four
+//! at a time in the file's layout) are the `sdot` table's matrix products.
 //!
 //! NEON itself is part of the aarch64 Linux baseline, so the float kernels need no detection.
 //! Two instructions are written as `asm!`: `sdot`, because `vdotq_s32` is not stable, and the
@@ -19,16 +21,20 @@ use std::arch::asm;
 mod block32;
 mod iquant;
 mod kquant;
+mod ktiles;
+mod ktiles_low;
 mod rows4;
 
 use super::{by_pairs, grid, scalar, Kernels};
 use crate::tensor::blocks::block32::{f16_at, quantize_row_q8_0};
 use crate::tensor::blocks::kquant::quantize_row_q8_k;
 
-// The 32-value formats' matrix products are tiled (`block32::gemm`); the others are each table's
-// dot kernels pair by pair. Both are bit-identical to the dot pair by pair.
+// The 32-value formats' matrix products are tiled (`block32::gemm`), and with `sdot` those of
+// the k-quants too (`ktiles`, `ktiles_low`); the others are each table's dot kernels pair by
+// pair. All are bit-identical to the dot pair by pair.
 static DOTPROD: Kernels = Kernels {
     name: "aarch64 neon+dotprod",
+    isa: "dotprod",
     dot_f32,
     dot_f16,
     dot_bf16,
@@ -59,11 +65,11 @@ static DOTPROD: Kernels = Kernels {
     dot_iq1_s_q8_k: dot::<Sdot, iquant::Grid<grid::Iq1S>>,
     dot_iq1_m_q8_k: dot::<Sdot, iquant::Grid<grid::Iq1M>>,
     dot_iq4_xs_q8_k: dot::<Sdot, iquant::Iq4Xs>,
-    gemm_q2_k: by_pairs!(dot::<Sdot, kquant::Q2K>),
-    gemm_q3_k: by_pairs!(dot::<Sdot, kquant::Q3K>),
-    gemm_q4_k: by_pairs!(dot::<Sdot, kquant::Q4K>),
-    gemm_q5_k: by_pairs!(dot::<Sdot, kquant::Q5K>),
-    gemm_q6_k: by_pairs!(dot::<Sdot, kquant::Q6K>),
+    gemm_q2_k: ktiles::gemm::<ktiles_low::Q2K>,
+    gemm_q3_k: ktiles::gemm::<ktiles_low::Q3K>,
+    gemm_q4_k: ktiles::gemm::<ktiles::Q4K>,
+    gemm_q5_k: ktiles::gemm::<ktiles::Q5K>,
+    gemm_q6_k: ktiles::gemm::<ktiles::Q6K>,
     gemm_iq4_xs: by_pairs!(dot::<Sdot, iquant::Iq4Xs>),
     gemm_q8_0_rows4: Some(rows4::gemm::<rows4::Q8_0x4>),
     gemm_q4_0_rows4: Some(rows4::gemm::<rows4::Q4_0x4>),
@@ -71,6 +77,7 @@ static DOTPROD: Kernels = Kernels {
 
 static NEON: Kernels = Kernels {
     name: "aarch64 neon",
+    isa: "neon",
     dot_f32,
     dot_f16,
     dot_bf16,
@@ -119,11 +126,6 @@ pub fn tables() -> impl Iterator<Item = &'static Kernels> {
         .then_some(&DOTPROD)
         .into_iter()
         .chain(std::iter::once(&NEON))
-}
-
-/// The fastest NEON table this CPU can run; always `Some`, since NEON is baseline on aarch64.
-pub fn table() -> Option<&'static Kernels> {
-    tables().next()
 }
 
 /// A quantized weight format's dot product with its activation format, generic over how byte
