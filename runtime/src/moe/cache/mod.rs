@@ -35,6 +35,6 @@ pub use budget::{advise_resident_only, plan_budget, BudgetPlan, RUNTIME_OVERHEAD
 pub use error::CacheError;
 pub use expert_cache::{CacheConfig, ExpertCache};
 pub use layout::{ExpertKey, ExpertLayout, SlabSpec};
-pub use offline::optimal_misses;
+pub use offline::{optimal_misses, optimal_reads};
 pub use policy::Eviction;
 pub use stats::CacheStats;

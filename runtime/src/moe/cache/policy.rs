@@ -41,6 +41,11 @@ struct UseStats {
     stickiness: Vec<f32>,
     /// Whether the latest visit used it.
     used_last: Vec<bool>,
+    /// The weight the averages' updates have had so far, `1 - (1 - rate)^updates`: dividing by
+    /// it removes the averages' bias toward their start of zero (Adam's bias correction), so
+    /// the first tokens of a run already rank experts by their use instead of all alike.
+    frequency_weight: Vec<f32>,
+    stickiness_weight: Vec<f32>,
 }
 
 impl UseStats {
@@ -49,6 +54,8 @@ impl UseStats {
             frequency: vec![0.0; keys],
             stickiness: vec![0.0; keys],
             used_last: vec![false; keys],
+            frequency_weight: vec![0.0; keys],
+            stickiness_weight: vec![0.0; keys],
         }
     }
 
@@ -56,20 +63,36 @@ impl UseStats {
         let u = used as u32 as f32;
         if self.used_last[i] {
             self.stickiness[i] += STICKINESS_RATE * (u - self.stickiness[i]);
+            self.stickiness_weight[i] += STICKINESS_RATE * (1.0 - self.stickiness_weight[i]);
         }
         self.frequency[i] += FREQUENCY_RATE * (u - self.frequency[i]);
+        self.frequency_weight[i] += FREQUENCY_RATE * (1.0 - self.frequency_weight[i]);
         self.used_last[i] = used;
+    }
+
+    /// The use frequency without its start's bias (0 before any visit).
+    fn frequency_of(&self, i: usize) -> f32 {
+        unbiased(self.frequency[i], self.frequency_weight[i])
     }
 
     /// The chance that the next visit of its layer uses it: its frequency, or, if the latest
     /// visit used it, how often it is used again right after a use when that is higher (experts
     /// of real text stick to a few consecutive tokens; docs/BENCHMARKS.md).
     fn next_visit_chance(&self, i: usize) -> f32 {
+        let frequency = self.frequency_of(i);
         if self.used_last[i] {
-            self.frequency[i].max(self.stickiness[i])
+            frequency.max(unbiased(self.stickiness[i], self.stickiness_weight[i]))
         } else {
-            self.frequency[i]
+            frequency
         }
+    }
+}
+
+fn unbiased(average: f32, weight: f32) -> f32 {
+    if weight > 0.0 {
+        average / weight
+    } else {
+        0.0
     }
 }
 
@@ -122,6 +145,8 @@ impl Policy {
     pub fn seed_frequency(&mut self, frequency: &[f32]) {
         if frequency.len() == self.uses.frequency.len() {
             self.uses.frequency.copy_from_slice(frequency);
+            // A prior from calibration is a whole average already, not a start to correct.
+            self.uses.frequency_weight.fill(1.0);
         }
     }
 
@@ -130,7 +155,7 @@ impl Policy {
     }
 
     fn frequency(&self, key: ExpertKey) -> f32 {
-        self.uses.frequency[self.index(key)]
+        self.uses.frequency_of(self.index(key))
     }
 
     /// When an expert is next expected: its predicted step if a predictor named one; otherwise
@@ -274,9 +299,27 @@ mod tests {
         u.record(0, true);
         u.record(1, true);
         assert!(u.next_visit_chance(0) > 0.5, "{:?}", u);
-        assert!((u.next_visit_chance(1) - u.frequency[1]).abs() < 1e-6);
+        assert!((u.next_visit_chance(1) - u.frequency_of(1)).abs() < 1e-6);
         u.record(0, false);
-        assert_eq!(u.next_visit_chance(0), u.frequency[0]);
+        assert_eq!(u.next_visit_chance(0), u.frequency_of(0));
+    }
+
+    /// The first visits already give an expert's frequency, not a fraction of it: the moving
+    /// average's start at zero is divided out.
+    #[test]
+    fn early_frequencies_are_not_biased_toward_zero() {
+        let mut u = UseStats::new(2);
+        for visit in 0..8 {
+            u.record(0, visit % 2 == 0);
+            u.record(1, false);
+        }
+        assert!((u.frequency_of(0) - 0.5).abs() < 0.05, "{:?}", u);
+        assert!(
+            u.frequency[0] < 0.05,
+            "the raw average is still near its start"
+        );
+        assert_eq!(u.frequency_of(1), 0.0);
+        assert_eq!(UseStats::new(1).frequency_of(0), 0.0);
     }
 
     #[test]
