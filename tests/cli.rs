@@ -4,6 +4,8 @@ use std::ffi::OsString;
 
 use moe_e2e::{max_rel_diff, prompt_logits, Fixture};
 use moe_runtime::gguf::GgmlType;
+use moe_runtime::model::{Model, DEFAULT_MAX_BATCH};
+use moe_runtime::moe::cache::RUNTIME_OVERHEAD;
 
 fn run(args: &[&str]) -> Result<(String, String), String> {
     let argv: Vec<OsString> = std::iter::once("moe-run")
@@ -186,8 +188,13 @@ fn board_profile_budget_streams_only_when_the_model_does_not_fit() {
         "{line}"
     );
 
-    // 48 MiB is the runtime overhead the budget plans for; the KV cache does not fit on top.
-    let tight = profile(file_bytes + (48 << 20));
+    // The runtime overhead and a prompt batch's scratch, which the budget plans for, on top of
+    // the file: the KV cache does not fit.
+    let file = conv.open();
+    let scratch = Model::load(&file)
+        .unwrap()
+        .batch_scratch_bytes(DEFAULT_MAX_BATCH);
+    let tight = profile(file_bytes + (RUNTIME_OVERHEAD + scratch) as u64);
     let (streamed, line) = gen(&["--target-profile", &tight]);
     assert!(
         line.contains("expert cache: ") && line.contains(" slots"),

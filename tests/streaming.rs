@@ -377,3 +377,169 @@ fn streamed_runs_observe_the_same_weight_inputs() {
         }
     }
 }
+
+/// The experts of every MoE layer and position the model routed `ids` to (trace order:
+/// `[position, MoE layer, k]`), traced by a session of its own.
+fn traced_experts(model: &Model, ids: &[u32]) -> Vec<i32> {
+    let mut s = Session::with_kv_type(model, 256, KvType::F32);
+    s.set_route_tracing(true);
+    s.forward(ids, true).unwrap();
+    let layers = model.moe_layers();
+    let k = model.hp.n_expert_used;
+    let mut out = vec![-1i32; ids.len() * layers.len() * k];
+    for rec in s.take_route_trace() {
+        let c = layers.iter().position(|&l| l == rec.layer).unwrap();
+        for (t, r) in rec.routes.iter().enumerate() {
+            let at = ((rec.first_pos + t) * layers.len() + c) * k;
+            for (j, &e) in r.experts.iter().enumerate() {
+                out[at + j] = e as i32;
+            }
+        }
+    }
+    assert!(out.iter().all(|&e| e >= 0), "every position traced");
+    out
+}
+
+fn write_trace(
+    dir: &std::path::Path,
+    name: &str,
+    experts: &[i32],
+    shape: [usize; 3],
+) -> std::path::PathBuf {
+    let prefix = dir.join(name);
+    let file = std::fs::File::create(dir.join(format!("{name}.experts.npy"))).unwrap();
+    moe_runtime::npy::write_i32(file, experts, &shape).unwrap();
+    prefix
+}
+
+#[test]
+fn replayed_routing_is_the_routers_own_for_its_trace_and_the_traces_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(GgmlType::F32);
+        let file = conv.open();
+        let model = Model::load(&file).unwrap();
+        let ids = &fx.expected.prompts[2].ids;
+        let (n, layers, k) = (ids.len(), model.moe_layers().len(), model.hp.n_expert_used);
+        let own = traced_experts(&model, ids);
+        let prefix = write_trace(dir.path(), name, &own, [n, layers, k]);
+        let prompt_logits =
+            |replay: Option<&std::path::Path>, cache: Option<std::sync::Arc<ExpertCache>>| {
+                let mut s = Session::with_kv_type(&model, 256, KvType::F32);
+                s.set_route_replay(replay.map(|p| model.route_replay(p).unwrap()));
+                s.set_streaming(ExpertStreaming {
+                    cache,
+                    lookahead: 0,
+                });
+                s.set_route_tracing(true);
+                let logits = s.forward(ids, true).unwrap().to_vec();
+                (logits, s.take_route_trace())
+            };
+        // A trace of the model's own routing replays it exactly: same weights, same logits.
+        let (resident, _) = prompt_logits(None, None);
+        let (replayed, _) = prompt_logits(Some(&prefix), None);
+        assert!(
+            replayed == resident,
+            "{name}: replaying its own trace changed the logits"
+        );
+
+        // Another trace (positions shifted by one) routes every token to the trace's experts.
+        let shifted: Vec<i32> = (0..n)
+            .flat_map(|t| own[((t + 1) % n) * layers * k..][..layers * k].to_vec())
+            .collect();
+        let other = write_trace(
+            dir.path(),
+            &format!("{name}-shifted"),
+            &shifted,
+            [n, layers, k],
+        );
+        let (changed, routed) = prompt_logits(Some(&other), None);
+        assert!(
+            changed != resident,
+            "{name}: a different trace left the logits unchanged"
+        );
+        let cols = model.moe_layers();
+        for rec in routed {
+            let c = cols.iter().position(|&l| l == rec.layer).unwrap();
+            for (t, r) in rec.routes.iter().enumerate() {
+                let at = ((rec.first_pos + t) * layers + c) * k;
+                let want: Vec<u32> = shifted[at..at + k].iter().map(|&e| e as u32).collect();
+                assert_eq!(
+                    &r.experts[..],
+                    &want[..],
+                    "{name} layer {} token {t}",
+                    rec.layer
+                );
+            }
+        }
+        // ... and a streamed run of that replay equals the resident one.
+        let c = expert_cache(&model, &conv.path, cache_config(k + 1, Eviction::Belady));
+        let (streamed, _) = prompt_logits(Some(&other), Some(c));
+        assert!(
+            streamed == changed,
+            "{name}: streamed replay differs from resident"
+        );
+    }
+    // A trace of another shape is refused with what to do.
+    let fx = Fixture::load("qwen3_moe");
+    let conv = fx.convert(GgmlType::F32);
+    let file = conv.open();
+    let model = Model::load(&file).unwrap();
+    let (layers, k) = (model.moe_layers().len(), model.hp.n_expert_used);
+    let wrong = write_trace(
+        dir.path(),
+        "wrong-k",
+        &vec![0; 3 * layers * (k + 1)],
+        [3, layers, k + 1],
+    );
+    let err = model.route_replay(&wrong).unwrap_err().to_string();
+    assert!(err.contains("moe-run trace"), "{err}");
+    let twice = write_trace(
+        dir.path(),
+        "twice",
+        &vec![0; 3 * layers * k],
+        [3, layers, k],
+    );
+    let err = model.route_replay(&twice).unwrap_err().to_string();
+    assert!(err.contains("appears twice"), "{err}");
+    let err = model
+        .route_replay(&dir.path().join("absent"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("absent.experts.npy"), "{err}");
+}
+
+#[test]
+fn prompts_cut_into_batches_give_the_same_logits() {
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let conv = fx.convert(GgmlType::Q8_0);
+        let file = conv.open();
+        let model = Model::load(&file).unwrap();
+        let ids = &fx.expected.prompts[2].ids;
+        assert!(
+            ids.len() > 4,
+            "{name}: the prompt must span several batches"
+        );
+        let run = |max_batch: usize, all: bool| {
+            let mut s = Session::with_kv_type(&model, 256, KvType::F32);
+            s.set_max_batch(max_batch);
+            let mut logits = s.forward(ids, all).unwrap().to_vec();
+            assert_eq!(s.last_logits(), &logits[..]);
+            let next = argmax_logits(&logits[logits.len() - model.hp.n_vocab..]);
+            logits.extend_from_slice(s.forward(&[next], false).unwrap());
+            assert_eq!(s.position(), ids.len() + 1);
+            logits
+        };
+        for all in [true, false] {
+            let whole = run(ids.len(), all);
+            for max_batch in [1, 3, ids.len() - 1] {
+                assert!(
+                    run(max_batch, all) == whole,
+                    "{name}: batches of {max_batch} (all logits: {all}) differ from one batch"
+                );
+            }
+        }
+    }
+}

@@ -131,10 +131,7 @@ pub fn calibrate_model(
     let kl_ids = &ids[..opts.kl_tokens.min(ids.len())];
     if !kl_ids.is_empty() {
         let base = all_log_probs(&mut session, kl_ids, window, hp.n_vocab)?;
-        let moe_layers: Vec<usize> = (0..n_layer)
-            .filter(|&l| matches!(model.layers[l].ffn, moe_runtime::model::Ffn::Moe(_)))
-            .collect();
-        for &l in &moe_layers {
+        for l in model.moe_layers() {
             for e in 0..n_expert {
                 let mut mask = vec![false; n_layer * n_expert];
                 mask[l * n_expert + e] = true;

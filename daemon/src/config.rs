@@ -134,6 +134,12 @@ impl Config {
         if self.threads == Some(0) {
             bail!("--threads must be at least 1");
         }
+        if self.streaming.route_replay.is_some() {
+            bail!(
+                "--route-replay is for benchmarks (moe-run bench): its answers would not be the \
+                 model's, so moed does not serve them"
+            );
+        }
         Ok(())
     }
 
@@ -218,5 +224,12 @@ mod tests {
         // A bad size is refused when the flags are parsed.
         let err = Config::try_parse_from(["moed", "-m", "x.gguf", "--mem-budget", "lots"]);
         assert!(err.unwrap_err().to_string().contains("not a size"));
+    }
+
+    #[test]
+    fn replayed_routing_is_not_served() {
+        let cfg = Config::try_parse_from(["moed", "-m", "x.gguf", "--route-replay", "t"]).unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("benchmarks"), "{err}");
     }
 }

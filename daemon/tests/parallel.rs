@@ -250,7 +250,7 @@ fn the_memory_budget_counts_every_slot() {
         "--target-profile",
         "none",
         "--mem-budget",
-        "52M",
+        "22M",
         "--no-warmup",
     ];
     let one = Daemon::start(&[&budget[..], &["--parallel", "1"]].concat());

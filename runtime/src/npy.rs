@@ -74,9 +74,8 @@ fn write_raw<const N: usize>(
     w.write_all(&buf)
 }
 
-/// Reads a 2-D little-endian float32 C-order `.npy` array: `(data, rows, cols)`.
-pub fn read_f32_2d(mut r: impl Read) -> io::Result<(Vec<f32>, usize, usize)> {
-    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+/// Reads a version 1 `.npy` header of a C-order array of `descr` (e.g. `<f4`): its shape.
+fn read_header(r: &mut impl Read, descr: &str) -> io::Result<Vec<usize>> {
     let mut magic = [0u8; 10];
     r.read_exact(&mut magic)?;
     if &magic[..6] != b"\x93NUMPY" || magic[6] != 1 {
@@ -86,37 +85,71 @@ pub fn read_f32_2d(mut r: impl Read) -> io::Result<(Vec<f32>, usize, usize)> {
     let mut header = vec![0u8; hlen];
     r.read_exact(&mut header)?;
     let header = String::from_utf8(header).map_err(|_| bad("header is not UTF-8"))?;
-    if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
-        return Err(bad(
-            "only little-endian float32 C-order arrays are supported",
-        ));
+    if !header.contains(&format!("'descr': '{descr}'"))
+        || !header.contains("'fortran_order': False")
+    {
+        return Err(bad(&format!(
+            "only C-order arrays of type {descr} are supported here"
+        )));
     }
     let shape = header
         .split("'shape': (")
         .nth(1)
         .and_then(|s| s.split(')').next())
         .ok_or_else(|| bad("no shape"))?;
-    let dims: Vec<usize> = shape
+    shape
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().map_err(|_| bad("bad shape")))
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
+
+fn bad(m: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, m.to_string())
+}
+
+/// The array's little-endian 4-byte values after the header, as many as the shape says.
+fn read_words(mut r: impl Read, dims: &[usize]) -> io::Result<Vec<[u8; 4]>> {
+    let len = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .and_then(|n| n.checked_mul(4))
+        .ok_or_else(|| bad("shape too large"))?;
+    let mut bytes = Vec::new();
+    r.read_to_end(&mut bytes)?;
+    if bytes.len() != len {
+        return Err(bad("data size does not match the shape"));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| [b[0], b[1], b[2], b[3]])
+        .collect())
+}
+
+/// Reads a 2-D little-endian float32 C-order `.npy` array: `(data, rows, cols)`.
+pub fn read_f32_2d(mut r: impl Read) -> io::Result<(Vec<f32>, usize, usize)> {
+    let dims = read_header(&mut r, "<f4")?;
     let (rows, cols) = match dims[..] {
         [r, c] => (r, c),
         [c] => (1, c),
         _ => return Err(bad("expected a 1-D or 2-D array")),
     };
-    let mut bytes = Vec::new();
-    r.read_to_end(&mut bytes)?;
-    if bytes.len() != rows * cols * 4 {
-        return Err(bad("data size does not match the shape"));
-    }
-    let data = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    let data = read_words(r, &dims)?
+        .into_iter()
+        .map(f32::from_le_bytes)
         .collect();
     Ok((data, rows, cols))
+}
+
+/// Reads a little-endian int32 C-order `.npy` array of any rank: `(data, shape)`.
+pub fn read_i32(mut r: impl Read) -> io::Result<(Vec<i32>, Vec<usize>)> {
+    let dims = read_header(&mut r, "<i4")?;
+    let data = read_words(r, &dims)?
+        .into_iter()
+        .map(i32::from_le_bytes)
+        .collect();
+    Ok((data, dims))
 }
 
 #[cfg(test)]
@@ -129,6 +162,16 @@ mod tests {
         assert_eq!((buf.len() - data.len() * 4) % 64, 0);
         let (back, r, c) = super::read_f32_2d(&buf[..]).unwrap();
         assert_eq!((back, r, c), (data, 2, 3));
+    }
+
+    #[test]
+    fn int_round_trip() {
+        let mut buf = Vec::new();
+        super::write_i32(&mut buf, &[1, -2, 3, 4, 5, 6], &[1, 2, 3]).unwrap();
+        let back = super::read_i32(&buf[..]).unwrap();
+        assert_eq!(back, (vec![1, -2, 3, 4, 5, 6], vec![1, 2, 3]));
+        assert!(super::read_f32_2d(&buf[..]).is_err());
+        assert!(super::read_i32(&buf[..buf.len() - 4]).is_err());
     }
 
     #[test]

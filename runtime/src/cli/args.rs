@@ -67,6 +67,12 @@ pub struct StreamingArgs {
     /// token's router weight is below W (never the best expert; off by default)
     #[arg(long, value_parser = parse_fraction)]
     pub skip_uncached_below: Option<f32>,
+    /// Benchmarks only: each token's experts come from this routing trace (PREFIX of
+    /// PREFIX.experts.npy, from `moe-run trace` or scripts/bench/synth_routing_trace.py)
+    /// instead of the model's router, so that a random-weight file streams like a trained
+    /// model. The output is then not the model's
+    #[arg(long, value_name = "PREFIX")]
+    pub route_replay: Option<PathBuf>,
 }
 
 impl StreamingArgs {
@@ -91,6 +97,7 @@ impl StreamingArgs {
                 top_p: self.route_top_p,
                 skip_uncached_below: self.skip_uncached_below,
             },
+            route_replay: self.route_replay.clone(),
         }
     }
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::args::StreamingArgs;
 use crate::engine::{Engine, PredictorChoice, SessionOptions, StreamingOptions};
 use crate::model::{Model, Session};
+use crate::moe::cache::ExpertKey;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -98,14 +99,6 @@ struct OptimumReport {
     optimal_misses: usize,
     bytes_read: u64,
     optimal_bytes: u64,
-}
-
-fn first_moe_layer(model: &Model) -> usize {
-    model
-        .layers
-        .iter()
-        .position(|l| matches!(l.ffn, crate::model::Ffn::Moe(_)))
-        .unwrap_or(0)
 }
 
 #[derive(Serialize)]
@@ -245,13 +238,16 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
     let optimum = session.expert_cache().map(|c| {
         let trace = c.trace();
         let stats = c.stats();
+        let layout = c.layout();
+        let bytes_of = |k: ExpertKey| layout.expert_bytes(k.layer as usize, k.expert as usize);
+        let (optimal_misses, optimal_bytes) =
+            crate::moe::cache::optimal_reads(&trace, c.slots(), bytes_of);
         OptimumReport {
             requests: trace.len(),
             actual_misses: stats.demand_misses + stats.late_prefetches,
-            optimal_misses: crate::moe::cache::optimal_misses(&trace, c.slots()),
+            optimal_misses,
             bytes_read: stats.bytes_read,
-            optimal_bytes: crate::moe::cache::optimal_misses(&trace, c.slots()) as u64
-                * c.layout().max_expert_bytes(first_moe_layer(&model)) as u64,
+            optimal_bytes,
         }
     });
     let report = Report {

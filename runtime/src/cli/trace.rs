@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::engine::{Engine, SessionOptions};
-use crate::model::Ffn;
 
 #[derive(clap::Args, Debug)]
 pub struct TraceArgs {
@@ -70,13 +69,7 @@ pub fn run(args: TraceArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Result
     }
     let hp = &model.hp;
     let window = args.window.unwrap_or(hp.n_ctx_train.min(512)).max(1);
-    let moe_layers: Vec<usize> = model
-        .layers
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| matches!(l.ffn, Ffn::Moe(_)))
-        .map(|(i, _)| i)
-        .collect();
+    let moe_layers = model.moe_layers();
     if moe_layers.is_empty() {
         bail!("{} has no MoE layers to trace", args.model.display());
     }

@@ -48,6 +48,8 @@ pub enum EngineError {
     Calibration(#[from] CalibError),
     #[error(transparent)]
     Predictor(#[from] PredictorError),
+    #[error(transparent)]
+    Replay(#[from] crate::moe::replay::ReplayError),
     /// A file of a kind moe-run does not run at all (not a malformed one): what it is and what
     /// to do instead.
     #[error("{path}: {why}")]
@@ -194,14 +196,25 @@ impl Engine {
         session.set_router_prefetch(!streaming_options.no_router_prefetch);
         session.set_route_options(streaming_options.route);
         session.set_predictor(streaming_options.predictor(model, &self.path)?);
+        if let Some(prefix) = &streaming_options.route_replay {
+            session.set_route_replay(Some(model.route_replay(prefix)?));
+        }
         session.set_profiling(self.options.profiling);
         Ok(session)
     }
 
     /// The start-up line: CPU, kernels, RAM, board profile and the session's expert cache.
     pub fn startup_line(&self, session: &Session) -> String {
+        let replay = match session.route_replay() {
+            Some(r) => format!(
+                ", routing: REPLAYED from {} ({} tokens; the output is not the model's)",
+                r.path().display(),
+                r.rows()
+            ),
+            None => String::new(),
+        };
         format!(
-            "{}, {}",
+            "{}, {}{replay}",
             self.host_line,
             describe(session.expert_cache(), session.lookahead())
         )

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::EngineError;
 use crate::board::Defaults;
-use crate::model::{ExpertStreaming, Ffn, Model};
+use crate::model::{ExpertStreaming, Ffn, Model, DEFAULT_MAX_BATCH};
 use crate::moe::cache::flash::FlashProfile;
 use crate::moe::cache::{
     plan_budget, CacheConfig, Eviction, ExpertCache, ExpertKey, RUNTIME_OVERHEAD,
@@ -81,6 +81,9 @@ pub struct StreamingOptions {
     pub no_calib_prior: bool,
     /// Lossy routing options (off by default).
     pub route: RouteOptions,
+    /// Benchmarks: route by this routing trace (`PREFIX` of `PREFIX.experts.npy`) instead of
+    /// the model's router.
+    pub route_replay: Option<PathBuf>,
 }
 
 impl StreamingOptions {
@@ -118,7 +121,10 @@ impl StreamingOptions {
         let per_token = model.hp.n_expert_used;
         let slots = match size {
             CacheSize::Budget(budget) => {
-                plan_budget(model.file, &layout, per_token, kv_bytes, budget as usize)?.slots
+                // The scratch of a prompt batch is resident too (sessions run prompts in
+                // batches of at most DEFAULT_MAX_BATCH rows).
+                let resident = kv_bytes + model.batch_scratch_bytes(DEFAULT_MAX_BATCH);
+                plan_budget(model.file, &layout, per_token, resident, budget as usize)?.slots
             }
             CacheSize::Bytes(b) => (b as usize / slot_bytes).max(model.hp.n_expert_used),
             CacheSize::Share(share) => {
@@ -233,7 +239,8 @@ impl StreamingOptions {
 
 /// Whether the whole model (file, KV cache and runtime overhead) fits in `budget` bytes.
 fn fits(model: &Model, kv_bytes: usize, budget: usize) -> bool {
-    model.file.bytes().len() + kv_bytes + RUNTIME_OVERHEAD <= budget
+    let scratch = model.batch_scratch_bytes(DEFAULT_MAX_BATCH);
+    model.file.bytes().len() + kv_bytes + scratch + RUNTIME_OVERHEAD <= budget
 }
 
 /// The pre-gating router at `onnx`: natively when it is the GRU of `scripts/train/train_pregate.py`,

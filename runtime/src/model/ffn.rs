@@ -16,6 +16,7 @@ use super::weights::{Ffn, MoeBlock};
 use crate::moe::cache::{ExpertCache, ExpertGuard};
 use crate::moe::experts::{add_transposed, run_experts, Assignment, ExpertJob, ExpertScratch, Glu};
 use crate::moe::lossy::{self, LossyStats, RouteOptions};
+use crate::moe::replay::RouteReplay;
 use crate::moe::router::{route_with, Route};
 use crate::tensor::matrix::Activations;
 use crate::tensor::{matmul, Kernels, MatmulScratch};
@@ -31,14 +32,19 @@ pub enum ExpertSource<'c> {
     Streamed(&'c ExpertCache),
 }
 
-/// Changes to the model's own routing: lossy options (off by default) and an expert mask
-/// (calibration, tests), with what they did.
+/// Changes to the model's own routing: lossy options (off by default), an expert mask
+/// (calibration, tests) and a replayed routing trace (benchmarks), with what they did.
 #[derive(Default)]
 pub struct RouteControl {
     pub opts: RouteOptions,
     /// `[n_layer, n_expert]`: experts whose router logit is forced to -inf.
     pub mask: Option<Vec<bool>>,
     pub stats: LossyStats,
+    /// Experts chosen by a trace instead of the router.
+    pub replay: Option<RouteReplay>,
+    /// With a replay: the sequence position of each row of the batch the FFN runs on, set by
+    /// the forward pass.
+    pub positions: Vec<usize>,
 }
 
 /// Buffers reused across calls, grown to the largest batch seen, and the routing of the last
@@ -288,11 +294,11 @@ fn route_batch(
     }
     s.routes.clear();
     for t in 0..n {
-        let mut r = route_with(
-            &hp.routing,
-            &s.router_logits[t * n_expert..(t + 1) * n_expert],
-            moe.selection_bias.as_deref(),
-        );
+        let logits = &s.router_logits[t * n_expert..(t + 1) * n_expert];
+        let mut r = match &control.replay {
+            Some(replay) => replay.route(&hp.routing, layer, control.positions[t], logits),
+            None => route_with(&hp.routing, logits, moe.selection_bias.as_deref()),
+        };
         if !control.opts.is_off() {
             let cached = |e| match source {
                 ExpertSource::Resident => true,

@@ -32,6 +32,7 @@ use crate::moe::cache::ExpertCache;
 use crate::moe::decoupled::RouterState;
 use crate::moe::lossy::{LossyStats, RouteOptions};
 use crate::moe::predictor::ExpertPredictor;
+use crate::moe::replay::RouteReplay;
 use crate::tensor::Kernels;
 
 mod pass;
@@ -97,8 +98,16 @@ pub struct Session<'m, 'a> {
     /// Bytes of routed-expert weights the batches used (each selected expert counted once per
     /// batch), since the session started.
     expert_bytes: u64,
+    /// Rows one forward pass runs at most: longer inputs run in consecutive batches of this
+    /// many (llama.cpp's `n_ubatch`), which bounds the scratch buffers.
+    max_batch: usize,
+    /// The logits of every row of an input run in several batches (`forward(.., true)`).
+    joined_logits: Option<Vec<f32>>,
     s: Scratch,
 }
+
+/// Default of [`Session::set_max_batch`]: llama.cpp's default `n_ubatch`.
+pub const DEFAULT_MAX_BATCH: usize = 512;
 
 impl<'m, 'a> Session<'m, 'a> {
     /// A session with an f16 KV cache (llama.cpp's default).
@@ -120,6 +129,8 @@ impl<'m, 'a> Session<'m, 'a> {
             routing: RouteControl::default(),
             observers: Observers::default(),
             expert_bytes: 0,
+            max_batch: DEFAULT_MAX_BATCH,
+            joined_logits: None,
             s: Scratch::default(),
         }
     }
@@ -263,6 +274,18 @@ impl<'m, 'a> Session<'m, 'a> {
         self.routing.opts = opts;
     }
 
+    /// Routes every token to the experts a routing trace gives instead of the router's
+    /// (benchmarks of streaming on random-weight files: the output is not the model's); None
+    /// restores the model's routing.
+    pub fn set_route_replay(&mut self, replay: Option<RouteReplay>) {
+        self.routing.replay = replay;
+    }
+
+    /// The routing trace replayed, if any.
+    pub fn route_replay(&self) -> Option<&RouteReplay> {
+        self.routing.replay.as_ref()
+    }
+
     /// What the lossy routing options did so far.
     pub fn lossy_stats(&self) -> &LossyStats {
         &self.routing.stats
@@ -380,10 +403,41 @@ impl<'m, 'a> Session<'m, 'a> {
         std::mem::swap(&mut self.pos, &mut saved.pos);
     }
 
-    /// Runs `tokens` at the next positions. Returns the logits of every token (`[n, n_vocab]`)
-    /// when `all_logits`, else of the last token only.
+    /// Rows one forward pass runs at most (at least 1): a longer input runs as consecutive
+    /// batches, each row computed as in one batch (the products are row by row), so only the
+    /// scratch memory and the weight reuse change.
+    pub fn set_max_batch(&mut self, rows: usize) {
+        self.max_batch = rows.max(1);
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Runs `tokens` at the next positions, in batches of at most [`max_batch`](Self::max_batch)
+    /// rows. Returns the logits of every token (`[n, n_vocab]`) when `all_logits`, else of the
+    /// last token only. If a later batch fails, the earlier ones stay in the sequence.
     pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<&[f32], ModelError> {
         self.check_input(&self.state, self.pos, tokens)?;
+        self.joined_logits = None;
+        if tokens.len() <= self.max_batch {
+            return self.forward_one(tokens, all_logits);
+        }
+        let mut joined = Vec::new();
+        for batch in tokens.chunks(self.max_batch) {
+            let logits = self.forward_one(batch, all_logits)?;
+            if all_logits {
+                joined.extend_from_slice(logits);
+            }
+        }
+        if all_logits {
+            self.joined_logits = Some(joined);
+        }
+        Ok(self.last_logits())
+    }
+
+    /// One batch of `forward`.
+    fn forward_one(&mut self, tokens: &[u32], all_logits: bool) -> Result<&[f32], ModelError> {
         // The session's own sequence is lent to the batch (an empty placeholder meanwhile).
         let mut state = std::mem::take(&mut self.state);
         let mut parts = [Part {
@@ -406,7 +460,10 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// The logits the last forward pass returned.
     pub fn last_logits(&self) -> &[f32] {
-        self.s.logits()
+        match &self.joined_logits {
+            Some(all) => all,
+            None => self.s.logits(),
+        }
     }
 
     /// Runs several sequences together: each `(sequence, tokens)` evaluates its tokens at its
@@ -452,6 +509,7 @@ impl<'m, 'a> Session<'m, 'a> {
                 pos: seq.pos,
             })
             .collect();
+        self.joined_logits = None;
         let ran = self.run_batch(&mut parts, Wanted::LastOfEach);
         drop(parts);
         ran?;

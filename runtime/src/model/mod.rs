@@ -28,7 +28,9 @@ mod weights;
 pub use arch::{Arch, ArchTraits, AttentionKind, QkNorm, RecurrentMixer, RopeStyle, RouterInput};
 pub use error::ModelError;
 pub use foresight::PredictionStats;
-pub use forward::{ExpertStreaming, SavedSequence, Session, MAX_BATCH_SEQUENCES};
+pub use forward::{
+    ExpertStreaming, SavedSequence, Session, DEFAULT_MAX_BATCH, MAX_BATCH_SEQUENCES,
+};
 pub use hparams::{GdnParams, HParams, Mamba2Params, MlaParams, Yarn};
 pub use observe::{InputSum, InputSums, LayerRouting, NamedInputSum, MIN_DENSE_ROWS};
 pub use state::{

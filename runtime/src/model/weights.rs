@@ -4,6 +4,7 @@
 use crate::gguf::GgufFile;
 use crate::moe::cache::{ExpertLayout, SlabSpec};
 pub use crate::moe::experts::Mlp;
+use crate::moe::replay::{ReplayError, RouteReplay};
 use crate::tensor::QMatrix;
 
 use super::arch::QkNorm;
@@ -255,6 +256,41 @@ pub struct Model<'a> {
 }
 
 impl Model<'_> {
+    /// The indices of the layers whose feed-forward is routed experts.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        let moe = |(i, l): (usize, &Layer)| matches!(l.ffn, Ffn::Moe(_)).then_some(i);
+        self.layers.iter().enumerate().filter_map(moe).collect()
+    }
+
+    /// An upper bound of the scratch buffers a forward pass of `rows` rows grows to, from the
+    /// buffers it holds per row: the residual stream and its copies (x, normalised input,
+    /// sublayer output, the FFN's prepared input and transposed output: about 8 x n_embd),
+    /// attention's queries, keys, values and attended values, the router logits, and per routed
+    /// copy of a row (top-k per row) its gathered input and gate/up hidden rows.
+    pub fn batch_scratch_bytes(&self, rows: usize) -> usize {
+        let hp = &self.hp;
+        let ff = self
+            .layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                Ffn::Moe(m) => Some(m.experts.gate.rows),
+                Ffn::Dense(_) => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let attention = 2 * (hp.n_head + hp.n_head_kv) * hp.head_dim_k.max(hp.head_dim_v);
+        let per_row =
+            8 * hp.n_embd + attention + hp.n_expert + hp.n_expert_used * (hp.n_embd + 2 * ff);
+        rows * per_row * std::mem::size_of::<f32>()
+    }
+
+    /// A routing trace to replay on this model (see [`RouteReplay`]).
+    pub fn route_replay(&self, prefix: &std::path::Path) -> Result<RouteReplay, ReplayError> {
+        let hp = &self.hp;
+        let layers = self.moe_layers();
+        RouteReplay::open(prefix, hp.n_layer, &layers, hp.n_expert, hp.n_expert_used)
+    }
+
     /// Where every routed expert's slabs are in the file: what the expert cache reads.
     pub fn expert_layout(&self) -> ExpertLayout {
         let spec = |s: &StackedExperts, e: usize| SlabSpec {

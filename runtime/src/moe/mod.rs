@@ -8,4 +8,5 @@ pub mod experts;
 pub mod gru;
 pub mod lossy;
 pub mod predictor;
+pub mod replay;
 pub mod router;

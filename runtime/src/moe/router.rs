@@ -139,16 +139,7 @@ pub fn route_with(spec: &RoutingSpec, logits: &[f32], bias: Option<&[f32]>) -> R
         n <= MAX_EXPERTS,
         "{n} experts: at most {MAX_EXPERTS} are supported"
     );
-    let mut scores: heapless::Vec<f32, MAX_EXPERTS> = heapless::Vec::new();
-    match spec.gating {
-        Gating::Softmax => {
-            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
-            scores.extend(logits.iter().map(|&v| (v - max).exp() / sum));
-        }
-        Gating::Sigmoid => scores.extend(logits.iter().map(|&v| 1.0 / (1.0 + (-v).exp()))),
-        Gating::SoftmaxWeight => scores.extend(logits.iter().copied()),
-    }
+    let scores = scores_of(spec, logits);
     let mut choice: heapless::Vec<f32, MAX_EXPERTS> = match bias {
         Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
         None => scores.clone(),
@@ -192,10 +183,50 @@ fn route_scores(spec: &RoutingSpec, logits: &[f32], scores: &[f32], choice: &mut
             }
         }
     }
+    let chosen = top_indices(choice, spec.k);
+    weigh(spec, scores, chosen.iter().map(|&e| e as u32))
+}
+
+/// The gating function's score of every expert (the selection may add a bias to them).
+fn scores_of(spec: &RoutingSpec, logits: &[f32]) -> heapless::Vec<f32, MAX_EXPERTS> {
+    let mut scores: heapless::Vec<f32, MAX_EXPERTS> = heapless::Vec::new();
+    match spec.gating {
+        Gating::Softmax => {
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+            scores.extend(logits.iter().map(|&v| (v - max).exp() / sum));
+        }
+        Gating::Sigmoid => scores.extend(logits.iter().map(|&v| 1.0 / (1.0 + (-v).exp()))),
+        Gating::SoftmaxWeight => scores.extend(logits.iter().copied()),
+    }
+    scores
+}
+
+/// A route to experts chosen elsewhere (a replayed routing trace), weighted as the model's own
+/// routing would weigh them: the gating scores of these experts, renormalised and scaled as
+/// `spec` says. For the experts the router itself chose, in its order, this is its route.
+pub fn route_forced(spec: &RoutingSpec, logits: &[f32], experts: &[u32]) -> Route {
+    let n = logits.len();
+    assert!(experts.len() <= MAX_EXPERTS_USED && experts.iter().all(|&e| (e as usize) < n));
+    assert!(
+        n <= MAX_EXPERTS,
+        "{n} experts: at most {MAX_EXPERTS} are supported"
+    );
+    weigh(spec, scores_of(spec, logits), experts.iter().copied())
+}
+
+/// The route to `chosen` (best first) with the gating scores as weights, then the gating's
+/// own normalisation and scale.
+fn weigh(
+    spec: &RoutingSpec,
+    scores: impl AsRef<[f32]>,
+    chosen: impl Iterator<Item = u32>,
+) -> Route {
+    let scores = scores.as_ref();
     let mut r = Route::default();
-    for e in top_indices(choice, spec.k) {
-        let _ = r.experts.push(e as u32);
-        let _ = r.weights.push(scores[e]);
+    for e in chosen {
+        let _ = r.experts.push(e);
+        let _ = r.weights.push(scores[e as usize]);
     }
     if spec.gating == Gating::SoftmaxWeight {
         // transformers' GptOssTopKRouter: softmax over the selected logits.

@@ -143,6 +143,11 @@ impl Pass<'_, '_, '_> {
         // Rows of the residual stream still computed: all n until the last layer's mixer, then
         // only those whose logits are wanted, moved to the front (`keep_wanted_rows`).
         let mut rows = n;
+        if self.routing.replay.is_some() {
+            let positions = parts.iter().flat_map(|p| p.pos..p.pos + p.tokens.len());
+            self.routing.positions.clear();
+            self.routing.positions.extend(positions);
+        }
         let last_layer = model.layers.len() - 1;
 
         for (li, layer) in model.layers.iter().enumerate() {
@@ -243,6 +248,11 @@ impl Pass<'_, '_, '_> {
             {
                 keep_wanted_rows(parts, &mut s.x, &mut s.out, d);
                 rows = parts.len();
+                if self.routing.replay.is_some() {
+                    let last = parts.iter().map(|p| p.pos + p.tokens.len() - 1);
+                    self.routing.positions.clear();
+                    self.routing.positions.extend(last);
+                }
             }
             let (x, out) = (&mut s.x[..rows * d], &mut s.out[..rows * d]);
             if let Some(w) = &layer.mixer_post_norm {

@@ -13,29 +13,31 @@ pub struct BudgetPlan {
     pub overhead_bytes: usize,
 }
 
-/// Fixed overhead reserved from a budget for code, thread stacks and scratch buffers.
-pub const RUNTIME_OVERHEAD: usize = 48 << 20;
+/// Fixed overhead reserved from a budget for code, thread stacks, the allocator and small
+/// buffers: twice what the whole process takes on the bundled model (docs/STREAMING.md). The
+/// forward pass's batch scratch grows with the model and is budgeted with the KV cache.
+pub const RUNTIME_OVERHEAD: usize = 16 << 20;
 
-/// Splits `budget` bytes: the non-expert tensors of `file` and the KV cache (`kv_bytes`) stay
-/// resident, the rest becomes expert slots for `layout`; at least `experts_per_token` slots must
-/// fit.
+/// Splits `budget` bytes: the non-expert tensors of `file`, and `state_bytes` (the KV cache and
+/// the forward pass's batch scratch) stay resident, the rest becomes expert slots for `layout`;
+/// at least `experts_per_token` slots must fit.
 pub fn plan_budget(
     file: &GgufFile,
     layout: &ExpertLayout,
     experts_per_token: usize,
-    kv_bytes: usize,
+    state_bytes: usize,
     budget: usize,
 ) -> Result<BudgetPlan, CacheError> {
     let slot_bytes = layout.slot_bytes();
     let file_tensors = file.header().tensor_data_bytes();
-    let resident = file_tensors.saturating_sub(layout.total_expert_bytes()) + kv_bytes;
+    let resident = file_tensors.saturating_sub(layout.total_expert_bytes()) + state_bytes;
     let one_token = experts_per_token * slot_bytes;
     let need_min = resident + RUNTIME_OVERHEAD + one_token;
     if budget < need_min {
         return Err(CacheError::Budget(format!(
-            "a memory budget of {} MiB is too small: the resident part (non-expert weights and \
-             KV cache) takes {} MiB, the runtime {} MiB, and one token's experts {} MiB; give at \
-             least {} MiB",
+            "a memory budget of {} MiB is too small: the resident part (non-expert weights, \
+             KV cache and prompt-batch scratch) takes {} MiB, the runtime {} MiB, and one \
+             token's experts {} MiB; give at least {} MiB",
             budget >> 20,
             resident >> 20,
             RUNTIME_OVERHEAD >> 20,
