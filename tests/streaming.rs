@@ -444,6 +444,32 @@ fn replayed_routing_is_the_routers_own_for_its_trace_and_the_traces_otherwise() 
             "{name}: replaying its own trace changed the logits"
         );
 
+        // After a reset the next sequence continues the trace where the last one ended, so a
+        // benchmark's measured run does not replay its warm-up's tokens.
+        let m = n / 2;
+        let mut s = Session::with_kv_type(&model, 256, KvType::F32);
+        s.set_route_replay(Some(model.route_replay(&prefix).unwrap()));
+        s.forward(&ids[..m], true).unwrap();
+        s.reset();
+        s.set_route_tracing(true);
+        s.forward(&ids[..n - m], true).unwrap();
+        let cols = model.moe_layers();
+        let second = s.take_route_trace();
+        assert!(!second.is_empty(), "{name}: no routing traced");
+        for rec in second {
+            let c = cols.iter().position(|&l| l == rec.layer).unwrap();
+            for (t, r) in rec.routes.iter().enumerate() {
+                let at = ((m + rec.first_pos + t) * layers + c) * k;
+                let want: Vec<u32> = own[at..at + k].iter().map(|&e| e as u32).collect();
+                assert_eq!(
+                    &r.experts[..],
+                    &want[..],
+                    "{name} second sequence, layer {} token {t}",
+                    rec.layer
+                );
+            }
+        }
+
         // Another trace (positions shifted by one) routes every token to the trace's experts.
         let shifted: Vec<i32> = (0..n)
             .flat_map(|t| own[((t + 1) % n) * layers * k..][..layers * k].to_vec())

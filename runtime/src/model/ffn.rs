@@ -42,9 +42,14 @@ pub struct RouteControl {
     pub stats: LossyStats,
     /// Experts chosen by a trace instead of the router.
     pub replay: Option<RouteReplay>,
-    /// With a replay: the sequence position of each row of the batch the FFN runs on, set by
-    /// the forward pass.
+    /// With a replay: the trace row of each row of the batch the FFN runs on (the sequence
+    /// position plus `replay_origin`), set by the forward pass.
     pub positions: Vec<usize>,
+    /// The trace row of a sequence's position 0: it advances by each sequence's length when the
+    /// session is reset, so that a benchmark's warm-up and measured runs replay consecutive
+    /// stretches of the trace instead of the same tokens twice (which a cache would serve from
+    /// what the warm-up left behind).
+    pub replay_origin: usize,
 }
 
 /// Buffers reused across calls, grown to the largest batch seen, and the routing of the last

@@ -279,6 +279,7 @@ impl<'m, 'a> Session<'m, 'a> {
     /// restores the model's routing.
     pub fn set_route_replay(&mut self, replay: Option<RouteReplay>) {
         self.routing.replay = replay;
+        self.routing.replay_origin = 0;
     }
 
     /// The routing trace replayed, if any.
@@ -323,6 +324,7 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// Forgets the sequence (the cache is kept allocated).
     pub fn reset(&mut self) {
+        self.routing.replay_origin += self.pos;
         self.state.rewind(self.pos, 0);
         self.pos = 0;
     }

@@ -6,7 +6,9 @@
 //!
 //! A trace is `moe-run trace`'s `PREFIX.experts.npy` (int32 `[n, L, k]`: per token, each MoE
 //! layer's experts, best first), recorded from a model or written by
-//! `scripts/bench/synth_routing_trace.py`. Position `p` of a sequence uses row `p mod n`; the
+//! `scripts/bench/synth_routing_trace.py`. Position `p` of a session's first sequence uses row
+//! `p mod n`; each later sequence (after `Session::reset`) continues where the one before ended,
+//! so repeated runs replay new tokens rather than the ones the cache has just seen. The
 //! weights are the model's gating scores of the replayed experts (normalised as the model
 //! normalises its own), so a trace recorded from the same model replays its own routing exactly.
 

@@ -144,7 +144,10 @@ impl Pass<'_, '_, '_> {
         // only those whose logits are wanted, moved to the front (`keep_wanted_rows`).
         let mut rows = n;
         if self.routing.replay.is_some() {
-            let positions = parts.iter().flat_map(|p| p.pos..p.pos + p.tokens.len());
+            let origin = self.routing.replay_origin;
+            let positions = parts
+                .iter()
+                .flat_map(|p| origin + p.pos..origin + p.pos + p.tokens.len());
             self.routing.positions.clear();
             self.routing.positions.extend(positions);
         }
@@ -249,7 +252,8 @@ impl Pass<'_, '_, '_> {
                 keep_wanted_rows(parts, &mut s.x, &mut s.out, d);
                 rows = parts.len();
                 if self.routing.replay.is_some() {
-                    let last = parts.iter().map(|p| p.pos + p.tokens.len() - 1);
+                    let origin = self.routing.replay_origin;
+                    let last = parts.iter().map(|p| origin + p.pos + p.tokens.len() - 1);
                     self.routing.positions.clear();
                     self.routing.positions.extend(last);
                 }
