@@ -454,3 +454,35 @@ fn eval_scores_like_llama_perplexity() {
         assert!((got / want - 1.0).abs() < 1e-5, "{name}: {got} vs {want}");
     }
 }
+
+/// `bench --gen-tokens random` decodes llama-bench's kind of input (a pseudo-random id at every
+/// step) and reports the measured repetitions like the default.
+#[test]
+fn bench_can_feed_random_tokens_like_llama_bench() {
+    let fx = Fixture::load("qwen3_moe");
+    let conv = fx.convert(GgmlType::Q8_0);
+    let model = conv.path.to_str().unwrap();
+    let (out, _) = run(&[
+        "bench",
+        "-m",
+        model,
+        "-p",
+        "0",
+        "-n",
+        "3",
+        "-r",
+        "2",
+        "-t",
+        "1",
+        "--json",
+        "--gen-tokens",
+        "random",
+    ])
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tg = &report["tests"][0];
+    assert_eq!(tg["test"], "tg", "{out}");
+    assert_eq!(tg["samples"].as_array().unwrap().len(), 2, "{out}");
+    let err = run(&["bench", "-m", model, "--gen-tokens", "sampled"]).unwrap_err();
+    assert!(err.contains("greedy") && err.contains("random"), "{err}");
+}

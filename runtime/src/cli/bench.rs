@@ -45,12 +45,25 @@ pub struct BenchArgs {
     /// pseudo-random tokens: routing, and so caching and prediction, follow real text
     #[arg(long)]
     text: Option<PathBuf>,
+    /// What the generation test feeds back without --text: `greedy`, the model's own choice
+    /// (as generation does), or `random`, a pseudo-random token at every step, as llama-bench
+    /// does. A random-weight model's greedy output soon repeats one token, whose routing then
+    /// repeats too and stays cached: compare streaming with llama-bench on such a file with
+    /// `random`
+    #[arg(long, value_enum, default_value = "greedy")]
+    gen_tokens: GenTokens,
     #[command(flatten)]
     streaming: StreamingArgs,
     /// Board profile for the defaults of threads and expert streaming (see moe-run --help);
     /// off by default so that measurements use only the flags given
     #[arg(long, default_value = "none")]
     target_profile: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum GenTokens {
+    Greedy,
+    Random,
 }
 
 #[derive(Serialize)]
@@ -217,6 +230,16 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
                     }
                     return Ok(());
                 }
+                if args.gen_tokens == GenTokens::Random {
+                    // A new stretch of pseudo-random ids per repetition (llama-bench draws
+                    // std::rand() at every step).
+                    let r = rep_counter.get();
+                    rep_counter.set(r + 1);
+                    for t in random_gen_tokens(r, args.n_gen, vocab) {
+                        s.forward(&[t], false)?;
+                    }
+                    return Ok(());
+                }
                 // Each repetition starts from another token and then feeds back the model's own
                 // greedy choice, as generation does (so routing, and caching, follow real text
                 // rather than repeating one fixed sequence).
@@ -369,6 +392,15 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
     Ok(())
 }
 
+/// The ids repetition `rep` of `--gen-tokens random` feeds: `n` pseudo-random ids below
+/// `vocab`, a new stretch for every repetition, the same on every run.
+fn random_gen_tokens(rep: usize, n: usize, vocab: u32) -> impl Iterator<Item = u32> {
+    (rep * n..(rep + 1) * n).map(move |i| {
+        let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
+        (h % u64::from(vocab.max(1))) as u32
+    })
+}
+
 fn measure(
     name: &str,
     n: usize,
@@ -466,4 +498,22 @@ fn current_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random_gen_tokens;
+
+    #[test]
+    fn random_generation_tokens_differ_per_repetition_and_not_per_run() {
+        let vocab = 151_936;
+        let a: Vec<u32> = random_gen_tokens(0, 64, vocab).collect();
+        let b: Vec<u32> = random_gen_tokens(1, 64, vocab).collect();
+        assert_eq!(a.len(), 64);
+        assert!(a.iter().chain(&b).all(|&t| t < vocab));
+        assert_eq!(a, random_gen_tokens(0, 64, vocab).collect::<Vec<_>>());
+        let distinct: std::collections::HashSet<u32> = a.iter().chain(&b).copied().collect();
+        assert!(distinct.len() > 120, "{} distinct of 128", distinct.len());
+        assert!(random_gen_tokens(3, 8, 1).all(|t| t == 0));
+    }
 }
