@@ -412,6 +412,31 @@ fn write_trace(
     prefix
 }
 
+/// Every traced route uses the experts of `trace` (int32 `[rows, MoE layers, k]`) at row
+/// `first_row + position`.
+fn assert_routes_follow(
+    model: &Model,
+    traced: Vec<moe_runtime::model::LayerRouting>,
+    trace: &[i32],
+    first_row: usize,
+    what: &str,
+) {
+    let (cols, k) = (model.moe_layers(), model.hp.n_expert_used);
+    for rec in traced {
+        let c = cols.iter().position(|&l| l == rec.layer).unwrap();
+        for (t, r) in rec.routes.iter().enumerate() {
+            let at = ((first_row + rec.first_pos + t) * cols.len() + c) * k;
+            let want: Vec<u32> = trace[at..at + k].iter().map(|&e| e as u32).collect();
+            assert_eq!(
+                &r.experts[..],
+                &want[..],
+                "{what} layer {} token {t}",
+                rec.layer
+            );
+        }
+    }
+}
+
 #[test]
 fn replayed_routing_is_the_routers_own_for_its_trace_and_the_traces_otherwise() {
     let dir = tempfile::tempdir().unwrap();
@@ -453,22 +478,9 @@ fn replayed_routing_is_the_routers_own_for_its_trace_and_the_traces_otherwise() 
         s.reset();
         s.set_route_tracing(true);
         s.forward(&ids[..n - m], true).unwrap();
-        let cols = model.moe_layers();
         let second = s.take_route_trace();
         assert!(!second.is_empty(), "{name}: no routing traced");
-        for rec in second {
-            let c = cols.iter().position(|&l| l == rec.layer).unwrap();
-            for (t, r) in rec.routes.iter().enumerate() {
-                let at = ((m + rec.first_pos + t) * layers + c) * k;
-                let want: Vec<u32> = own[at..at + k].iter().map(|&e| e as u32).collect();
-                assert_eq!(
-                    &r.experts[..],
-                    &want[..],
-                    "{name} second sequence, layer {} token {t}",
-                    rec.layer
-                );
-            }
-        }
+        assert_routes_follow(&model, second, &own, m, &format!("{name} second sequence"));
 
         // Another trace (positions shifted by one) routes every token to the trace's experts.
         let shifted: Vec<i32> = (0..n)
@@ -485,20 +497,7 @@ fn replayed_routing_is_the_routers_own_for_its_trace_and_the_traces_otherwise() 
             changed != resident,
             "{name}: a different trace left the logits unchanged"
         );
-        let cols = model.moe_layers();
-        for rec in routed {
-            let c = cols.iter().position(|&l| l == rec.layer).unwrap();
-            for (t, r) in rec.routes.iter().enumerate() {
-                let at = ((rec.first_pos + t) * layers + c) * k;
-                let want: Vec<u32> = shifted[at..at + k].iter().map(|&e| e as u32).collect();
-                assert_eq!(
-                    &r.experts[..],
-                    &want[..],
-                    "{name} layer {} token {t}",
-                    rec.layer
-                );
-            }
-        }
+        assert_routes_follow(&model, routed, &shifted, 0, name);
         // ... and a streamed run of that replay equals the resident one.
         let c = expert_cache(&model, &conv.path, cache_config(k + 1, Eviction::Belady));
         let (streamed, _) = prompt_logits(Some(&other), Some(c));

@@ -196,8 +196,8 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
     };
     let vocab = model.hp.n_vocab as u32;
     // Deterministic pseudo-random token ids, like llama-bench's random prompt.
-    let tokens: Vec<u32> = (0..args.n_prompt.max(args.n_gen) as u64)
-        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % vocab as u64) as u32)
+    let tokens: Vec<u32> = (0..args.n_prompt.max(args.n_gen))
+        .map(|i| pseudo_random_token(i, vocab))
         .collect();
 
     if let Some(c) = session.expert_cache() {
@@ -395,10 +395,12 @@ pub fn run(args: BenchArgs, out: &mut dyn Write, _err: &mut dyn Write) -> Result
 /// The ids repetition `rep` of `--gen-tokens random` feeds: `n` pseudo-random ids below
 /// `vocab`, a new stretch for every repetition, the same on every run.
 fn random_gen_tokens(rep: usize, n: usize, vocab: u32) -> impl Iterator<Item = u32> {
-    (rep * n..(rep + 1) * n).map(move |i| {
-        let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
-        (h % u64::from(vocab.max(1))) as u32
-    })
+    (rep * n..(rep + 1) * n).map(move |i| pseudo_random_token(i, vocab))
+}
+
+/// The `i`-th of bench's deterministic pseudo-random token ids below `vocab`.
+fn pseudo_random_token(i: usize, vocab: u32) -> u32 {
+    (((i as u64).wrapping_mul(2_654_435_761) >> 7) % u64::from(vocab.max(1))) as u32
 }
 
 fn measure(
