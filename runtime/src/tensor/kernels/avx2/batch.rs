@@ -1,15 +1,16 @@
-//! Matrix products on AVX2 with the activations prepared once (a batch's, or decoding's token):
-//! each token's Q8_0 blocks are rearranged into block pairs (values 0..16 of blocks b and b + 1,
-//! values 16..32 of each, their scales converted, and what the weight format needs besides) in a
-//! per-thread buffer, and the tiles read them as memory operands. In `block32`'s tiles every
-//! tile prepares its tokens again, for every 4 rows, and keeps them in registers, which leaves
-//! too few for the accumulators (4 x 2 tiles spilled).
+//! Matrix products on AVX2 (and AVX-512 VNNI) with the activations prepared once (a batch's, or
+//! decoding's token): each token's Q8_0 blocks are rearranged into block pairs (values 0..16 of
+//! blocks b and b + 1, values 16..32 of each, their scales converted, and what the weight format
+//! needs besides) in a per-thread buffer, and the tiles read them as memory operands. Tiles that
+//! prepared their tokens again for every 4 rows and kept them in registers left too few for the
+//! accumulators, and paid the preparation once per row when decoding.
 //!
 //! A tile is 4 weight rows (then single rows) by up to `P::TILE_TOKENS` tokens; within it each
 //! weight block pair is loaded and unpacked once for all its tokens. A single token (decode)
-//! takes the same path one row at a time: its activations are then prepared once for all rows
-//! instead of once per row. The lane sums and float
-//! steps are each format's dot kernel's, so every output equals the table's dot bit for bit.
+//! goes one row at a time, each row streamed from start to end as ggml's dot products do: four
+//! interleaved row streams cost more time per decoded token, on AVX2 and more so with VNNI on an
+//! AMD EPYC (docs/BENCHMARKS.md). The lane sums and float steps are each format's dot kernel's,
+//! so every output equals the table's dot bit for bit.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -32,8 +33,8 @@ pub(super) struct Prepared {
 pub(super) trait Product {
     /// Bytes of one weight block.
     const W_BYTES: usize;
-    /// Tokens per tile: as many as leave the 16 registers to the 4 x T accumulators, one row
-    /// block pair and the temporaries.
+    /// Tokens per tile: as many as leave the registers (16 with AVX2, 32 with AVX-512VL) to the
+    /// 4 x T accumulators, one row block pair and the temporaries.
     const TILE_TOKENS: usize;
     /// A weight block pair, unpacked once per tile.
     type Row: Copy;
@@ -60,11 +61,45 @@ pub(super) fn gemm<P: Product>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &
     PREPARED.with(|buf| {
         // SAFETY: reachable only from tables `tables()` hands out after checking AVX2, FMA and
         // F16C; the caller checked the shapes.
-        unsafe { gemm_impl::<P>(w, rows, x, n, out, &mut buf.borrow_mut()) }
+        unsafe { gemm_avx2::<P>(w, rows, x, n, out, &mut buf.borrow_mut()) }
+    })
+}
+
+/// [`gemm`] for products that use AVX-512 VNNI (`vpdpbusd` on 256-bit registers): the same
+/// loops compiled with those features, so that the product's steps inline.
+pub(super) fn gemm_vnni<P: Product>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
+    PREPARED.with(|buf| {
+        // SAFETY: reachable only from the VNNI table, which `tables()` hands out after checking
+        // AVX-512 VNNI and VL besides AVX2; the caller checked the shapes.
+        unsafe { gemm_avx512vnni::<P>(w, rows, x, n, out, &mut buf.borrow_mut()) }
     })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_avx2<P: Product>(
+    w: &[u8],
+    rows: usize,
+    x: &[u8],
+    n: usize,
+    out: &mut [f32],
+    buf: &mut Vec<Prepared>,
+) {
+    gemm_impl::<P>(w, rows, x, n, out, buf)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn gemm_avx512vnni<P: Product>(
+    w: &[u8],
+    rows: usize,
+    x: &[u8],
+    n: usize,
+    out: &mut [f32],
+    buf: &mut Vec<Prepared>,
+) {
+    gemm_impl::<P>(w, rows, x, n, out, buf)
+}
+
+#[inline(always)]
 unsafe fn gemm_impl<P: Product>(
     w: &[u8],
     rows: usize,
@@ -102,14 +137,15 @@ unsafe fn gemm_impl<P: Product>(
             let mut r = 0;
             while r < rows {
                 // A single token (decoding) goes one row at a time, each row streamed from
-                // start to end: on AVX2 four interleaved row streams cost more CPU time per
-                // decoded token (docs/KERNELS.md).
+                // start to end (see the module's note).
                 let tall = rows - r >= 4 && n > 1;
                 let (wr, o) = (pw.add(r * wb), po.add(r * n + t0 + t));
                 match (tall, wide) {
+                    (true, 4) => tile::<P, 4, 4>(wr, wb, a, o, n),
                     (true, 3) => tile::<P, 4, 3>(wr, wb, a, o, n),
                     (true, 2) => tile::<P, 4, 2>(wr, wb, a, o, n),
                     (true, _) => tile::<P, 4, 1>(wr, wb, a, o, n),
+                    (false, 4) => tile::<P, 1, 4>(wr, wb, a, o, n),
                     (false, 3) => tile::<P, 1, 3>(wr, wb, a, o, n),
                     (false, 2) => tile::<P, 1, 2>(wr, wb, a, o, n),
                     (false, _) => tile::<P, 1, 1>(wr, wb, a, o, n),

@@ -1,16 +1,15 @@
 //! AVX2 (and AVX-512 VNNI) products of the 32-value block formats against Q8_0 activations:
 //! Q8_0, Q4_0, IQ4_NL, MXFP4.
 //!
-//! The products are tiles of up to 4 weight rows x 4 tokens: each weight block is loaded and
-//! prepared once for all tokens of the tile, each activation block once for all rows, and the
-//! 16 independent accumulators hide the FMA latency that bounds a one-pair loop. Both tables
-//! compute every block product as eight exact i32 lane sums (bytes 4i..4i+3) and then the same
-//! float steps, so they agree bit for bit with each other and with their own dot kernels.
+//! Each format says how it prepares a weight block pair and an activation block pair and how it
+//! multiplies them ([`BlockProduct`]); `batch` runs the tiles (activations prepared once per
+//! token, then weight rows x tokens). Both tables compute every block product as eight exact i32
+//! lane sums (bytes 4i..4i+3) and then the same float steps, so they agree bit for bit with each
+//! other and with their own dot kernels.
 
 use std::arch::x86_64::*;
 
 use super::batch::{self, Prepared};
-use super::{hsum, PREFETCH_BYTES};
 use crate::tensor::blocks::block32::{
     e8m0_half, IQ4_NL_BYTES, IQ4_NL_LEVELS, MXFP4_BYTES, MXFP4_LEVELS, Q4_0_BYTES, Q8_0_BYTES,
 };
@@ -52,13 +51,12 @@ pub(super) fn check_gemm(w: &[u8], w_block: usize, rows: usize, x: &[u8], n: usi
 
 pub(super) fn gemm_q8_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     check_gemm(w, Q8_0_BYTES, rows, x, n, out);
-    batch::gemm::<SignedBatch<Q8Signed>>(w, rows, x, n, out)
+    batch::gemm::<Batched<Q8Signed, 2>>(w, rows, x, n, out)
 }
 
 pub(super) fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     check_gemm(w, Q4_0_BYTES, rows, x, n, out);
-    // SAFETY: as above.
-    unsafe { gemm_avx2::<Q4Signed>(w, rows, x, n, out) }
+    batch::gemm::<Batched<Q4Signed, 2>>(w, rows, x, n, out)
 }
 
 pub(super) fn dot_iq4_nl_q8_0(w: &[u8], x: &[u8]) -> f32 {
@@ -69,25 +67,22 @@ pub(super) fn dot_iq4_nl_q8_0(w: &[u8], x: &[u8]) -> f32 {
 
 pub(super) fn gemm_iq4_nl(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     check_gemm(w, IQ4_NL_BYTES, rows, x, n, out);
-    batch::gemm::<SignedBatch<NonLinear4<false>>>(w, rows, x, n, out)
+    batch::gemm::<Batched<NonLinear4<false>, 2>>(w, rows, x, n, out)
 }
 
 pub(super) fn gemm_mxfp4(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     check_gemm(w, MXFP4_BYTES, rows, x, n, out);
-    // SAFETY: as above.
-    unsafe { gemm_avx2::<NonLinear4<true>>(w, rows, x, n, out) }
+    batch::gemm::<Batched<NonLinear4<true>, 2>>(w, rows, x, n, out)
 }
 
 pub(super) fn gemm_q8_0_vnni(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     check_gemm(w, Q8_0_BYTES, rows, x, n, out);
-    // SAFETY: as above (VNNI checked in `tables()`).
-    unsafe { gemm_vnni::<Q8Vnni>(w, rows, x, n, out) }
+    batch::gemm_vnni::<Batched<Q8Vnni, 4>>(w, rows, x, n, out)
 }
 
 pub(super) fn gemm_q4_0_vnni(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     check_gemm(w, Q4_0_BYTES, rows, x, n, out);
-    // SAFETY: as above.
-    unsafe { gemm_vnni::<Q4Vnni>(w, rows, x, n, out) }
+    batch::gemm_vnni::<Batched<Q4Vnni, 4>>(w, rows, x, n, out)
 }
 
 /// Two consecutive blocks (b, b + 1) rearranged for 256-bit products: `lo` holds values 0..16
@@ -105,8 +100,8 @@ struct BlockPair {
 }
 
 /// How one CPU level multiplies weight blocks by Q8_0 activation blocks: weight blocks are
-/// prepared once per tile row, activation blocks once per tile token, and `pair` returns the
-/// exact i32 lane sums of their products.
+/// prepared once per tile row, activation blocks once per token, and `pair` returns the exact
+/// i32 lane sums of their products.
 trait BlockProduct {
     /// Bytes of one weight block.
     const W_BYTES: usize;
@@ -309,22 +304,25 @@ impl<const MX: bool> BlockProduct for NonLinear4<MX> {
     }
 }
 
-/// A signed AVX2 format in a batch (`batch`): the sign trick against prepared activations, with
-/// the dot kernel's lane sums and float step.
-struct SignedBatch<P>(std::marker::PhantomData<P>);
-impl<P: BlockProduct> batch::Product for SignedBatch<P> {
+/// A [`BlockProduct`] in a batch (`batch`): its activations prepared once per token and read
+/// back as a block pair, its lane sums and its float step, so every output equals the tiles' and
+/// the dot kernel's bit for bit. `TOKENS` per tile: as many as the register file leaves to
+/// 4 x `TOKENS` accumulators beside a row block pair (five registers for the sign trick's).
+struct Batched<P, const TOKENS: usize>(std::marker::PhantomData<P>);
+impl<P: BlockProduct, const TOKENS: usize> batch::Product for Batched<P, TOKENS> {
     const W_BYTES: usize = P::W_BYTES;
-    /// A row block pair takes 5 registers (values, absolute values, scales): 4 x 2 tiles.
-    const TILE_TOKENS: usize = 2;
+    const TILE_TOKENS: usize = TOKENS;
     type Row = BlockPair;
+    /// `aux_lo` is the only extra an activation pair carries into a product (the offset
+    /// products' accumulator start; the sign trick reads none).
     #[inline(always)]
     unsafe fn activations(p: *const u8, both: bool) -> Prepared {
-        let (lo, hi, d) = q8_pair(p, Q8_0_BYTES, both);
+        let a = P::activations(p, both);
         Prepared {
-            lo,
-            hi,
-            offset: _mm256_setzero_si256(),
-            d,
+            lo: a.lo,
+            hi: a.hi,
+            offset: a.aux_lo,
+            d: a.d,
         }
     }
     #[inline(always)]
@@ -333,12 +331,15 @@ impl<P: BlockProduct> batch::Product for SignedBatch<P> {
     }
     #[inline(always)]
     unsafe fn step(row: &BlockPair, a: &Prepared, acc: __m256) -> __m256 {
-        let sums = _mm256_add_epi32(
-            maddubs_sum(row.aux_lo, _mm256_sign_epi8(a.lo, row.lo)),
-            maddubs_sum(row.aux_hi, _mm256_sign_epi8(a.hi, row.hi)),
-        );
+        let x = BlockPair {
+            lo: a.lo,
+            hi: a.hi,
+            aux_lo: a.offset,
+            aux_hi: a.offset,
+            d: a.d,
+        };
         let d = _mm256_mul_ps(row.d, a.d);
-        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc)
+        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(P::pair(row, &x)), acc)
     }
 }
 
@@ -412,99 +413,4 @@ impl BlockProduct for Q4Vnni {
     unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
         offset_pair(w, x)
     }
-}
-
-/// One tile: `R` weight rows (`wb` bytes apart) times `T` activation rows (`xb` bytes apart),
-/// `nb` blocks each, two blocks per step; writes `out[r * n + t]`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<P: BlockProduct, const R: usize, const T: usize>(
-    w: *const u8,
-    wb: usize,
-    x: *const u8,
-    xb: usize,
-    nb: usize,
-    out: *mut f32,
-    n: usize,
-) {
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut b = 0;
-    while b < nb {
-        let both = b + 1 < nb;
-        let mut toks = [P::activations(x.add(b * Q8_0_BYTES), both); T];
-        for (t, tok) in toks.iter_mut().enumerate().skip(1) {
-            *tok = P::activations(x.add(t * xb + b * Q8_0_BYTES), both);
-        }
-        // One weight row at a time, used by every token at once, keeps the live registers to
-        // the accumulators, the tokens and one row.
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            // Weights stream from memory once (decode): ask for them a few blocks ahead.
-            _mm_prefetch::<_MM_HINT_T0>(
-                w.wrapping_add(r * wb + b * P::W_BYTES + PREFETCH_BYTES) as *const i8
-            );
-            let row = P::weights(w.add(r * wb + b * P::W_BYTES), both);
-            for (tok, a) in toks.iter().zip(acc_r.iter_mut()) {
-                let d = _mm256_mul_ps(row.d, tok.d);
-                let sums = _mm256_cvtepi32_ps(P::pair(&row, tok));
-                *a = _mm256_fmadd_ps(d, sums, *a);
-            }
-        }
-        b += 2;
-    }
-    for (r, acc_r) in acc.iter().enumerate() {
-        for (t, &a) in acc_r.iter().enumerate() {
-            *out.add(r * n + t) = hsum(a);
-        }
-    }
-}
-
-/// Covers `rows x n` with tiles of 4 rows (then single rows) by up to `MAX_T` tokens (as many
-/// as the register file holds). With `ONE_ROW_DECODE`, a single token's product goes one row at
-/// a time, each row streamed from start to end, as ggml's dot products do: decoding reads every
-/// weight from memory once, and on AVX2 four interleaved row streams cost more CPU time per
-/// token than one (docs/BENCHMARKS.md).
-#[inline(always)]
-unsafe fn gemm_tiles<P: BlockProduct, const MAX_T: usize, const ONE_ROW_DECODE: bool>(
-    w: &[u8],
-    rows: usize,
-    x: &[u8],
-    n: usize,
-    out: &mut [f32],
-) {
-    let (wb, xb) = (w.len() / rows, x.len() / n);
-    let nb = xb / Q8_0_BYTES;
-    let (pw, px, po) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
-    let mut r = 0;
-    while r < rows {
-        let tall = rows - r >= 4 && !(ONE_ROW_DECODE && n == 1);
-        let mut t = 0;
-        while t < n {
-            let wide = (n - t).min(MAX_T);
-            let (wr, xt, o) = (pw.add(r * wb), px.add(t * xb), po.add(r * n + t));
-            match (tall, wide) {
-                (true, 4) => tile::<P, 4, 4>(wr, wb, xt, xb, nb, o, n),
-                (true, 3) => tile::<P, 4, 3>(wr, wb, xt, xb, nb, o, n),
-                (true, 2) => tile::<P, 4, 2>(wr, wb, xt, xb, nb, o, n),
-                (true, _) => tile::<P, 4, 1>(wr, wb, xt, xb, nb, o, n),
-                (false, 4) => tile::<P, 1, 4>(wr, wb, xt, xb, nb, o, n),
-                (false, 3) => tile::<P, 1, 3>(wr, wb, xt, xb, nb, o, n),
-                (false, 2) => tile::<P, 1, 2>(wr, wb, xt, xb, nb, o, n),
-                (false, _) => tile::<P, 1, 1>(wr, wb, xt, xb, nb, o, n),
-            }
-            t += wide;
-        }
-        r += if tall { 4 } else { 1 };
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_avx2<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_tiles::<P, 2, true>(w, rows, x, n, out)
-}
-
-/// AVX-512VL also gives 32 vector registers: room for 4 x 4 tiles (and 4-row decode tiles,
-/// not measured against one row: no AVX-512 machine at hand).
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn gemm_vnni<P: BlockProduct>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_tiles::<P, 4, false>(w, rows, x, n, out)
 }
