@@ -94,7 +94,8 @@ pub struct Kernels {
     pub gemm_iq4_xs: Gemm,
     /// [`Kernels::gemm_q8_0`] / `gemm_q4_0` for rows packed four at a time
     /// (`blocks::rows4`, a multiple of 4 rows): the tables where that layout is leaner than the
-    /// file's (NEON with `sdot`) have them, and only then are resident weights packed at load.
+    /// file's (NEON with `sdot`, AVX2 and VNNI) have them, and only then are resident weights
+    /// packed at load.
     /// Every value equals the table's dot of the unpacked row, bit for bit.
     pub gemm_q8_0_rows4: Option<Gemm>,
     pub gemm_q4_0_rows4: Option<Gemm>,

@@ -14,6 +14,7 @@ mod block32;
 mod iquant;
 mod kquant;
 mod offset4;
+mod rows4;
 
 use super::{grid, scalar, Kernels};
 use crate::tensor::blocks::block32::{f16_at, Q8_0_BYTES, QK};
@@ -59,8 +60,8 @@ const AVX2_KERNELS: Kernels = Kernels {
     gemm_q5_k: kquant::gemm::<kquant::Q5K>,
     gemm_q6_k: kquant::gemm::<kquant::Q6K>,
     gemm_iq4_xs: kquant::gemm::<iquant::Iq4Xs>,
-    gemm_q8_0_rows4: None,
-    gemm_q4_0_rows4: None,
+    gemm_q8_0_rows4: Some(rows4::gemm::<rows4::Q8Avx2>),
+    gemm_q4_0_rows4: Some(rows4::gemm::<rows4::Q4Avx2>),
 };
 
 /// The AVX2 table with `vpdpbusd` for Q8_0 and Q4_0. `vpdpbusd` would replace maddubs + madd in
@@ -73,6 +74,8 @@ static VNNI: Kernels = Kernels {
     dot_q4_0_q8_0: block32::dot_q4_0_q8_0_vnni,
     gemm_q8_0: block32::gemm_q8_0_vnni,
     gemm_q4_0: block32::gemm_q4_0_vnni,
+    gemm_q8_0_rows4: Some(rows4::gemm::<rows4::Q8Vnni>),
+    gemm_q4_0_rows4: Some(rows4::gemm::<rows4::Q4Vnni>),
     ..AVX2_KERNELS
 };
 
