@@ -21,18 +21,6 @@ use crate::tensor::kernels::check_k;
 pub(super) trait KTile {
     const BYTES: usize;
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32);
-
-    /// `R` weight rows (`row_bytes` apart from `w`) times one activation row, writing
-    /// `out[0..R]`: a single token's product (decode), where a format may share the
-    /// activations' loads and its loop's overhead between rows. Each row takes exactly the steps
-    /// of `tile::<1>`.
-    #[inline(always)]
-    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
-        for r in 0..R {
-            let row = std::slice::from_raw_parts(w.add(r * row_bytes), row_bytes);
-            Self::tile::<1>(row, x, 0, out.add(r));
-        }
-    }
 }
 
 /// The dot product of one weight row with one activation row.
@@ -49,8 +37,9 @@ unsafe fn tile_impl<K: KTile>(w: &[u8], x: &[u8], out: &mut [f32; 1]) {
     K::tile::<1>(w, x.as_ptr(), x.len(), out.as_mut_ptr());
 }
 
-/// `out[r * n + t] = w_r . x_t`: a single token four rows at a time, a batch each row against up
-/// to four tokens at a time.
+/// `out[r * n + t] = w_r . x_t`: each row against up to four tokens at a time. A single token
+/// (decoding) thus goes one row at a time, each row streamed from start to end: four rows at a
+/// time, sharing the activations' loads, decoded slower on an AMD EPYC (docs/BENCHMARKS.md).
 pub(super) fn gemm<K: KTile>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     assert!(rows > 0 && n > 0 && out.len() >= rows * n, "gemm shape");
     let (wb, xb) = (w.len() / rows, x.len() / n);
@@ -63,19 +52,6 @@ pub(super) fn gemm<K: KTile>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mu
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm_impl<K: KTile>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     let (wb, xb) = (w.len() / rows, x.len() / n);
-    if n == 1 {
-        let (w, x, out) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
-        let mut r = 0;
-        while r + 4 <= rows {
-            K::rows::<4>(w.add(r * wb), wb, x, out.add(r));
-            r += 4;
-        }
-        while r < rows {
-            K::rows::<1>(w.add(r * wb), wb, x, out.add(r));
-            r += 1;
-        }
-        return;
-    }
     for r in 0..rows {
         let wr = &w[r * wb..(r + 1) * wb];
         let mut t = 0;
@@ -126,10 +102,6 @@ impl KTile for Q2K {
     #[inline(always)]
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
         q2k_tile::<1, T>(w.as_ptr(), w.len(), x, xb, out, T);
-    }
-    #[inline(always)]
-    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
-        q2k_tile::<R, 1>(w, row_bytes, x, 0, out, 1);
     }
 }
 
@@ -208,10 +180,6 @@ impl KTile for Q3K {
     #[inline(always)]
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
         q3k_tile::<1, T>(w.as_ptr(), w.len(), x, xb, out, T);
-    }
-    #[inline(always)]
-    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
-        q3k_tile::<R, 1>(w, row_bytes, x, 0, out, 1);
     }
 }
 
@@ -360,10 +328,6 @@ impl<const FIVE: bool> KTile for K4<FIVE> {
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
         k4_tile::<FIVE, 1, T>(w.as_ptr(), w.len(), x, xb, out, T);
     }
-    #[inline(always)]
-    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
-        k4_tile::<FIVE, R, 1>(w, row_bytes, x, 0, out, 1);
-    }
 }
 
 /// The eight 6-bit scales and eight 6-bit mins of a Q4_K/Q5_K block from its 12 packed bytes
@@ -500,10 +464,6 @@ impl KTile for Q6K {
     #[inline(always)]
     unsafe fn tile<const T: usize>(w: &[u8], x: *const u8, xb: usize, out: *mut f32) {
         q6k_tile::<1, T>(w.as_ptr(), w.len(), x, xb, out, T);
-    }
-    #[inline(always)]
-    unsafe fn rows<const R: usize>(w: *const u8, row_bytes: usize, x: *const u8, out: *mut f32) {
-        q6k_tile::<R, 1>(w, row_bytes, x, 0, out, 1);
     }
 }
 
