@@ -563,14 +563,12 @@ mod tests {
     }
 
     /// A matrix packed four rows at a time gives the file layout's products bit for bit, for
-    /// row ranges that start or end inside a group, one token or a batch, in a table with
-    /// packed products (NEON with dotprod) and in one without (the groups are unpacked).
+    /// row ranges that start or end inside a group, one token or a batch, in every table this
+    /// CPU runs: with packed products (NEON with dotprod, AVX2, VNNI) and without (the scalar
+    /// one, which unpacks the groups).
     #[test]
     fn packed_matrices_give_the_file_layouts_products() {
-        let tables = [
-            crate::tensor::kernels::best(),
-            &crate::tensor::kernels::SCALAR,
-        ];
+        let tables = crate::tensor::kernels::tables();
         let (rows, cols) = (12, 96);
         for ty in [GgmlType::Q8_0, GgmlType::Q4_0] {
             let data = quantize(ty, &random_vec(rows * cols, 41, 1.0));
@@ -583,7 +581,7 @@ mod tests {
             };
             for n in [1, 5] {
                 let mut acts = Activations::default();
-                for k in tables {
+                for &k in &tables {
                     acts.prepare(k, &random_vec(n * cols, 42, 2.0), n, cols);
                     for (row0, len) in [(0, 12), (4, 8), (1, 6), (5, 3), (11, 1), (0, 0)] {
                         let mut got = vec![0f32; len * n];
