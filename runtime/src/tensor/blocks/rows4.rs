@@ -91,6 +91,33 @@ pub fn unpack(ty: GgmlType, packed: &[u8], rows: usize) -> Vec<u8> {
     out
 }
 
+/// The shape of a product over packed rows (`kernels::Kernels::gemm_q8_0_rows4` and
+/// `gemm_q4_0_rows4`): `rows` rows packed in `w` (a block's four rows' values taking
+/// `value_bytes`, after their scales) times `n` Q8_0 activation rows in `x`, into `out`. Checks
+/// what the kernels rely on and returns (groups of four rows, blocks per row); `rows` and `n`
+/// must be non-zero.
+pub fn product_shape(
+    w: &[u8],
+    value_bytes: usize,
+    rows: usize,
+    x: &[u8],
+    n: usize,
+    out: &[f32],
+) -> (usize, usize) {
+    assert!(rows.is_multiple_of(ROWS), "packed rows come in fours");
+    assert!(out.len() >= rows * n, "gemm shape");
+    let groups = rows / ROWS;
+    let block_bytes = SCALE_BYTES + value_bytes;
+    assert_eq!(w.len() % (groups * block_bytes), 0, "whole group blocks");
+    let nb = w.len() / groups / block_bytes;
+    assert_eq!(
+        x.len(),
+        n * nb * Q8_0_BYTES,
+        "one activation block per weight block"
+    );
+    (groups, nb)
+}
+
 /// Bytes per row and blocks per row of `rows` rows in `len` bytes.
 fn shape(len: usize, rows: usize, block_bytes: usize) -> (usize, usize) {
     assert!(

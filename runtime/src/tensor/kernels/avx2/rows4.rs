@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use crate::tensor::blocks::block32::{Q4_0_BYTES, Q8_0_BYTES};
-use crate::tensor::blocks::rows4::{ROWS, SCALE_BYTES};
+use crate::tensor::blocks::rows4::{self, ROWS, SCALE_BYTES};
 
 /// One token's Q8_0 activation block arranged for packed rows. `x[i]` holds values 8i..8i+4
 /// repeated four times (bytes 0..16), then values 8i+4..8i+8 four times (bytes 16..32).
@@ -215,7 +215,12 @@ unsafe fn prepare(p: *const u8, offset: i32) -> Block {
         piece_sums,
         _mm256_permute2x128_si256::<0x01>(piece_sums, piece_sums),
     );
-    let starts = _mm256_mullo_epi32(lane_sums, _mm256_set1_epi32(-offset));
+    // Signed products (offset 0) start at zero: no multiply (`offset` is a constant here).
+    let starts = if offset == 0 {
+        _mm256_setzero_si256()
+    } else {
+        _mm256_mullo_epi32(lane_sums, _mm256_set1_epi32(-offset))
+    };
     let scale = u16::from_le_bytes([*p, *p.add(1)]);
     Block {
         x: [
@@ -252,17 +257,7 @@ pub(super) fn gemm<P: Packed>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &m
     if rows == 0 || n == 0 {
         return;
     }
-    assert!(rows.is_multiple_of(ROWS), "packed rows come in fours");
-    assert!(out.len() >= rows * n, "gemm shape");
-    let groups = rows / ROWS;
-    let block_bytes = SCALE_BYTES + P::VALUE_BYTES;
-    assert_eq!(w.len() % (groups * block_bytes), 0, "whole group blocks");
-    let nb = w.len() / groups / block_bytes;
-    assert_eq!(
-        x.len(),
-        n * nb * Q8_0_BYTES,
-        "one activation block per weight block"
-    );
+    let (groups, nb) = rows4::product_shape(w, P::VALUE_BYTES, rows, x, n, out);
     PREPARED.with_borrow_mut(|buf| {
         // SAFETY: shapes checked above; the entries are only in tables that `tables()` hands
         // out after checking AVX2, FMA and F16C, and AVX-512 VNNI and VL for `P::VNNI`.

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 
 use super::{f16_scale, f16x4_to_f32, f16x8_to_f32};
 use crate::tensor::blocks::block32::{Q4_0_BYTES, Q8_0_BYTES};
-use crate::tensor::blocks::rows4::{ROWS, SCALE_BYTES};
+use crate::tensor::blocks::rows4::{self, ROWS, SCALE_BYTES};
 
 /// A packed format: one block of four rows' values as eight vectors, vector `c` holding
 /// 4-byte piece `c` of each row (pieces 0..4 go with activation bytes 0..16, pieces 4..8 with
@@ -92,17 +92,7 @@ pub(super) fn gemm<P: Packed>(w: &[u8], rows: usize, x: &[u8], n: usize, out: &m
     if rows == 0 || n == 0 {
         return;
     }
-    assert!(rows.is_multiple_of(ROWS), "packed rows come in fours");
-    assert!(out.len() >= rows * n, "gemm shape");
-    let groups = rows / ROWS;
-    let block_bytes = SCALE_BYTES + P::VALUE_BYTES;
-    assert_eq!(w.len() % (groups * block_bytes), 0, "whole group blocks");
-    let nb = w.len() / groups / block_bytes;
-    assert_eq!(
-        x.len(),
-        n * nb * Q8_0_BYTES,
-        "one activation block per weight block"
-    );
+    let (groups, nb) = rows4::product_shape(w, P::VALUE_BYTES, rows, x, n, out);
     X_SCALES.with_borrow_mut(|xs| {
         // Each activation scale serves every group: converted once here, not once per group.
         xs.clear();
