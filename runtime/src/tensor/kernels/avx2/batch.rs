@@ -14,6 +14,7 @@
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use super::{hsum, PREFETCH_BYTES};
 use crate::tensor::blocks::block32::Q8_0_BYTES;
@@ -54,6 +55,11 @@ thread_local! {
 /// Tokens prepared at a time: bounds the buffer (128 bytes per block pair and token) while
 /// each chunk still serves every row.
 const CHUNK_TOKENS: usize = 64;
+
+/// Row length up to which a single token's prepared pairs live on the stack (16384 values,
+/// 32 KiB, as `offset4::decode`'s): decoding then allocates nothing, whichever pool thread runs
+/// a product first. Batches and longer rows use the per-thread buffer.
+const STACK_PAIRS: usize = 256;
 
 /// `out[r * n + t] = w_r . x_t` for `rows` weight rows of `P` and `n` Q8_0 activation rows; the
 /// shapes must have been checked (`block32::check_gemm`).
@@ -111,50 +117,86 @@ unsafe fn gemm_impl<P: Product>(
     let xb = x.len() / n;
     let nb = xb / Q8_0_BYTES;
     let pairs = nb.div_ceil(2);
-    let wb = w.len() / rows;
-    let (pw, po) = (w.as_ptr(), out.as_mut_ptr());
+    if n == 1 && pairs <= STACK_PAIRS {
+        let mut acts = [MaybeUninit::<Prepared>::uninit(); STACK_PAIRS];
+        for (p, a) in acts[..pairs].iter_mut().enumerate() {
+            a.write(prepare::<P>(x.as_ptr(), nb, p));
+        }
+        // The first `pairs` entries were written above.
+        let a = Acts {
+            p: acts.as_ptr() as *const Prepared,
+            pairs,
+            nb,
+        };
+        return tiles::<P>(w, rows, a, 0..1, out, 1);
+    }
     let mut t0 = 0;
     while t0 < n {
         let chunk = (n - t0).min(CHUNK_TOKENS);
         buf.clear();
         for t in t0..t0 + chunk {
-            let xt = x.as_ptr().add(t * xb);
-            buf.extend((0..pairs).map(|p| {
-                let b = 2 * p;
-                P::activations(xt.add(b * Q8_0_BYTES), b + 1 < nb)
-            }));
-        }
-        // Tokens outside, rows inside: a tile's activations stay in L1 while the weights
-        // (a few hundred KiB for an expert) come from L2.
-        let mut t = 0;
-        while t < chunk {
-            let wide = (chunk - t).min(P::TILE_TOKENS);
-            let a = Acts {
-                p: buf.as_ptr().add(t * pairs),
-                pairs,
-                nb,
-            };
-            let mut r = 0;
-            while r < rows {
-                // A single token (decoding) goes one row at a time, each row streamed from
-                // start to end (see the module's note).
-                let tall = rows - r >= 4 && n > 1;
-                let (wr, o) = (pw.add(r * wb), po.add(r * n + t0 + t));
-                match (tall, wide) {
-                    (true, 4) => tile::<P, 4, 4>(wr, wb, a, o, n),
-                    (true, 3) => tile::<P, 4, 3>(wr, wb, a, o, n),
-                    (true, 2) => tile::<P, 4, 2>(wr, wb, a, o, n),
-                    (true, _) => tile::<P, 4, 1>(wr, wb, a, o, n),
-                    (false, 4) => tile::<P, 1, 4>(wr, wb, a, o, n),
-                    (false, 3) => tile::<P, 1, 3>(wr, wb, a, o, n),
-                    (false, 2) => tile::<P, 1, 2>(wr, wb, a, o, n),
-                    (false, _) => tile::<P, 1, 1>(wr, wb, a, o, n),
-                }
-                r += if tall { 4 } else { 1 };
+            for p in 0..pairs {
+                buf.push(prepare::<P>(x.as_ptr().add(t * xb), nb, p));
             }
-            t += wide;
         }
+        let a = Acts {
+            p: buf.as_ptr(),
+            pairs,
+            nb,
+        };
+        tiles::<P>(w, rows, a, t0..t0 + chunk, out, n);
         t0 += chunk;
+    }
+}
+
+/// Block pair `p` of the Q8_0 activation row at `xt` (`nb` blocks), prepared.
+#[inline(always)]
+unsafe fn prepare<P: Product>(xt: *const u8, nb: usize, p: usize) -> Prepared {
+    let b = 2 * p;
+    P::activations(xt.add(b * Q8_0_BYTES), b + 1 < nb)
+}
+
+/// Tokens `toks` (prepared in `a`, its first token first) against every row, in tiles of up to
+/// `P::TILE_TOKENS` tokens; `n` tokens in all (`out`'s row length).
+#[inline(always)]
+unsafe fn tiles<P: Product>(
+    w: &[u8],
+    rows: usize,
+    a: Acts,
+    toks: std::ops::Range<usize>,
+    out: &mut [f32],
+    n: usize,
+) {
+    let wb = w.len() / rows;
+    let (pw, po) = (w.as_ptr(), out.as_mut_ptr());
+    // Tokens outside, rows inside: a tile's activations stay in L1 while the weights
+    // (a few hundred KiB for an expert) come from L2.
+    let mut t = toks.start;
+    while t < toks.end {
+        let wide = (toks.end - t).min(P::TILE_TOKENS);
+        let at = Acts {
+            p: a.p.add((t - toks.start) * a.pairs),
+            ..a
+        };
+        let mut r = 0;
+        while r < rows {
+            // A single token (decoding) goes one row at a time, each row streamed from
+            // start to end (see the module's note).
+            let tall = rows - r >= 4 && n > 1;
+            let (wr, o) = (pw.add(r * wb), po.add(r * n + t));
+            match (tall, wide) {
+                (true, 4) => tile::<P, 4, 4>(wr, wb, at, o, n),
+                (true, 3) => tile::<P, 4, 3>(wr, wb, at, o, n),
+                (true, 2) => tile::<P, 4, 2>(wr, wb, at, o, n),
+                (true, _) => tile::<P, 4, 1>(wr, wb, at, o, n),
+                (false, 4) => tile::<P, 1, 4>(wr, wb, at, o, n),
+                (false, 3) => tile::<P, 1, 3>(wr, wb, at, o, n),
+                (false, 2) => tile::<P, 1, 2>(wr, wb, at, o, n),
+                (false, _) => tile::<P, 1, 1>(wr, wb, at, o, n),
+            }
+            r += if tall { 4 } else { 1 };
+        }
+        t += wide;
     }
 }
 

@@ -17,6 +17,7 @@
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use crate::tensor::blocks::block32::{Q4_0_BYTES, Q8_0_BYTES};
 use crate::tensor::blocks::rows4::{self, ROWS, SCALE_BYTES};
@@ -297,6 +298,11 @@ unsafe fn gemm_avx512vnni<P: Packed>(
     gemm_impl::<P>(w, groups, nb, x, n, out, buf)
 }
 
+/// Row length up to which a single token's prepared blocks live on the stack (8192 values,
+/// 56 KiB): decoding then allocates nothing, whichever pool thread runs a product first.
+/// Batches and longer rows use the per-thread buffer.
+const STACK_BLOCKS: usize = 256;
+
 /// Chunks of tokens prepared once; for each chunk, tiles of up to `P::TOKENS` tokens, each
 /// against every group of four rows.
 #[inline(always)]
@@ -309,8 +315,15 @@ unsafe fn gemm_impl<P: Packed>(
     out: &mut [f32],
     buf: &mut Vec<Block>,
 ) {
-    let group_bytes = nb * (SCALE_BYTES + P::VALUE_BYTES);
-    let (pw, px, po) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+    let px = x.as_ptr();
+    if n == 1 && nb <= STACK_BLOCKS {
+        let mut acts = [MaybeUninit::<Block>::uninit(); STACK_BLOCKS];
+        for (i, a) in acts[..nb].iter_mut().enumerate() {
+            a.write(prepare(px.add(i * Q8_0_BYTES), P::OFFSET));
+        }
+        // The first `nb` entries were written above.
+        return tiles::<P>(w, groups, nb, acts.as_ptr() as *const Block, 0..1, out, n);
+    }
     let mut t0 = 0;
     while t0 < n {
         let chunk = (n - t0).min(CHUNK_TOKENS);
@@ -318,24 +331,41 @@ unsafe fn gemm_impl<P: Packed>(
         for i in t0 * nb..(t0 + chunk) * nb {
             buf.push(prepare(px.add(i * Q8_0_BYTES), P::OFFSET));
         }
-        // Tokens outside, groups inside: a tile's prepared activations stay in L1 while the
-        // weights (a few hundred KiB for an expert) come from L2.
-        let mut t = 0;
-        while t < chunk {
-            let wide = (chunk - t).min(P::TOKENS);
-            let a = buf.as_ptr().add(t * nb);
-            for g in 0..groups {
-                let (pg, o) = (pw.add(g * group_bytes), po.add(g * ROWS * n + t0 + t));
-                match wide {
-                    4 => tile::<P, 4>(pg, nb, a, o, n),
-                    3 => tile::<P, 3>(pg, nb, a, o, n),
-                    2 => tile::<P, 2>(pg, nb, a, o, n),
-                    _ => tile::<P, 1>(pg, nb, a, o, n),
-                }
-            }
-            t += wide;
-        }
+        tiles::<P>(w, groups, nb, buf.as_ptr(), t0..t0 + chunk, out, n);
         t0 += chunk;
+    }
+}
+
+/// Tokens `toks` (prepared from `acts`, `nb` blocks each) against every group of four rows, in
+/// tiles of up to `P::TOKENS` tokens; `n` tokens in all (`out`'s row length).
+#[inline(always)]
+unsafe fn tiles<P: Packed>(
+    w: &[u8],
+    groups: usize,
+    nb: usize,
+    acts: *const Block,
+    toks: std::ops::Range<usize>,
+    out: &mut [f32],
+    n: usize,
+) {
+    let group_bytes = nb * (SCALE_BYTES + P::VALUE_BYTES);
+    let (pw, po) = (w.as_ptr(), out.as_mut_ptr());
+    // Tokens outside, groups inside: a tile's prepared activations stay in L1 while the
+    // weights (a few hundred KiB for an expert) come from L2.
+    let mut t = toks.start;
+    while t < toks.end {
+        let wide = (toks.end - t).min(P::TOKENS);
+        let a = acts.add((t - toks.start) * nb);
+        for g in 0..groups {
+            let (pg, o) = (pw.add(g * group_bytes), po.add(g * ROWS * n + t));
+            match wide {
+                4 => tile::<P, 4>(pg, nb, a, o, n),
+                3 => tile::<P, 3>(pg, nb, a, o, n),
+                2 => tile::<P, 2>(pg, nb, a, o, n),
+                _ => tile::<P, 1>(pg, nb, a, o, n),
+            }
+        }
+        t += wide;
     }
 }
 
