@@ -57,8 +57,8 @@ thread_local! {
 const CHUNK_TOKENS: usize = 64;
 
 /// Row length up to which a single token's prepared pairs live on the stack (16384 values,
-/// 32 KiB, as `offset4::decode`'s): decoding then allocates nothing, whichever pool thread runs
-/// a product first. Batches and longer rows use the per-thread buffer.
+/// 32 KiB): decoding then allocates nothing, whichever pool thread runs a product first.
+/// Batches and longer rows use the per-thread buffer.
 const STACK_PAIRS: usize = 256;
 
 /// `out[r * n + t] = w_r . x_t` for `rows` weight rows of `P` and `n` Q8_0 activation rows; the

@@ -10,9 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::batch::{self, Prepared};
-use crate::tensor::blocks::block32::{
-    e8m0_half, IQ4_NL_BYTES, IQ4_NL_LEVELS, MXFP4_BYTES, MXFP4_LEVELS, Q4_0_BYTES, Q8_0_BYTES,
-};
+use crate::tensor::blocks::block32::{IQ4_NL_BYTES, IQ4_NL_LEVELS, Q4_0_BYTES, Q8_0_BYTES};
 
 pub(super) fn dot_q8_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
     let mut out = [0f32];
@@ -54,11 +52,6 @@ pub(super) fn gemm_q8_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f3
     batch::gemm::<Batched<Q8Signed, 2>>(w, rows, x, n, out)
 }
 
-pub(super) fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    check_gemm(w, Q4_0_BYTES, rows, x, n, out);
-    batch::gemm::<Batched<Q4Signed, 2>>(w, rows, x, n, out)
-}
-
 pub(super) fn dot_iq4_nl_q8_0(w: &[u8], x: &[u8]) -> f32 {
     let mut out = [0f32];
     gemm_iq4_nl(w, 1, x, 1, &mut out);
@@ -67,12 +60,7 @@ pub(super) fn dot_iq4_nl_q8_0(w: &[u8], x: &[u8]) -> f32 {
 
 pub(super) fn gemm_iq4_nl(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
     check_gemm(w, IQ4_NL_BYTES, rows, x, n, out);
-    batch::gemm::<Batched<NonLinear4<false>, 2>>(w, rows, x, n, out)
-}
-
-pub(super) fn gemm_mxfp4(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    check_gemm(w, MXFP4_BYTES, rows, x, n, out);
-    batch::gemm::<Batched<NonLinear4<true>, 2>>(w, rows, x, n, out)
+    batch::gemm::<Batched<Iq4Nl, 2>>(w, rows, x, n, out)
 }
 
 pub(super) fn gemm_q8_0_vnni(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
@@ -226,26 +214,6 @@ impl BlockProduct for Q8Signed {
     }
 }
 
-/// AVX2 Q4_0: the nibbles minus 8, then as Q8_0.
-struct Q4Signed;
-impl BlockProduct for Q4Signed {
-    const W_BYTES: usize = Q4_0_BYTES;
-    #[inline(always)]
-    unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
-        let (lo, hi, d) = q4_pair(p, both);
-        let eight = _mm256_set1_epi8(8);
-        signed_weights(_mm256_sub_epi8(lo, eight), _mm256_sub_epi8(hi, eight), d)
-    }
-    #[inline(always)]
-    unsafe fn activations(p: *const u8, both: bool) -> BlockPair {
-        Q8Signed::activations(p, both)
-    }
-    #[inline(always)]
-    unsafe fn pair(w: &BlockPair, x: &BlockPair) -> __m256i {
-        signed_pair(w, x)
-    }
-}
-
 /// Nibbles of blocks b and b + 1 (`stride` bytes apart) whose 16 quant bytes start at `p`:
 /// low nibbles (values 0..16), high nibbles (values 16..32).
 #[inline(always)]
@@ -258,40 +226,22 @@ pub(super) unsafe fn nibble_pair(p: *const u8, stride: usize, both: bool) -> (__
     )
 }
 
-/// Half the E8M0 scales of MXFP4 blocks b and b + 1 (at `p` and `p + stride`) as four lanes
-/// each (zero for a lone block).
-#[inline(always)]
-unsafe fn e8m0_scales(p: *const u8, stride: usize, both: bool) -> __m256 {
-    let d0 = e8m0_half(*p);
-    let d1 = if both { e8m0_half(*p.add(stride)) } else { 0.0 };
-    _mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(d0))
-}
-
-/// IQ4_NL (`MX` false) and MXFP4 (`MX` true): 4-bit indices into 16 signed levels, looked up
-/// with a byte shuffle (ggml's AVX2 `ggml_vec_dot_iq4_nl_q8_0` / `_mxfp4_q8_0`), then as Q8_0.
-/// Like Q8_0's, the sign trick takes activations within -127..=127, which the Q8_0 quantizer
-/// guarantees.
-struct NonLinear4<const MX: bool>;
-impl<const MX: bool> BlockProduct for NonLinear4<MX> {
-    const W_BYTES: usize = if MX { MXFP4_BYTES } else { IQ4_NL_BYTES };
+/// IQ4_NL: 4-bit indices into 16 signed levels, looked up with a byte shuffle (ggml's AVX2
+/// `ggml_vec_dot_iq4_nl_q8_0`), then as Q8_0. Like Q8_0's, the sign trick takes activations
+/// within -127..=127, which the Q8_0 quantizer guarantees. (MXFP4, the other 4-bit level
+/// format, takes the offset form: `offset4`.)
+struct Iq4Nl;
+impl BlockProduct for Iq4Nl {
+    const W_BYTES: usize = IQ4_NL_BYTES;
     #[inline(always)]
     unsafe fn weights(p: *const u8, both: bool) -> BlockPair {
-        let (levels, qs_at) = if MX {
-            (&MXFP4_LEVELS, 1)
-        } else {
-            (&IQ4_NL_LEVELS, 2)
-        };
-        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(levels.as_ptr() as *const __m128i));
-        let (lo, hi) = nibble_pair(p.add(qs_at), Self::W_BYTES, both);
-        let d = if MX {
-            e8m0_scales(p, Self::W_BYTES, both)
-        } else {
-            scales(p, Self::W_BYTES, both)
-        };
+        let table =
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_NL_LEVELS.as_ptr() as *const __m128i));
+        let (lo, hi) = nibble_pair(p.add(2), IQ4_NL_BYTES, both);
         signed_weights(
             _mm256_shuffle_epi8(table, lo),
             _mm256_shuffle_epi8(table, hi),
-            d,
+            scales(p, IQ4_NL_BYTES, both),
         )
     }
     #[inline(always)]

@@ -1,22 +1,20 @@
 //! The AVX2 products of the 4-bit formats whose signed levels become small unsigned bytes after
 //! adding an offset: Q4_0 (the nibble itself is the value plus 8) and MXFP4 (the doubled E2M1
-//! level plus 12 is at most 24), for one token (decode) and for a batch (prompt).
+//! level plus 12 is at most 24), as `batch` products, for one token (decode) and for a batch.
 //!
-//! `maddubs` wants an unsigned left operand. The tiles in `block32` get it with the sign trick
+//! `maddubs` wants an unsigned left operand. `block32`'s formats get it with the sign trick
 //! (|w| times x carrying w's sign): four extra instructions per block pair, for every row and
 //! token. Here the weights carry the offset instead, and the offset's share,
 //! `offset * (sum of x)`, is computed once per token for all rows, together with the
 //! activations' rearranged halves and scales ([`Prepared`]). Pairs of products stay below
 //! 2 * 24 * 127 and two of them below 2^15, so the two halves add as i16 before one `madd`. The
-//! lane sums are the tiles' exact integers and the float steps the same, so every output equals
-//! the tile path's bit for bit.
+//! lane sums are the same exact integers as the VNNI table's, and the float steps the same, so
+//! the two x86 tables agree bit for bit.
 
 use std::arch::x86_64::*;
-use std::mem::MaybeUninit;
 
 use super::batch::{self, Prepared};
-use super::block32::{self, check_gemm, nibble_pair, q8_pair, scales};
-use super::{hsum, PREFETCH_BYTES};
+use super::block32::{check_gemm, nibble_pair, q8_pair, scales};
 use crate::tensor::blocks::block32::{
     e8m0_half, MXFP4_BYTES, MXFP4_LEVELS, Q4_0_BYTES, Q8_0_BYTES,
 };
@@ -33,38 +31,15 @@ pub(super) fn dot_mxfp4_q8_0(w: &[u8], x: &[u8]) -> f32 {
     out[0]
 }
 
-/// A batch by [`batch::gemm`], a single token by [`decode`] (by `block32`'s tiles if its row is
-/// longer than the decode buffer).
 pub(super) fn gemm_q4_0(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_offset4::<Q4_0>(w, rows, x, n, out, block32::gemm_q4_0)
+    check_gemm(w, Q4_0_BYTES, rows, x, n, out);
+    batch::gemm::<Batch<Q4_0>>(w, rows, x, n, out)
 }
 
 pub(super) fn gemm_mxfp4(w: &[u8], rows: usize, x: &[u8], n: usize, out: &mut [f32]) {
-    gemm_offset4::<Mxfp4>(w, rows, x, n, out, block32::gemm_mxfp4)
+    check_gemm(w, MXFP4_BYTES, rows, x, n, out);
+    batch::gemm::<Batch<Mxfp4>>(w, rows, x, n, out)
 }
-
-fn gemm_offset4<F: Offset4>(
-    w: &[u8],
-    rows: usize,
-    x: &[u8],
-    n: usize,
-    out: &mut [f32],
-    tiles: fn(&[u8], usize, &[u8], usize, &mut [f32]),
-) {
-    check_gemm(w, F::W_BYTES, rows, x, n, out);
-    if n > 1 {
-        batch::gemm::<Batch<F>>(w, rows, x, n, out)
-    } else if x.len() / Q8_0_BYTES <= 2 * MAX_PAIRS {
-        // SAFETY: as above.
-        unsafe { decode::<F>(w, rows, x, out) }
-    } else {
-        tiles(w, rows, x, n, out)
-    }
-}
-
-/// Activation rows of at most this many block pairs (16384 values) take this path; its
-/// per-token buffer lives on the stack.
-const MAX_PAIRS: usize = 256;
 
 /// A 4-bit format as unsigned bytes plus an offset.
 trait Offset4 {
@@ -194,51 +169,4 @@ impl<F: Offset4> batch::Product for Batch<F> {
     unsafe fn step(row: &Self::Row, a: &Prepared, acc: __m256) -> __m256 {
         step(row.0, row.1, row.2, a, acc)
     }
-}
-
-/// `out[r] = w_r . x` for `rows` weight rows of `F` (whole blocks, `w.len() / rows` bytes each)
-/// and one Q8_0 activation row `x` of at most `2 * MAX_PAIRS` blocks.
-///
-/// # Safety
-/// AVX2, FMA and F16C must be available; the shapes must be checked by the caller.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode<F: Offset4>(w: &[u8], rows: usize, x: &[u8], out: &mut [f32]) {
-    let nb = x.len() / Q8_0_BYTES;
-    let pairs = nb.div_ceil(2);
-    assert!(
-        pairs <= MAX_PAIRS,
-        "activation row too long for the decode buffer"
-    );
-    let wb = w.len() / rows;
-    let offset = _mm256_set1_epi8(F::OFFSET);
-    let mut buf = [MaybeUninit::<Prepared>::uninit(); MAX_PAIRS];
-    for (p, slot) in buf[..pairs].iter_mut().enumerate() {
-        let b = 2 * p;
-        slot.write(prepare(x.as_ptr().add(b * Q8_0_BYTES), b + 1 < nb, offset));
-    }
-    // SAFETY: the first `pairs` entries were written above.
-    let acts = std::slice::from_raw_parts(buf.as_ptr() as *const Prepared, pairs);
-    // Whole pairs first, the lone last block (odd `nb`) after: with `both` a constant, the loop
-    // carries no per-pair test for it.
-    let (whole, lone) = acts.split_at(nb / 2);
-    for (r, o) in out[..rows].iter_mut().enumerate() {
-        let row = w.as_ptr().add(r * wb);
-        let mut acc = _mm256_setzero_ps();
-        for (p, a) in whole.iter().enumerate() {
-            acc = decode_pair::<F>(row.add(2 * p * F::W_BYTES), true, a, acc);
-        }
-        for a in lone {
-            acc = decode_pair::<F>(row.add(2 * whole.len() * F::W_BYTES), false, a, acc);
-        }
-        *o = hsum(acc);
-    }
-}
-
-/// `acc` plus one row's weight block pair at `wp` times a prepared activation pair.
-#[inline(always)]
-unsafe fn decode_pair<F: Offset4>(wp: *const u8, both: bool, a: &Prepared, acc: __m256) -> __m256 {
-    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES) as *const i8);
-    let (lo, hi) = nibble_pair(wp.add(F::QS_AT), F::W_BYTES, both);
-    let (lo, hi) = F::levels(lo, hi);
-    step(lo, hi, F::scales(wp, both), a, acc)
 }
